@@ -1,0 +1,22 @@
+"""Export trained models to ONNX and TFLite (fp32, int8), check parity, wrap in bundles."""
+
+from trainer.export.bundles import (
+    BuiltArtifact,
+    ExportInputs,
+    artifact_scores,
+    build_artifact,
+    build_artifacts,
+)
+from trainer.export.parity import TOLERANCES, ParityReport, Tolerance, check_parity
+
+__all__ = [
+    "TOLERANCES",
+    "BuiltArtifact",
+    "ExportInputs",
+    "ParityReport",
+    "Tolerance",
+    "artifact_scores",
+    "build_artifact",
+    "build_artifacts",
+    "check_parity",
+]

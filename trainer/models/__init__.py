@@ -1,0 +1,16 @@
+"""Model families built from a JSON-able :class:`ArchitectureSpec`, and their training."""
+
+from trainer.models._networks import build_network
+from trainer.models.fit import FitResult, Recipe, fit, score_windows
+from trainer.models.spec import FAMILIES, ArchitectureSpec, SpecError
+
+__all__ = [
+    "FAMILIES",
+    "ArchitectureSpec",
+    "FitResult",
+    "Recipe",
+    "SpecError",
+    "build_network",
+    "fit",
+    "score_windows",
+]

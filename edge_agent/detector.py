@@ -1,0 +1,200 @@
+"""Streaming anomaly detection: ring buffer of the last W samples → runtime → score → decision.
+
+:class:`Detector` is the per-slot inference loop of the agent; :func:`detect_series` runs the
+very same :meth:`Detector.push` path over a recorded series, so a backtest sees exactly what the
+agent would have reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.bundle import BundleSpec, anomaly_score
+
+from .runtime import ModelRuntime
+
+__all__ = ["Detection", "DetectorStats", "Detector", "detect_series"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LATENCY_SAMPLES = 1024
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The model's verdict on the window that ends at ``timestamp``.
+
+    ``values`` are that last sample's feature values after forward-filling, ``score`` the raw
+    model score, ``anomaly_score`` its ``[0, 1]`` mapping (0.5 at ``threshold``), and
+    ``is_anomaly`` is ``score > threshold``.
+    """
+
+    timestamp: str
+    values: tuple[float, ...]
+    score: float
+    anomaly_score: float
+    threshold: float
+    is_anomaly: bool
+    model_version: int
+    slot: str
+
+
+@dataclass(frozen=True)
+class DetectorStats:
+    """Counters since the detector was created.
+
+    ``inferences`` scored windows, ``anomalies`` among them, ``errors`` failed inferences,
+    ``skipped`` samples dropped because a feature had never had a value, ``filled`` feature
+    values forward-filled; latency percentiles (ms) are over the last ``latency_samples``
+    inferences (``None`` before the first).
+    """
+
+    inferences: int
+    anomalies: int
+    errors: int
+    skipped: int
+    filled: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    latency_samples: int
+
+
+class Detector:
+    """Feeds samples through a ring buffer into a runtime and thresholds the scores.
+
+    The ring buffer is a preallocated ``(2 * window, features)`` float32 array where every
+    sample is written twice (at ``i`` and ``i + window``), so the last ``window`` samples are
+    always one contiguous slice: each :meth:`push` writes in place, takes a view and calls
+    ``runtime.score_one`` — no per-sample allocation but the returned :class:`Detection`.
+
+    Missing values (``None``, NaN or ±inf) are forward-filled per feature from the previous
+    sample; while a feature has never had a finite value, samples are skipped (not buffered).
+
+    Not thread safe: one thread pushes (the stats may be read from anywhere; they are a
+    snapshot of plain counters).
+    """
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        spec: BundleSpec,
+        *,
+        model_version: int,
+        slot: str = "default",
+        latency_samples: int = DEFAULT_LATENCY_SAMPLES,
+    ) -> None:
+        self._runtime = runtime
+        self._spec = spec
+        self._score_spec = spec.score
+        self._threshold = float(spec.score.threshold)
+        self.model_version = int(model_version)
+        self.slot = slot
+        self._window = int(spec.window)
+        self._nfeat = len(spec.features)
+        self._ring = np.zeros((2 * self._window, self._nfeat), np.float32)
+        self._last = np.full(self._nfeat, np.nan, np.float64)
+        self._pos = 0  # next write index in [0, window)
+        self._count = 0  # samples buffered, saturates at window
+        self._inferences = self._anomalies = self._errors = self._skipped = self._filled = 0
+        self._latency_ns: deque[int] = deque(maxlen=latency_samples)
+
+    @property
+    def spec(self) -> BundleSpec:
+        """The bundle spec this detector scores with."""
+        return self._spec
+
+    def push(self, timestamp: str, values: Sequence[float | None]) -> Detection | None:
+        """Add one sample; return the detection for the window ending here, if full.
+
+        Returns ``None`` while fewer than ``window`` samples are buffered, or when the sample
+        is skipped (a feature that never had a value). Raises ``ValueError`` when ``values``
+        does not have one entry per feature, and :class:`ModelRuntimeError` (counted in
+        ``errors``) when inference fails.
+        """
+        if len(values) != self._nfeat:
+            raise ValueError(f"expected {self._nfeat} values ({', '.join(self._spec.features)}), got {len(values)}")
+        last = self._last
+        for i, v in enumerate(values):
+            if v is None or not math.isfinite(v):
+                if math.isnan(last[i]):
+                    self._skipped += 1
+                    return None
+                self._filled += 1
+            else:
+                last[i] = v
+        pos, w = self._pos, self._window
+        self._ring[pos] = last
+        self._ring[pos + w] = last
+        self._pos = pos + 1 if pos + 1 < w else 0
+        if self._count < w:
+            self._count += 1
+            if self._count < w:
+                return None
+        window = self._ring[self._pos:self._pos + w]
+        t0 = time.perf_counter_ns()
+        try:
+            score = self._runtime.score_one(window)
+        except Exception:
+            self._errors += 1
+            raise
+        self._latency_ns.append(time.perf_counter_ns() - t0)
+        self._inferences += 1
+        is_anomaly = score > self._threshold
+        if is_anomaly:
+            self._anomalies += 1
+        return Detection(
+            timestamp=timestamp,
+            values=tuple(float(x) for x in last),
+            score=score,
+            anomaly_score=anomaly_score(score, self._score_spec),
+            threshold=self._threshold,
+            is_anomaly=is_anomaly,
+            model_version=self.model_version,
+            slot=self.slot,
+        )
+
+    def stats(self) -> DetectorStats:
+        """A snapshot of the counters and latency percentiles."""
+        lat = np.fromiter(self._latency_ns, np.float64) / 1e6 if self._latency_ns else None
+        return DetectorStats(
+            inferences=self._inferences,
+            anomalies=self._anomalies,
+            errors=self._errors,
+            skipped=self._skipped,
+            filled=self._filled,
+            latency_p50_ms=None if lat is None else float(np.percentile(lat, 50)),
+            latency_p99_ms=None if lat is None else float(np.percentile(lat, 99)),
+            latency_samples=0 if lat is None else int(lat.size),
+        )
+
+
+def detect_series(
+    runtime: ModelRuntime,
+    spec: BundleSpec,
+    timestamps: Sequence[str],
+    values_2d: Sequence[Sequence[float | None]] | np.ndarray,
+    *,
+    model_version: int = 0,
+    slot: str = "default",
+) -> list[Detection]:
+    """Backtest: push every row of ``values_2d`` (samples × features) through a fresh
+    :class:`Detector` and return the detections, exactly as the live agent would emit them.
+
+    Raises ``ValueError`` when the lengths differ, plus whatever :meth:`Detector.push` raises.
+    """
+    if len(timestamps) != len(values_2d):
+        raise ValueError(f"{len(timestamps)} timestamps but {len(values_2d)} rows of values")
+    det = Detector(runtime, spec, model_version=model_version, slot=slot)
+    out: list[Detection] = []
+    for ts, row in zip(timestamps, values_2d, strict=True):
+        d = det.push(ts, row)
+        if d is not None:
+            out.append(d)
+    return out

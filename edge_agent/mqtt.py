@@ -1,0 +1,258 @@
+"""Broker connections shared by the agent and the trainer (paho-mqtt 2.x, callback API v2).
+
+- :func:`parse_broker_url` / :class:`BrokerSettings`: ``mqtt://host[:port]`` (1883) and
+  ``mqtts://host[:port]`` (8883, TLS).
+- :func:`connect`: connect, start the network thread, wait for CONNACK with a timeout and
+  translate failures into :class:`BrokerError` (:class:`BrokerAuthError` for bad credentials).
+- :class:`RetainedReader`: read the retained messages under some topic filters *now*, knowing
+  when every one of them has arrived (a marker published to a private topic comes back after
+  them), so that "no retained message" is answered without waiting for a timeout.
+
+This module must not import trainer code, torch, optuna or onnx.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from shared.topics import Topics
+
+__all__ = [
+    "BrokerAuthError",
+    "BrokerError",
+    "BrokerSettings",
+    "RetainedReader",
+    "Will",
+    "connect",
+    "parse_broker_url",
+]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 codes 4 and 5 onto these).
+_AUTH_FAILURES = {134, 135}
+
+
+class BrokerError(Exception):
+    """The broker cannot be reached, refused us, or did not answer in time."""
+
+
+class BrokerAuthError(BrokerError):
+    """The broker rejected our credentials or is not authorizing us (do not retry)."""
+
+
+def parse_broker_url(url: str) -> tuple[str, str, int]:
+    """Split ``mqtt://host[:port]`` or ``mqtts://host[:port]`` into ``(scheme, host, port)``.
+
+    Raises:
+        BrokerError: one clear line naming what is wrong with ``url``.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise BrokerError(f"bad broker URL {url!r}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise BrokerError(f"bad broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise BrokerError(f"bad broker URL {url!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise BrokerError(f"bad broker URL {url!r}: no path, query or fragment allowed")
+    if parts.username or parts.password:
+        raise BrokerError(f"bad broker URL {url!r}: put credentials in the settings, not the URL")
+    if port == 0:
+        raise BrokerError(f"bad broker URL {url!r}: port 0")
+    return scheme, parts.hostname, port or _DEFAULT_PORTS[scheme]
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where and how to connect. ``password`` never appears in ``repr``."""
+
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_broker_url(self.url)
+
+
+@dataclass(frozen=True)
+class Will:
+    """A Last Will message set before connecting."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def connect(
+    broker_url: str,
+    *,
+    client_id: str,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    will: Will | None = None,
+    timeout: float = 10.0,
+    keepalive: int = 30,
+    clean_session: bool = True,
+) -> mqtt.Client:
+    """Connect to ``broker_url`` and return a client whose network thread is running.
+
+    ``mqtts://`` enables TLS (``ca_file`` or the system store; ``cert_file``/``key_file`` for a
+    client certificate). The caller owns the client: stop it with ``disconnect()`` then
+    ``loop_stop()``. After the first CONNACK paho reconnects by itself; callers that keep
+    subscriptions must resubscribe in their own ``on_connect``.
+
+    Raises:
+        BrokerAuthError: bad user name or password / not authorized.
+        BrokerError: bad URL, connection refused, TLS failure, or no CONNACK within ``timeout``.
+    """
+    scheme, host, port = parse_broker_url(broker_url)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=clean_session,
+        protocol=mqtt.MQTTv311,
+    )
+    if username is not None:
+        client.username_pw_set(username, password)
+    if scheme == "mqtts":
+        try:
+            client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+        except (OSError, ValueError) as e:
+            raise BrokerError(f"TLS setup failed: {e}") from e
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
+    done = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def on_connect(_c: mqtt.Client, _u: object, _flags: object, reason: object, _p: object) -> None:
+        if not done.is_set():
+            outcome["reason"] = reason
+            done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(host, port, keepalive)
+    except OSError as e:  # refused, unreachable, TLS handshake (ssl.SSLError is an OSError)
+        raise BrokerError(f"cannot connect to {scheme}://{host}:{port}: {e}") from e
+    client.loop_start()
+    if not done.wait(timeout):
+        _stop(client)
+        raise BrokerError(f"no CONNACK from {scheme}://{host}:{port} within {timeout:g} s")
+    reason = outcome["reason"]
+    if getattr(reason, "is_failure", False):
+        _stop(client)
+        value = getattr(reason, "value", None)
+        if value in _AUTH_FAILURES:
+            raise BrokerAuthError(f"broker {host}:{port} refused the credentials: {reason}")
+        raise BrokerError(f"broker {host}:{port} refused the connection: {reason}")
+    logger.debug("connected to %s://%s:%d as %s", scheme, host, port, client_id)
+    return client
+
+
+def _stop(client: mqtt.Client) -> None:
+    try:
+        client.disconnect()
+    finally:
+        client.loop_stop()
+
+
+class RetainedReader:
+    """Reads the current retained messages under topic filters, on demand.
+
+    ``read()`` subscribes to the filters and to a private marker topic, publishes a unique
+    marker, and returns when the marker comes back: the broker handles one client's packets in
+    order, so every retained message matched by the subscription has been delivered by then.
+    It then unsubscribes. A topic with no retained message is simply absent from the result.
+
+    The reader owns its subscriptions: give it a client that does not itself subscribe to the
+    same filters (an unsubscribe would cancel them). Reads on one reader are serialized by a
+    lock; never call ``read()`` from a paho callback (it waits for the network thread).
+    """
+
+    def __init__(self, client: mqtt.Client, topics: Topics, *, timeout: float = 10.0) -> None:
+        self._client = client
+        self._topics = topics
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._probe = topics.probe(uuid.uuid4().hex)
+
+    def read(
+        self,
+        filters: Sequence[str],
+        *,
+        keep_payload: Callable[[str], bool] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, bytes | None]:
+        """Return ``{topic: payload}`` for every retained message under ``filters``.
+
+        ``keep_payload(topic)`` returning False stores ``None`` instead of the payload (to list
+        large topics without holding them). Empty payloads (deleted retained) are left out.
+
+        Raises:
+            BrokerError: not connected, or the marker did not come back within the timeout.
+        """
+        timeout = self._timeout if timeout is None else timeout
+        with self._lock:
+            token = uuid.uuid4().hex.encode()
+            got: dict[str, bytes | None] = {}
+            got_lock = threading.Lock()
+            arrived = threading.Event()
+
+            def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+                keep = keep_payload is None or keep_payload(msg.topic)
+                with got_lock:
+                    if not msg.payload:
+                        got.pop(msg.topic, None)
+                    else:
+                        got[msg.topic] = msg.payload if keep else None
+
+            def on_probe(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+                if msg.payload == token:
+                    arrived.set()
+
+            client = self._client
+            for f in filters:
+                client.message_callback_add(f, on_message)
+            client.message_callback_add(self._probe, on_probe)
+            subs = [(self._probe, 1), *((f, 1) for f in filters)]
+            try:
+                rc, _mid = client.subscribe(subs)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise BrokerError(f"subscribe failed: {mqtt.error_string(rc)}")
+                info = client.publish(self._probe, token, qos=1)
+                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS,):
+                    raise BrokerError(f"publish failed: {mqtt.error_string(info.rc)}")
+                if not arrived.wait(timeout):
+                    raise BrokerError(
+                        f"retained read of {list(filters)} timed out after {timeout:g} s"
+                    )
+                with got_lock:
+                    return dict(got)
+            finally:
+                try:
+                    client.unsubscribe([t for t, _ in subs])
+                finally:
+                    for f in filters:
+                        client.message_callback_remove(f)
+                    client.message_callback_remove(self._probe)

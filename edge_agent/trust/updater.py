@@ -1,0 +1,223 @@
+"""The agent's view of the trainer's TUF repository: python-tuf's ``Updater`` over MQTT.
+
+:class:`TrustedRepository` runs the TUF client workflow (root → timestamp → snapshot →
+targets) with an :class:`~edge_agent.trust.fetcher.MqttFetcher`, persists trusted metadata in
+``metadata_dir`` (rollback protection survives restarts) and verified targets in
+``targets_dir`` by sha256. Every python-tuf failure becomes a :class:`TrustError` whose
+``kind`` says which attack or failure was detected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import Updater, UpdaterConfig
+
+from edge_agent.trust.fetcher import METADATA_BASE_URL, TARGET_BASE_URL, MqttFetcher
+
+__all__ = [
+    "TRUST_ERROR_KINDS",
+    "TargetNotFoundError",
+    "TrustError",
+    "TrustedRepository",
+    "classify",
+]
+
+logger = logging.getLogger(__name__)
+
+TRUST_ERROR_KINDS = (
+    "tampered",
+    "untrusted-signature",
+    "rollback",
+    "expired",
+    "mix-and-match",
+    "endless-data",
+    "unavailable",
+)
+
+# python-tuf raises BadVersionNumberError both for a rollback (a version lower than one
+# already trusted) and for a version that differs from what the referencing metadata names
+# (snapshot vs timestamp, targets vs snapshot): the latter is mix-and-match. Only the
+# messages tell them apart (tuf/ngclient/_internal/trusted_metadata_set.py, tuf 7.0).
+_MIX_AND_MATCH = (
+    re.compile(r"^Expected snapshot version \d+, got \d+"),  # _check_final_snapshot
+    re.compile(r"^Expected \S+ v\d+, got v\d+"),  # update_delegated_targets
+)
+
+
+class TrustError(Exception):
+    """Refreshing or fetching from the repository failed; ``kind`` says why.
+
+    ``kind`` is one of :data:`TRUST_ERROR_KINDS`. The python-tuf exception is the ``__cause__``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        if kind not in TRUST_ERROR_KINDS:
+            raise ValueError(f"unknown TrustError kind {kind!r}")
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class TargetNotFoundError(TrustError):
+    """The trusted targets metadata does not list the requested path (kind ``unavailable``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("unavailable", f"no target {path!r} in the trusted targets metadata")
+        self.path = path
+
+
+def classify(exc: BaseException) -> str:
+    """Map a python-tuf (or fetcher) exception to a :class:`TrustError` kind."""
+    if isinstance(exc, exceptions.DownloadLengthMismatchError):
+        return "endless-data"
+    if isinstance(exc, exceptions.DownloadError):
+        return "unavailable"
+    if isinstance(exc, exceptions.ExpiredMetadataError):
+        return "expired"
+    if isinstance(exc, exceptions.UnsignedMetadataError):
+        return "untrusted-signature"
+    if isinstance(exc, exceptions.BadVersionNumberError):
+        if any(p.search(str(exc)) for p in _MIX_AND_MATCH):
+            return "mix-and-match"
+        return "rollback"
+    if isinstance(exc, exceptions.RepositoryError):
+        if str(exc).startswith("New snapshot is missing info for"):
+            return "rollback"
+        return "tampered"  # LengthOrHashMismatchError, DeserializationError, wrong type …
+    return "unavailable"
+
+
+class TrustedRepository:
+    """TUF-verified access to the repository published over MQTT.
+
+    Args:
+        metadata_dir: trusted metadata cache (``root.json`` + ``root_history/``, timestamp …).
+        targets_dir: verified targets, one file per sha256.
+        fetcher: the MQTT fetcher (owned by the caller).
+        trusted_root_bytes: the trust anchor. If ``None``, ``metadata_dir/root.json`` (copied
+            there at provisioning, then kept current by TUF's root rotation) is used.
+        config: python-tuf limits (metadata byte caps, max root rotations).
+
+    Raises:
+        TrustError: the trust anchor is missing (``unavailable``) or invalid.
+
+    Not thread safe; use from one thread (never from a paho callback).
+    """
+
+    def __init__(
+        self,
+        metadata_dir: str | os.PathLike[str],
+        targets_dir: str | os.PathLike[str],
+        fetcher: MqttFetcher,
+        trusted_root_bytes: bytes | None = None,
+        *,
+        config: UpdaterConfig | None = None,
+    ) -> None:
+        self._metadata_dir = Path(metadata_dir)
+        self._targets_dir = Path(targets_dir)
+        self._metadata_dir.mkdir(parents=True, exist_ok=True)
+        self._targets_dir.mkdir(parents=True, exist_ok=True)
+        self._fetcher = fetcher
+        self._config = config or UpdaterConfig()
+        self._bootstrap = trusted_root_bytes
+        self._updater: Updater | None = None
+        self._new_updater()  # validates the trust anchor now, not at the first refresh
+
+    def _new_updater(self) -> Updater:
+        try:
+            return Updater(
+                metadata_dir=str(self._metadata_dir),
+                metadata_base_url=METADATA_BASE_URL,
+                target_dir=str(self._targets_dir),
+                target_base_url=TARGET_BASE_URL,
+                fetcher=self._fetcher,
+                config=self._config,
+                bootstrap=self._bootstrap,
+            )
+        except FileNotFoundError as e:
+            raise TrustError("unavailable", f"no trusted root.json in {self._metadata_dir}") from e
+        except (exceptions.RepositoryError, ValueError) as e:
+            raise TrustError(classify(e), f"trusted root is invalid: {e}") from e
+
+    def refresh(self) -> None:
+        """Download and verify the newest top-level metadata (root → timestamp → snapshot →
+        targets). On success the new trusted state is persisted in ``metadata_dir``.
+
+        Raises:
+            TrustError: kind ``rollback``, ``expired``, ``mix-and-match``, ``tampered``,
+                ``untrusted-signature``, ``endless-data`` or ``unavailable``. The previously
+                trusted state on disk stays valid.
+        """
+        self._fetcher.begin_session()
+        updater = self._new_updater()  # python-tuf allows one refresh per Updater
+        try:
+            updater.refresh()
+        except (exceptions.RepositoryError, exceptions.DownloadError, OSError) as e:
+            kind = classify(e)
+            logger.warning("TUF refresh refused (%s): %s", kind, e)
+            raise TrustError(kind, f"refresh failed: {e}") from e
+        self._updater = updater
+
+    def _targetinfo(self, path: str) -> TargetFile:
+        if self._updater is None:
+            self.refresh()
+        assert self._updater is not None
+        try:
+            info = self._updater.get_targetinfo(path)
+        except (exceptions.RepositoryError, exceptions.DownloadError) as e:
+            raise TrustError(classify(e), f"lookup of {path!r} failed: {e}") from e
+        if info is None:
+            raise TargetNotFoundError(path)
+        return info
+
+    def target_info(self, path: str) -> TargetFile:
+        """The trusted ``TargetFile`` of ``path`` (length, hashes, custom).
+
+        Raises:
+            TargetNotFoundError: not a current target. TrustError: refresh failed.
+        """
+        return self._targetinfo(path)
+
+    def fetch_target(self, path: str) -> bytes:
+        """Return the verified bytes of target ``path`` (from the local cache if it matches).
+
+        Refreshes first if :meth:`refresh` was never called successfully.
+
+        Raises:
+            TargetNotFoundError: not a current target.
+            TrustError: ``tampered`` (hash/length mismatch), ``endless-data``,
+                ``unavailable`` (broker, missing chunks), or any refresh failure.
+        """
+        info = self._targetinfo(path)
+        assert self._updater is not None
+        local = str(self._targets_dir / info.hashes["sha256"])
+        cached = self._updater.find_cached_target(info, local)
+        if cached is None:
+            try:
+                cached = self._updater.download_target(info, local)
+            except (exceptions.RepositoryError, exceptions.DownloadError) as e:
+                kind = classify(e)
+                logger.warning("target %s refused (%s): %s", path, kind, e)
+                # never leave unverified bytes where a later lookup could find them
+                Path(local).unlink(missing_ok=True)
+                raise TrustError(kind, f"download of {path!r} failed: {e}") from e
+        with open(cached, "rb") as f:
+            data = f.read()
+        info.verify_length_and_hashes(data)  # the file could have changed since
+        return data
+
+    def target_custom(self, path: str) -> dict[str, Any]:
+        """The ``custom`` object that targets metadata stores for ``path`` (``{}`` if none).
+
+        Raises:
+            TargetNotFoundError, TrustError: as :meth:`fetch_target`.
+        """
+        custom = self._targetinfo(path).custom
+        return dict(custom) if isinstance(custom, dict) else {}

@@ -1,0 +1,106 @@
+"""Shared fixtures: a private Mosquitto broker per test, the team's NAB data, the repo root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAB_DIR = REPO_ROOT.parent / "shared" / "data" / "nab"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Broker:
+    """A private Mosquitto on a loopback port that a test may stop and start again."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 100000\n"
+            # As root, Mosquitto would drop to the `mosquitto` user, which cannot write the
+            # test's private directory: persistence (retained messages across a restart) and
+            # the log would silently vanish.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            +
+            f"log_dest file {self.workdir}/mosquitto.log\n"
+        )
+        self.proc = subprocess.Popen(
+            [_mosquitto(), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()}")
+                time.sleep(0.02)  # polling a port, not waiting for correctness
+        raise RuntimeError("mosquitto did not start listening within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def _mosquitto() -> str:
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        pytest.fail("mosquitto is not installed: run `make setup`")
+    return exe
+
+
+@pytest.fixture
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A fresh private broker for one test (persistence on, so a restart keeps sessions)."""
+    b = Broker(port=_free_port(), workdir=tmp_path_factory.mktemp("mosquitto"))
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def nab_dir() -> Path:
+    """The team's NAB sample; skipped with a reason when absent, a failure in CI."""
+    if not (NAB_DIR / "data").is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"NAB data missing at {NAB_DIR}: CI must have ../shared/data/nab")
+        pytest.skip(f"NAB data not found at {NAB_DIR} (it lives beside the repository)")
+    return NAB_DIR

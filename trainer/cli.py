@@ -1,0 +1,345 @@
+"""``edgefleet``: the trainer command line. Thin: parse, call the domain modules, print.
+
+Exit codes: 0 success, 1 the work failed (e.g. no artifact passed parity), 2 usage error or
+bad input (one line on stderr, nothing written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from trainer.progress import ProgressBar
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _registry_default() -> str:
+    return os.environ.get("EDGEFLEET_REGISTRY") or ".edgefleet"
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+# -- train ------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.pipeline import TrainError, TrainRequest, prepare, train
+
+    request = TrainRequest(
+        data=[Path(p) for p in args.data],
+        profiles=args.profile,
+        name=args.name,
+        epochs=args.epochs,
+        seed=args.seed,
+        train_fraction=args.train_fraction,
+        **({"window": args.window} if args.window else {}),
+        **({"family": args.family} if args.family else {}),
+    )
+    try:
+        prepared = prepare(request)
+    except TrainError as e:
+        raise UsageError(str(e)) from e
+    bar = ProgressBar(f"training {args.name}", total=args.epochs, enabled=not args.quiet)
+
+    def progress(stage: str, info: dict[str, Any]) -> None:
+        if stage == "epoch":
+            bar.update(info["epoch"], f"loss {info['train_loss']:.4f} val {info['val_loss']:.4f}")
+        elif stage == "export":
+            bar.finish()
+            bar.note(f"exporting {info['format']}/{info['quantization']} …")
+        elif stage == "rejected":
+            bar.note(
+                f"rejected {info['format']}/{info['quantization']}: {'; '.join(info['why'])}",
+                always=True,
+            )
+
+    try:
+        outcome = train(prepared, Path(args.registry), progress)
+    except TrainError as e:
+        bar.finish()
+        print(f"edgefleet train: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    record = outcome.version
+    if args.json:
+        obj = record.to_json()
+        obj["rejected"] = [
+            {"format": a.format, "quantization": a.quantization, "parity": a.parity.to_json()}
+            for a in outcome.rejected
+        ]
+        _print_json(obj)
+    else:
+        print(f"registered {record.ref} in {args.registry}")
+        _print_artifacts(record.artifacts)
+    return 0
+
+
+def _print_artifacts(artifacts: Sequence[Any]) -> None:
+    print(f"  {'format':7} {'quant':5} {'bytes':>8}  {'rank-corr':>9} {'agree':>6}  profiles")
+    for a in artifacts:
+        p = a.parity
+        print(
+            f"  {a.format:7} {a.quantization:5} {a.size_bytes:8d}  "
+            f"{p['rank_correlation']:9.4f} {p['decision_agreement']:6.3f}  {','.join(a.profiles)}"
+        )
+
+
+# -- registry ---------------------------------------------------------------------------------
+
+
+def _open_registry(path: str):
+    from trainer.registry import Registry, RegistryError
+
+    try:
+        return Registry.open(path)
+    except RegistryError as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    with _open_registry(args.registry) as reg:
+        models = reg.models()
+    if args.json:
+        _print_json(models)
+        return 0
+    if not models:
+        print(f"no models in {args.registry}")
+    for m in models:
+        print(f"{m['name']:24} latest {m['name']}@{m['latest']}  ({m['versions']} versions)")
+    return 0
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    from trainer.registry import RegistryError, parse_model_ref
+
+    try:
+        name, version = parse_model_ref(args.ref)
+        with _open_registry(args.registry) as reg:
+            record = reg.get(name, version)
+    except RegistryError as e:
+        raise UsageError(str(e)) from e
+    if args.json:
+        _print_json(record.to_json())
+        return 0
+    m = record.metrics
+    print(f"{record.ref}  created {record.created_at}")
+    print(f"  architecture {json.dumps(record.architecture, sort_keys=True)}")
+    print(
+        f"  threshold {m['threshold']:.4g}  best epoch {m['best_epoch']}/{m['epochs_run']}  "
+        f"validation alarm rate {m['validation_alarm_rate']:.4f}"
+    )
+    datasets = ", ".join(f"{d['file']} ({d['rows_used']} rows)" for d in record.lineage["datasets"])
+    print(f"  data {datasets}; parent version {record.lineage.get('parent_version')}")
+    _print_artifacts(record.artifacts)
+    return 0
+
+
+def cmd_registry_migrate(args: argparse.Namespace) -> int:
+    from trainer.registry import Registry, RegistryError
+
+    try:
+        before, applied = Registry.migrate(args.registry)
+    except RegistryError as e:
+        raise UsageError(str(e)) from e
+    if applied:
+        print(f"migrated {args.registry} from schema v{before} to v{applied[-1]}")
+    else:
+        print(f"{args.registry} is at schema v{before}: nothing to do")
+    return 0
+
+
+# -- profiles ---------------------------------------------------------------------------------
+
+
+def cmd_profiles_list(args: argparse.Namespace) -> int:
+    from shared.profiles import list_profiles
+
+    profiles = list_profiles()
+    if args.json:
+        _print_json([p.to_json() for p in profiles])
+        return 0
+    print(f"{'name':22} {'arch':8} {'cores':>5} {'ram':>7}  {'formats':12} {'p99 ms':>7}  train")
+    for p in profiles:
+        print(
+            f"{p.name:22} {p.arch:8} {p.cores:5d} {p.ram_mb:6d}M  {','.join(p.formats):12} "
+            f"{p.budget.latency_p99_ms:7g}  {'yes' if p.may_train else 'no'}"
+        )
+    return 0
+
+
+def cmd_profiles_show(args: argparse.Namespace) -> int:
+    from shared.profiles import ProfileError, load_profile
+
+    try:
+        profile = load_profile(args.name)
+    except ProfileError as e:
+        raise UsageError(str(e)) from e
+    if args.json:
+        _print_json(profile.to_json())
+        return 0
+    for key, value in profile.to_json().items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                print(f"{key}.{k:18} {v}")
+        else:
+            print(f"{key:25} {value}")
+    return 0
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from trainer.data import generate_host_metrics, write_host_metrics
+
+    metrics = generate_host_metrics(args.rows, seed=args.seed, anomalies=args.anomalies)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"directory {out.parent} does not exist")
+    labels = Path(args.labels) if args.labels else out.with_suffix(".labels.json")
+    write_host_metrics(metrics, out, labels)
+    if args.json:
+        _print_json({"csv": str(out), "labels": str(labels), "rows": args.rows,
+                     "anomalies": len(metrics.anomalies)})
+    else:
+        print(f"wrote {args.rows} rows to {out}, {len(metrics.anomalies)} anomalies to {labels}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="edgefleet",
+        description="Train small anomaly models, keep them in a registry, ship them to edge agents.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def registry_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--registry",
+            default=_registry_default(),
+            help="registry directory (default: $EDGEFLEET_REGISTRY, else ./.edgefleet)",
+        )
+
+    def json_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("train", help="train a model and register int8/fp32 ONNX and TFLite artifacts")
+    p.add_argument("--data", action="append", required=True, metavar="CSV",
+                   help="timestamp,value (NAB) or timestamp + N numeric columns; repeatable")
+    p.add_argument("--profile", action="append", required=True, metavar="NAME",
+                   help="firmware profile to build artifacts for; repeatable")
+    p.add_argument("--name", required=True, help="model name")
+    registry_arg(p)
+    p.add_argument("--epochs", type=_positive_int, default=40, help="maximum epochs (early stopping)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--train-fraction", type=_fraction, default=1.0, metavar="F",
+                   help="train on the first F of the rows only (the rest is left for later)")
+    p.add_argument("--window", type=_positive_int, help="window length in samples")
+    p.add_argument("--family", choices=("autoencoder", "forecaster"), help="model family")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    json_arg(p)
+    p.set_defaults(func=cmd_train)
+
+    reg = sub.add_parser("registry", help="inspect the model registry").add_subparsers(
+        dest="registry_command", required=True, parser_class=_Parser
+    )
+    p = reg.add_parser("list", help="models in the registry")
+    registry_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_registry_list)
+    p = reg.add_parser("show", help="one version with its artifacts (latest without @VERSION)")
+    p.add_argument("ref", metavar="MODEL[@VERSION]")
+    registry_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_registry_show)
+    p = reg.add_parser("migrate", help="bring the registry schema up to this edgefleet's")
+    registry_arg(p)
+    p.set_defaults(func=cmd_registry_migrate)
+
+    prof = sub.add_parser("profiles", help="firmware profiles (hardware targets)").add_subparsers(
+        dest="profiles_command", required=True, parser_class=_Parser
+    )
+    p = prof.add_parser("list", help="all built-in profiles")
+    json_arg(p)
+    p.set_defaults(func=cmd_profiles_list)
+    p = prof.add_parser("show", help="one profile in full")
+    p.add_argument("name")
+    json_arg(p)
+    p.set_defaults(func=cmd_profiles_show)
+
+    data = sub.add_parser("data", help="data helpers").add_subparsers(
+        dest="data_command", required=True, parser_class=_Parser
+    )
+    p = data.add_parser("synth", help="generate host metrics with labelled injected anomalies")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--labels", help="labels JSON to write (default: beside the CSV)")
+    p.add_argument("--rows", type=_positive_int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anomalies", type=int, default=8)
+    json_arg(p)
+    p.set_defaults(func=cmd_data_synth)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UsageError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

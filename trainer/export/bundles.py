@@ -1,0 +1,165 @@
+"""From a trained torch model to verified artifact bundles, one per (format, quantization)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.bundle import (
+    MODEL_FILES,
+    BundleSpec,
+    GoldenVectors,
+    ScoreSpec,
+    TensorSpec,
+    read_bundle,
+    write_bundle,
+)
+from trainer.export._onnx import INPUT_NAME, OUTPUT_NAME, export_onnx_fp32, quantize_onnx_int8
+from trainer.export._tflite import export_tflite_fp32, export_tflite_int8
+from trainer.export.parity import TOLERANCES, ParityReport, check_parity
+
+__all__ = ["BuiltArtifact", "ExportInputs", "build_artifact", "artifact_scores"]
+
+log = logging.getLogger(__name__)
+
+GOLDEN_COUNT = 4
+# Tolerances for the on-device smoke test, relative to the decision threshold: fp32 kernels
+# differ in summation order across CPUs; int8 kernels may also round differently.
+GOLDEN_TOLERANCE = {"fp32": (1e-3, 1e-3), "int8": (0.05, 0.05)}
+
+
+@dataclass(frozen=True)
+class ExportInputs:
+    """What every artifact of one trained model shares."""
+
+    name: str
+    module: torch.nn.Module
+    window: int
+    features: tuple[str, ...]
+    score: ScoreSpec
+    calibration: np.ndarray  # training windows for int8 calibration
+    holdout: np.ndarray  # validation windows for parity and golden vectors
+    reference_scores: np.ndarray  # torch scores on ``holdout``
+    drift_reference: dict[str, Any]
+    lineage: dict[str, Any]
+    architecture: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BuiltArtifact:
+    """One bundle: its bytes, spec and parity report (registered only if parity passed)."""
+
+    format: str
+    quantization: str
+    bundle: bytes
+    spec: BundleSpec | None
+    parity: ParityReport
+    model_size: int
+
+
+def artifact_scores(fmt: str, model_bytes: bytes, windows: np.ndarray) -> np.ndarray:
+    """Scores of an ONNX or TFLite model on ``(n, window, features)`` windows.
+
+    Runs the same runtimes the agent runs (onnxruntime, LiteRT) on the trainer host.
+    """
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: windows})[0], np.float32)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=model_bytes, num_threads=1)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]["index"]
+    out = interp.get_output_details()[0]["index"]
+    scores = np.empty(len(windows), np.float32)
+    for i in range(len(windows)):
+        interp.set_tensor(inp, windows[i : i + 1])
+        interp.invoke()
+        scores[i] = interp.get_tensor(out).reshape(-1)[0]
+    return scores
+
+
+def _golden_indices(reference: np.ndarray) -> list[int]:
+    # Low, typical and high-scoring windows, so the smoke test exercises the whole range.
+    order = np.argsort(reference, kind="stable")
+    picks = [order[0], order[len(order) // 2], order[(3 * len(order)) // 4], order[-1]]
+    return sorted({int(i) for i in picks})[:GOLDEN_COUNT]
+
+
+def _export(fmt: str, quantization: str, inputs: ExportInputs) -> bytes:
+    example = inputs.holdout[:1]
+    if fmt == "onnx":
+        fp32 = export_onnx_fp32(inputs.module, example)
+        return fp32 if quantization == "fp32" else quantize_onnx_int8(fp32, inputs.calibration)
+    if quantization == "fp32":
+        return export_tflite_fp32(inputs.module, example)
+    return export_tflite_int8(inputs.module, inputs.calibration)
+
+
+def build_artifact(fmt: str, quantization: str, inputs: ExportInputs) -> BuiltArtifact:
+    """Export one artifact, check parity against torch, and wrap it in a bundle.
+
+    When parity fails, ``spec`` is ``None`` and ``bundle`` is empty: the caller must not
+    register it (the report says why).
+    """
+    if fmt not in MODEL_FILES or quantization not in TOLERANCES:
+        raise ValueError(f"unsupported artifact {fmt}/{quantization}")
+    model = _export(fmt, quantization, inputs)
+    scores = artifact_scores(fmt, model, inputs.holdout)
+    parity = check_parity(
+        inputs.reference_scores, scores, inputs.score.threshold, TOLERANCES[quantization]
+    )
+    if not parity.passed:
+        return BuiltArtifact(fmt, quantization, b"", None, parity, len(model))
+    golden_idx = _golden_indices(inputs.reference_scores)
+    atol_rel, rtol = GOLDEN_TOLERANCE[quantization]
+    batch: int | None = None if fmt == "onnx" else 1
+    shape_in = (batch, inputs.window, len(inputs.features))
+    spec = BundleSpec(
+        name=inputs.name,
+        format=fmt,
+        quantization=quantization,
+        model_file=MODEL_FILES[fmt],
+        inputs=(TensorSpec(INPUT_NAME, "float32", shape_in),),
+        outputs=(TensorSpec(OUTPUT_NAME, "float32", (batch,)),),
+        window=inputs.window,
+        features=inputs.features,
+        score=inputs.score,
+        golden=GoldenVectors(
+            inputs=[inputs.holdout[i].tolist() for i in golden_idx],
+            outputs=[float(scores[i]) for i in golden_idx],
+            atol=atol_rel * inputs.score.threshold,
+            rtol=rtol,
+        ),
+        drift_reference=inputs.drift_reference,
+        lineage=inputs.lineage,
+        architecture=inputs.architecture,
+        extra={"parity": parity.to_json()},
+    )
+    bundle = write_bundle(spec, model)
+    read_bundle(bundle)  # the bundle we register must be one an agent can read
+    return BuiltArtifact(fmt, quantization, bundle, spec, parity, len(model))
+
+
+def build_artifacts(
+    variants: Sequence[tuple[str, str]],
+    inputs: ExportInputs,
+    progress: Callable[[str], None] | None = None,
+) -> list[BuiltArtifact]:
+    """Build every variant in order, reporting each as it finishes."""
+    built = []
+    for fmt, quantization in variants:
+        if progress:
+            progress(f"exporting {fmt}/{quantization}")
+        built.append(build_artifact(fmt, quantization, inputs))
+    return built

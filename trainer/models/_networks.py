@@ -1,0 +1,84 @@
+"""The torch modules of the two model families. Both map raw windows to one score each.
+
+Input: float32 ``(batch, window, features)`` raw values. Normalisation (per-feature mean and
+std from the training data) is part of the graph, so exported artifacts take raw metrics.
+Output: float32 ``(batch,)`` anomaly scores (higher = more anomalous).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.models.spec import ArchitectureSpec
+
+CLIP = 8.0
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class _Normalised(nn.Module):
+    def __init__(self, spec: ArchitectureSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("mean", torch.zeros(spec.features))
+        self.register_buffer("std", torch.ones(spec.features))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-feature standardisation, clipped to ±CLIP standard deviations.
+
+        The body never needs to see further out than that to know a window is unusual (the
+        error term sees the raw values), and a bounded input gives int8 a fixed, fine grid.
+        """
+        return torch.clamp((x - self.mean) / self.std, -CLIP, CLIP)
+
+    def error(self, predicted: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """Normalised squared error of a prediction (normalised units) against raw values.
+
+        It is computed from the raw input, not from the normalised tensor fed to the body: an
+        int8 converter quantizes that tensor (clipping it to the calibration range), and an
+        anomaly is exactly what lies outside that range.
+        """
+        return ((predicted * self.std + self.mean - raw) / self.std) ** 2
+
+
+class WindowAutoencoder(_Normalised):
+    """MLP autoencoder over the flattened normalised window."""
+
+    def __init__(self, spec: ArchitectureSpec) -> None:
+        super().__init__(spec)
+        d = spec.window * spec.features
+        widths = list(spec.hidden)
+        self.body = _mlp([d, *widths, *reversed(widths[:-1]), d])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        r = self.body(self.normalise(x).reshape(n, -1)).reshape(x.shape)
+        return self.error(r, x).reshape(n, -1).mean(dim=1)
+
+
+class WindowForecaster(_Normalised):
+    """MLP that predicts the window's last row from the rows before it."""
+
+    def __init__(self, spec: ArchitectureSpec) -> None:
+        super().__init__(spec)
+        self.body = _mlp([(spec.window - 1) * spec.features, *spec.hidden, spec.features])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        past = self.normalise(x[:, :-1, :]).reshape(x.shape[0], -1)
+        pred = self.body(past)
+        return self.error(pred, x[:, -1, :]).mean(dim=1)
+
+
+def build_network(spec: ArchitectureSpec) -> _Normalised:
+    """A fresh (untrained) module for ``spec``."""
+    if spec.family == "autoencoder":
+        return WindowAutoencoder(spec)
+    return WindowForecaster(spec)

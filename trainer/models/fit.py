@@ -1,0 +1,122 @@
+"""Seeded, reproducible training with early stopping on the validation loss."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from trainer.models._networks import build_network
+from trainer.models.spec import ArchitectureSpec
+
+__all__ = ["FitResult", "Recipe", "fit", "score_windows"]
+
+ProgressFn = Callable[[int, int, float, float], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training hyperparameters (recorded in lineage)."""
+
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    patience: int = 6
+    seed: int = 0
+
+    def to_json(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FitResult:
+    """The trained module (best validation epoch) and its loss history."""
+
+    model: torch.nn.Module
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _std_floor(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    # A flat training column (std 0) would divide by zero; use a floor relative to its level.
+    floor = np.maximum(1e-3, 1e-3 * np.abs(mean))
+    return np.maximum(std, floor)
+
+
+def score_windows(model: torch.nn.Module, windows: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """Scores of ``model`` on ``(n, window, features)`` windows, float32 ``(n,)``."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            out.append(model(torch.from_numpy(windows[i : i + batch])).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def fit(
+    spec: ArchitectureSpec,
+    train: np.ndarray,
+    validation: np.ndarray,
+    normal_rows: np.ndarray,
+    recipe: Recipe,
+    progress: ProgressFn | None = None,
+) -> FitResult:
+    """Train a model of ``spec`` on ``train`` windows, early-stopping on ``validation``.
+
+    ``normal_rows`` (the training rows) give the per-feature mean and std baked into the
+    graph. Deterministic for the same inputs, recipe and machine: seeded generators,
+    deterministic algorithms and one intra-op thread while training.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(recipe.seed)
+        gen = torch.Generator().manual_seed(recipe.seed)
+        model = build_network(spec)
+        mean = np.nanmean(normal_rows, axis=0).astype(np.float32)
+        std = _std_floor(np.nanstd(normal_rows, axis=0), mean).astype(np.float32)
+        model.mean.copy_(torch.from_numpy(mean))
+        model.std.copy_(torch.from_numpy(std))
+        opt = torch.optim.Adam(
+            model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+        )
+        x_train = torch.from_numpy(train)
+        best_state, best_loss, best_epoch, stale = None, float("inf"), 0, 0
+        history: list[dict[str, float]] = []
+        for epoch in range(1, recipe.epochs + 1):
+            model.train()
+            order = torch.randperm(len(x_train), generator=gen)
+            total = 0.0
+            for i in range(0, len(order), recipe.batch_size):
+                batch = x_train[order[i : i + recipe.batch_size]]
+                opt.zero_grad()
+                loss = model(batch).mean()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(batch)
+            model.eval()
+            train_loss = total / len(x_train)
+            val_loss = float(score_windows(model, validation).mean())
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            if progress is not None:
+                progress(epoch, recipe.epochs, train_loss, val_loss)
+            if val_loss < best_loss - 1e-7:
+                best_state, best_loss, best_epoch, stale = (
+                    copy.deepcopy(model.state_dict()), val_loss, epoch, 0
+                )
+            else:
+                stale += 1
+                if stale >= recipe.patience:
+                    break
+        assert best_state is not None
+        model.load_state_dict(best_state)
+        model.eval()
+        return FitResult(model, best_epoch, best_loss, history)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)

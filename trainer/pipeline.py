@@ -1,0 +1,285 @@
+"""``edgefleet train``: data → model → calibrated threshold → verified artifacts → registry.
+
+:func:`prepare` validates every input (profiles, files, rows) before any heavy work, so bad
+input fails fast and leaves the registry untouched; :func:`train` then does the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.profiles import FirmwareProfile, load_profile
+from shared.series import Series, SeriesError, file_sha256, read_series
+from trainer.data import fill_missing, make_windows, time_split
+from trainer.export import BuiltArtifact, ExportInputs, build_artifact
+from trainer.models import ArchitectureSpec, Recipe, fit, score_windows
+from trainer.registry import NewArtifact, Registry, VersionRecord, check_model_name
+from trainer.scoring import ThresholdPolicy, calibrate
+
+__all__ = ["DEFAULT_ARCHITECTURE", "TrainError", "TrainRequest", "TrainOutcome", "prepare", "train"]
+
+log = logging.getLogger(__name__)
+
+# Chosen by measured detection quality on NAB (docs/model-choice.md, benchmarks/bench_model_family.py).
+DEFAULT_ARCHITECTURE = {"family": "autoencoder", "window": 64, "hidden": (256, 64)}
+VALIDATION_FRACTION = 0.2
+CALIBRATION_WINDOWS = 256
+HOLDOUT_WINDOWS = 512
+
+
+class TrainError(ValueError):
+    """Bad input for training: one line for the user, nothing written."""
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Arguments of one ``edgefleet train`` run."""
+
+    data: Sequence[Path]
+    profiles: Sequence[str]
+    name: str
+    epochs: int = 40
+    seed: int = 0
+    train_fraction: float = 1.0
+    family: str = DEFAULT_ARCHITECTURE["family"]
+    window: int = DEFAULT_ARCHITECTURE["window"]
+    hidden: tuple[int, ...] = DEFAULT_ARCHITECTURE["hidden"]
+    threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Validated inputs: profiles, series (cut to the train fraction, gaps filled)."""
+
+    request: TrainRequest
+    profiles: list[FirmwareProfile]
+    series: list[Series]
+    datasets: list[dict[str, Any]]
+    features: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """The registered version, and the artifacts that failed parity (not registered)."""
+
+    version: VersionRecord
+    rejected: list[BuiltArtifact]
+
+
+def prepare(request: TrainRequest) -> PreparedData:
+    """Validate the request and load its data. Raises :class:`TrainError` with one line."""
+    try:
+        check_model_name(request.name)
+    except ValueError as e:
+        raise TrainError(str(e)) from e
+    if not request.profiles:
+        raise TrainError("give at least one --profile")
+    if not 0 < request.train_fraction <= 1:
+        raise TrainError(f"--train-fraction must be in (0, 1], got {request.train_fraction}")
+    if request.epochs < 1:
+        raise TrainError("--epochs must be at least 1")
+    if request.window < 2:
+        raise TrainError("--window must be at least 2")
+    try:
+        profiles = [load_profile(p) for p in dict.fromkeys(request.profiles)]
+    except ValueError as e:
+        raise TrainError(str(e)) from e
+    if not request.data:
+        raise TrainError("give at least one --data CSV")
+    series, datasets, features = [], [], None
+    for path in request.data:
+        try:
+            full = read_series(path)
+        except SeriesError as e:
+            raise TrainError(str(e)) from e
+        if features is None:
+            features = full.features
+        elif full.features != features:
+            raise TrainError(
+                f"{path}: columns {list(full.features)} differ from {list(features)} of the first file"
+            )
+        used = max(1, int(len(full) * request.train_fraction))
+        part = full.head(used)
+        if used < 2 * request.window:
+            raise TrainError(
+                f"{path}: {used} rows (after --train-fraction {request.train_fraction}) are too few "
+                f"for a window of {request.window}: need at least {2 * request.window}"
+            )
+        try:
+            filled = fill_missing(part.values)
+        except ValueError:
+            raise TrainError(f"{path}: a column has no value in the rows used for training") from None
+        series.append(Series(part.timestamps, part.features, filled))
+        datasets.append(
+            {
+                "file": Path(path).name,
+                "sha256": file_sha256(path),
+                "rows": len(full),
+                "rows_used": used,
+                "first": part.timestamps[0],
+                "last": part.timestamps[-1],
+            }
+        )
+    assert features is not None
+    return PreparedData(request, profiles, series, datasets, features)
+
+
+def _variants(profiles: Sequence[FirmwareProfile]) -> list[tuple[str, str]]:
+    seen: dict[tuple[str, str], None] = {}
+    for p in profiles:
+        for v in p.variants():
+            seen.setdefault(v, None)
+    return sorted(seen)
+
+
+def _drift_reference(rows: np.ndarray, features: Sequence[str], val_scores: np.ndarray) -> dict:
+    q = [0.01, 0.5, 0.99]
+    ref: dict[str, Any] = {"features": {}, "score": {}}
+    for j, name in enumerate(features):
+        col = rows[:, j].astype(np.float64)
+        ref["features"][name] = {
+            "mean": float(col.mean()),
+            "std": float(col.std()),
+            "min": float(col.min()),
+            "max": float(col.max()),
+            "quantiles": dict(zip(("p01", "p50", "p99"), map(float, np.quantile(col, q)))),
+        }
+    ref["score"] = dict(zip(("p01", "p50", "p99"), map(float, np.quantile(val_scores, q))))
+    return ref
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("edgefleet", "torch", "onnxruntime", "litert-torch"):
+        try:
+            out[pkg] = package_version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _evenly(windows: np.ndarray, count: int) -> np.ndarray:
+    if len(windows) <= count:
+        return windows
+    idx = np.linspace(0, len(windows) - 1, count).round().astype(int)
+    return np.ascontiguousarray(windows[idx])
+
+
+def train(
+    prepared: PreparedData,
+    registry_dir: Path,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
+) -> TrainOutcome:
+    """Train, calibrate, export, check parity and register ``name@N``.
+
+    ``progress(stage, info)`` is called for each epoch (``stage="epoch"``) and each artifact.
+    Raises :class:`TrainError` if no artifact passes parity (nothing is registered then).
+    """
+    req = prepared.request
+    notify = progress or (lambda stage, info: None)
+    started = time.monotonic()
+    train_parts, val_parts, normal_rows = [], [], []
+    for s in prepared.series:
+        split = time_split(s.values, req.window, VALIDATION_FRACTION)
+        train_parts.append(make_windows(split.train, req.window))
+        val_parts.append(make_windows(split.validation, req.window))
+        normal_rows.append(split.train)
+    train_w, val_w = np.concatenate(train_parts), np.concatenate(val_parts)
+    rows = np.concatenate(normal_rows)
+
+    spec = ArchitectureSpec(req.family, req.window, len(prepared.features), tuple(req.hidden))
+    recipe = Recipe(epochs=req.epochs, seed=req.seed)
+    result = fit(
+        spec,
+        train_w,
+        val_w,
+        rows,
+        recipe,
+        progress=lambda e, n, tl, vl: notify(
+            "epoch", {"epoch": e, "epochs": n, "train_loss": tl, "val_loss": vl}
+        ),
+    )
+    val_scores = score_windows(result.model, val_w)
+    score = calibrate(val_scores, spec.score_kind, req.threshold)
+    holdout = _evenly(val_w, HOLDOUT_WINDOWS)
+    inputs = ExportInputs(
+        name=req.name,
+        module=result.model,
+        window=req.window,
+        features=prepared.features,
+        score=score,
+        # Calibrate int8 ranges on every window seen at training time, validation included:
+        # ranges from training windows alone clip the first unusual level that comes along.
+        calibration=_evenly(np.concatenate([train_w, val_w]), CALIBRATION_WINDOWS),
+        holdout=holdout,
+        reference_scores=score_windows(result.model, holdout),
+        drift_reference=_drift_reference(rows, prepared.features, val_scores),
+        lineage={
+            "datasets": prepared.datasets,
+            "train_fraction": req.train_fraction,
+            "validation_fraction": VALIDATION_FRACTION,
+            "recipe": recipe.to_json(),
+            "threshold_policy": req.threshold.to_json(),
+            "software": _versions(),
+        },
+        architecture=spec.to_json(),
+    )
+    built, rejected, new = [], [], []
+    for fmt, quant in _variants(prepared.profiles):
+        notify("export", {"format": fmt, "quantization": quant})
+        art = build_artifact(fmt, quant, inputs)
+        built.append(art)
+        fits = [
+            p.name
+            for p in prepared.profiles
+            if p.allows(fmt, quant) and art.model_size <= p.budget.model_flash_kb * 1024
+        ]
+        if not art.parity.passed:
+            rejected.append(art)
+            notify("rejected", {"format": fmt, "quantization": quant, "why": list(art.parity.failures)})
+            continue
+        if not fits:
+            notify("rejected", {"format": fmt, "quantization": quant, "why": ["over every profile's flash budget"]})
+            continue
+        new.append(NewArtifact(fmt, quant, art.bundle, art.model_size, fits, art.parity.to_json()))
+        notify("artifact", {"format": fmt, "quantization": quant, "parity": art.parity.to_json()})
+    if not new:
+        raise TrainError("no artifact passed its parity check; nothing was registered")
+    metrics = {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "val_loss": result.best_val_loss,
+        "threshold": score.threshold,
+        "validation_alarm_rate": float(np.mean(val_scores > score.threshold)),
+        "validation_score_p50": float(np.median(val_scores)),
+        "validation_score_p99": float(np.quantile(val_scores, 0.99)),
+        "train_windows": int(len(train_w)),
+        "validation_windows": int(len(val_w)),
+        "train_seconds": round(time.monotonic() - started, 2),
+    }
+    with Registry.open(registry_dir, create=True) as registry:
+        record = registry.register(
+            req.name,
+            metrics=metrics,
+            params={
+                "epochs": req.epochs,
+                "seed": req.seed,
+                "train_fraction": req.train_fraction,
+                "profiles": [p.name for p in prepared.profiles],
+                "window": req.window,
+                "family": req.family,
+            },
+            lineage=inputs.lineage,
+            architecture=spec.to_json(),
+            artifacts=new,
+        )
+    return TrainOutcome(record, rejected)

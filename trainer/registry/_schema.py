@@ -1,0 +1,98 @@
+"""Registry schema versions and the explicit migrations between them.
+
+Each migration takes the database from version ``n - 1`` to ``n`` inside one transaction.
+Version 0 is an empty file. Add a function to ``MIGRATIONS`` to change the schema; never edit
+one that has shipped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+SCHEMA_VERSION = 1
+
+
+def _v1(conn: sqlite3.Connection) -> None:
+    # One statement at a time: executescript() would COMMIT the migration's transaction.
+    _run(
+        conn,
+        """
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE models (
+            name TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE versions (
+            model TEXT NOT NULL REFERENCES models(name),
+            version INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            metrics TEXT NOT NULL,
+            params TEXT NOT NULL,
+            lineage TEXT NOT NULL,
+            architecture TEXT NOT NULL,
+            PRIMARY KEY (model, version)
+        );
+        CREATE TABLE artifacts (
+            model TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            format TEXT NOT NULL,
+            quantization TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            model_bytes INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            profiles TEXT NOT NULL,
+            parity TEXT NOT NULL,
+            PRIMARY KEY (model, version, format, quantization),
+            FOREIGN KEY (model, version) REFERENCES versions(model, version)
+        );
+        CREATE INDEX artifacts_sha256 ON artifacts(sha256);
+        """,
+    )
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1}
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    """The schema version recorded in the file (0 for an empty database)."""
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+    ).fetchone()
+    if not has_meta:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> list[int]:
+    """Apply the migrations from the file's version up to ``target``; returns those applied.
+
+    Each step and its version bump commit together, so a crash leaves a consistent version.
+    """
+    applied = []
+    while (version := current_version(conn)) < target:
+        step = version + 1
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if current_version(conn) != version:  # another process migrated meanwhile
+                conn.execute("ROLLBACK")
+                continue
+            MIGRATIONS[step](conn)
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(step),),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(step)
+    return applied

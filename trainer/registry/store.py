@@ -1,0 +1,327 @@
+"""The model registry: SQLite (via sqlite-utils) plus a content-addressed blob directory.
+
+Layout of a registry directory::
+
+    registry.sqlite        models, versions, artifacts (WAL mode)
+    blobs/ab/abcd…         artifact bundles by sha256
+
+Concurrency: any number of processes may read and write at once. A new version is
+allocated and recorded in one ``BEGIN IMMEDIATE`` transaction (SQLite's write lock), so two
+``edgefleet train`` runs get distinct version numbers and never leave a half-written version.
+Blobs are written before the transaction that references them (atomically, by content), so a
+crash leaves at worst an unreferenced blob, never a reference to a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from trainer.registry._schema import SCHEMA_VERSION, current_version, migrate
+from trainer.registry.blobs import BlobStore
+
+__all__ = [
+    "ArtifactRecord",
+    "Registry",
+    "RegistryError",
+    "VersionRecord",
+    "parse_model_ref",
+]
+
+DB_FILE = "registry.sqlite"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RegistryError(Exception):
+    """The registry is missing, from a newer edgefleet, or asked for something it lacks."""
+
+
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """Split ``MODEL[@VERSION]``; raises :class:`RegistryError` on a malformed reference."""
+    name, sep, version = ref.partition("@")
+    if not _NAME.match(name):
+        raise RegistryError(f"bad model name {name!r}: use letters, digits, '.', '_' or '-'")
+    if not sep:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise RegistryError(f"bad version in {ref!r}: expected MODEL@N with N >= 1")
+    return name, int(version)
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name, else raise :class:`RegistryError`."""
+    if not _NAME.match(name):
+        raise RegistryError(f"bad model name {name!r}: use letters, digits, '.', '_' or '-'")
+    return name
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One registered artifact of a version."""
+
+    format: str
+    quantization: str
+    size_bytes: int
+    model_bytes: int
+    sha256: str
+    profiles: list[str]
+    parity: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One registered model version with its artifacts."""
+
+    model: str
+    version: int
+    created_at: str
+    metrics: dict[str, Any]
+    params: dict[str, Any]
+    lineage: dict[str, Any]
+    architecture: dict[str, Any]
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}@{self.version}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "ref": self.ref,
+            "created_at": self.created_at,
+            "metrics": self.metrics,
+            "params": self.params,
+            "lineage": self.lineage,
+            "architecture": self.architecture,
+            "artifacts": [a.to_json() for a in self.artifacts],
+        }
+
+
+@dataclass(frozen=True)
+class NewArtifact:
+    """An artifact to register: the bundle bytes and what to record about it."""
+
+    format: str
+    quantization: str
+    bundle: bytes
+    model_bytes: int
+    profiles: Sequence[str]
+    parity: dict[str, Any]
+
+
+class Registry:
+    """A registry directory. Open with :meth:`open` (existing) or :meth:`create`."""
+
+    def __init__(self, root: Path, conn: sqlite3.Connection) -> None:
+        self.root = root
+        self._conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self.blobs = BlobStore(root / "blobs")
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 60000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    @classmethod
+    def open(cls, root: str | Path, *, create: bool = False) -> Registry:
+        """Open the registry in ``root``.
+
+        With ``create``, a missing registry is created at the current schema version.
+        Raises :class:`RegistryError` if it is missing (without ``create``), needs
+        ``edgefleet registry migrate``, or was written by a newer edgefleet.
+        """
+        root = Path(root)
+        db_path = root / DB_FILE
+        if not db_path.exists():
+            if not create:
+                raise RegistryError(f"no registry at {root} (train a model to create one)")
+            root.mkdir(parents=True, exist_ok=True)
+            conn = cls._connect(db_path)
+            migrate(conn)
+            return cls(root, conn)
+        conn = cls._connect(db_path)
+        version = current_version(conn)
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise RegistryError(
+                f"registry at {root} has schema v{version}, newer than this edgefleet "
+                f"(v{SCHEMA_VERSION}): upgrade edgefleet"
+            )
+        if version < SCHEMA_VERSION:
+            conn.close()
+            raise RegistryError(
+                f"registry at {root} has schema v{version}; run "
+                f"`edgefleet registry migrate --registry {root}` to bring it to v{SCHEMA_VERSION}"
+            )
+        return cls(root, conn)
+
+    @classmethod
+    def migrate(cls, root: str | Path) -> tuple[int, list[int]]:
+        """Bring the registry in ``root`` to the current schema; returns (before, applied)."""
+        db_path = Path(root) / DB_FILE
+        if not db_path.exists():
+            raise RegistryError(f"no registry at {root}")
+        conn = cls._connect(db_path)
+        try:
+            before = current_version(conn)
+            if before > SCHEMA_VERSION:
+                raise RegistryError(f"registry schema v{before} is newer than this edgefleet")
+            return before, migrate(conn)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def register(
+        self,
+        model: str,
+        *,
+        metrics: dict[str, Any],
+        params: dict[str, Any],
+        lineage: dict[str, Any],
+        architecture: dict[str, Any],
+        artifacts: Sequence[NewArtifact],
+    ) -> VersionRecord:
+        """Record a new version ``model@N`` (N = previous + 1) with its artifacts.
+
+        Atomic: either the version and all its artifacts are recorded, or nothing is. The
+        lineage gets ``parent_version`` (the previous latest version, if any).
+        """
+        check_model_name(model)
+        shas = [self.blobs.put(a.bundle) for a in artifacts]
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with self._write():
+            row = self._conn.execute(
+                "SELECT MAX(version) FROM versions WHERE model = ?", (model,)
+            ).fetchone()
+            parent = row[0]
+            version = (parent or 0) + 1
+            self.db["models"].insert({"name": model, "created_at": now}, ignore=True)
+            lineage = {**lineage, "parent_version": parent}
+            self.db["versions"].insert(
+                {
+                    "model": model,
+                    "version": version,
+                    "created_at": now,
+                    "metrics": json.dumps(metrics, sort_keys=True),
+                    "params": json.dumps(params, sort_keys=True),
+                    "lineage": json.dumps(lineage, sort_keys=True),
+                    "architecture": json.dumps(architecture, sort_keys=True),
+                }
+            )
+            self.db["artifacts"].insert_all(
+                {
+                    "model": model,
+                    "version": version,
+                    "format": a.format,
+                    "quantization": a.quantization,
+                    "size_bytes": len(a.bundle),
+                    "model_bytes": a.model_bytes,
+                    "sha256": sha,
+                    "profiles": json.dumps(sorted(a.profiles)),
+                    "parity": json.dumps(a.parity, sort_keys=True),
+                }
+                for a, sha in zip(artifacts, shas)
+            )
+        return self.get(model, version)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model with its latest version and version count, by name."""
+        rows = self.db.query(
+            "SELECT m.name, m.created_at, MAX(v.version) AS latest, COUNT(v.version) AS versions "
+            "FROM models m LEFT JOIN versions v ON v.model = m.name "
+            "GROUP BY m.name ORDER BY m.name"
+        )
+        return [dict(r) for r in rows]
+
+    def versions(self, model: str) -> list[VersionRecord]:
+        """Every version of ``model``, oldest first. Raises if the model is unknown."""
+        rows = list(self.db["versions"].rows_where("model = ?", [model], order_by="version"))
+        if not rows:
+            raise RegistryError(f"no model {model!r} in registry {self.root}")
+        return [self._version(r) for r in rows]
+
+    def get(self, model: str, version: int | None = None) -> VersionRecord:
+        """``model@version`` (the latest when ``version`` is None)."""
+        if version is None:
+            return self.versions(model)[-1]
+        rows = list(
+            self.db["versions"].rows_where("model = ? AND version = ?", [model, version])
+        )
+        if not rows:
+            known = [v.version for v in self.versions(model)]
+            raise RegistryError(f"no version {model}@{version}; known versions: {known}")
+        return self._version(rows[0])
+
+    def bundle(self, sha256: str) -> bytes:
+        """The bundle bytes of an artifact."""
+        return self.blobs.get(sha256)
+
+    def _version(self, row: dict[str, Any]) -> VersionRecord:
+        arts = self.db["artifacts"].rows_where(
+            "model = ? AND version = ?",
+            [row["model"], row["version"]],
+            order_by="format, quantization",
+        )
+        return VersionRecord(
+            model=row["model"],
+            version=row["version"],
+            created_at=row["created_at"],
+            metrics=json.loads(row["metrics"]),
+            params=json.loads(row["params"]),
+            lineage=json.loads(row["lineage"]),
+            architecture=json.loads(row["architecture"]),
+            artifacts=[
+                ArtifactRecord(
+                    format=a["format"],
+                    quantization=a["quantization"],
+                    size_bytes=a["size_bytes"],
+                    model_bytes=a["model_bytes"],
+                    sha256=a["sha256"],
+                    profiles=json.loads(a["profiles"]),
+                    parity=json.loads(a["parity"]),
+                )
+                for a in arts
+            ],
+        )

@@ -229,7 +229,7 @@ class OutboxPublisher:
     The client is owned by the caller, who connects it and runs its network loop
     (``loop_start``, with ``reconnect_delay_set`` for automatic reconnects). :meth:`start`
     chains the publisher into the client's ``on_connect`` / ``on_disconnect`` / ``on_publish``
-    callbacks (any callbacks already set keep being called, after ours); :meth:`stop` restores
+    callbacks (callbacks already set keep being called, before ours); :meth:`stop` restores
     them. Set the client's own callbacks before :meth:`start`.
 
     Protocol:
@@ -322,8 +322,10 @@ class OutboxPublisher:
             return ours
 
         def both(*args: Any) -> None:
-            ours(*args)
-            theirs(*args)
+            try:
+                theirs(*args)  # the owner's first: e.g. its birth message before our backlog
+            finally:
+                ours(*args)
 
         return both
 

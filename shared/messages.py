@@ -137,3 +137,301 @@ def decode_event(data: bytes) -> dict[str, Any]:
     if not all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in values):
         raise MessageError("field 'values' must be a list of numbers or nulls")
     return obj
+
+
+# -- agent → trainer: state, health, deployment status ---------------------------------------
+# Added with the trainer's fleet view (trainer.fleet.status). Same policy as above: unknown
+# fields are kept in ``extra`` and written back; ``encode_*`` refuses what ``decode_*`` would.
+
+from collections.abc import Mapping  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+SCHEMA_AGENT_STATE = "edgefleet.agent-state/1"
+SCHEMA_AGENT_HEALTH = "edgefleet.agent-health/1"
+SCHEMA_DEPLOYMENT_STATUS = "edgefleet.deployment-status/1"
+#: ``status`` of an agent state: birth, Last Will, clean stop.
+AGENT_STATUSES: tuple[str, ...] = ("online", "offline", "stopped")
+#: ``state`` of a deployment status, in the order a successful deployment passes them.
+DEPLOYMENT_STATES: tuple[str, ...] = (
+    "downloading", "verifying", "staging", "active", "failed", "rolled_back",
+)
+
+__all__ += [
+    "AGENT_STATUSES",
+    "DEPLOYMENT_STATES",
+    "SCHEMA_AGENT_HEALTH",
+    "SCHEMA_AGENT_STATE",
+    "SCHEMA_DEPLOYMENT_STATUS",
+    "ActiveModel",
+    "AgentHealth",
+    "AgentState",
+    "DeploymentStatus",
+    "decode_agent_health",
+    "decode_agent_state",
+    "decode_deployment_status",
+    "encode_agent_health",
+    "encode_agent_state",
+    "encode_deployment_status",
+]
+
+
+def _str_list(obj: dict[str, Any], name: str) -> list[str]:
+    values = _field(obj, name, list)
+    if not all(isinstance(v, str) for v in values):
+        raise MessageError(f"field {name!r} must be a list of strings")
+    return values
+
+
+def _count(obj: dict[str, Any], name: str) -> int:
+    value = _field(obj, name, int)
+    if value < 0:
+        raise MessageError(f"field {name!r} must be >= 0, got {value}")
+    return value
+
+
+def _opt_num(x: float | None) -> float | None:
+    return None if x is None else _num(x)
+
+
+def _rest(obj: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in known}
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """A model an agent is running in one slot (part of :class:`AgentState`)."""
+
+    slot: str
+    model: str
+    version: int
+    format: str
+    quantization: str
+    sha256: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("slot", "model", "version", "format", "quantization", "sha256")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object (unknown fields first, known ones win)."""
+        return {**self.extra, **{k: getattr(self, k) for k in self._KNOWN}}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ActiveModel:
+        """Parse one entry of ``active``; raises :class:`MessageError`."""
+        if not isinstance(obj, dict):
+            raise MessageError("an entry of 'active' is not a JSON object")
+        for name in ("slot", "model", "format", "quantization", "sha256"):
+            _field(obj, name, str)
+        _field(obj, "version", int)
+        return cls(**{k: obj[k] for k in cls._KNOWN}, extra=_rest(obj, cls._KNOWN))
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """Retained ``…/agents/{agent}/state``: birth (online), Last Will (offline), clean stop.
+
+    ``bdseq`` (birth/death sequence) is the same in a birth and the Will set with it, so a
+    reader can tell a stale Will from the current session's.
+    """
+
+    agent: str
+    status: str
+    bdseq: int
+    group: str | None
+    profile: str
+    arch: str
+    runtimes: tuple[str, ...]
+    active: tuple[ActiveModel, ...]
+    emulated: bool
+    ts: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KNOWN = (
+        "schema", "agent", "status", "bdseq", "group", "profile", "arch", "runtimes", "active",
+        "emulated", "ts",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object (unknown fields first, known ones win)."""
+        return {
+            **self.extra,
+            "schema": SCHEMA_AGENT_STATE,
+            "agent": self.agent,
+            "status": self.status,
+            "bdseq": self.bdseq,
+            "group": self.group,
+            "profile": self.profile,
+            "arch": self.arch,
+            "runtimes": list(self.runtimes),
+            "active": [a.to_json() for a in self.active],
+            "emulated": self.emulated,
+            "ts": self.ts,
+        }
+
+
+def encode_agent_state(state: AgentState) -> bytes:
+    """Encode an ``edgefleet.agent-state/1`` payload; raises :class:`MessageError`."""
+    data = _dumps(state.to_json())
+    decode_agent_state(data)
+    return data
+
+
+def decode_agent_state(data: bytes) -> AgentState:
+    """Decode an ``edgefleet.agent-state/1`` payload, keeping unknown fields.
+
+    Raises :class:`MessageError` for bad JSON, another schema or major version, or a missing
+    or mistyped field (``status`` must be one of :data:`AGENT_STATUSES`).
+    """
+    obj = _loads(data, SCHEMA_AGENT_STATE)
+    for name in ("agent", "status", "profile", "arch", "ts"):
+        _field(obj, name, str)
+    if obj["status"] not in AGENT_STATUSES:
+        raise MessageError(f"unknown agent status {obj['status']!r}")
+    _count(obj, "bdseq")
+    _field(obj, "group", str, nullable=True)
+    _field(obj, "emulated", bool)
+    runtimes = _str_list(obj, "runtimes")
+    active = tuple(ActiveModel.from_json(a) for a in _field(obj, "active", list))
+    return AgentState(
+        agent=obj["agent"],
+        status=obj["status"],
+        bdseq=obj["bdseq"],
+        group=obj["group"],
+        profile=obj["profile"],
+        arch=obj["arch"],
+        runtimes=tuple(runtimes),
+        active=active,
+        emulated=obj["emulated"],
+        ts=obj["ts"],
+        extra=_rest(obj, AgentState._KNOWN),
+    )
+
+
+@dataclass(frozen=True)
+class AgentHealth:
+    """``…/agents/{agent}/health``: periodic counters and gauges of one agent.
+
+    ``latency_ms`` holds ``p50`` and ``p99`` (milliseconds, ``None`` before any inference) and
+    keeps any other keys a newer agent sends. Non-finite numbers are written as ``null``.
+    """
+
+    agent: str
+    ts: str
+    inferences: int
+    anomalies: int
+    errors: int
+    latency_ms: Mapping[str, Any]
+    outbox_depth: int
+    outbox_dropped: int
+    rss_mb: float | None
+    cpu_percent: float | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _COUNTS = ("inferences", "anomalies", "errors", "outbox_depth", "outbox_dropped")
+    _KNOWN = ("schema", "agent", "ts", "latency_ms", "rss_mb", "cpu_percent", *_COUNTS)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object (unknown fields first, known ones win)."""
+        latency = {
+            k: (_opt_num(v) if k in ("p50", "p99") else v) for k, v in self.latency_ms.items()
+        }
+        return {
+            **self.extra,
+            "schema": SCHEMA_AGENT_HEALTH,
+            "agent": self.agent,
+            "ts": self.ts,
+            **{k: getattr(self, k) for k in self._COUNTS},
+            "latency_ms": latency,
+            "rss_mb": _opt_num(self.rss_mb),
+            "cpu_percent": _opt_num(self.cpu_percent),
+        }
+
+
+def encode_agent_health(health: AgentHealth) -> bytes:
+    """Encode an ``edgefleet.agent-health/1`` payload; raises :class:`MessageError`."""
+    data = _dumps(health.to_json())
+    decode_agent_health(data)
+    return data
+
+
+def decode_agent_health(data: bytes) -> AgentHealth:
+    """Decode an ``edgefleet.agent-health/1`` payload, keeping unknown fields.
+
+    Raises :class:`MessageError` for bad JSON, another schema or major version, a missing or
+    mistyped field, or a negative counter.
+    """
+    obj = _loads(data, SCHEMA_AGENT_HEALTH)
+    _field(obj, "agent", str)
+    _field(obj, "ts", str)
+    for name in AgentHealth._COUNTS:
+        _count(obj, name)
+    latency = _field(obj, "latency_ms", dict)
+    for name in ("p50", "p99"):
+        _field(latency, name, (int, float), nullable=True)
+    for name in ("rss_mb", "cpu_percent"):
+        _field(obj, name, (int, float), nullable=True)
+    return AgentHealth(
+        agent=obj["agent"],
+        ts=obj["ts"],
+        **{k: obj[k] for k in AgentHealth._COUNTS},
+        latency_ms=dict(latency),
+        rss_mb=obj["rss_mb"],
+        cpu_percent=obj["cpu_percent"],
+        extra=_rest(obj, AgentHealth._KNOWN),
+    )
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """``…/agents/{agent}/deployments``: one state change of a slot's deployment.
+
+    ``serial`` is the serial of the deployment document being applied; ``reason`` explains a
+    ``failed`` or ``rolled_back`` state (``None`` otherwise).
+    """
+
+    agent: str
+    slot: str
+    model: str
+    version: int
+    state: str
+    reason: str | None
+    serial: int
+    ts: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("schema", "agent", "slot", "model", "version", "state", "reason", "serial", "ts")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object (unknown fields first, known ones win)."""
+        return {
+            **self.extra,
+            "schema": SCHEMA_DEPLOYMENT_STATUS,
+            **{k: getattr(self, k) for k in self._KNOWN[1:]},
+        }
+
+
+def encode_deployment_status(status: DeploymentStatus) -> bytes:
+    """Encode an ``edgefleet.deployment-status/1`` payload; raises :class:`MessageError`."""
+    data = _dumps(status.to_json())
+    decode_deployment_status(data)
+    return data
+
+
+def decode_deployment_status(data: bytes) -> DeploymentStatus:
+    """Decode an ``edgefleet.deployment-status/1`` payload, keeping unknown fields.
+
+    Raises :class:`MessageError` for bad JSON, another schema or major version, a missing or
+    mistyped field, or a ``state`` not in :data:`DEPLOYMENT_STATES`.
+    """
+    obj = _loads(data, SCHEMA_DEPLOYMENT_STATUS)
+    for name in ("agent", "slot", "model", "state", "ts"):
+        _field(obj, name, str)
+    if obj["state"] not in DEPLOYMENT_STATES:
+        raise MessageError(f"unknown deployment state {obj['state']!r}")
+    _field(obj, "version", int)
+    _count(obj, "serial")
+    _field(obj, "reason", str, nullable=True)
+    return DeploymentStatus(
+        **{k: obj[k] for k in DeploymentStatus._KNOWN[1:]},
+        extra=_rest(obj, DeploymentStatus._KNOWN),
+    )

@@ -151,67 +151,77 @@ def _connected_client(client_id: str, url: str, *, clean: bool) -> tuple[mqtt.Cl
 
 @pytest.mark.slow
 def test_events_appended_while_broker_down_are_all_delivered(tmp_path: Path, broker) -> None:
-    # A subscriber with a persistent session: the broker queues QoS 1 messages for it.
-    received: dict[int, dict] = {}
-    duplicates = 0
+    total, first = 60, 10
     lock = threading.Lock()
-    total = 60
-    all_in = threading.Event()
-    sub, sub_connected = _connected_client("subscriber", broker.url, clean=False)
+    received: dict[int, dict] = {}
+    copies = {"n": 0}
+    first_in, all_in = threading.Event(), threading.Event()
+    sub_ready = threading.Event()  # the subscriber is (re)connected and (re)subscribed
 
-    def on_connect(client, userdata, flags, reason_code, properties) -> None:
-        client.subscribe(TOPIC, qos=1)  # resubscribe on every connect
-
-    subscribed = threading.Event()
-    sub.on_connect = lambda *a: (on_connect(*a), sub_connected.set())
-    sub.on_subscribe = lambda *_: subscribed.set()
+    # A subscriber with a persistent session (QoS 1, clean_session=False) that also
+    # resubscribes on every connect.
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="subscriber", clean_session=False)
+    sub.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+    sub.on_connect = lambda c, *_: c.subscribe(TOPIC, qos=1)
+    sub.on_subscribe = lambda *_: sub_ready.set()
+    sub.on_disconnect = lambda *_: sub_ready.clear()
 
     def on_message(client, userdata, msg) -> None:
-        nonlocal duplicates
         ev = decode_event(msg.payload)
         with lock:
-            if ev["seq"] in received:
-                duplicates += 1
+            copies["n"] += 1
             received[ev["seq"]] = ev
+            if len(received) >= first:
+                first_in.set()
             if len(received) == total:
                 all_in.set()
 
     sub.on_message = on_message
-    # connect_async had been called before on_connect was replaced; both paths subscribe.
-    assert sub_connected.wait(10)
-    if not subscribed.wait(2):
-        sub.subscribe(TOPIC, qos=1)
-        assert subscribed.wait(10)
+    host, port = _hostport(broker.url)
+    sub.connect_async(host, port, keepalive=10)
+    sub.loop_start()
+    assert sub_ready.wait(10)
+
+    # The agent's client, with paho's own reconnect. Its on_connect holds the network thread
+    # until the subscriber is back: Mosquitto 2.0 may drop messages that reach a restored
+    # persistent session before that client reconnects (eclipse-mosquitto/mosquitto#769),
+    # which is the broker's business, not the outbox's.
+    agent_up = threading.Event()
+    agent = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="agent-a1")
+    agent.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+    agent.on_connect = lambda *_: (agent_up.set(), sub_ready.wait(20))
+    agent.connect_async(host, port, keepalive=10)
+    agent.loop_start()
+    assert agent_up.wait(10)
 
     outbox = Outbox(tmp_path / "outbox.sqlite")
-    agent, agent_connected = _connected_client("agent-a1", broker.url, clean=True)
-    assert agent_connected.wait(10)
     publisher = OutboxPublisher(outbox, agent, max_inflight=7)
     publisher.start()
     try:
-        for i in range(10):  # while the broker is up
+        for i in range(first):  # while the broker is up
             outbox.append_with_seq(TOPIC, lambda seq, i=i: encode_event(_Ev(i), "a1", seq))
             publisher.wake()
-        assert publisher.wait_idle(20)
+        assert first_in.wait(20) and publisher.wait_idle(20)
         assert outbox.depth() == 0
 
         broker.stop()
-        for i in range(10, total):  # while it is down: written to disk, not lost
+        for i in range(first, total):  # while it is down: kept on disk
             outbox.append_with_seq(TOPIC, lambda seq, i=i: encode_event(_Ev(i), "a1", seq))
             publisher.wake()
-        assert outbox.depth() >= total - 10 - 7  # at most max_inflight may have left before the stop
+        assert outbox.depth() == total - first  # nothing can have been acknowledged
         broker.start()
 
-        assert all_in.wait(20), (
+        assert all_in.wait(30), (
             f"received {len(received)} of {total}; missing "
-            f"{sorted(set(range(1, total + 1)) - set(received))}; outbox depth {outbox.depth()}, "
-            f"pending {[i.seq for i in outbox.pending()]}"
+            f"{sorted(set(range(1, total + 1)) - set(received))}; outbox depth {outbox.depth()}"
         )
         assert publisher.wait_idle(30)
         assert outbox.depth() == 0 and outbox.dropped() == 0
-        assert sorted(received) == list(range(1, total + 1))
+        assert sorted(received) == list(range(1, total + 1))  # none lost; duplicates merged by seq
+        assert copies["n"] >= total
         assert [received[s]["values"] for s in range(1, total + 1)] == [[float(i)] for i in range(total)]
         assert all(ev["agent"] == "a1" and ev["schema"] == "edgefleet.event/1" for ev in received.values())
+        assert publisher.acked == total
     finally:
         publisher.stop()
         for c in (agent, sub):
@@ -240,3 +250,20 @@ def test_publisher_restores_callbacks_and_keeps_existing_ones(tmp_path: Path, br
         agent.loop_stop()
         outbox.close()
     assert agent.on_publish is mine
+
+
+def test_event_codec_round_trip_keeps_unknown_fields() -> None:
+    from shared.messages import MessageError
+
+    data = encode_event(_Ev(3), "a1", 42)
+    ev = decode_event(data)
+    assert ev["seq"] == 42 and ev["agent"] == "a1" and ev["values"] == [3.0] and ev["is_anomaly"] is True
+    ev["added_by_a_newer_agent"] = {"x": 1}
+    assert decode_event(json.dumps(ev).encode())["added_by_a_newer_agent"] == {"x": 1}
+    nan_ev = _Ev(1)
+    nan_ev.score = float("nan")
+    assert decode_event(encode_event(nan_ev, "a1", 1))["score"] is None
+    for bad in (b"not json", b"[]", json.dumps({**ev, "schema": "edgefleet.event/2"}).encode(),
+                json.dumps({**ev, "seq": True}).encode(), json.dumps({k: v for k, v in ev.items() if k != "agent"}).encode()):
+        with pytest.raises(MessageError):
+            decode_event(bad)

@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomalies", type=int, default=8)
     json_arg(p)
     p.set_defaults(func=cmd_data_synth)
+    from trainer.cli_fleet import add_fleet_commands
+
+    add_fleet_commands(sub, registry_arg, json_arg)
     return parser
 
 

@@ -22,7 +22,7 @@ from shared.series import Series, SeriesError, file_sha256, read_series
 from trainer.data import fill_missing, make_windows, time_split
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.models import ArchitectureSpec, Recipe, fit, score_windows
-from trainer.registry import NewArtifact, Registry, VersionRecord, check_model_name
+from trainer.registry import NewArtifact, Registry, RegistryError, VersionRecord, check_model_name
 from trainer.scoring import ThresholdPolicy, calibrate
 
 __all__ = ["DEFAULT_ARCHITECTURE", "TrainError", "TrainRequest", "TrainOutcome", "prepare", "train"]
@@ -79,7 +79,7 @@ def prepare(request: TrainRequest) -> PreparedData:
     """Validate the request and load its data. Raises :class:`TrainError` with one line."""
     try:
         check_model_name(request.name)
-    except ValueError as e:
+    except RegistryError as e:
         raise TrainError(str(e)) from e
     if not request.profiles:
         raise TrainError("give at least one --profile")

@@ -1,0 +1,408 @@
+"""``edgefleet repo|deploy|fleet`` end to end: real CLI subprocesses, registry, Mosquitto, TUF."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from tuf.api.metadata import Metadata
+
+from edge_agent.mqtt import RetainedReader, connect
+from edge_agent.trust import MqttFetcher, TrustedRepository
+from shared.bundle import bundle_target_name
+from shared.chunking import RepoIndex
+from shared.deployment import (
+    Deployment,
+    agent_target,
+    choose_variant,
+    decode_deployment,
+    group_target,
+)
+from shared.messages import (
+    ActiveModel,
+    AgentHealth,
+    AgentState,
+    DeploymentStatus,
+    encode_agent_health,
+    encode_agent_state,
+    encode_deployment_status,
+)
+from shared.profiles import load_profile
+from shared.topics import Topics
+from trainer.registry import Registry
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOPICS = Topics()
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI; with ``ok`` assert it succeeded."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    """Assert the CLI failed with ``code`` and one line on stderr, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("edgefleet: error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry with m@1 and m@2 (both for x86-64-v3 and rpi4-arm64), trained by the CLI."""
+    base = tmp_path_factory.mktemp("trained")
+    csv = base / "sine.csv"
+    rng = random.Random(7)
+    t0 = datetime(2026, 1, 1)
+    rows = ["timestamp,value"] + [
+        f"{(t0 + timedelta(minutes=5 * i)):%Y-%m-%d %H:%M:%S},{math.sin(i / 10) + rng.gauss(0, 0.1):.5f}"
+        for i in range(600)
+    ]
+    csv.write_text("\n".join(rows) + "\n")
+    registry = base / "registry"
+    for _ in range(2):
+        run(
+            "train", "--data", str(csv), "--profile", "x86-64-v3", "--profile", "rpi4-arm64",
+            "--name", "m", "--registry", str(registry), "--epochs", "2", "--json", "-q",
+        )
+    return registry
+
+
+@pytest.fixture
+def registry(trained: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained registry (tests add a TUF repository to it)."""
+    return Path(shutil.copytree(trained, tmp_path / "registry"))
+
+
+@pytest.fixture
+def clients(broker) -> Iterator[Callable[[], mqtt.Client]]:
+    made: list[mqtt.Client] = []
+
+    def make() -> mqtt.Client:
+        c = connect(broker.url, client_id=f"t-{uuid.uuid4().hex[:12]}", timeout=5)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.disconnect()
+        c.loop_stop()
+
+
+def tree(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def init(registry: Path) -> Path:
+    out = json.loads(run("repo", "init", "--registry", str(registry), "--json").stdout)
+    return Path(out["root"])
+
+
+def deploy(registry: Path, broker, ref: str, *scope: str) -> dict:
+    proc = run("deploy", ref, *scope, "--registry", str(registry), "--broker", broker.url, "--json")
+    return json.loads(proc.stdout)
+
+
+def agent_repo(tmp_path: Path, client: mqtt.Client, root: Path, name: str = "a") -> TrustedRepository:
+    state = tmp_path / f"agent-{name}"
+    fetcher = MqttFetcher(client, TOPICS, state / "chunks", timeout=5)
+    return TrustedRepository(state / "metadata", state / "targets", fetcher, root.read_bytes())
+
+
+def _target_of(upath: str) -> str:
+    """``dir/{sha256}.{basename}`` (a consistent-snapshot url path) → ``dir/{basename}``."""
+    dirname, _, base = upath.rpartition("/")
+    return f"{dirname}/{base.split('.', 1)[1]}"
+
+
+def registry_sha(registry: Path, version: int, fmt: str, quant: str) -> str:
+    with Registry.open(registry) as reg:
+        record = reg.get("m", version)
+    return next(a.sha256 for a in record.artifacts if (a.format, a.quantization) == (fmt, quant))
+
+
+# -- repo init --------------------------------------------------------------------------------
+
+
+def test_repo_init_prints_root_and_refuses_a_second_init(registry):
+    proc = run("repo", "init", "--registry", str(registry), "--json")
+    out = json.loads(proc.stdout)
+    assert out == {
+        "root": str(registry / "tuf" / "metadata" / "root.json"),
+        "repository": str(registry / "tuf"),
+    }
+    root = Metadata.from_bytes(Path(out["root"]).read_bytes())
+    assert root.signed.type == "root" and root.signed.consistent_snapshot
+
+    before = tree(registry)
+    again = run("repo", "init", "--registry", str(registry), ok=False)
+    assert "already exists" in one_line_error(again, 2)
+    assert tree(registry) == before  # nothing rewritten, not even a key
+
+    other = registry.parent / "other"
+    shutil.copytree(registry, other, ignore=shutil.ignore_patterns("tuf"))
+    text = run("repo", "init", "--registry", str(other), "--root-key-dir", str(other / "offline"))
+    assert str(other / "tuf" / "metadata" / "root.json") in text.stdout
+    assert (other / "offline" / "root.pem").exists()
+    assert not (other / "tuf" / "keys" / "root.pem").exists()
+
+
+# -- deploy -----------------------------------------------------------------------------------
+
+
+def test_deploy_reaches_a_verifying_agent(registry, broker, clients, tmp_path):
+    root = init(registry)
+    report = deploy(registry, broker, "m@2", "--group", "lab")
+    assert report["version"] == 2 and report["serial"] == 1
+    assert report["document"] == group_target("lab")
+    bundles = [bundle_target_name("m", 2, f, q) for f, q in
+               [("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "int8")]]
+    assert report["bundles"] == bundles
+
+    # what a plain subscriber finds retained on the broker
+    there = RetainedReader(clients(), TOPICS, timeout=5).read([TOPICS.repo_all()])
+    assert TOPICS.repo_metadata("timestamp.json") in there
+    index = RepoIndex.from_bytes(there[TOPICS.repo_index()])
+    listed = {_target_of(upath) for upath in index.targets}
+    assert listed == {group_target("lab"), *bundles}
+    for upath in index.targets:
+        assert TOPICS.repo_target_index(upath) in there
+
+    # an agent (TUF over MQTT) verifies the document and the bundle it chooses
+    ag = agent_repo(tmp_path, clients(), root)
+    ag.refresh()
+    doc = decode_deployment(ag.fetch_target(group_target("lab")))
+    assert doc.scope.kind == "group" and doc.scope.name == "lab" and doc.serial == 1
+    slot = doc.slots["default"]
+    assert (slot.model, slot.version) == ("m", 2)
+    profile = load_profile("rpi4-arm64")
+    variant = choose_variant(
+        slot, profile.name, profile.preferred_format, profile.preferred_quantization,
+        {"onnx", "tflite"},
+    )
+    assert variant is not None and (variant.format, variant.quantization) == ("tflite", "int8")
+    data = ag.fetch_target(variant.target)
+    sha = hashlib.sha256(data).hexdigest()
+    assert sha == variant.sha256 == registry_sha(registry, 2, "tflite", "int8")
+    assert len(data) == variant.size_bytes
+    assert ag.target_custom(variant.target) == {
+        "format": "tflite", "quantization": "int8", "profiles": ["rpi4-arm64"],
+        "model": "m", "version": 2,
+    }
+    x86 = load_profile("x86-64-v3")
+    onnx = choose_variant(slot, x86.name, x86.preferred_format, x86.preferred_quantization, {"onnx"})
+    assert onnx is not None and onnx.target == bundle_target_name("m", 2, "onnx", "int8")
+
+
+def test_rollback_is_a_newer_document_naming_the_older_version(registry, broker, clients, tmp_path):
+    root = init(registry)
+    deploy(registry, broker, "m@2", "--group", "lab")
+    ag = agent_repo(tmp_path, clients(), root)
+    ag.refresh()
+    assert decode_deployment(ag.fetch_target(group_target("lab"))).slots["default"].version == 2
+
+    report = deploy(registry, broker, "m@1", "--group", "lab")
+    assert (report["version"], report["serial"]) == (1, 2)
+    ag.refresh()
+    doc = decode_deployment(ag.fetch_target(group_target("lab")))
+    assert doc.serial == 2 and doc.slots["default"].version == 1
+    v = choose_variant(doc.slots["default"], "x86-64-v3", "onnx", "int8", {"onnx"})
+    assert v is not None and v.target == bundle_target_name("m", 1, "onnx", "int8")
+    assert hashlib.sha256(ag.fetch_target(v.target)).hexdigest() == registry_sha(
+        registry, 1, "onnx", "int8"
+    )
+
+
+def test_agent_document_is_a_separate_target_with_its_own_serial(registry, broker, clients, tmp_path):
+    root = init(registry)
+    deploy(registry, broker, "m@2", "--group", "lab")
+    deploy(registry, broker, "m@2", "--group", "lab")  # group serial 2
+    pinned = deploy(registry, broker, "m@1", "--agent", "pi-7")
+    assert pinned["document"] == agent_target("pi-7") and pinned["serial"] == 1
+    # another slot on the same scope keeps the first slot
+    canary = deploy(registry, broker, "m@2", "--agent", "pi-7", "--slot", "canary")
+    assert canary["serial"] == 2
+
+    ag = agent_repo(tmp_path, clients(), root)
+    ag.refresh()
+    group_doc = decode_deployment(ag.fetch_target(group_target("lab")))
+    agent_doc: Deployment = decode_deployment(ag.fetch_target(agent_target("pi-7")))
+    assert (group_doc.serial, group_doc.slots["default"].version) == (2, 2)
+    assert agent_doc.scope.kind == "agent" and agent_doc.scope.name == "pi-7"
+    assert agent_doc.serial == 2
+    assert {k: s.version for k, s in agent_doc.slots.items()} == {"default": 1, "canary": 2}
+
+
+def test_repo_publish_is_idempotent_and_refresh_republishes(registry, broker, clients):
+    init(registry)
+    deploy(registry, broker, "m@2", "--group", "lab")
+    publish = ["repo", "publish", "--registry", str(registry), "--broker", broker.url, "--json"]
+    first = json.loads(run(*publish).stdout)
+    second = json.loads(run(*publish).stdout)
+    for report in (first, second):  # deploy already published everything
+        assert report["messages"] == 0 and report["published_targets"] == []
+        assert len(report["skipped_targets"]) == 5 and report["cleared_topics"] == []
+
+    reader = RetainedReader(clients(), TOPICS, timeout=5)
+    before = json.loads(reader.read([TOPICS.repo_metadata("timestamp.json")])[
+        TOPICS.repo_metadata("timestamp.json")])["signed"]["version"]
+    refreshed = json.loads(
+        run("repo", "refresh", "--registry", str(registry), "--broker", broker.url, "--json").stdout
+    )
+    assert refreshed["renewed"] == ["timestamp"]
+    assert refreshed["published"]["published_metadata"] == ["timestamp.json"]
+    after = json.loads(reader.read([TOPICS.repo_metadata("timestamp.json")])[
+        TOPICS.repo_metadata("timestamp.json")])["signed"]["version"]
+    assert after == before + 1 == refreshed["versions"]["timestamp"]
+
+    offline = run("repo", "refresh", "--registry", str(registry))
+    assert "not published" in offline.stdout
+    caught_up = json.loads(run(*publish).stdout)
+    assert caught_up["published_metadata"] == ["timestamp.json"]
+    assert caught_up["cleared_topics"] == []
+
+
+# -- fleet status -----------------------------------------------------------------------------
+
+
+def _put(client: mqtt.Client, topic: str, payload: bytes) -> None:
+    info = client.publish(topic, payload, qos=1, retain=True)
+    info.wait_for_publish(5)
+    assert info.is_published()
+
+
+def test_fleet_status_shows_what_agents_retained(broker, clients):
+    agent = clients()  # a paho client acting as two agents
+    _put(agent, TOPICS.agent_state("pi-1"), encode_agent_state(AgentState(
+        agent="pi-1", status="online", bdseq=3, group="lab", profile="rpi4-arm64",
+        arch="aarch64", runtimes=("onnxruntime", "litert"),
+        active=(ActiveModel("default", "m", 2, "tflite", "int8", "a" * 64),),
+        emulated=True, ts="2026-01-01T00:00:00Z", extra={"future": 1},
+    )))
+    _put(agent, TOPICS.agent_deployments("pi-1"), encode_deployment_status(DeploymentStatus(
+        agent="pi-1", slot="default", model="m", version=2, state="active", reason=None,
+        serial=4, ts="2026-01-01T00:00:01Z",
+    )))
+    _put(agent, TOPICS.agent_health("pi-1"), encode_agent_health(AgentHealth(
+        agent="pi-1", ts="2026-01-01T00:00:02Z", inferences=120, anomalies=2, errors=0,
+        latency_ms={"p50": 0.4, "p99": 1.25}, outbox_depth=0, outbox_dropped=0, rss_mb=80.5,
+        cpu_percent=3.0,
+    )))
+    _put(agent, TOPICS.agent_state("x86-1"), encode_agent_state(AgentState(
+        agent="x86-1", status="offline", bdseq=1, group=None, profile="x86-64-v3",
+        arch="x86_64", runtimes=("onnxruntime",), active=(), emulated=False,
+        ts="2026-01-01T00:00:03Z",
+    )))
+    _put(agent, TOPICS.agent_deployments("x86-1"), encode_deployment_status(DeploymentStatus(
+        agent="x86-1", slot="default", model="m", version=1, state="failed",
+        reason="smoke test: output mismatch", serial=1, ts="2026-01-01T00:00:04Z",
+    )))
+    _put(agent, TOPICS.agent_state("broken"), b"not json")  # ignored, not fatal
+
+    views = json.loads(run("fleet", "status", "--broker", broker.url, "--json").stdout)
+    assert [v["agent"] for v in views] == ["pi-1", "x86-1"]
+    pi, x86 = views
+    assert pi["status"] == "online" and pi["profile"] == "rpi4-arm64" and pi["group"] == "lab"
+    assert pi["emulated"] is True and pi["ts"] == "2026-01-01T00:00:00Z"
+    assert [{k: a[k] for k in ("slot", "model", "version", "format")} for a in pi["active"]] == [
+        {"slot": "default", "model": "m", "version": 2, "format": "tflite"}
+    ]
+    assert {k: pi["last_deployment"][k] for k in ("state", "reason", "version")} == {
+        "state": "active", "reason": None, "version": 2,
+    }
+    assert pi["health"]["latency_ms"] == {"p50": 0.4, "p99": 1.25}
+    assert pi["health"]["inferences"] == 120
+    assert x86["status"] == "offline" and x86["active"] == [] and x86["health"] is None
+    assert x86["last_deployment"]["state"] == "failed"
+    assert x86["last_deployment"]["reason"] == "smoke test: output mismatch"
+
+    text = run("fleet", "status", "--broker", broker.url).stdout
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["AGENT", "STATUS", "GROUP"]
+    assert lines[1].startswith("pi-1") and "online (emulated)" in lines[1]
+    assert "default=m@2/tflite-int8" in lines[1] and "p99 1.25 ms" in lines[1]
+    assert lines[2].startswith("x86-1") and "offline" in lines[2]
+    assert "m@1 failed (smoke test: output mismatch)" in lines[2]
+
+
+def test_fleet_status_of_an_empty_fleet(broker):
+    assert json.loads(run("fleet", "status", "--broker", broker.url, "--json").stdout) == []
+    assert "no agents" in run("fleet", "status", "--broker", broker.url).stdout
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is
+
+
+def test_bad_inputs_are_one_line_with_the_right_exit_code(registry, broker, tmp_path):
+    url = broker.url
+    reg = str(registry)
+    missing_repo = run("deploy", "m@1", "--group", "g", "--registry", reg, "--broker", url, ok=False)
+    assert "edgefleet repo init --registry" in one_line_error(missing_repo, 2)
+    assert not (registry / "tuf").exists()  # nothing half-created
+
+    init(registry)
+    unknown = run("deploy", "m@9", "--group", "g", "--registry", reg, "--broker", url, ok=False)
+    assert "m@9" in one_line_error(unknown, 2) and "known versions: [1, 2]" in unknown.stderr
+    no_model = run("deploy", "zz@1", "--group", "g", "--registry", reg, "--broker", url, ok=False)
+    assert "zz" in one_line_error(no_model, 2)
+    no_registry = run(
+        "deploy", "m@1", "--group", "g", "--registry", str(tmp_path / "nope"), "--broker", url,
+        ok=False,
+    )
+    assert "no registry" in one_line_error(no_registry, 2)
+    bad_group = run("deploy", "m@1", "--group", "a/b", "--registry", reg, "--broker", url, ok=False)
+    assert "group" in one_line_error(bad_group, 2)
+
+    closed = f"mqtt://127.0.0.1:{_closed_port()}"
+    for cmd in (
+        ["deploy", "m@1", "--group", "g", "--registry", reg],
+        ["repo", "publish", "--registry", reg],
+        ["fleet", "status"],
+    ):
+        bad_url = run(*cmd, "--broker", "http://127.0.0.1:1883", ok=False)
+        assert "bad broker URL" in one_line_error(bad_url, 2)
+        unreachable = run(*cmd, "--broker", closed, "--broker-timeout", "3", ok=False)
+        assert "cannot connect" in one_line_error(unreachable, 1)
+
+    no_password = run(
+        "fleet", "status", "--broker", url, "--username", "u", "--password-file",
+        str(tmp_path / "missing"), ok=False,
+    )
+    assert "--password-file" in one_line_error(no_password, 2)

@@ -1,0 +1,94 @@
+"""The registry on real SQLite files: versions, blobs, schema migrations, concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from trainer.registry import SCHEMA_VERSION, NewArtifact, Registry, RegistryError, parse_model_ref
+
+
+def _artifact(payload: bytes) -> NewArtifact:
+    return NewArtifact("onnx", "int8", payload, len(payload), ["x86-64-v3"], {"passed": True})
+
+
+def _register(root: str, model: str, payload: bytes) -> int:
+    with Registry.open(root, create=True) as reg:
+        return reg.register(
+            model, metrics={"m": 1}, params={}, lineage={"d": 1}, architecture={}, artifacts=[_artifact(payload)]
+        ).version
+
+
+def test_register_and_read_back(tmp_path: Path) -> None:
+    assert _register(str(tmp_path), "cpu", b"one") == 1
+    assert _register(str(tmp_path), "cpu", b"two") == 2
+    with Registry.open(tmp_path) as reg:
+        latest = reg.get("cpu")
+        assert latest.version == 2 and latest.lineage["parent_version"] == 1
+        art = latest.artifacts[0]
+        assert reg.bundle(art.sha256) == b"two" and art.size_bytes == 3
+        assert [m["name"] for m in reg.models()] == ["cpu"]
+        with pytest.raises(RegistryError, match="known versions"):
+            reg.get("cpu", 9)
+        with pytest.raises(RegistryError, match="no model"):
+            reg.get("mem")
+
+
+def test_missing_registry_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="no registry"):
+        Registry.open(tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+def test_schema_version_and_explicit_migration(tmp_path: Path) -> None:
+    # An empty (v0) database is refused until migrated explicitly.
+    sqlite3.connect(tmp_path / "registry.sqlite").close()
+    with pytest.raises(RegistryError, match="registry migrate"):
+        Registry.open(tmp_path)
+    before, applied = Registry.migrate(tmp_path)
+    assert (before, applied) == (0, list(range(1, SCHEMA_VERSION + 1)))
+    assert Registry.migrate(tmp_path) == (SCHEMA_VERSION, [])
+    Registry.open(tmp_path).close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    _register(str(tmp_path), "cpu", b"x")
+    with sqlite3.connect(tmp_path / "registry.sqlite") as conn:
+        conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(RegistryError, match="newer than this edgefleet"):
+        Registry.open(tmp_path)
+
+
+def test_bad_refs() -> None:
+    assert parse_model_ref("cpu@3") == ("cpu", 3)
+    assert parse_model_ref("cpu") == ("cpu", None)
+    for bad in ("cpu@0", "cpu@x", "../x", ""):
+        with pytest.raises(RegistryError):
+            parse_model_ref(bad)
+
+
+def _writer(root: str, start: multiprocessing.Event, n: int, tag: str, out: multiprocessing.Queue) -> None:
+    start.wait(10)
+    out.put([_register(root, "shared", f"{tag}-{i}".encode()) for i in range(n)])
+
+
+def test_two_processes_writing_at_once_get_distinct_versions(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), start, 15, t, out)) for t in "ab"]
+    for p in procs:
+        p.start()
+    start.set()
+    got = sorted(out.get(timeout=120) + out.get(timeout=120))
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert got == list(range(1, 31))
+    with Registry.open(tmp_path) as reg:
+        versions = reg.versions("shared")
+        assert [v.version for v in versions] == list(range(1, 31))
+        assert all(len(v.artifacts) == 1 for v in versions)
+        assert reg.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,0 +1,337 @@
+"""Round trips and malformed input for the deployment document and the agent→trainer messages."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.deployment import (
+    SCHEMA_DEPLOYMENT,
+    Deployment,
+    DeploymentError,
+    Scope,
+    Slot,
+    Variant,
+    agent_target,
+    choose_variant,
+    decode_deployment,
+    encode_deployment,
+    group_target,
+)
+from shared.messages import (
+    AGENT_STATUSES,
+    DEPLOYMENT_STATES,
+    ActiveModel,
+    AgentHealth,
+    AgentState,
+    DeploymentStatus,
+    MessageError,
+    decode_agent_health,
+    decode_agent_state,
+    decode_deployment_status,
+    encode_agent_health,
+    encode_agent_state,
+    encode_deployment_status,
+)
+
+# -- strategies -------------------------------------------------------------------------------
+
+names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+text = st.text(max_size=20)
+hexes = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+counts = st.integers(min_value=0, max_value=2**53)
+numbers = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | text
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def extras(known: set[str]) -> st.SearchStrategy[dict]:
+    """Unknown fields a newer peer might add."""
+    return st.dictionaries(text.filter(lambda k: k not in known), json_values, max_size=3)
+
+
+targets = st.lists(
+    st.text(alphabet="abcz019-_.", min_size=1, max_size=8).filter(lambda s: s not in (".", "..")),
+    min_size=1,
+    max_size=3,
+).map("/".join)
+
+variants = st.builds(
+    Variant,
+    target=targets,
+    format=st.sampled_from(["onnx", "tflite"]),
+    quantization=st.sampled_from(["fp32", "int8"]),
+    profiles=st.lists(text, max_size=3).map(tuple),
+    sha256=hexes,
+    size_bytes=counts,
+    extra=extras({"target", "format", "quantization", "profiles", "sha256", "size_bytes"}),
+)
+slots = st.builds(
+    Slot,
+    model=st.text(min_size=1, max_size=20),
+    version=st.integers(min_value=1, max_value=2**31),
+    variants=st.lists(variants, max_size=4).map(tuple),
+    extra=extras({"model", "version", "variants"}),
+)
+scopes = st.builds(
+    Scope,
+    kind=st.sampled_from(["group", "agent"]),
+    name=names,
+    extra=extras({"group", "agent"}),
+)
+deployments = st.builds(
+    Deployment,
+    scope=scopes,
+    serial=counts,
+    slots=st.dictionaries(names, slots, max_size=3),
+    extra=extras({"schema", "scope", "serial", "slots"}),
+)
+
+actives = st.builds(
+    ActiveModel,
+    slot=text, model=text, version=st.integers(1, 2**31), format=text, quantization=text,
+    sha256=text,
+    extra=extras({"slot", "model", "version", "format", "quantization", "sha256"}),
+)
+agent_states = st.builds(
+    AgentState,
+    agent=names,
+    status=st.sampled_from(AGENT_STATUSES),
+    bdseq=counts,
+    group=st.none() | names,
+    profile=text,
+    arch=text,
+    runtimes=st.lists(text, max_size=3).map(tuple),
+    active=st.lists(actives, max_size=3).map(tuple),
+    emulated=st.booleans(),
+    ts=text,
+    extra=extras(set(AgentState._KNOWN)),
+)
+healths = st.builds(
+    AgentHealth,
+    agent=names,
+    ts=text,
+    inferences=counts,
+    anomalies=counts,
+    errors=counts,
+    latency_ms=st.fixed_dictionaries(
+        {"p50": st.none() | numbers, "p99": st.none() | numbers},
+        optional={"p999": numbers},
+    ),
+    outbox_depth=counts,
+    outbox_dropped=counts,
+    rss_mb=st.none() | numbers,
+    cpu_percent=st.none() | numbers,
+    extra=extras(set(AgentHealth._KNOWN)),
+)
+statuses = st.builds(
+    DeploymentStatus,
+    agent=names,
+    slot=text,
+    model=text,
+    version=st.integers(),
+    state=st.sampled_from(DEPLOYMENT_STATES),
+    reason=st.none() | text,
+    serial=counts,
+    ts=text,
+    extra=extras(set(DeploymentStatus._KNOWN)),
+)
+
+# The fields each decoder requires (besides "schema"): dropping or mistyping one is an error.
+_KNOWN_BY_DECODER = {
+    "decode_deployment": {"scope", "serial", "slots"},
+    "decode_agent_state": set(AgentState._KNOWN) - {"schema"},
+    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema"},
+    "decode_deployment_status": set(DeploymentStatus._KNOWN) - {"schema"},
+}
+
+CODECS = [
+    (deployments, encode_deployment, decode_deployment, DeploymentError),
+    (agent_states, encode_agent_state, decode_agent_state, MessageError),
+    (healths, encode_agent_health, decode_agent_health, MessageError),
+    (statuses, encode_deployment_status, decode_deployment_status, MessageError),
+]
+IDS = ["deployment", "agent-state", "agent-health", "deployment-status"]
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("strategy", "encode", "decode", "error"), CODECS, ids=IDS)
+def test_round_trip_keeps_every_field(strategy, encode, decode, error):
+    @settings(max_examples=150, deadline=None)
+    @given(strategy)
+    def check(obj):
+        data = encode(obj)
+        back = decode(data)
+        assert back == obj
+        assert encode(back) == data  # canonical: same object, same bytes
+
+    check()
+
+
+@pytest.mark.parametrize(("strategy", "encode", "decode", "error"), CODECS, ids=IDS)
+def test_unknown_fields_survive_an_old_reader(strategy, encode, decode, error):
+    """A newer peer's payload with extra fields re-encodes with those fields intact."""
+
+    @settings(max_examples=50, deadline=None)
+    @given(strategy, st.dictionaries(st.sampled_from(["zz_new", "future"]), json_values))
+    def check(obj, added):
+        wire = json.loads(encode(obj))
+        wire.update(added)
+        back = decode(json.dumps(wire).encode())
+        assert json.loads(encode(back)) == wire
+
+    check()
+
+
+@pytest.mark.parametrize(("strategy", "encode", "decode", "error"), CODECS, ids=IDS)
+def test_malformed_payloads_raise_the_codec_error(strategy, encode, decode, error):
+    assert issubclass(error, ValueError)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+    def garbage(raw):
+        try:
+            decode(raw)
+        except error:
+            pass
+
+    @settings(max_examples=100, deadline=None)
+    @given(strategy, st.data())
+    def broken(obj, data):
+        wire = json.loads(encode(obj))
+        key = data.draw(st.sampled_from(sorted(_KNOWN_BY_DECODER[decode.__name__])))
+        if data.draw(st.booleans()):
+            del wire[key]
+        else:
+            wire[key] = [] if not isinstance(wire[key], list) else "x"
+        with pytest.raises(error):
+            decode(json.dumps(wire).encode())
+
+    garbage()
+    broken()
+
+
+def test_newer_major_version_is_refused():
+    doc = Deployment(Scope("group", "g"), 1, {})
+    wire = json.loads(encode_deployment(doc))
+    wire["schema"] = "edgefleet.deployment/2"
+    with pytest.raises(DeploymentError, match="unsupported"):
+        decode_deployment(json.dumps(wire).encode())
+    with pytest.raises(MessageError):
+        decode_agent_state(b'{"schema": "edgefleet.agent-state/2"}')
+    with pytest.raises(MessageError):
+        decode_deployment_status(b'{"schema": "edgefleet.agent-health/1"}')
+
+
+def test_deployment_example_and_validation():
+    v = Variant("artifacts/m-2-onnx-int8.zip", "onnx", "int8", ("x86-64-v3",), "a" * 64, 10)
+    doc = Deployment(Scope("agent", "pi-1"), 3, {"default": Slot("m", 2, (v,))})
+    wire = json.loads(encode_deployment(doc))
+    assert wire == {
+        "schema": SCHEMA_DEPLOYMENT,
+        "scope": {"agent": "pi-1"},
+        "serial": 3,
+        "slots": {
+            "default": {
+                "model": "m",
+                "version": 2,
+                "variants": [
+                    {
+                        "target": "artifacts/m-2-onnx-int8.zip",
+                        "format": "onnx",
+                        "quantization": "int8",
+                        "profiles": ["x86-64-v3"],
+                        "sha256": "a" * 64,
+                        "size_bytes": 10,
+                    }
+                ],
+            }
+        },
+    }
+    assert doc.target == "deployments/agents/pi-1.json"
+    for patch in (
+        {"scope": {"group": "g", "agent": "a"}},
+        {"scope": {"group": "../x"}},
+        {"serial": True},
+        {"serial": -1},
+        {"slots": {"bad/slot": wire["slots"]["default"]}},
+    ):
+        with pytest.raises(DeploymentError):
+            decode_deployment(json.dumps({**wire, **patch}).encode())
+    bad_variant = dict(wire["slots"]["default"]["variants"][0])
+    for patch in ({"format": "pt"}, {"quantization": "int4"}, {"sha256": "A" * 64},
+                  {"target": "../../etc/passwd"}, {"size_bytes": -1}, {"profiles": [1]}):
+        slot = {**wire["slots"]["default"], "variants": [{**bad_variant, **patch}]}
+        with pytest.raises(DeploymentError):
+            decode_deployment(json.dumps({**wire, "slots": {"default": slot}}).encode())
+    with pytest.raises(DeploymentError):
+        encode_deployment(Deployment(Scope("group", "g"), 1, {"s": Slot("m", 0, ())}))
+
+
+def test_target_paths():
+    assert group_target("lab-1") == "deployments/groups/lab-1.json"
+    assert agent_target("pi.07") == "deployments/agents/pi.07.json"
+    for bad in ("", "a/b", "..", "-x", "a+b", "x" * 65):
+        with pytest.raises(DeploymentError):
+            group_target(bad)
+        with pytest.raises(DeploymentError):
+            agent_target(bad)
+
+
+# -- choose_variant ---------------------------------------------------------------------------
+
+
+def _v(fmt: str, quant: str, profiles: tuple[str, ...] = ("p",)) -> Variant:
+    return Variant(f"artifacts/m-1-{fmt}-{quant}.zip", fmt, quant, profiles, "0" * 64, 1)
+
+
+ALL = (_v("onnx", "fp32"), _v("onnx", "int8"), _v("tflite", "fp32"), _v("tflite", "int8"))
+
+
+@pytest.mark.parametrize(
+    ("variants", "pf", "pq", "available", "want"),
+    [
+        (ALL, "tflite", "int8", {"onnx", "tflite"}, ("tflite", "int8")),
+        (ALL, "onnx", "fp32", {"onnx", "tflite"}, ("onnx", "fp32")),
+        (ALL[:3], "tflite", "int8", {"onnx", "tflite"}, ("tflite", "fp32")),  # then format
+        (ALL, "tflite", "int8", {"onnx"}, ("onnx", "int8")),  # no LiteRT: same quantization
+        (ALL[:1], "tflite", "int8", {"onnx"}, ("onnx", "fp32")),  # then anything
+        (ALL, "tflite", "int8", set(), None),  # no runtime at all
+        ((_v("tflite", "int8", ("other",)), ALL[0]), "tflite", "int8", {"tflite", "onnx"},
+         ("onnx", "fp32")),  # a variant not built for this profile is never chosen
+        ((_v("tflite", "int8", ("other",)),), "tflite", "int8", {"tflite"}, None),
+    ],
+)
+def test_choose_variant_preference(variants, pf, pq, available, want):
+    got = choose_variant(Slot("m", 1, tuple(variants)), "p", pf, pq, available)
+    assert (None if got is None else (got.format, got.quantization)) == want
+
+
+@given(st.permutations(ALL), st.sampled_from(["onnx", "tflite"]), st.sampled_from(["fp32", "int8"]),
+       st.sets(st.sampled_from(["onnx", "tflite"])))
+def test_choose_variant_ignores_order(order, pf, pq, available):
+    a = choose_variant(Slot("m", 1, tuple(order)), "p", pf, pq, available)
+    b = choose_variant(Slot("m", 1, ALL), "p", pf, pq, available)
+    assert a == b
+    assert (a is None) == (not available)
+
+
+def test_choose_variant_is_deterministic_for_duplicates():
+    twins = [
+        Variant("artifacts/b.zip", "onnx", "int8", ("p",), "1" * 64, 1),
+        Variant("artifacts/a.zip", "onnx", "int8", ("p",), "2" * 64, 1),
+    ]
+    for _ in range(5):
+        random.shuffle(twins)
+        got = choose_variant(Slot("m", 1, tuple(twins)), "p", "onnx", "int8", ["onnx"])
+        assert got is not None and got.target == "artifacts/a.zip"

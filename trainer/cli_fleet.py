@@ -1,0 +1,409 @@
+"""``edgefleet repo …``, ``edgefleet deploy`` and ``edgefleet fleet status``.
+
+Added to the main parser by :func:`add_fleet_commands`. Commands report their own errors (one
+line on stderr, ``edgefleet: error: …``) and return the exit code: 2 for bad input (bad broker
+URL, bad credentials, unknown model, no repository), 1 when the work failed (broker
+unreachable, a publish not acknowledged). They do not raise ``trainer.cli.UsageError``: under
+``python -m trainer.cli`` that module runs as ``__main__``, and a second import of it would
+define a different ``UsageError`` class that ``main()`` does not catch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
+__all__ = ["add_fleet_commands"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+PASSWORD_ENV = "EDGEFLEET_MQTT_PASSWORD"
+PROG = "edgefleet"
+
+
+class _CommandError(Exception):
+    """An error a fleet command reports as one line with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _usage(message: str) -> _CommandError:
+    return _CommandError(message, EXIT_USAGE)
+
+
+def _failed(message: str) -> _CommandError:
+    return _CommandError(message, EXIT_FAILED)
+
+
+def _command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the domain errors of a fleet command into one line on stderr and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        from edge_agent.mqtt import BrokerAuthError, BrokerError
+        from trainer.fleet.deploy import DeployError
+        from trainer.fleet.publisher import PublishError
+        from trainer.registry import RegistryError
+
+        try:
+            return func(args)
+        except _CommandError as e:
+            message, code = str(e), e.exit_code
+        except (DeployError, RegistryError, BrokerAuthError) as e:
+            message, code = str(e), EXIT_USAGE
+        except (BrokerError, PublishError) as e:
+            message, code = str(e), EXIT_FAILED
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return code
+
+    run.__doc__ = func.__doc__
+    return run
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# -- broker connection ------------------------------------------------------------------------
+
+
+def _broker_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    g = p.add_argument_group("broker")
+    g.add_argument(
+        "--broker",
+        required=required,
+        metavar="URL",
+        help="mqtt://HOST[:PORT] (1883) or mqtts://HOST[:PORT] (8883, TLS)",
+    )
+    g.add_argument("--username", help="MQTT user name")
+    g.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help=f"file holding the MQTT password (default: ${PASSWORD_ENV})",
+    )
+    g.add_argument("--ca-file", metavar="FILE", help="CA bundle for mqtts:// (default: system)")
+    g.add_argument("--cert-file", metavar="FILE", help="client certificate for mqtts://")
+    g.add_argument("--key-file", metavar="FILE", help="client private key for mqtts://")
+    g.add_argument("--topic-root", default="edgefleet/v1", help="topic prefix (default: %(default)s)")
+    g.add_argument(
+        "--broker-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the broker to connect or acknowledge (default: %(default)s)",
+    )
+
+
+def _topics(args: argparse.Namespace):
+    from shared.topics import TopicError, Topics
+
+    try:
+        return Topics(root=args.topic_root)
+    except TopicError as e:
+        raise _usage(str(e)) from e
+
+
+def _check_broker_url(args: argparse.Namespace) -> None:
+    from edge_agent.mqtt import BrokerError, parse_broker_url
+
+    try:
+        parse_broker_url(args.broker)
+    except BrokerError as e:
+        raise _usage(str(e)) from e
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_file:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except OSError as e:
+            raise _usage(f"cannot read --password-file {args.password_file}: {e.strerror}") from e
+    return os.environ.get(PASSWORD_ENV)
+
+
+@contextmanager
+def _connected(args: argparse.Namespace) -> Iterator[mqtt.Client]:
+    """A connected client for the command; always disconnected afterwards."""
+    from edge_agent.mqtt import connect
+
+    _check_broker_url(args)
+    password = _password(args)
+    if password is not None and args.username is None:
+        raise _usage("a password was given without --username")
+    client = connect(
+        args.broker,
+        client_id=f"edgefleet-cli-{uuid.uuid4().hex[:12]}",
+        username=args.username,
+        password=password,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        timeout=args.broker_timeout,
+    )
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+# -- repo -------------------------------------------------------------------------------------
+
+
+@_command
+def cmd_repo_init(args: argparse.Namespace) -> int:
+    """Create the TUF repository beside the registry; print the root.json agents trust."""
+    from trainer.fleet.deploy import init_repository, repository_path
+
+    repo = init_repository(args.registry, args.root_key_dir)
+    root = str(repo.root_json_path)
+    if args.json:
+        _print_json({"root": root, "repository": str(repository_path(args.registry))})
+    else:
+        print(f"created TUF repository {repository_path(args.registry)}")
+        print(f"agents bootstrap from {root}")
+        print(f"root key: {repo.root_key_dir / 'root.pem'} (move it offline)")
+    return 0
+
+
+def _publish_summary(report: Any) -> dict[str, Any]:
+    return {
+        "published_targets": report.published_targets,
+        "skipped_targets": report.skipped_targets,
+        "published_metadata": report.published_metadata,
+        "skipped_metadata": report.skipped_metadata,
+        "index_published": report.index_published,
+        "cleared_topics": report.cleared_topics,
+        "messages": report.messages,
+        "bytes": report.bytes,
+    }
+
+
+def _print_publish(report: Any) -> None:
+    print(
+        f"published {len(report.published_targets)} target(s) "
+        f"({len(report.skipped_targets)} already there), "
+        f"{len(report.published_metadata)} metadata file(s), "
+        f"cleared {len(report.cleared_topics)} stale topic(s): "
+        f"{report.messages} message(s), {report.bytes} bytes"
+    )
+
+
+@_command
+def cmd_repo_publish(args: argparse.Namespace) -> int:
+    """Make the broker's retained repo topics mirror the repository (idempotent; GC)."""
+    from trainer.fleet.deploy import open_repository, repository_lock
+    from trainer.fleet.publisher import publish_repository
+
+    _check_broker_url(args)
+    topics = _topics(args)
+    open_repository(args.registry)
+    with repository_lock(args.registry):
+        repo = open_repository(args.registry)
+        with _connected(args) as client:
+            report = publish_repository(repo, client, topics, timeout=args.broker_timeout)
+    if args.json:
+        _print_json(_publish_summary(report))
+    else:
+        _print_publish(report)
+    return 0
+
+
+@_command
+def cmd_repo_refresh(args: argparse.Namespace) -> int:
+    """Re-sign timestamp (and snapshot/targets when they would expire first); publish."""
+    from trainer.fleet.deploy import open_repository, repository_lock
+    from trainer.fleet.publisher import publish_repository
+
+    if args.broker is not None:
+        _check_broker_url(args)
+    topics = _topics(args)
+    open_repository(args.registry)
+    with repository_lock(args.registry):
+        repo = open_repository(args.registry)
+        renewed = repo.refresh()
+        versions = repo.versions()
+        report = None
+        if args.broker is not None:
+            with _connected(args) as client:
+                report = publish_repository(repo, client, topics, timeout=args.broker_timeout)
+    if args.json:
+        out: dict[str, Any] = {"renewed": renewed, "versions": versions}
+        out["published"] = None if report is None else _publish_summary(report)
+        _print_json(out)
+    else:
+        print(f"re-signed {', '.join(renewed)} (timestamp v{versions['timestamp']})")
+        if report is not None:
+            _print_publish(report)
+        else:
+            print("not published: run with --broker, or `edgefleet repo publish`")
+    return 0
+
+
+# -- deploy -----------------------------------------------------------------------------------
+
+
+@_command
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Deploy MODEL@VERSION to a group or one agent and publish it."""
+    from shared.deployment import DeploymentError, scope_target
+    from trainer.fleet.deploy import deploy, open_repository
+    from trainer.registry import Registry, parse_model_ref
+
+    _check_broker_url(args)
+    topics = _topics(args)
+    try:
+        scope_target(group=args.group, agent=args.agent)
+    except DeploymentError as e:
+        raise _usage(str(e)) from e
+    # Everything that is the user's input is checked before connecting.
+    name, version = parse_model_ref(args.ref)
+    with Registry.open(args.registry) as reg:
+        reg.get(name, version)
+    open_repository(args.registry)
+    with _connected(args) as client:
+        report = deploy(
+            args.registry,
+            args.ref,
+            group=args.group,
+            agent=args.agent,
+            slot=args.slot,
+            client=client,
+            topics=topics,
+            timeout=args.broker_timeout,
+        )
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        scope = report.scope
+        print(
+            f"deployed {report.model}@{report.version} to {scope.kind} {scope.name} "
+            f"(slot {report.slot}, serial {report.serial}) as {report.document_target}"
+        )
+        for target in report.bundle_targets:
+            print(f"  {target}")
+        _print_publish(report.publish)
+    return 0
+
+
+# -- fleet ------------------------------------------------------------------------------------
+
+
+@_command
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    """Show every agent's state, running models, last deployment and health."""
+    from trainer.fleet.status import read_fleet
+
+    _check_broker_url(args)
+    topics = _topics(args)
+    with _connected(args) as client:
+        views = read_fleet(client, topics, timeout=args.timeout)
+    if args.json:
+        _print_json([v.to_json() for v in views])
+        return 0
+    if not views:
+        print("no agents have reported")
+        return 0
+    rows = [_status_row(v) for v in views]
+    header = ("AGENT", "STATUS", "GROUP", "PROFILE", "ACTIVE", "LAST DEPLOYMENT", "HEALTH", "SINCE")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _status_row(v: Any) -> tuple[str, ...]:
+    active = ", ".join(
+        f"{a['slot']}={a['model']}@{a['version']}/{a['format']}-{a['quantization']}"
+        for a in v.active
+    ) or "-"
+    last = "-"
+    if v.last_deployment is not None:
+        d = v.last_deployment
+        last = f"{d['model']}@{d['version']} {d['state']}"
+        if d.get("reason"):
+            last += f" ({d['reason']})"
+    health = "-"
+    if v.health is not None:
+        h = v.health
+        p99 = h["latency_ms"].get("p99")
+        health = (
+            f"p99 {'-' if p99 is None else f'{p99:.2f}'} ms, {h['inferences']} inf, "
+            f"{h['anomalies']} anom, {h['errors']} err"
+        )
+    emulated = " (emulated)" if v.emulated else ""
+    return (v.agent, v.status + emulated, v.group or "-", v.profile, active, last, health, v.ts)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def add_fleet_commands(
+    sub: argparse._SubParsersAction,
+    registry_arg: Callable[[argparse.ArgumentParser], None],
+    json_arg: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Add ``repo init|publish|refresh``, ``deploy`` and ``fleet status`` to ``sub``.
+
+    ``registry_arg`` / ``json_arg`` add the main parser's ``--registry`` and ``--json``.
+    """
+    repo_parser = sub.add_parser("repo", help="the TUF repository agents verify deployments with")
+    repo = repo_parser.add_subparsers(
+        dest="repo_command", required=True, parser_class=type(repo_parser)
+    )
+    p = repo.add_parser("init", help="create the TUF repository beside the registry")
+    registry_arg(p)
+    p.add_argument(
+        "--root-key-dir",
+        metavar="DIR",
+        help="where to write the root private key (default: REGISTRY/tuf/keys; keep it offline)",
+    )
+    json_arg(p)
+    p.set_defaults(func=cmd_repo_init)
+
+    p = repo.add_parser("publish", help="re-sync the broker's retained repository (idempotent)")
+    registry_arg(p)
+    _broker_args(p, required=True)
+    json_arg(p)
+    p.set_defaults(func=cmd_repo_publish)
+
+    p = repo.add_parser("refresh", help="re-sign timestamp/snapshot before they expire")
+    registry_arg(p)
+    _broker_args(p, required=False)
+    json_arg(p)
+    p.set_defaults(func=cmd_repo_refresh)
+
+    p = sub.add_parser("deploy", help="deploy MODEL@VERSION to a group or an agent")
+    p.add_argument("ref", metavar="MODEL@VERSION", help="what to deploy (MODEL alone: latest)")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--group", metavar="G", help="every agent of group G")
+    scope.add_argument("--agent", metavar="ID", help="one agent (overrides its group's document)")
+    p.add_argument("--slot", default="default", help="model slot (default: %(default)s)")
+    registry_arg(p)
+    _broker_args(p, required=True)
+    json_arg(p)
+    p.set_defaults(func=cmd_deploy)
+
+    fleet_parser = sub.add_parser("fleet", help="what the agents report")
+    fleet = fleet_parser.add_subparsers(
+        dest="fleet_command", required=True, parser_class=type(fleet_parser)
+    )
+    p = fleet.add_parser("status", help="every agent's state, models, last deployment, health")
+    _broker_args(p, required=True)
+    p.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S",
+        help="seconds to wait for the retained messages (default: %(default)s)",
+    )
+    json_arg(p)
+    p.set_defaults(func=cmd_fleet_status)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -155,6 +157,7 @@ def registry_sha(registry: Path, version: int, fmt: str, quant: str) -> str:
 # -- repo init --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains two versions once per module
 def test_repo_init_prints_root_and_refuses_a_second_init(registry):
     proc = run("repo", "init", "--registry", str(registry), "--json")
     out = json.loads(proc.stdout)
@@ -181,6 +184,7 @@ def test_repo_init_prints_root_and_refuses_a_second_init(registry):
 # -- deploy -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains two versions once per module
 def test_deploy_reaches_a_verifying_agent(registry, broker, clients, tmp_path):
     root = init(registry)
     report = deploy(registry, broker, "m@2", "--group", "lab")
@@ -225,6 +229,7 @@ def test_deploy_reaches_a_verifying_agent(registry, broker, clients, tmp_path):
     assert onnx is not None and onnx.target == bundle_target_name("m", 2, "onnx", "int8")
 
 
+@pytest.mark.slow  # trains two versions once per module
 def test_rollback_is_a_newer_document_naming_the_older_version(registry, broker, clients, tmp_path):
     root = init(registry)
     deploy(registry, broker, "m@2", "--group", "lab")
@@ -244,6 +249,7 @@ def test_rollback_is_a_newer_document_naming_the_older_version(registry, broker,
     )
 
 
+@pytest.mark.slow  # trains two versions once per module
 def test_agent_document_is_a_separate_target_with_its_own_serial(registry, broker, clients, tmp_path):
     root = init(registry)
     deploy(registry, broker, "m@2", "--group", "lab")
@@ -264,6 +270,7 @@ def test_agent_document_is_a_separate_target_with_its_own_serial(registry, broke
     assert {k: s.version for k, s in agent_doc.slots.items()} == {"default": 1, "canary": 2}
 
 
+@pytest.mark.slow  # trains two versions once per module
 def test_repo_publish_is_idempotent_and_refresh_republishes(registry, broker, clients):
     init(registry)
     deploy(registry, broker, "m@2", "--group", "lab")
@@ -370,6 +377,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # closed again when the socket is
 
 
+@pytest.mark.slow  # trains two versions once per module
 def test_bad_inputs_are_one_line_with_the_right_exit_code(registry, broker, tmp_path):
     url = broker.url
     reg = str(registry)
@@ -406,3 +414,64 @@ def test_bad_inputs_are_one_line_with_the_right_exit_code(registry, broker, tmp_
         str(tmp_path / "missing"), ok=False,
     )
     assert "--password-file" in one_line_error(no_password, 2)
+
+
+@pytest.fixture
+def auth_broker(tmp_path: Path) -> Iterator[str]:
+    """A private Mosquitto that only lets user ``alice`` (password ``s3cret``) in."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    passwd_tool = shutil.which("mosquitto_passwd")
+    if passwd_tool is None or not Path(mosquitto).exists():
+        pytest.fail("mosquitto and mosquitto_passwd are needed: run `make setup`")
+    workdir = tmp_path / "auth-broker"
+    workdir.mkdir()
+    passwd = workdir / "passwd"
+    subprocess.run(
+        [passwd_tool, "-b", "-c", str(passwd), "alice", "s3cret"], check=True, capture_output=True
+    )
+    passwd.chmod(0o600)
+    port = _closed_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen(
+        [mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_listening(port)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)  # polling a port, not waiting for correctness
+    raise RuntimeError("mosquitto did not start listening")
+
+
+def test_credentials_from_a_file_or_the_environment(auth_broker, tmp_path):
+    good = tmp_path / "good"
+    good.write_text("s3cret\n")
+    bad = tmp_path / "bad"
+    bad.write_text("wrong\n")
+    status = ["fleet", "status", "--broker", auth_broker, "--json", "--username", "alice"]
+    assert json.loads(run(*status, "--password-file", str(good)).stdout) == []
+    refused = run(*status, "--password-file", str(bad), ok=False)
+    assert "refused the credentials" in one_line_error(refused, 2)
+    assert "wrong" not in refused.stderr  # the secret never reaches the output
+
+    env = {**os.environ, "EDGEFLEET_MQTT_PASSWORD": "s3cret"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *status], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=60, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,156 @@
+"""What the agent runs, on disk: activated bundles and ``state.json``, switched atomically.
+
+Layout under the state dir::
+
+    bundles/{sha256}.zip     bundles that are or were active (current + previous per slot)
+    state.json               {"bdseq": N, "slots": {slot: {"current": {...}, "previous": {...}}}}
+
+Every write is temp file + fsync + ``os.replace``: a crash leaves either the old or the new
+state, never a mix. :meth:`ActivationStore.recover` removes what a crash left behind (temp
+files, bundles nothing references) before the agent serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ActivationStore", "ActiveRecord"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveRecord:
+    """One activated artifact of a slot."""
+
+    model: str
+    version: int
+    format: str
+    quantization: str
+    sha256: str
+    target: str
+    serial: int
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ActiveRecord:
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class ActivationStore:
+    """The activated bundles and the slot pointers. Not thread safe: one owner thread."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.bundles = state_dir / "bundles"
+        self.bundles.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "state.json"
+        self._state = self._load()
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"bdseq": 0, "slots": {}}
+        except (OSError, ValueError) as e:
+            # A state.json that cannot be read is set aside, not silently overwritten.
+            broken = self.path.with_suffix(".corrupt")
+            os.replace(self.path, broken)
+            log.error("state.json unreadable (%s); moved to %s, starting without a model", e, broken)
+            return {"bdseq": 0, "slots": {}}
+        state.setdefault("bdseq", 0)
+        state.setdefault("slots", {})
+        return state
+
+    def _save(self) -> None:
+        _atomic_write(self.path, (json.dumps(self._state, indent=2, sort_keys=True) + "\n").encode())
+
+    def next_bdseq(self) -> int:
+        """A new birth/death sequence number for this run (persisted first)."""
+        self._state["bdseq"] = int(self._state["bdseq"]) + 1
+        self._save()
+        return int(self._state["bdseq"])
+
+    def current(self, slot: str) -> ActiveRecord | None:
+        entry = self._state["slots"].get(slot, {}).get("current")
+        return ActiveRecord.from_json(entry) if entry else None
+
+    def previous(self, slot: str) -> ActiveRecord | None:
+        entry = self._state["slots"].get(slot, {}).get("previous")
+        return ActiveRecord.from_json(entry) if entry else None
+
+    def slots(self) -> list[str]:
+        return sorted(s for s, v in self._state["slots"].items() if v.get("current"))
+
+    def bundle_path(self, sha256: str) -> Path:
+        return self.bundles / f"{sha256}.zip"
+
+    def stage(self, sha256: str, bundle: bytes) -> Path:
+        """Write a verified bundle (idempotent)."""
+        path = self.bundle_path(sha256)
+        if not path.exists():
+            _atomic_write(path, bundle)
+        return path
+
+    def activate(self, slot: str, record: ActiveRecord) -> None:
+        """Make ``record`` current (its bundle must be staged); the old current becomes previous."""
+        if not self.bundle_path(record.sha256).exists():
+            raise FileNotFoundError(f"bundle {record.sha256} is not staged")
+        entry = self._state["slots"].setdefault(slot, {})
+        old = entry.get("current")
+        if old and old["sha256"] != record.sha256:
+            entry["previous"] = old
+        entry["current"] = asdict(record)
+        self._save()
+        self._prune()
+
+    def recover(self) -> list[str]:
+        """Remove a crash's leftovers: temp files and unreferenced bundles. Returns what went."""
+        removed = []
+        for tmp in list(self.state_dir.glob(".*.tmp")) + list(self.bundles.glob(".*.tmp")):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+        for slot in list(self._state["slots"]):
+            current = self.current(slot)
+            if current and not self.bundle_path(current.sha256).exists():
+                log.error("slot %s: active bundle %s is missing; slot cleared", slot, current.sha256)
+                self._state["slots"][slot] = {}
+                self._save()
+        removed += self._prune()
+        return removed
+
+    def _prune(self) -> list[str]:
+        keep = set()
+        for slot in self._state["slots"]:
+            for rec in (self.current(slot), self.previous(slot)):
+                if rec:
+                    keep.add(f"{rec.sha256}.zip")
+        removed = []
+        for path in self.bundles.glob("*.zip"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed

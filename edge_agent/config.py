@@ -1,0 +1,236 @@
+"""The agent's configuration: one TOML file, validated strictly (unknown keys are errors).
+
+Secrets never live in the file: the MQTT password comes from ``password_file`` or the
+environment variable named by ``password_env``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.mqtt import BrokerError, BrokerSettings, parse_broker_url
+from edge_agent.sources import SourceError, parse_source
+from shared.profiles import FirmwareProfile, ProfileError, load_profile
+from shared.topics import TopicError, validate_agent_id
+
+__all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config", "render_config"]
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid (one line, names the key)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """A validated agent configuration."""
+
+    agent_id: str
+    group: str
+    profile: FirmwareProfile
+    source: str
+    state_dir: Path
+    trust_root: Path
+    broker: BrokerSettings
+    topic_root: str = "edgefleet/v1"
+    health_period: float = 10.0
+    threads: int = 1
+    outbox_max_bytes: int = 64 * 1024 * 1024
+    emulated: bool = False
+
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "agent": {"id": str, "group": str, "profile": str, "state_dir": str, "threads": int},
+    "broker": {
+        "url": str,
+        "username": str,
+        "password_file": str,
+        "password_env": str,
+        "ca_file": str,
+        "cert_file": str,
+        "key_file": str,
+        "topic_root": str,
+    },
+    "trust": {"root": str},
+    "source": {"spec": str},
+    "health": {"period_seconds": (int, float)},
+    "outbox": {"max_bytes": int},
+}
+_REQUIRED = {
+    "agent": ("id", "group", "profile", "state_dir"),
+    "broker": ("url",),
+    "trust": ("root",),
+    "source": ("spec",),
+}
+
+
+def _check_types(raw: dict[str, Any], source: str) -> None:
+    for section, value in raw.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}]; known: {', '.join(_SCHEMA)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for key, item in value.items():
+            expected = _SCHEMA[section].get(key)
+            if expected is None:
+                raise ConfigError(
+                    f"{source}: unknown key '{section}.{key}'; known: {', '.join(_SCHEMA[section])}"
+                )
+            if isinstance(item, bool) or not isinstance(item, expected):
+                names = expected.__name__ if isinstance(expected, type) else "number"
+                raise ConfigError(f"{source}: '{section}.{key}' must be a {names}")
+    for section, keys in _REQUIRED.items():
+        for key in keys:
+            if key not in raw.get(section, {}):
+                raise ConfigError(f"{source}: missing required key '{section}.{key}'")
+
+
+def parse_config(text: str, *, source: str = "<config>", base: Path | None = None) -> AgentConfig:
+    """Parse and validate a config. Relative paths resolve against ``base``.
+
+    Raises :class:`ConfigError` naming the key for any problem, including a password file that
+    cannot be read or a trust root that does not exist.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    _check_types(raw, source)
+    base = base or Path.cwd()
+    agent, broker, trust = raw["agent"], raw["broker"], raw["trust"]
+
+    def path(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    try:
+        agent_id = validate_agent_id(agent["id"])
+        group = validate_agent_id(agent["group"])
+    except TopicError as e:
+        raise ConfigError(f"{source}: agent.id/agent.group: {e}") from e
+    try:
+        profile = load_profile(agent["profile"])
+    except ProfileError as e:
+        raise ConfigError(f"{source}: agent.profile: {e}") from e
+    try:
+        parse_source(raw["source"]["spec"])
+    except SourceError as e:
+        raise ConfigError(f"{source}: source.spec: {e}") from e
+    threads = agent.get("threads", profile.budget.threads)
+    if threads < 1:
+        raise ConfigError(f"{source}: agent.threads must be at least 1")
+    root = path(trust["root"])
+    if not root.is_file():
+        raise ConfigError(f"{source}: trust.root: no such file {root}")
+    password = None
+    if "password_file" in broker:
+        try:
+            password = path(broker["password_file"]).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{source}: broker.password_file: {e.strerror or e}") from e
+    elif "password_env" in broker:
+        password = os.environ.get(broker["password_env"])
+        if password is None:
+            raise ConfigError(f"{source}: broker.password_env: ${broker['password_env']} is not set")
+    try:
+        parse_broker_url(broker["url"])
+        settings = BrokerSettings(
+            url=broker["url"],
+            username=broker.get("username"),
+            password=password,
+            ca_file=str(path(broker["ca_file"])) if "ca_file" in broker else None,
+            cert_file=str(path(broker["cert_file"])) if "cert_file" in broker else None,
+            key_file=str(path(broker["key_file"])) if "key_file" in broker else None,
+        )
+    except BrokerError as e:
+        raise ConfigError(f"{source}: broker.url: {e}") from e
+    period = float(raw.get("health", {}).get("period_seconds", 10.0))
+    if period <= 0:
+        raise ConfigError(f"{source}: health.period_seconds must be positive")
+    max_bytes = raw.get("outbox", {}).get("max_bytes", 64 * 1024 * 1024)
+    if max_bytes < 4096:
+        raise ConfigError(f"{source}: outbox.max_bytes must be at least 4096")
+    import platform
+
+    return AgentConfig(
+        agent_id=agent_id,
+        group=group,
+        profile=profile,
+        source=raw["source"]["spec"],
+        state_dir=path(agent["state_dir"]),
+        trust_root=root,
+        broker=settings,
+        topic_root=broker.get("topic_root", "edgefleet/v1"),
+        health_period=period,
+        threads=threads,
+        outbox_max_bytes=max_bytes,
+        emulated=platform.machine().lower() not in _ARCH_ALIASES[profile.arch],
+    )
+
+
+_ARCH_ALIASES = {"x86_64": {"x86_64", "amd64"}, "aarch64": {"aarch64", "arm64"}}
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate the config file at ``path`` (relative paths resolve beside it)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    return parse_config(text, source=str(path), base=path.resolve().parent)
+
+
+def render_config(
+    *,
+    agent_id: str,
+    group: str,
+    profile: str,
+    broker: str,
+    trust: str,
+    state_dir: str,
+    source: str,
+) -> str:
+    """A complete, commented config for ``edgefleet-agent init-config``."""
+
+    def q(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return f"""\
+# edgefleet agent configuration. Validate with: edgefleet-agent check-config --config FILE
+# Unknown keys are errors. Relative paths resolve against this file's directory.
+
+[agent]
+id = {q(agent_id)}          # unique per host; letters, digits, '.', '_', '-'
+group = {q(group)}           # deployments addressed to this group apply unless an agent document overrides
+profile = {q(profile)}       # firmware profile: edgefleet profiles list
+state_dir = {q(state_dir)}   # artifacts, trusted TUF metadata, outbox.sqlite, state.json
+# threads = 1                # inference threads (default: the profile's budget.threads)
+
+[broker]
+url = {q(broker)}            # mqtt://HOST:PORT or mqtts://HOST:PORT
+# username = "agent"
+# password_file = "/etc/edgefleet/mqtt-password"   # or: password_env = "EDGEFLEET_MQTT_PASSWORD"
+# ca_file = "/etc/edgefleet/ca.pem"                # mqtts: CA bundle (default: system store)
+# cert_file = "/etc/edgefleet/agent.pem"           # mqtts: client certificate
+# key_file = "/etc/edgefleet/agent.key"
+# topic_root = "edgefleet/v1"
+
+[trust]
+root = {q(trust)}            # TUF root.json printed by `edgefleet repo init`; the trust anchor
+
+[source]
+# host[?period=SECONDS]              psutil: cpu, memory, disk, network, load, temperature
+# csv:PATH[?rate=ROWS_PER_SECOND]    NAB or multivariate CSV; no rate = as fast as possible
+# stdin                              JSON lines: {{"timestamp": "...", "cpu": 12.5, ...}}
+spec = {q(source)}
+
+[health]
+period_seconds = 10          # health report period
+
+[outbox]
+max_bytes = 67108864         # events kept while offline; the oldest are dropped (and counted) beyond
+"""

@@ -1,0 +1,176 @@
+"""Converge what the agent runs on what the trainer's TUF repository asks for.
+
+One :meth:`Reconciler.reconcile` pass: TUF refresh → the agent's own deployment document,
+else its group's → per slot, the variant for this profile and runtimes → download (verified
+by TUF) → read the bundle → open it in its runtime and smoke-test the golden vectors →
+activate atomically. Any failure keeps the previous model serving and is reported as
+``failed`` with a reason; every state change goes to ``report``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent.activation import ActivationStore, ActiveRecord
+from edge_agent.runtime import ModelRuntime, ModelRuntimeError, open_runtime, smoke_test
+from edge_agent.trust import TargetNotFoundError, TrustedRepository, TrustError
+from shared.bundle import BundleError, BundleSpec, read_bundle
+from shared.deployment import (
+    Deployment,
+    DeploymentError,
+    agent_target,
+    choose_variant,
+    decode_deployment,
+    group_target,
+)
+from shared.profiles import FirmwareProfile
+
+__all__ = ["LoadedModel", "Reconciler", "load_active"]
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[str, str, str, int, int, str | None], None]  # slot, state, model, version, serial, reason
+
+
+@dataclass
+class LoadedModel:
+    """An activated artifact opened in its runtime, ready to serve."""
+
+    record: ActiveRecord
+    spec: BundleSpec
+    runtime: ModelRuntime
+
+
+def load_active(store: ActivationStore, slot: str, threads: int) -> LoadedModel | None:
+    """Open the slot's current bundle (at start-up); ``None`` if there is none or it fails."""
+    record = store.current(slot)
+    if record is None:
+        return None
+    try:
+        spec, model = read_bundle(store.bundle_path(record.sha256).read_bytes())
+        runtime = open_runtime(spec, model, threads=threads)
+        smoke_test(runtime, spec)
+    except (OSError, BundleError, ModelRuntimeError) as e:
+        log.error("slot %s: stored model %s@%s does not load: %s", slot, record.model, record.version, e)
+        return None
+    return LoadedModel(record, spec, runtime)
+
+
+class Reconciler:
+    """Runs reconcile passes; ``activate(slot, loaded)`` hands a new model to the serving loop."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        group: str,
+        profile: FirmwareProfile,
+        runtimes: list[str],
+        threads: int,
+        trusted: TrustedRepository,
+        store: ActivationStore,
+        report: Report,
+        activate: Callable[[str, LoadedModel], None],
+    ) -> None:
+        self.agent_id = agent_id
+        self.group = group
+        self.profile = profile
+        self.formats = {"onnxruntime": "onnx", "litert": "tflite"}
+        self.available = [self.formats[r] for r in runtimes if r in self.formats]
+        self.threads = threads
+        self.trusted = trusted
+        self.store = store
+        self.report = report
+        self.activate = activate
+        self._last_failure: str | None = None
+
+    def _desired(self) -> Deployment | None:
+        for target in (agent_target(self.agent_id), group_target(self.group)):
+            try:
+                return decode_deployment(self.trusted.fetch_target(target))
+            except TargetNotFoundError:
+                continue
+        return None
+
+    def _fail(self, slot: str, model: str, version: int, serial: int, reason: str) -> None:
+        key = f"{slot}|{model}|{version}|{serial}|{reason}"
+        if key != self._last_failure:  # the same failure is reported once, not every refresh
+            self._last_failure = key
+            log.warning("slot %s: %s@%s failed: %s", slot, model, version, reason)
+            self.report(slot, "failed", model, version, serial, reason)
+
+    def reconcile(self) -> None:
+        """One pass. Never raises for a bad deployment: it is reported and skipped."""
+        try:
+            self.trusted.refresh()
+            desired = self._desired()
+        except TrustError as e:
+            self._fail("*", "", 0, 0, f"{e.kind}: {e}")
+            return
+        except DeploymentError as e:
+            self._fail("*", "", 0, 0, f"bad deployment document: {e}")
+            return
+        if desired is None:
+            return
+        for slot_name, slot in sorted(desired.slots.items()):
+            self._reconcile_slot(slot_name, slot, desired.serial)
+
+    def _reconcile_slot(self, slot_name, slot, serial: int) -> None:
+        variant = choose_variant(
+            slot,
+            self.profile.name,
+            self.profile.preferred_format,
+            self.profile.preferred_quantization,
+            self.available,
+        )
+        if variant is None:
+            self._fail(slot_name, slot.model, slot.version, serial,
+                       f"no variant for profile {self.profile.name} with runtimes {self.available}")
+            return
+        current = self.store.current(slot_name)
+        if current is not None and current.sha256 == variant.sha256:
+            return
+        report = lambda state, reason=None: self.report(  # noqa: E731
+            slot_name, state, slot.model, slot.version, serial, reason
+        )
+        report("downloading")
+        try:
+            data = self.trusted.fetch_target(variant.target)
+        except TrustError as e:
+            self._fail(slot_name, slot.model, slot.version, serial, f"{e.kind}: {e}")
+            return
+        report("verifying")
+        try:
+            spec, model = read_bundle(data)
+            if (spec.format, spec.quantization) != (variant.format, variant.quantization):
+                raise BundleError(
+                    f"bundle is {spec.format}/{spec.quantization}, document says "
+                    f"{variant.format}/{variant.quantization}"
+                )
+        except BundleError as e:
+            self._fail(slot_name, slot.model, slot.version, serial, f"bad bundle: {e}")
+            return
+        report("staging")
+        try:
+            runtime = open_runtime(spec, model, threads=self.threads)
+            smoke_test(runtime, spec)
+        except ModelRuntimeError as e:
+            self._fail(slot_name, slot.model, slot.version, serial, f"smoke test: {e}")
+            return
+        record = ActiveRecord(
+            model=slot.model,
+            version=slot.version,
+            format=variant.format,
+            quantization=variant.quantization,
+            sha256=variant.sha256,
+            target=variant.target,
+            serial=serial,
+        )
+        self.store.stage(variant.sha256, data)
+        self.store.activate(slot_name, record)
+        self.activate(slot_name, LoadedModel(record, spec, runtime))
+        older = current is not None and current.model == slot.model and slot.version < current.version
+        report("rolled_back" if older else "active")
+        self._last_failure = None

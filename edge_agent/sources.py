@@ -1,0 +1,155 @@
+"""Where an agent's samples come from: the host (psutil), a CSV replay, or JSON lines on stdin.
+
+A source is an iterator of :class:`Sample` (timestamp + named values); the detector picks the
+features its model was trained on by name, so a host source feeds a model trained on
+``cpu,memory,disk,network`` and a CSV source feeds whatever its header names.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import parse_qs, urlsplit
+
+from shared.series import SeriesError, iter_csv_rows
+
+__all__ = ["Sample", "SourceError", "SourceSpec", "open_source", "parse_source"]
+
+
+class SourceError(ValueError):
+    """A source spec is malformed, or the source cannot be read."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One observation: when, and the value of each named metric."""
+
+    timestamp: str
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed ``host[?period=S]``, ``csv:PATH[?rate=R]`` or ``stdin`` spec."""
+
+    kind: str
+    path: Path | None = None
+    period: float = 5.0
+    rate: float | None = None
+
+
+def _number(query: dict[str, list[str]], key: str, spec: str) -> float | None:
+    if key not in query:
+        return None
+    try:
+        value = float(query[key][-1])
+    except ValueError:
+        raise SourceError(f"{spec!r}: {key} must be a number") from None
+    if not value > 0:
+        raise SourceError(f"{spec!r}: {key} must be positive")
+    return value
+
+
+def parse_source(spec: str) -> SourceSpec:
+    """Parse a source spec; raises :class:`SourceError` with one line."""
+    if spec == "stdin":
+        return SourceSpec("stdin")
+    if spec.startswith("csv:"):
+        parts = urlsplit(spec[4:])
+        query = parse_qs(parts.query)
+        unknown = set(query) - {"rate"}
+        if unknown or not parts.path:
+            raise SourceError(f"{spec!r}: expected csv:PATH[?rate=ROWS_PER_SECOND]")
+        return SourceSpec("csv", path=Path(parts.path), rate=_number(query, "rate", spec))
+    if spec == "host" or spec.startswith("host?"):
+        query = parse_qs(spec[5:])
+        if set(query) - {"period"}:
+            raise SourceError(f"{spec!r}: expected host[?period=SECONDS]")
+        return SourceSpec("host", period=_number(query, "period", spec) or 5.0)
+    raise SourceError(f"unknown source {spec!r}: use host[?period=S], csv:PATH[?rate=R] or stdin")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _host(spec: SourceSpec, stop: threading.Event) -> Iterator[Sample]:
+    import psutil
+
+    psutil.cpu_percent(None)  # prime the counter
+    disk = psutil.disk_io_counters()
+    net = psutil.net_io_counters()
+    last = time.monotonic()
+    while not stop.wait(spec.period):
+        now = time.monotonic()
+        dt = max(now - last, 1e-6)
+        last = now
+        values = {
+            "cpu": psutil.cpu_percent(None),
+            "memory": psutil.virtual_memory().percent,
+            "load": psutil.getloadavg()[0],
+        }
+        new_disk, new_net = psutil.disk_io_counters(), psutil.net_io_counters()
+        if disk and new_disk:
+            moved = (new_disk.read_bytes + new_disk.write_bytes) - (disk.read_bytes + disk.write_bytes)
+            values["disk"] = moved / dt / 1e6  # MB/s
+        if net and new_net:
+            moved = (new_net.bytes_recv + new_net.bytes_sent) - (net.bytes_recv + net.bytes_sent)
+            values["network"] = moved / dt / 1e3  # kB/s
+        disk, net = new_disk, new_net
+        temps = getattr(psutil, "sensors_temperatures", lambda: {})() or {}
+        readings = [t.current for entries in temps.values() for t in entries if t.current]
+        if readings:
+            values["temperature"] = max(readings)
+        yield Sample(_now(), values)
+
+
+def _csv(spec: SourceSpec, stop: threading.Event) -> Iterator[Sample]:
+    assert spec.path is not None
+    interval = 1.0 / spec.rate if spec.rate else 0.0
+    next_at = time.monotonic()
+    try:
+        for ts, features, values in iter_csv_rows(spec.path):
+            if interval:
+                next_at += interval
+                if stop.wait(max(0.0, next_at - time.monotonic())):
+                    return
+            elif stop.is_set():
+                return
+            yield Sample(ts, dict(zip(features, values)))
+    except SeriesError as e:
+        raise SourceError(str(e)) from e
+
+
+def _stdin(stream: TextIO, stop: threading.Event) -> Iterator[Sample]:
+    for line_no, line in enumerate(stream, start=1):
+        if stop.is_set():
+            return
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+            ts = str(obj.pop("timestamp", None) or _now())
+            values = {str(k): float(v) if v is not None else float("nan") for k, v in obj.items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            # One bad line must not stop a feed: skip it and say where.
+            print(f"edgefleet-agent: stdin line {line_no}: skipped: {e}", file=sys.stderr)
+            continue
+        yield Sample(ts, values)
+
+
+def open_source(spec: SourceSpec, stop: threading.Event, stdin: TextIO | None = None) -> Iterator[Sample]:
+    """Iterate samples until the source ends or ``stop`` is set."""
+    if spec.kind == "host":
+        return _host(spec, stop)
+    if spec.kind == "csv":
+        return _csv(spec, stop)
+    return _stdin(stdin or sys.stdin, stop)

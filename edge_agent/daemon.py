@@ -92,7 +92,8 @@ class Agent:
         self._session: mqtt.Client | None = None
         self._fetch_client: mqtt.Client | None = None
         self._backoff = Backoff()
-        self.runtimes = available_runtimes()
+        formats = {"onnx": "onnxruntime", "tflite": "litert"}
+        self.runtimes = available_runtimes({formats[f] for f in config.profile.formats})
 
     # -- init ----------------------------------------------------------------------------------
 
@@ -190,7 +191,7 @@ class Agent:
         for slot in store.slots() if store else []:
             r = store.current(slot)
             if r:
-                active.append(ActiveModel(slot, r.model, r.version, r.format, r.quantization))
+                active.append(ActiveModel(slot, r.model, r.version, r.format, r.quantization, r.sha256))
         return AgentState(
             agent=self.config.agent_id, status=status, bdseq=getattr(self, "bdseq", 0),
             group=self.config.group, profile=self.config.profile.name,
@@ -312,13 +313,27 @@ class Agent:
             return EXIT_OK
         self.start_workers()
         try:
-            self._serve(open_source(parse_source(self.config.source), self.stop_event, self._stdin))
+            source = parse_source(self.config.source)
+            if source.kind != "host":
+                self._wait_for_model()  # a replay must not stream past before a model serves
+            self._serve(open_source(source, self.stop_event, self._stdin))
             log.info("source ended")
             while not self.stop_event.is_set() and (linger is None or linger()):
                 self.stop_event.wait(1.0)
         finally:
             self.shutdown()
         return self.exit_code
+
+    def _wait_for_model(self) -> None:
+        announced = False
+        while not self.stop_event.is_set():
+            with self._lock:
+                if self._detectors:
+                    return
+            if not announced:
+                log.info("waiting for a deployment before reading the source")
+                announced = True
+            self.stop_event.wait(0.2)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -13,6 +13,8 @@ installed; :func:`available_runtimes` says which ones load here.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from shared.bundle import BundleSpec
 
 from ._base import (
@@ -45,17 +47,21 @@ __all__ = [
 _BACKENDS = {"onnx": "onnxruntime", "tflite": "litert"}
 
 
-def available_runtimes() -> list[str]:
+def available_runtimes(only: Collection[str] | None = None) -> list[str]:
     """Names of the backends that import here: a subset of ``["onnxruntime", "litert"]``.
 
     Really imports each backend (a package that is present but broken, like tflite_runtime
-    2.14 under numpy 2, does not count); call it at start-up, not per sample.
+    2.14 under numpy 2, does not count); call it at start-up, not per sample. ``only`` limits
+    the probe to those names, so an agent does not load (and pay memory for) a runtime its
+    profile never uses.
     """
     from ._litert import import_interpreter
     from ._onnx import import_onnxruntime
 
     found = []
     for name, probe in (("onnxruntime", import_onnxruntime), ("litert", import_interpreter)):
+        if only is not None and name not in only:
+            continue
         try:
             probe()
         except RuntimeUnavailableError:

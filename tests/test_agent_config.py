@@ -1,0 +1,100 @@
+"""Agent configuration: init-config renders a config that check-config accepts; strict errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import ConfigError, load_config, parse_config, render_config
+from edge_agent.sources import SourceError, parse_source
+
+
+def agent_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+@pytest.fixture
+def root_json(tmp_path: Path) -> Path:
+    p = tmp_path / "root.json"
+    p.write_text("{}")
+    return p
+
+
+def test_init_config_then_check_config(tmp_path: Path, root_json: Path) -> None:
+    out = agent_cli("init-config", "--agent-id", "edge-1", "--group", "lab", "--profile", "rpi4-arm64",
+                    "--broker", "mqtt://127.0.0.1:1883", "--trust", str(root_json),
+                    "--state-dir", str(tmp_path / "state"), "--source", "csv:data.csv?rate=5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("#") > 10  # commented
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(out.stdout)
+    check = agent_cli("check-config", "--config", str(cfg))
+    assert check.returncode == 0 and "ok" in check.stdout and "emulated" in check.stdout
+    config = load_config(cfg)
+    assert config.profile.name == "rpi4-arm64" and config.emulated
+    assert config.source == "csv:data.csv?rate=5" and config.threads == config.profile.budget.threads
+
+
+def _valid(root: Path, **over: str) -> str:
+    text = render_config(agent_id="a1", group="g", profile="x86-64-v3", broker="mqtt://127.0.0.1:1",
+                         trust=str(root), state_dir="state", source="host")
+    for old, new in over.items():
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.mark.parametrize(
+    "old, new, needle",
+    [
+        ("[health]", "[health]\nbogus = 1", "unknown key 'health.bogus'"),
+        ("[outbox]", "[nope]\n[outbox]", "unknown section [nope]"),
+        ('profile = "x86-64-v3"', 'profile = "z80"', "agent.profile"),
+        ('url = "mqtt://127.0.0.1:1"', 'url = "http://x"', "broker.url"),
+        ('spec = "host"', 'spec = "ftp:x"', "source.spec"),
+        ('id = "a1"', 'id = "a/1"', "agent.id"),
+        ("period_seconds = 10", "period_seconds = true", "'health.period_seconds' must be a number"),
+        ('id = "a1"', "", "missing required key 'agent.id'"),
+        ("# password_file", "password_file", "broker.password_file"),
+    ],
+)
+def test_bad_configs_name_the_key(root_json: Path, old: str, new: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(_valid(root_json).replace(old, new, 1), base=root_json.parent)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_trust_root(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trust.root"):
+        parse_config(_valid(tmp_path / "absent.json"), base=tmp_path)
+
+
+def test_check_config_exit_code_2_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[agent\n")
+    out = agent_cli("check-config", "--config", str(cfg))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr
+
+
+def test_password_from_env(root_json: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = _valid(root_json).replace('# password_file = "/etc/edgefleet/mqtt-password"   # or: password_env = "EDGEFLEET_MQTT_PASSWORD"',
+                                     'password_env = "EF_TEST_PW"')
+    monkeypatch.setenv("EF_TEST_PW", "s3cret")
+    config = parse_config(text, base=root_json.parent)
+    assert config.broker.password == "s3cret" and "s3cret" not in repr(config)
+
+
+@pytest.mark.parametrize("spec, kind", [("host", "host"), ("host?period=2", "host"),
+                                        ("csv:/x.csv", "csv"), ("csv:x.csv?rate=10", "csv"), ("stdin", "stdin")])
+def test_source_specs(spec: str, kind: str) -> None:
+    assert parse_source(spec).kind == kind
+
+
+@pytest.mark.parametrize("spec", ["host?period=0", "host?x=1", "csv:", "csv:x?rate=abc", "tcp:1"])
+def test_bad_source_specs(spec: str) -> None:
+    with pytest.raises(SourceError):
+        parse_source(spec)

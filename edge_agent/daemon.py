@@ -82,6 +82,7 @@ class Agent:
         self.topics = Topics(config.topic_root)
         self.stop_event = threading.Event()
         self.reconcile_event = threading.Event()
+        self.model_ready = threading.Event()  # set once any slot serves a model
         self.exit_code = EXIT_OK
         self._stdin = stdin
         self._lock = threading.Lock()  # guards self._detectors
@@ -263,6 +264,7 @@ class Agent:
         with self._lock:
             old = self._detectors.get(slot)
             self._detectors[slot] = detector
+        self.model_ready.set()
         if old is not None:
             s = old.stats()
             self._retired["inferences"] += s.inferences
@@ -325,15 +327,11 @@ class Agent:
         return self.exit_code
 
     def _wait_for_model(self) -> None:
-        announced = False
-        while not self.stop_event.is_set():
-            with self._lock:
-                if self._detectors:
-                    return
-            if not announced:
-                log.info("waiting for a deployment before reading the source")
-                announced = True
-            self.stop_event.wait(0.2)
+        if not self.model_ready.is_set():
+            log.info("waiting for a deployment before reading the source")
+        # Wake on either event: a model arrives, or the agent is told to stop.
+        while not self.stop_event.is_set() and not self.model_ready.wait(0.5):
+            pass
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -345,6 +343,7 @@ class Agent:
     def shutdown(self) -> None:
         """Flush events, announce ``stopped`` (retained), disconnect cleanly (no Last Will)."""
         self.stop_event.set()
+        self.model_ready.set()
         publisher = getattr(self, "publisher", None)
         if publisher is not None:
             publisher.wait_idle(5.0)

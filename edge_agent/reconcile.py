@@ -107,7 +107,7 @@ class Reconciler:
             self.trusted.refresh()
             desired = self._desired()
         except TrustError as e:
-            self._fail("*", "", 0, 0, f"{e.kind}: {e}")
+            self._fail("*", "", 0, 0, str(e))  # TrustError reads "{kind}: {message}"
             return
         except DeploymentError as e:
             self._fail("*", "", 0, 0, f"bad deployment document: {e}")
@@ -139,7 +139,7 @@ class Reconciler:
         try:
             data = self.trusted.fetch_target(variant.target)
         except TrustError as e:
-            self._fail(slot_name, slot.model, slot.version, serial, f"{e.kind}: {e}")
+            self._fail(slot_name, slot.model, slot.version, serial, str(e))
             return
         report("verifying")
         try:

@@ -244,6 +244,32 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- detect -----------------------------------------------------------------------------------
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from shared.profiles import ProfileError
+    from shared.series import SeriesError
+    from trainer.backtest import BacktestError, run_backtest
+
+    try:
+        result = run_backtest(
+            Path(args.registry), args.ref, Path(args.data), Path(args.out),
+            fmt=args.format, profile=args.profile,
+        )
+    except (BacktestError, SeriesError, ProfileError) as e:
+        raise UsageError(str(e)) from e
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print(
+            f"{result.model}@{result.version} ({result.format}/{result.quantization}): "
+            f"{result.rows} rows, {result.scored} windows scored, {result.anomalies} anomalous "
+            f"-> {result.out}"
+        )
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -308,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     json_arg(p)
     p.set_defaults(func=cmd_profiles_show)
+
+    p = sub.add_parser("detect", help="backtest: run a model over a CSV with the agent's detection code")
+    p.add_argument("ref", metavar="MODEL@VERSION")
+    registry_arg(p)
+    p.add_argument("--data", required=True, metavar="CSV", help="series to score")
+    p.add_argument("--out", required=True, metavar="CSV", help="where to write the scored rows")
+    p.add_argument("--format", choices=("onnx", "tflite"), help="artifact format (default: int8 ONNX)")
+    p.add_argument("--profile", help="use the variant this profile's agents would run")
+    json_arg(p)
+    p.set_defaults(func=cmd_detect)
 
     data = sub.add_parser("data", help="data helpers").add_subparsers(
         dest="data_command", required=True, parser_class=_Parser

@@ -104,6 +104,28 @@ def _broker_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
+def _chunk_size_arg(p: argparse.ArgumentParser) -> None:
+    from shared.chunking import DEFAULT_CHUNK_SIZE
+
+    def positive(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        return value
+
+    p.add_argument(
+        "--chunk-size",
+        type=positive,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="BYTES",
+        help="bytes per retained target chunk; keep it under the broker's message size limit "
+        "(default: %(default)s)",
+    )
+
+
 def _topics(args: argparse.Namespace):
     from shared.topics import TopicError, Topics
 
@@ -212,7 +234,9 @@ def cmd_repo_publish(args: argparse.Namespace) -> int:
     with repository_lock(args.registry):
         repo = open_repository(args.registry)
         with _connected(args) as client:
-            report = publish_repository(repo, client, topics, timeout=args.broker_timeout)
+            report = publish_repository(
+                repo, client, topics, chunk_size=args.chunk_size, timeout=args.broker_timeout
+            )
     if args.json:
         _print_json(_publish_summary(report))
     else:
@@ -281,6 +305,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             slot=args.slot,
             client=client,
             topics=topics,
+            chunk_size=args.chunk_size,
             timeout=args.broker_timeout,
         )
     if args.json:
@@ -375,6 +400,7 @@ def add_fleet_commands(
     p = repo.add_parser("publish", help="re-sync the broker's retained repository (idempotent)")
     registry_arg(p)
     _broker_args(p, required=True)
+    _chunk_size_arg(p)
     json_arg(p)
     p.set_defaults(func=cmd_repo_publish)
 
@@ -392,6 +418,7 @@ def add_fleet_commands(
     p.add_argument("--slot", default="default", help="model slot (default: %(default)s)")
     registry_arg(p)
     _broker_args(p, required=True)
+    _chunk_size_arg(p)
     json_arg(p)
     p.set_defaults(func=cmd_deploy)
 

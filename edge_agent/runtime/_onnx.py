@@ -71,6 +71,10 @@ class OnnxRuntime:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only; load failures are raised, not logged
+        # Small models, one sample at a time: a pre-sized memory arena and memory-pattern
+        # planning only add resident memory on an edge host.
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
         try:
             self._sess = ort.InferenceSession(
                 bytes(model_bytes), sess_options=opts, providers=["CPUExecutionProvider"]

@@ -121,9 +121,13 @@ def median(values: Iterable[float]) -> float:
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table; cells are str()-ed as given."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A GitHub-flavoured markdown table; cells are str()-ed, and ``|`` in them escaped."""
+
+    def cells(values: Iterable[Any]) -> str:
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+
+    lines = [cells(header), "|" + "|".join("---" for _ in header) + "|"]
+    lines += [cells(row) for row in rows]
     return "\n".join(lines)
 
 

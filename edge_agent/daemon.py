@@ -349,6 +349,9 @@ class Agent:
             publisher.wait_idle(5.0)
             publisher.stop()
         if self._session is not None:
+            if getattr(self, "outbox", None) is not None:  # a last health report with final counters
+                self._publish(self.topics.agent_health(self.config.agent_id),
+                              encode_agent_health(self.health()), qos=1, retain=True)
             info = self._session.publish(self.topics.agent_state(self.config.agent_id),
                                          encode_agent_state(self._state("stopped")), qos=1, retain=True)
             try:

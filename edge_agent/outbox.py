@@ -358,6 +358,10 @@ class OutboxPublisher:
 
     def wake(self) -> None:
         """Signal that new events were appended; cheap, callable from any thread."""
+        with self._idle:
+            # Not idle until the thread's next step has seen the new events: otherwise
+            # wait_idle() right after an append returns on the previous step's stale verdict.
+            self._is_idle = False
         self._wake.set()
 
     def wait_idle(self, timeout: float) -> bool:

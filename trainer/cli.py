@@ -270,6 +270,35 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- demo -------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import signal
+
+    from trainer.demo import DemoError, DemoOptions, run_demo
+
+    def on_term(*_: object) -> None:  # SIGTERM stops the demo like Ctrl-C: everything is cleaned up
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    if args.broker:
+        from edge_agent.mqtt import BrokerError, parse_broker_url
+
+        try:
+            parse_broker_url(args.broker)
+        except BrokerError as e:
+            raise UsageError(str(e)) from e
+    try:
+        rows = run_demo(DemoOptions(workdir=Path(args.workdir), broker=args.broker, fast=args.fast))
+    except DemoError as e:
+        print(f"edgefleet demo: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        _print_json(rows)
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -344,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="use the variant this profile's agents would run")
     json_arg(p)
     p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("demo", help="run a small fleet end to end on this machine")
+    p.add_argument("--workdir", default=".edgefleet-demo", help="where the demo keeps its files")
+    p.add_argument("--broker", help="use this broker instead of a private Mosquitto")
+    p.add_argument("--fast", action="store_true", help="smaller data and fewer epochs (CI)")
+    json_arg(p)
+    p.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="data helpers").add_subparsers(
         dest="data_command", required=True, parser_class=_Parser

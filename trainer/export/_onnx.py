@@ -29,10 +29,27 @@ def _canonical(model: onnx.ModelProto) -> bytes:
     The dynamo exporter records source paths and stack traces in node metadata; dropping
     them keeps bundles byte-reproducible across clones and shrinks the file.
     """
-    for node in model.graph.node:
+    graph = model.graph
+    for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-    del model.graph.value_info[:]
+        node.name = ""  # optional in ONNX; the exporter's long names cost bytes on the device
+    del graph.value_info[:]
+    # Short tensor names: the exporter's are paths like "body.0.weight_DequantizeLinear_Output",
+    # which on a small int8 model are a noticeable share of the file. Graph I/O keep theirs.
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
     del model.metadata_props[:]
     model.doc_string = ""
     model.graph.doc_string = ""

@@ -319,7 +319,7 @@ class Agent:
             if source.kind != "host":
                 self._wait_for_model()  # a replay must not stream past before a model serves
             self._serve(open_source(source, self.stop_event, self._stdin))
-            log.info("source ended")
+            log.info("stop requested" if self.stop_event.is_set() else "source ended")
             while not self.stop_event.is_set() and (linger is None or linger()):
                 self.stop_event.wait(1.0)
         finally:

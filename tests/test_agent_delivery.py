@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers_delivery import (
@@ -81,7 +82,7 @@ class Env:
 
     csv: Path
     registry: Path
-    broker: object
+    broker: Any  # conftest.Broker
     agents: Agents
     attacker: Attacker
     tmp: Path
@@ -336,6 +337,7 @@ def test_bad_update_is_refused_and_v1_keeps_serving(env: Env, kind: str) -> None
         f"the agent to refuse the {kind} update",
     )
     assert failed.reason.startswith(f"{kind}: "), failed.reason
+    print(f"refused: {failed.model}@{failed.version} {failed.reason[:160]}")
     if kind in ("tampered", "endless-data"):  # refused at the bundle, after the document
         assert (failed.model, failed.version) == ("host", 2)
         assert deployment_states(watch, "host", 2, mark) == ["downloading", "failed"]
@@ -351,6 +353,7 @@ def test_bad_update_is_refused_and_v1_keeps_serving(env: Env, kind: str) -> None
     assert [(a.model, a.version, a.sha256) for a in state.active] == [("host", 1, v1)]
     assert state.status == "online" and dep.state == "failed" and dep.reason == failed.reason
     assert not watch.undecodable
+    assert "Traceback" not in agent.log.read_text(), agent.tail()  # refused, not crashed
 
 
 # -- 3. killed mid-download, resumed from the chunk cache ----------------------------------
@@ -413,6 +416,7 @@ def test_agent_killed_mid_download_resumes_from_its_chunk_cache(env: Env) -> Non
     assert [(a.version, a.sha256) for a in state.active] == [(1, sha)]
     assert sha256_file(agent.state_dir / "bundles" / f"{sha}.zip") == sha
     assert not cache.exists()  # a finished download leaves no partial chunks
+    assert "Traceback" not in agent.log.read_text(), agent.tail()
 
 
 # -- 4. broker stopped and restarted while events flow -----------------------------------------
@@ -427,7 +431,7 @@ def test_events_detected_while_the_broker_is_down_are_all_delivered(env: Env) ->
 
     env.broker.stop()
     delivered_before = max(watch.event_seqs())
-    poll_until(lambda: outbox_counts(agent.state_dir)[0] >= 20, 30,
+    poll_until(lambda: outbox_counts(agent.state_dir)[0] >= 10, 30,
                "the agent to keep detecting while the broker is down (outbox growing)",
                env.agents.tail)
     assert agent.alive(), agent.tail()
@@ -439,11 +443,11 @@ def test_events_detected_while_the_broker_is_down_are_all_delivered(env: Env) ->
     try:
         depth_down, last_down, _ = outbox_counts(agent.state_dir)
         env.broker.start()
-        assert watch.ready.wait(20), "the subscriber did not reconnect and resubscribe"
+        assert watch.ready.wait(20), f"the subscriber did not resubscribe\n{env.agents.tail()}"
     finally:
         resumed = datetime.now(UTC)
         agent.signal(signal.SIGCONT)
-    assert depth_down >= 20 and last_down > delivered_before
+    assert depth_down >= 10 and last_down > delivered_before
 
     watch.wait_for(
         lambda: any(h.outbox_depth == 0 and datetime.fromisoformat(h.ts) > resumed

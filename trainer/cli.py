@@ -94,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         outcome = train(prepared, Path(args.registry), progress)
+        bar.finish()
     except TrainError as e:
         bar.finish()
         print(f"edgefleet train: {e}", file=sys.stderr)

@@ -261,7 +261,9 @@ def cmd_repo_refresh(args: argparse.Namespace) -> int:
         report = None
         if args.broker is not None:
             with _connected(args) as client:
-                report = publish_repository(repo, client, topics, timeout=args.broker_timeout)
+                report = publish_repository(
+                    repo, client, topics, chunk_size=args.chunk_size, timeout=args.broker_timeout
+                )
     if args.json:
         out: dict[str, Any] = {"renewed": renewed, "versions": versions}
         out["published"] = None if report is None else _publish_summary(report)
@@ -407,6 +409,7 @@ def add_fleet_commands(
     p = repo.add_parser("refresh", help="re-sign timestamp/snapshot before they expire")
     registry_arg(p)
     _broker_args(p, required=False)
+    _chunk_size_arg(p)
     json_arg(p)
     p.set_defaults(func=cmd_repo_refresh)
 

@@ -18,6 +18,7 @@ class ProgressBar:
         self.tty = self.stream.isatty()
         self._open = False
         self._last = 0.0
+        self._pending: str | None = None  # a line not yet printed (non-terminal output)
         self._start = time.monotonic()
 
     def update(self, done: int, detail: str = "") -> None:
@@ -36,9 +37,15 @@ class ProgressBar:
         elif now - self._last >= 2.0 or done == self.total or done == 1:
             self.stream.write(line + "\n")
             self._last = now
+            self._pending = None
+        else:
+            self._pending = line
         self.stream.flush()
 
     def finish(self) -> None:
+        if self._pending is not None:  # e.g. early stopping: show where it ended
+            self.stream.write(self._pending + "\n")
+            self._pending = None
         if self._open:
             self.stream.write("\n")
             self._open = False

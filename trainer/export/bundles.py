@@ -19,6 +19,7 @@ from shared.bundle import (
     read_bundle,
     write_bundle,
 )
+from trainer.export._quiet import quiet_fds
 from trainer.export._onnx import INPUT_NAME, OUTPUT_NAME, export_onnx_fp32, quantize_onnx_int8
 from trainer.export._tflite import export_tflite_fp32, export_tflite_int8
 from trainer.export.parity import TOLERANCES, ParityReport, check_parity
@@ -77,7 +78,8 @@ def artifact_scores(fmt: str, model_bytes: bytes, windows: np.ndarray) -> np.nda
         return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: windows})[0], np.float32)
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_content=model_bytes, num_threads=1)
+    with quiet_fds():  # LiteRT announces its XNNPACK delegate on stderr
+        interp = Interpreter(model_content=model_bytes, num_threads=1)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]["index"]
     out = interp.get_output_details()[0]["index"]

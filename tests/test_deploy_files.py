@@ -1,0 +1,116 @@
+"""Packaging and deployment files: extras, Dockerfiles and the systemd unit stay honest.
+
+No Docker engine runs here, so the Dockerfiles are read and checked against pyproject: they
+install the declared extras and start the declared entry points.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+SCRIPTS = PYPROJECT["project"]["scripts"]
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_extras_declare_what_each_side_needs() -> None:
+    edge, trainer = _names(EXTRAS["edge"]), _names(EXTRAS["trainer"])
+    assert {"numpy", "onnxruntime", "ai-edge-litert", "paho-mqtt", "tuf", "psutil"} <= edge
+    assert not {"torch", "optuna", "onnx", "onnxscript", "litert-torch"} & edge
+    assert {"torch", "onnx", "onnxscript", "onnxruntime", "optuna", "scipy", "cmaes", "sqlite-utils",
+            "litert-torch"} <= trainer
+    assert "torch==2.13.0" in EXTRAS["trainer"]
+    assert {"pytest", "hypothesis", "ruff", "mypy"} <= _names(EXTRAS["dev"])
+    assert SCRIPTS == {"edgefleet": "trainer.cli:main", "edgefleet-agent": "edge_agent.cli:main"}
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def _check_common(path: Path, extra: str, entry: str) -> list[tuple[str, str]]:
+    ins = _instructions(path)
+    runs = " ".join(rest for op, rest in ins if op == "RUN")
+    assert f'".[{extra}]"' in runs, f"{path.name} must install the {extra} extra"
+    users = [rest for op, rest in ins if op == "USER"]
+    assert users and users[-1] not in ("root", "0"), f"{path.name} must run as a non-root user"
+    entrypoint = [rest for op, rest in ins if op == "ENTRYPOINT"][-1]
+    assert entrypoint == f'["{entry}"]' and entry in SCRIPTS
+    for op, rest in ins:
+        if op == "COPY" and "--from" not in rest:
+            for src in rest.split()[:-1]:
+                assert (REPO_ROOT / src).exists(), f"{path.name} copies missing {src}"
+    return ins
+
+
+def test_edge_dockerfile_is_slim_non_root_edge_only_and_arch_neutral() -> None:
+    ins = _check_common(REPO_ROOT / "Dockerfile.edge", "edge", "edgefleet-agent")
+    body = " ".join(f"{op} {rest}" for op, rest in ins)
+    assert "[trainer]" not in body and "torch" not in body
+    assert all("slim" in rest and "--platform" not in rest for op, rest in ins if op == "FROM")
+    assert not re.search(r"amd64|x86_64|aarch64|arm64", body), "nothing CPU-specific in the edge image"
+    assert "COPY trainer" not in body
+
+
+def test_trainer_dockerfile_installs_trainer_extra_and_pinned_torch() -> None:
+    ins = _check_common(REPO_ROOT / "Dockerfile.trainer", "trainer", "edgefleet")
+    assert '"torch==2.13.0"' in " ".join(rest for op, rest in ins if op == "RUN")
+
+
+def _unit() -> dict[str, dict[str, list[str]]]:
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for line in (REPO_ROOT / "deploy/edgefleet-agent.service").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        assert current is not None
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_systemd_unit_is_hardened_and_restarts_on_failure() -> None:
+    service = _unit()["Service"]
+    assert service.get("DynamicUser") == ["yes"] or "User" in service
+    assert service["StateDirectory"] == ["edgefleet"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["Restart"] == ["on-failure"]
+    assert "run --config" in service["ExecStart"][0] and "edgefleet-agent" in service["ExecStart"][0]
+    assert set(service["RestartPreventExitStatus"][0].split()) == {"2", "3"}  # config / credentials
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify checks that ExecStart's binary exists: point it at this checkout's entry point.
+    agent = Path(sys.executable).with_name("edgefleet-agent")
+    unit = tmp_path / "edgefleet-agent.service"
+    unit.write_text((REPO_ROOT / "deploy/edgefleet-agent.service").read_text()
+                    .replace("/usr/local/bin/edgefleet-agent", str(agent)))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in proc.stderr.splitlines()
+                if "edgefleet-agent.service" in line and "Documentation" not in line]
+    assert proc.returncode == 0 or not problems, proc.stderr

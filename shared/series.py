@@ -118,9 +118,10 @@ def read_series(path: str | Path) -> Series:
     timestamps: list[str] = []
     rows: list[list[float]] = []
     features: tuple[str, ...] = ()
-    for ts, features, values in iter_csv_rows(path):
+    for ts, row_features, values in iter_csv_rows(path):
         timestamps.append(ts)
         rows.append(values)
+        features = row_features
     if not rows:
         raise SeriesError(f"{path}: no data rows")
     values = np.asarray(rows, dtype=np.float64)

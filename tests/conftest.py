@@ -63,7 +63,8 @@ class Broker:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()}")
+                    log = self.workdir / "mosquitto.log"
+                    raise RuntimeError(f"mosquitto exited: {log.read_text() if log.exists() else ''}") from None
                 time.sleep(0.02)  # polling a port, not waiting for correctness
         raise RuntimeError("mosquitto did not start listening within 10 s")
 

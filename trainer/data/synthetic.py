@@ -69,7 +69,7 @@ def generate_host_metrics(
         raise ValueError("need at least 200 rows")
     rng = np.random.default_rng(seed)
     t = np.arange(rows, dtype=np.float64) * step_seconds
-    day, week = 86400.0, 7 * 86400.0
+    day = 86400.0
     daily = np.sin(2 * np.pi * t / day - np.pi / 2)
     weekly = np.where(((t // day) % 7) >= 5, -0.6, 0.0)  # quieter weekends
 

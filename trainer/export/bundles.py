@@ -19,8 +19,8 @@ from shared.bundle import (
     read_bundle,
     write_bundle,
 )
-from trainer.export._quiet import quiet_fds
 from trainer.export._onnx import INPUT_NAME, OUTPUT_NAME, export_onnx_fp32, quantize_onnx_int8
+from trainer.export._quiet import quiet_fds
 from trainer.export._tflite import export_tflite_fp32, export_tflite_int8
 from trainer.export.parity import TOLERANCES, ParityReport, check_parity
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from shared.profiles import FirmwareProfile, load_profile
 from shared.series import Series, SeriesError, file_sha256, read_series
-from trainer.data import fill_missing, make_windows, time_split
+from trainer.data import fill_missing, make_windows, min_rows, time_split
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.models import ArchitectureSpec, Recipe, fit, score_windows
 from trainer.registry import NewArtifact, Registry, RegistryError, VersionRecord, check_model_name
@@ -112,10 +112,10 @@ def prepare(request: TrainRequest) -> PreparedData:
             )
         used = max(1, int(len(full) * request.train_fraction))
         part = full.head(used)
-        if used < 2 * request.window:
+        if used < min_rows(request.window):
             raise TrainError(
                 f"{path}: {used} rows (after --train-fraction {request.train_fraction}) are too few "
-                f"for a window of {request.window}: need at least {2 * request.window}"
+                f"for a window of {request.window}: need at least {min_rows(request.window)}"
             )
         try:
             filled = fill_missing(part.values)

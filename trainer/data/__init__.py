@@ -7,7 +7,7 @@ from trainer.data.synthetic import (
     generate_host_metrics,
     write_host_metrics,
 )
-from trainer.data.windows import TimeSplit, fill_missing, make_windows, time_split
+from trainer.data.windows import TimeSplit, fill_missing, make_windows, min_rows, time_split
 
 __all__ = [
     "ANOMALY_KINDS",
@@ -17,6 +17,7 @@ __all__ = [
     "fill_missing",
     "generate_host_metrics",
     "make_windows",
+    "min_rows",
     "time_split",
     "write_host_metrics",
 ]

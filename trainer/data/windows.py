@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["fill_missing", "make_windows", "TimeSplit", "time_split"]
+__all__ = ["MIN_VALIDATION_WINDOWS", "fill_missing", "make_windows", "min_rows", "TimeSplit", "time_split"]
 
 
 def fill_missing(values: np.ndarray) -> np.ndarray:
@@ -45,18 +45,26 @@ class TimeSplit:
     validation: np.ndarray
 
 
-def time_split(values: np.ndarray, window: int, validation_fraction: float) -> TimeSplit:
-    """Split rows in time order so both parts hold at least one window.
+MIN_VALIDATION_WINDOWS = 16
 
-    Validation gets the last ``validation_fraction`` of the rows (at least one window); windows
-    never cross the boundary, so validation is data the model has not seen.
+
+def min_rows(window: int) -> int:
+    """Rows needed to train: one window, plus :data:`MIN_VALIDATION_WINDOWS` to validate on."""
+    return 2 * window + MIN_VALIDATION_WINDOWS - 1
+
+
+def time_split(values: np.ndarray, window: int, validation_fraction: float) -> TimeSplit:
+    """Split rows in time order: training gets at least one window, validation at least 16.
+
+    Validation gets the last ``validation_fraction`` of the rows (at least
+    :data:`MIN_VALIDATION_WINDOWS` windows: a threshold and a parity check need a few scores);
+    windows never cross the boundary, so validation is data the model has not seen.
     """
     n = len(values)
-    if n < 2 * window:
+    if n < min_rows(window):
         raise ValueError(
-            f"{n} rows are too few: a window of {window} needs at least {2 * window} rows "
-            "(one window to train on, one to validate)"
+            f"{n} rows are too few: a window of {window} needs at least {min_rows(window)} rows"
         )
-    n_val = max(window, int(round(n * validation_fraction)))
+    n_val = max(window + MIN_VALIDATION_WINDOWS - 1, int(round(n * validation_fraction)))
     n_val = min(n_val, n - window)
     return TimeSplit(train=values[: n - n_val], validation=values[n - n_val :])

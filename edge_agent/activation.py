@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from shared.files import write_atomically
 
 __all__ = ["ActivationStore", "ActiveRecord"]
 
@@ -40,24 +41,6 @@ class ActiveRecord:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ActiveRecord:
         return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class ActivationStore:
@@ -86,7 +69,7 @@ class ActivationStore:
         return state
 
     def _save(self) -> None:
-        _atomic_write(self.path, (json.dumps(self._state, indent=2, sort_keys=True) + "\n").encode())
+        write_atomically(self.path, (json.dumps(self._state, indent=2, sort_keys=True) + "\n").encode())
 
     def next_bdseq(self) -> int:
         """A new birth/death sequence number for this run (persisted first)."""
@@ -112,7 +95,7 @@ class ActivationStore:
         """Write a verified bundle (idempotent)."""
         path = self.bundle_path(sha256)
         if not path.exists():
-            _atomic_write(path, bundle)
+            write_atomically(path, bundle)
         return path
 
     def activate(self, slot: str, record: ActiveRecord) -> None:

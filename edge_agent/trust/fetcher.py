@@ -36,6 +36,7 @@ from tuf.ngclient import FetcherInterface
 
 from edge_agent.mqtt import BrokerError, RetainedReader
 from shared.chunking import ChunkError, ChunkIndex, RepoIndex
+from shared.files import write_atomically
 from shared.topics import TopicError, Topics
 
 __all__ = [
@@ -282,15 +283,5 @@ class MqttFetcher(FetcherInterface):
 
     @staticmethod
     def _store_chunk(cache: Path, i: int, data: bytes) -> None:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{i}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, cache / str(i))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        # No directory fsync per chunk: a chunk lost to a power cut is simply fetched again.
+        write_atomically(cache / str(i), data, sync_dir=False)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +40,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from shared.files import write_atomically
 from shared.topics import TopicError, validate_path
 
 __all__ = ["ExpiryPolicy", "RepoFiles", "RepositoryError", "TufRepository"]
@@ -78,29 +78,6 @@ class RepoFiles:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def url_path(target_path: str, sha256: str) -> str:
@@ -204,7 +181,7 @@ class TufRepository:
         # Keys first: metadata without its keys would be a repository nobody can sign.
         for role, signer in signers.items():
             key_dir = rkd if role == Root.type else repo.keys_dir
-            _atomic_write(key_dir / f"{role}.pem", signer.private_bytes, mode=0o600)
+            write_atomically(key_dir / f"{role}.pem", signer.private_bytes, mode=0o600)
         repo._signers = {r: s for r, s in signers.items() if r != Root.type}
 
         root_md = Metadata(root)
@@ -308,7 +285,7 @@ class TufRepository:
         return md
 
     def _write_metadata(self, filename: str, md: Metadata[Any]) -> None:
-        _atomic_write(self.metadata_dir / filename, md.to_bytes(_SERIALIZER))
+        write_atomically(self.metadata_dir / filename, md.to_bytes(_SERIALIZER))
 
     def _bump_snapshot_and_timestamp(self, now: datetime, *, snapshot: bool) -> None:
         if snapshot:
@@ -359,7 +336,7 @@ class TufRepository:
             tf = TargetFile.from_data(target_path, data, ["sha256"])
             if target_path in custom:
                 tf.unrecognized_fields["custom"] = dict(custom[target_path])
-            _atomic_write(self.targets_dir / url_path(target_path, tf.hashes["sha256"]), data)
+            write_atomically(self.targets_dir / url_path(target_path, tf.hashes["sha256"]), data)
             added[target_path] = tf
         now = self._clock()
         targets = self._md_targets.signed

@@ -15,14 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from trainer.cli_common import EXIT_FAILED, EXIT_USAGE, UsageError, positive_int, print_json
 from trainer.progress import ProgressBar
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,10 +28,6 @@ def _registry_default() -> str:
     return os.environ.get("EDGEFLEET_REGISTRY") or ".edgefleet"
 
 
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -45,16 +35,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 
@@ -106,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             {"format": a.format, "quantization": a.quantization, "parity": a.parity.to_json()}
             for a in outcome.rejected
         ]
-        _print_json(obj)
+        print_json(obj)
     else:
         print(f"registered {record.ref} in {args.registry}")
         _print_artifacts(record.artifacts)
@@ -139,7 +119,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     with _open_registry(args.registry) as reg:
         models = reg.models()
     if args.json:
-        _print_json(models)
+        print_json(models)
         return 0
     if not models:
         print(f"no models in {args.registry}")
@@ -158,7 +138,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     except RegistryError as e:
         raise UsageError(str(e)) from e
     if args.json:
-        _print_json(record.to_json())
+        print_json(record.to_json())
         return 0
     m = record.metrics
     print(f"{record.ref}  created {record.created_at}")
@@ -195,7 +175,7 @@ def cmd_profiles_list(args: argparse.Namespace) -> int:
 
     profiles = list_profiles()
     if args.json:
-        _print_json([p.to_json() for p in profiles])
+        print_json([p.to_json() for p in profiles])
         return 0
     print(f"{'name':22} {'arch':8} {'cores':>5} {'ram':>7}  {'formats':12} {'p99 ms':>7}  train")
     for p in profiles:
@@ -214,7 +194,7 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
     except ProfileError as e:
         raise UsageError(str(e)) from e
     if args.json:
-        _print_json(profile.to_json())
+        print_json(profile.to_json())
         return 0
     for key, value in profile.to_json().items():
         if isinstance(value, dict):
@@ -238,7 +218,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     labels = Path(args.labels) if args.labels else out.with_suffix(".labels.json")
     write_host_metrics(metrics, out, labels)
     if args.json:
-        _print_json({"csv": str(out), "labels": str(labels), "rows": args.rows,
+        print_json({"csv": str(out), "labels": str(labels), "rows": args.rows,
                      "anomalies": len(metrics.anomalies)})
     else:
         print(f"wrote {args.rows} rows to {out}, {len(metrics.anomalies)} anomalies to {labels}")
@@ -261,7 +241,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     except (BacktestError, SeriesError, ProfileError) as e:
         raise UsageError(str(e)) from e
     if args.json:
-        _print_json(result.to_json())
+        print_json(result.to_json())
     else:
         print(
             f"{result.model}@{result.version} ({result.format}/{result.quantization}): "
@@ -296,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"edgefleet demo: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
-        _print_json(rows)
+        print_json(rows)
     return 0
 
 
@@ -328,11 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="firmware profile to build artifacts for; repeatable")
     p.add_argument("--name", required=True, help="model name")
     registry_arg(p)
-    p.add_argument("--epochs", type=_positive_int, default=40, help="maximum epochs (early stopping)")
+    p.add_argument("--epochs", type=positive_int, default=40, help="maximum epochs (early stopping)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--train-fraction", type=_fraction, default=1.0, metavar="F",
                    help="train on the first F of the rows only (the rest is left for later)")
-    p.add_argument("--window", type=_positive_int, help="window length in samples")
+    p.add_argument("--window", type=positive_int, help="window length in samples")
     p.add_argument("--family", choices=("autoencoder", "forecaster"), help="model family")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     json_arg(p)
@@ -388,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("synth", help="generate host metrics with labelled injected anomalies")
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--labels", help="labels JSON to write (default: beside the CSV)")
-    p.add_argument("--rows", type=_positive_int, default=4000)
+    p.add_argument("--rows", type=positive_int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anomalies", type=int, default=8)
     json_arg(p)

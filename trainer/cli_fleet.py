@@ -11,7 +11,6 @@ define a different ``UsageError`` class that ``main()`` does not catch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import uuid
@@ -19,13 +18,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from trainer.cli_common import EXIT_FAILED, EXIT_USAGE, positive_int, print_json
+
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
 __all__ = ["add_fleet_commands"]
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 PASSWORD_ENV = "EDGEFLEET_MQTT_PASSWORD"
 PROG = "edgefleet"
 
@@ -70,10 +69,6 @@ def _command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     return run
 
 
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 # -- broker connection ------------------------------------------------------------------------
 
 
@@ -107,18 +102,9 @@ def _broker_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 def _chunk_size_arg(p: argparse.ArgumentParser) -> None:
     from shared.chunking import DEFAULT_CHUNK_SIZE
 
-    def positive(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-        return value
-
     p.add_argument(
         "--chunk-size",
-        type=positive,
+        type=positive_int,
         default=DEFAULT_CHUNK_SIZE,
         metavar="BYTES",
         help="bytes per retained target chunk; keep it under the broker's message size limit "
@@ -191,7 +177,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
     repo = init_repository(args.registry, args.root_key_dir)
     root = str(repo.root_json_path)
     if args.json:
-        _print_json({"root": root, "repository": str(repository_path(args.registry))})
+        print_json({"root": root, "repository": str(repository_path(args.registry))})
     else:
         print(f"created TUF repository {repository_path(args.registry)}")
         print(f"agents bootstrap from {root}")
@@ -238,7 +224,7 @@ def cmd_repo_publish(args: argparse.Namespace) -> int:
                 repo, client, topics, chunk_size=args.chunk_size, timeout=args.broker_timeout
             )
     if args.json:
-        _print_json(_publish_summary(report))
+        print_json(_publish_summary(report))
     else:
         _print_publish(report)
     return 0
@@ -267,7 +253,7 @@ def cmd_repo_refresh(args: argparse.Namespace) -> int:
     if args.json:
         out: dict[str, Any] = {"renewed": renewed, "versions": versions}
         out["published"] = None if report is None else _publish_summary(report)
-        _print_json(out)
+        print_json(out)
     else:
         print(f"re-signed {', '.join(renewed)} (timestamp v{versions['timestamp']})")
         if report is not None:
@@ -311,7 +297,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             timeout=args.broker_timeout,
         )
     if args.json:
-        _print_json(report.to_json())
+        print_json(report.to_json())
     else:
         scope = report.scope
         print(
@@ -337,7 +323,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
     with _connected(args) as client:
         views = read_fleet(client, topics, timeout=args.timeout)
     if args.json:
-        _print_json([v.to_json() for v in views])
+        print_json([v.to_json() for v in views])
         return 0
     if not views:
         print("no agents have reported")

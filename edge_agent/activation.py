@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,14 @@ class ActiveRecord:
 
 
 class ActivationStore:
-    """The activated bundles and the slot pointers. Not thread safe: one owner thread."""
+    """The activated bundles and the slot pointers.
+
+    Thread safe: the reconcile thread activates while the MQTT network thread takes new
+    birth/death sequence numbers; one lock serialises every change and save.
+    """
 
     def __init__(self, state_dir: Path) -> None:
+        self._lock = threading.RLock()
         self.state_dir = state_dir
         self.bundles = state_dir / "bundles"
         self.bundles.mkdir(parents=True, exist_ok=True)
@@ -72,10 +78,11 @@ class ActivationStore:
         write_atomically(self.path, (json.dumps(self._state, indent=2, sort_keys=True) + "\n").encode())
 
     def next_bdseq(self) -> int:
-        """A new birth/death sequence number for this run (persisted first)."""
-        self._state["bdseq"] = int(self._state["bdseq"]) + 1
-        self._save()
-        return int(self._state["bdseq"])
+        """A new birth/death sequence number (persisted before it is used)."""
+        with self._lock:
+            self._state["bdseq"] = int(self._state["bdseq"]) + 1
+            self._save()
+            return int(self._state["bdseq"])
 
     def current(self, slot: str) -> ActiveRecord | None:
         entry = self._state["slots"].get(slot, {}).get("current")
@@ -102,13 +109,14 @@ class ActivationStore:
         """Make ``record`` current (its bundle must be staged); the old current becomes previous."""
         if not self.bundle_path(record.sha256).exists():
             raise FileNotFoundError(f"bundle {record.sha256} is not staged")
-        entry = self._state["slots"].setdefault(slot, {})
-        old = entry.get("current")
-        if old and old["sha256"] != record.sha256:
-            entry["previous"] = old
-        entry["current"] = asdict(record)
-        self._save()
-        self._prune()
+        with self._lock:
+            entry = self._state["slots"].setdefault(slot, {})
+            old = entry.get("current")
+            if old and old["sha256"] != record.sha256:
+                entry["previous"] = old
+            entry["current"] = asdict(record)
+            self._save()
+            self._prune()
 
     def recover(self) -> list[str]:
         """Remove a crash's leftovers: temp files and unreferenced bundles. Returns what went."""

@@ -176,6 +176,11 @@ class Agent:
     def _on_disconnect(self, client, _userdata, _flags, reason, _props) -> None:
         if self.stop_event.is_set():
             return
+        # A new birth/death sequence for the next session, so that a late Last Will of the old
+        # session (bdseq N) can never be mistaken for the new one (bdseq N + 1).
+        self.bdseq = self.store.next_bdseq()
+        client.will_set(self.topics.agent_state(self.config.agent_id),
+                        encode_agent_state(self._state("offline")), qos=1, retain=True)
         delay = self._backoff.next()
         # paho waits min(delay·2, max) between attempts; min == max pins it to our jittered delay.
         client.reconnect_delay_set(max(1, round(delay)), max(1, round(delay)))

@@ -147,7 +147,9 @@ def evaluate(
     prepared = prepare(request)
     version = train(prepared, registry).version
     threshold = float(version.metrics["threshold"])
-    art = next(a for a in version.artifacts if (a.format, a.quantization) == ("onnx", "fp32"))
+    art = next((a for a in version.artifacts if (a.format, a.quantization) == ("onnx", "fp32")), None)
+    if art is None:
+        raise TrainError("the fp32 ONNX artifact did not pass its parity check")
     with Registry.open(registry) as reg:
         _spec, model = read_bundle(reg.bundle(art.sha256))
 

@@ -50,6 +50,23 @@ class ParityReport:
         return d
 
 
+RANK_RESOLUTION = 1e-3  # of the threshold
+
+
+def _rank_correlation(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> float:
+    """Spearman correlation of the scores, compared at a resolution of 1e-3 × threshold.
+
+    On flat stretches of data many windows score the same up to float rounding; ranking
+    those differences would measure summation order, not the model. Scores closer than the
+    resolution are ties (average ranks) in both vectors.
+    """
+    step = RANK_RESOLUTION * threshold
+    ref, cand = np.round(reference / step), np.round(candidate / step)
+    if np.ptp(ref) == 0 or np.ptp(cand) == 0:
+        return 1.0 if np.array_equal(ref, cand) else 0.0
+    return float(spearmanr(ref, cand).statistic)
+
+
 def check_parity(
     reference: np.ndarray, candidate: np.ndarray, threshold: float, tolerance: Tolerance
 ) -> ParityReport:
@@ -61,10 +78,7 @@ def check_parity(
     finite = bool(np.all(np.isfinite(candidate)))
     abs_err = float(np.max(np.abs(candidate - reference))) if finite else float("inf")
     rel_err = abs_err / threshold
-    if reference.size > 1 and np.ptp(reference) > 0 and finite and np.ptp(candidate) > 0:
-        rank = float(spearmanr(reference, candidate).statistic)
-    else:
-        rank = 1.0 if finite and np.array_equal(reference, candidate) else 0.0
+    rank = _rank_correlation(reference, candidate, threshold) if finite else 0.0
     agreement = float(np.mean((reference > threshold) == (candidate > threshold)))
     failures = []
     if not finite:

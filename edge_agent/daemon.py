@@ -48,6 +48,7 @@ __all__ = ["Agent", "Backoff", "EXIT_AUTH", "EXIT_OK"]
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
+EXIT_CONFIG = 2
 EXIT_AUTH = 3
 AUTH_FAILURES = {134, 135}  # MQTT 5 reason codes bad user name or password, not authorized
 
@@ -316,6 +317,10 @@ class Agent:
         except BrokerAuthError as e:
             log.error("%s", e)
             return EXIT_AUTH
+        except TrustError as e:  # the configured trust root is not a valid TUF root
+            log.error("trust root %s: %s", self.config.trust_root, e)
+            self.shutdown()
+            return EXIT_CONFIG
         except InterruptedError:
             return EXIT_OK
         self.start_workers()

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -414,48 +413,6 @@ def test_bad_inputs_are_one_line_with_the_right_exit_code(registry, broker, tmp_
         str(tmp_path / "missing"), ok=False,
     )
     assert "--password-file" in one_line_error(no_password, 2)
-
-
-@pytest.fixture
-def auth_broker(tmp_path: Path) -> Iterator[str]:
-    """A private Mosquitto that only lets user ``alice`` (password ``s3cret``) in."""
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    passwd_tool = shutil.which("mosquitto_passwd")
-    if passwd_tool is None or not Path(mosquitto).exists():
-        pytest.fail("mosquitto and mosquitto_passwd are needed: run `make setup`")
-    workdir = tmp_path / "auth-broker"
-    workdir.mkdir()
-    passwd = workdir / "passwd"
-    subprocess.run(
-        [passwd_tool, "-b", "-c", str(passwd), "alice", "s3cret"], check=True, capture_output=True
-    )
-    passwd.chmod(0o600)
-    port = _closed_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
-        + ("user root\n" if os.geteuid() == 0 else "")
-    )
-    proc = subprocess.Popen(
-        [mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        _wait_listening(port)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _wait_listening(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)  # polling a port, not waiting for correctness
-    raise RuntimeError("mosquitto did not start listening")
 
 
 def test_credentials_from_a_file_or_the_environment(auth_broker, tmp_path):

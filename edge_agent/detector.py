@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,9 +28,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_LATENCY_SAMPLES = 1024
 
 
-@dataclass(frozen=True)
-class Detection:
+class Detection(NamedTuple):
     """The model's verdict on the window that ends at ``timestamp``.
+
+    A named tuple rather than a frozen dataclass: one is built per sample on the hot path,
+    and a tuple is several times cheaper to create while just as immutable.
 
     ``values`` are that last sample's feature values after forward-filling, ``score`` the raw
     model score, ``anomaly_score`` its ``[0, 1]`` mapping (0.5 at ``threshold``), and
@@ -151,7 +154,7 @@ class Detector:
             self._anomalies += 1
         return Detection(
             timestamp=timestamp,
-            values=tuple(float(x) for x in last),
+            values=tuple(last.tolist()),
             score=score,
             anomaly_score=anomaly_score(score, self._score_spec),
             threshold=self._threshold,

@@ -164,9 +164,12 @@ def _prepare_data(opts: DemoOptions) -> tuple[list[Path], dict[str, Path], dict[
     data = opts.workdir / "data"
     data.mkdir()
     train_files, streams, labels = [], {}, {}
-    split = int(opts.rows * 0.3)  # anomalies are injected after the first 30% only
+    split = int(opts.rows * 0.3)  # the history the trainer sees; the rest is replayed
     for i, (agent, _) in enumerate(AGENTS):
-        m = generate_host_metrics(opts.rows, seed=100 + i, anomalies=6 if opts.fast else 10)
+        # Anomalies only after 35%: clean history, and a stream that starts normal (an agent
+        # needs one window of samples before its first score).
+        m = generate_host_metrics(opts.rows, seed=100 + i, anomalies=6 if opts.fast else 10,
+                                  clean_prefix=0.35)
         full = data / f"{agent}.csv"
         write_host_metrics(m, full, data / f"{agent}.labels.json")
         lines = full.read_text().splitlines(keepends=True)

@@ -39,6 +39,18 @@ class _Normalised(nn.Module):
         """
         return torch.clamp((x - self.mean) / self.std, -CLIP, CLIP)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The anomaly score: the error of the worst metric.
+
+        The maximum, not the mean, over metrics: a host whose network traffic drops to zero
+        is anomalous however normal its CPU, memory and disk are; averaging would divide that
+        one metric's error by the number of metrics. (For one metric both are the same.)
+        """
+        return self.feature_errors(x).amax(dim=1)
+
+    def feature_errors(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def error(self, predicted: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         """Normalised squared error of a prediction (normalised units) against raw values.
 
@@ -58,10 +70,11 @@ class WindowAutoencoder(_Normalised):
         widths = list(spec.hidden)
         self.body = _mlp([d, *widths, *reversed(widths[:-1]), d])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_errors(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, features)``: mean squared reconstruction error of each metric."""
         n = x.shape[0]
         r = self.body(self.normalise(x).reshape(n, -1)).reshape(x.shape)
-        return self.error(r, x).reshape(n, -1).mean(dim=1)
+        return self.error(r, x).mean(dim=1)
 
 
 class WindowForecaster(_Normalised):
@@ -71,10 +84,10 @@ class WindowForecaster(_Normalised):
         super().__init__(spec)
         self.body = _mlp([(spec.window - 1) * spec.features, *spec.hidden, spec.features])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_errors(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, features)``: squared forecast error of each metric's last value."""
         past = self.normalise(x[:, :-1, :]).reshape(x.shape[0], -1)
-        pred = self.body(past)
-        return self.error(pred, x[:, -1, :]).mean(dim=1)
+        return self.error(self.body(past), x[:, -1, :])
 
 
 def build_network(spec: ArchitectureSpec) -> _Normalised:

@@ -106,7 +106,7 @@ def _write(out: Path, series, spec: BundleSpec, runtime, columns: list[int], ver
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
+            w = csv.writer(f, lineterminator="\n")
             w.writerow(["timestamp", *series.features, "score", "anomaly_score", "is_anomaly"])
             for ts, row in zip(series.timestamps, series.values):
                 d = detector.push(ts, [float(row[j]) for j in columns])

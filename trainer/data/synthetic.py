@@ -114,7 +114,7 @@ def generate_host_metrics(
 def write_host_metrics(metrics: HostMetrics, csv_path: Path, labels_path: Path | None = None) -> None:
     """Write the rows as a multivariate CSV and, optionally, the anomalies as JSON."""
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(("timestamp", *metrics.features))
         for ts, row in zip(metrics.timestamps, metrics.values):
             w.writerow((ts, *(f"{v:.4f}" for v in row)))

@@ -80,7 +80,7 @@ def artifact_scores(fmt: str, model_bytes: bytes, windows: np.ndarray) -> np.nda
 
     with quiet_fds():  # LiteRT announces its XNNPACK delegate on stderr
         interp = Interpreter(model_content=model_bytes, num_threads=1)
-    interp.allocate_tensors()
+        interp.allocate_tensors()
     inp = interp.get_input_details()[0]["index"]
     out = interp.get_output_details()[0]["index"]
     scores = np.empty(len(windows), np.float32)

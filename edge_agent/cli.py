@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     agent = Agent(config)
     agent.install_signal_handlers()
-    return agent.run(linger=None if not args.exit_at_end else (lambda: False))
+    return agent.run(exit_at_end=args.exit_at_end)
 
 
 def build_parser() -> argparse.ArgumentParser:

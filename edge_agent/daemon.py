@@ -15,10 +15,9 @@ import shutil
 import signal
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -309,8 +308,12 @@ class Agent:
             threading.Thread(target=target, name=target.__name__, daemon=True).start()
         self.reconcile_event.set()  # converge once at start, before the first timestamp arrives
 
-    def run(self, *, linger: Callable[[], bool] | None = None) -> int:
-        """Run until the source ends (then, unless ``linger`` says stop, until stopped)."""
+    def run(self, *, exit_at_end: bool = False) -> int:
+        """Run until stopped; with ``exit_at_end``, also when the source ends.
+
+        Without it, an agent whose replay source has ended keeps serving deployments (state,
+        health, reconcile) until SIGTERM/SIGINT.
+        """
         try:
             self.init_state()
             self.init_session()
@@ -330,8 +333,8 @@ class Agent:
                 self._wait_for_model()  # a replay must not stream past before a model serves
             self._serve(open_source(source, self.stop_event, self._stdin))
             log.info("stop requested" if self.stop_event.is_set() else "source ended")
-            while not self.stop_event.is_set() and (linger is None or linger()):
-                self.stop_event.wait(1.0)
+            if not exit_at_end:
+                self.stop_event.wait()
         finally:
             self.shutdown()
         return self.exit_code
@@ -376,7 +379,3 @@ class Agent:
         if outbox is not None:
             outbox.close()
         log.info("agent %s stopped", self.config.agent_id)
-
-    def detectors(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._detectors)

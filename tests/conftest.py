@@ -7,9 +7,11 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +97,24 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+def clients(broker: Broker) -> Iterator[Callable[[], Any]]:
+    """Factory of MQTT clients connected to ``broker``; all are disconnected at teardown."""
+    from edge_agent.mqtt import connect
+
+    made: list[Any] = []
+
+    def make() -> Any:
+        c = connect(broker.url, client_id=f"t-{uuid.uuid4().hex[:12]}", timeout=5)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.disconnect()
+        c.loop_stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from tuf.api.metadata import Metadata
 
-from edge_agent.mqtt import RetainedReader, connect
+from edge_agent.mqtt import RetainedReader
 from edge_agent.trust import MqttFetcher, TrustedRepository
 from shared.bundle import bundle_target_name
 from shared.chunking import RepoIndex
@@ -100,21 +98,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def registry(trained: Path, tmp_path: Path) -> Path:
     """A private copy of the trained registry (tests add a TUF repository to it)."""
     return Path(shutil.copytree(trained, tmp_path / "registry"))
-
-
-@pytest.fixture
-def clients(broker) -> Iterator[Callable[[], mqtt.Client]]:
-    made: list[mqtt.Client] = []
-
-    def make() -> mqtt.Client:
-        c = connect(broker.url, client_id=f"t-{uuid.uuid4().hex[:12]}", timeout=5)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.disconnect()
-        c.loop_stop()
 
 
 def tree(path: Path) -> dict[str, str]:

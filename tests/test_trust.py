@@ -6,8 +6,6 @@ import hashlib
 import json
 import stat
 import threading
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -37,22 +35,6 @@ CHUNK = 1024  # small chunks so that small targets span several messages
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def clients(broker) -> Iterator[Callable[[], mqtt.Client]]:
-    """Factory of connected clients; all are disconnected at teardown."""
-    made: list[mqtt.Client] = []
-
-    def make() -> mqtt.Client:
-        c = connect(broker.url, client_id=f"t-{uuid.uuid4().hex[:12]}", timeout=5)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.disconnect()
-        c.loop_stop()
 
 
 @pytest.fixture

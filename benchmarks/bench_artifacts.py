@@ -206,8 +206,8 @@ def score_change(arts: list[Artifact], windows: np.ndarray) -> list[ScoreChange]
             continue
         fp32, int8 = by_key[(fmt, "fp32")], by_key[(fmt, "int8")]
         thr = fp32.spec.score.threshold
-        s32 = artifact_scores(fmt, fp32.model, windows).astype(np.float64)
-        s8 = artifact_scores(fmt, int8.model, windows).astype(np.float64)
+        s32 = artifact_scores(fp32.spec, fp32.model, windows).astype(np.float64)
+        s8 = artifact_scores(int8.spec, int8.model, windows).astype(np.float64)
         rel = np.abs(s8 - s32) / thr
         out.append(
             ScoreChange(

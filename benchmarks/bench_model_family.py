@@ -151,11 +151,11 @@ def evaluate(
     if art is None:
         raise TrainError("the fp32 ONNX artifact did not pass its parity check")
     with Registry.open(registry) as reg:
-        _spec, model = read_bundle(reg.bundle(art.sha256))
+        spec, model = read_bundle(reg.bundle(art.sha256))
 
     series = read_series(csv)
     ts = np.array([_ts(t) for t in series.timestamps])
-    scores = artifact_scores("onnx", model, make_windows(fill_missing(series.values), config.window))
+    scores = artifact_scores(spec, model, make_windows(fill_missing(series.values), config.window))
     ends = np.arange(config.window - 1, len(series))  # sample each window's score belongs to
     probation = prepared.datasets[0]["rows_used"]
     keep = ends >= probation

@@ -78,7 +78,7 @@ def test_bundles_reproduce_their_golden_vectors_in_the_real_runtimes(nab_model) 
             assert (spec.format, spec.quantization) == (a["format"], a["quantization"])
             windows = np.asarray(spec.golden.inputs, np.float32)
             assert windows.shape[1:] == (spec.window, len(spec.features))
-            got = artifact_scores(spec.format, model, windows)
+            got = artifact_scores(spec, model, windows)
             np.testing.assert_allclose(got, spec.golden.outputs, rtol=spec.golden.rtol, atol=spec.golden.atol)
             assert spec.score.threshold == version["metrics"]["threshold"]
             assert spec.drift_reference["features"]["value"]["std"] > 0

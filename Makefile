@@ -27,6 +27,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy shared edge_agent trainer
 
 demo: setup
 	$(VENV)/bin/edgefleet demo

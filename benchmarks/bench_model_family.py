@@ -291,7 +291,7 @@ def render(summaries: list[Summary], per_file: tuple[list[str], list[list[str]]]
         "## Model family on NAB realAWSCloudwatch",
         "",
         f"{files} files, seeds {seeds}, {EPOCHS} epochs max (early stopping), hidden "
-        f"{list(DEFAULT_ARCHITECTURE['hidden'])}, trained on the first {TRAIN_FRACTION:.0%} of "
+        f"{list(DEFAULT_ARCHITECTURE.hidden)}, trained on the first {TRAIN_FRACTION:.0%} of "
         "each file (NAB's probationary period) with the pipeline's threshold calibration; every "
         "window of the file scored by the registered fp32 ONNX artifact; metrics over the "
         f"samples after the probationary period. Whole script: {wall / 60:.1f} min.",

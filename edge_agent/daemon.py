@@ -18,12 +18,13 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import paho.mqtt.client as mqtt
 
 from edge_agent.activation import ActivationStore
 from edge_agent.config import AgentConfig
-from edge_agent.detector import Detector
+from edge_agent.detector import Detection, Detector
 from edge_agent.mqtt import BrokerAuthError, BrokerError, Will, connect
 from edge_agent.outbox import Outbox, OutboxPublisher
 from edge_agent.reconcile import LoadedModel, Reconciler, load_active
@@ -50,6 +51,10 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_AUTH = 3
 AUTH_FAILURES = {134, 135}  # MQTT 5 reason codes bad user name or password, not authorized
+
+
+def _event_payload(detection: Detection, agent: str, seq: int) -> bytes:
+    return encode_event(detection, agent, seq)
 
 
 def _now() -> str:
@@ -193,9 +198,9 @@ class Agent:
 
     def _state(self, status: str) -> AgentState:
         active = []
-        store = getattr(self, "store", None)
-        for slot in store.slots() if store else []:
-            r = store.current(slot)
+        store: ActivationStore | None = getattr(self, "store", None)  # None before init_state
+        records = [(slot, store.current(slot)) for slot in store.slots()] if store is not None else []
+        for slot, r in records:
             if r:
                 active.append(ActiveModel(slot, r.model, r.version, r.format, r.quantization, r.sha256))
         return AgentState(
@@ -293,7 +298,7 @@ class Agent:
                     log.exception("inference failed")
                     continue
                 if detection is not None and detection.is_anomaly:
-                    self.outbox.append_with_seq(topic, lambda seq, d=detection: encode_event(d, agent, seq))
+                    self.outbox.append_with_seq(topic, partial(_event_payload, detection, agent))
                     self.publisher.wake()
             if self.stop_event.is_set():
                 break

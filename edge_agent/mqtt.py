@@ -225,7 +225,7 @@ class RetainedReader:
                     if not msg.payload:
                         got.pop(msg.topic, None)
                     else:
-                        got[msg.topic] = msg.payload if keep else None
+                        got[msg.topic] = bytes(msg.payload) if keep else None
 
             def on_probe(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
                 if msg.payload == token:

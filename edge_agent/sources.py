@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from shared.series import SeriesError, iter_csv_rows
@@ -104,7 +104,7 @@ def _host(spec: SourceSpec, stop: threading.Event) -> Iterator[Sample]:
             moved = (new_net.bytes_recv + new_net.bytes_sent) - (net.bytes_recv + net.bytes_sent)
             values["network"] = moved / dt / 1e3  # kB/s
         disk, net = new_disk, new_net
-        temps = getattr(psutil, "sensors_temperatures", lambda: {})() or {}
+        temps: dict[str, list[Any]] = getattr(psutil, "sensors_temperatures", dict)() or {}
         readings = [t.current for entries in temps.values() for t in entries if t.current]
         if readings:
             values["temperature"] = max(readings)

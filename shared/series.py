@@ -124,13 +124,13 @@ def read_series(path: str | Path) -> Series:
         features = row_features
     if not rows:
         raise SeriesError(f"{path}: no data rows")
-    values = np.asarray(rows, dtype=np.float64)
+    table = np.asarray(rows, dtype=np.float64)
     for j, name in enumerate(features):
-        if np.all(np.isnan(values[:, j])):
+        if np.all(np.isnan(table[:, j])):
             raise SeriesError(f"{path}: column {name!r} has no numeric value (all missing)")
-    if np.any(np.abs(values[np.isfinite(values)]) > np.finfo(np.float32).max):
+    if np.any(np.abs(table[np.isfinite(table)]) > np.finfo(np.float32).max):
         raise SeriesError(f"{path}: a value does not fit in float32")
-    return Series(timestamps, features, values.astype(np.float32))
+    return Series(timestamps, features, table.astype(np.float32))
 
 
 def file_sha256(path: str | Path) -> str:

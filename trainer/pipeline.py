@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,7 +33,13 @@ log = logging.getLogger(__name__)
 # the forecaster raises about half the autoencoder's false alarms at the same recall. Hidden
 # widths (512, 64) keep int8 artifacts under 30% of fp32 (per-channel parameters of narrower
 # layers weigh too much).
-DEFAULT_ARCHITECTURE = {"family": "forecaster", "window": 64, "hidden": (512, 64)}
+class DefaultArchitecture(NamedTuple):
+    family: str
+    window: int
+    hidden: tuple[int, ...]
+
+
+DEFAULT_ARCHITECTURE = DefaultArchitecture(family="forecaster", window=64, hidden=(512, 64))
 VALIDATION_FRACTION = 0.2
 CALIBRATION_WINDOWS = 256
 HOLDOUT_WINDOWS = 512
@@ -53,9 +59,9 @@ class TrainRequest:
     epochs: int = 40
     seed: int = 0
     train_fraction: float = 1.0
-    family: str = DEFAULT_ARCHITECTURE["family"]
-    window: int = DEFAULT_ARCHITECTURE["window"]
-    hidden: tuple[int, ...] = DEFAULT_ARCHITECTURE["hidden"]
+    family: str = DEFAULT_ARCHITECTURE.family
+    window: int = DEFAULT_ARCHITECTURE.window
+    hidden: tuple[int, ...] = DEFAULT_ARCHITECTURE.hidden
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
 
 

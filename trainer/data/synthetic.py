@@ -80,7 +80,9 @@ def generate_host_metrics(
     values = np.stack([cpu, memory, disk, network], axis=1)
 
     first = int(rows * clean_prefix)
-    slots = np.linspace(first, rows - 40, anomalies + 1).astype(int)[:-1] if anomalies else []
+    slots: list[int] = (
+        np.linspace(first, rows - 40, anomalies + 1).astype(int)[:-1].tolist() if anomalies else []
+    )
     t0 = datetime.fromisoformat(start)
     stamp = [(t0 + timedelta(seconds=int(s))).strftime("%Y-%m-%d %H:%M:%S") for s in t]
     injected: list[Anomaly] = []

@@ -287,7 +287,7 @@ def deploy(
         scope = scope_target(group=group, agent=agent)
     except DeploymentError as e:
         raise DeployError(str(e)) from e
-    with Registry.open(registry_dir) as registry:
+    with Registry.open(Path(registry_dir)) as registry:
         open_repository(registry_dir)  # a clear error before taking the lock
         with repository_lock(registry_dir):
             report, plan = _deploy_locked(

@@ -25,6 +25,9 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class _Normalised(nn.Module):
+    mean: torch.Tensor  # buffers: per-feature training mean and std
+    std: torch.Tensor
+
     def __init__(self, spec: ArchitectureSpec) -> None:
         super().__init__()
         self.spec = spec

@@ -235,9 +235,9 @@ class Registry:
             ).fetchone()
             parent = row[0]
             version = (parent or 0) + 1
-            self.db["models"].insert({"name": model, "created_at": now}, ignore=True)
+            self.db.table("models").insert({"name": model, "created_at": now}, ignore=True)
             lineage = {**lineage, "parent_version": parent}
-            self.db["versions"].insert(
+            self.db.table("versions").insert(
                 {
                     "model": model,
                     "version": version,
@@ -248,7 +248,7 @@ class Registry:
                     "architecture": json.dumps(architecture, sort_keys=True),
                 }
             )
-            self.db["artifacts"].insert_all(
+            self.db.table("artifacts").insert_all(
                 {
                     "model": model,
                     "version": version,
@@ -277,7 +277,7 @@ class Registry:
 
     def versions(self, model: str) -> list[VersionRecord]:
         """Every version of ``model``, oldest first. Raises if the model is unknown."""
-        rows = list(self.db["versions"].rows_where("model = ?", [model], order_by="version"))
+        rows = list(self.db.table("versions").rows_where("model = ?", [model], order_by="version"))
         if not rows:
             raise RegistryError(f"no model {model!r} in registry {self.root}")
         return [self._version(r) for r in rows]
@@ -287,7 +287,7 @@ class Registry:
         if version is None:
             return self.versions(model)[-1]
         rows = list(
-            self.db["versions"].rows_where("model = ? AND version = ?", [model, version])
+            self.db.table("versions").rows_where("model = ? AND version = ?", [model, version])
         )
         if not rows:
             known = [v.version for v in self.versions(model)]
@@ -299,7 +299,7 @@ class Registry:
         return self.blobs.get(sha256)
 
     def _version(self, row: dict[str, Any]) -> VersionRecord:
-        arts = self.db["artifacts"].rows_where(
+        arts = self.db.table("artifacts").rows_where(
             "model = ? AND version = ?",
             [row["model"], row["version"]],
             order_by="format, quantization",

@@ -5,7 +5,6 @@ from trainer.export.bundles import (
     ExportInputs,
     artifact_scores,
     build_artifact,
-    build_artifacts,
 )
 from trainer.export.parity import TOLERANCES, ParityReport, Tolerance, check_parity
 
@@ -17,6 +16,5 @@ __all__ = [
     "Tolerance",
     "artifact_scores",
     "build_artifact",
-    "build_artifacts",
     "check_parity",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,17 +143,3 @@ def build_artifact(fmt: str, quantization: str, inputs: ExportInputs) -> BuiltAr
     bundle = write_bundle(spec, model)
     read_bundle(bundle)  # the bundle we register must be one an agent can read
     return BuiltArtifact(fmt, quantization, bundle, spec, parity, len(model))
-
-
-def build_artifacts(
-    variants: Sequence[tuple[str, str]],
-    inputs: ExportInputs,
-    progress: Callable[[str], None] | None = None,
-) -> list[BuiltArtifact]:
-    """Build every variant in order, reporting each as it finishes."""
-    built = []
-    for fmt, quantization in variants:
-        if progress:
-            progress(f"exporting {fmt}/{quantization}")
-        built.append(build_artifact(fmt, quantization, inputs))
-    return built

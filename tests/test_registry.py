@@ -92,3 +92,9 @@ def test_two_processes_writing_at_once_get_distinct_versions(tmp_path: Path) -> 
         assert [v.version for v in versions] == list(range(1, 31))
         assert all(len(v.artifacts) == 1 for v in versions)
         assert reg.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_creating_over_a_registry_another_process_is_creating(tmp_path: Path) -> None:
+    # What a second `train` sees when the first has created the file but not migrated it yet.
+    sqlite3.connect(tmp_path / "registry.sqlite").close()
+    assert _register(str(tmp_path), "cpu", b"x") == 1

@@ -152,15 +152,16 @@ class Registry:
         """
         root = Path(root)
         db_path = root / DB_FILE
-        if not db_path.exists():
-            if not create:
-                raise RegistryError(f"no registry at {root} (train a model to create one)")
-            root.mkdir(parents=True, exist_ok=True)
-            conn = cls._connect(db_path)
-            migrate(conn)
-            return cls(root, conn)
+        if not db_path.exists() and not create:
+            raise RegistryError(f"no registry at {root} (train a model to create one)")
+        root.mkdir(parents=True, exist_ok=True)
         conn = cls._connect(db_path)
         version = current_version(conn)
+        if version == 0 and create:
+            # A new (or still empty) registry. Another process may be creating it right now:
+            # migrate() takes the write lock and re-checks, so both end at the same schema.
+            migrate(conn)
+            version = current_version(conn)
         if version > SCHEMA_VERSION:
             conn.close()
             raise RegistryError(

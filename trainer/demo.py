@@ -32,6 +32,7 @@ MARKER = ".edgefleet-demo"
 GROUP = "demo"
 AGENTS = (("edge-1", "x86-64-v3"), ("edge-2", "x86-64-v3"), ("edge-3", "rpi4-arm64"))
 CANARY = "edge-2"
+STEP_SECONDS = 300  # one synthetic sample every five minutes
 
 
 class DemoError(RuntimeError):
@@ -169,7 +170,7 @@ def _prepare_data(opts: DemoOptions) -> tuple[list[Path], dict[str, Path], dict[
         # Anomalies only after 35%: clean history, and a stream that starts normal (an agent
         # needs one window of samples before its first score).
         m = generate_host_metrics(opts.rows, seed=100 + i, anomalies=6 if opts.fast else 10,
-                                  clean_prefix=0.35)
+                                  clean_prefix=0.35, step_seconds=STEP_SECONDS)
         full = data / f"{agent}.csv"
         write_host_metrics(m, full, data / f"{agent}.labels.json")
         lines = full.read_text().splitlines(keepends=True)
@@ -208,7 +209,7 @@ def _score(events: dict[int, dict], anomalies: list[dict], window: int) -> tuple
     An event counts for an anomaly if its window-end timestamp lies between the anomaly's
     start and ``window`` samples after its end (the window still holds the anomaly then).
     """
-    step = 300  # seconds between synthetic samples
+    step = STEP_SECONDS
     spans = [
         (datetime.fromisoformat(a["start_time"]).timestamp(),
          datetime.fromisoformat(a["end_time"]).timestamp() + window * step)

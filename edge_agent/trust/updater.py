@@ -177,14 +177,6 @@ class TrustedRepository:
             raise TargetNotFoundError(path)
         return info
 
-    def target_info(self, path: str) -> TargetFile:
-        """The trusted ``TargetFile`` of ``path`` (length, hashes, custom).
-
-        Raises:
-            TargetNotFoundError: not a current target. TrustError: refresh failed.
-        """
-        return self._targetinfo(path)
-
     def fetch_target(self, path: str) -> bytes:
         """Return the verified bytes of target ``path`` (from the local cache if it matches).
 

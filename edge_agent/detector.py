@@ -1,4 +1,4 @@
-"""Streaming anomaly detection: ring buffer of the last W samples → runtime → score → decision.
+"""Streaming anomaly detection: ring buffer of the last W samples → runtime → score pipeline → decision.
 
 :class:`Detector` is the per-slot inference loop of the agent; :func:`detect_series` runs the
 very same :meth:`Detector.push` path over a recorded series, so a backtest sees exactly what the
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shared.bundle import BundleSpec, anomaly_score
+from shared.bundle import BundleSpec
 
 from .runtime import ModelRuntime
 
@@ -35,8 +35,9 @@ class Detection(NamedTuple):
     and a tuple is several times cheaper to create while just as immutable.
 
     ``values`` are that last sample's feature values after forward-filling, ``score`` the raw
-    model score, ``anomaly_score`` its ``[0, 1]`` mapping (0.5 at ``threshold``), and
-    ``is_anomaly`` is ``score > threshold``.
+    model score, ``threshold`` the bundle's calibrated raw-score threshold; ``anomaly_score``
+    (``[0, 1]``, 0.5 at the decision boundary), ``is_anomaly`` and ``tail_probability`` come
+    from the bundle's streaming score pipeline (:mod:`shared.score_pipeline`).
     """
 
     timestamp: str
@@ -47,6 +48,7 @@ class Detection(NamedTuple):
     is_anomaly: bool
     model_version: int
     slot: str
+    tail_probability: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class DetectorStats:
 
 
 class Detector:
-    """Feeds samples through a ring buffer into a runtime and thresholds the scores.
+    """Feeds samples through a ring buffer into a runtime, and its scores through the bundle's
+    streaming score pipeline (one pipeline state per detector: per slot, per series).
 
     The ring buffer is a preallocated ``(2 * window, features)`` float32 array where every
     sample is written twice (at ``i`` and ``i + window``), so the last ``window`` samples are
@@ -95,7 +98,7 @@ class Detector:
     ) -> None:
         self._runtime = runtime
         self._spec = spec
-        self._score_spec = spec.score
+        self._scorer = spec.score.scorer()
         self._threshold = float(spec.score.threshold)
         self.model_version = int(model_version)
         self.slot = slot
@@ -149,18 +152,19 @@ class Detector:
             raise
         self._latency_ns.append(time.perf_counter_ns() - t0)
         self._inferences += 1
-        is_anomaly = score > self._threshold
-        if is_anomaly:
+        step = self._scorer.push(score)
+        if step.is_anomaly:
             self._anomalies += 1
         return Detection(
             timestamp=timestamp,
             values=tuple(last.tolist()),
             score=score,
-            anomaly_score=anomaly_score(score, self._score_spec),
+            anomaly_score=step.anomaly_score,
             threshold=self._threshold,
-            is_anomaly=is_anomaly,
+            is_anomaly=step.is_anomaly,
             model_version=self.model_version,
             slot=self.slot,
+            tail_probability=step.tail_probability,
         )
 
     def stats(self) -> DetectorStats:

@@ -17,7 +17,8 @@ same model bytes and the same spec give the same sha256.
       "model_file": "model.onnx",
       "inputs":  [TensorSpec], "outputs": [TensorSpec],
       "window": 64, "features": ["value"],
-      "score": {"kind": "reconstruction_mse", "threshold": 0.8,
+      "score": {"kind": "forecast_mae", "threshold": 0.8,
+                "pipeline": {"kind": "edgefleet.likelihood/1", ...},  # absent: fixed threshold
                 "scale": {"center": -0.22, "width": 0.5}},
       "drift_reference": {...},           # per-feature and score statistics on training data
       "golden": {"inputs": [[[...]]], "outputs": [...], "atol": 1e-4, "rtol": 1e-3},
@@ -42,6 +43,16 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from shared.score_pipeline import (
+    FIXED_THRESHOLD,
+    FixedThresholdPipeline,
+    FixedThresholdScorer,
+    ScorePipeline,
+    ScorePipelineError,
+    Scorer,
+    pipeline_from_json,
+)
 
 __all__ = [
     "BUNDLE_SCHEMA",
@@ -103,6 +114,11 @@ class TensorSpec:
 class ScoreSpec:
     """How a raw window score becomes a decision and a normalised ``anomaly_score``.
 
+    ``pipeline`` (``score.pipeline`` in ``spec.json``, see :mod:`shared.score_pipeline`) is the
+    versioned streaming pipeline that decides; without it the decision is ``score > threshold``
+    and ``anomaly_score`` is the logistic below. ``threshold`` stays the calibrated raw-score
+    bound either way: parity and smoke tests measure errors in its units.
+
     ``anomaly_score = sigmoid((ln(score) - center) / width)`` with ``center = ln(threshold)``,
     so it is exactly 0.5 at the threshold, monotonic in the score and always in ``[0, 1]``.
     """
@@ -111,13 +127,21 @@ class ScoreSpec:
     threshold: float
     center: float
     width: float
+    pipeline: ScorePipeline = field(default_factory=FixedThresholdPipeline)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "kind": self.kind,
             "threshold": self.threshold,
             "scale": {"center": self.center, "width": self.width},
         }
+        if self.pipeline.kind != FIXED_THRESHOLD:  # absent means fixed: older agents read it so
+            obj["pipeline"] = self.pipeline.to_json()
+        return obj
+
+    def scorer(self) -> Scorer:
+        """A fresh streaming scorer for one series (see :mod:`shared.score_pipeline`)."""
+        return self.pipeline.scorer(self.threshold, self.center, self.width)
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> ScoreSpec:
@@ -127,7 +151,10 @@ class ScoreSpec:
                 threshold=float(obj["threshold"]),
                 center=float(obj["scale"]["center"]),
                 width=float(obj["scale"]["width"]),
+                pipeline=pipeline_from_json(obj.get("pipeline")),
             )
+        except ScorePipelineError as e:
+            raise BundleError(str(e)) from e
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"bad score spec: {e}") from e
         if not (spec.threshold > 0 and spec.width > 0 and math.isfinite(spec.center)):
@@ -136,14 +163,12 @@ class ScoreSpec:
 
 
 def anomaly_score(score: float, spec: ScoreSpec) -> float:
-    """Map a raw score to ``[0, 1]`` (0.5 at the threshold); see :class:`ScoreSpec`."""
-    if not score > 0:  # also catches NaN
-        return 0.0
-    z = (math.log(score) - spec.center) / spec.width
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
+    """Map a raw score to ``[0, 1]`` with the spec's logistic (0.5 at the threshold).
+
+    This is the stateless scale of the raw score; the decision and the ``anomaly_score`` an
+    agent reports come from the streaming pipeline (:meth:`ScoreSpec.scorer`).
+    """
+    return FixedThresholdScorer(spec.threshold, spec.center, spec.width).push(score).anomaly_score
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shared.profiles import FirmwareProfile, load_profile
+from shared.score_pipeline import LikelihoodPipeline, ScorePipeline
 from shared.series import Series, SeriesError, file_sha256, read_series
 from trainer.data import fill_missing, make_windows, min_rows, time_split
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
@@ -63,6 +64,7 @@ class TrainRequest:
     window: int = DEFAULT_ARCHITECTURE.window
     hidden: tuple[int, ...] = DEFAULT_ARCHITECTURE.hidden
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
+    score_pipeline: ScorePipeline = field(default_factory=LikelihoodPipeline)
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ def train(
         ),
     )
     val_scores = score_windows(result.model, val_w)
-    score = calibrate(val_scores, spec.score_kind, req.threshold)
+    score = calibrate(val_scores, spec.score_kind, req.threshold, req.score_pipeline)
     holdout = _evenly(val_w, HOLDOUT_WINDOWS)
     inputs = ExportInputs(
         name=req.name,
@@ -238,6 +240,7 @@ def train(
             "validation_fraction": VALIDATION_FRACTION,
             "recipe": recipe.to_json(),
             "threshold_policy": req.threshold.to_json(),
+            "score_pipeline": req.score_pipeline.to_json(),
             "software": _versions(),
         },
         architecture=spec.to_json(),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.bundle import ScoreSpec
+from shared.score_pipeline import ScorePipeline
 
 __all__ = ["ThresholdPolicy", "calibrate"]
 
@@ -28,8 +29,12 @@ class ThresholdPolicy:
         return {"quantile": self.quantile, "margin": self.margin}
 
 
-def calibrate(validation_scores: np.ndarray, kind: str, policy: ThresholdPolicy) -> ScoreSpec:
-    """Build the score spec: threshold, and a logistic scale in log-score space.
+def calibrate(
+    validation_scores: np.ndarray, kind: str, policy: ThresholdPolicy, pipeline: ScorePipeline
+) -> ScoreSpec:
+    """Build the score spec: the streaming ``pipeline`` that decides, the calibrated raw
+    threshold (what parity and smoke tests measure errors against, and the decision itself
+    for the fixed-threshold pipeline), and a logistic scale in log-score space.
 
     The width of the logistic is the spread (std) of log validation scores, so one width up
     from the threshold reads ~0.73 and one down ~0.27 whatever the score's units.
@@ -42,4 +47,4 @@ def calibrate(validation_scores: np.ndarray, kind: str, policy: ThresholdPolicy)
     threshold = max(float(np.quantile(scores, policy.quantile)) * policy.margin, floor)
     logs = np.log(np.maximum(scores, floor))
     width = max(float(np.std(logs)), 0.05)
-    return ScoreSpec(kind=kind, threshold=threshold, center=math.log(threshold), width=width)
+    return ScoreSpec(kind=kind, threshold=threshold, center=math.log(threshold), width=width, pipeline=pipeline)

@@ -2,7 +2,11 @@
 
 Input: float32 ``(batch, window, features)`` raw values. Normalisation (per-feature mean and
 std from the training data) is part of the graph, so exported artifacts take raw metrics.
-Output: float32 ``(batch,)`` anomaly scores (higher = more anomalous).
+Output: float32 ``(batch,)`` raw anomaly scores (higher = more anomalous): the absolute error
+in units of the training standard deviation. Absolute, not squared: the streaming score
+pipeline (:mod:`shared.score_pipeline`) averages and standardizes these errors, and a squared
+error's tail is so heavy that one spike dominates the history it is measured against
+(docs/model-choice.md has the comparison).
 """
 
 from __future__ import annotations
@@ -51,17 +55,19 @@ class _Normalised(nn.Module):
         """
         return self.feature_errors(x).amax(dim=1)
 
-    def feature_errors(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_errors(self, x: torch.Tensor, squared: bool = False) -> torch.Tensor:
+        """``(batch, features)`` per-metric errors; ``squared`` for the training loss."""
         raise NotImplementedError
 
-    def error(self, predicted: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        """Normalised squared error of a prediction (normalised units) against raw values.
+    def error(self, predicted: torch.Tensor, raw: torch.Tensor, squared: bool = False) -> torch.Tensor:
+        """Normalised absolute (or squared) error of a prediction (normalised units) against raw values.
 
         It is computed from the raw input, not from the normalised tensor fed to the body: an
         int8 converter quantizes that tensor (clipping it to the calibration range), and an
         anomaly is exactly what lies outside that range.
         """
-        return ((predicted * self.std + self.mean - raw) / self.std) ** 2
+        e = (predicted * self.std + self.mean - raw) / self.std
+        return e * e if squared else e.abs()
 
 
 class WindowAutoencoder(_Normalised):
@@ -73,11 +79,11 @@ class WindowAutoencoder(_Normalised):
         widths = list(spec.hidden)
         self.body = _mlp([d, *widths, *reversed(widths[:-1]), d])
 
-    def feature_errors(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, features)``: mean squared reconstruction error of each metric."""
+    def feature_errors(self, x: torch.Tensor, squared: bool = False) -> torch.Tensor:
+        """``(batch, features)``: mean absolute (or squared) reconstruction error of each metric."""
         n = x.shape[0]
         r = self.body(self.normalise(x).reshape(n, -1)).reshape(x.shape)
-        return self.error(r, x).mean(dim=1)
+        return self.error(r, x, squared).mean(dim=1)
 
 
 class WindowForecaster(_Normalised):
@@ -87,10 +93,10 @@ class WindowForecaster(_Normalised):
         super().__init__(spec)
         self.body = _mlp([(spec.window - 1) * spec.features, *spec.hidden, spec.features])
 
-    def feature_errors(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, features)``: squared forecast error of each metric's last value."""
+    def feature_errors(self, x: torch.Tensor, squared: bool = False) -> torch.Tensor:
+        """``(batch, features)``: absolute (or squared) forecast error of each metric's last value."""
         past = self.normalise(x[:, :-1, :]).reshape(x.shape[0], -1)
-        return self.error(self.body(past), x[:, -1, :])
+        return self.error(self.body(past), x[:, -1, :], squared)
 
 
 def build_network(spec: ArchitectureSpec) -> _Normalised:

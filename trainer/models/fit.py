@@ -95,7 +95,7 @@ def fit(
             for i in range(0, len(order), recipe.batch_size):
                 batch = x_train[order[i : i + recipe.batch_size]]
                 opt.zero_grad()
-                loss = model.feature_errors(batch).mean()  # every metric's error teaches
+                loss = model.feature_errors(batch, squared=True).mean()  # every metric's error teaches
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(batch)

@@ -38,7 +38,7 @@ class ArchitectureSpec:
 
     @property
     def score_kind(self) -> str:
-        return "reconstruction_mse" if self.family == "autoencoder" else "forecast_mse"
+        return "reconstruction_mae" if self.family == "autoencoder" else "forecast_mae"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

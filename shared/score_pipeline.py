@@ -1,0 +1,297 @@
+"""The streaming score pipeline: raw model error → adaptive tail probability → decision.
+
+One implementation, numpy and the standard library only, runs wherever a decision is made: in
+the agent (:class:`edge_agent.detector.Detector`), in ``edgefleet detect`` and ``evaluate``
+(which push recorded series through that same detector) and in the trainer's search objective.
+
+Why it exists: a model's raw error is not the anomaly; a sudden change in the error's
+distribution is. A fixed threshold on the raw error, calibrated once on the rows a model was
+trained on, flags forever after any change of regime. Following the anomaly likelihood of
+Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming detectors adapt:
+
+1. **Smoothing** — the mean ``m_t`` of the last ``short_window`` raw errors.
+2. **Streaming per-series normalization** — ``z_t = (m_t - mu_t) / sigma_t`` where ``mu_t`` and
+   ``sigma_t`` are the mean and standard deviation of the previous ``long_window`` values of
+   ``m``, so the error is measured in the units of this series' own recent history.
+3. **Tail probability** — ``p_t = Q(z_t)``, the Gaussian upper tail: how unlikely an error this
+   large is, given the recent past. After a level shift the larger errors enter the history and
+   ``p`` recovers by itself: the new normal stops alarming.
+4. **Decision** — an alarm when ``p_t <= false_alarm_rate`` and the previous sample was not
+   already in alarm: one alarm per excursion, not one per sample (a run of exceedances is one
+   event; it re-arms when ``p`` recovers).
+
+``anomaly_score`` is ``log(p) / (2 log(false_alarm_rate))`` clipped to ``[0, 1]``: exactly 0.5
+at the decision boundary, monotone in ``p``. Samples that continue an alarm run already reported
+are capped just below 0.5, so that ``anomaly_score >= 0.5`` if and only if ``is_anomaly``: a
+threshold tuned on ``anomaly_score`` afterwards and the agent's own decisions agree at 0.5.
+
+The pipeline's kind and parameters are part of a bundle's ``spec.json`` (``score.pipeline``);
+:data:`PIPELINE_KINDS` lists the kinds this code can run, and :func:`pipeline_from_json` refuses
+any other with :class:`ScorePipelineError`. Bundles without ``score.pipeline`` (older trainers)
+use :data:`FIXED_THRESHOLD`: ``is_anomaly = score > threshold``.
+
+Cost per sample is O(1): two ring buffers with running sums (recomputed exactly once per
+``long_window`` samples so float rounding cannot drift) and no allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "FIXED_THRESHOLD",
+    "LIKELIHOOD",
+    "PIPELINE_KINDS",
+    "FixedThresholdPipeline",
+    "FixedThresholdScorer",
+    "LikelihoodPipeline",
+    "LikelihoodScorer",
+    "ScorePipeline",
+    "ScorePipelineError",
+    "ScoreStep",
+    "Scorer",
+    "pipeline_from_json",
+]
+
+FIXED_THRESHOLD = "edgefleet.fixed-threshold/1"
+LIKELIHOOD = "edgefleet.likelihood/1"
+PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD)
+
+_SQRT2 = math.sqrt(2.0)
+# Below this, the history's spread is float noise (a constant error): treat it as this small
+# fraction of the history's level instead, so a flat series does not divide by zero.
+_REL_SIGMA_FLOOR = 1e-6
+_ABS_SIGMA_FLOOR = 1e-12
+# Continuing an alarm run: just below the 0.5 that marks a decision.
+_RUN_CAP = 0.4999
+
+
+class ScorePipelineError(ValueError):
+    """A score pipeline spec is unknown or malformed (a bundle that carries it is refused)."""
+
+
+class ScoreStep(NamedTuple):
+    """What the pipeline says about one raw score.
+
+    ``tail_probability`` is how likely an error this large is given the series' recent past
+    (1.0 while the history is warming up), ``anomaly_score`` its ``[0, 1]`` mapping (0.5 at the
+    decision boundary), ``is_anomaly`` the decision.
+    """
+
+    tail_probability: float
+    anomaly_score: float
+    is_anomaly: bool
+
+
+@dataclass(frozen=True)
+class LikelihoodPipeline:
+    """Parameters of :data:`LIKELIHOOD` (defaults: the published anomaly-likelihood ones).
+
+    ``short_window`` raw errors are averaged (10 in Ahmad et al.); the tail probability is
+    measured against the last ``long_window`` averages (8640, thirty days of 5-minute samples,
+    as HTM's historic window); no decision is made before ``min_history`` averages are known
+    (288, HTM's learning period: one day of 5-minute samples); ``false_alarm_rate`` is the tail
+    probability at which a sample alarms — under the Gaussian model of step 3 the expected
+    share of samples that alarm on a series with no change at all.
+    """
+
+    short_window: int = 10
+    long_window: int = 8640
+    min_history: int = 288
+    false_alarm_rate: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.short_window <= self.long_window and 2 <= self.min_history <= self.long_window):
+            raise ScorePipelineError(
+                "score pipeline needs 1 <= short_window <= long_window and 2 <= min_history <= long_window"
+            )
+        if not 0 < self.false_alarm_rate < 0.5:
+            raise ScorePipelineError("score pipeline false_alarm_rate must be in (0, 0.5)")
+
+    kind = LIKELIHOOD
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": LIKELIHOOD,
+            "short_window": self.short_window,
+            "long_window": self.long_window,
+            "min_history": self.min_history,
+            "false_alarm_rate": self.false_alarm_rate,
+        }
+
+    def scorer(self, threshold: float, center: float, width: float) -> LikelihoodScorer:
+        """A fresh streaming scorer (one per series); the raw-score scale is not used."""
+        return LikelihoodScorer(self)
+
+
+@dataclass(frozen=True)
+class FixedThresholdPipeline:
+    """:data:`FIXED_THRESHOLD`: the decision is ``score > threshold`` (bundles of older trainers)."""
+
+    kind = FIXED_THRESHOLD
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": FIXED_THRESHOLD}
+
+    def scorer(self, threshold: float, center: float, width: float) -> FixedThresholdScorer:
+        """A scorer deciding ``score > threshold``, scaled by the bundle's logistic."""
+        return FixedThresholdScorer(threshold, center, width)
+
+
+
+
+def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
+    """Parse ``score.pipeline`` of a bundle spec; ``None`` (absent) is :data:`FIXED_THRESHOLD`.
+
+    Raises :class:`ScorePipelineError` for an unknown kind (naming the kinds this code runs)
+    or bad parameters. Unknown parameters of a known kind are an error too: a pipeline that
+    silently ignored one would decide differently from the trainer that declared it.
+    """
+    if obj is None:
+        return FixedThresholdPipeline()
+    if not isinstance(obj, Mapping):
+        raise ScorePipelineError("score.pipeline must be an object")
+    kind = obj.get("kind")
+    if kind == FIXED_THRESHOLD:
+        extra = set(obj) - {"kind"}
+        if extra:
+            raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(extra)}")
+        return FixedThresholdPipeline()
+    if kind != LIKELIHOOD:
+        raise ScorePipelineError(
+            f"unknown score pipeline kind {kind!r}; this version runs {', '.join(PIPELINE_KINDS)}"
+        )
+    params = {k: v for k, v in obj.items() if k != "kind"}
+    known = {"short_window", "long_window", "min_history", "false_alarm_rate"}
+    if set(params) - known:
+        raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(set(params) - known)}")
+    try:
+        return LikelihoodPipeline(
+            short_window=int(params.get("short_window", 10)),
+            long_window=int(params.get("long_window", 8640)),
+            min_history=int(params.get("min_history", 288)),
+            false_alarm_rate=float(params.get("false_alarm_rate", 1e-5)),
+        )
+    except (TypeError, ValueError) as e:
+        raise ScorePipelineError(f"bad score pipeline parameters: {e}") from e
+
+
+ScorePipeline = LikelihoodPipeline | FixedThresholdPipeline
+
+
+class FixedThresholdScorer:
+    """``is_anomaly = score > threshold``; ``anomaly_score = sigmoid((ln score - center) / width)``.
+
+    Stateless; ``tail_probability`` is reported as ``1 - anomaly_score`` (there is no history
+    to measure a tail against).
+    """
+
+    def __init__(self, threshold: float, center: float, width: float) -> None:
+        self._threshold = float(threshold)
+        self._center = float(center)
+        self._width = float(width)
+
+    def push(self, score: float) -> ScoreStep:
+        if not score > 0:  # also NaN
+            return ScoreStep(1.0, 0.0, False)
+        z = (math.log(score) - self._center) / self._width
+        if z >= 0:
+            a = 1.0 / (1.0 + math.exp(-z))
+        else:
+            e = math.exp(z)
+            a = e / (1.0 + e)
+        return ScoreStep(1.0 - a, a, score > self._threshold)
+
+
+class LikelihoodScorer:
+    """Streaming state of :data:`LIKELIHOOD` for one series. Not thread safe.
+
+    ``push`` takes each raw score in stream order. A non-finite score (a failed or degenerate
+    inference) changes no state and yields ``ScoreStep(1.0, 0.0, False)``.
+    """
+
+    def __init__(self, params: LikelihoodPipeline) -> None:
+        self._p = params
+        # Plain lists, not numpy arrays: indexing a list with a Python float is several times
+        # cheaper than a numpy scalar access, and this runs once per sample on the hot path.
+        self._short = [0.0] * params.short_window
+        self._short_n = self._short_i = 0
+        self._short_sum = 0.0
+        self._long = [0.0] * params.long_window
+        self._long_n = self._long_i = 0
+        self._long_sum = self._long_sq = 0.0
+        self._since_exact = 0
+        self._log_far2 = 2.0 * math.log(params.false_alarm_rate)
+        self._far = params.false_alarm_rate
+        self._short_cap = params.short_window
+        self._long_cap = params.long_window
+        self._min_history = params.min_history
+        self._in_run = False
+
+    def push(self, score: float) -> ScoreStep:
+        if not math.isfinite(score):
+            return ScoreStep(1.0, 0.0, False)
+        # 1. short mean
+        short, i = self._short, self._short_i
+        if self._short_n == self._short_cap:
+            self._short_sum -= short[i]
+        else:
+            self._short_n += 1
+        short[i] = score
+        self._short_sum += score
+        self._short_i = i + 1 if i + 1 < self._short_cap else 0
+        m = self._short_sum / self._short_n
+        # 2-3. against the history before this sample
+        n = self._long_n
+        if n >= self._min_history:
+            mu = self._long_sum / n
+            var = self._long_sq / n - mu * mu
+            sigma = math.sqrt(var) if var > 0 else 0.0
+            floor = _REL_SIGMA_FLOOR * abs(mu)
+            if sigma < floor or sigma < _ABS_SIGMA_FLOOR:
+                sigma = floor if floor > _ABS_SIGMA_FLOOR else _ABS_SIGMA_FLOOR
+            tail = 0.5 * math.erfc((m - mu) / (sigma * _SQRT2))
+        else:
+            tail = 1.0
+        # remember m in the long history
+        long, j, cap = self._long, self._long_i, self._long_cap
+        if n == cap:
+            old = long[j]
+            self._long_sum -= old
+            self._long_sq -= old * old
+        else:
+            self._long_n = n + 1
+        long[j] = m
+        self._long_sum += m
+        self._long_sq += m * m
+        self._long_i = j + 1 if j + 1 < cap else 0
+        self._since_exact += 1
+        if self._since_exact >= cap:
+            self._resum()
+        # 4. decision: the first sample of a run of exceedances
+        hit = tail <= self._far
+        alarm = hit and not self._in_run
+        self._in_run = hit
+        if tail > 0:
+            a = math.log(tail) / self._log_far2
+            a = 0.0 if a < 0.0 else (1.0 if a > 1.0 else a)
+        else:
+            a = 1.0
+        if hit and not alarm and a > _RUN_CAP:
+            a = _RUN_CAP
+        return ScoreStep(tail, a, alarm)
+
+    def _resum(self) -> None:
+        """Recompute the running sums exactly: bounds float drift, O(1) amortized."""
+        live = np.asarray(self._long[: self._long_n], np.float64)
+        self._long_sum = float(live.sum())
+        self._long_sq = float(np.dot(live, live))
+        self._since_exact = 0
+
+
+Scorer = LikelihoodScorer | FixedThresholdScorer

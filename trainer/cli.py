@@ -373,8 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomalies", type=int, default=8)
     json_arg(p)
     p.set_defaults(func=cmd_data_synth)
+    from trainer.cli_evaluate import add_evaluate_command
     from trainer.cli_fleet import add_fleet_commands
 
+    add_evaluate_command(sub, registry_arg, json_arg)
     add_fleet_commands(sub, registry_arg, json_arg)
     return parser
 

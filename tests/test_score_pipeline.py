@@ -1,0 +1,126 @@
+"""The streaming score pipeline: adapts to a new normal, one alarm per excursion, O(1) state,
+declared in spec.json and refused when unknown."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.bundle import BundleError, BundleSpec
+from shared.score_pipeline import (
+    FIXED_THRESHOLD,
+    LIKELIHOOD,
+    FixedThresholdPipeline,
+    LikelihoodPipeline,
+    ScorePipelineError,
+    pipeline_from_json,
+)
+from tests.test_bundle import make_spec
+
+
+def _run(pipeline: LikelihoodPipeline, scores: np.ndarray) -> list:
+    scorer = pipeline.scorer(1.0, 0.0, 1.0)
+    return [scorer.push(float(s)) for s in scores]
+
+
+def _errors(n: int, seed: int = 0) -> np.ndarray:
+    return np.abs(np.random.default_rng(seed).normal(size=n))
+
+
+def test_level_shift_alarms_once_then_becomes_the_new_normal():
+    errors = _errors(6000)
+    errors[3000:] += 4.0  # the model's error jumps and stays there (a level shift it cannot follow)
+    steps = _run(LikelihoodPipeline(long_window=2000), errors)
+    alarms = [i for i, s in enumerate(steps) if s.is_anomaly]
+    assert alarms and 3000 <= alarms[0] <= 3010, alarms
+    assert all(i < 3300 for i in alarms), f"still alarming long after the shift: {alarms[-5:]}"
+    # the tail probability recovers once the shifted errors fill the history
+    assert steps[-1].tail_probability > 0.01
+
+
+def test_stationary_noise_stays_quiet_and_warmup_never_alarms():
+    steps = _run(LikelihoodPipeline(), _errors(20000, seed=1))
+    assert sum(s.is_anomaly for s in steps) <= 2
+    assert all(s.tail_probability == 1.0 for s in steps[:288])
+
+
+def test_a_run_of_exceedances_is_one_alarm_and_scores_agree_with_decisions():
+    errors = _errors(3000, seed=2)
+    errors[2000:2040] += 8.0  # a 40-sample burst
+    steps = _run(LikelihoodPipeline(), errors)
+    alarms = [i for i, s in enumerate(steps) if s.is_anomaly]
+    assert len(alarms) == 1 and 2000 <= alarms[0] <= 2005
+    # anomaly_score >= 0.5 exactly on the decisions, so a threshold of 0.5 reproduces them
+    assert all((s.anomaly_score >= 0.5) == s.is_anomaly for s in steps)
+    assert all(0.0 <= s.anomaly_score <= 1.0 for s in steps)
+
+
+def test_flat_errors_do_not_divide_by_zero():
+    errors = np.zeros(1000)
+    errors[800] = 1.0
+    steps = _run(LikelihoodPipeline(min_history=100), errors)
+    assert steps[800].is_anomaly and sum(s.is_anomaly for s in steps) == 1
+    assert all(math.isfinite(s.anomaly_score) for s in steps)
+
+
+def test_non_finite_scores_change_nothing():
+    p = LikelihoodPipeline(min_history=10, long_window=50)
+    a, b = p.scorer(1, 0, 1), p.scorer(1, 0, 1)
+    errors = _errors(200, seed=3)
+    for i, e in enumerate(errors):
+        if i % 7 == 0:
+            assert a.push(float("nan")) == (1.0, 0.0, False)
+        assert a.push(float(e)) == b.push(float(e))
+
+
+def test_running_sums_stay_exact_over_many_windows():
+    p = LikelihoodPipeline(long_window=100, min_history=50)
+    scorer = p.scorer(1, 0, 1)
+    errors = _errors(10_050, seed=4) * 1e6  # large values make float drift visible if unbounded
+    for e in errors:
+        scorer.push(float(e))
+    live = np.asarray(scorer._long, np.float64)
+    assert scorer._long_sum == pytest.approx(live.sum(), rel=1e-9)
+    assert scorer._long_sq == pytest.approx(float(np.dot(live, live)), rel=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 50), st.integers(50, 5000), st.integers(2, 50),
+    st.floats(1e-9, 0.49, allow_nan=False),
+)
+def test_pipeline_json_round_trip(short, long, min_hist, far):
+    p = LikelihoodPipeline(short, max(long, short, min_hist), min_hist, far)
+    assert pipeline_from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
+    with pytest.raises(ScorePipelineError, match=r"unknown score pipeline kind 'edgefleet.spot/9'.*likelihood/1"):
+        pipeline_from_json({"kind": "edgefleet.spot/9"})
+    with pytest.raises(ScorePipelineError, match="unknown parameter"):
+        pipeline_from_json({"kind": LIKELIHOOD, "gain": 2})
+    with pytest.raises(ScorePipelineError, match="false_alarm_rate"):
+        pipeline_from_json({"kind": LIKELIHOOD, "false_alarm_rate": 0.9})
+    assert pipeline_from_json(None) == FixedThresholdPipeline()
+    assert pipeline_from_json({"kind": FIXED_THRESHOLD}) == FixedThresholdPipeline()
+
+
+def test_bundle_spec_declares_the_pipeline_and_refuses_an_unknown_kind():
+    spec = make_spec()
+    spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=LikelihoodPipeline()))
+    obj = json.loads(spec.to_bytes())
+    assert obj["score"]["pipeline"]["kind"] == LIKELIHOOD
+    assert BundleSpec.from_json(obj).score.pipeline == LikelihoodPipeline()
+    obj["score"]["pipeline"]["kind"] = "edgefleet.likelihood/2"
+    with pytest.raises(BundleError, match="unknown score pipeline kind 'edgefleet.likelihood/2'"):
+        BundleSpec.from_json(obj)
+    # a spec without a pipeline (an older trainer) decides on the fixed threshold
+    legacy = json.loads(make_spec().to_bytes())
+    assert "pipeline" not in legacy["score"]
+    assert BundleSpec.from_json(legacy).score.pipeline == FixedThresholdPipeline()

@@ -1,0 +1,306 @@
+"""``edgefleet evaluate``: detection quality of the product, measured the way users meet it.
+
+For every labelled series: train on its probationary rows (or take a registered model), then
+push the whole series through the agent's own detection path (:class:`edge_agent.detector.
+Detector` over the artifact the profile would run, in onnxruntime or LiteRT), and score what
+comes out with the NAB-compatible scorer (:mod:`trainer.evaluation.nab`) in two ways:
+
+- **optimized** — NAB's protocol: one threshold on ``anomaly_score`` per cost profile, chosen
+  over the whole file set after the fact;
+- **own decisions** — the agent's ``is_anomaly``, exactly what a deployed agent would have
+  raised. Users act on these, so the gap between the two measures how well the streaming
+  score pipeline calibrates itself.
+
+Plus event-level precision, recall, F1 and the mean time to detect, per category (the folder
+of a file in the labels' ``category/name.csv`` keys) and overall, and optional per-series plots.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.series import Series, SeriesError, read_series
+from trainer.evaluation.nab import (
+    PROFILES,
+    LabelledSeries,
+    ScoringError,
+    event_metrics,
+    load_windows,
+    nab_score,
+    optimize_threshold,
+    probation_rows,
+)
+
+__all__ = [
+    "EvaluateError",
+    "EvaluateRequest",
+    "EvaluationReport",
+    "SeriesResult",
+    "discover",
+    "evaluate",
+    "summarize",
+]
+
+
+class EvaluateError(ValueError):
+    """Bad input for an evaluation (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """Arguments of one ``edgefleet evaluate`` run.
+
+    ``model`` is ``NAME@VERSION`` from ``registry`` (one model for every series); without it
+    each series trains its own model on its probationary rows (NAB's 15%, at most 750 rows)
+    with ``train_options`` (passed to :class:`trainer.pipeline.TrainRequest`).
+    """
+
+    data: Path
+    labels: Path
+    model: str | None = None
+    registry: Path = Path(".edgefleet")
+    profile: str = "x86-64-v3"
+    train_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SeriesResult:
+    """One series after detection: per-row raw score, ``anomaly_score`` and decision."""
+
+    key: str
+    model: str
+    artifact: str
+    series: LabelledSeries
+    values: np.ndarray
+    score: np.ndarray
+    anomaly_score: np.ndarray
+    is_anomaly: np.ndarray
+
+    @property
+    def category(self) -> str:
+        return self.key.rsplit("/", 1)[0] if "/" in self.key else "."
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Scores over a file set; ``to_json`` is what ``--json`` prints."""
+
+    files: int
+    rows: int
+    windows: int
+    nab: dict[str, dict[str, Any]]
+    events: dict[str, Any]
+    categories: dict[str, dict[str, Any]]
+    per_series: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def discover(data: Path, labels: Path) -> list[tuple[str, Path, list[tuple[str, str]]]]:
+    """The labelled CSVs under ``data`` (a folder, searched recursively, or one CSV).
+
+    A file matches the label key that equals its path relative to ``data`` or, failing that,
+    the one key that ends with ``/<file name>``. Raises :class:`EvaluateError` when the labels
+    cannot be read, nothing matches, or a name is ambiguous.
+    """
+    try:
+        windows = load_windows(labels)
+    except (OSError, ValueError) as e:
+        raise EvaluateError(f"cannot read labels {labels}: {e}") from e
+    if data.is_dir():
+        paths = sorted(p for p in data.rglob("*.csv") if p.is_file())
+        rel = {p: p.relative_to(data).as_posix() for p in paths}
+    elif data.is_file():
+        paths, rel = [data], {data: data.name}
+    else:
+        raise EvaluateError(f"no such file or folder: {data}")
+    found = []
+    for p in paths:
+        key = rel[p] if rel[p] in windows else None
+        if key is None:
+            hits = [k for k in windows if k == p.name or k.endswith("/" + p.name)]
+            if len(hits) > 1:
+                raise EvaluateError(f"{p}: file name matches several label keys: {', '.join(hits)}")
+            key = hits[0] if hits else None
+        if key is not None:
+            found.append((key, p, windows[key]))
+    if not found:
+        raise EvaluateError(f"no CSV under {data} has labels in {labels}")
+    return found
+
+
+def _detect(registry: Path, ref: str, profile: str, series: Series) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``ref``'s artifact for ``profile`` over ``series`` with the agent's detector."""
+    from edge_agent.detector import Detector
+    from edge_agent.runtime import open_runtime, smoke_test
+    from shared.bundle import read_bundle
+    from trainer.backtest import choose_artifact
+    from trainer.registry import Registry, parse_model_ref
+
+    name, version = parse_model_ref(ref)
+    with Registry.open(registry) as reg:
+        record = reg.get(name, version)
+        artifact = choose_artifact(record.artifacts, None, profile)
+        spec, model = read_bundle(reg.bundle(artifact.sha256))
+    missing = [f for f in spec.features if f not in series.features]
+    if missing:
+        raise EvaluateError(f"series lacks column(s) {missing} that {record.ref} was trained on")
+    columns = [series.features.index(f) for f in spec.features]
+    runtime = open_runtime(spec, model, threads=1)
+    smoke_test(runtime, spec)
+    detector = Detector(runtime, spec, model_version=record.version)
+    n = len(series)
+    score = np.full(n, np.nan)
+    anomaly = np.zeros(n)
+    decision = np.zeros(n, bool)
+    for i, row in enumerate(series.values):
+        d = detector.push(series.timestamps[i], [float(row[j]) for j in columns])
+        if d is not None:
+            score[i], anomaly[i], decision[i] = d.score, d.anomaly_score, d.is_anomaly
+    return record.ref, f"{artifact.format}/{artifact.quantization}", score, anomaly, decision
+
+
+def _train(path: Path, key: str, rows: int, request: EvaluateRequest, registry: Path) -> str:
+    from trainer.pipeline import TrainError, TrainRequest, prepare, train
+
+    fraction = probation_rows(rows) / rows
+    name = "eval-" + "".join(c if c.isalnum() else "-" for c in Path(key).stem.lower())[:50]
+    try:
+        prepared = prepare(
+            TrainRequest(
+                data=[path], profiles=[request.profile], name=name, train_fraction=fraction,
+                **request.train_options,
+            )
+        )
+        outcome = train(prepared, registry)
+    except TrainError as e:
+        raise EvaluateError(f"{key}: {e}") from e
+    return outcome.version.ref
+
+
+def evaluate(
+    request: EvaluateRequest, progress: Callable[[int, int, str], None] | None = None
+) -> list[SeriesResult]:
+    """Detect on every labelled series of ``request``; ``progress(done, total, key)`` after each.
+
+    Models trained here go to a temporary registry that is removed afterwards. Raises
+    :class:`EvaluateError` for bad input (before any training where it can be checked).
+    """
+    found = discover(request.data, request.labels)
+    loaded = []
+    for key, path, windows in found:
+        try:
+            series = read_series(path)
+            labelled = LabelledSeries(key, list(series.timestamps), windows)
+        except (SeriesError, ScoringError) as e:
+            raise EvaluateError(str(e)) from e
+        loaded.append((key, path, series, labelled))
+    if request.model is not None and not (request.registry / "registry.sqlite").exists():
+        raise EvaluateError(f"no registry at {request.registry} (for --model {request.model})")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-evaluate-") as tmp:
+        for done, (key, path, series, labelled) in enumerate(loaded, 1):
+            if request.model is None:
+                ref = _train(path, key, len(series), request, Path(tmp))
+                registry = Path(tmp)
+            else:
+                ref, registry = request.model, request.registry
+            try:
+                ref, artifact, score, anomaly, decision = _detect(registry, ref, request.profile, series)
+            except (ValueError, KeyError) as e:
+                raise EvaluateError(f"{key}: {e}") from e
+            values = np.asarray(series.values, np.float64)
+            results.append(SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision))
+            if progress is not None:
+                progress(done, len(loaded), key)
+    return results
+
+
+def _quality(results: Sequence[SeriesResult]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in PROFILES:
+        opt = optimize_threshold([(r.series, r.anomaly_score) for r in results], name)
+        own = nab_score([(r.series, r.is_anomaly) for r in results], name)
+        out[name] = {"optimized": opt.score, "threshold": opt.threshold, "own_decisions": own}
+    ev = event_metrics([(r.series, r.is_anomaly) for r in results])
+    out["events"] = dict(ev.__dict__)
+    return out
+
+
+def summarize(results: Sequence[SeriesResult]) -> EvaluationReport:
+    """NAB scores (optimized and own decisions) for every profile, overall and per category,
+    event metrics, and a line per series. Raises :class:`EvaluateError` without any window.
+    """
+    if not any(r.series.scored_windows for r in results):
+        raise EvaluateError("the labelled series hold no anomaly window to score against")
+    overall = _quality(results)
+    categories = {}
+    for cat in sorted({r.category for r in results}):
+        part = [r for r in results if r.category == cat]
+        if any(r.series.scored_windows for r in part):
+            categories[cat] = _quality(part)
+    per_series = []
+    for r in results:
+        ev = event_metrics([(r.series, r.is_anomaly)]) if r.series.scored_windows else None
+        after = r.is_anomaly[r.series.probation:]
+        per_series.append(
+            {
+                "key": r.key,
+                "model": r.model,
+                "artifact": r.artifact,
+                "rows": len(r.series),
+                "windows": r.series.scored_windows,
+                "alarms": int(after.sum()),
+                "detected": None if ev is None else ev.detected,
+                "false_events": None if ev is None else ev.false_events,
+            }
+        )
+    events = overall.pop("events")
+    return EvaluationReport(
+        files=len(results),
+        rows=sum(len(r.series) for r in results),
+        windows=sum(r.series.scored_windows for r in results),
+        nab=overall,
+        events=events,
+        categories=categories,
+        per_series=per_series,
+    )
+
+
+def plot_series(result: SeriesResult, out: Path) -> None:
+    """A PNG: the series with its labelled windows and alarms, and ``anomaly_score`` below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(result.series))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 4.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    for j in range(result.values.shape[1]):
+        top.plot(x, result.values[:, j], lw=0.6)
+    for start, end in result.series.window_rows:
+        for ax in (top, bottom):
+            ax.axvspan(start, end, color="tab:red", alpha=0.15, lw=0)
+    for ax in (top, bottom):
+        ax.axvline(result.series.probation, color="0.4", ls="--", lw=0.8)
+    alarms = np.flatnonzero(result.is_anomaly)
+    if alarms.size:
+        top.scatter(alarms, result.values[alarms, 0], color="tab:red", s=14, zorder=3, label="is_anomaly")
+        top.legend(loc="upper left", fontsize=7)
+    bottom.plot(x, result.anomaly_score, lw=0.7, color="tab:purple")
+    bottom.axhline(0.5, color="tab:red", lw=0.6, ls=":")
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.set_ylabel("anomaly_score", fontsize=8)
+    top.set_title(f"{result.key} — {result.model} ({result.artifact}); shaded: labelled windows, "
+                  "dashed: end of probation", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)

@@ -1,15 +1,13 @@
-"""A real agent replays a real NAB series with the model trained on its first 15%.
+"""A real agent replays a real NAB series; its decisions equal ``detect``'s and ``evaluate``'s.
 
-The agent (a subprocess) gets the model through a TUF deployment over a private Mosquitto,
-replays ``ec2_cpu_utilization_24ae8d.csv`` from a ``csv:`` source, and the anomaly events a
-subscriber receives are scored against NAB's labelled windows, after NAB's 15% probation.
-
-Thresholds, measured on the 2-core x86-64 development machine with the default forecaster
-(int8 ONNX, seed 0): both labelled windows detected (7 and more flagged samples in them)
-and a false-positive rate of 0.8% of the normal samples after probation. The test requires
-both windows (a detector that misses one of the two outages has failed) and at most 2%
-false positives (2.5× the measured rate: room for int8 kernels rounding differently on
-another CPU, not for a regression that doubles the alarms).
+The model is trained on the first 15% of ``ec2_cpu_utilization_24ae8d.csv`` (NAB's probation)
+and reaches the agent (a subprocess) through a TUF deployment over a private Mosquitto; the
+agent replays the whole file from a ``csv:`` source. Three paths must then agree exactly on
+which rows are anomalous, because users compare them: the events a subscriber receives from
+the agent, the ``is_anomaly`` column of ``edgefleet detect`` on the same version and profile,
+and the decisions of ``edgefleet evaluate``'s harness (``--model``). Detection quality itself
+is measured by ``edgefleet evaluate`` and ``benchmarks/bench_detection.py``, not asserted here;
+the test only requires at least one of the file's two labelled windows to be detected.
 """
 
 from __future__ import annotations
@@ -25,11 +23,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-pytestmark = pytest.mark.slow
+from trainer.evaluation.harness import EvaluateRequest, evaluate
+
+pytestmark = [pytest.mark.slow, pytest.mark.nab]
 
 SERIES = "realAWSCloudwatch/ec2_cpu_utilization_24ae8d.csv"
-MIN_RECALL = 1.0
-MAX_FPR = 0.02
 
 
 def run(*args: str) -> str:
@@ -38,7 +36,7 @@ def run(*args: str) -> str:
     return proc.stdout
 
 
-def test_agent_replay_meets_recall_and_false_positive_bounds(nab_dir: Path, broker, tmp_path: Path) -> None:
+def test_agent_detect_and_evaluate_make_identical_decisions(nab_dir: Path, broker, tmp_path: Path) -> None:
     data = nab_dir / "data" / SERIES
     registry = tmp_path / "registry"
     run("-m", "trainer.cli", "train", "--data", str(data), "--profile", "x86-64-v3", "--name", "cpu",
@@ -79,17 +77,25 @@ def test_agent_replay_meets_recall_and_false_positive_bounds(nab_dir: Path, brok
         sub.disconnect()
 
     assert sorted(events) == list(range(1, len(events) + 1)), "events lost or out of sequence"
-    labels = json.loads((nab_dir / "labels" / "combined_windows.json").read_text())[SERIES]
-    windows = [(datetime.fromisoformat(a[:19]), datetime.fromisoformat(b[:19])) for a, b in labels]
-    rows = [line.split(",")[0] for line in data.read_text().splitlines()[1:]]
-    probation_end = datetime.fromisoformat(rows[int(len(rows) * 0.15)])
-    flagged = {datetime.fromisoformat(e["timestamp"]) for e in events.values()}
-    scored = [datetime.fromisoformat(t) for t in rows if datetime.fromisoformat(t) >= probation_end]
-    normal = [t for t in scored if not any(s <= t <= e for s, e in windows)]
-    detected = [any(s <= t <= e for t in flagged) for s, e in windows]
-    false_positives = sum(1 for t in normal if t in flagged)
-    recall, fpr = sum(detected) / len(windows), false_positives / len(normal)
-    print(f"recall {recall:.2f} ({sum(detected)}/{len(windows)}), false-positive rate {fpr:.4f} "
-          f"({false_positives}/{len(normal)}), events {len(events)}")
-    assert recall >= MIN_RECALL
-    assert fpr <= MAX_FPR
+    agent_alarms = sorted(e["timestamp"] for e in events.values())
+
+    scored = tmp_path / "scored.csv"
+    run("-m", "trainer.cli", "detect", "cpu@1", "--data", str(data), "--out", str(scored),
+        "--profile", "x86-64-v3", "--registry", str(registry))
+    detect_alarms = sorted(line.split(",")[0] for line in scored.read_text().splitlines()[1:]
+                           if line.endswith(",1"))
+
+    labels = nab_dir / "labels" / "combined_windows.json"
+    [result] = evaluate(EvaluateRequest(data, labels, model="cpu@1", registry=registry, profile="x86-64-v3"))
+    stamps = [line.split(",")[0] for line in data.read_text().splitlines()[1:]]
+    evaluate_alarms = sorted(stamps[i] for i in result.is_anomaly.nonzero()[0])
+
+    print(f"{len(agent_alarms)} alarms from the agent, {len(detect_alarms)} from detect, "
+          f"{len(evaluate_alarms)} from evaluate")
+    assert agent_alarms, "the agent raised no alarm at all"
+    assert [t[:19] for t in agent_alarms] == detect_alarms == evaluate_alarms
+
+    windows = json.loads(labels.read_text())[SERIES]
+    spans = [(datetime.fromisoformat(a[:19]), datetime.fromisoformat(b[:19])) for a, b in windows]
+    hits = [any(s <= datetime.fromisoformat(t[:19]) <= e for t in agent_alarms) for s, e in spans]
+    assert any(hits), f"no labelled window of {SERIES} detected"

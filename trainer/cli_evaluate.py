@@ -44,7 +44,13 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluation.harness import EvaluateError, EvaluateRequest, evaluate, plot_series, summarize
+    from trainer.evaluation.harness import (
+        EvaluateError,
+        EvaluateRequest,
+        evaluate,
+        plot_series,
+        summarize,
+    )
     from trainer.progress import ProgressBar
 
     options: dict[str, Any] = {"seed": args.seed}

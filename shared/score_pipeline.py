@@ -16,9 +16,10 @@ Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming dete
 3. **Tail probability** — ``p_t = Q(z_t)``, the Gaussian upper tail: how unlikely an error this
    large is, given the recent past. After a level shift the larger errors enter the history and
    ``p`` recovers by itself: the new normal stops alarming.
-4. **Decision** — an alarm when ``p_t <= false_alarm_rate`` and the previous sample was not
-   already in alarm: one alarm per excursion, not one per sample (a run of exceedances is one
-   event; it re-arms when ``p`` recovers).
+4. **Decision** — an alarm when ``p_t <= false_alarm_rate`` while armed: one alarm per
+   excursion, not one per sample. An alarm disarms the decision until ``p`` recovers above
+   ``sqrt(false_alarm_rate)`` (``anomaly_score`` below 0.25): hysteresis, so an excursion that
+   hovers around the boundary is still one event.
 
 ``anomaly_score`` is ``log(p) / (2 log(false_alarm_rate))`` clipped to ``[0, 1]``: exactly 0.5
 at the decision boundary, monotone in ``p``. Samples that continue an alarm run already reported
@@ -231,7 +232,8 @@ class LikelihoodScorer:
         self._short_cap = params.short_window
         self._long_cap = params.long_window
         self._min_history = params.min_history
-        self._in_run = False
+        self._armed = True
+        self._rearm = math.sqrt(params.false_alarm_rate)
 
     def push(self, score: float) -> ScoreStep:
         if not math.isfinite(score):
@@ -273,10 +275,13 @@ class LikelihoodScorer:
         self._since_exact += 1
         if self._since_exact >= cap:
             self._resum()
-        # 4. decision: the first sample of a run of exceedances
+        # 4. decision: the first exceedance while armed; re-armed once the tail recovers
         hit = tail <= self._far
-        alarm = hit and not self._in_run
-        self._in_run = hit
+        alarm = hit and self._armed
+        if alarm:
+            self._armed = False
+        elif tail > self._rearm:
+            self._armed = True
         if tail > 0:
             a = math.log(tail) / self._log_far2
             a = 0.0 if a < 0.0 else (1.0 if a > 1.0 else a)

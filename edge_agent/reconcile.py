@@ -4,7 +4,9 @@ One :meth:`Reconciler.reconcile` pass: TUF refresh → the agent's own deploymen
 else its group's → per slot, the variant for this profile and runtimes → download (verified
 by TUF) → read the bundle → open it in its runtime and smoke-test the golden vectors →
 activate atomically. Any failure keeps the previous model serving and is reported as
-``failed`` with a reason; every state change goes to ``report``.
+``failed`` with a reason; every state change goes to ``report``. Slots are independent: a slot
+that fails (for example because a newer trainer offers it only variants this agent cannot
+run) does not stop the others from converging.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from shared.bundle import BundleError, BundleSpec, read_bundle
 from shared.deployment import (
     Deployment,
     DeploymentError,
+    Slot,
     agent_target,
     choose_variant,
     decode_deployment,
+    describe_unrunnable,
     group_target,
 )
 from shared.profiles import FirmwareProfile
@@ -84,7 +88,7 @@ class Reconciler:
         self.store = store
         self.report = report
         self.activate = activate
-        self._last_failure: str | None = None
+        self._last_failure: dict[str, str] = {}  # slot → the failure last reported for it
 
     def _desired(self) -> Deployment | None:
         for target in (agent_target(self.agent_id), group_target(self.group)):
@@ -95,9 +99,9 @@ class Reconciler:
         return None
 
     def _fail(self, slot: str, model: str, version: int, serial: int, reason: str) -> None:
-        key = f"{slot}|{model}|{version}|{serial}|{reason}"
-        if key != self._last_failure:  # the same failure is reported once, not every refresh
-            self._last_failure = key
+        key = f"{model}|{version}|{serial}|{reason}"
+        if self._last_failure.get(slot) != key:  # the same failure is reported once, not every refresh
+            self._last_failure[slot] = key
             log.warning("slot %s: %s@%s failed: %s", slot, model, version, reason)
             self.report(slot, "failed", model, version, serial, reason)
 
@@ -117,7 +121,7 @@ class Reconciler:
         for slot_name, slot in sorted(desired.slots.items()):
             self._reconcile_slot(slot_name, slot, desired.serial)
 
-    def _reconcile_slot(self, slot_name, slot, serial: int) -> None:
+    def _reconcile_slot(self, slot_name: str, slot: Slot, serial: int) -> None:
         variant = choose_variant(
             slot,
             self.profile.name,
@@ -126,8 +130,7 @@ class Reconciler:
             self.available,
         )
         if variant is None:
-            self._fail(slot_name, slot.model, slot.version, serial,
-                       f"no variant for profile {self.profile.name} with runtimes {self.available}")
+            self._fail(slot_name, slot.model, slot.version, serial, self._no_variant_reason(slot))
             return
         current = self.store.current(slot_name)
         if current is not None and current.sha256 == variant.sha256:
@@ -173,4 +176,15 @@ class Reconciler:
         self.activate(slot_name, LoadedModel(record, spec, runtime))
         older = current is not None and current.model == slot.model and slot.version < current.version
         report("rolled_back" if older else "active")
-        self._last_failure = None
+        self._last_failure.pop(slot_name, None)
+        self._last_failure.pop("*", None)
+
+    def _no_variant_reason(self, slot: Slot) -> str:
+        """``no runnable variant for profile P (runtimes …): onnx/int4: unknown quantization; …``."""
+        skipped = sorted({
+            why for v in slot.variants
+            if (why := describe_unrunnable(v, self.profile.name, self.available)) is not None
+        })
+        formats = ", ".join(self.available) or "none"
+        offered = "; ".join(skipped) if skipped else "the slot lists no variants"
+        return f"no runnable variant for profile {self.profile.name} (formats {formats}): {offered}"

@@ -15,8 +15,10 @@ agent document overrides its group's (canary, pinning). A rollback is simply a n
 
 Wire policy (DESIGN.md): unknown fields are kept at every level (document, scope, slot,
 variant) and written back, so an old agent survives a newer trainer; a newer *major* schema is
-rejected. Anything malformed raises :class:`DeploymentError`. Standard library only; importing
-this module has no side effects.
+rejected. A variant's ``format`` and ``quantization`` are open strings: a newer trainer may
+offer variants this version cannot run (a new format or quantization), which decode and
+re-encode unchanged and which :func:`choose_variant` skips. Anything malformed raises
+:class:`DeploymentError`. Standard library only; importing this module has no side effects.
 """
 
 from __future__ import annotations
@@ -39,15 +41,16 @@ __all__ = [
     "agent_target",
     "choose_variant",
     "decode_deployment",
+    "describe_unrunnable",
     "encode_deployment",
     "group_target",
     "scope_target",
 ]
 
 SCHEMA_DEPLOYMENT = "edgefleet.deployment/1"
-#: Artifact formats a variant may have (the bundle's ``format``).
+#: Artifact formats this version knows (the bundle's ``format``); a document may name others.
 FORMATS: tuple[str, ...] = ("onnx", "tflite")
-#: Quantizations a variant may have (the bundle's ``quantization``).
+#: Quantizations this version knows (the bundle's ``quantization``); a document may name others.
 QUANTIZATIONS: tuple[str, ...] = ("fp32", "int8")
 
 # Group, agent and slot names become single path levels and topic levels.
@@ -288,12 +291,14 @@ def _variant(obj: Any, slot_where: str) -> Variant:
     levels = target.split("/")
     if not target or any(level in ("", ".", "..") for level in levels):
         raise DeploymentError(f"{where} has an invalid target path {target!r}")
+    # Unknown formats and quantizations are a newer trainer's, not malformed: kept, skipped
+    # by choose_variant. Only an empty string is refused.
     fmt = _get(obj, "format", str, where)
-    if fmt not in FORMATS:
-        raise DeploymentError(f"{where} has unknown format {fmt!r}")
+    if not fmt:
+        raise DeploymentError(f"{where} has an empty format")
     quant = _get(obj, "quantization", str, where)
-    if quant not in QUANTIZATIONS:
-        raise DeploymentError(f"{where} has unknown quantization {quant!r}")
+    if not quant:
+        raise DeploymentError(f"{where} has an empty quantization")
     profiles = _get(obj, "profiles", list, where)
     if not all(isinstance(p, str) for p in profiles):
         raise DeploymentError(f"{where}: profiles must be strings")
@@ -318,6 +323,28 @@ def _variant(obj: Any, slot_where: str) -> Variant:
 # -- the agent's choice -----------------------------------------------------------------------
 
 
+def describe_unrunnable(
+    variant: Variant, profile_name: str, available_formats: Collection[str]
+) -> str | None:
+    """Why an agent of ``profile_name`` cannot run ``variant``, or ``None`` if it can.
+
+    A variant is runnable when it lists ``profile_name``, its format has a runtime available
+    on the agent (``available_formats``, a subset of :data:`FORMATS`) and its quantization is
+    one of :data:`QUANTIZATIONS`. The reason names the first check that fails, e.g.
+    ``"onnx/int4: unknown quantization"``.
+    """
+    name = f"{variant.format}/{variant.quantization}"
+    if variant.format not in FORMATS:
+        return f"{name}: unknown format"
+    if variant.quantization not in QUANTIZATIONS:
+        return f"{name}: unknown quantization"
+    if variant.format not in available_formats:
+        return f"{name}: no {variant.format} runtime"
+    if profile_name not in variant.profiles:
+        return f"{name}: not built for {profile_name}"
+    return None
+
+
 def choose_variant(
     slot: Slot,
     profile_name: str,
@@ -327,13 +354,16 @@ def choose_variant(
 ) -> Variant | None:
     """The variant an agent of ``profile_name`` should run, or ``None`` if none fits.
 
-    Candidates are the variants that list ``profile_name`` and whose format has a runtime
-    available on the agent. Among them the preferred format *and* quantization wins, then the
-    preferred format, then the preferred quantization in another format, then anything. Ties
-    break on (format, quantization, target), so the result never depends on variant order.
+    Candidates are the variants the agent can run (:func:`describe_unrunnable` says ``None``):
+    built for ``profile_name``, a format with a runtime available on the agent, a known
+    quantization. Variants of an unknown format or quantization are skipped, never an error.
+    Among the candidates the preferred format *and* quantization wins, then the preferred
+    format, then the preferred quantization in another format, then anything. Ties break on
+    (format, quantization, target), so the result never depends on variant order.
     """
     candidates = [
-        v for v in slot.variants if profile_name in v.profiles and v.format in available_formats
+        v for v in slot.variants
+        if describe_unrunnable(v, profile_name, available_formats) is None
     ]
     if not candidates:
         return None

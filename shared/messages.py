@@ -142,6 +142,8 @@ def decode_event(data: bytes) -> dict[str, Any]:
 # -- agent → trainer: state, health, deployment status ---------------------------------------
 # Added with the trainer's fleet view (trainer.fleet.status). Same policy as above: unknown
 # fields are kept in ``extra`` and written back; ``encode_*`` refuses what ``decode_*`` would.
+# Status strings are open: a newer agent may report a status or deployment state this version
+# does not know; it is kept as it is (and shown by ``edgefleet fleet status``), never refused.
 
 from collections.abc import Mapping  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -149,9 +151,10 @@ from dataclasses import dataclass, field  # noqa: E402
 SCHEMA_AGENT_STATE = "edgefleet.agent-state/1"
 SCHEMA_AGENT_HEALTH = "edgefleet.agent-health/1"
 SCHEMA_DEPLOYMENT_STATUS = "edgefleet.deployment-status/1"
-#: ``status`` of an agent state: birth, Last Will, clean stop.
+#: ``status`` values this version writes: birth, Last Will, clean stop (readers accept others).
 AGENT_STATUSES: tuple[str, ...] = ("online", "offline", "stopped")
-#: ``state`` of a deployment status, in the order a successful deployment passes them.
+#: ``state`` values this version writes, in the order a successful deployment passes them
+#: (readers accept others).
 DEPLOYMENT_STATES: tuple[str, ...] = (
     "downloading", "verifying", "staging", "active", "failed", "rolled_back",
 )
@@ -231,7 +234,10 @@ class AgentState:
     """Retained ``…/agents/{agent}/state``: birth (online), Last Will (offline), clean stop.
 
     ``bdseq`` (birth/death sequence) is the same in a birth and the Will set with it, so a
-    reader can tell a stale Will from the current session's.
+    reader can tell a stale Will from the current session's. ``status`` is any non-empty
+    string (this version writes :data:`AGENT_STATUSES`). ``health_period_s`` is how often the
+    agent publishes health, so a reader can tell a retained ``online`` whose agent went silent
+    from a live one; ``None`` (the field absent) for agents that predate it.
     """
 
     agent: str
@@ -244,17 +250,20 @@ class AgentState:
     active: tuple[ActiveModel, ...]
     emulated: bool
     ts: str
+    health_period_s: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _KNOWN = (
         "schema", "agent", "status", "bdseq", "group", "profile", "arch", "runtimes", "active",
-        "emulated", "ts",
+        "emulated", "ts", "health_period_s",
     )
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object (unknown fields first, known ones win)."""
+        """The JSON object (unknown fields first, known ones win; no ``health_period_s`` if unset)."""
+        period = {} if self.health_period_s is None else {"health_period_s": self.health_period_s}
         return {
             **self.extra,
+            **period,
             "schema": SCHEMA_AGENT_STATE,
             "agent": self.agent,
             "status": self.status,
@@ -279,14 +288,20 @@ def encode_agent_state(state: AgentState) -> bytes:
 def decode_agent_state(data: bytes) -> AgentState:
     """Decode an ``edgefleet.agent-state/1`` payload, keeping unknown fields.
 
-    Raises :class:`MessageError` for bad JSON, another schema or major version, or a missing
-    or mistyped field (``status`` must be one of :data:`AGENT_STATUSES`).
+    Raises :class:`MessageError` for bad JSON, another schema or major version, a missing or
+    mistyped field, an empty ``status`` or a ``health_period_s`` that is not a positive number.
+    A ``status`` outside :data:`AGENT_STATUSES` is a newer agent's and is kept as it is.
     """
     obj = _loads(data, SCHEMA_AGENT_STATE)
     for name in ("agent", "status", "profile", "arch", "ts"):
         _field(obj, name, str)
-    if obj["status"] not in AGENT_STATUSES:
-        raise MessageError(f"unknown agent status {obj['status']!r}")
+    if not obj["status"]:
+        raise MessageError("field 'status' is empty")
+    period = obj.get("health_period_s")
+    if period is not None:
+        _field(obj, "health_period_s", (int, float))
+        if not (math.isfinite(period) and period > 0):
+            raise MessageError(f"field 'health_period_s' must be a positive number, got {period}")
     _count(obj, "bdseq")
     _field(obj, "group", str, nullable=True)
     _field(obj, "emulated", bool)
@@ -303,6 +318,7 @@ def decode_agent_state(data: bytes) -> AgentState:
         active=active,
         emulated=obj["emulated"],
         ts=obj["ts"],
+        health_period_s=period,
         extra=_rest(obj, AgentState._KNOWN),
     )
 
@@ -386,7 +402,8 @@ class DeploymentStatus:
     """``…/agents/{agent}/deployments``: one state change of a slot's deployment.
 
     ``serial`` is the serial of the deployment document being applied; ``reason`` explains a
-    ``failed`` or ``rolled_back`` state (``None`` otherwise).
+    ``failed`` or ``rolled_back`` state (``None`` otherwise). ``state`` is any non-empty
+    string (this version writes :data:`DEPLOYMENT_STATES`).
     """
 
     agent: str
@@ -421,13 +438,14 @@ def decode_deployment_status(data: bytes) -> DeploymentStatus:
     """Decode an ``edgefleet.deployment-status/1`` payload, keeping unknown fields.
 
     Raises :class:`MessageError` for bad JSON, another schema or major version, a missing or
-    mistyped field, or a ``state`` not in :data:`DEPLOYMENT_STATES`.
+    mistyped field, or an empty ``state``. A ``state`` outside :data:`DEPLOYMENT_STATES` is a
+    newer agent's and is kept as it is.
     """
     obj = _loads(data, SCHEMA_DEPLOYMENT_STATUS)
     for name in ("agent", "slot", "model", "state", "ts"):
         _field(obj, name, str)
-    if obj["state"] not in DEPLOYMENT_STATES:
-        raise MessageError(f"unknown deployment state {obj['state']!r}")
+    if not obj["state"]:
+        raise MessageError("field 'state' is empty")
     _field(obj, "version", int)
     _count(obj, "serial")
     _field(obj, "reason", str, nullable=True)

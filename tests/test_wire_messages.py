@@ -1,4 +1,9 @@
-"""Round trips and malformed input for the deployment document and the agent→trainer messages."""
+"""Round trips and malformed input for the deployment document and the agent→trainer messages.
+
+Forward compatibility is part of the contract: what a newer peer may send (unknown fields, a
+variant in a format or quantization this version does not know, a new status string) decodes,
+re-encodes unchanged, and is skipped or shown as it is, never refused.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from shared.deployment import (
     agent_target,
     choose_variant,
     decode_deployment,
+    describe_unrunnable,
     encode_deployment,
     group_target,
 )
@@ -64,11 +70,13 @@ targets = st.lists(
     max_size=3,
 ).map("/".join)
 
+# Formats and quantizations a newer trainer might offer, besides the known ones.
+new_words = st.text(min_size=1, max_size=10)
 variants = st.builds(
     Variant,
     target=targets,
-    format=st.sampled_from(["onnx", "tflite"]),
-    quantization=st.sampled_from(["fp32", "int8"]),
+    format=st.sampled_from(["onnx", "tflite"]) | new_words,
+    quantization=st.sampled_from(["fp32", "int8"]) | new_words,
     profiles=st.lists(text, max_size=3).map(tuple),
     sha256=hexes,
     size_bytes=counts,
@@ -104,7 +112,7 @@ actives = st.builds(
 agent_states = st.builds(
     AgentState,
     agent=names,
-    status=st.sampled_from(AGENT_STATUSES),
+    status=st.sampled_from(AGENT_STATUSES) | new_words,
     bdseq=counts,
     group=st.none() | names,
     profile=text,
@@ -113,6 +121,7 @@ agent_states = st.builds(
     active=st.lists(actives, max_size=3).map(tuple),
     emulated=st.booleans(),
     ts=text,
+    health_period_s=st.none() | st.floats(min_value=0.001, max_value=1e6) | st.integers(1, 3600),
     extra=extras(set(AgentState._KNOWN)),
 )
 healths = st.builds(
@@ -138,7 +147,7 @@ statuses = st.builds(
     slot=text,
     model=text,
     version=st.integers(),
-    state=st.sampled_from(DEPLOYMENT_STATES),
+    state=st.sampled_from(DEPLOYMENT_STATES) | new_words,
     reason=st.none() | text,
     serial=counts,
     ts=text,
@@ -148,7 +157,7 @@ statuses = st.builds(
 # The fields each decoder requires (besides "schema"): dropping or mistyping one is an error.
 _KNOWN_BY_DECODER = {
     "decode_deployment": {"scope", "serial", "slots"},
-    "decode_agent_state": set(AgentState._KNOWN) - {"schema"},
+    "decode_agent_state": set(AgentState._KNOWN) - {"schema", "health_period_s"},  # optional
     "decode_agent_health": set(AgentHealth._KNOWN) - {"schema"},
     "decode_deployment_status": set(DeploymentStatus._KNOWN) - {"schema"},
 }
@@ -233,6 +242,79 @@ def test_newer_major_version_is_refused():
         decode_deployment_status(b'{"schema": "edgefleet.agent-health/1"}')
 
 
+def _canonical(obj: dict) -> bytes:
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def test_a_newer_trainers_document_decodes_and_round_trips():
+    """Variants this version cannot run are kept (with their unknown fields), not refused."""
+    known = {"target": "artifacts/m-3-onnx-int8.zip", "format": "onnx", "quantization": "int8",
+             "profiles": ["x86-64-v3"], "sha256": "a" * 64, "size_bytes": 10}
+    new_format = {**known, "target": "artifacts/m-3-ggml-int8.bin", "format": "ggml",
+                  "sha256": "b" * 64, "runtime_min": "2.1", "signature_scheme": {"v": 2}}
+    new_quant = {**known, "target": "artifacts/m-3-onnx-int4.zip", "quantization": "int4",
+                 "sha256": "c" * 64}
+    wire = {
+        "schema": SCHEMA_DEPLOYMENT, "scope": {"group": "lab"}, "serial": 7, "rollout": "canary",
+        "slots": {
+            "default": {"model": "m", "version": 3, "variants": [new_format, known, new_quant]},
+            "future": {"model": "m", "version": 3, "variants": [new_format, new_quant],
+                       "pinned": True},
+        },
+    }
+    doc = decode_deployment(json.dumps(wire).encode())
+    assert encode_deployment(doc) == _canonical(wire)  # decode → encode keeps everything
+    assert doc.extra == {"rollout": "canary"}
+    default, future = doc.slots["default"], doc.slots["future"]
+    assert [v.format for v in default.variants] == ["ggml", "onnx", "onnx"]
+    assert default.variants[0].extra == {"runtime_min": "2.1", "signature_scheme": {"v": 2}}
+
+    chosen = choose_variant(default, "x86-64-v3", "ggml", "int4", {"onnx", "tflite"})
+    assert chosen is not None and chosen.target == known["target"]
+    assert choose_variant(future, "x86-64-v3", "onnx", "int8", {"onnx", "tflite"}) is None
+    assert [describe_unrunnable(v, "x86-64-v3", {"onnx"}) for v in default.variants] == [
+        "ggml/int8: unknown format", None, "onnx/int4: unknown quantization",
+    ]
+    only_known = Variant(**{k: (tuple(v) if k == "profiles" else v) for k, v in known.items()})
+    assert describe_unrunnable(only_known, "rpi4-arm64", {"onnx"}) == (
+        "onnx/int8: not built for rpi4-arm64"
+    )
+    assert describe_unrunnable(only_known, "x86-64-v3", {"tflite"}) == "onnx/int8: no onnx runtime"
+
+
+def test_unknown_status_strings_are_kept_as_they_are():
+    state = AgentState(
+        agent="pi-1", status="draining", bdseq=1, group=None, profile="p", arch="a",
+        runtimes=(), active=(), emulated=False, ts="t",
+    )
+    wire = json.loads(encode_agent_state(state))
+    assert wire["status"] == "draining" and "health_period_s" not in wire
+    assert decode_agent_state(json.dumps(wire).encode()) == state
+    status = DeploymentStatus(agent="pi-1", slot="s", model="m", version=1,
+                              state="benchmarking", reason=None, serial=1, ts="t")
+    assert decode_deployment_status(encode_deployment_status(status)).state == "benchmarking"
+    with pytest.raises(MessageError, match="status"):
+        decode_agent_state(json.dumps({**wire, "status": ""}).encode())
+    wire_status = json.loads(encode_deployment_status(status))
+    with pytest.raises(MessageError, match="state"):
+        decode_deployment_status(json.dumps({**wire_status, "state": ""}).encode())
+
+
+def test_the_births_health_period_is_optional_and_checked():
+    state = AgentState(
+        agent="pi-1", status="online", bdseq=1, group=None, profile="p", arch="a",
+        runtimes=(), active=(), emulated=False, ts="t", health_period_s=2.5,
+    )
+    wire = json.loads(encode_agent_state(state))
+    assert wire["health_period_s"] == 2.5
+    assert decode_agent_state(json.dumps(wire).encode()).health_period_s == 2.5
+    del wire["health_period_s"]  # an agent that predates the field
+    assert decode_agent_state(json.dumps(wire).encode()).health_period_s is None
+    for bad in (0, -1, "10", True, [], 1e400):
+        with pytest.raises(MessageError, match="health_period_s"):
+            decode_agent_state(json.dumps({**wire, "health_period_s": bad}).encode())
+
+
 def test_deployment_example_and_validation():
     v = Variant("artifacts/m-2-onnx-int8.zip", "onnx", "int8", ("x86-64-v3",), "a" * 64, 10)
     doc = Deployment(Scope("agent", "pi-1"), 3, {"default": Slot("m", 2, (v,))})
@@ -269,8 +351,9 @@ def test_deployment_example_and_validation():
         with pytest.raises(DeploymentError):
             decode_deployment(json.dumps({**wire, **patch}).encode())
     bad_variant = dict(wire["slots"]["default"]["variants"][0])
-    for patch in ({"format": "pt"}, {"quantization": "int4"}, {"sha256": "A" * 64},
-                  {"target": "../../etc/passwd"}, {"size_bytes": -1}, {"profiles": [1]}):
+    for patch in ({"format": ""}, {"format": 3}, {"quantization": ""}, {"quantization": None},
+                  {"sha256": "A" * 64}, {"target": "../../etc/passwd"}, {"size_bytes": -1},
+                  {"profiles": [1]}):
         slot = {**wire["slots"]["default"], "variants": [{**bad_variant, **patch}]}
         with pytest.raises(DeploymentError):
             decode_deployment(json.dumps({**wire, "slots": {"default": slot}}).encode())
@@ -335,3 +418,26 @@ def test_choose_variant_is_deterministic_for_duplicates():
         random.shuffle(twins)
         got = choose_variant(Slot("m", 1, tuple(twins)), "p", "onnx", "int8", ["onnx"])
         assert got is not None and got.target == "artifacts/a.zip"
+
+
+unknown_variants = st.builds(
+    Variant,
+    target=targets,
+    format=st.sampled_from(["onnx", "tflite", "ggml"]),
+    quantization=st.sampled_from(["fp32", "int8", "int4"]),
+    profiles=st.just(("p",)),
+    sha256=hexes,
+    size_bytes=counts,
+).filter(lambda v: v.format == "ggml" or v.quantization == "int4")
+
+
+@given(st.lists(unknown_variants, max_size=4), st.permutations(ALL),
+       st.sampled_from(["onnx", "tflite", "ggml"]), st.sampled_from(["fp32", "int8", "int4"]),
+       st.sets(st.sampled_from(["onnx", "tflite"])))
+def test_variants_of_unknown_format_or_quantization_never_change_the_choice(
+    unknown, order, pf, pq, available
+):
+    mixed = Slot("m", 1, (*unknown, *order))
+    got = choose_variant(mixed, "p", pf, pq, available)
+    assert got == choose_variant(Slot("m", 1, ALL), "p", pf, pq, available)
+    assert choose_variant(Slot("m", 1, tuple(unknown)), "p", pf, pq, available) is None

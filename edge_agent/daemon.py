@@ -207,7 +207,7 @@ class Agent:
             agent=self.config.agent_id, status=status, bdseq=getattr(self, "bdseq", 0),
             group=self.config.group, profile=self.config.profile.name,
             arch=platform.machine(), runtimes=tuple(self.runtimes), active=tuple(active),
-            emulated=self.config.emulated, ts=_now(),
+            emulated=self.config.emulated, ts=_now(), health_period_s=self.config.health_period,
         )
 
     def _publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:

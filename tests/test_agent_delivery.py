@@ -10,7 +10,11 @@ What each test proves (the issue's "Done when"):
    untrusted signature, rollback, freeze, mix-and-match, endless data): the agent reports
    ``failed`` naming the attack and keeps serving v1;
 3. an agent killed mid-download resumes from its chunk cache after a restart;
-4. events detected while the broker is down are all delivered once it is back.
+4. events detected while the broker is down are all delivered once it is back;
+5. a document from a newer trainer, with variants this agent cannot run, still activates the
+   variant it can run; a slot offered nothing runnable fails with a clear reason;
+6. ``edgefleet fleet status`` marks an agent stale when the broker crashed with it (its
+   retained state still says online, no Last Will was sent).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import json
 import math
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,12 +51,16 @@ from helpers_delivery import (
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 
+from edge_agent.mqtt import connect
 from shared.bundle import bundle_target_name
 from shared.chunking import ChunkIndex, split
+from shared.deployment import Deployment, Scope, Slot, Variant, encode_deployment
 from shared.messages import decode_agent_state, decode_deployment_status
 from shared.topics import RepoTopic
-from trainer.fleet.deploy import repository_path
+from trainer.fleet.deploy import plan_deployment, repository_lock, repository_path
+from trainer.fleet.publisher import publish_repository
 from trainer.fleet.tuf_repository import TufRepository
+from trainer.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -468,3 +479,119 @@ def test_events_detected_while_the_broker_is_down_are_all_delivered(env: Env) ->
           f"{copies - last_seq} duplicate deliveries merged by seq")
     assert {e["model_version"] for e in watch.of("events")} == {1}
     assert not watch.undecodable
+
+
+# -- 5. a newer trainer's document: variants this agent cannot run are skipped ------------------
+
+
+def _deploy_as_a_newer_trainer(env: Env) -> None:
+    """Deploy host@1 to group lab the way ``edgefleet deploy`` does, but with the document a
+    newer trainer might write: slot ``default`` also offers a ggml and an int4 variant, and slot
+    ``next`` offers only those. Signed and published for real (TUF over MQTT)."""
+    scope = Scope("group", "lab")
+    with Registry.open(env.registry) as registry, repository_lock(env.registry):
+        repo = TufRepository.open(repository_path(env.registry))
+        plan = plan_deployment(registry, repo, "host@1", scope)
+        default = plan.document.slots["default"]
+        newer = (
+            Variant("artifacts/host-1-ggml-int8.bin", "ggml", "int8", ("x86-64-v3",), "e" * 64,
+                    1234, extra={"runtime_min": "3.0"}),
+            Variant("artifacts/host-1-onnx-int4.zip", "onnx", "int4", ("x86-64-v3",), "f" * 64,
+                    999),
+        )
+        slots = {
+            "default": Slot(default.model, default.version, (newer[0], *default.variants, newer[1])),
+            "next": Slot("host-next", 3, newer, extra={"canary": True}),
+        }
+        document = Deployment(scope, plan.document.serial, slots, extra={"rollout": 2})
+        files = {**plan.files, scope.target: encode_deployment(document)}
+        repo.add_targets(files, custom=plan.custom)
+        client = connect(env.broker.url, client_id="newer-trainer", timeout=10)
+        try:
+            publish_repository(repo, client, TOPICS)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+
+def test_agent_runs_the_variant_it_knows_from_a_newer_trainers_document(env: Env) -> None:
+    watch = env.subscribe()
+    agent = env.agents.start(env.agent_config("edge-5", rate=200))
+    born(watch)
+    _deploy_as_a_newer_trainer(env)
+
+    wait_active(watch, 1)
+    assert deployment_states(watch, "host", 1) == ["downloading", "verifying", "staging", "active"]
+    failed = watch.wait_for(
+        lambda: first(d for d in watch.of("deployments") if d.slot == "next"), 30,
+        "slot next to report that nothing in it can run here",
+    )
+    assert (failed.state, failed.model, failed.version) == ("failed", "host-next", 3)
+    assert failed.reason == (
+        "no runnable variant for profile x86-64-v3 (formats onnx): "
+        "ggml/int8: unknown format; onnx/int4: unknown quantization"
+    ), failed.reason
+
+    sha = bundle_sha(env.registry, "host", 1)
+    state = watch.wait_for(
+        lambda: first(s for s in watch.of("state") if s.active), 10, "state listing the model"
+    )
+    assert [(a.slot, a.version, a.format, a.quantization, a.sha256) for a in state.active] == [
+        ("default", 1, "onnx", "int8", sha)
+    ]
+    watch.wait_for(lambda: any(h.inferences for h in watch.of("health")), 20, "host@1 serving")
+    assert agent.alive(), agent.tail()
+    assert not watch.undecodable
+    assert "Traceback" not in agent.log.read_text(), agent.tail()
+
+
+# -- 6. the broker crashed with the agent: its retained "online" is stale -----------------------
+
+
+def _fleet_status(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "fleet", "status", "--broker", env.broker.url, *args],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_fleet_status_marks_an_agent_stale_when_the_broker_crashed_with_it(env: Env) -> None:
+    watch = env.subscribe()
+    period = 2.0
+    config = env.agents.config("edge-6", trust=env.root, source=f"csv:{env.csv}?rate=50",
+                               health_period=period)
+    agent = env.agents.start(config)
+    birth = born(watch)
+    assert birth.health_period_s == period
+    watch.wait_for(lambda: watch.of("health"), 20, "a health report")
+    saved_after = time.time()
+
+    [live] = json.loads(_fleet_status(env, "--json").stdout)
+    assert (live["agent"], live["status"], live["stale"]) == ("edge-6", "online", False)
+    assert live["health_period_s"] == period and live["health_age_s"] is not None
+
+    # Mosquitto sends the Last Will when it shuts down cleanly, and when a client's connection
+    # drops; a broker that crashes first (SIGKILL, power loss) sends nothing, and restarts from
+    # its last autosave with the retained "online" of an agent that may be long gone.
+    db = env.broker.workdir / "mosquitto.db"
+    poll_until(lambda: db.exists() and db.stat().st_mtime > saved_after, 10,
+               "Mosquitto to autosave the retained birth and health", env.agents.tail)
+    assert env.broker.proc is not None
+    env.broker.proc.kill()
+    env.broker.proc.wait(10)
+    env.broker.proc = None
+    agent.signal(signal.SIGKILL)
+    agent.wait(10)
+    env.broker.start()
+
+    def stale() -> dict | None:
+        views = json.loads(_fleet_status(env, "--json").stdout)
+        return first(v for v in views if v["stale"])
+
+    view = poll_until(stale, 60, "fleet status to mark edge-6 stale", env.agents.tail, interval=1)
+    assert (view["agent"], view["status"]) == ("edge-6", "online")  # no Will was ever sent
+    assert view["health_age_s"] > 3 * period
+    [line] = _fleet_status(env).stdout.splitlines()[1:]
+    assert line.startswith("edge-6") and "online (stale)" in line and " s ago: " in line

@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -291,22 +291,39 @@ def _put(client: mqtt.Client, topic: str, payload: bytes) -> None:
     assert info.is_published()
 
 
+def _now_iso(delta: timedelta = timedelta()) -> str:
+    return (datetime.now(UTC) + delta).isoformat(timespec="milliseconds")
+
+
 def test_fleet_status_shows_what_agents_retained(broker, clients):
-    agent = clients()  # a paho client acting as two agents
+    agent = clients()  # a paho client acting as four agents
+    # pi-1 is live: born and reporting health just now, every 60 s.
     _put(agent, TOPICS.agent_state("pi-1"), encode_agent_state(AgentState(
         agent="pi-1", status="online", bdseq=3, group="lab", profile="rpi4-arm64",
         arch="aarch64", runtimes=("onnxruntime", "litert"),
         active=(ActiveModel("default", "m", 2, "tflite", "int8", "a" * 64),),
-        emulated=True, ts="2026-01-01T00:00:00Z", extra={"future": 1},
+        emulated=True, ts=_now_iso(), health_period_s=60, extra={"future": 1},
     )))
     _put(agent, TOPICS.agent_deployments("pi-1"), encode_deployment_status(DeploymentStatus(
         agent="pi-1", slot="default", model="m", version=2, state="active", reason=None,
-        serial=4, ts="2026-01-01T00:00:01Z",
+        serial=4, ts=_now_iso(),
     )))
     _put(agent, TOPICS.agent_health("pi-1"), encode_agent_health(AgentHealth(
-        agent="pi-1", ts="2026-01-01T00:00:02Z", inferences=120, anomalies=2, errors=0,
+        agent="pi-1", ts=_now_iso(), inferences=120, anomalies=2, errors=0,
         latency_ms={"p50": 0.4, "p99": 1.25}, outbox_depth=0, outbox_dropped=0, rss_mb=80.5,
         cpu_percent=3.0,
+    )))
+    # old-1 died without its Last Will (say the broker crashed with it): its retained state
+    # still says online, its last health is hours old. Its birth predates health_period_s.
+    _put(agent, TOPICS.agent_state("old-1"), encode_agent_state(AgentState(
+        agent="old-1", status="online", bdseq=1, group="lab", profile="x86-64-v3",
+        arch="x86_64", runtimes=("onnxruntime",), active=(), emulated=False,
+        ts=_now_iso(-timedelta(hours=3, minutes=1)),
+    )))
+    _put(agent, TOPICS.agent_health("old-1"), encode_agent_health(AgentHealth(
+        agent="old-1", ts=_now_iso(-timedelta(hours=3)), inferences=7, anomalies=0, errors=0,
+        latency_ms={"p50": None, "p99": None}, outbox_depth=0, outbox_dropped=0, rss_mb=None,
+        cpu_percent=None,
     )))
     _put(agent, TOPICS.agent_state("x86-1"), encode_agent_state(AgentState(
         agent="x86-1", status="offline", bdseq=1, group=None, profile="x86-64-v3",
@@ -317,13 +334,23 @@ def test_fleet_status_shows_what_agents_retained(broker, clients):
         agent="x86-1", slot="default", model="m", version=1, state="failed",
         reason="smoke test: output mismatch", serial=1, ts="2026-01-01T00:00:04Z",
     )))
+    # zz-1 is a newer agent that reports a status and a deployment state this version lacks.
+    _put(agent, TOPICS.agent_state("zz-1"), encode_agent_state(AgentState(
+        agent="zz-1", status="draining", bdseq=9, group="lab", profile="x86-64-v3",
+        arch="x86_64", runtimes=("onnxruntime",), active=(), emulated=False, ts=_now_iso(),
+        health_period_s=60,
+    )))
+    _put(agent, TOPICS.agent_deployments("zz-1"), encode_deployment_status(DeploymentStatus(
+        agent="zz-1", slot="default", model="m", version=2, state="benchmarking", reason=None,
+        serial=2, ts=_now_iso(),
+    )))
     _put(agent, TOPICS.agent_state("broken"), b"not json")  # ignored, not fatal
 
     views = json.loads(run("fleet", "status", "--broker", broker.url, "--json").stdout)
-    assert [v["agent"] for v in views] == ["pi-1", "x86-1"]
-    pi, x86 = views
+    assert [v["agent"] for v in views] == ["old-1", "pi-1", "x86-1", "zz-1"]
+    old, pi, x86, zz = views
     assert pi["status"] == "online" and pi["profile"] == "rpi4-arm64" and pi["group"] == "lab"
-    assert pi["emulated"] is True and pi["ts"] == "2026-01-01T00:00:00Z"
+    assert pi["emulated"] is True
     assert [{k: a[k] for k in ("slot", "model", "version", "format")} for a in pi["active"]] == [
         {"slot": "default", "model": "m", "version": 2, "format": "tflite"}
     ]
@@ -332,17 +359,33 @@ def test_fleet_status_shows_what_agents_retained(broker, clients):
     }
     assert pi["health"]["latency_ms"] == {"p50": 0.4, "p99": 1.25}
     assert pi["health"]["inferences"] == 120
+    assert pi["health_period_s"] == 60 and pi["stale"] is False
+    assert 0 <= pi["health_age_s"] < 3 * 60
+
+    assert old["status"] == "online" and old["stale"] is True
+    assert old["health_period_s"] is None  # judged on the default period
+    assert 3 * 3600 <= old["health_age_s"] < 4 * 3600
+
     assert x86["status"] == "offline" and x86["active"] == [] and x86["health"] is None
+    assert x86["health_age_s"] is None and x86["stale"] is False  # offline: not a live claim
     assert x86["last_deployment"]["state"] == "failed"
     assert x86["last_deployment"]["reason"] == "smoke test: output mismatch"
+
+    assert zz["status"] == "draining" and zz["last_deployment"]["state"] == "benchmarking"
+    assert zz["stale"] is False
 
     text = run("fleet", "status", "--broker", broker.url).stdout
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["AGENT", "STATUS", "GROUP"]
-    assert lines[1].startswith("pi-1") and "online (emulated)" in lines[1]
-    assert "default=m@2/tflite-int8" in lines[1] and "p99 1.25 ms" in lines[1]
-    assert lines[2].startswith("x86-1") and "offline" in lines[2]
-    assert "m@1 failed (smoke test: output mismatch)" in lines[2]
+    assert lines[1].startswith("old-1") and "online (stale)" in lines[1]
+    assert "3 h ago: p99 - ms, 7 inf" in lines[1]
+    assert lines[2].startswith("pi-1") and "online (emulated)" in lines[2]
+    assert "default=m@2/tflite-int8" in lines[2] and " s ago: p99 1.25 ms" in lines[2]
+    assert "stale" not in lines[2]
+    assert lines[3].startswith("x86-1") and "offline" in lines[3] and "stale" not in lines[3]
+    assert "m@1 failed (smoke test: output mismatch)" in lines[3]
+    assert lines[4].startswith("zz-1") and "draining" in lines[4]
+    assert "m@2 benchmarking" in lines[4]
 
 
 def test_fleet_status_of_an_empty_fleet(broker):

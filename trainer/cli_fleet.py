@@ -351,12 +351,22 @@ def _status_row(v: Any) -> tuple[str, ...]:
     if v.health is not None:
         h = v.health
         p99 = h["latency_ms"].get("p99")
+        age = "" if v.health_age_s is None else f"{_ago(v.health_age_s)}: "
         health = (
-            f"p99 {'-' if p99 is None else f'{p99:.2f}'} ms, {h['inferences']} inf, "
+            f"{age}p99 {'-' if p99 is None else f'{p99:.2f}'} ms, {h['inferences']} inf, "
             f"{h['anomalies']} anom, {h['errors']} err"
         )
-    emulated = " (emulated)" if v.emulated else ""
-    return (v.agent, v.status + emulated, v.group or "-", v.profile, active, last, health, v.ts)
+    notes = [n for n, on in (("stale", v.stale), ("emulated", v.emulated)) if on]
+    status = v.status + (f" ({', '.join(notes)})" if notes else "")
+    return (v.agent, status, v.group or "-", v.profile, active, last, health, v.ts)
+
+
+def _ago(seconds: float) -> str:
+    """``12 s ago``, ``5 min ago``, ``3 h ago``, ``2 d ago`` (rounded down)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
 
 
 # -- parser -----------------------------------------------------------------------------------

@@ -10,13 +10,21 @@ Per agent the view combines three retained topics:
 
 An agent appears once it has a retained state. Malformed payloads are logged and left out (an
 agent with a malformed state is not shown; a malformed health or deployment status shows as
-``None``).
+``None``). Status and deployment-state strings a newer agent may add are shown as they are.
+
+Retained messages outlive their agent: a broker that stops abruptly never sends the Last Will,
+so a dead agent can stay ``online``. The view therefore ages the health report and marks an
+agent that claims to be up *stale* when its last sign of life (health report or birth) is
+older than :data:`STALE_AFTER_PERIODS` health periods (the period its birth announces, else
+:data:`DEFAULT_HEALTH_PERIOD_S`). Ages use the trainer's clock against the agent's
+timestamps; an agent clock ahead of the trainer's gives age 0, never a negative one.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -33,9 +41,17 @@ from shared.messages import (
 )
 from shared.topics import Topics
 
-__all__ = ["AgentView", "read_fleet"]
+__all__ = ["DEFAULT_HEALTH_PERIOD_S", "STALE_AFTER_PERIODS", "AgentView", "read_fleet"]
 
 logger = logging.getLogger(__name__)
+
+#: The health period assumed for an agent whose birth does not announce one (the agent's
+#: default ``[health] period_seconds``).
+DEFAULT_HEALTH_PERIOD_S = 10.0
+#: An agent is stale once its last sign of life is older than this many health periods.
+STALE_AFTER_PERIODS = 3
+#: Statuses that say the agent is not running: they are never stale.
+_DOWN = ("offline", "stopped")
 
 
 @dataclass(frozen=True)
@@ -54,12 +70,31 @@ class AgentView:
     active: tuple[dict[str, Any], ...]
     last_deployment: dict[str, Any] | None
     health: dict[str, Any] | None
+    health_period_s: float | None = None
+    health_age_s: float | None = None
+    stale: bool = False
 
     @classmethod
     def build(
-        cls, state: AgentState, status: DeploymentStatus | None, health: AgentHealth | None
+        cls,
+        state: AgentState,
+        status: DeploymentStatus | None,
+        health: AgentHealth | None,
+        now: datetime | None = None,
     ) -> AgentView:
-        """Combine an agent's decoded state, last deployment status and latest health."""
+        """Combine an agent's decoded state, last deployment status and latest health.
+
+        ``now`` (default: the current time) is what ages are measured against.
+        """
+        now = datetime.now(UTC) if now is None else now
+        health_age = None if health is None else _age(health.ts, now)
+        seen = [a for a in (health_age, _age(state.ts, now)) if a is not None]
+        period = state.health_period_s or DEFAULT_HEALTH_PERIOD_S
+        stale = (
+            state.status not in _DOWN
+            and bool(seen)
+            and min(seen) > STALE_AFTER_PERIODS * period
+        )
         return cls(
             agent=state.agent,
             status=state.status,
@@ -93,6 +128,9 @@ class AgentView:
                 "ts": status.ts,
             },
             health=None if health is None else health.to_json(),
+            health_period_s=state.health_period_s,
+            health_age_s=None if health_age is None else round(health_age, 1),
+            stale=stale,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -110,15 +148,32 @@ class AgentView:
             "active": [dict(a) for a in self.active],
             "last_deployment": self.last_deployment,
             "health": self.health,
+            "health_period_s": self.health_period_s,
+            "health_age_s": self.health_age_s,
+            "stale": self.stale,
         }
 
 
-def read_fleet(client: mqtt.Client, topics: Topics, timeout: float = 10.0) -> list[AgentView]:
+def _age(ts: str, now: datetime) -> float | None:
+    """Seconds from the ISO 8601 ``ts`` (UTC if it names no zone) to ``now``; ``None`` if
+    ``ts`` does not parse. Never negative: a clock ahead of ours gives 0."""
+    try:
+        when = datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (now - when).total_seconds())
+
+
+def read_fleet(
+    client: mqtt.Client, topics: Topics, timeout: float = 10.0, now: datetime | None = None
+) -> list[AgentView]:
     """Read every agent's retained state, last deployment status and health; sorted by id.
 
     ``client`` must be connected and must not itself subscribe to the agents' topics. Two
     retained reads: the states (``…/agents/+/state``), then the deployment and health topics
-    of the agents found.
+    of the agents found. Ages are measured against ``now`` (default: when the reads are done).
 
     Raises:
         edge_agent.mqtt.BrokerError: the broker did not answer within ``timeout``.
@@ -145,13 +200,14 @@ def read_fleet(client: mqtt.Client, topics: Topics, timeout: float = 10.0) -> li
         t for a in sorted(states) for t in (topics.agent_deployments(a), topics.agent_health(a))
     ]
     details = reader.read(extra_topics)
+    now = datetime.now(UTC) if now is None else now
     views = []
     for agent in sorted(states):
         status = _decode(
             details.get(topics.agent_deployments(agent)), decode_deployment_status, agent
         )
         health = _decode(details.get(topics.agent_health(agent)), decode_agent_health, agent)
-        views.append(AgentView.build(states[agent], status, health))
+        views.append(AgentView.build(states[agent], status, health, now))
     return views
 
 

@@ -86,7 +86,14 @@ class _Windows(CalibrationDataReader):
 
 
 def quantize_onnx_int8(fp32_model: bytes, calibration: np.ndarray) -> bytes:
-    """Static QDQ int8, per-channel weights, calibrated on ``calibration`` windows.
+    """Static QDQ: int8 per-channel weights, 16-bit activations, calibrated on ``calibration``.
+
+    Weights are int8 (the artifact is as small as full int8), activations 16-bit (A16W8): a
+    forecaster's output is a small difference of large hidden activations, and 8-bit
+    activations in onnxruntime's QDQ make its error as large as the noise it should measure
+    (forecast errors off by ~100% of their typical size, with scores ranked almost at random
+    against fp32), while 16-bit activations keep them within a fraction of a percent. The model
+    is lifted to opset 21, the first with 16-bit QuantizeLinear.
 
     Biases stay fp32 (``QuantizeBias: False``): on models this small the int32 bias with its
     own per-channel scale and zero point costs more bytes than it saves. Only matrix products
@@ -103,7 +110,7 @@ def quantize_onnx_int8(fp32_model: bytes, calibration: np.ndarray) -> bytes:
             _Windows(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QInt16,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             op_types_to_quantize=["MatMul", "Gemm"],

@@ -7,7 +7,10 @@ features its model was trained on by name, so a host source feeds a model traine
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import selectors
 import sys
 import threading
 import time
@@ -128,8 +131,47 @@ def _csv(spec: SourceSpec, stop: threading.Event) -> Iterator[Sample]:
         raise SourceError(str(e)) from e
 
 
+def _lines(stream: TextIO, stop: threading.Event, poll: float = 0.2) -> Iterator[str]:
+    """The lines of ``stream``; a read blocked on a quiet pipe gives way to ``stop`` within
+    ``poll`` seconds.
+
+    A plain ``readline`` would not: Python resumes a read interrupted by SIGTERM once the
+    handler has run, so an agent fed by a pipe that stays open would never stop. A pipe, FIFO,
+    socket or terminal is therefore watched with a selector and read with ``os.read``. A
+    regular file or an in-memory stream never blocks and is iterated as it is.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: StringIO & co.
+        yield from stream
+        return
+    selector = selectors.DefaultSelector()
+    try:
+        selector.register(fd, selectors.EVENT_READ)
+    except (OSError, ValueError):  # epoll refuses regular files, which never block anyway
+        selector.close()
+        yield from stream
+        return
+    decoder = codecs.getincrementaldecoder(getattr(stream, "encoding", None) or "utf-8")("replace")
+    pending = ""
+    try:
+        while not stop.is_set():
+            if not selector.select(poll):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:  # end of input
+                pending += decoder.decode(b"", final=True)
+                if pending:
+                    yield pending
+                return
+            *lines, pending = (pending + decoder.decode(chunk)).split("\n")
+            yield from lines
+    finally:
+        selector.close()
+
+
 def _stdin(stream: TextIO, stop: threading.Event) -> Iterator[Sample]:
-    for line_no, line in enumerate(stream, start=1):
+    for line_no, line in enumerate(_lines(stream, stop), start=1):
         if stop.is_set():
             return
         line = line.strip()

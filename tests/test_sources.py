@@ -1,16 +1,23 @@
-"""Agent sources against real inputs: psutil on this host, CSV files, JSON lines."""
+"""Agent sources against real inputs: psutil on this host, CSV files, JSON lines, a pipe."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import math
+import os
+import signal
 import threading
 from itertools import islice
 from pathlib import Path
 
 import pytest
 
+from edge_agent.activation import ActivationStore, ActiveRecord
 from edge_agent.daemon import Backoff
 from edge_agent.sources import SourceError, open_source, parse_source
+from shared.bundle import BundleSpec, GoldenVectors, ScoreSpec, TensorSpec, write_bundle
 
 
 def test_host_source_reads_this_hosts_metrics() -> None:
@@ -58,3 +65,72 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
     assert len(set(delays)) == len(delays)  # jittered: no two agents retry in lockstep
     b.reset()
     assert b.next() <= 0.5 + 1e-9
+
+
+def test_stdin_pipe_that_stays_open_ends_when_stopped() -> None:
+    read_end, write_end = os.pipe()
+    stop = threading.Event()
+    with os.fdopen(read_end) as stream, os.fdopen(write_end, "w") as feed:
+        feed.write('{"timestamp": "t1", "cpu": 1}\n{"timestamp": "t2", "cp')  # half a line
+        feed.flush()
+        samples = open_source(parse_source("stdin"), stop, stdin=stream)
+        assert next(samples).timestamp == "t1"
+        got: list = []
+        reader = threading.Thread(target=lambda: got.extend(samples))  # blocks: the pipe is open
+        reader.start()
+        stop.set()
+        reader.join(10)
+        assert not reader.is_alive(), "a stopped stdin source kept waiting for input"
+        assert got == []
+
+
+def _msq_bundle() -> bytes:
+    """A tiny ONNX model (mean of squares over 8 samples of ``value``, threshold 0.5)."""
+    from onnx import TensorProto, helper  # the test may use onnx; the agent does not
+
+    w = 8
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "x"], ["x2"]),
+         helper.make_node("ReduceMean", ["x2", "axes"], ["score"], keepdims=0)],
+        "msq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w, 1])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n"])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    spec = BundleSpec(
+        name="msq", format="onnx", quantization="fp32", model_file="model.onnx",
+        inputs=(TensorSpec("x", "float32", (None, w, 1)),),
+        outputs=(TensorSpec("score", "float32", (None,)),),
+        window=w, features=("value",), score=ScoreSpec("msq", 0.5, math.log(0.5), 1.0),
+        golden=GoldenVectors([[[2.0]] * w, [[0.0]] * w], [4.0, 0.0], 1e-6, 1e-6),
+    )
+    return write_bundle(spec, model.SerializeToString())
+
+
+def test_agent_fed_by_an_open_pipe_stops_promptly_on_sigterm(tmp_path: Path, broker) -> None:
+    from helpers_delivery import Agents, Watch
+
+    from trainer.fleet.tuf_repository import TufRepository
+
+    root = TufRepository.init(tmp_path / "tuf").root_json_path
+    agents = Agents(tmp_path / "agents", broker.url)
+    config = agents.config("pipe-1", trust=root, source="stdin")
+    # The agent serves a model it activated earlier: the stdin source is read at once.
+    bundle = _msq_bundle()
+    sha = hashlib.sha256(bundle).hexdigest()
+    store = ActivationStore(config.parent / "state")
+    store.stage(sha, bundle)
+    store.activate("default", ActiveRecord("msq", 1, "onnx", "fp32", sha, "artifacts/msq.zip", 1))
+    watch = Watch(broker.url, agents.tail)
+    try:
+        agent = agents.start(config, stdin=True)
+        agent.feed(json.dumps({"timestamp": f"2026-01-01 00:00:{i:02d}", "value": 2.0}) for i in range(10))
+        # 10 samples, window 8: three anomalous windows. Once they are delivered, the agent has
+        # read everything and waits on a pipe that stays open.
+        watch.wait_for(lambda: watch.event_seqs() == {1, 2, 3}, 60, "three events")
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(15) == 0, agent.tail()
+        assert "Traceback" not in agent.log.read_text()
+    finally:
+        watch.close()
+        agents.close()

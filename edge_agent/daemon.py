@@ -1,36 +1,52 @@
 """The agent daemon: a composition root of ``init_*`` / ``start_*`` steps (no logic of its own).
 
+The agent serves from its state directory before it reaches the broker: the last active model
+is loaded, events go to the outbox from the first sample, and both MQTT connections are made
+in the background by paho's network threads, which keep reconnecting. A host that boots during
+a network outage detects and queues as usual; the outbox drains once the broker is back.
+
 Threads: the main thread reads the source and runs detection; paho's network threads
 (session and fetcher connections); the outbox publisher; a reconcile worker woken by each new
-retained ``timestamp.json``; a health timer. Callbacks only set events or enqueue: they never
-block or raise into paho's network thread.
+retained ``timestamp.json`` and each fetcher connect, which retries a pass that failed for a
+transient reason (broker, full disk); a health timer; a state writer that persists the
+birth/death sequence reservation. paho callbacks do no disk I/O: they take short in-memory
+locks, set events and publish, and every one of them is guarded so that no exception reaches
+paho's network thread.
+
+A full state directory never stops detection: an event that cannot be stored is counted (in
+health ``outbox_dropped``) and logged at most once a minute; a deployment that cannot be
+stored is reported ``failed`` (``storage: …``) and retried until it can.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import random
-import shutil
 import signal
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from edge_agent.activation import ActivationStore
 from edge_agent.config import AgentConfig
 from edge_agent.detector import Detection, Detector
-from edge_agent.mqtt import BrokerAuthError, BrokerError, Will, connect
-from edge_agent.outbox import Outbox, OutboxPublisher
+from edge_agent.mqtt import BrokerError, Will, connect_in_background, new_client
+from edge_agent.outbox import Outbox, OutboxError, OutboxPublisher
 from edge_agent.reconcile import LoadedModel, Reconciler, load_active
 from edge_agent.runtime import available_runtimes
 from edge_agent.sources import Sample, open_source, parse_source
+from edge_agent.throttle import ThrottledLog
 from edge_agent.trust import MqttFetcher, TrustedRepository, TrustError
+from shared.files import write_atomically
 from shared.messages import (
     ActiveModel,
     AgentHealth,
@@ -51,6 +67,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_AUTH = 3
 AUTH_FAILURES = {134, 135}  # MQTT 5 reason codes bad user name or password, not authorized
+OUTBOX_REOPEN_INTERVAL = 5.0  # seconds between attempts to open an outbox that would not open
 
 
 def _event_payload(detection: Detection, agent: str, seq: int) -> bytes:
@@ -59,6 +76,20 @@ def _event_payload(detection: Detection, agent: str, seq: int) -> bytes:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
+    """A paho callback that logs its exceptions instead of raising them into the network
+    thread (an exception there ends the thread: no more reconnects, no more deliveries)."""
+
+    @functools.wraps(callback)
+    def wrapper(*args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("MQTT callback %s failed; the connection carries on", callback.__name__)
+
+    return wrapper
 
 
 @dataclass
@@ -95,27 +126,40 @@ class Agent:
         self._history: deque[Sample] = deque(maxlen=4096)
         self._errors = 0
         self._retired = {"inferences": 0, "anomalies": 0}  # counters of replaced detectors
+        self.store: ActivationStore | None = None
+        self.bdseq = 0
+        self._reserve_wanted = threading.Event()  # a bdseq was handed out: persist a reservation
+        self.outbox: Outbox | None = None
+        self.publisher: OutboxPublisher | None = None
+        self._outbox_retry_at = 0.0
+        self._unstored = ThrottledLog(log, 60.0)  # anomaly events that could not be stored
+        self.trusted: TrustedRepository | None = None
+        self.reconciler: Reconciler | None = None
+        self._storage_failure: str | None = None  # the last one reported while provisioning
         self._session: mqtt.Client | None = None
         self._fetch_client: mqtt.Client | None = None
         self._backoff = Backoff()
         formats = {"onnx": "onnxruntime", "tflite": "litert"}
         self.runtimes = available_runtimes({formats[f] for f in config.profile.formats})
 
-    # -- init ----------------------------------------------------------------------------------
+    # -- init (nothing here waits for the broker) ---------------------------------------------
 
     def init_state(self) -> None:
+        """Clean up after a crash, take a birth/death sequence number, open the outbox and load
+        the active models. A full disk is logged and survived: see the module docstring."""
         c = self.config
         c.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = ActivationStore(c.state_dir)
         removed = self.store.recover()
         if removed:
             log.info("cleaned up after a crash: %s", ", ".join(removed))
+        if not self._reserve_bdseq():
+            self._reserve_wanted.set()  # the state writer retries
         self.bdseq = self.store.next_bdseq()
-        metadata = c.state_dir / "metadata"
-        metadata.mkdir(exist_ok=True)
-        if not (metadata / "root.json").exists():  # provisioning: copy the trust anchor once
-            shutil.copyfile(c.trust_root, metadata / "root.json")
-        self.outbox = Outbox(c.state_dir / "outbox.sqlite", max_bytes=c.outbox_max_bytes)
+        try:
+            self._open_outbox()
+        except OutboxError as e:
+            log.error("%s: anomaly events are counted, not stored, until it opens", e)
         for slot in self.store.slots():
             loaded = load_active(self.store, slot, c.threads)
             if loaded:
@@ -126,85 +170,149 @@ class Agent:
                 c.profile.name, c.profile.arch, platform.machine(),
             )
 
-    def _connect(self, client_id: str, will: Will | None) -> mqtt.Client:
-        """Connect, retrying with jittered backoff until connected or stopped."""
-        b = self.config.broker
-        backoff = Backoff()
-        while not self.stop_event.is_set():
-            try:
-                return connect(
-                    b.url, client_id=client_id, username=b.username, password=b.password,
-                    ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file, will=will,
-                    clean_session=True,
-                )
-            except BrokerAuthError:
-                raise
-            except BrokerError as e:
-                delay = backoff.next()
-                log.warning("broker unavailable (%s); retrying in %.1f s", e, delay)
-                self.stop_event.wait(delay)
-        raise InterruptedError("stopped before connecting")
-
     def init_session(self) -> None:
-        c = self.config
+        """Build both MQTT clients; :meth:`start_connections` connects them.
+
+        Raises:
+            BrokerError: the TLS files cannot be loaded (a configuration error).
+        """
+        c, b = self.config, self.config.broker
+        creds: dict[str, Any] = dict(username=b.username, password=b.password, ca_file=b.ca_file,
+                                     cert_file=b.cert_file, key_file=b.key_file)
         will = Will(self.topics.agent_state(c.agent_id), encode_agent_state(self._state("offline")))
-        self._session = client = self._connect(c.agent_id, will)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.message_callback_add(self.topics.repo_metadata("timestamp.json"), self._on_timestamp)
-        self._on_connect(client, None, None, mqtt.ReasonCode(mqtt.PacketTypes.CONNACK, "Success"), None)
-        self._fetch_client = self._connect(f"{c.agent_id}.fetch", None)
+        self._session = session = new_client(b.url, client_id=c.agent_id, will=will, **creds)
+        session.on_connect = self._on_connect
+        session.on_disconnect = self._on_disconnect
+        session.on_connect_fail = self._on_connect_fail
+        session.message_callback_add(self.topics.repo_metadata("timestamp.json"), self._on_timestamp)
+        self._fetch_client = fetch = new_client(b.url, client_id=f"{c.agent_id}.fetch", **creds)
+        fetch.on_connect = self._on_fetch_connect
+        fetch.reconnect_delay_set(1, 30)
+
+    def init_trust(self) -> None:
+        """Provision the trust anchor and open the TUF client. If the state directory cannot
+        be written (full disk), deployments wait: the reconcile worker tries again.
+
+        Raises:
+            TrustError: the configured trust root cannot be read or is not a valid TUF root.
+        """
+        try:
+            self._open_trust()
+        except OSError as e:
+            log.error("cannot write the trusted metadata in %s (%s): deployments wait until it can",
+                      self.config.state_dir, e)
+
+    def _open_trust(self) -> None:
+        c = self.config
+        metadata = c.state_dir / "metadata"
+        anchor = metadata / "root.json"
+        if not anchor.exists():  # provisioning: copy the trust anchor once; TUF keeps it current
+            try:
+                root = c.trust_root.read_bytes()
+            except OSError as e:
+                raise TrustError("unavailable", f"cannot read it: {e}") from e
+            # Atomic: a crash or a full disk must not leave a truncated anchor, which would
+            # then "exist" and refuse every later start.
+            write_atomically(anchor, root)
+        assert self._fetch_client is not None and self.store is not None
         fetcher = MqttFetcher(self._fetch_client, self.topics, c.state_dir / "chunks", timeout=15)
-        self.trusted = TrustedRepository(c.state_dir / "metadata", c.state_dir / "targets", fetcher)
+        trusted = TrustedRepository(metadata, c.state_dir / "targets", fetcher)  # OSError: full
         self.reconciler = Reconciler(
             agent_id=c.agent_id, group=c.group, profile=c.profile, runtimes=self.runtimes,
-            threads=c.threads, trusted=self.trusted, store=self.store,
+            threads=c.threads, trusted=trusted, store=self.store,
             report=self._report_deployment, activate=self._install,
         )
+        self.trusted = trusted
 
-    # -- MQTT callbacks (network thread: never block, never raise) ---------------------------
+    def _reserve_bdseq(self) -> bool:
+        assert self.store is not None
+        try:
+            self.store.reserve_bdseq()
+        except OSError as e:
+            log.warning("cannot save the birth/death sequence reservation (%s); will retry", e)
+            return False
+        return True
 
+    def _open_outbox(self) -> Outbox | None:
+        """The outbox, opened now if it is not open yet (at most every few seconds).
+
+        Raises:
+            OutboxError: it cannot be opened (e.g. the disk is full).
+        """
+        if self.outbox is not None:
+            return self.outbox
+        now = time.monotonic()
+        if now < self._outbox_retry_at:
+            return None
+        self._outbox_retry_at = now + OUTBOX_REOPEN_INTERVAL
+        c = self.config
+        self.outbox = Outbox(c.state_dir / "outbox.sqlite", max_bytes=c.outbox_max_bytes)
+        if self._session is not None:  # opened late: the workers are running already
+            log.info("outbox %s open: anomaly events are stored again", self.outbox.path)
+            self._start_publisher()
+        return self.outbox
+
+    # -- MQTT callbacks (network thread: no disk I/O, never block, never raise) ---------------
+
+    @_guarded
     def _on_connect(self, client, _userdata, _flags, reason, _props) -> None:
         if getattr(reason, "is_failure", False):
             if getattr(reason, "value", None) in AUTH_FAILURES:
-                log.error("broker refused the credentials: stopping")
+                log.error("broker %s refused the credentials: stopping", self.config.broker.url)
                 self.exit_code = EXIT_AUTH
                 self.stop_event.set()
+            else:
+                log.warning("broker %s refused the connection: %s", self.config.broker.url, reason)
             return
         self._backoff.reset()
         client.reconnect_delay_set(self._backoff.base, self._backoff.base)
+        log.info("connected to %s", self.config.broker.url)
         # Resubscribe and re-announce on every connect (clean sessions keep nothing).
         client.subscribe(self.topics.repo_metadata("timestamp.json"), qos=1)
         client.publish(self.topics.agent_state(self.config.agent_id),
                        encode_agent_state(self._state("online")), qos=1, retain=True)
 
+    @_guarded
     def _on_disconnect(self, client, _userdata, _flags, reason, _props) -> None:
         if self.stop_event.is_set():
             return
+        assert self.store is not None
         # A new birth/death sequence for the next session, so that a late Last Will of the old
-        # session (bdseq N) can never be mistaken for the new one (bdseq N + 1).
+        # session (bdseq N) can never be mistaken for the new one (bdseq N + 1). It comes from
+        # the reservation in memory; the state writer tops the reservation up on disk.
         self.bdseq = self.store.next_bdseq()
+        self._reserve_wanted.set()
         client.will_set(self.topics.agent_state(self.config.agent_id),
                         encode_agent_state(self._state("offline")), qos=1, retain=True)
+        self._set_reconnect_delay(client, "disconnected from broker (%s)", reason)
+
+    @_guarded
+    def _on_connect_fail(self, client, _userdata) -> None:
+        self._set_reconnect_delay(client, "cannot reach the broker at %s", self.config.broker.url)
+
+    def _set_reconnect_delay(self, client: mqtt.Client, what: str, arg: object) -> None:
         delay = self._backoff.next()
         # paho waits min(delay·2, max) between attempts; min == max pins it to our jittered delay.
         client.reconnect_delay_set(max(1, round(delay)), max(1, round(delay)))
-        log.warning("disconnected from broker (%s); reconnecting in ~%.1f s", reason, delay)
+        log.warning(what + "; reconnecting in ~%.0f s", arg, max(1, round(delay)))
 
+    @_guarded
+    def _on_fetch_connect(self, _client, _userdata, _flags, reason, _props) -> None:
+        if not getattr(reason, "is_failure", False):
+            self.reconcile_event.set()  # converge now: a deployment may have come while away
+
+    @_guarded
     def _on_timestamp(self, _client, _userdata, _msg) -> None:
         self.reconcile_event.set()
 
     # -- reports -------------------------------------------------------------------------------
 
     def _state(self, status: str) -> AgentState:
-        active = []
-        store: ActivationStore | None = getattr(self, "store", None)  # None before init_state
-        records = [(slot, store.current(slot)) for slot in store.slots()] if store is not None else []
-        for slot, r in records:
-            if r:
-                active.append(ActiveModel(slot, r.model, r.version, r.format, r.quantization, r.sha256))
+        records = self.store.active() if self.store is not None else []
+        active = [ActiveModel(slot, r.model, r.version, r.format, r.quantization, r.sha256)
+                  for slot, r in records]
         return AgentState(
-            agent=self.config.agent_id, status=status, bdseq=getattr(self, "bdseq", 0),
+            agent=self.config.agent_id, status=status, bdseq=self.bdseq,
             group=self.config.group, profile=self.config.profile.name,
             arch=platform.machine(), runtimes=tuple(self.runtimes), active=tuple(active),
             emulated=self.config.emulated, ts=_now(), health_period_s=self.config.health_period,
@@ -227,6 +335,8 @@ class Agent:
                           encode_agent_state(self._state("online")), retain=True)
 
     def health(self) -> AgentHealth:
+        """Counters and gauges; ``outbox_dropped`` also counts the events that could not be
+        stored at all (disk full) since the agent started."""
         import psutil
 
         with self._lock:
@@ -234,15 +344,19 @@ class Agent:
         proc = psutil.Process()
         p50 = max((s.latency_p50_ms for s in stats if s.latency_p50_ms is not None), default=None)
         p99 = max((s.latency_p99_ms for s in stats if s.latency_p99_ms is not None), default=None)
+        outbox = self.outbox
         return AgentHealth(
             agent=self.config.agent_id, ts=_now(),
             inferences=sum(s.inferences for s in stats) + self._retired["inferences"],
             anomalies=sum(s.anomalies for s in stats) + self._retired["anomalies"],
             errors=sum(s.errors for s in stats) + self._errors,
             latency_ms={"p50": p50, "p99": p99},
-            outbox_depth=self.outbox.depth(), outbox_dropped=self.outbox.dropped(),
+            outbox_depth=outbox.depth() if outbox is not None else 0,
+            outbox_dropped=(outbox.dropped() if outbox is not None else 0) + self._unstored.total,
             rss_mb=proc.memory_info().rss / 1e6, cpu_percent=proc.cpu_percent(None),
         )
+
+    # -- workers -------------------------------------------------------------------------------
 
     def _health_loop(self) -> None:
         while not self.stop_event.wait(self.config.health_period):
@@ -253,16 +367,59 @@ class Agent:
                 log.exception("health report failed")
 
     def _reconcile_loop(self) -> None:
+        retry = Backoff(base=1.0, cap=30.0)
+        retry_in: float | None = None  # a transient failure: run again after this many seconds
         while not self.stop_event.is_set():
-            if not self.reconcile_event.wait(1.0):
+            woke = self.reconcile_event.wait(1.0 if retry_in is None else retry_in)
+            if self.stop_event.is_set():
+                break
+            if not woke and retry_in is None:
                 continue
             self.reconcile_event.clear()
-            try:
-                self.reconciler.reconcile()
-            except TrustError as e:
-                log.warning("reconcile: %s", e)
-            except Exception:
-                log.exception("reconcile pass failed; the current model keeps serving")
+            if self._fetch_client is None or not self._fetch_client.is_connected():
+                continue  # the fetcher's on_connect wakes us
+            if self._reconcile_once():
+                retry.reset()
+                retry_in = None
+            else:
+                retry_in = retry.next()
+                log.info("reconcile: retrying in %.0f s", retry_in)
+
+    def _reconcile_once(self) -> bool:
+        """One pass; ``False`` if it should be retried (broker or storage failure)."""
+        try:
+            if self.reconciler is None:
+                self._open_trust()
+            assert self.reconciler is not None
+            return self.reconciler.reconcile()
+        except OSError as e:  # provisioning the trust anchor and metadata (a full disk)
+            reason = f"storage: {e}"
+            if reason != self._storage_failure:  # reported once, not at every retry
+                self._storage_failure = reason
+                log.warning("reconcile: the state directory cannot be written (%s)", e)
+                self._report_deployment("*", "failed", "", 0, 0, reason)
+            return False
+        except TrustError as e:  # only when provisioning was put off: the root is invalid
+            log.error("trust root %s: %s", self.config.trust_root, e)
+            self.exit_code = EXIT_CONFIG
+            self.stop_event.set()
+            return True
+        except Exception:
+            log.exception("reconcile pass failed; the current model keeps serving")
+            return True
+
+    def _state_writer_loop(self) -> None:
+        """Persist the birth/death sequence reservation, which callbacks may not write."""
+        retry = Backoff(base=1.0, cap=60.0)
+        failing = False
+        while True:
+            self._reserve_wanted.wait(retry.next() if failing else None)
+            if self.stop_event.is_set():
+                return
+            self._reserve_wanted.clear()
+            failing = not self._reserve_bdseq()
+            if not failing:
+                retry.reset()
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -283,8 +440,7 @@ class Agent:
                  loaded.record.version, loaded.record.format, loaded.record.quantization)
 
     def _serve(self, samples: Iterator[Sample]) -> None:
-        agent = self.config.agent_id
-        topic = self.topics.agent_events(agent)
+        topic = self.topics.agent_events(self.config.agent_id)
         for sample in samples:
             self._history.append(sample)
             with self._lock:
@@ -298,20 +454,46 @@ class Agent:
                     log.exception("inference failed")
                     continue
                 if detection is not None and detection.is_anomaly:
-                    self.outbox.append_with_seq(topic, partial(_event_payload, detection, agent))
-                    self.publisher.wake()
+                    self._store_event(topic, detection)
             if self.stop_event.is_set():
                 break
 
+    def _store_event(self, topic: str, detection: Detection) -> None:
+        """Queue an event for delivery; one that cannot be stored is counted, never fatal."""
+        try:
+            outbox = self._open_outbox()
+            if outbox is None:
+                raise OutboxError("the outbox is not open (it would not open a moment ago)")
+            outbox.append_with_seq(topic, partial(_event_payload, detection, self.config.agent_id))
+        except OutboxError as e:
+            self._unstored.warning("anomaly event at %s not stored (%s); detection goes on",
+                                   detection.timestamp, e)
+            return
+        self._unstored.resolved("anomaly events are stored again")
+        if self.publisher is not None:
+            self.publisher.wake()
+
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start_workers(self) -> None:
-        assert self._session is not None
+    def _start_publisher(self) -> None:
+        assert self._session is not None and self.outbox is not None
         self.publisher = OutboxPublisher(self.outbox, self._session)
         self.publisher.start()
-        for target in (self._health_loop, self._reconcile_loop):
+
+    def start_workers(self) -> None:
+        if self.outbox is not None:
+            self._start_publisher()
+        for target in (self._health_loop, self._reconcile_loop, self._state_writer_loop):
             threading.Thread(target=target, name=target.__name__, daemon=True).start()
-        self.reconcile_event.set()  # converge once at start, before the first timestamp arrives
+        self.reconcile_event.set()  # converge once connected, before the first timestamp arrives
+
+    def start_connections(self) -> None:
+        """Connect both clients in the background: serving never waits for the broker."""
+        assert self._session is not None and self._fetch_client is not None
+        url = self.config.broker.url
+        log.info("connecting to %s in the background", url)
+        connect_in_background(self._session, url)
+        connect_in_background(self._fetch_client, url)
 
     def run(self, *, exit_at_end: bool = False) -> int:
         """Run until stopped; with ``exit_at_end``, also when the source ends.
@@ -322,16 +504,17 @@ class Agent:
         try:
             self.init_state()
             self.init_session()
-        except BrokerAuthError as e:
+            self.init_trust()
+        except BrokerError as e:  # the TLS files
             log.error("%s", e)
-            return EXIT_AUTH
+            self.shutdown()
+            return EXIT_CONFIG
         except TrustError as e:  # the configured trust root is not a valid TUF root
             log.error("trust root %s: %s", self.config.trust_root, e)
             self.shutdown()
             return EXIT_CONFIG
-        except InterruptedError:
-            return EXIT_OK
         self.start_workers()
+        self.start_connections()
         try:
             source = parse_source(self.config.source)
             if source.kind != "host":
@@ -359,28 +542,36 @@ class Agent:
             signal.signal(sig, lambda *_: self.stop())
 
     def shutdown(self) -> None:
-        """Flush events, announce ``stopped`` (retained), disconnect cleanly (no Last Will)."""
+        """Flush events, announce ``stopped`` (retained), disconnect cleanly (no Last Will).
+
+        When the broker is unreachable nothing is waited for: the events stay in the outbox.
+        """
         self.stop_event.set()
         self.model_ready.set()
-        publisher = getattr(self, "publisher", None)
-        if publisher is not None:
-            publisher.wait_idle(5.0)
-            publisher.stop()
-        if self._session is not None:
-            if getattr(self, "outbox", None) is not None:  # a last health report with final counters
-                self._publish(self.topics.agent_health(self.config.agent_id),
-                              encode_agent_health(self.health()), qos=1, retain=True)
-            info = self._session.publish(self.topics.agent_state(self.config.agent_id),
-                                         encode_agent_state(self._state("stopped")), qos=1, retain=True)
-            try:
-                info.wait_for_publish(5.0)
-            except (RuntimeError, ValueError):
-                log.warning("could not announce 'stopped' (broker unreachable)")
+        self._reserve_wanted.set()  # wakes the state writer, which sees the stop
+        session = self._session
+        connected = session is not None and session.is_connected()
+        if self.publisher is not None:
+            if connected:
+                self.publisher.wait_idle(5.0)
+            self.publisher.stop()
+        if session is not None:
+            if not connected:
+                log.warning("broker unreachable: 'stopped' not announced; events stay in the outbox")
+            else:
+                if self.outbox is not None:  # a last health report with final counters
+                    self._publish(self.topics.agent_health(self.config.agent_id),
+                                  encode_agent_health(self.health()), qos=1, retain=True)
+                info = session.publish(self.topics.agent_state(self.config.agent_id),
+                                       encode_agent_state(self._state("stopped")), qos=1, retain=True)
+                try:
+                    info.wait_for_publish(5.0)
+                except (RuntimeError, ValueError):
+                    log.warning("could not announce 'stopped' (broker unreachable)")
         for client in (self._session, self._fetch_client):
             if client is not None:
                 client.disconnect()
                 client.loop_stop()
-        outbox = getattr(self, "outbox", None)
-        if outbox is not None:
-            outbox.close()
+        if self.outbox is not None:
+            self.outbox.close()
         log.info("agent %s stopped", self.config.agent_id)

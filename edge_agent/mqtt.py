@@ -4,6 +4,8 @@
   ``mqtts://host[:port]`` (8883, TLS).
 - :func:`connect`: connect, start the network thread, wait for CONNACK with a timeout and
   translate failures into :class:`BrokerError` (:class:`BrokerAuthError` for bad credentials).
+- :func:`new_client` / :func:`connect_in_background`: for a daemon that must work while the
+  broker is away: build the client, then let paho's network thread connect and reconnect.
 - :class:`RetainedReader`: read the retained messages under some topic filters *now*, knowing
   when every one of them has arrived (a marker published to a private topic comes back after
   them), so that "no retained message" is answered without waiting for a timeout.
@@ -32,6 +34,8 @@ __all__ = [
     "RetainedReader",
     "Will",
     "connect",
+    "connect_in_background",
+    "new_client",
     "parse_broker_url",
 ]
 
@@ -100,6 +104,74 @@ class Will:
     retain: bool = True
 
 
+def new_client(
+    broker_url: str,
+    *,
+    client_id: str,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    will: Will | None = None,
+    clean_session: bool = True,
+) -> mqtt.Client:
+    """A configured client that is not connected yet: credentials, TLS, Last Will.
+
+    ``mqtts://`` enables TLS (``ca_file`` or the system store; ``cert_file``/``key_file`` for a
+    client certificate).
+
+    Raises:
+        BrokerError: bad URL, or the TLS files cannot be loaded (retrying would not help).
+    """
+    scheme, _host, _port = parse_broker_url(broker_url)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=clean_session,
+        protocol=mqtt.MQTTv311,
+    )
+    if username is not None:
+        client.username_pw_set(username, password)
+    if scheme == "mqtts":
+        try:
+            client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+        except (OSError, ValueError) as e:
+            raise BrokerError(f"TLS setup failed: {e}") from e
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+    return client
+
+
+def connect_in_background(client: mqtt.Client, broker_url: str, *, keepalive: int = 30) -> None:
+    """Start paho's network thread, which connects and keeps reconnecting; returns at once.
+
+    Nothing here waits for the broker: a failed attempt calls ``on_connect_fail`` and is
+    retried after paho's reconnect delay (``reconnect_delay_set``); a CONNACK, good or bad,
+    arrives in ``on_connect``. Stop with ``disconnect()`` then ``loop_stop()``.
+
+    ``suppress_exceptions`` is turned on: an exception escaping a callback is logged by paho
+    instead of ending its network thread (callbacks should still catch their own).
+
+    Raises:
+        BrokerError: bad URL.
+    """
+    _scheme, host, port = parse_broker_url(broker_url)
+    client.suppress_exceptions = True
+    client.on_log = _paho_log
+    client.connect_async(host, port, keepalive)
+    client.loop_start()
+
+
+def _paho_log(_client: mqtt.Client, _userdata: object, level: int, message: str) -> None:
+    # A suppressed callback exception is an error; socket errors on an outage are not news
+    # (on_disconnect says it once), and the rest is packet tracing.
+    if level == mqtt.MQTT_LOG_ERR and message.startswith("Caught exception"):
+        logger.error("paho: %s", message)
+    else:
+        logger.debug("paho: %s", message)
+
+
 def connect(
     broker_url: str,
     *,
@@ -126,21 +198,10 @@ def connect(
         BrokerError: bad URL, connection refused, TLS failure, or no CONNACK within ``timeout``.
     """
     scheme, host, port = parse_broker_url(broker_url)
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        clean_session=clean_session,
-        protocol=mqtt.MQTTv311,
+    client = new_client(
+        broker_url, client_id=client_id, username=username, password=password, ca_file=ca_file,
+        cert_file=cert_file, key_file=key_file, will=will, clean_session=clean_session,
     )
-    if username is not None:
-        client.username_pw_set(username, password)
-    if scheme == "mqtts":
-        try:
-            client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
-        except (OSError, ValueError) as e:
-            raise BrokerError(f"TLS setup failed: {e}") from e
-    if will is not None:
-        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     done = threading.Event()
     outcome: dict[str, object] = {}

@@ -15,6 +15,10 @@ Guarantees of :class:`Outbox`:
 * **Bounded, never silently.** Pending events are bounded by ``max_bytes`` (payload + topic
   bytes); appending beyond it drops the *oldest* pending events, adds them to the persisted
   :meth:`Outbox.dropped` counter and logs a warning (counts and seqs, never payloads).
+* **A full disk is not fatal.** When SQLite cannot write (disk full, I/O error), the call
+  raises :class:`OutboxError` and leaves nothing behind: no event stored, no ``seq`` consumed,
+  no transaction left open. The outbox stays usable and the next write succeeds once space
+  is back. Counting what could not be stored is the caller's business.
 * **Thread safe.** One connection guarded by a lock; any thread may append, ack or read.
   One process per outbox file (transactions are ``BEGIN IMMEDIATE``, so a second process
   would serialise, but the byte accounting is per process).
@@ -33,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edge_agent.throttle import ThrottledLog
 
 __all__ = ["Outbox", "OutboxError", "OutboxItem", "OutboxPublisher"]
 
@@ -74,6 +80,12 @@ class Outbox:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA busy_timeout=5000")
+            # By default the WAL grows to ~4 MB (1000 pages) before a checkpoint and keeps that
+            # size: a lot for the small state partitions of edge hosts. Events are rare and
+            # small, so checkpointing every 100 pages costs little; a WAL that grew during a
+            # long outage is truncated back after the checkpoint.
+            self._conn.execute("PRAGMA wal_autocheckpoint=100")
+            self._conn.execute("PRAGMA journal_size_limit=524288")
             with self._tx() as c:
                 c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
                 c.execute(
@@ -94,10 +106,17 @@ class Outbox:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
+            self._conn.execute("COMMIT")  # may fail too (disk full): then roll back as well
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            # SQLite may have rolled back by itself (SQLITE_FULL): a ROLLBACK outside a
+            # transaction would raise and hide the real error. A transaction left open would
+            # make every later BEGIN fail: the outbox would never recover.
+            if self._conn.in_transaction:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    logger.exception("outbox %s: rollback failed", self.path)
             raise
-        self._conn.execute("COMMIT")
 
     def append(self, topic: str, payload: bytes) -> int:
         """Store an event durably and return its ``seq``. See :meth:`append_with_seq`."""
@@ -246,7 +265,9 @@ class OutboxPublisher:
       and de-duplicate by ``seq``; nothing is lost.
 
     Callbacks never raise into paho's network thread. Errors in the publisher thread are logged
-    and retried after ``retry_interval`` seconds.
+    (an outbox that cannot be written, e.g. on a full disk, at most once a minute) and retried
+    after ``retry_interval`` seconds; acknowledged events that could not be deleted are deleted
+    at a later step.
     """
 
     def __init__(
@@ -277,6 +298,8 @@ class OutboxPublisher:
         self._saved: dict[str, Any] = {}
         # Publisher-thread state: mid -> seq of the current connection, and the highest seq sent.
         self._inflight: dict[int, int] = {}
+        self._delivered: list[int] = []  # acknowledged seqs not deleted yet (delete failed)
+        self._storage_errors = ThrottledLog(logger, 60.0)
         self._sent_up_to = 0
         self._seen_generation = -1
         self.published = 0  # publishes handed to paho (including re-publishes)
@@ -379,8 +402,12 @@ class OutboxPublisher:
                 break
             try:
                 self._step()
+            except OutboxError as e:
+                self._storage_errors.warning("outbox publisher: %s; retrying", e)
             except Exception:
                 logger.exception("outbox publisher: drain step failed; retrying")
+            else:
+                self._storage_errors.resolved("outbox publisher: the outbox works again")
 
     def _step(self) -> None:
         with self._lock:
@@ -394,9 +421,10 @@ class OutboxPublisher:
             self._seen_generation = generation
             self._inflight.clear()
             self._sent_up_to = 0
-        done = [self._inflight.pop(mid) for mid in mids if mid in self._inflight]
-        if done:
-            self.acked += self._outbox.ack_many(done)
+        self._delivered += [self._inflight.pop(mid) for mid in mids if mid in self._inflight]
+        if self._delivered:
+            self.acked += self._outbox.ack_many(self._delivered)  # raises: kept for the next step
+            self._delivered.clear()
         if connected:
             self._publish_more(generation)
         idle = not self._inflight and self._outbox.depth() == 0

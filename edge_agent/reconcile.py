@@ -7,6 +7,11 @@ activate atomically. Any failure keeps the previous model serving and is reporte
 ``failed`` with a reason; every state change goes to ``report``. Slots are independent: a slot
 that fails (for example because a newer trainer offers it only variants this agent cannot
 run) does not stop the others from converging.
+
+A pass that failed for a reason that goes away by itself — the broker or a chunk is
+unavailable (``unavailable: …``), the state directory cannot be written (``storage: …``,
+e.g. a full disk) — says so by returning ``False``: the caller retries it later, without
+waiting for a new deployment.
 """
 
 from __future__ import annotations
@@ -105,23 +110,32 @@ class Reconciler:
             log.warning("slot %s: %s@%s failed: %s", slot, model, version, reason)
             self.report(slot, "failed", model, version, serial, reason)
 
-    def reconcile(self) -> None:
-        """One pass. Never raises for a bad deployment: it is reported and skipped."""
+    def reconcile(self) -> bool:
+        """One pass. Never raises for a bad deployment: it is reported and skipped.
+
+        Returns ``False`` when the pass should be retried later (a transient failure, see the
+        module docstring), ``True`` when it converged or failed for good.
+        """
         try:
             self.trusted.refresh()
             desired = self._desired()
         except TrustError as e:
             self._fail("*", "", 0, 0, str(e))  # TrustError reads "{kind}: {message}"
-            return
+            return e.kind != "unavailable"
         except DeploymentError as e:
             self._fail("*", "", 0, 0, f"bad deployment document: {e}")
-            return
+            return True
+        except OSError as e:  # python-tuf persisting trusted metadata
+            self._fail("*", "", 0, 0, f"storage: {e}")
+            return False
         if desired is None:
-            return
+            return True
+        done = True
         for slot_name, slot in sorted(desired.slots.items()):
-            self._reconcile_slot(slot_name, slot, desired.serial)
+            done = self._reconcile_slot(slot_name, slot, desired.serial) and done
+        return done
 
-    def _reconcile_slot(self, slot_name: str, slot: Slot, serial: int) -> None:
+    def _reconcile_slot(self, slot_name: str, slot: Slot, serial: int) -> bool:
         variant = choose_variant(
             slot,
             self.profile.name,
@@ -131,10 +145,10 @@ class Reconciler:
         )
         if variant is None:
             self._fail(slot_name, slot.model, slot.version, serial, self._no_variant_reason(slot))
-            return
+            return True
         current = self.store.current(slot_name)
         if current is not None and current.sha256 == variant.sha256:
-            return
+            return True
         report = lambda state, reason=None: self.report(  # noqa: E731
             slot_name, state, slot.model, slot.version, serial, reason
         )
@@ -143,7 +157,7 @@ class Reconciler:
             data = self.trusted.fetch_target(variant.target)
         except TrustError as e:
             self._fail(slot_name, slot.model, slot.version, serial, str(e))
-            return
+            return e.kind != "unavailable"
         report("verifying")
         try:
             spec, model = read_bundle(data)
@@ -154,14 +168,14 @@ class Reconciler:
                 )
         except BundleError as e:
             self._fail(slot_name, slot.model, slot.version, serial, f"bad bundle: {e}")
-            return
+            return True
         report("staging")
         try:
             runtime = open_runtime(spec, model, threads=self.threads)
             smoke_test(runtime, spec)
         except ModelRuntimeError as e:
             self._fail(slot_name, slot.model, slot.version, serial, f"smoke test: {e}")
-            return
+            return True
         record = ActiveRecord(
             model=slot.model,
             version=slot.version,
@@ -171,13 +185,18 @@ class Reconciler:
             target=variant.target,
             serial=serial,
         )
-        self.store.stage(variant.sha256, data)
-        self.store.activate(slot_name, record)
+        try:
+            self.store.stage(variant.sha256, data)
+            self.store.activate(slot_name, record)
+        except OSError as e:  # a full disk: the previous model keeps serving; retried later
+            self._fail(slot_name, slot.model, slot.version, serial, f"storage: {e}")
+            return False
         self.activate(slot_name, LoadedModel(record, spec, runtime))
         older = current is not None and current.model == slot.model and slot.version < current.version
         report("rolled_back" if older else "active")
         self._last_failure.pop(slot_name, None)
         self._last_failure.pop("*", None)
+        return True
 
     def _no_variant_reason(self, slot: Slot) -> str:
         """``no runnable variant for profile P (runtimes …): onnx/int4: unknown quantization; …``."""

@@ -9,7 +9,10 @@ every wait fails with what was seen and the agents' stderr tails.
 
 from __future__ import annotations
 
+import csv
+import errno
 import hashlib
+import json
 import os
 import re
 import signal
@@ -26,6 +29,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from edge_agent.mqtt import RetainedReader, connect
 from shared.bundle import bundle_target_name
@@ -81,9 +85,14 @@ def bundle_upath(registry: Path, model: str, version: int, fmt: str = "onnx", qu
 
 
 class AgentProcess:
-    """One ``edgefleet-agent run`` subprocess; stderr goes to a file for failure messages."""
+    """One ``edgefleet-agent run`` subprocess; stderr goes to a file for failure messages.
 
-    def __init__(self, config: Path, state_dir: Path, log: Path, *, exit_at_end: bool) -> None:
+    With ``stdin=True`` its standard input is a pipe that stays open until :meth:`kill`:
+    :meth:`feed` writes to it (for ``source = "stdin"``).
+    """
+
+    def __init__(self, config: Path, state_dir: Path, log: Path, *, exit_at_end: bool,
+                 stdin: bool = False) -> None:
         self.config = config
         self.state_dir = state_dir
         self.log = log
@@ -91,7 +100,14 @@ class AgentProcess:
         if exit_at_end:
             cmd.append("--exit-at-end")
         with open(log, "ab") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                                         stdin=subprocess.PIPE if stdin else None)
+
+    def feed(self, lines: Iterable[str]) -> None:
+        """Write lines to the agent's stdin pipe (blocks while the agent does not read)."""
+        assert self.proc.stdin is not None, "agent started without stdin=True"
+        self.proc.stdin.write("".join(f"{line}\n" for line in lines).encode())
+        self.proc.stdin.flush()
 
     @property
     def pid(self) -> int:
@@ -117,6 +133,11 @@ class AgentProcess:
             self.proc.send_signal(signal.SIGCONT)  # a stopped process must wake to die cleanly
             self.proc.kill()
         self.proc.wait(10)
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
 
     def tail(self, lines: int = 25) -> str:
         try:
@@ -151,9 +172,9 @@ class Agents:
         path.write_text(text)
         return path
 
-    def start(self, config: Path, *, exit_at_end: bool = False) -> AgentProcess:
+    def start(self, config: Path, *, exit_at_end: bool = False, stdin: bool = False) -> AgentProcess:
         agent = AgentProcess(config, config.parent / "state", config.parent / "stderr.log",
-                             exit_at_end=exit_at_end)
+                             exit_at_end=exit_at_end, stdin=stdin)
         self.started.append(agent)
         return agent
 
@@ -167,6 +188,83 @@ class Agents:
     def close(self) -> None:
         for agent in self.started:
             agent.kill()
+
+
+# -- a small disk ---------------------------------------------------------------------------------
+
+
+class SmallDisks:
+    """Small tmpfs file systems for state directories, unmounted by :meth:`close`.
+
+    Mounting needs root (or CAP_SYS_ADMIN); without it the test is skipped with the reason.
+    """
+
+    def __init__(self) -> None:
+        self.mounted: list[Path] = []
+
+    def mount(self, path: Path, size: str = "2m") -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                  capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            pytest.skip("no mount(8) on this machine: cannot make a small disk")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs (needs root): {proc.stderr.strip()}")
+        self.mounted.append(path)
+        return path
+
+    @staticmethod
+    def fill(path: Path) -> int:
+        """Write ``path/filler`` until the file system is full; returns the bytes written."""
+        written = 0
+        fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (1 << 16, 1 << 12, 1):  # big blocks, then the last page to the byte
+                block = bytes(size)
+                while True:
+                    try:
+                        written += os.write(fd, block)
+                    except OSError as e:
+                        if e.errno != errno.ENOSPC:
+                            raise
+                        break
+        finally:
+            os.close(fd)
+        return written
+
+    @staticmethod
+    def free(path: Path) -> None:
+        (path / "filler").unlink()
+
+    def close(self) -> None:
+        for path in reversed(self.mounted):
+            # Lazy: an agent killed a moment ago may still hold files open.
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+        self.mounted.clear()
+
+
+# -- data for the agents ------------------------------------------------------------------------
+
+
+def json_lines(csv_path: Path, start: int = 0, stop: int | None = None) -> list[str]:
+    """Rows ``start:stop`` of a CSV as the JSON lines a ``stdin`` source reads."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))[start:stop]
+    return [json.dumps({k: (v if k == "timestamp" else float(v)) for k, v in row.items()}) for row in rows]
+
+
+def flagged_rows(registry: Path, ref: str, data: Path, out: Path) -> list[int]:
+    """The row numbers that ``edgefleet detect`` (the agent's own detection code) flags."""
+    cli("detect", ref, "--registry", str(registry), "--data", str(data), "--out", str(out),
+        "--profile", "x86-64-v3")
+    with open(out, newline="") as f:
+        return [i for i, row in enumerate(csv.DictReader(f)) if row["is_anomaly"] == "1"]
+
+
+def csv_timestamps(csv_path: Path) -> list[str]:
+    with open(csv_path, newline="") as f:
+        return [row["timestamp"] for row in csv.DictReader(f)]
 
 
 # -- what agents publish --------------------------------------------------------------------------

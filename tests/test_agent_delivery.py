@@ -14,7 +14,14 @@ What each test proves (the issue's "Done when"):
 5. a document from a newer trainer, with variants this agent cannot run, still activates the
    variant it can run; a slot offered nothing runnable fails with a clear reason;
 6. ``edgefleet fleet status`` marks an agent stale when the broker crashed with it (its
-   retained state still says online, no Last Will was sent).
+   retained state still says online, no Last Will was sent);
+7. an agent started while the broker is down serves its last model from the first sample and
+   delivers every event once the broker comes;
+8. a state file that cannot be written (a condition the MQTT callbacks used to hit) does not
+   stop reconnects or deliveries;
+9. a full state directory never stops detection: what cannot be stored is counted, and the
+   agent recovers by itself, applying the deployment it could not store; an agent first
+   started on a full disk leaves no partial trust anchor and provisions once space returns.
 """
 
 from __future__ import annotations
@@ -39,11 +46,15 @@ from helpers_delivery import (
     TOPICS,
     Agents,
     Attacker,
+    SmallDisks,
     Watch,
     bundle_bytes,
     bundle_sha,
     bundle_upath,
     cli,
+    csv_timestamps,
+    flagged_rows,
+    json_lines,
     outbox_counts,
     poll_until,
     sha256_file,
@@ -595,3 +606,184 @@ def test_fleet_status_marks_an_agent_stale_when_the_broker_crashed_with_it(env: 
     assert view["health_age_s"] > 3 * period
     [line] = _fleet_status(env).stdout.splitlines()[1:]
     assert line.startswith("edge-6") and "online (stale)" in line and " s ago: " in line
+
+
+# -- 7. broker down when the agent starts ------------------------------------------------------
+
+
+def _resume_broker(env: Env, watch: Watch, agent) -> None:
+    """Start the broker again, our subscriber first: the agent is frozen until it is back."""
+    agent.signal(signal.SIGSTOP)
+    try:
+        env.broker.start()
+        assert watch.ready.wait(20), f"the subscriber did not resubscribe\n{env.agents.tail()}"
+    finally:
+        agent.signal(signal.SIGCONT)
+
+
+def test_an_agent_started_while_the_broker_is_down_serves_and_delivers_every_event(env: Env) -> None:
+    watch = env.subscribe()
+    config = env.agent_config("edge-5", rate=300)
+    agent = env.agents.start(config)
+    birth = born(watch)
+    env.deploy("host@1")
+    wait_active(watch, 1)
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(20) == 0, agent.tail()
+    _, before, _ = outbox_counts(agent.state_dir)  # events of the first run, flushed at its stop
+    timestamps = csv_timestamps(env.csv)
+    flagged = [timestamps[i] for i in flagged_rows(env.registry, "host@1", env.csv, env.tmp / "v1.csv")]
+    assert len(flagged) >= 5, "the synthetic series should have anomalies for this test"
+
+    env.broker.stop()
+    agent = env.agents.start(config)  # a host booting during a network outage
+    poll_until(lambda: outbox_counts(agent.state_dir)[1] >= before + 3, 60,
+               "the agent to detect and queue events with no broker", env.agents.tail)
+    assert agent.alive(), agent.tail()
+    mark = watch.mark()
+    _resume_broker(env, watch, agent)
+    rebirth = born(watch, mark)
+    assert rebirth.bdseq > birth.bdseq and [a.version for a in rebirth.active] == [1]
+
+    # The second run replayed the whole series from its first sample: its events are exactly
+    # what `edgefleet detect` flags, numbered on from the first run without a gap.
+    expected = set(range(before + 1, before + len(flagged) + 1))
+    watch.wait_for(lambda: watch.event_seqs() >= expected, 60,
+                   f"events {before + 1}..{before + len(flagged)}")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(20) == 0, agent.tail()
+    depth, last_seq, dropped = outbox_counts(agent.state_dir)
+    assert (depth, last_seq, dropped) == (0, before + len(flagged), 0)
+    second = {e["seq"]: e["timestamp"] for e in watch.of("events") if e["seq"] > before}
+    assert set(second) == expected
+    assert sorted(second.values()) == sorted(flagged)
+    assert "Traceback" not in agent.log.read_text(), agent.tail()
+
+
+# -- 8. the state file cannot be written -------------------------------------------------------
+
+
+def test_an_unwritable_state_file_does_not_stop_reconnects_or_deliveries(env: Env) -> None:
+    watch = env.subscribe()
+    config = env.agents.config("edge-6", trust=env.root, source="stdin")
+    agent = env.agents.start(config, stdin=True)
+    birth = born(watch)
+    env.deploy("host@1")
+    wait_active(watch, 1)
+    flagged = flagged_rows(env.registry, "host@1", env.csv, env.tmp / "v1.csv")
+    half = 1500
+    first_half = [r for r in flagged if r < half]
+    assert first_half and len(flagged) > len(first_half)
+    agent.feed(json_lines(env.csv, 0, half))
+    watch.wait_for(lambda: len(watch.event_seqs()) == len(first_half), 30, "the first half's events")
+
+    # A directory where state.json was: it can no longer be replaced (as root, permissions
+    # would not stop a write). Each disconnect takes a new birth/death sequence number, whose
+    # reservation can then not be saved.
+    state_json = agent.state_dir / "state.json"
+    state_json.unlink()
+    state_json.mkdir()
+    (state_json / "in-the-way").touch()
+    env.broker.stop()
+    agent.feed(json_lines(env.csv, half))
+    poll_until(lambda: outbox_counts(agent.state_dir)[1] == len(flagged), 60,
+               "the second half's events queued while the broker is down", env.agents.tail)
+    mark = watch.mark()
+    _resume_broker(env, watch, agent)
+    rebirth = born(watch, mark)
+    assert rebirth.bdseq > birth.bdseq
+    watch.wait_for(lambda: watch.event_seqs() == set(range(1, len(flagged) + 1)), 60,
+                   f"every event 1..{len(flagged)} after the reconnect")
+    log_text = agent.log.read_text()
+    assert "cannot save the birth/death sequence reservation" in log_text, agent.tail()
+    assert "Traceback" not in log_text, agent.tail()
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(20) == 0, agent.tail()
+
+
+# -- 9. a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disks() -> Iterator[SmallDisks]:
+    disks = SmallDisks()
+    try:
+        yield disks
+    finally:
+        disks.close()
+
+
+def test_a_full_disk_never_stops_detection_and_the_agent_recovers_by_itself(
+    env: Env, small_disks: SmallDisks
+) -> None:
+    watch = env.subscribe()
+    config = env.agents.config("edge-7", trust=env.root, source="stdin")
+    state = small_disks.mount(config.parent / "state")
+    v1 = flagged_rows(env.registry, "host@1", env.csv, env.tmp / "v1.csv")
+    v2 = flagged_rows(env.registry, "host@2", env.csv, env.tmp / "v2.csv")
+    a, b = 1000, 2000  # fed before the disk fills, while it is full, after space returns
+    in_a, in_b, in_c = [r for r in v1 if r < a], [r for r in v1 if a <= r < b], [r for r in v2 if r >= b]
+    assert in_a and len(in_b) >= 2 and in_c, "the synthetic series should have anomalies in each part"
+
+    agent = env.agents.start(config, stdin=True)
+    born(watch)
+    env.deploy("host@1")
+    wait_active(watch, 1)
+    agent.feed(json_lines(env.csv, 0, a))
+    watch.wait_for(lambda: any(h.anomalies == len(in_a) and h.outbox_depth == 0 for h in watch.of("health")),
+                   30, f"{len(in_a)} events detected and delivered")
+    assert watch.event_seqs() == set(range(1, len(in_a) + 1))
+
+    SmallDisks.fill(state)
+    mark = watch.mark()
+    env.deploy("host@2")
+    failed = watch.wait_for(lambda: first(d for d in watch.of("deployments", mark) if d.state == "failed"),
+                            40, "host@2 to fail for lack of space")
+    assert "No space left on device" in failed.reason, failed.reason
+    agent.feed(json_lines(env.csv, a, b))  # detected while nothing can be stored
+    total = len(in_a) + len(in_b)
+    watch.wait_for(lambda: any(h.anomalies == total and h.outbox_dropped == len(in_b)
+                               for h in watch.of("health", mark)),
+                   30, f"health counting {len(in_b)} events that could not be stored")
+    assert agent.alive(), agent.tail()
+    assert watch.event_seqs() == set(range(1, len(in_a) + 1))
+    lines = [line for line in agent.log.read_text().splitlines() if " not stored (" in line]
+    assert 1 <= len(lines) < len(in_b), lines  # logged, but not once per event
+
+    # Space comes back: nothing is redeployed, the agent applies host@2 by itself, then
+    # stores and delivers again, numbering on from the last stored event.
+    SmallDisks.free(state)
+    wait_active(watch, 2, mark, timeout=90)
+    agent.feed(json_lines(env.csv, b))
+    seqs = set(range(1, len(in_a) + len(in_c) + 1))
+    watch.wait_for(lambda: watch.event_seqs() == seqs, 60, f"events {len(in_a) + 1}.. from host@2")
+    assert {e["model_version"] for e in watch.of("events") if e["seq"] > len(in_a)} == {2}
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(20) == 0, agent.tail()
+    assert outbox_counts(state)[:2] == (0, len(seqs))
+    assert "Traceback" not in agent.log.read_text(), agent.tail()
+
+
+def test_an_agent_first_started_on_a_full_disk_provisions_once_space_returns(
+    env: Env, small_disks: SmallDisks
+) -> None:
+    watch = env.subscribe()
+    config = env.agent_config("edge-8", rate=400)
+    state = small_disks.mount(config.parent / "state")
+    SmallDisks.fill(state)
+    agent = env.agents.start(config)
+    born(watch)  # it runs and announces itself with nothing written
+    mark = watch.mark()
+    env.deploy("host@1")
+    failed = watch.wait_for(lambda: first(d for d in watch.of("deployments", mark) if d.state == "failed"),
+                            40, "the deployment to fail for lack of space")
+    assert failed.reason.startswith("storage: ") and "No space left on device" in failed.reason
+    anchor = state / "metadata" / "root.json"
+    assert not anchor.exists() and not list(state.glob("metadata/.*.tmp")), "a partial trust anchor"
+    assert agent.alive(), agent.tail()
+
+    SmallDisks.free(state)
+    wait_active(watch, 1, mark, timeout=90)
+    assert anchor.read_bytes() == env.root.read_bytes()
+    watch.wait_for(lambda: watch.of("events"), 40, "events once the model serves")
+    assert "Traceback" not in agent.log.read_text(), agent.tail()

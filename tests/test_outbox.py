@@ -84,6 +84,28 @@ def test_bounded_drop_oldest_counter_persists(tmp_path: Path) -> None:
         assert ob.append(TOPIC, b"q") == 6
 
 
+def test_a_full_disk_fails_appends_cleanly_and_the_outbox_recovers(tmp_path: Path) -> None:
+    from helpers_delivery import SmallDisks
+
+    disks = SmallDisks()
+    disk = disks.mount(tmp_path / "disk", size="1m")
+    try:
+        with Outbox(disk / "o.sqlite") as ob:
+            assert ob.append(TOPIC, b"before") == 1
+            SmallDisks.fill(disk)
+            for _ in range(3):  # every append fails, none half-done
+                with pytest.raises(OutboxError, match="full"):
+                    ob.append(TOPIC, b"x" * 5000)
+            assert [i.seq for i in ob.pending()] == [1] and ob.next_seq() == 2
+            SmallDisks.free(disk)
+            assert ob.append(TOPIC, b"after") == 2  # no seq was consumed by the failures
+            assert ob.ack(1) and [i.payload for i in ob.pending()] == [b"after"]
+        with Outbox(disk / "o.sqlite") as ob:  # and what was stored is on disk
+            assert [i.seq for i in ob.pending()] == [2] and ob.dropped() == 0
+    finally:
+        disks.close()
+
+
 def test_concurrent_append_and_ack(tmp_path: Path) -> None:
     """The main thread appends while another (the MQTT network thread) acks what it sees."""
     n = 400

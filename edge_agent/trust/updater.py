@@ -185,7 +185,8 @@ class TrustedRepository:
         Raises:
             TargetNotFoundError: not a current target.
             TrustError: ``tampered`` (hash/length mismatch), ``endless-data``,
-                ``unavailable`` (broker, missing chunks), or any refresh failure.
+                ``unavailable`` (broker, missing chunks, no room for the verified copy), or any
+                refresh failure.
         """
         info = self._targetinfo(path)
         assert self._updater is not None
@@ -200,6 +201,10 @@ class TrustedRepository:
                 # never leave unverified bytes where a later lookup could find them
                 Path(local).unlink(missing_ok=True)
                 raise TrustError(kind, f"download of {path!r} failed: {e}") from e
+            except OSError as e:  # writing the verified copy (a full disk): nothing half-kept
+                Path(local).unlink(missing_ok=True)
+                logger.warning("target %s not stored: %s", path, e)
+                raise TrustError("unavailable", f"download of {path!r} failed: {e}") from e
         with open(cached, "rb") as f:
             data = f.read()
         info.verify_length_and_hashes(data)  # the file could have changed since

@@ -206,7 +206,8 @@ def test_deploy_activates_and_streams_events_then_stop_and_last_will(env: Env) -
     for ev in events:
         assert ev["schema"] == "edgefleet.event/1" and ev["agent"] == "edge-1"
         assert ev["model_version"] == 1 and ev["slot"] == "default" and ev["is_anomaly"] is True
-        assert ev["score"] >= ev["threshold"] > 0 and 0 <= ev["anomaly_score"] <= 1
+        # Decided by the bundle's score pipeline: anomaly_score >= 0.5 exactly when is_anomaly.
+        assert ev["score"] > 0 and ev["threshold"] > 0 and 0.5 <= ev["anomaly_score"] <= 1
         datetime.fromisoformat(ev["timestamp"])
         assert len(ev["values"]) == 4  # cpu, memory, disk, network
     seqs = [ev["seq"] for ev in events]
@@ -449,11 +450,12 @@ def test_events_detected_while_the_broker_is_down_are_all_delivered(env: Env) ->
     agent = env.agents.start(env.agent_config("edge-4", rate=300), exit_at_end=True)
     born(watch)
     env.deploy("host@1")
-    watch.wait_for(lambda: len(watch.event_seqs()) >= 5, 40, "the first events")
+    # The score pipeline raises one event per excursion: a few per replay of this series.
+    watch.wait_for(lambda: len(watch.event_seqs()) >= 1, 40, "the first event")
 
     env.broker.stop()
     delivered_before = max(watch.event_seqs())
-    poll_until(lambda: outbox_counts(agent.state_dir)[0] >= 10, 30,
+    poll_until(lambda: outbox_counts(agent.state_dir)[0] >= 2, 30,
                "the agent to keep detecting while the broker is down (outbox growing)",
                env.agents.tail)
     assert agent.alive(), agent.tail()
@@ -469,7 +471,7 @@ def test_events_detected_while_the_broker_is_down_are_all_delivered(env: Env) ->
     finally:
         resumed = datetime.now(UTC)
         agent.signal(signal.SIGCONT)
-    assert depth_down >= 10 and last_down > delivered_before
+    assert depth_down >= 2 and last_down > delivered_before
 
     watch.wait_for(
         lambda: any(h.outbox_depth == 0 and datetime.fromisoformat(h.ts) > resumed
@@ -720,10 +722,9 @@ def test_a_full_disk_never_stops_detection_and_the_agent_recovers_by_itself(
     config = env.agents.config("edge-7", trust=env.root, source="stdin")
     state = small_disks.mount(config.parent / "state")
     v1 = flagged_rows(env.registry, "host@1", env.csv, env.tmp / "v1.csv")
-    v2 = flagged_rows(env.registry, "host@2", env.csv, env.tmp / "v2.csv")
     a, b = 1000, 2000  # fed before the disk fills, while it is full, after space returns
-    in_a, in_b, in_c = [r for r in v1 if r < a], [r for r in v1 if a <= r < b], [r for r in v2 if r >= b]
-    assert in_a and len(in_b) >= 2 and in_c, "the synthetic series should have anomalies in each part"
+    in_a, in_b = [r for r in v1 if r < a], [r for r in v1 if a <= r < b]
+    assert in_a and len(in_b) >= 2, "the synthetic series should have anomalies in both parts"
 
     agent = env.agents.start(config, stdin=True)
     born(watch)
@@ -751,16 +752,21 @@ def test_a_full_disk_never_stops_detection_and_the_agent_recovers_by_itself(
     assert 1 <= len(lines) < len(in_b), lines  # logged, but not once per event
 
     # Space comes back: nothing is redeployed, the agent applies host@2 by itself, then
-    # stores and delivers again, numbering on from the last stored event.
+    # stores and delivers again, numbering on from the last stored event. (host@2 starts a
+    # fresh score pipeline, so `edgefleet detect` over the whole series does not predict its
+    # events exactly: the test asks for some, all delivered, none missing.)
     SmallDisks.free(state)
     wait_active(watch, 2, mark, timeout=90)
     agent.feed(json_lines(env.csv, b))
-    seqs = set(range(1, len(in_a) + len(in_c) + 1))
-    watch.wait_for(lambda: watch.event_seqs() == seqs, 60, f"events {len(in_a) + 1}.. from host@2")
-    assert {e["model_version"] for e in watch.of("events") if e["seq"] > len(in_a)} == {2}
+    watch.wait_for(lambda: any(e["model_version"] == 2 for e in watch.of("events")), 60,
+                   "an event from host@2 once space is back")
     agent.signal(signal.SIGTERM)
     assert agent.wait(20) == 0, agent.tail()
-    assert outbox_counts(state)[:2] == (0, len(seqs))
+    depth, last_seq, _ = outbox_counts(state)
+    assert depth == 0 and last_seq > len(in_a)
+    watch.wait_for(lambda: watch.event_seqs() == set(range(1, last_seq + 1)), 10,
+                   f"every stored event 1..{last_seq}")
+    assert {e["model_version"] for e in watch.of("events") if e["seq"] > len(in_a)} == {2}
     assert "Traceback" not in agent.log.read_text(), agent.tail()
 
 
@@ -773,11 +779,11 @@ def test_an_agent_first_started_on_a_full_disk_provisions_once_space_returns(
     SmallDisks.fill(state)
     agent = env.agents.start(config)
     born(watch)  # it runs and announces itself with nothing written
+    failed = watch.wait_for(lambda: first(d for d in watch.of("deployments") if d.state == "failed"),
+                            40, "a report that the trusted metadata cannot be stored")
+    assert failed.reason.startswith("storage: ") and "No space left on device" in failed.reason
     mark = watch.mark()
     env.deploy("host@1")
-    failed = watch.wait_for(lambda: first(d for d in watch.of("deployments", mark) if d.state == "failed"),
-                            40, "the deployment to fail for lack of space")
-    assert failed.reason.startswith("storage: ") and "No space left on device" in failed.reason
     anchor = state / "metadata" / "root.json"
     assert not anchor.exists() and not list(state.glob("metadata/.*.tmp")), "a partial trust anchor"
     assert agent.alive(), agent.tail()

@@ -77,9 +77,19 @@ def test_demo_refuses_a_foreign_workdir(tmp_path: Path) -> None:
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+# Started through exec with SIGINT ignored: a process inherits that disposition from a
+# background job of a non-interactive shell or a CI runner, and Python then installs no
+# KeyboardInterrupt handler of its own. The demo must stop on SIGINT however it was started.
+_START_WITH_SIGINT_IGNORED = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "demo", "--fast", "--workdir", str(workdir)],
+    proc = subprocess.Popen([sys.executable, "-c", _START_WITH_SIGINT_IGNORED,
+                             "-m", "trainer.cli", "demo", "--fast", "--workdir", str(workdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
@@ -90,9 +100,11 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
             pytest.fail("the demo ended before starting its agents")
         assert len(_ours(workdir)) >= 4  # three agents and the private broker
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        rest = proc.communicate(timeout=60)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
+            proc.wait()
+    assert proc.returncode == 130, rest[-3000:]
+    assert "edgefleet: interrupted" in rest and "finished in" not in rest
     assert _ours(workdir) == []

@@ -264,8 +264,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # SIGINT too, explicitly: Python installs its KeyboardInterrupt handler only when SIGINT
     # is not ignored at start-up, and a process started in the background by a non-interactive
-    # shell (or by a parent that ignores SIGINT) inherits it ignored; Ctrl-C would then be
-    # lost and the demo would run to the end.
+    # shell (or by a parent that ignores SIGINT) inherits it ignored; a SIGINT would then be
+    # dropped and the demo would run to its end.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_stop)
     if args.broker:

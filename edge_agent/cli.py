@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_USAGE = 2
@@ -21,28 +23,39 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_init_config(args: argparse.Namespace) -> int:
+    """Print a complete config for the options, with every path made absolute.
+
+    The output usually goes to another folder (``> conf/agent.toml``). A path typed relative
+    to this shell, written as is, would resolve against that folder instead: a config's
+    relative paths resolve against its own directory.
+    """
     from edge_agent.config import render_config
     from edge_agent.mqtt import BrokerError, parse_broker_url
-    from edge_agent.sources import SourceError, parse_source
+    from edge_agent.sources import SourceError, rebase_source
     from shared.profiles import ProfileError, load_profile
     from shared.topics import TopicError, validate_agent_id
 
+    cwd = Path.cwd()
     try:
         validate_agent_id(args.agent_id)
         validate_agent_id(args.group)
         load_profile(args.profile)
         parse_broker_url(args.broker)
-        parse_source(args.source)
+        source = rebase_source(args.source, cwd)
     except (TopicError, ProfileError, BrokerError, SourceError) as e:
         print(f"edgefleet-agent init-config: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     sys.stdout.write(
         render_config(
             agent_id=args.agent_id, group=args.group, profile=args.profile, broker=args.broker,
-            trust=args.trust, state_dir=args.state_dir, source=args.source,
+            trust=_absolute(args.trust, cwd), state_dir=_absolute(args.state_dir, cwd), source=source,
         )
     )
     return 0
+
+
+def _absolute(path: str, cwd: Path) -> str:
+    return os.path.abspath(os.path.join(cwd, os.path.expanduser(path)))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -78,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--log-format", choices=("plain", "json"), default="plain")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("init-config", help="print a complete, commented config")
+    p = sub.add_parser("init-config", help="print a complete, commented config (paths made absolute)")
     p.add_argument("--agent-id", required=True)
     p.add_argument("--group", required=True)
     p.add_argument("--profile", required=True, help="firmware profile name")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.mqtt import BrokerError, BrokerSettings, parse_broker_url
-from edge_agent.sources import SourceError, parse_source
+from edge_agent.sources import SourceError, rebase_source
 from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import TopicError, validate_agent_id
 
@@ -89,7 +89,9 @@ def _check_types(raw: dict[str, Any], source: str) -> None:
 
 
 def parse_config(text: str, *, source: str = "<config>", base: Path | None = None) -> AgentConfig:
-    """Parse and validate a config. Relative paths resolve against ``base``.
+    """Parse and validate a config. Relative paths resolve against ``base`` (default: the
+    working directory): the trust root, the state dir, the TLS and password files and a
+    ``csv:`` source's file. The returned config holds only absolute paths.
 
     Raises :class:`ConfigError` naming the key for any problem, including a password file that
     cannot be read or a trust root that does not exist.
@@ -99,7 +101,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from e
     _check_types(raw, source)
-    base = base or Path.cwd()
+    base = base.absolute() if base else Path.cwd()
     agent, broker, trust = raw["agent"], raw["broker"], raw["trust"]
 
     def path(value: str) -> Path:
@@ -116,7 +118,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     except ProfileError as e:
         raise ConfigError(f"{source}: agent.profile: {e}") from e
     try:
-        parse_source(raw["source"]["spec"])
+        source_spec = rebase_source(raw["source"]["spec"], base)
     except SourceError as e:
         raise ConfigError(f"{source}: source.spec: {e}") from e
     threads = agent.get("threads", profile.budget.threads)
@@ -159,7 +161,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         agent_id=agent_id,
         group=group,
         profile=profile,
-        source=raw["source"]["spec"],
+        source=source_spec,
         state_dir=path(agent["state_dir"]),
         trust_root=root,
         broker=settings,

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from shared.series import SeriesError, iter_csv_rows
 
-__all__ = ["Sample", "SourceError", "SourceSpec", "open_source", "parse_source"]
+__all__ = ["Sample", "SourceError", "SourceSpec", "open_source", "parse_source", "rebase_source"]
 
 
 class SourceError(ValueError):
@@ -77,6 +77,22 @@ def parse_source(spec: str) -> SourceSpec:
             raise SourceError(f"{spec!r}: expected host[?period=SECONDS]")
         return SourceSpec("host", period=_number(query, "period", spec) or 5.0)
     raise SourceError(f"unknown source {spec!r}: use host[?period=S], csv:PATH[?rate=R] or stdin")
+
+
+def rebase_source(spec: str, base: Path) -> str:
+    """``spec`` with a relative ``csv:`` path made absolute against ``base``; others unchanged.
+
+    ``~`` is expanded and the result normalised; the query (``?rate=R``) is kept as written.
+    Raises :class:`SourceError` for a malformed spec, as :func:`parse_source` does.
+    """
+    parsed = parse_source(spec)
+    if parsed.kind != "csv":
+        return spec
+    parts = urlsplit(spec[4:])
+    path = os.path.abspath(os.path.join(base, os.path.expanduser(parts.path)))
+    return "csv:" + path + (f"?{parts.query}" if parts.query else "") + (
+        f"#{parts.fragment}" if parts.fragment else ""
+    )
 
 
 def _now() -> str:

@@ -117,10 +117,33 @@ def clients(broker: Broker) -> Iterator[Callable[[], Any]]:
         c.loop_stop()
 
 
+def _nab_present() -> bool:
+    return (NAB_DIR / "data").is_dir()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the ``nab`` marker true, so ``-m "not nab"`` runs without the NAB data.
+
+    A test that uses ``nab_dir`` (directly or through another fixture) must carry the marker;
+    marked tests are skipped with the reason when the data is absent (in CI, ``nab_dir``
+    fails them instead: CI must have the data).
+    """
+    unmarked = [item.nodeid for item in items
+                if "nab_dir" in getattr(item, "fixturenames", ()) and item.get_closest_marker("nab") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that read NAB data must be marked @pytest.mark.nab: {', '.join(unmarked)}")
+    if _nab_present() or os.environ.get("CI") == "true":
+        return
+    skip = pytest.mark.skip(reason=f"NAB data not found at {NAB_DIR} (it lives beside the repository)")
+    for item in items:
+        if item.get_closest_marker("nab") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def nab_dir() -> Path:
-    """The team's NAB sample; skipped with a reason when absent, a failure in CI."""
-    if not (NAB_DIR / "data").is_dir():
+    """The team's NAB sample, for tests marked ``nab``; a failure in CI when absent."""
+    if not _nab_present():
         if os.environ.get("CI") == "true":
             pytest.fail(f"NAB data missing at {NAB_DIR}: CI must have ../shared/data/nab")
         pytest.skip(f"NAB data not found at {NAB_DIR} (it lives beside the repository)")

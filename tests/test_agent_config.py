@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import ConfigError, load_config, parse_config, render_config
-from edge_agent.sources import SourceError, parse_source
+from edge_agent.sources import SourceError, parse_source, rebase_source
 
 
 def agent_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -36,7 +36,56 @@ def test_init_config_then_check_config(tmp_path: Path, root_json: Path) -> None:
     assert check.returncode == 0 and "ok" in check.stdout and "emulated" in check.stdout
     config = load_config(cfg)
     assert config.profile.name == "rpi4-arm64" and config.emulated
-    assert config.source == "csv:data.csv?rate=5" and config.threads == config.profile.budget.threads
+    assert config.source == f"csv:{Path.cwd() / 'data.csv'}?rate=5"  # absolute: see below
+    assert config.threads == config.profile.budget.threads
+
+
+def test_init_config_with_relative_paths_into_another_folder(tmp_path: Path) -> None:
+    # The README's workflow: paths typed relative to the shell, the config written elsewhere.
+    work = (tmp_path / "work").resolve()
+    (work / "reg").mkdir(parents=True)
+    (work / "reg" / "root.json").write_text("{}")
+    (work / "host.csv").write_text("timestamp,value\n2026-01-01 00:00:00,1\n")
+    (work / "conf").mkdir()
+    out = agent_cli("init-config", "--agent-id", "edge-1", "--group", "lab", "--profile", "x86-64-v3",
+                    "--broker", "mqtt://127.0.0.1:1883", "--trust", "reg/root.json",
+                    "--state-dir", "./edge-1", "--source", "csv:host.csv?rate=50", cwd=work)
+    assert out.returncode == 0, out.stderr
+    cfg = work / "conf" / "edge-1.toml"
+    cfg.write_text(out.stdout)
+    check = agent_cli("check-config", "--config", str(cfg), cwd=tmp_path)  # from a third folder
+    assert check.returncode == 0, check.stderr
+    assert f"source csv:{work / 'host.csv'}?rate=50" in check.stdout
+    config = load_config(cfg)
+    assert config.trust_root == work / "reg" / "root.json"
+    assert config.state_dir == work / "edge-1"
+    assert parse_source(config.source).path == work / "host.csv"
+    assert parse_source(config.source).rate == 50
+
+
+def test_relative_paths_in_a_config_resolve_beside_it(tmp_path: Path, root_json: Path) -> None:
+    text = render_config(agent_id="a1", group="g", profile="x86-64-v3", broker="mqtt://127.0.0.1:1",
+                         trust="root.json", state_dir="state", source="csv:../data/x.csv?rate=2")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    config = load_config(cfg)
+    assert config.trust_root == root_json and config.state_dir == tmp_path / "state"
+    assert config.source == f"csv:{tmp_path.parent / 'data' / 'x.csv'}?rate=2"
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("host?period=2", "host?period=2"),
+        ("stdin", "stdin"),
+        ("csv:/abs/x.csv", "csv:/abs/x.csv"),
+        ("csv:x.csv", "csv:/base/x.csv"),
+        ("csv:./d/../x.csv?rate=10", "csv:/base/x.csv?rate=10"),
+        ("csv:~/x.csv", f"csv:{Path('~/x.csv').expanduser()}"),
+    ],
+)
+def test_rebase_source(spec: str, expected: str) -> None:
+    assert rebase_source(spec, Path("/base")) == expected
 
 
 def _valid(root: Path, **over: str) -> str:

@@ -31,6 +31,7 @@ def test_multivariate_with_missing_cells(tmp_path: Path) -> None:
     assert np.isnan(s.values[0, 1]) and np.isnan(s.values[1, 0])
 
 
+@pytest.mark.nab
 def test_nab_file_reads(nab_dir: Path) -> None:
     s = read_series(nab_dir / "data/realAWSCloudwatch/ec2_cpu_utilization_24ae8d.csv")
     assert len(s) == 4032 and s.features == ("value",)

@@ -259,10 +259,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from trainer.demo import DemoError, DemoOptions, run_demo
 
-    def on_term(*_: object) -> None:  # SIGTERM stops the demo like Ctrl-C: everything is cleaned up
+    def on_stop(*_: object) -> None:  # SIGTERM stops the demo like Ctrl-C: everything is cleaned up
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    # SIGINT too, explicitly: Python installs its KeyboardInterrupt handler only when SIGINT
+    # is not ignored at start-up, and a process started in the background by a non-interactive
+    # shell (or by a parent that ignores SIGINT) inherits it ignored; a SIGINT would then be
+    # dropped and the demo would run to its end.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_stop)
     if args.broker:
         from edge_agent.mqtt import BrokerError, parse_broker_url
 

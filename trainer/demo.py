@@ -9,6 +9,7 @@ of what each agent did. Every process it starts is stopped on exit, error or Ctr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -231,6 +232,9 @@ def _score(events: dict[int, dict], anomalies: list[dict], window: int) -> tuple
 
 def run_demo(opts: DemoOptions) -> list[dict]:
     """Run the demo; returns the final table rows. Raises :class:`DemoError`."""
+    # Absolute from here on: every path the demo hands to a process or writes into a config
+    # then means the same thing whatever that process's working directory or file's folder.
+    opts = dataclasses.replace(opts, workdir=Path(os.path.abspath(opts.workdir)))
     work = opts.workdir
     if work.exists():
         if not (work / MARKER).exists():

@@ -37,8 +37,9 @@ Cost per sample is O(1): two ring buffers with running sums (recomputed exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -47,6 +48,7 @@ import numpy as np
 __all__ = [
     "FIXED_THRESHOLD",
     "LIKELIHOOD",
+    "MAX_PRIOR",
     "PIPELINE_KINDS",
     "FixedThresholdPipeline",
     "FixedThresholdScorer",
@@ -70,6 +72,8 @@ _REL_SIGMA_FLOOR = 1e-6
 _ABS_SIGMA_FLOOR = 1e-12
 # Continuing an alarm run: just below the 0.5 that marks a decision.
 _RUN_CAP = 0.4999
+# A spec.json stays small: 2048 smoothed errors are plenty to estimate a mean and a spread.
+MAX_PRIOR = 2048
 
 
 class ScorePipelineError(ValueError):
@@ -99,12 +103,19 @@ class LikelihoodPipeline:
     (288, HTM's learning period: one day of 5-minute samples); ``false_alarm_rate`` is the tail
     probability at which a sample alarms — under the Gaussian model of step 3 the expected
     share of samples that alarm on a series with no change at all.
+
+    ``prior`` (at most :data:`MAX_PRIOR` values) seeds the history: the smoothed errors of the
+    model on its validation rows, which the trainer measures (:meth:`calibrated`). With it, an
+    agent decides from its model's first full window instead of after ``min_history`` live
+    samples — after an activation and after every restart — and the live stream then replaces
+    the prior as it fills the history.
     """
 
     short_window: int = 10
     long_window: int = 8640
     min_history: int = 288
     false_alarm_rate: float = 1e-5
+    prior: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not (1 <= self.short_window <= self.long_window and 2 <= self.min_history <= self.long_window):
@@ -113,6 +124,26 @@ class LikelihoodPipeline:
             )
         if not 0 < self.false_alarm_rate < 0.5:
             raise ScorePipelineError("score pipeline false_alarm_rate must be in (0, 0.5)")
+        if len(self.prior) > min(MAX_PRIOR, self.long_window) or not all(map(math.isfinite, self.prior)):
+            raise ScorePipelineError(
+                f"score pipeline prior must hold at most {MAX_PRIOR} (and long_window) finite values"
+            )
+
+    def calibrated(self, errors: Sequence[float]) -> LikelihoodPipeline:
+        """This pipeline with ``prior`` = the smoothed ``errors`` (validation errors in stream
+        order, the last :data:`MAX_PRIOR` of them, rounded to 6 significant digits)."""
+        x = np.asarray(errors, np.float64)
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return dataclasses.replace(self, prior=())
+        sums = np.cumsum(x)
+        k = self.short_window
+        means = np.empty_like(x)
+        means[:k] = sums[:k] / np.arange(1, min(k, x.size) + 1)
+        if x.size > k:
+            means[k:] = (sums[k:] - sums[:-k]) / k
+        keep = means[-min(MAX_PRIOR, self.long_window):]
+        return dataclasses.replace(self, prior=tuple(float(f"{v:.6g}") for v in keep))
 
     kind = LIKELIHOOD
 
@@ -123,6 +154,7 @@ class LikelihoodPipeline:
             "long_window": self.long_window,
             "min_history": self.min_history,
             "false_alarm_rate": self.false_alarm_rate,
+            **({"prior": list(self.prior)} if self.prior else {}),
         }
 
     def scorer(self, threshold: float, center: float, width: float) -> LikelihoodScorer:
@@ -168,7 +200,7 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
             f"unknown score pipeline kind {kind!r}; this version runs {', '.join(PIPELINE_KINDS)}"
         )
     params = {k: v for k, v in obj.items() if k != "kind"}
-    known = {"short_window", "long_window", "min_history", "false_alarm_rate"}
+    known = {"short_window", "long_window", "min_history", "false_alarm_rate", "prior"}
     if set(params) - known:
         raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(set(params) - known)}")
     try:
@@ -177,6 +209,7 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
             long_window=int(params.get("long_window", 8640)),
             min_history=int(params.get("min_history", 288)),
             false_alarm_rate=float(params.get("false_alarm_rate", 1e-5)),
+            prior=tuple(float(v) for v in params.get("prior", ())),
         )
     except (TypeError, ValueError) as e:
         raise ScorePipelineError(f"bad score pipeline parameters: {e}") from e
@@ -224,8 +257,12 @@ class LikelihoodScorer:
         self._short_n = self._short_i = 0
         self._short_sum = 0.0
         self._long = [0.0] * params.long_window
-        self._long_n = self._long_i = 0
-        self._long_sum = self._long_sq = 0.0
+        k = len(params.prior)
+        self._long[:k] = params.prior
+        self._long_n = k
+        self._long_i = k % params.long_window
+        self._long_sum = math.fsum(params.prior)
+        self._long_sq = math.fsum(v * v for v in params.prior)
         self._since_exact = 0
         self._log_far2 = 2.0 * math.log(params.false_alarm_rate)
         self._far = params.false_alarm_rate
@@ -250,7 +287,8 @@ class LikelihoodScorer:
         m = self._short_sum / self._short_n
         # 2-3. against the history before this sample
         n = self._long_n
-        if n >= self._min_history:
+        # a mean of fewer than short_window errors is not comparable with the history's
+        if n >= self._min_history and self._short_n == self._short_cap:
             mu = self._long_sum / n
             var = self._long_sq / n - mu * mu
             sigma = math.sqrt(var) if var > 0 else 0.0

@@ -124,3 +124,26 @@ def test_bundle_spec_declares_the_pipeline_and_refuses_an_unknown_kind():
     legacy = json.loads(make_spec().to_bytes())
     assert "pipeline" not in legacy["score"]
     assert BundleSpec.from_json(legacy).score.pipeline == FixedThresholdPipeline()
+
+
+def test_a_prior_from_validation_errors_lets_the_pipeline_decide_at_once():
+    validation = _errors(600, seed=5)
+    p = LikelihoodPipeline().calibrated(validation)
+    assert len(p.prior) == 600 and p.prior[-1] == pytest.approx(validation[-10:].mean(), rel=1e-5)
+    live = _errors(50, seed=6)
+    live[30] += 12.0  # an excursion 30 samples after activation (or a restart)
+    steps = _run(p, live)
+    assert [i for i, s in enumerate(steps) if s.is_anomaly] == [30]
+    # without a prior the same stream is still warming up
+    assert not any(s.is_anomaly for s in _run(LikelihoodPipeline(), live))
+    # the prior travels in spec.json
+    assert pipeline_from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_prior_is_bounded_and_finite():
+    p = LikelihoodPipeline().calibrated(_errors(5000))
+    assert len(p.prior) == 2048
+    with pytest.raises(ScorePipelineError, match="prior"):
+        LikelihoodPipeline(prior=(1.0, float("nan")))
+    with pytest.raises(ScorePipelineError, match="prior"):
+        LikelihoodPipeline(long_window=10, min_history=5, prior=(1.0,) * 11)

@@ -220,7 +220,11 @@ def train(
         ),
     )
     val_scores = score_windows(result.model, val_w)
-    score = calibrate(val_scores, spec.score_kind, req.threshold, req.score_pipeline)
+    pipeline = req.score_pipeline
+    if isinstance(pipeline, LikelihoodPipeline):
+        # validation windows are consecutive per series: the errors an agent would have seen
+        pipeline = pipeline.calibrated(val_scores)
+    score = calibrate(val_scores, spec.score_kind, req.threshold, pipeline)
     holdout = _evenly(val_w, HOLDOUT_WINDOWS)
     inputs = ExportInputs(
         name=req.name,
@@ -240,7 +244,7 @@ def train(
             "validation_fraction": VALIDATION_FRACTION,
             "recipe": recipe.to_json(),
             "threshold_policy": req.threshold.to_json(),
-            "score_pipeline": req.score_pipeline.to_json(),
+            "score_pipeline": {k: v for k, v in pipeline.to_json().items() if k != "prior"},
             "software": _versions(),
         },
         architecture=spec.to_json(),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "AGENT_KINDS",
+    "MAX_TARGET_DEPTH",
     "RepoTopic",
     "TopicError",
     "Topics",
@@ -34,6 +35,10 @@ _AGENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FORBIDDEN = ("+", "#", "\x00")
 # MQTT topics are at most 65535 bytes; leave room for the root and the suffixes.
 _MAX_PATH_BYTES = 60000
+#: Most levels a repository target path may have. MQTT's ``#`` can only end a filter, so a
+#: reader lists every target's chunk index, without receiving any chunk, with one ``+``
+#: filter per depth (:meth:`Topics.repo_target_indexes`); a bound keeps that list short.
+MAX_TARGET_DEPTH = 8
 
 
 class TopicError(ValueError):
@@ -179,8 +184,23 @@ class Topics:
         return f"{self.root}/repo/targets/{validate_path(path, what='target path')}/chunks/+"
 
     def repo_all(self) -> str:
-        """Subscription filter matching every repository topic."""
+        """Subscription filter matching every repository topic (chunks included)."""
         return f"{self.root}/repo/#"
+
+    def repo_metadata_all(self) -> str:
+        """Subscription filter matching every retained metadata file."""
+        return f"{self.root}/repo/metadata/+"
+
+    def repo_target_indexes(self) -> tuple[str, ...]:
+        """Subscription filters matching the chunk index of every target, and no chunk.
+
+        One filter per target path depth, 1 to :data:`MAX_TARGET_DEPTH`: a chunk topic ends
+        in a number, never in ``index``, so none of them matches a chunk.
+        """
+        return tuple(
+            f"{self.root}/repo/targets/{'+/' * depth}index"
+            for depth in range(1, MAX_TARGET_DEPTH + 1)
+        )
 
     def parse_repo_topic(self, topic: str) -> RepoTopic | None:
         """Parse a ``{root}/repo/...`` topic; ``None`` if it is not a valid repository topic."""

@@ -45,7 +45,8 @@ class Broker:
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
-            "max_queued_messages 100000\n"
+            # Mosquitto's default queue limits stay (max_queued_messages 1000 per client, 20 in
+            # flight), as on a stock broker: nothing may rely on receiving more at once.
             # As root, Mosquitto would drop to the `mosquitto` user, which cannot write the
             # test's private directory: persistence (retained messages across a restart) and
             # the log would silently vanish.

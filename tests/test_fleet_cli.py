@@ -19,7 +19,7 @@ import pytest
 from tuf.api.metadata import Metadata
 
 from edge_agent.mqtt import RetainedReader
-from edge_agent.trust import MqttFetcher, TrustedRepository
+from edge_agent.trust import MqttFetcher, TargetNotFoundError, TrustedRepository
 from shared.bundle import bundle_target_name
 from shared.chunking import RepoIndex
 from shared.deployment import (
@@ -282,6 +282,91 @@ def test_repo_publish_is_idempotent_and_refresh_republishes(registry, broker, cl
     assert caught_up["cleared_topics"] == []
 
 
+# -- repo prune, rotate-root --------------------------------------------------------------------
+
+@pytest.mark.slow  # trains two versions once per module
+def test_repo_prune_keeps_what_deployments_use_and_clears_the_rest(registry, broker, clients, tmp_path):
+    root = init(registry)
+    v1 = deploy(registry, broker, "m@1", "--group", "lab")["bundles"]
+    v2 = deploy(registry, broker, "m@2", "--group", "lab")["bundles"]  # m@1 no longer in use
+    prune = ["repo", "prune", "--registry", str(registry), "--broker", broker.url, "--json"]
+
+    before = tree(registry)
+    dry = json.loads(run(*prune, "--keep", "0", "--dry-run").stdout)
+    assert dry["dry_run"] is True and dry["published"] is None
+    assert dry["removed_targets"] == v1
+    assert (dry["in_use"], dry["rollback"], dry["removed_versions"]) == ({"m": [2]}, {"m": []}, {"m": [1]})
+    assert tree(registry) == before  # a dry run changes nothing
+
+    kept = json.loads(run(*prune).stdout)  # default: two rollback versions per model
+    assert kept["removed_targets"] == [] and kept["rollback"] == {"m": [1]}
+
+    text = run("repo", "prune", "--registry", str(registry), "--broker", broker.url, "--keep", "0")
+    assert text.stdout.splitlines()[0] == "m: in use 2; kept for rollback -; pruned 1"
+    assert f"removed {len(v1)} target(s)" in text.stdout
+
+    # What a fresh subscriber finds retained: m@1's bundles are gone, chunks and all.
+    there = RetainedReader(clients(), TOPICS, timeout=5).read([TOPICS.repo_all()])
+    parsed = [p for t in there if (p := TOPICS.parse_repo_topic(t)) is not None]
+    retained_targets = {_target_of(p.name) for p in parsed if p.kind.startswith("target-")}
+    assert retained_targets == {group_target("lab"), *v2}
+    assert len(RepoIndex.from_bytes(there[TOPICS.repo_index()]).targets) == 1 + len(v2)
+    assert not list((registry / "tuf" / "targets").rglob("*.m-1-*"))  # deleted on disk too
+
+    # The kept bundles still verify; the pruned ones are no longer targets.
+    ag = agent_repo(tmp_path, clients(), root)
+    ag.refresh()
+    for target in v2:
+        custom = ag.target_custom(target)
+        data = ag.fetch_target(target)
+        sha = registry_sha(registry, 2, custom["format"], custom["quantization"])
+        assert hashlib.sha256(data).hexdigest() == sha
+    for target in v1:
+        with pytest.raises(TargetNotFoundError):
+            ag.fetch_target(target)
+
+    # A pruned version can be deployed again (a rollback adds its bundles back).
+    assert deploy(registry, broker, "m@1", "--group", "lab")["serial"] == 3
+    ag.refresh()
+    data = ag.fetch_target(v1[0])
+    custom = ag.target_custom(v1[0])
+    assert hashlib.sha256(data).hexdigest() == registry_sha(
+        registry, 1, custom["format"], custom["quantization"]
+    )
+
+
+@pytest.mark.slow  # trains two versions once per module
+def test_repo_rotate_root_is_followed_by_agents_and_refresh_warns_before_root_expires(
+    registry, broker, clients, tmp_path
+):
+    root = init(registry)
+    deploy(registry, broker, "m@1", "--group", "lab")
+    ag = agent_repo(tmp_path, clients(), root)
+    ag.refresh()
+
+    rotated = json.loads(run(
+        "repo", "rotate-root", "--registry", str(registry), "--new-keys", "--broker", broker.url,
+        "--json",
+    ).stdout)
+    assert rotated["renewed"] == ["root", "targets", "snapshot", "timestamp"]
+    assert rotated["new_keys"] == ["root", "targets", "snapshot", "timestamp"]
+    assert rotated["versions"]["root"] == 2 and rotated["root"] == str(root)
+    assert "2.root.json" in rotated["published"]["published_metadata"]
+    deploy(registry, broker, "m@2", "--group", "lab")  # signed with the new keys
+
+    ag.refresh()
+    assert decode_deployment(ag.fetch_target(group_target("lab"))).slots["default"].version == 2
+    trusted = Metadata.from_file(str(tmp_path / "agent-a" / "metadata" / "root.json"))
+    assert trusted.signed.version == 2
+
+    refresh = ["repo", "refresh", "--registry", str(registry)]
+    assert run(*refresh).stderr == ""  # root is good for a year: no warning
+    short = run("repo", "rotate-root", "--registry", str(registry), "--expires", "10")
+    assert "signed root v3 (same keys)" in short.stdout and "not published" in short.stdout
+    warned = run(*refresh)
+    assert "warning: root.json expires" in warned.stderr and "rotate-root" in warned.stderr
+
+
 # -- fleet status -----------------------------------------------------------------------------
 
 
@@ -439,6 +524,24 @@ def test_bad_inputs_are_one_line_with_the_right_exit_code(registry, broker, tmp_
         str(tmp_path / "missing"), ok=False,
     )
     assert "--password-file" in one_line_error(no_password, 2)
+
+    # repo prune / rotate-root: bad input changes nothing
+    before = tree(registry)
+    for args, expected in (
+        (["repo", "prune", "--registry", reg, "--keep", "-1"], "--keep"),
+        (["repo", "prune", "--registry", reg, "--keep", "two"], "--keep"),
+        (["repo", "prune", "--registry", str(tmp_path / "nope")], "no TUF repository"),
+        (["repo", "prune", "--registry", reg, "--broker", "http://x"], "bad broker URL"),
+        (["repo", "rotate-root", "--registry", reg, "--new-keys", "mirror"], "--new-keys"),
+        (["repo", "rotate-root", "--registry", reg, "--expires", "0"], "--expires"),
+        (["repo", "rotate-root", "--registry", reg, "--root-key-dir", str(tmp_path)], "no root key"),
+        (["repo", "rotate-root", "--registry", str(tmp_path / "nope")], "no TUF repository"),
+    ):
+        proc = run(*args, ok=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and "error:" in lines[0] and expected in lines[0], (args, lines)
+    assert tree(registry) == before
 
 
 def test_credentials_from_a_file_or_the_environment(auth_broker, tmp_path):

@@ -6,10 +6,12 @@ import hashlib
 import json
 import stat
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner
@@ -26,7 +28,7 @@ from edge_agent.trust import (
     TrustError,
 )
 from shared.chunking import ChunkError, ChunkIndex, RepoIndex, join, split
-from shared.topics import RepoTopic, TopicError, Topics
+from shared.topics import MAX_TARGET_DEPTH, RepoTopic, TopicError, Topics
 from trainer.fleet.publisher import publish_repository
 from trainer.fleet.tuf_repository import RepositoryError, TufRepository, url_path
 
@@ -552,3 +554,224 @@ def test_agent_recovers_after_broker_restart(tmp_path, repo, clients, broker):
     publish(repo, clients())  # the trainer republishes (idempotent on a broker that kept it)
     ag.refresh()
     assert ag.fetch_target("deployments/groups/g.json") == b"after restart"
+
+
+# -- publishing within a stock broker's limits, pruning, root rotation ------------------------
+
+TINY = 64  # chunk size that makes a few KiB of targets exceed Mosquitto's 1000-message queue
+
+
+def many_chunks(n_targets: int, chunks: int) -> dict[str, bytes]:
+    return {
+        f"artifacts/big-{i}.zip": hashlib.sha256(bytes([i])).digest() * (chunks * TINY // 32)
+        for i in range(n_targets)
+    }
+
+
+def chunk_topics(repo: TufRepository, target: str) -> list[str]:
+    tf = repo.targets()[target]
+    upath = url_path(target, tf.hashes["sha256"])
+    return [TOPICS.repo_target_chunk(upath, i) for i in range(-(-tf.length // TINY))]
+
+
+def test_publish_reads_only_index_messages_within_default_queue_limits(tmp_path, repo, clients):
+    files = many_chunks(3, 400)  # 1200 retained chunks: more than one client's queue holds
+    repo.add_targets(files)
+    pub = clients()
+    first = publish_repository(repo, pub, TOPICS, chunk_size=TINY, timeout=10)
+    assert first.messages > 1200 and first.read_messages == 0  # an empty broker
+
+    # Reading what exists receives the repo index, metadata and chunk indexes only: with
+    # every chunk as well, Mosquitto would drop the reader's overflow (and its marker).
+    again = publish_repository(repo, pub, TOPICS, chunk_size=TINY, timeout=10)
+    assert again.messages == 0 and len(again.skipped_targets) == 3
+    assert again.read_messages == 1 + len(repo.current_files().metadata) + 3
+
+    # Removing a target clears its chunks (learnt from its index) and its index.
+    gone = "artifacts/big-0.zip"
+    gone_chunks = chunk_topics(repo, gone)
+    repo.remove_targets([gone])
+    third = publish_repository(repo, pub, TOPICS, chunk_size=TINY, timeout=10)
+    assert set(gone_chunks) <= set(third.cleared_topics) and len(gone_chunks) == 400
+    reader = RetainedReader(clients(), TOPICS, timeout=10)
+    assert reader.read(gone_chunks[:500]) == {}  # a subscriber to those topics finds nothing
+    kept = chunk_topics(repo, "artifacts/big-1.zip")
+    assert len(reader.read(kept)) == 400
+
+    ag = agent(tmp_path, clients(), repo)
+    ag.refresh()
+    assert ag.fetch_target("artifacts/big-1.zip") == files["artifacts/big-1.zip"]
+    with pytest.raises(TargetNotFoundError):
+        ag.fetch_target(gone)
+
+
+def test_republishing_with_bigger_chunks_clears_the_chunks_no_index_names(repo, clients):
+    seed(repo)
+    pub = clients()
+    publish_repository(repo, pub, TOPICS, chunk_size=TINY, timeout=5)
+    upath = url_path("artifacts/m-1-onnx-int8.zip", hashlib.sha256(B).hexdigest())
+    report = publish_repository(repo, pub, TOPICS, chunk_size=CHUNK, timeout=5)
+    assert upath in report.published_targets
+    there = retained(clients())
+    chunks = sorted(
+        p.chunk for t in there if (p := TOPICS.parse_repo_topic(t)) and p.name == upath
+        and p.kind == "target-chunk"
+    )
+    assert chunks == list(range(-(-len(B) // CHUNK)))  # 6, not the 84 of the tiny chunking
+    assert ChunkIndex.from_bytes(there[TOPICS.repo_target_index(upath)]).chunk_size == CHUNK
+
+
+def trusted_root_version(tmp_path: Path, name: str = "a") -> int:
+    """The root version an agent's TrustedRepository trusts on disk (python-tuf's root.json)."""
+    return Metadata.from_file(str(tmp_path / f"agent-{name}" / "metadata" / "root.json")).signed.version
+
+
+def test_agent_follows_a_root_rotation_with_new_keys(tmp_path, repo, clients):
+    seed(repo)
+    pub = clients()
+    publish(repo, pub)
+    ag = agent(tmp_path, clients(), repo)
+    ag.refresh()
+    old_keys = {r: (repo.keys_dir / f"{r}.pem").read_bytes() for r in ("targets", "timestamp")}
+    old_root_key = (repo.root_key_dir / "root.pem").read_bytes()
+
+    renewed = repo.rotate_root(new_keys=["root", "targets", "snapshot", "timestamp"])
+    assert renewed == ["root", "targets", "snapshot", "timestamp"]
+    assert repo.versions()["root"] == 2
+    assert (repo.root_key_dir / "root.pem").read_bytes() != old_root_key
+    assert not list(repo.keys_dir.glob("*.next")) and not list(repo.root_key_dir.glob("*.next"))
+    v2 = Metadata.from_bytes(repo.metadata_bytes("2.root.json"))
+    v1 = Metadata.from_bytes(repo.metadata_bytes("1.root.json"))
+    assert len(v2.signatures) == 2  # the old root key and the new one
+    assert v2.signed.get_root_verification_result(v1.signed, v2.signed_bytes, v2.signatures).verified
+    repo.add_targets({"deployments/groups/g.json": b"signed with the new keys"})
+    publish(repo, pub)
+
+    ag.refresh()
+    assert trusted_root_version(tmp_path) == 2
+    assert ag.fetch_target("deployments/groups/g.json") == b"signed with the new keys"
+    assert TufRepository.open(repo.path).versions() == repo.versions()  # the new keys load
+
+    # Whoever holds an old (retired) online key can no longer sign what agents accept.
+    stolen = load_pem_private_key(old_keys["timestamp"], None)
+    [keyid] = v1.signed.roles["timestamp"].keyids
+    md = Metadata.from_bytes(repo.metadata_bytes("timestamp.json"))
+    md.signed.version += 1
+    md.sign(CryptoSigner(stolen, v1.signed.keys[keyid]))
+    put(pub, TOPICS.repo_metadata("timestamp.json"), md.to_bytes())
+    with pytest.raises(TrustError) as e:
+        ag.refresh()
+    assert e.value.kind == "untrusted-signature"
+
+
+def test_root_rotation_without_new_keys_renews_root_only(tmp_path, repo, clients):
+    seed(repo)
+    before = repo.versions()
+    keys = {p.name: p.read_bytes() for p in repo.keys_dir.glob("*.pem")}
+    assert repo.rotate_root(expires=timedelta(days=30)) == ["root", "timestamp"]
+    after = repo.versions()
+    assert (after["root"], after["targets"], after["snapshot"]) == (2, before["targets"], before["snapshot"])
+    assert {p.name: p.read_bytes() for p in repo.keys_dir.glob("*.pem")} == keys
+    assert repo.expiries()["root"] - datetime.now(UTC) < timedelta(days=31)
+    publish(repo, clients())
+    ag = agent(tmp_path, clients(), repo)  # bootstraps from root v1, walks to v2
+    ag.refresh()
+    assert trusted_root_version(tmp_path) == 2
+    assert ag.fetch_target("deployments/groups/g.json") == A
+
+
+def test_root_rotation_refuses_bad_input_without_writing(tmp_path):
+    repo = TufRepository.init(tmp_path / "tuf", tmp_path / "offline")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(RepositoryError, match="unknown role"):
+        repo.rotate_root(new_keys=["mirror"])
+    with pytest.raises(RepositoryError, match="future"):
+        repo.rotate_root(expires=timedelta(days=0))
+    no_key = TufRepository.open(tmp_path / "tuf")  # root key looked for in tuf/keys
+    with pytest.raises(RepositoryError, match="no root key"):
+        no_key.rotate_root()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_rotation_interrupted_before_the_new_root_leaves_the_old_keys(tmp_path, repo, monkeypatch):
+    seed(repo)
+    before = repo.versions()
+    real = TufRepository._write_metadata
+
+    def crash_on_root(self, filename, md):
+        if filename.endswith("root.json"):
+            raise _Crash
+        real(self, filename, md)
+
+    monkeypatch.setattr(TufRepository, "_write_metadata", crash_on_root)
+    with pytest.raises(_Crash):
+        repo.rotate_root(new_keys=["root", "targets"])
+    monkeypatch.undo()
+    assert (repo.keys_dir / "targets.pem.next").exists()  # the crash left the new key behind
+
+    reopened = TufRepository.open(repo.path)
+    assert not (repo.keys_dir / "targets.pem.next").exists()  # dropped: no root trusts it
+    assert reopened.versions() == before
+    reopened.add_targets({"deployments/groups/g.json": b"after"})  # the old keys still sign
+    assert reopened.rotate_root(new_keys=["root"])[0] == "root"  # the root key is intact too
+
+
+def test_rotation_interrupted_before_re_signing_is_completed_by_refresh(tmp_path, repo, clients,
+                                                                         monkeypatch):
+    seed(repo)
+    pub = clients()
+    publish(repo, pub)
+    ag = agent(tmp_path, clients(), repo)
+    ag.refresh()
+
+    def crash(self, **_kw):
+        raise _Crash
+
+    monkeypatch.setattr(TufRepository, "refresh", crash)
+    with pytest.raises(_Crash):
+        repo.rotate_root(new_keys=["targets", "snapshot"])
+    monkeypatch.undo()
+
+    reopened = TufRepository.open(repo.path)
+    assert reopened.versions()["root"] == 2
+    # targets and snapshot are still signed by the retired keys: refresh re-signs them.
+    assert reopened.refresh() == ["targets", "snapshot", "timestamp"]
+    publish(reopened, pub)
+    ag.refresh()
+    assert trusted_root_version(tmp_path) == 2
+    assert ag.fetch_target("artifacts/m-1-onnx-int8.zip") == B
+
+
+def test_collect_files_deletes_what_no_current_metadata_names(tmp_path, repo):
+    seed(repo)
+    repo.add_targets({"deployments/groups/g.json": b"v2"})
+    old_b = repo.targets_dir / url_path("artifacts/m-1-onnx-int8.zip", hashlib.sha256(B).hexdigest())
+    assert old_b.exists()
+    repo.remove_targets(["artifacts/m-1-onnx-int8.zip"])
+    repo.rotate_root()
+    deleted = repo.collect_files()
+    assert old_b in deleted and not old_b.exists() and not old_b.parent.exists()
+    current = repo.current_files()
+    assert sorted(p.name for p in repo.metadata_dir.glob("*.json")) == sorted(
+        {*current.metadata, "root.json"}
+    )
+    assert {"1.root.json", "2.root.json"} <= set(current.metadata)
+    assert sorted(str(p.relative_to(repo.targets_dir)) for p in repo.targets_dir.rglob("*")
+                  if p.is_file()) == sorted(current.targets)
+    again = TufRepository.open(repo.path)
+    assert again.target_bytes("deployments/groups/g.json") == b"v2"
+    assert again.collect_files() == []
+
+
+def test_target_paths_are_at_most_max_depth_levels(repo):
+    deep = "/".join(["d"] * MAX_TARGET_DEPTH)
+    repo.add_targets({deep: b"x"})
+    with pytest.raises(RepositoryError, match="levels"):
+        repo.add_targets({deep + "/e": b"x"})
+    assert len(TOPICS.repo_target_indexes()) == MAX_TARGET_DEPTH
+    index_topic = TOPICS.repo_target_index(url_path(deep, "0" * 64))
+    assert index_topic.count("/") == TOPICS.repo_target_indexes()[-1].count("/")

@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from trainer.cli_common import EXIT_FAILED, EXIT_USAGE, positive_int, print_json
@@ -27,6 +28,8 @@ __all__ = ["add_fleet_commands"]
 
 PASSWORD_ENV = "EDGEFLEET_MQTT_PASSWORD"
 PROG = "edgefleet"
+#: ``repo refresh`` warns when root.json expires sooner than this.
+ROOT_EXPIRY_WARNING = timedelta(days=30)
 
 
 class _CommandError(Exception):
@@ -110,6 +113,17 @@ def _chunk_size_arg(p: argparse.ArgumentParser) -> None:
         help="bytes per retained target chunk; keep it under the broker's message size limit "
         "(default: %(default)s)",
     )
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _topics(args: argparse.Namespace):
@@ -243,7 +257,135 @@ def cmd_repo_refresh(args: argparse.Namespace) -> int:
     with repository_lock(args.registry):
         repo = open_repository(args.registry)
         renewed = repo.refresh()
-        versions = repo.versions()
+        versions, expiries = repo.versions(), repo.expiries()
+        report = None
+        if args.broker is not None:
+            with _connected(args) as client:
+                report = publish_repository(
+                    repo, client, topics, chunk_size=args.chunk_size, timeout=args.broker_timeout
+                )
+    root_expires = expiries["root"]
+    if root_expires - datetime.now(UTC) < ROOT_EXPIRY_WARNING:
+        # The online keys cannot renew root: say so while there is time to do it offline.
+        print(
+            f"{PROG}: warning: root.json expires {_iso(root_expires)}: sign a new root with "
+            "`edgefleet repo rotate-root --root-key-dir DIR`",
+            file=sys.stderr,
+        )
+    if args.json:
+        out: dict[str, Any] = {"renewed": renewed, "versions": versions}
+        out["expires"] = {role: _iso(t) for role, t in expiries.items()}
+        out["published"] = None if report is None else _publish_summary(report)
+        print_json(out)
+    else:
+        print(f"re-signed {', '.join(renewed)} (timestamp v{versions['timestamp']})")
+        _print_published(report)
+    return 0
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_published(report: Any) -> None:
+    if report is not None:
+        _print_publish(report)
+    else:
+        print("not published: run with --broker, or `edgefleet repo publish`")
+
+
+def _versions_list(versions: tuple[int, ...]) -> str:
+    return ", ".join(map(str, versions)) or "-"
+
+
+@_command
+def cmd_repo_prune(args: argparse.Namespace) -> int:
+    """Retire old bundles: keep what deployments use plus --keep rollback versions per model."""
+    from trainer.fleet.deploy import open_repository
+    from trainer.fleet.prune import prune
+
+    publish = args.broker is not None and not args.dry_run
+    if publish:
+        _check_broker_url(args)
+    topics = _topics(args)
+    open_repository(args.registry)
+    if publish:
+        with _connected(args) as client:
+            report = prune(
+                args.registry, keep=args.keep, client=client, topics=topics,
+                chunk_size=args.chunk_size, timeout=args.broker_timeout,
+            )
+    else:
+        report = prune(args.registry, keep=args.keep, dry_run=args.dry_run)
+    plan = report.plan
+    if args.json:
+        out: dict[str, Any] = plan.to_json()
+        out.update(
+            dry_run=report.dry_run,
+            keep=args.keep,
+            versions=dict(report.versions),
+            deleted_files=report.deleted_files,
+            published=None if report.publish is None else _publish_summary(report.publish),
+        )
+        print_json(out)
+        return 0
+    for model, used in plan.in_use.items():
+        print(
+            f"{model}: in use {_versions_list(used)}; kept for rollback "
+            f"{_versions_list(plan.rollback[model])}; "
+            f"{'would prune' if report.dry_run else 'pruned'} "
+            f"{_versions_list(plan.removed_versions.get(model, ()))}"
+        )
+    if report.dry_run:
+        print(f"dry run: would remove {len(plan.remove)} target(s); nothing changed")
+        for target in plan.remove:
+            print(f"  {target}")
+        return 0
+    print(
+        f"removed {len(plan.remove)} target(s), deleted {report.deleted_files} file(s) "
+        f"(targets v{report.versions['targets']})"
+    )
+    _print_published(report.publish)
+    return 0
+
+
+def _key_roles(text: str) -> tuple[str, ...]:
+    """argparse type of ``--new-keys``: ``all`` or comma-separated role names."""
+    from trainer.fleet.tuf_repository import ROLES
+
+    if text == "all":
+        return ROLES
+    roles = tuple(r.strip() for r in text.split(",") if r.strip())
+    unknown = sorted(set(roles) - set(ROLES))
+    if not roles or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or some of {','.join(ROLES)}, got {text!r}"
+        )
+    return roles
+
+
+@_command
+def cmd_repo_rotate_root(args: argparse.Namespace) -> int:
+    """Sign a new root version (optionally with new keys), re-sign, publish."""
+    from trainer.fleet.deploy import open_repository, repository_lock
+    from trainer.fleet.publisher import publish_repository
+    from trainer.fleet.tuf_repository import RepositoryError
+
+    if args.broker is not None:
+        _check_broker_url(args)
+    topics = _topics(args)
+    new_keys = args.new_keys or ()
+    open_repository(args.registry)
+    with repository_lock(args.registry):
+        repo = open_repository(args.registry, args.root_key_dir)
+        try:
+            renewed = repo.rotate_root(
+                new_keys=new_keys,
+                expires=None if args.expires is None else timedelta(days=args.expires),
+            )
+        except RepositoryError as e:
+            raise _usage(str(e)) from e
+        versions, expiries = repo.versions(), repo.expiries()
         report = None
         if args.broker is not None:
             with _connected(args) as client:
@@ -251,15 +393,22 @@ def cmd_repo_refresh(args: argparse.Namespace) -> int:
                     repo, client, topics, chunk_size=args.chunk_size, timeout=args.broker_timeout
                 )
     if args.json:
-        out: dict[str, Any] = {"renewed": renewed, "versions": versions}
-        out["published"] = None if report is None else _publish_summary(report)
-        print_json(out)
+        print_json({
+            "renewed": renewed,
+            "new_keys": list(new_keys),
+            "versions": versions,
+            "expires": {role: _iso(t) for role, t in expiries.items()},
+            "root": str(repo.root_json_path),
+            "published": None if report is None else _publish_summary(report),
+        })
     else:
-        print(f"re-signed {', '.join(renewed)} (timestamp v{versions['timestamp']})")
-        if report is not None:
-            _print_publish(report)
-        else:
-            print("not published: run with --broker, or `edgefleet repo publish`")
+        keys = f"new keys for {', '.join(new_keys)}" if new_keys else "same keys"
+        print(
+            f"signed root v{versions['root']} ({keys}), expires {_iso(expiries['root'])}; "
+            f"re-signed {', '.join(renewed[1:])}"
+        )
+        print(f"new agents bootstrap from {repo.root_json_path}; running agents follow the chain")
+        _print_published(report)
     return 0
 
 
@@ -377,7 +526,7 @@ def add_fleet_commands(
     registry_arg: Callable[[argparse.ArgumentParser], None],
     json_arg: Callable[[argparse.ArgumentParser], None],
 ) -> None:
-    """Add ``repo init|publish|refresh``, ``deploy`` and ``fleet status`` to ``sub``.
+    """Add ``repo init|publish|refresh|prune|rotate-root``, ``deploy`` and ``fleet status``.
 
     ``registry_arg`` / ``json_arg`` add the main parser's ``--registry`` and ``--json``.
     """
@@ -408,6 +557,49 @@ def add_fleet_commands(
     _chunk_size_arg(p)
     json_arg(p)
     p.set_defaults(func=cmd_repo_refresh)
+
+    p = repo.add_parser(
+        "prune",
+        help="retire old bundles: keep what deployments use plus rollback versions",
+        description="Remove from the repository (and, with --broker, from the broker) the "
+        "bundles of every model version that no deployment document uses, except the --keep "
+        "newest of each model. A pruned version can be deployed again.",
+    )
+    registry_arg(p)
+    p.add_argument(
+        "--keep", type=_non_negative_int, default=2, metavar="N",
+        help="versions kept per model besides those in use, for rollback (default: %(default)s)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")
+    _broker_args(p, required=False)
+    _chunk_size_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_repo_prune)
+
+    p = repo.add_parser(
+        "rotate-root",
+        help="sign a new root version (renews its expiry; optionally new keys)",
+        description="Sign root version N+1 with the current root key (and the new one), so "
+        "that agents holding version N accept it. Needs the root private key.",
+    )
+    registry_arg(p)
+    p.add_argument(
+        "--root-key-dir", metavar="DIR",
+        help="where the root private key is (default: REGISTRY/tuf/keys)",
+    )
+    p.add_argument(
+        "--new-keys", nargs="?", const="all", type=_key_roles, metavar="ROLES",
+        help="new keys for 'all' roles (the default when given alone) or for some of "
+        "root,targets,snapshot,timestamp (comma-separated)",
+    )
+    p.add_argument(
+        "--expires", type=positive_int, metavar="DAYS",
+        help="days until the new root expires (default: 365)",
+    )
+    _broker_args(p, required=False)
+    _chunk_size_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_repo_rotate_root)
 
     p = sub.add_parser("deploy", help="deploy MODEL@VERSION to a group or an agent")
     p.add_argument("ref", metavar="MODEL@VERSION", help="what to deploy (MODEL alone: latest)")

@@ -11,8 +11,8 @@ A rollback is the same operation with an older version: a newer document (higher
 pointing at older artifacts.
 
 The TUF repository lives in ``{registry}/tuf`` (``edgefleet repo init``). Writers of the
-repository (deploy, refresh) take an exclusive lock on ``{registry}/tuf/.lock`` so that two
-concurrent commands never sign conflicting versions.
+repository (deploy, publish, refresh, prune, rotate-root) take an exclusive lock on
+``{registry}/tuf/.lock`` so that two concurrent commands never sign conflicting versions.
 """
 
 from __future__ import annotations
@@ -123,8 +123,11 @@ def init_repository(
         raise DeployError(f"cannot create a TUF repository at {path}: {e}") from e
 
 
-def open_repository(registry_dir: str | os.PathLike[str]) -> TufRepository:
-    """Open the TUF repository of ``registry_dir``.
+def open_repository(
+    registry_dir: str | os.PathLike[str], root_key_dir: str | os.PathLike[str] | None = None
+) -> TufRepository:
+    """Open the TUF repository of ``registry_dir`` (``root_key_dir``: where its root key is,
+    default ``{registry}/tuf/keys``; only a root rotation needs it).
 
     Raises:
         DeployError: there is none (with the ``edgefleet repo init`` command to run), or it
@@ -136,7 +139,7 @@ def open_repository(registry_dir: str | os.PathLike[str]) -> TufRepository:
             f"no TUF repository at {path}: run `edgefleet repo init --registry {registry_dir}` first"
         )
     try:
-        return TufRepository.open(path)
+        return TufRepository.open(path, root_key_dir)
     except RepositoryError as e:
         raise DeployError(str(e)) from e
 

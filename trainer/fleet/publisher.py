@@ -6,13 +6,18 @@ Order of a publish (every message QoS 1, retained; each phase waits for all its 
 2. metadata files that changed (every root version, current targets and snapshot);
 3. the repo index (the list of files that exist);
 4. ``timestamp.json`` last: it is the agents' signal to refresh;
-5. garbage collection: an empty retained payload on every ``{root}/repo/`` topic that the
-   current files do not reference.
+5. garbage collection: an empty retained payload on every retained metadata file and every
+   target (its chunks, then its index) that the current files do not reference, and on the
+   chunks a re-chunked target no longer has.
 
-What is on the broker is found by reading the retained messages under ``{root}/repo/#`` with
-:class:`edge_agent.mqtt.RetainedReader` (a marker message proves all of them arrived), so a
-second publish of the same repository publishes nothing: targets whose retained index and
-chunks are already there are skipped, metadata with identical bytes is skipped.
+What is on the broker is learnt from the small retained messages only: the repo index, the
+metadata files and each target's chunk index (:meth:`shared.topics.Topics.repo_target_indexes`),
+read with :class:`edge_agent.mqtt.RetainedReader` (a marker message proves all of them
+arrived). No chunk is ever received: a chunk index names its chunks, and it is only published
+once they were all acknowledged. So a publish costs a few messages per target, not the whole
+repository, and stays within the broker's per-client queue limits (Mosquitto's default
+``max_queued_messages`` is 1000). A second publish of the same repository publishes nothing:
+targets whose retained chunk index is identical are skipped, metadata with identical bytes too.
 
 The broker is untrusted storage: nothing here needs to be secret or authentic on the wire,
 agents verify everything with TUF.
@@ -49,6 +54,8 @@ class PublishReport:
     skipped_metadata: list[str] = field(default_factory=list)
     index_published: bool = False
     cleared_topics: list[str] = field(default_factory=list)
+    #: Retained messages read to learn what the broker holds (no chunk among them).
+    read_messages: int = 0
     messages: int = 0
     bytes: int = 0
 
@@ -81,6 +88,48 @@ class _Batch:
         self._pending.clear()
 
 
+@dataclass
+class _Retained:
+    """What the broker holds under ``{root}/repo/``, as far as its small messages tell."""
+
+    metadata: dict[str, bytes] = field(default_factory=dict)  # file name → payload
+    index: bytes | None = None  # the repo index
+    targets: dict[str, ChunkIndex | None] = field(default_factory=dict)  # url path → index
+
+    def chunk_topics(self, topics: Topics, upath: str, start: int = 0) -> list[str]:
+        """The chunk topics ``start…`` that the retained index of ``upath`` names."""
+        index = self.targets.get(upath)
+        if index is None:
+            return []
+        return [topics.repo_target_chunk(upath, i) for i in range(start, index.count)]
+
+
+def _read_retained(client: mqtt.Client, topics: Topics, timeout: float) -> _Retained:
+    reader = RetainedReader(client, topics, timeout=timeout)
+    filters = [topics.repo_index(), topics.repo_metadata_all(), *topics.repo_target_indexes()]
+    try:
+        got = reader.read(filters)
+    except BrokerError as e:
+        raise PublishError(f"cannot read the retained repository: {e}") from e
+    there = _Retained()
+    for topic, payload in got.items():
+        parsed = topics.parse_repo_topic(topic)
+        if parsed is None or payload is None:
+            continue
+        if parsed.kind == "index":
+            there.index = payload
+        elif parsed.kind == "metadata":
+            there.metadata[parsed.name] = payload
+        elif parsed.kind == "target-index":
+            try:
+                there.targets[parsed.name] = ChunkIndex.from_bytes(payload)
+            except ChunkError:
+                # Not ours or damaged: republished if current, cleared (index only) if not.
+                logger.warning("unreadable chunk index on the broker: %s", topic)
+                there.targets[parsed.name] = None
+    return there
+
+
 def publish_repository(
     repo: TufRepository,
     client: mqtt.Client,
@@ -93,110 +142,94 @@ def publish_repository(
     """Make the broker's retained ``{root}/repo/`` topics mirror ``repo``'s current files.
 
     ``client`` must be connected with its network thread running (``edge_agent.mqtt.connect``)
-    and must not itself subscribe to ``{root}/repo/#``. ``chunk_size`` must stay below the
+    and must not itself subscribe to ``{root}/repo/``. ``chunk_size`` must stay below the
     broker's ``message_size_limit`` (Mosquitto drops larger publishes silently). With
     ``collect=False`` the broker is not read: everything is republished and nothing is
     garbage-collected.
 
     Guarantees: ``timestamp.json`` is published only after every other message was
-    acknowledged; a failed call can simply be repeated.
+    acknowledged; no chunk payload is received; a failed call can simply be repeated. A
+    target is cleared chunks first, so an interrupted collection leaves an index that still
+    names what is left.
 
     Raises:
         PublishError: a PUBACK did not arrive within ``timeout`` or the broker read failed.
     """
     report = PublishReport()
     files = repo.current_files()
-    existing: dict[str, bytes | None] = {}
+    there = _Retained()
     if collect:
-        reader = RetainedReader(client, topics, timeout=timeout)
-
-        def keep(topic: str) -> bool:
-            parsed = topics.parse_repo_topic(topic)
-            return parsed is None or parsed.kind != "target-chunk"
-
-        try:
-            existing = reader.read([topics.repo_all()], keep_payload=keep)
-        except BrokerError as e:
-            raise PublishError(f"cannot read the retained repository: {e}") from e
+        there = _read_retained(client, topics, timeout)
+        report.read_messages = (
+            len(there.metadata) + len(there.targets) + (there.index is not None)
+        )
 
     batch = _Batch(client, timeout, report)
-    wanted: set[str] = set()
+    stale_chunks: list[str] = []  # chunks a re-chunked target no longer has
 
     # 1. targets: chunks before their index, so an index always names chunks that exist.
     for upath, target_path in sorted(files.targets.items()):
         data = repo.target_bytes(target_path)
         index, chunks = split(data, chunk_size)
-        index_topic = topics.repo_target_index(upath)
-        chunk_topics = [topics.repo_target_chunk(upath, i) for i in range(index.count)]
-        wanted.add(index_topic)
-        wanted.update(chunk_topics)
-        if _already_there(existing, index_topic, chunk_topics, index):
+        if upath in there.targets and there.targets[upath] == index:
             report.skipped_targets.append(upath)
             continue
-        for topic, chunk in zip(chunk_topics, chunks, strict=True):
-            batch.publish(topic, chunk)
-        batch.publish(index_topic, index.to_bytes())
+        for i, chunk in enumerate(chunks):
+            batch.publish(topics.repo_target_chunk(upath, i), chunk)
+        batch.publish(topics.repo_target_index(upath), index.to_bytes())
+        stale_chunks += there.chunk_topics(topics, upath, start=index.count)
         report.published_targets.append(upath)
     batch.wait()
 
     # 2. metadata except the timestamp.
     for name in files.metadata:
-        topic = topics.repo_metadata(name)
-        wanted.add(topic)
         if name == "timestamp.json":
             continue
         payload = repo.metadata_bytes(name)
-        if existing.get(topic) == payload:
+        if there.metadata.get(name) == payload:
             report.skipped_metadata.append(name)
             continue
-        batch.publish(topic, payload)
+        batch.publish(topics.repo_metadata(name), payload)
         report.published_metadata.append(name)
     batch.wait()
 
     # 3. the index of files that exist.
-    index_topic = topics.repo_index()
-    wanted.add(index_topic)
     repo_index = RepoIndex(metadata=tuple(files.metadata), targets=tuple(files.targets))
     payload = repo_index.to_bytes()
-    if existing.get(index_topic) != payload:
-        batch.publish(index_topic, payload)
+    if there.index != payload:
+        batch.publish(topics.repo_index(), payload)
         report.index_published = True
         batch.wait()
 
     # 4. timestamp last: the agents' signal.
-    ts_topic = topics.repo_metadata("timestamp.json")
     ts = repo.metadata_bytes("timestamp.json")
-    if existing.get(ts_topic) != ts:
-        batch.publish(ts_topic, ts)
+    if there.metadata.get("timestamp.json") != ts:
+        batch.publish(topics.repo_metadata("timestamp.json"), ts)
         report.published_metadata.append("timestamp.json")
         batch.wait()
     else:
         report.skipped_metadata.append("timestamp.json")
 
-    # 5. garbage: retained repo objects no current file references.
-    for topic in sorted(set(existing) - wanted):
+    # 5. garbage: what no current file references. Chunks first, then their index.
+    gone = sorted(set(there.targets) - set(files.targets))
+    for topic in stale_chunks + [t for u in gone for t in there.chunk_topics(topics, u)]:
+        batch.publish(topic, b"")
+        report.cleared_topics.append(topic)
+    batch.wait()
+    garbage = [topics.repo_target_index(u) for u in gone]
+    garbage += [topics.repo_metadata(n) for n in sorted(set(there.metadata) - set(files.metadata))]
+    for topic in garbage:
         batch.publish(topic, b"")
         report.cleared_topics.append(topic)
     batch.wait()
 
     logger.info(
-        "published %d target(s) (%d skipped), %d metadata file(s), cleared %d topic(s)",
+        "published %d target(s) (%d skipped), %d metadata file(s), cleared %d topic(s); "
+        "read %d retained message(s)",
         len(report.published_targets),
         len(report.skipped_targets),
         len(report.published_metadata),
         len(report.cleared_topics),
+        report.read_messages,
     )
     return report
-
-
-def _already_there(
-    existing: dict[str, bytes | None], index_topic: str, chunk_topics: list[str], index: ChunkIndex
-) -> bool:
-    raw = existing.get(index_topic)
-    if not raw:
-        return False
-    try:
-        there = ChunkIndex.from_bytes(raw)
-    except ChunkError:
-        return False
-    return there == index and all(t in existing for t in chunk_topics)

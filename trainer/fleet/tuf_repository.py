@@ -13,12 +13,15 @@ Layout under the repository directory::
 
 Every write is atomic (temp file in the same directory, fsync, ``os.replace``) and files are
 written in dependency order (targets files → targets → snapshot → timestamp), so a crash leaves
-the previous consistent state visible. One writer at a time: the class is not safe for
-concurrent use from several threads or processes.
+the previous consistent state visible. A root rotation writes new private keys as
+``{role}.pem.next`` first, then the new root, then moves the keys into place; :meth:`open`
+finishes (or drops) a rotation that a crash interrupted. One writer at a time: the class is not
+safe for concurrent use from several threads or processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -41,13 +44,15 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from shared.files import write_atomically
-from shared.topics import TopicError, validate_path
+from shared.topics import MAX_TARGET_DEPTH, TopicError, validate_path
 
-__all__ = ["ExpiryPolicy", "RepoFiles", "RepositoryError", "TufRepository"]
+__all__ = ["ROLES", "ExpiryPolicy", "RepoFiles", "RepositoryError", "TufRepository"]
 
 logger = logging.getLogger(__name__)
 
 _ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
+#: Every top-level role, in the order their keys are listed and rotated.
+ROLES = (Root.type, *_ONLINE_ROLES)
 _SERIALIZER = JSONSerializer(compact=False)
 
 
@@ -239,6 +244,7 @@ class TufRepository:
                 str(repo.metadata_dir / f"{tv}.targets.json")
             )
             for role in _ONLINE_ROLES:
+                repo._settle_pending_key(repo.keys_dir, role)
                 repo._signers[role] = repo._load_signer(role)
         except RepositoryError:
             raise
@@ -246,17 +252,41 @@ class TufRepository:
             raise RepositoryError(f"cannot open TUF repository at {base}: {e}") from e
         return repo
 
-    def _load_signer(self, role: str) -> Signer:
+    def _load_signer(self, role: str, key_dir: Path | None = None) -> Signer:
+        key_dir = self.keys_dir if key_dir is None else key_dir
+        signer = self._signer_from(key_dir / f"{role}.pem", role)
+        if signer is None:
+            raise RepositoryError(f"the {role} key in {key_dir} is not trusted by root.json")
+        return signer
+
+    def _signer_from(self, pem_path: Path, role: str) -> Signer | None:
+        """A signer for ``role`` from ``pem_path`` if the current root trusts that key."""
         root = self._md_root.signed
-        keyids = root.roles[role].keyids
-        pem = (self.keys_dir / f"{role}.pem").read_bytes()
-        private_key = load_pem_private_key(pem, None)
-        for keyid in keyids:
+        private_key = load_pem_private_key(pem_path.read_bytes(), None)
+        for keyid in root.roles[role].keyids:
             try:
                 return CryptoSigner(private_key, root.keys[keyid])  # type: ignore[arg-type]
             except Exception:  # noqa: S112 - try the next key id of the role
                 continue
-        raise RepositoryError(f"the {role} key in {self.keys_dir} is not trusted by root.json")
+        return None
+
+    def _settle_pending_key(self, key_dir: Path, role: str) -> None:
+        """Finish or drop the ``{role}.pem.next`` that an interrupted rotation left.
+
+        The new root is written between the key and its move into place: if the current root
+        trusts the pending key, the rotation got that far and the key replaces the old one;
+        otherwise the rotation never happened and the pending key is deleted.
+        """
+        pending = key_dir / f"{role}.pem.next"
+        if not pending.exists():
+            return
+        if self._signer_from(pending, role) is not None:
+            os.replace(pending, key_dir / f"{role}.pem")
+            _fsync_dir(key_dir)
+            logger.warning("finished the interrupted rotation of the %s key", role)
+        else:
+            pending.unlink()
+            logger.warning("dropped the %s key of a root rotation that never happened", role)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -333,6 +363,10 @@ class TufRepository:
                 validate_path(target_path, what="target path")
             except TopicError as e:
                 raise RepositoryError(str(e)) from e
+            if target_path.count("/") >= MAX_TARGET_DEPTH:
+                raise RepositoryError(
+                    f"target path {target_path!r} has more than {MAX_TARGET_DEPTH} levels"
+                )
             tf = TargetFile.from_data(target_path, data, ["sha256"])
             if target_path in custom:
                 tf.unrecognized_fields["custom"] = dict(custom[target_path])
@@ -348,7 +382,7 @@ class TufRepository:
     def remove_targets(self, paths: Iterable[str]) -> None:
         """Remove targets from targets metadata and sign new targets/snapshot/timestamp.
 
-        The files stay on disk (old metadata versions still name them).
+        The files stay on disk until :meth:`collect_files`.
 
         Raises:
             RepositoryError: a path that is not a current target.
@@ -375,8 +409,10 @@ class TufRepository:
 
         Snapshot (and targets) are re-signed too, with ``snapshot_days`` of validity for the
         snapshot and the policy's targets period, when they would expire before the new
-        timestamp does (a timestamp outliving its snapshot would be useless to clients).
-        Negative periods produce already expired metadata (for freeze-attack tests).
+        timestamp does (a timestamp outliving its snapshot would be useless to clients), or
+        when their signature is not by the key the current root names (a root rotation that
+        was interrupted before it re-signed them). Negative periods produce already expired
+        metadata (for freeze-attack tests).
 
         Returns:
             The roles that got a new version, e.g. ``["timestamp"]``.
@@ -384,14 +420,18 @@ class TufRepository:
         now = self._clock()
         ts_expires = now + timedelta(days=timestamp_days)
         renewed: list[str] = []
-        if self._md_targets.signed.expires < ts_expires:
+        if self._md_targets.signed.expires < ts_expires or not self._trusted(self._md_targets):
             targets = self._md_targets.signed
             targets.version += 1
             targets.expires = max(now + self.expiry.targets, ts_expires)
             self._sign(self._md_targets)
             self._write_metadata(f"{targets.version}.targets.json", self._md_targets)
             renewed.append(Targets.type)
-        if renewed or self._md_snapshot.signed.expires < ts_expires:
+        if (
+            renewed
+            or self._md_snapshot.signed.expires < ts_expires
+            or not self._trusted(self._md_snapshot)
+        ):
             snap = self._md_snapshot.signed
             snap.version += 1
             snap.expires = max(now + timedelta(days=snapshot_days), ts_expires)
@@ -403,6 +443,94 @@ class TufRepository:
         renewed.append(Timestamp.type)
         logger.info("refreshed %s", ", ".join(renewed))
         return renewed
+
+    def _trusted(self, md: Metadata[Any]) -> bool:
+        """Whether ``md`` carries the signature threshold of the keys the current root names."""
+        try:
+            self._md_root.signed.verify_delegate(md.signed.type, md.signed_bytes, md.signatures)
+        except Exception:  # UnsignedMetadataError; anything else means "not trusted" too
+            return False
+        return True
+
+    def rotate_root(
+        self, *, new_keys: Iterable[str] = (), expires: timedelta | None = None
+    ) -> list[str]:
+        """Sign a new root version, with new keys for the roles in ``new_keys``.
+
+        The new root is signed by the current root key and, if ``root`` is in ``new_keys``,
+        by the new one too, so that clients holding the current root accept it (TUF's root
+        chain: each version verified by its predecessor and by itself). It expires
+        ``expires`` from now (default: the policy's root period), so a rotation without new
+        keys renews an expiring root. Then the online roles whose key changed are re-signed
+        with new versions, and a new timestamp is always signed: agents refresh when it
+        arrives and walk to the new root. Needs the root private key in ``root_key_dir``.
+
+        Guarantees: new private keys are written as ``{role}.pem.next`` before the new root
+        and moved into place after it (see :meth:`open`); a crash leaves either the old root
+        with the old keys or the new root with keys that :meth:`open` and :meth:`refresh`
+        complete.
+
+        Returns:
+            The roles that got a new version, ``root`` first.
+
+        Raises:
+            RepositoryError: an unknown role in ``new_keys``, a non-positive ``expires``, or
+                no trusted root key in ``root_key_dir``.
+        """
+        roles = set(new_keys)
+        unknown = roles - set(ROLES)
+        if unknown:
+            raise RepositoryError(
+                f"unknown role(s) {', '.join(sorted(unknown))}: expected some of {', '.join(ROLES)}"
+            )
+        if expires is not None and expires <= timedelta(0):
+            raise RepositoryError("a new root must expire in the future")
+        root_pem = self.root_key_dir / f"{Root.type}.pem"
+        if not root_pem.exists() and not (self.root_key_dir / f"{Root.type}.pem.next").exists():
+            raise RepositoryError(
+                f"no root key at {root_pem}: pass the directory given to `repo init --root-key-dir`"
+            )
+        try:
+            self._settle_pending_key(self.root_key_dir, Root.type)
+            old_root_signer = self._load_signer(Root.type, self.root_key_dir)
+        except RepositoryError:
+            raise
+        except Exception as e:  # OSError, a malformed PEM
+            raise RepositoryError(f"cannot load the root key from {self.root_key_dir}: {e}") from e
+
+        now = self._clock()
+        new_root = Metadata[Root].from_bytes(self._md_root.to_bytes())
+        root = new_root.signed
+        new_signers = {role: CryptoSigner.generate_ed25519() for role in ROLES if role in roles}
+        for role, signer in new_signers.items():
+            for keyid in list(root.roles[role].keyids):
+                root.revoke_key(keyid, role)
+            root.add_key(signer.public_key, role)
+        root.version += 1
+        root.expires = now + (self.expiry.root if expires is None else expires)
+        new_root.signatures.clear()
+        new_root.sign(old_root_signer, append=True)
+        if Root.type in new_signers:
+            new_root.sign(new_signers[Root.type], append=True)
+
+        def key_dir(role: str) -> Path:
+            return self.root_key_dir if role == Root.type else self.keys_dir
+
+        for role, signer in new_signers.items():
+            write_atomically(key_dir(role) / f"{role}.pem.next", signer.private_bytes, mode=0o600)
+        self._write_metadata(f"{root.version}.root.json", new_root)
+        self._write_metadata("root.json", new_root)
+        self._root = new_root
+        for role in new_signers:
+            os.replace(key_dir(role) / f"{role}.pem.next", key_dir(role) / f"{role}.pem")
+        for d in {key_dir(role) for role in new_signers}:
+            _fsync_dir(d)
+        for role in _ONLINE_ROLES:
+            self._signers[role] = self._load_signer(role)
+        logger.info(
+            "signed root v%d (new keys: %s)", root.version, ", ".join(new_signers) or "none"
+        )
+        return [Root.type, *self.refresh()]
 
     # -- reading -------------------------------------------------------------------------
 
@@ -461,3 +589,46 @@ class TufRepository:
             url_path(p, tf.hashes["sha256"]): p for p, tf in self._md_targets.signed.targets.items()
         }
         return RepoFiles(metadata=metadata, targets=targets)
+
+    def collect_files(self) -> list[Path]:
+        """Delete what no current metadata names: target files of removed targets and
+        superseded targets/snapshot versions (every root version stays: clients walk them).
+
+        Returns:
+            The deleted files.
+        """
+        current = self.current_files()
+        keep_targets = {self.targets_dir / u for u in current.targets}
+        keep_metadata = {self.metadata_dir / n for n in current.metadata} | {self.root_json_path}
+        deleted: list[Path] = []
+        for p in sorted(self.targets_dir.rglob("*")):
+            if p.is_file() and p not in keep_targets:
+                p.unlink()
+                deleted.append(p)
+        for role in (Targets.type, Snapshot.type):
+            for p in sorted(self.metadata_dir.glob(f"*.{role}.json")):
+                if p not in keep_metadata:
+                    p.unlink()
+                    deleted.append(p)
+        for d in sorted((p for p in self.targets_dir.rglob("*") if p.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):  # not empty
+                d.rmdir()
+        logger.info("deleted %d file(s) no current metadata names", len(deleted))
+        return deleted
+
+    def expiries(self) -> dict[str, datetime]:
+        """When each top-level role's current version expires."""
+        return {
+            Root.type: self._md_root.signed.expires,
+            Targets.type: self._md_targets.signed.expires,
+            Snapshot.type: self._md_snapshot.signed.expires,
+            Timestamp.type: self._md_timestamp.signed.expires,
+        }
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

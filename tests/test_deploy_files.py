@@ -1,4 +1,4 @@
-"""Packaging and deployment files: extras, Dockerfiles and the systemd unit stay honest.
+"""Packaging and deployment files: extras, Dockerfiles and the systemd units stay honest.
 
 No Docker engine runs here, so the Dockerfiles are read and checked against pyproject: they
 install the declared extras and start the declared entry points.
@@ -6,11 +6,13 @@ install the declared extras and start the declared entry points.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -76,10 +78,10 @@ def test_trainer_dockerfile_installs_trainer_extra_and_pinned_torch() -> None:
     assert '"torch==2.13.0"' in " ".join(rest for op, rest in ins if op == "RUN")
 
 
-def _unit() -> dict[str, dict[str, list[str]]]:
+def _unit(name: str = "edgefleet-agent.service") -> dict[str, dict[str, list[str]]]:
     sections: dict[str, dict[str, list[str]]] = {}
     current = None
-    for line in (REPO_ROOT / "deploy/edgefleet-agent.service").read_text().splitlines():
+    for line in (REPO_ROOT / "deploy" / name).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -102,14 +104,78 @@ def test_systemd_unit_is_hardened_and_restarts_on_failure() -> None:
     assert set(service["RestartPreventExitStatus"][0].split()) == {"2", "3"}  # config / credentials
 
 
+# Sandboxing settings of the agent's unit that the repository refresh must share.
+_HARDENING = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "NoNewPrivileges",
+              "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups",
+              "RestrictAddressFamilies", "RestrictNamespaces", "LockPersonality")
+
+
+def test_repo_refresh_service_is_hardened_and_runs_repo_refresh() -> None:
+    service = _unit("edgefleet-repo-refresh.service")["Service"]
+    agent = _unit()["Service"]
+    for key in _HARDENING:
+        assert service.get(key) == agent[key], key
+    assert "User" in service and service.get("User") != ["root"]
+    assert service["Type"] == ["oneshot"]
+    [command] = service["ExecStart"]
+    argv = command.split()
+    assert argv[0] == "/usr/local/bin/edgefleet" and argv[1:3] == ["repo", "refresh"]
+    assert "--registry" in argv and "--broker" in argv
+
+
+def _elapses(spec: str, n: int) -> list[datetime]:
+    proc = subprocess.run(["systemd-analyze", "calendar", f"--iterations={n}", spec],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TZ": "UTC", "LC_ALL": "C"})
+    assert proc.returncode == 0, proc.stderr
+    found = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", proc.stdout)
+    assert len(found) == n, proc.stdout
+    return [datetime.fromisoformat(t) for t in found]
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
+def test_repo_refresh_timer_runs_well_within_the_timestamp_expiry() -> None:
+    from trainer.fleet.tuf_repository import ExpiryPolicy
+
+    timer = _unit("edgefleet-repo-refresh.timer")
+    assert timer["Timer"]["Unit"] == ["edgefleet-repo-refresh.service"]
+    assert timer["Timer"]["Persistent"] == ["true"]  # a refresh missed while off runs at boot
+    assert timer["Install"]["WantedBy"] == ["timers.target"]
+    [spec] = timer["Timer"]["OnCalendar"]
+    [delay] = timer["Timer"]["RandomizedDelaySec"]
+    times = _elapses(spec, 12)
+    longest_gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+    jitter = _timespan(delay)
+    # At least three chances to refresh before a timestamp signed at one run expires.
+    assert 3 * (longest_gap + jitter) <= ExpiryPolicy().timestamp, (longest_gap, jitter)
+
+
+def _timespan(text: str) -> timedelta:
+    proc = subprocess.run(["systemd-analyze", "timespan", text], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return timedelta(microseconds=int(re.search(r"μs: (\d+)", proc.stdout).group(1)))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize(
+    ("units", "binary"),
+    [
+        (("edgefleet-agent.service",), "edgefleet-agent"),
+        (("edgefleet-repo-refresh.service", "edgefleet-repo-refresh.timer"), "edgefleet"),
+    ],
+)
+def test_systemd_analyze_verify(tmp_path: Path, units: tuple[str, ...], binary: str) -> None:
     # verify checks that ExecStart's binary exists: point it at this checkout's entry point.
-    agent = Path(sys.executable).with_name("edgefleet-agent")
-    unit = tmp_path / "edgefleet-agent.service"
-    unit.write_text((REPO_ROOT / "deploy/edgefleet-agent.service").read_text()
-                    .replace("/usr/local/bin/edgefleet-agent", str(agent)))
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    entry = Path(sys.executable).with_name(binary)
+    paths = []
+    for name in units:
+        unit = tmp_path / name
+        unit.write_text((REPO_ROOT / "deploy" / name).read_text()
+                        .replace(f"/usr/local/bin/{binary} ", f"{entry} "))
+        paths.append(str(unit))
+    proc = subprocess.run(["systemd-analyze", "verify", *paths], capture_output=True, text=True,
+                          timeout=60)
     problems = [line for line in proc.stderr.splitlines()
-                if "edgefleet-agent.service" in line and "Documentation" not in line]
+                if any(name in line for name in units) and "Documentation" not in line]
     assert proc.returncode == 0 or not problems, proc.stderr

@@ -49,7 +49,7 @@ def quality(results: list[SeriesResult], own: bool) -> dict[str, object]:
         out[f"opt {SHORT[name]}"] = optimize_threshold([(r.series, r.anomaly_score) for r in results], name).score
         out[f"own {SHORT[name]}"] = nab_score([(r.series, r.is_anomaly) for r in results], name) if own else None
     ev = event_metrics([(r.series, r.is_anomaly) for r in results]) if own else None
-    out["F1"] = None if ev is None else ev.f1
+    out["F1"] = None if ev is None else f"{ev.f1:.2f}"
     out["TTD rows"] = None if ev is None else ev.mean_delay_rows
     return out
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from shared.version import VersionAction
+
 EXIT_USAGE = 2
 
 
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgefleet-agent", description="The edgefleet edge agent daemon.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--log-format", choices=("plain", "json"), default="plain")
+    parser.add_argument("--version", action=VersionAction, help="print the edgefleet version")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("init-config", help="print a complete, commented config (paths made absolute)")
     p.add_argument("--agent-id", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -41,6 +42,75 @@ def test_missing_registry_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="no registry"):
         Registry.open(tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def test_corrupt_or_misplaced_registry_is_a_registry_error(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "registry.sqlite").write_bytes(b"not a database\n" * 100)
+    for attempt in (lambda: Registry.open(corrupt), lambda: Registry.open(corrupt, create=True),
+                    lambda: Registry.migrate(corrupt), lambda: Registry.check_writable(corrupt)):
+        with pytest.raises(RegistryError, match="not a database"):
+            attempt()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(RegistryError, match="cannot create registry"):
+        Registry.open(a_file, create=True)
+    with pytest.raises(RegistryError, match="is not a directory"):
+        Registry.check_writable(a_file / "reg")
+
+
+def test_check_writable_creates_nothing(tmp_path: Path) -> None:
+    Registry.check_writable(tmp_path / "new" / "reg")  # a registry could be created there
+    assert list(tmp_path.iterdir()) == []
+    _register(str(tmp_path / "reg"), "cpu", b"x")
+    before = sorted(p.name for p in (tmp_path / "reg").iterdir())
+    Registry.check_writable(tmp_path / "reg")
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == before
+
+
+def _permissions_apply(directory: Path) -> bool:
+    """False when this process writes through file modes (root with CAP_DAC_OVERRIDE)."""
+    probe = directory / "probe"
+    probe.mkdir(mode=0o555)
+    try:
+        (probe / "x").touch()
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o755)
+        shutil.rmtree(probe)
+    return False
+
+
+@pytest.mark.parametrize("target", ["registry.sqlite", ".", "parent"])
+def test_a_registry_that_cannot_be_written_is_refused(tmp_path: Path, target: str) -> None:
+    if not _permissions_apply(tmp_path):
+        pytest.skip("this process writes through file permissions (root)")
+    _register(str(tmp_path / "reg"), "cpu", b"x")
+    locked = {"registry.sqlite": tmp_path / "reg" / "registry.sqlite", ".": tmp_path / "reg",
+              "parent": tmp_path}[target]
+    where = tmp_path / "new" if target == "parent" else tmp_path / "reg"
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(RegistryError, match="not writable|permission denied|readonly"):
+            Registry.check_writable(where)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_missing_or_damaged_blob_is_a_registry_error(tmp_path: Path) -> None:
+    _register(str(tmp_path), "cpu", b"payload")
+    with Registry.open(tmp_path) as reg:
+        sha = reg.get("cpu").artifacts[0].sha256
+        path = reg.blobs.path(sha)
+        path.chmod(0o644)
+        path.write_bytes(b"tampered")
+        with pytest.raises(RegistryError, match="corrupt"):
+            reg.bundle(sha)
+        path.unlink()
+        with pytest.raises(RegistryError, match="lacks the blob"):
+            reg.bundle(sha)
 
 
 def test_schema_version_and_explicit_migration(tmp_path: Path) -> None:

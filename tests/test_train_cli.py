@@ -242,6 +242,32 @@ def test_bad_input_one_line_exit_2_registry_unchanged(case: str, needle: str, tm
     assert tree_digest(registry) == before
 
 
+def test_sort_dedupe_repairs_the_order_says_so_and_keeps_it_in_the_lineage(tmp_path: Path, small_csv: Path) -> None:
+    lines = small_csv.read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    rows[10], rows[11] = rows[11], rows[10]  # one row out of order
+    rows[20:20] = [rows[19], rows[19]]  # a timestamp three times
+    messy = tmp_path / "messy.csv"
+    messy.write_text("\n".join([header, *rows]) + "\n")
+    registry = tmp_path / "reg"
+    train = ["train", "--data", str(messy), "--profile", "x86-64-v3", "--name", "m",
+             "--registry", str(registry), "--epochs", "1", "--json", "-q"]
+    refused = edgefleet(*train, check=False)
+    assert refused.returncode == 2 and not registry.exists()
+    assert refused.stderr.splitlines() == [
+        f"edgefleet: error: {messy}:13: timestamp {rows[11].split(',')[0]!r} is earlier than "
+        f"{rows[10].split(',')[0]!r} on line 12; rows must be in time order with distinct "
+        "timestamps (or train with --sort-dedupe)"
+    ]
+    proc = edgefleet(*train, "--sort-dedupe")
+    assert proc.stderr.splitlines()[0] == (  # printed even with -q; parity notes may follow
+        "messy.csv: --sort-dedupe moved 1 row(s) into time order and dropped 2 row(s) repeating a timestamp"
+    )
+    dataset = json.loads(proc.stdout)["lineage"]["datasets"][0]
+    assert dataset["time_order"] == {"moved": 1, "dropped": 2}
+    assert dataset["rows"] == 400 and dataset["first"] < dataset["last"]
+
+
 def test_unknown_version_and_missing_registry_are_usage_errors(tmp_path: Path) -> None:
     proc = edgefleet("registry", "show", "cpu@1", "--registry", str(tmp_path / "none"), check=False)
     assert proc.returncode == 2 and "no registry" in proc.stderr and "Traceback" not in proc.stderr

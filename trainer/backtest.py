@@ -76,8 +76,12 @@ def run_backtest(
 
     Output columns: ``timestamp``, the input value(s), ``score``, ``anomaly_score``,
     ``is_anomaly``; rows before the first full window have empty scores and ``is_anomaly`` 0.
-    Raises :class:`BacktestError` (bad reference, missing columns, …) or ``SeriesError``.
+    Raises :class:`BacktestError` (bad reference, unusable registry, missing columns, an
+    output path that cannot be written, …), ``SeriesError`` (unreadable data), or
+    ``ModelRuntimeError`` (the artifact does not load or run on this host). Nothing is
+    written unless it succeeds.
     """
+    _check_output(out, data)
     try:
         name, version = parse_model_ref(ref)
         with Registry.open(registry_dir) as reg:
@@ -90,14 +94,26 @@ def run_backtest(
     missing = [f for f in spec.features if f not in series.features]
     if missing:
         raise BacktestError(f"{data}: lacks column(s) {missing} that {record.ref} was trained on")
-    if not out.parent.is_dir():
-        raise BacktestError(f"output directory {out.parent} does not exist")
     columns = [series.features.index(f) for f in spec.features]
     runtime = open_runtime(spec, model, threads=1)
     smoke_test(runtime, spec)
-    scored, anomalies = _write(out, series, spec, runtime, columns, record.version)
+    try:
+        scored, anomalies = _write(out, series, spec, runtime, columns, record.version)
+    except OSError as e:
+        raise BacktestError(f"cannot write {out}: {e.strerror or e}") from e
     return BacktestResult(name, record.version, artifact.format, artifact.quantization,
                           len(series), scored, anomalies, str(out))
+
+
+def _check_output(out: Path, data: Path) -> None:
+    if not out.parent.is_dir():
+        raise BacktestError(f"output directory {out.parent} does not exist")
+    if out.is_dir():
+        raise BacktestError(f"output {out} is a directory; give a file name")
+    if out.exists() and data.exists() and os.path.samefile(out, data):
+        raise BacktestError(f"output {out} is the input file; write the scores elsewhere")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise BacktestError(f"cannot write to {out.parent}: permission denied")
 
 
 def _write(out: Path, series, spec: BundleSpec, runtime, columns: list[int], version: int) -> tuple[int, int]:

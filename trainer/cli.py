@@ -15,7 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from trainer.cli_common import EXIT_FAILED, EXIT_USAGE, UsageError, positive_int, print_json
+from shared.version import VersionAction
+from trainer.cli_common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    at_least,
+    positive_int,
+    print_json,
+)
 from trainer.progress import ProgressBar
 
 
@@ -43,6 +51,7 @@ def _fraction(text: str) -> float:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.pipeline import TrainError, TrainRequest, prepare, train
+    from trainer.registry import Registry, RegistryError
 
     request = TrainRequest(
         data=[Path(p) for p in args.data],
@@ -51,14 +60,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         train_fraction=args.train_fraction,
+        sort_dedupe=args.sort_dedupe,
         **({"window": args.window} if args.window else {}),
         **({"family": args.family} if args.family else {}),
     )
     try:
         prepared = prepare(request)
-    except TrainError as e:
+        Registry.check_writable(args.registry)  # before minutes of training, not after
+    except (TrainError, RegistryError) as e:
         raise UsageError(str(e)) from e
     bar = ProgressBar(f"training {args.name}", total=args.epochs, enabled=not args.quiet)
+    for dataset in prepared.datasets:
+        if "time_order" in dataset:
+            fixed = dataset["time_order"]
+            bar.note(
+                f"{dataset['file']}: --sort-dedupe moved {fixed['moved']} row(s) into time order "
+                f"and dropped {fixed['dropped']} row(s) repeating a timestamp",
+                always=True,
+            )
 
     def progress(stage: str, info: dict[str, Any]) -> None:
         if stage == "epoch":
@@ -75,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         outcome = train(prepared, Path(args.registry), progress)
         bar.finish()
-    except TrainError as e:
+    except (TrainError, RegistryError) as e:  # e.g. the registry changed while training
         bar.finish()
         print(f"edgefleet train: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -210,13 +229,30 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from trainer.data import generate_host_metrics, write_host_metrics
+    from trainer.data.synthetic import MIN_ROWS
 
-    metrics = generate_host_metrics(args.rows, seed=args.seed, anomalies=args.anomalies)
+    if args.rows < MIN_ROWS:
+        raise UsageError(f"--rows must be at least {MIN_ROWS}, got {args.rows}")
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UsageError(f"directory {out.parent} does not exist")
     labels = Path(args.labels) if args.labels else out.with_suffix(".labels.json")
-    write_host_metrics(metrics, out, labels)
+    for path in (out, labels):
+        if not path.parent.is_dir():
+            raise UsageError(f"directory {path.parent} does not exist")
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory; give a file name")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write to {path.parent}: permission denied")
+    if out.resolve() == labels.resolve():
+        raise UsageError(f"--labels {labels} would overwrite the CSV; give another file")
+    try:
+        metrics = generate_host_metrics(args.rows, seed=args.seed, anomalies=args.anomalies)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    try:
+        write_host_metrics(metrics, out, labels)
+    except OSError as e:
+        print(f"edgefleet data synth: cannot write: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print_json({"csv": str(out), "labels": str(labels), "rows": args.rows,
                      "anomalies": len(metrics.anomalies)})
@@ -229,6 +265,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    from edge_agent.runtime import ModelRuntimeError
     from shared.profiles import ProfileError
     from shared.series import SeriesError
     from trainer.backtest import BacktestError, run_backtest
@@ -240,6 +277,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         )
     except (BacktestError, SeriesError, ProfileError) as e:
         raise UsageError(str(e)) from e
+    except ModelRuntimeError as e:  # a registered artifact that does not run here: not input
+        print(f"edgefleet detect: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print_json(result.to_json())
     else:
@@ -294,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train small anomaly models, keep them in a registry, ship them to edge agents.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    parser.add_argument("--version", action=VersionAction, help="print the edgefleet version")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def registry_arg(p: argparse.ArgumentParser) -> None:
@@ -319,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first F of the rows only (the rest is left for later)")
     p.add_argument("--window", type=positive_int, help="window length in samples")
     p.add_argument("--family", choices=("autoencoder", "forecaster"), help="model family")
+    p.add_argument("--sort-dedupe", action="store_true",
+                   help="sort rows by time and drop repeated timestamps (keeping the first) "
+                   "instead of refusing the file; says how many rows it moved and dropped")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     json_arg(p)
     p.set_defaults(func=cmd_train)
@@ -373,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("synth", help="generate host metrics with labelled injected anomalies")
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--labels", help="labels JSON to write (default: beside the CSV)")
-    p.add_argument("--rows", type=positive_int, default=4000)
+    p.add_argument("--rows", type=positive_int, default=4000,
+                   help="rows to generate, at least 200 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--anomalies", type=int, default=8)
+    p.add_argument("--anomalies", type=at_least(0), default=8,
+                   help="anomalies to inject (default: %(default)s)")
     json_arg(p)
     p.set_defaults(func=cmd_data_synth)
     from trainer.cli_evaluate import add_evaluate_command

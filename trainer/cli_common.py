@@ -10,9 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "UsageError", "positive_int", "print_json"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "UsageError",
+    "at_least",
+    "positive_float",
+    "positive_int",
+    "print_json",
+]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -27,12 +36,31 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1."""
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer ≥ ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = at_least(1)
+"""argparse type: an integer ≥ 1."""
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (seconds, for instance)."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value

@@ -19,7 +19,14 @@ import numpy as np
 
 from shared.profiles import FirmwareProfile, load_profile
 from shared.score_pipeline import LikelihoodPipeline, ScorePipeline
-from shared.series import Series, SeriesError, file_sha256, read_series
+from shared.series import (
+    Series,
+    SeriesError,
+    TimeOrderError,
+    file_sha256,
+    read_series,
+    sort_dedupe,
+)
 from trainer.data import fill_missing, make_windows, min_rows, time_split
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.models import ArchitectureSpec, Recipe, fit, score_windows
@@ -60,6 +67,9 @@ class TrainRequest:
     epochs: int = 40
     seed: int = 0
     train_fraction: float = 1.0
+    # Rows must be in time order with distinct timestamps; with sort_dedupe they are sorted
+    # and repeats dropped instead (the count is kept in the lineage, ``time_order``).
+    sort_dedupe: bool = False
     family: str = DEFAULT_ARCHITECTURE.family
     window: int = DEFAULT_ARCHITECTURE.window
     hidden: tuple[int, ...] = DEFAULT_ARCHITECTURE.hidden
@@ -87,7 +97,12 @@ class TrainOutcome:
 
 
 def prepare(request: TrainRequest) -> PreparedData:
-    """Validate the request and load its data. Raises :class:`TrainError` with one line."""
+    """Validate the request and load its data. Raises :class:`TrainError` with one line.
+
+    A file whose rows are out of time order or repeat a timestamp is refused (naming the first
+    such row) unless ``request.sort_dedupe``; then each dataset records in ``time_order`` how
+    many rows were moved and dropped.
+    """
     try:
         check_model_name(request.name)
     except RegistryError as e:
@@ -109,9 +124,14 @@ def prepare(request: TrainRequest) -> PreparedData:
     series, datasets, features = [], [], None
     for path in request.data:
         try:
-            full = read_series(path)
+            full = read_series(path, strict_time=not request.sort_dedupe)
+        except TimeOrderError as e:
+            raise TrainError(f"{e} (or train with --sort-dedupe)") from e
         except SeriesError as e:
             raise TrainError(str(e)) from e
+        repair = None
+        if request.sort_dedupe:
+            full, repair = sort_dedupe(full)
         if features is None:
             features = full.features
         elif full.features != features:
@@ -130,16 +150,17 @@ def prepare(request: TrainRequest) -> PreparedData:
         except ValueError:
             raise TrainError(f"{path}: a column has no value in the rows used for training") from None
         series.append(Series(part.timestamps, part.features, filled))
-        datasets.append(
-            {
-                "file": Path(path).name,
-                "sha256": file_sha256(path),
-                "rows": len(full),
-                "rows_used": used,
-                "first": part.timestamps[0],
-                "last": part.timestamps[-1],
-            }
-        )
+        dataset: dict[str, Any] = {
+            "file": Path(path).name,
+            "sha256": file_sha256(path),
+            "rows": len(full),
+            "rows_used": used,
+            "first": part.timestamps[0],
+            "last": part.timestamps[-1],
+        }
+        if repair is not None:
+            dataset["time_order"] = {"moved": repair.moved, "dropped": repair.dropped}
+        datasets.append(dataset)
     assert features is not None
     return PreparedData(request, profiles, series, datasets, features)
 
@@ -193,8 +214,11 @@ def train(
     """Train, calibrate, export, check parity and register ``name@N``.
 
     ``progress(stage, info)`` is called for each epoch (``stage="epoch"``) and each artifact.
-    Raises :class:`TrainError` if no artifact passes parity (nothing is registered then).
+    Raises :class:`TrainError` if no artifact passes parity (nothing is registered then), and
+    :class:`RegistryError` if the registry cannot take a new version (checked first, before
+    any training; see :meth:`Registry.check_writable`).
     """
+    Registry.check_writable(registry_dir)
     req = prepared.request
     notify = progress or (lambda stage, info: None)
     started = time.monotonic()

@@ -8,6 +8,7 @@ drifts, stuck values and dropouts. Same arguments → same rows, bit for bit.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -15,10 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ANOMALY_KINDS", "Anomaly", "HostMetrics", "generate_host_metrics", "write_host_metrics"]
+from shared.files import write_atomically
+
+__all__ = [
+    "ANOMALY_KINDS",
+    "MIN_ROWS",
+    "Anomaly",
+    "HostMetrics",
+    "generate_host_metrics",
+    "write_host_metrics",
+]
 
 ANOMALY_KINDS = ("spike", "level_shift", "drift", "stuck", "dropout")
 FEATURES = ("cpu", "memory", "disk", "network")
+MIN_ROWS = 200  # anomalies go after a clean prefix and need room to end before the last rows
 
 
 @dataclass(frozen=True)
@@ -63,10 +74,15 @@ def generate_host_metrics(
 
     Anomalies (``anomalies`` of them, kinds cycling through :data:`ANOMALY_KINDS`) are placed
     only after the first ``clean_prefix`` of the rows, so a model trained on that prefix learns
-    normal behaviour. Raises ``ValueError`` for fewer than 200 rows.
+    normal behaviour. Raises ``ValueError`` for fewer than :data:`MIN_ROWS` rows, a negative
+    anomaly count, a step that is not positive or a start that is not ISO 8601.
     """
-    if rows < 200:
-        raise ValueError("need at least 200 rows")
+    if rows < MIN_ROWS:
+        raise ValueError(f"need at least {MIN_ROWS} rows, got {rows}")
+    if anomalies < 0:
+        raise ValueError(f"the number of anomalies cannot be negative, got {anomalies}")
+    if step_seconds <= 0:
+        raise ValueError(f"the step must be positive, got {step_seconds} s")
     rng = np.random.default_rng(seed)
     t = np.arange(rows, dtype=np.float64) * step_seconds
     day = 86400.0
@@ -114,13 +130,16 @@ def generate_host_metrics(
 
 
 def write_host_metrics(metrics: HostMetrics, csv_path: Path, labels_path: Path | None = None) -> None:
-    """Write the rows as a multivariate CSV and, optionally, the anomalies as JSON."""
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(("timestamp", *metrics.features))
-        for ts, row in zip(metrics.timestamps, metrics.values):
-            w.writerow((ts, *(f"{v:.4f}" for v in row)))
+    """Write the rows as a multivariate CSV and, optionally, the anomalies as JSON.
+
+    Each file is replaced atomically (never left half-written). Raises ``OSError``.
+    """
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(("timestamp", *metrics.features))
+    for ts, row in zip(metrics.timestamps, metrics.values):
+        w.writerow((ts, *(f"{v:.4f}" for v in row)))
+    write_atomically(csv_path, text.getvalue().encode("utf-8"), sync_dir=False)
     if labels_path is not None:
-        labels_path.write_text(
-            json.dumps({"anomalies": [asdict(a) for a in metrics.anomalies]}, indent=2) + "\n"
-        )
+        labels = json.dumps({"anomalies": [asdict(a) for a in metrics.anomalies]}, indent=2) + "\n"
+        write_atomically(labels_path, labels.encode("utf-8"), sync_dir=False)

@@ -15,6 +15,7 @@ crash leaves at worst an unreferenced blob, never a reference to a missing one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -42,7 +43,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class RegistryError(Exception):
-    """The registry is missing, from a newer edgefleet, or asked for something it lacks."""
+    """The registry is missing, unreadable, not writable, corrupt, from a newer edgefleet, or
+    asked for something it lacks."""
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
@@ -147,21 +149,31 @@ class Registry:
         """Open the registry in ``root``.
 
         With ``create``, a missing registry is created at the current schema version.
-        Raises :class:`RegistryError` if it is missing (without ``create``), needs
+        Raises :class:`RegistryError` if it is missing (without ``create``), cannot be opened
+        or created (permissions, not a directory, not an SQLite file), needs
         ``edgefleet registry migrate``, or was written by a newer edgefleet.
         """
         root = Path(root)
         db_path = root / DB_FILE
         if not db_path.exists() and not create:
             raise RegistryError(f"no registry at {root} (train a model to create one)")
-        root.mkdir(parents=True, exist_ok=True)
-        conn = cls._connect(db_path)
-        version = current_version(conn)
-        if version == 0 and create:
-            # A new (or still empty) registry. Another process may be creating it right now:
-            # migrate() takes the write lock and re-checks, so both end at the same schema.
-            migrate(conn)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryError(f"cannot create registry {root}: {e.strerror or e}") from e
+        conn = None
+        try:
+            conn = cls._connect(db_path)
             version = current_version(conn)
+            if version == 0 and create:
+                # A new (or still empty) registry. Another process may be creating it right
+                # now: migrate() takes the write lock and re-checks, so both end at the same schema.
+                migrate(conn)
+                version = current_version(conn)
+        except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
+            raise RegistryError(f"cannot open registry {db_path}: {e}") from e
         if version > SCHEMA_VERSION:
             conn.close()
             raise RegistryError(
@@ -177,17 +189,55 @@ class Registry:
         return cls(root, conn)
 
     @classmethod
+    def check_writable(cls, root: str | Path) -> None:
+        """Check, without creating or changing anything, that a version could be registered.
+
+        An existing registry must open (current schema, a real SQLite file) and grant SQLite's
+        write lock; its directories must be writable. A missing one needs its nearest existing
+        parent to be a writable directory. Meant to run before minutes of training.
+        Raises :class:`RegistryError` saying what is wrong.
+        """
+        root = Path(root)
+        if (root / DB_FILE).exists():
+            with cls.open(root) as reg:
+                try:
+                    reg._conn.execute("BEGIN IMMEDIATE")
+                    reg._conn.execute("ROLLBACK")
+                except sqlite3.Error as e:
+                    raise RegistryError(f"registry {root} is not writable: {e}") from e
+            for path in (root / DB_FILE, root, root / "blobs"):
+                if path.exists() and not os.access(path, os.W_OK):
+                    raise RegistryError(f"registry {root} is not writable: {path}: permission denied")
+            return
+        existing = root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RegistryError(f"cannot create registry {root}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise RegistryError(f"cannot create registry {root}: {existing}: permission denied")
+
+    @classmethod
     def migrate(cls, root: str | Path) -> tuple[int, list[int]]:
-        """Bring the registry in ``root`` to the current schema; returns (before, applied)."""
+        """Bring the registry in ``root`` to the current schema; returns (before, applied).
+
+        Raises :class:`RegistryError` if there is none, it cannot be opened or written, or it
+        is newer than this edgefleet.
+        """
         db_path = Path(root) / DB_FILE
         if not db_path.exists():
             raise RegistryError(f"no registry at {root}")
-        conn = cls._connect(db_path)
+        try:
+            conn = cls._connect(db_path)
+        except sqlite3.Error as e:
+            raise RegistryError(f"cannot open registry {db_path}: {e}") from e
         try:
             before = current_version(conn)
             if before > SCHEMA_VERSION:
                 raise RegistryError(f"registry schema v{before} is newer than this edgefleet")
             return before, migrate(conn)
+        except sqlite3.Error as e:
+            raise RegistryError(f"cannot migrate registry {db_path}: {e}") from e
         finally:
             conn.close()
 
@@ -296,8 +346,16 @@ class Registry:
         return self._version(rows[0])
 
     def bundle(self, sha256: str) -> bytes:
-        """The bundle bytes of an artifact."""
-        return self.blobs.get(sha256)
+        """The bundle bytes of an artifact.
+
+        Raises :class:`RegistryError` if its blob is missing, unreadable or corrupt.
+        """
+        try:
+            return self.blobs.get(sha256)
+        except KeyError:
+            raise RegistryError(f"registry {self.root} lacks the blob of artifact {sha256}") from None
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"registry {self.root}: artifact {sha256}: {e}") from e
 
     def _version(self, row: dict[str, Any]) -> VersionRecord:
         arts = self.db.table("artifacts").rows_where(

@@ -1,18 +1,26 @@
 """The agent's configuration: one TOML file, validated strictly (unknown keys are errors).
 
 Secrets never live in the file: the MQTT password comes from ``password_file`` or the
-environment variable named by ``password_env``.
+environment variable named by ``password_env`` (one of them, with ``username``). TLS files are
+checked here too, so a typo stops the agent with exit 2 instead of a reconnect loop.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.mqtt import BrokerError, BrokerSettings, parse_broker_url
+from edge_agent.mqtt import (
+    BrokerError,
+    BrokerSettings,
+    TlsFileError,
+    check_tls_files,
+    parse_broker_url,
+)
 from edge_agent.sources import SourceError, rebase_source
 from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import TopicError, validate_agent_id
@@ -94,7 +102,9 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     ``csv:`` source's file. The returned config holds only absolute paths.
 
     Raises :class:`ConfigError` naming the key for any problem, including a password file that
-    cannot be read or a trust root that does not exist.
+    cannot be read, ambiguous credentials (both ``password_file`` and ``password_env``, or a
+    password without ``username``), a TLS file that is missing or not PEM (or given for a
+    plain ``mqtt://`` broker), or a trust root that does not exist.
     """
     try:
         raw = tomllib.loads(text)
@@ -127,28 +137,24 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     root = path(trust["root"])
     if not root.is_file():
         raise ConfigError(f"{source}: trust.root: no such file {root}")
-    password = None
-    if "password_file" in broker:
-        try:
-            password = path(broker["password_file"]).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"{source}: broker.password_file: {e.strerror or e}") from e
-    elif "password_env" in broker:
-        password = os.environ.get(broker["password_env"])
-        if password is None:
-            raise ConfigError(f"{source}: broker.password_env: ${broker['password_env']} is not set")
+    password = _password(broker, path, source)
     try:
-        parse_broker_url(broker["url"])
-        settings = BrokerSettings(
-            url=broker["url"],
-            username=broker.get("username"),
-            password=password,
-            ca_file=str(path(broker["ca_file"])) if "ca_file" in broker else None,
-            cert_file=str(path(broker["cert_file"])) if "cert_file" in broker else None,
-            key_file=str(path(broker["key_file"])) if "key_file" in broker else None,
-        )
+        scheme, _host, _port = parse_broker_url(broker["url"])
     except BrokerError as e:
         raise ConfigError(f"{source}: broker.url: {e}") from e
+    tls = {key: str(path(broker[key])) for key in ("ca_file", "cert_file", "key_file") if key in broker}
+    if tls and scheme != "mqtts":
+        raise ConfigError(
+            f"{source}: broker.{next(iter(tls))} is set but broker.url is {scheme}:// (no TLS): "
+            "use an mqtts:// URL, or remove the TLS keys"
+        )
+    try:
+        check_tls_files(**tls)
+    except TlsFileError as e:
+        raise ConfigError(f"{source}: broker.{e.field}: {e}") from e
+    settings = BrokerSettings(
+        url=broker["url"], username=broker.get("username"), password=password, **tls
+    )
     period = float(raw.get("health", {}).get("period_seconds", 10.0))
     if period <= 0:
         raise ConfigError(f"{source}: health.period_seconds must be positive")
@@ -171,6 +177,31 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         outbox_max_bytes=max_bytes,
         emulated=platform.machine().lower() not in _ARCH_ALIASES[profile.arch],
     )
+
+
+def _password(broker: dict[str, Any], path: Callable[[str], Path], source: str) -> str | None:
+    """The password from ``password_file`` or ``password_env``; refuses ambiguous settings."""
+    if "password_file" in broker and "password_env" in broker:
+        raise ConfigError(
+            f"{source}: broker.password_file and broker.password_env are both set: keep one"
+        )
+    key = "password_file" if "password_file" in broker else "password_env"
+    if key in broker and "username" not in broker:
+        raise ConfigError(
+            f"{source}: broker.{key} is set but broker.username is not: add "
+            'username = "..." to [broker] (the broker checks the password against it)'
+        )
+    if "password_file" in broker:
+        try:
+            return str(path(broker["password_file"]).read_text().strip())
+        except OSError as e:
+            raise ConfigError(f"{source}: broker.password_file: {e.strerror or e}") from e
+    if "password_env" in broker:
+        password = os.environ.get(broker["password_env"])
+        if password is None:
+            raise ConfigError(f"{source}: broker.password_env: ${broker['password_env']} is not set")
+        return password
+    return None
 
 
 _ARCH_ALIASES = {"x86_64": {"x86_64", "amd64"}, "aarch64": {"aarch64", "arm64"}}

@@ -2,6 +2,8 @@
 
 - :func:`parse_broker_url` / :class:`BrokerSettings`: ``mqtt://host[:port]`` (1883) and
   ``mqtts://host[:port]`` (8883, TLS).
+- :func:`check_tls_files`: the CA bundle, client certificate and key exist, are readable and
+  load as PEM, so that a typo is a configuration error rather than a connection retried forever.
 - :func:`connect`: connect, start the network thread, wait for CONNACK with a timeout and
   translate failures into :class:`BrokerError` (:class:`BrokerAuthError` for bad credentials).
 - :func:`new_client` / :func:`connect_in_background`: for a daemon that must work while the
@@ -16,6 +18,7 @@ This module must not import trainer code, torch, optuna or onnx.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,7 +35,9 @@ __all__ = [
     "BrokerError",
     "BrokerSettings",
     "RetainedReader",
+    "TlsFileError",
     "Will",
+    "check_tls_files",
     "connect",
     "connect_in_background",
     "new_client",
@@ -52,6 +57,72 @@ class BrokerError(Exception):
 
 class BrokerAuthError(BrokerError):
     """The broker rejected our credentials or is not authorizing us (do not retry)."""
+
+
+class TlsFileError(BrokerError):
+    """A TLS file is missing, unreadable or not what it should be; ``field`` names it
+    (``ca_file``, ``cert_file`` or ``key_file``) so callers can word it as key or option."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _read_pem(field: str, path: str, block: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(4 * 1024 * 1024)
+    except OSError as e:
+        raise TlsFileError(field, f"cannot read {path}: {e.strerror or e}") from e
+    if b"-----BEGIN " not in text:
+        raise TlsFileError(field, f"{path} is not a PEM file")
+    if block.encode() not in text:
+        raise TlsFileError(field, f"{path} holds no PEM {block.lower()}")
+    return text
+
+
+def check_tls_files(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> None:
+    """Check the TLS files of a broker connection the way ``connect`` will load them.
+
+    ``ca_file`` must hold PEM certificates; ``cert_file`` a PEM certificate whose private key
+    is in ``key_file`` (or in ``cert_file`` itself), unencrypted. ``key_file`` needs
+    ``cert_file``. Reads the files only; connects to nothing.
+
+    Raises:
+        TlsFileError: naming the file at fault in ``field``.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file is not None:
+        _read_pem("ca_file", ca_file, "CERTIFICATE")
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise TlsFileError("ca_file", f"{ca_file} is not a PEM CA bundle: {reason}") from e
+    if key_file is not None and cert_file is None:
+        raise TlsFileError("key_file", "a client key needs its certificate (cert_file) too")
+    if cert_file is not None:
+        key_text = _read_pem("cert_file", cert_file, "CERTIFICATE")
+        if key_file is not None:
+            key_text = _read_pem("key_file", key_file, "PRIVATE KEY")
+        if b"ENCRYPTED" in key_text:
+            raise TlsFileError(
+                "key_file" if key_file is not None else "cert_file",
+                f"the private key in {key_file or cert_file} is encrypted: a daemon cannot type "
+                "its passphrase; use an unencrypted key readable only by its user",
+            )
+        try:
+            # An empty password: an encrypted key fails here instead of prompting on a terminal.
+            context.load_cert_chain(cert_file, key_file, password=b"")
+        except (ssl.SSLError, OSError) as e:
+            where = cert_file if key_file is None else f"{cert_file} with key {key_file}"
+            raise TlsFileError(
+                "key_file" if key_file is not None else "cert_file",
+                f"cannot load client certificate {where} (unencrypted PEM key matching the "
+                f"certificate expected): {getattr(e, 'reason', None) or e}",
+            ) from e
 
 
 def parse_broker_url(url: str) -> tuple[str, str, int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -131,10 +133,129 @@ def test_check_config_exit_code_2_one_line(tmp_path: Path) -> None:
 
 def test_password_from_env(root_json: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = _valid(root_json).replace('# password_file = "/etc/edgefleet/mqtt-password"   # or: password_env = "EDGEFLEET_MQTT_PASSWORD"',
-                                     'password_env = "EF_TEST_PW"')
+                                     'username = "u"\npassword_env = "EF_TEST_PW"')
     monkeypatch.setenv("EF_TEST_PW", "s3cret")
     config = parse_config(text, base=root_json.parent)
     assert config.broker.password == "s3cret" and "s3cret" not in repr(config)
+
+
+# -- credentials and TLS files ----------------------------------------------------------------
+
+
+def _broker(root: Path, lines: str, url: str = "mqtt://127.0.0.1:1") -> str:
+    """A valid config whose [broker] table is ``url`` plus ``lines``."""
+    text = _valid(root).replace('url = "mqtt://127.0.0.1:1"', f'url = "{url}"\n{lines}')
+    tomllib.loads(text)  # the test's own TOML is well-formed
+    return text
+
+
+@pytest.mark.parametrize(
+    "lines, needle",
+    [
+        ('username = "u"\npassword_file = "pw"\npassword_env = "EF_TEST_PW"',
+         "broker.password_file and broker.password_env are both set: keep one"),
+        ('password_file = "pw"',
+         'broker.password_file is set but broker.username is not: add username = "..." to [broker]'),
+        ('password_env = "EF_TEST_PW"', "broker.password_env is set but broker.username is not"),
+    ],
+)
+def test_ambiguous_credentials_are_refused(root_json: Path, monkeypatch: pytest.MonkeyPatch,
+                                           lines: str, needle: str) -> None:
+    (root_json.parent / "pw").write_text("s3cret\n")
+    monkeypatch.setenv("EF_TEST_PW", "other")
+    with pytest.raises(ConfigError) as e:
+        parse_config(_broker(root_json, lines), base=root_json.parent)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert "s3cret" not in str(e.value) and "other" not in str(e.value)
+
+
+def test_password_file_with_username(root_json: Path) -> None:
+    (root_json.parent / "pw").write_text("s3cret\n")
+    config = parse_config(_broker(root_json, 'username = "u"\npassword_file = "pw"'), base=root_json.parent)
+    assert (config.broker.username, config.broker.password) == ("u", "s3cret")
+
+
+def _pem_pair(directory: Path, name: str, *, passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate and its private key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
+                  else serialization.NoEncryption())
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8, encryption))
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_dir(root_json: Path) -> Path:
+    d = root_json.parent
+    _pem_pair(d, "ca")
+    _pem_pair(d, "client")
+    _pem_pair(d, "other")
+    _pem_pair(d, "locked", passphrase=b"secret")
+    (d / "notpem.txt").write_text("not a certificate\n")
+    (d / "fakepem.pem").write_text("-----BEGIN CERTIFICATE-----\nbm90\n-----END CERTIFICATE-----\n")
+    return d
+
+
+def test_valid_tls_files_are_accepted_and_resolved_beside_the_config(root_json: Path, tls_dir: Path) -> None:
+    text = _broker(root_json, 'ca_file = "ca.pem"\ncert_file = "client.pem"\nkey_file = "client.key"',
+                   url="mqtts://127.0.0.1:8883")
+    config = parse_config(text, base=tls_dir)
+    assert config.broker.ca_file == str(tls_dir / "ca.pem")
+    assert config.broker.key_file == str(tls_dir / "client.key")
+
+
+@pytest.mark.parametrize(
+    "lines, needle",
+    [
+        ('ca_file = "ca.pme"', "broker.ca_file: cannot read"),  # the typo that used to retry forever
+        ('ca_file = "notpem.txt"', "broker.ca_file: {d}/notpem.txt is not a PEM file"),
+        ('ca_file = "client.key"', "broker.ca_file: {d}/client.key holds no PEM certificate"),
+        ('ca_file = "fakepem.pem"', "broker.ca_file: {d}/fakepem.pem is not a PEM CA bundle"),
+        ('ca_file = "."', "broker.ca_file: cannot read {d}"),
+        ('cert_file = "client.pem"\nkey_file = "nope.key"', "broker.key_file: cannot read {d}/nope.key"),
+        ('cert_file = "notpem.txt"\nkey_file = "client.key"', "broker.cert_file: {d}/notpem.txt is not a PEM file"),
+        ('cert_file = "client.pem"\nkey_file = "other.key"', "broker.key_file: cannot load client certificate"),
+        ('cert_file = "client.pem"\nkey_file = "locked.key"', "broker.key_file: the private key in {d}/locked.key is encrypted"),
+        ('cert_file = "client.pem"', "broker.cert_file: cannot load client certificate"),  # no key anywhere
+        ('key_file = "client.key"', "broker.key_file: a client key needs its certificate"),
+    ],
+)
+def test_bad_tls_files_name_the_key(root_json: Path, tls_dir: Path, lines: str, needle: str) -> None:
+    text = _broker(root_json, lines, url="mqtts://127.0.0.1:8883")
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, base=tls_dir)
+    assert needle.format(d=tls_dir) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tls_files_need_an_mqtts_url(root_json: Path, tls_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"broker.ca_file is set but broker.url is mqtt:// \(no TLS\)"):
+        parse_config(_broker(root_json, 'ca_file = "ca.pem"'), base=tls_dir)
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_a_ca_file_typo_stops_check_config_and_run_with_exit_2(root_json: Path, tls_dir: Path, command: str) -> None:
+    cfg = tls_dir / "agent.toml"
+    cfg.write_text(_broker(root_json, 'ca_file = "ca.pme"', url="mqtts://127.0.0.1:8883"))
+    out = agent_cli(command, "--config", str(cfg))  # `run` used to reconnect forever: a timeout
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == [f"edgefleet-agent: {cfg}: broker.ca_file: cannot read {tls_dir}/ca.pme: No such file or directory"]
 
 
 @pytest.mark.parametrize("spec, kind", [("host", "host"), ("host?period=2", "host"),

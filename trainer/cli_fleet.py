@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from trainer.cli_common import EXIT_FAILED, EXIT_USAGE, positive_int, print_json
+from trainer.cli_common import EXIT_FAILED, EXIT_USAGE, positive_float, positive_int, print_json
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -95,7 +95,7 @@ def _broker_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     g.add_argument("--topic-root", default="edgefleet/v1", help="topic prefix (default: %(default)s)")
     g.add_argument(
         "--broker-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="S",
         help="seconds to wait for the broker to connect or acknowledge (default: %(default)s)",
@@ -135,23 +135,47 @@ def _topics(args: argparse.Namespace):
         raise _usage(str(e)) from e
 
 
-def _check_broker_url(args: argparse.Namespace) -> None:
-    from edge_agent.mqtt import BrokerError, parse_broker_url
+def _check_broker(args: argparse.Namespace) -> str | None:
+    """Check everything about the broker connection that is the user's input; return the password.
+
+    Run before any work, so that bad input changes nothing: the URL, the credentials (a
+    password needs ``--username``), and the TLS files (present, readable, PEM; only with
+    ``mqtts://``).
+    """
+    from edge_agent.mqtt import BrokerError, TlsFileError, check_tls_files, parse_broker_url
 
     try:
-        parse_broker_url(args.broker)
+        scheme, _host, _port = parse_broker_url(args.broker)
     except BrokerError as e:
         raise _usage(str(e)) from e
+    password = _password(args)
+    if password is not None and args.username is None:
+        if args.password_file:
+            raise _usage("--password-file is given but --username is not: add --username USER")
+        raise _usage(
+            f"${PASSWORD_ENV} is set but --username is not: add --username USER, or unset "
+            f"{PASSWORD_ENV} for a broker that takes anonymous clients"
+        )
+    tls = {"ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}
+    given = [f"--{k.replace('_', '-')}" for k, v in tls.items() if v is not None]
+    if given and scheme != "mqtts":
+        raise _usage(f"{given[0]} needs an mqtts:// broker URL, not {scheme}://")
+    try:
+        check_tls_files(**tls)
+    except TlsFileError as e:
+        raise _usage(f"--{e.field.replace('_', '-')}: {e}") from e
+    return password
 
 
 def _password(args: argparse.Namespace) -> str | None:
+    """``--password-file`` if given, else ``$EDGEFLEET_MQTT_PASSWORD`` (empty counts as unset)."""
     if args.password_file:
         try:
             with open(args.password_file, encoding="utf-8") as f:
                 return f.read().rstrip("\r\n")
         except OSError as e:
             raise _usage(f"cannot read --password-file {args.password_file}: {e.strerror}") from e
-    return os.environ.get(PASSWORD_ENV)
+    return os.environ.get(PASSWORD_ENV) or None
 
 
 @contextmanager
@@ -159,10 +183,7 @@ def _connected(args: argparse.Namespace) -> Iterator[mqtt.Client]:
     """A connected client for the command; always disconnected afterwards."""
     from edge_agent.mqtt import connect
 
-    _check_broker_url(args)
-    password = _password(args)
-    if password is not None and args.username is None:
-        raise _usage("a password was given without --username")
+    password = _check_broker(args)
     client = connect(
         args.broker,
         client_id=f"edgefleet-cli-{uuid.uuid4().hex[:12]}",
@@ -228,7 +249,7 @@ def cmd_repo_publish(args: argparse.Namespace) -> int:
     from trainer.fleet.deploy import open_repository, repository_lock
     from trainer.fleet.publisher import publish_repository
 
-    _check_broker_url(args)
+    _check_broker(args)
     topics = _topics(args)
     open_repository(args.registry)
     with repository_lock(args.registry):
@@ -251,7 +272,7 @@ def cmd_repo_refresh(args: argparse.Namespace) -> int:
     from trainer.fleet.publisher import publish_repository
 
     if args.broker is not None:
-        _check_broker_url(args)
+        _check_broker(args)
     topics = _topics(args)
     open_repository(args.registry)
     with repository_lock(args.registry):
@@ -422,7 +443,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from trainer.fleet.deploy import deploy, open_repository
     from trainer.registry import Registry, parse_model_ref
 
-    _check_broker_url(args)
+    _check_broker(args)
     topics = _topics(args)
     try:
         scope_target(group=args.group, agent=args.agent)
@@ -467,7 +488,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
     """Show every agent's state, running models, last deployment and health."""
     from trainer.fleet.status import read_fleet
 
-    _check_broker_url(args)
+    _check_broker(args)
     topics = _topics(args)
     with _connected(args) as client:
         views = read_fleet(client, topics, timeout=args.timeout)
@@ -620,7 +641,7 @@ def add_fleet_commands(
     p = fleet.add_parser("status", help="every agent's state, models, last deployment, health")
     _broker_args(p, required=True)
     p.add_argument(
-        "--timeout", type=float, default=10.0, metavar="S",
+        "--timeout", type=positive_float, default=10.0, metavar="S",
         help="seconds to wait for the retained messages (default: %(default)s)",
     )
     json_arg(p)

@@ -1,0 +1,286 @@
+"""Bad input to any subcommand of either CLI: exit 2, one line on stderr, no traceback, and
+not one file created, changed or removed.
+
+The subcommands come from the argparse parsers themselves: a new subcommand without a case in
+``CASES`` fails ``test_every_subcommand_has_bad_input_cases``. Adding a case is one line.
+Every case runs the real CLI in a subprocess, in a private copy of a work directory that
+holds a trained registry with a TUF repository, data files and agent configs; the whole
+directory is hashed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+import edge_agent.cli
+import trainer.cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIS = {"edgefleet": "trainer.cli", "edgefleet-agent": "edge_agent.cli"}
+PARSERS = {"edgefleet": trainer.cli.build_parser, "edgefleet-agent": edge_agent.cli.build_parser}
+NO_BROKER = "mqtt://127.0.0.1:1"  # never reached: every case fails before connecting
+PW = {"EDGEFLEET_MQTT_PASSWORD": "s3cret"}
+
+# Subcommands that cannot be given bad input without a live broker (none so far). A command
+# listed here must say why in a comment.
+NEEDS_LIVE_BROKER: set[tuple[str, ...]] = set()
+
+
+@dataclass(frozen=True)
+class Case:
+    """``cli args`` run in the work directory must fail with ``needle`` in its one line."""
+
+    cli: str
+    args: str  # shell words, paths relative to the work directory
+    needle: str
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def argv(self) -> list[str]:
+        return shlex.split(self.args)
+
+    def __str__(self) -> str:
+        env = " ".join(f"{k}=…" for k, _ in self.env)
+        return f"{env + ' ' if env else ''}{self.cli} {self.args}"
+
+
+def ef(args: str, needle: str, env: dict[str, str] | None = None) -> Case:
+    """A case for ``edgefleet``."""
+    return Case("edgefleet", args, needle, tuple((env or {}).items()))
+
+
+def agent(args: str, needle: str) -> Case:
+    """A case for ``edgefleet-agent``."""
+    return Case("edgefleet-agent", args, needle)
+
+
+TRAIN = "train --profile x86-64-v3 --name m --epochs 1"
+DETECT = "detect m@1 --registry reg --data ok.csv --out scores.csv"
+CASES = [
+    # edgefleet train
+    ef(f"{TRAIN} --data nope.csv --registry reg", "cannot read nope.csv"),
+    ef(f"{TRAIN} --data dup.csv --registry reg", "dup.csv:7: timestamp '2026-01-01 00:20:00' repeats"),
+    ef(f"{TRAIN} --data unordered.csv --registry reg", "unordered.csv:6: timestamp '2026-01-01 00:15:00' is earlier"),
+    ef(f"{TRAIN} --data ok.csv --registry ok.csv", "ok.csv is not a directory"),
+    ef(f"{TRAIN} --data ok.csv --registry corrupt", "not a database"),
+    ef(f"{TRAIN} --data ok.csv --registry reg --profile z80", "unknown firmware profile"),
+    ef(f"{TRAIN} --data ok.csv --registry reg --epochs 0", "--epochs: must be at least 1"),
+    # edgefleet registry
+    ef("registry list --registry corrupt", "not a database"),
+    ef("registry list", "no registry at .edgefleet"),
+    ef("registry show m@9 --registry reg", "known versions: [1]"),
+    ef("registry show a/b --registry reg", "bad model name"),
+    ef("registry show m --registry corrupt", "not a database"),
+    ef("registry migrate --registry corrupt", "not a database"),
+    ef("registry migrate --registry nowhere", "no registry at nowhere"),
+    # edgefleet profiles
+    ef("profiles list --bogus", "unrecognized arguments: --bogus"),
+    ef("profiles show z80", "unknown firmware profile"),
+    # edgefleet detect
+    ef("detect m@9 --registry reg --data ok.csv --out scores.csv", "no version m@9"),
+    ef("detect m@1 --registry corrupt --data ok.csv --out scores.csv", "not a database"),
+    ef("detect m@1 --registry reg --data nope.csv --out scores.csv", "cannot read nope.csv"),
+    ef("detect m@1 --registry reg --data other.csv --out scores.csv", "lacks column(s) ['value']"),
+    ef("detect m@1 --registry reg --data ok.csv --out nodir/scores.csv", "nodir does not exist"),
+    ef("detect m@1 --registry reg --data ok.csv --out ok.csv", "is the input file"),
+    ef("detect m@1 --registry reg --data ok.csv --out somedir", "is a directory"),
+    ef(f"{DETECT} --profile z80", "unknown firmware profile"),
+    ef(f"{DETECT} --format tflite", "no artifact for format=tflite"),
+    # edgefleet demo (checks its broker URL before it starts anything)
+    ef("demo --broker http://127.0.0.1:1883", "bad broker URL"),
+    # edgefleet data synth
+    ef("data synth --out h.csv --rows 100", "--rows must be at least 200, got 100"),
+    ef("data synth --out h.csv --anomalies -3", "--anomalies: must be at least 0, got -3"),
+    ef("data synth --out nodir/h.csv", "nodir does not exist"),
+    ef("data synth --out somedir", "somedir is a directory"),
+    ef("data synth --out h.csv --labels h.csv", "would overwrite the CSV"),
+    # edgefleet repo
+    ef("repo init --registry reg", "already exists"),
+    ef("repo init --registry ok.csv", "cannot create a TUF repository"),
+    ef("repo publish --registry reg --broker http://127.0.0.1:1", "bad broker URL"),
+    ef(f"repo publish --registry bare --broker {NO_BROKER}", "edgefleet repo init --registry bare"),
+    ef(f"repo publish --registry reg --broker {NO_BROKER}", "--username", PW),
+    ef("repo publish --registry reg --broker mqtts://127.0.0.1:1 --ca-file nope.pem", "--ca-file: cannot read nope.pem"),
+    ef("repo refresh --registry bare", "edgefleet repo init --registry bare"),
+    ef(f"repo refresh --registry reg --broker {NO_BROKER}", "--username", PW),  # nothing re-signed
+    ef(f"repo refresh --registry reg --broker {NO_BROKER} --password-file nope", "cannot read --password-file"),
+    ef("repo refresh --registry reg --broker mqtt://127.0.0.1:1 --ca-file notpem.txt", "needs an mqtts:// broker URL"),
+    # edgefleet deploy
+    ef(f"deploy m@9 --group g --registry reg --broker {NO_BROKER}", "no version m@9"),
+    ef(f"deploy zz --group g --registry reg --broker {NO_BROKER}", "no model 'zz'"),
+    ef(f"deploy m@1 --group a/b --registry reg --broker {NO_BROKER}", "group"),
+    ef(f"deploy m@1 --group g --registry bare --broker {NO_BROKER}", "edgefleet repo init --registry bare"),
+    ef(f"deploy m@1 --group g --registry corrupt --broker {NO_BROKER}", "not a database"),
+    ef("deploy m@1 --group g --registry reg --broker mqtt://u:p@127.0.0.1:1", "credentials in the settings"),
+    ef(f"deploy m@1 --group g --registry reg --broker {NO_BROKER} --password-file pw.txt", "--password-file is given but --username is not"),
+    ef(f"deploy m@1 --group g --registry reg --broker {NO_BROKER} --chunk-size 0", "--chunk-size: must be at least 1"),
+    ef("deploy m@1 --group g --registry reg --broker mqtts://127.0.0.1:1 --ca-file notpem.txt", "notpem.txt is not a PEM file"),
+    # edgefleet fleet status
+    ef("fleet status --broker tcp://127.0.0.1:1", "bad broker URL"),
+    ef(f"fleet status --broker {NO_BROKER}", "EDGEFLEET_MQTT_PASSWORD is set but --username is not", PW),
+    ef(f"fleet status --broker {NO_BROKER} --timeout 0", "--timeout: must be a positive number"),
+    ef(f"fleet status --broker {NO_BROKER} --broker-timeout -1", "--broker-timeout: must be a positive number"),
+    ef("fleet status --broker mqtts://127.0.0.1:1 --key-file notpem.txt", "needs its certificate"),
+    ef("fleet status --broker mqtts://127.0.0.1:1 --cert-file notpem.txt", "--cert-file: notpem.txt is not a PEM file"),
+    # edgefleet-agent
+    agent("init-config --agent-id a/b --group g --profile x86-64-v3 --broker mqtt://h:1 --trust t --state-dir s --source host", "invalid agent id 'a/b'"),
+    agent("init-config --agent-id a --group g --profile x86-64-v3 --broker http://h --trust t --state-dir s --source host", "bad broker URL"),
+    agent("check-config --config nope.toml", "cannot read config nope.toml"),
+    agent("check-config --config not-toml.toml", "not valid TOML"),
+    agent("check-config --config ca-typo.toml", "broker.ca_file: cannot read"),
+    agent("check-config --config ca-notpem.toml", "broker.ca_file:"),
+    agent("check-config --config tls-plain.toml", "broker.url is mqtt:// (no TLS)"),
+    agent("check-config --config both-passwords.toml", "password_file and broker.password_env are both set"),
+    agent("check-config --config no-username.toml", "broker.username is not"),
+    agent("run --config ca-typo.toml", "broker.ca_file: cannot read"),
+    agent("run --config both-passwords.toml", "both set"),
+    agent("run --config nope.toml --exit-at-end", "cannot read config"),
+]
+
+
+# -- the work directory -----------------------------------------------------------------------
+
+
+def _config(**broker: str) -> str:
+    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in broker.items())
+    return (
+        '[agent]\nid = "a1"\ngroup = "g"\nprofile = "x86-64-v3"\nstate_dir = "state"\n'
+        f"[broker]\n{lines}\n"
+        '[trust]\nroot = "reg/tuf/metadata/root.json"\n[source]\nspec = "csv:ok.csv"\n'
+    )
+
+
+def _series(minutes: list[int]) -> str:
+    t0 = datetime(2026, 1, 1)
+    return "timestamp,value\n" + "".join(
+        f"{t0 + timedelta(minutes=m):%Y-%m-%d %H:%M:%S},{math.sin(m / 50):.4f}\n" for m in minutes
+    )
+
+
+def _cli(workdir: Path, cli: str, argv: list[str], env: dict[str, str] | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("EDGEFLEET_REGISTRY", "EDGEFLEET_MQTT_PASSWORD")}
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", CLIS[cli], *argv], cwd=workdir, capture_output=True, text=True,
+        timeout=timeout, env={**base, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A work directory: ``reg`` (m@1 + TUF repository), ``bare`` (no TUF), data, configs."""
+    w = tmp_path_factory.mktemp("work")
+    minutes = list(range(0, 5 * 300, 5))  # long enough to train on: only the order is wrong
+    (w / "ok.csv").write_text(_series(minutes))
+    (w / "dup.csv").write_text(_series([*minutes[:5], 20, *minutes[5:]]))
+    (w / "unordered.csv").write_text(_series([*minutes[:3], 20, 15, *minutes[5:]]))
+    (w / "other.csv").write_text("timestamp,cpu\n2026-01-01 00:00:00,1\n")
+    (w / "somedir").mkdir()
+    (w / "corrupt").mkdir()
+    (w / "corrupt" / "registry.sqlite").write_bytes(b"this is not an SQLite database\n" * 64)
+    (w / "notpem.txt").write_text("not a certificate\n")
+    (w / "pw.txt").write_text("s3cret\n")
+    for argv in (
+        [*shlex.split(TRAIN), "--data", "ok.csv", "--registry", "reg", "-q"],
+        ["repo", "init", "--registry", "reg"],
+    ):
+        proc = _cli(w, "edgefleet", argv, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    shutil.copytree(w / "reg", w / "bare", ignore=shutil.ignore_patterns("tuf"))
+    (w / "not-toml.toml").write_text("[agent\n")
+    configs = {
+        "ca-typo": {"url": "mqtts://127.0.0.1:8883", "ca_file": "ca.pme"},
+        "ca-notpem": {"url": "mqtts://127.0.0.1:8883", "ca_file": "notpem.txt"},
+        "tls-plain": {"url": "mqtt://127.0.0.1:1883", "ca_file": "notpem.txt"},
+        "both-passwords": {"url": "mqtt://127.0.0.1:1883", "username": "u",
+                           "password_file": "pw.txt", "password_env": "EDGEFLEET_MQTT_PASSWORD"},
+        "no-username": {"url": "mqtt://127.0.0.1:1883", "password_file": "pw.txt"},
+    }
+    for name, broker in configs.items():
+        (w / f"{name}.toml").write_text(_config(**broker))
+    return w
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with its content hash (directories too: a new empty one counts)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every leaf subcommand of ``parser``, as the words that select it."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return {prefix}
+    found: set[tuple[str, ...]] = set()
+    for name, child in subs[0].choices.items():
+        found |= subcommands(child, (*prefix, name))
+    return found
+
+
+def command_of(case: Case) -> tuple[str, ...]:
+    """The subcommand words a case's arguments select."""
+    parser, words = PARSERS[case.cli](), []
+    for arg in case.argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or arg not in subs[0].choices:
+            break
+        words.append(arg)
+        parser = subs[0].choices[arg]
+    return tuple(words)
+
+
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_every_subcommand_has_bad_input_cases(cli: str) -> None:
+    leaves = subcommands(PARSERS[cli]())
+    covered = {command_of(c) for c in CASES if c.cli == cli}
+    assert covered <= leaves, f"cases name no subcommand: {covered - leaves}"
+    missing = leaves - covered - NEEDS_LIVE_BROKER
+    assert not missing, f"add a bad-input Case to CASES for: {sorted(' '.join(m) for m in missing)}"
+
+
+@pytest.mark.slow  # one subprocess per case; the module trains one small model once
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, template: Path, tmp_path: Path) -> None:
+    work = Path(shutil.copytree(template, tmp_path / "work"))
+    before = tree(work)
+    try:
+        proc = _cli(work, case.cli, case.argv, dict(case.env), timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{case}` did not exit within 120 s (retrying instead of refusing?)")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
+    assert case.needle in lines[0], lines[0]
+    assert proc.returncode == 2, (proc.returncode, lines[0])
+    assert proc.stdout == ""
+    assert tree(work) == before
+
+
+def test_both_clis_print_the_package_version(tmp_path: Path) -> None:
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version("edgefleet") == declared  # the metadata --version reads is this checkout's
+    for cli in CLIS:
+        proc = _cli(tmp_path, cli, ["--version"])
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"edgefleet {declared}\n", "")

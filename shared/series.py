@@ -49,7 +49,15 @@ class SeriesError(ValueError):
 
 
 class TimeOrderError(SeriesError):
-    """A row's timestamp repeats or precedes the previous row's (``strict_time`` reads)."""
+    """A row's timestamp repeats or precedes the previous row's (``strict_time`` reads).
+
+    ``row`` is the offending row's index among the data rows (0-based): every row before it
+    is in strict time order.
+    """
+
+    def __init__(self, message: str, row: int) -> None:
+        super().__init__(message)
+        self.row = row
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,8 @@ def read_series(path: str | Path, *, strict_time: bool = False) -> Series:
             how = "repeats" if key == last[0] else "is earlier than"
             raise TimeOrderError(
                 f"{path}:{line}: timestamp {ts!r} {how} {prev!r} on line {prev_line}; "
-                "rows must be in time order with distinct timestamps"
+                "rows must be in time order with distinct timestamps",
+                row=len(rows),
             )
         last = (key, ts, line)
         timestamps.append(ts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import shlex
@@ -100,6 +101,13 @@ CASES = [
     ef("detect m@1 --registry reg --data ok.csv --out somedir", "is a directory"),
     ef(f"{DETECT} --profile z80", "unknown firmware profile"),
     ef(f"{DETECT} --format tflite", "no artifact for format=tflite"),
+    # edgefleet evaluate
+    ef("evaluate --data ok.csv --labels nope.json", "cannot read labels nope.json"),
+    ef("evaluate --data nope.csv --labels labels.json", "no such file or folder: nope.csv"),
+    ef("evaluate --data dup.csv --labels labels.json", "dup.csv:7: timestamp '2026-01-01 00:20:00' repeats"),
+    ef("evaluate --data ok.csv --labels labels.json --model m@9 --registry reg", "no version m@9"),
+    ef("evaluate --data ok.csv --labels labels.json --model m@1 --registry corrupt", "not a database"),
+    ef("evaluate --data ok.csv --labels labels.json --plots ok.csv", "is not a folder"),
     # edgefleet demo (checks its broker URL before it starts anything)
     ef("demo --broker http://127.0.0.1:1883", "bad broker URL"),
     # edgefleet data synth
@@ -191,6 +199,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "dup.csv").write_text(_series([*minutes[:5], 20, *minutes[5:]]))
     (w / "unordered.csv").write_text(_series([*minutes[:3], 20, 15, *minutes[5:]]))
     (w / "other.csv").write_text("timestamp,cpu\n2026-01-01 00:00:00,1\n")
+    window = ["2026-01-01 12:00:00.000000", "2026-01-01 13:00:00.000000"]
+    (w / "labels.json").write_text(json.dumps({"ok.csv": [window], "dup.csv": [window]}))
     (w / "somedir").mkdir()
     (w / "corrupt").mkdir()
     (w / "corrupt" / "registry.sqlite").write_bytes(b"this is not an SQLite database\n" * 64)

@@ -257,7 +257,7 @@ def test_sort_dedupe_repairs_the_order_says_so_and_keeps_it_in_the_lineage(tmp_p
     assert refused.stderr.splitlines() == [
         f"edgefleet: error: {messy}:13: timestamp {rows[11].split(',')[0]!r} is earlier than "
         f"{rows[10].split(',')[0]!r} on line 12; rows must be in time order with distinct "
-        "timestamps (or train with --sort-dedupe)"
+        "timestamps (or pass --sort-dedupe)"
     ]
     proc = edgefleet(*train, "--sort-dedupe")
     assert proc.stderr.splitlines()[0] == (  # printed even with -q; parity notes may follow
@@ -266,6 +266,22 @@ def test_sort_dedupe_repairs_the_order_says_so_and_keeps_it_in_the_lineage(tmp_p
     dataset = json.loads(proc.stdout)["lineage"]["datasets"][0]
     assert dataset["time_order"] == {"moved": 1, "dropped": 2}
     assert dataset["rows"] == 400 and dataset["first"] < dataset["last"]
+
+
+def test_only_the_rows_trained_on_must_be_in_time_order(tmp_path: Path, small_csv: Path) -> None:
+    from trainer.pipeline import TrainError, TrainRequest, prepare
+
+    lines = small_csv.read_text().splitlines()
+    lines.insert(351, lines[350])  # a repeated timestamp at row 350 of 400
+    late = tmp_path / "late.csv"
+    late.write_text("\n".join(lines) + "\n")
+
+    def request(fraction: float) -> TrainRequest:
+        return TrainRequest(data=[late], profiles=["x86-64-v3"], name="m", train_fraction=fraction)
+
+    assert prepare(request(0.5)).datasets[0]["rows_used"] == 200  # rows past 200 are not read
+    with pytest.raises(TrainError, match=r"late.csv:352: timestamp .* repeats .* on line 351"):
+        prepare(request(1.0))
 
 
 def test_unknown_version_and_missing_registry_are_usage_errors(tmp_path: Path) -> None:

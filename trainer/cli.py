@@ -50,6 +50,7 @@ def _fraction(text: str) -> float:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from shared.series import TimeOrderError
     from trainer.pipeline import TrainError, TrainRequest, prepare, train
     from trainer.registry import Registry, RegistryError
 
@@ -68,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepared = prepare(request)
         Registry.check_writable(args.registry)  # before minutes of training, not after
     except (TrainError, RegistryError) as e:
-        raise UsageError(str(e)) from e
+        hint = " (or pass --sort-dedupe)" if isinstance(e.__cause__, TimeOrderError) else ""
+        raise UsageError(f"{e}{hint}") from e
     bar = ProgressBar(f"training {args.name}", total=args.epochs, enabled=not args.quiet)
     for dataset in prepared.datasets:
         if "time_order" in dataset:

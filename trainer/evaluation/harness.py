@@ -193,6 +193,8 @@ def evaluate(
     Models trained here go to a temporary registry that is removed afterwards. Raises
     :class:`EvaluateError` for bad input (before any training where it can be checked).
     """
+    from trainer.registry import RegistryError
+
     found = discover(request.data, request.labels)
     loaded = []
     for key, path, windows in found:
@@ -214,7 +216,7 @@ def evaluate(
                 ref, registry = request.model, request.registry
             try:
                 ref, artifact, score, anomaly, decision = _detect(registry, ref, request.profile, series)
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, RegistryError) as e:  # e.g. --model names no version
                 raise EvaluateError(f"{key}: {e}") from e
             values = np.asarray(series.values, np.float64)
             results.append(SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from shared.series import read_series
 from trainer.data import ANOMALY_KINDS, generate_host_metrics, write_host_metrics
@@ -38,3 +39,10 @@ def test_written_csv_reads_back(tmp_path: Path) -> None:
     assert s.features == ("cpu", "memory", "disk", "network") and len(s) == 500
     assert np.allclose(s.values, m.values, atol=1e-3)
     assert "level_shift" in (tmp_path / "h.labels.json").read_text()
+
+
+def test_bad_arguments_are_value_errors(tmp_path: Path) -> None:
+    for kwargs, needle in [({"rows": 199}, "at least 200 rows"), ({"anomalies": -3}, "negative"),
+                           ({"step_seconds": 0}, "step must be positive")]:
+        with pytest.raises(ValueError, match=needle):
+            generate_host_metrics(**{"rows": 400, **kwargs})

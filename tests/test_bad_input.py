@@ -127,6 +127,15 @@ CASES = [
     ef(f"repo refresh --registry reg --broker {NO_BROKER}", "--username", PW),  # nothing re-signed
     ef(f"repo refresh --registry reg --broker {NO_BROKER} --password-file nope", "cannot read --password-file"),
     ef("repo refresh --registry reg --broker mqtt://127.0.0.1:1 --ca-file notpem.txt", "needs an mqtts:// broker URL"),
+    ef("repo prune --registry bare", "edgefleet repo init --registry bare"),
+    ef("repo prune --registry reg --keep -1", "--keep: must be 0 or more"),
+    ef(f"repo prune --registry reg --broker {NO_BROKER}", "--username", PW),  # nothing pruned
+    ef("repo prune --registry reg --broker mqtts://127.0.0.1:1 --cert-file nope.pem", "--cert-file: cannot read nope.pem"),
+    ef("repo rotate-root --registry bare", "edgefleet repo init --registry bare"),
+    ef("repo rotate-root --registry reg --root-key-dir nowhere", "no root key at nowhere/root.pem"),
+    ef("repo rotate-root --registry reg --new-keys bogus", "expected 'all' or some of"),
+    ef("repo rotate-root --registry reg --expires 0", "--expires: must be at least 1"),
+    ef(f"repo rotate-root --registry reg --broker {NO_BROKER}", "--username", PW),  # nothing signed
     # edgefleet deploy
     ef(f"deploy m@9 --group g --registry reg --broker {NO_BROKER}", "no version m@9"),
     ef(f"deploy zz --group g --registry reg --broker {NO_BROKER}", "no model 'zz'"),

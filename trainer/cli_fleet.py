@@ -327,7 +327,7 @@ def cmd_repo_prune(args: argparse.Namespace) -> int:
 
     publish = args.broker is not None and not args.dry_run
     if publish:
-        _check_broker_url(args)
+        _check_broker(args)
     topics = _topics(args)
     open_repository(args.registry)
     if publish:
@@ -393,10 +393,16 @@ def cmd_repo_rotate_root(args: argparse.Namespace) -> int:
     from trainer.fleet.tuf_repository import RepositoryError
 
     if args.broker is not None:
-        _check_broker_url(args)
+        _check_broker(args)
     topics = _topics(args)
     new_keys = args.new_keys or ()
-    open_repository(args.registry)
+    # A wrong --root-key-dir is refused before the lock is taken (it creates tuf/.lock).
+    key_dir = open_repository(args.registry, args.root_key_dir).root_key_dir
+    if not (key_dir / "root.pem").exists() and not (key_dir / "root.pem.next").exists():
+        raise _usage(
+            f"no root key at {key_dir / 'root.pem'}: pass the directory given to "
+            "`repo init --root-key-dir`"
+        )
     with repository_lock(args.registry):
         repo = open_repository(args.registry, args.root_key_dir)
         try:

@@ -129,7 +129,7 @@ class LikelihoodPipeline:
                 f"score pipeline prior must hold at most {MAX_PRIOR} (and long_window) finite values"
             )
 
-    def calibrated(self, errors: Sequence[float]) -> LikelihoodPipeline:
+    def calibrated(self, errors: Sequence[float] | np.ndarray) -> LikelihoodPipeline:
         """This pipeline with ``prior`` = the smoothed ``errors`` (validation errors in stream
         order, the last :data:`MAX_PRIOR` of them, rounded to 6 significant digits)."""
         x = np.asarray(errors, np.float64)

@@ -112,8 +112,8 @@ def discover(data: Path, labels: Path) -> list[tuple[str, Path, list[tuple[str, 
     """
     try:
         windows = load_windows(labels)
-    except (OSError, ValueError) as e:
-        raise EvaluateError(f"cannot read labels {labels}: {e}") from e
+    except (OSError, ValueError) as e:  # ScoringError already names the file
+        raise EvaluateError(str(e)) from e
     if data.is_dir():
         paths = sorted(p for p in data.rglob("*.csv") if p.is_file())
         rel = {p: p.relative_to(data).as_posix() for p in paths}

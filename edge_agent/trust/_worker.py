@@ -87,7 +87,13 @@ class _Session:
                 raise TrustError("unavailable", f"broker: {e}") from e
             fetcher = MqttFetcher(self._client, Topics(self._s["topic_root"]),
                                   self._s["chunks_dir"], timeout=self._s["timeout"])
-            self._repo = TrustedRepository(self._s["metadata_dir"], self._s["targets_dir"], fetcher)
+            try:
+                self._repo = TrustedRepository(
+                    self._s["metadata_dir"], self._s["targets_dir"], fetcher
+                )
+            except BaseException:
+                self.close()  # the next request connects afresh
+                raise
         return self._repo
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -116,9 +122,10 @@ class _Session:
             return {"ok": False, "kind": "unavailable", "message": f"{op} failed: {e!r}"}
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
 
 
 def _exit_with_parent(parent: int) -> None:

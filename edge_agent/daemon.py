@@ -1,14 +1,15 @@
 """The agent daemon: a composition root of ``init_*`` / ``start_*`` steps (no logic of its own).
 
 The agent serves from its state directory before it reaches the broker: the last active model
-is loaded, events go to the outbox from the first sample, and both MQTT connections are made
-in the background by paho's network threads, which keep reconnecting. A host that boots during
+is loaded, events go to the outbox from the first sample, and the MQTT connection is made
+in the background by paho's network thread, which keeps reconnecting. A host that boots during
 a network outage detects and queues as usual; the outbox drains once the broker is back.
 
-Threads: the main thread reads the source and runs detection; paho's network threads
-(session and fetcher connections); the outbox publisher; a reconcile worker woken by each new
-retained ``timestamp.json`` and each fetcher connect, which retries a pass that failed for a
-transient reason (broker, full disk); a health timer; a state writer that persists the
+Threads: the main thread reads the source and runs detection; paho's network thread; the
+outbox publisher; a reconcile worker woken by each new retained ``timestamp.json`` and each
+connect, which retries a pass that failed for a transient reason (broker, full disk) and runs
+python-tuf in a child process for the length of a pass (:class:`IsolatedRepository`: the
+agent process never loads it); a health timer; a state writer that persists the
 birth/death sequence reservation. paho callbacks do no disk I/O: they take short in-memory
 locks, set events and publish, and every one of them is guarded so that no exception reaches
 paho's network thread.
@@ -45,7 +46,8 @@ from edge_agent.reconcile import LoadedModel, Reconciler, load_active
 from edge_agent.runtime import available_runtimes
 from edge_agent.sources import Sample, open_source, parse_source
 from edge_agent.throttle import ThrottledLog
-from edge_agent.trust import MqttFetcher, TrustedRepository, TrustError
+from edge_agent.trust import IsolatedRepository, TrustError
+from edge_agent.usage import ProcessUsage
 from shared.files import write_atomically
 from shared.messages import (
     ActiveModel,
@@ -133,12 +135,12 @@ class Agent:
         self.publisher: OutboxPublisher | None = None
         self._outbox_retry_at = 0.0
         self._unstored = ThrottledLog(log, 60.0)  # anomaly events that could not be stored
-        self.trusted: TrustedRepository | None = None
+        self.trusted: IsolatedRepository | None = None
         self.reconciler: Reconciler | None = None
         self._storage_failure: str | None = None  # the last one reported while provisioning
         self._session: mqtt.Client | None = None
-        self._fetch_client: mqtt.Client | None = None
         self._backoff = Backoff()
+        self._usage = ProcessUsage()
         formats = {"onnx": "onnxruntime", "tflite": "litert"}
         self.runtimes = available_runtimes({formats[f] for f in config.profile.formats})
 
@@ -171,7 +173,7 @@ class Agent:
             )
 
     def init_session(self) -> None:
-        """Build both MQTT clients; :meth:`start_connections` connects them.
+        """Build the MQTT client; :meth:`start_connections` connects it.
 
         Raises:
             BrokerError: the TLS files cannot be loaded (a configuration error).
@@ -185,9 +187,6 @@ class Agent:
         session.on_disconnect = self._on_disconnect
         session.on_connect_fail = self._on_connect_fail
         session.message_callback_add(self.topics.repo_metadata("timestamp.json"), self._on_timestamp)
-        self._fetch_client = fetch = new_client(b.url, client_id=f"{c.agent_id}.fetch", **creds)
-        fetch.on_connect = self._on_fetch_connect
-        fetch.reconnect_delay_set(1, 30)
 
     def init_trust(self) -> None:
         """Provision the trust anchor and open the TUF client. If the state directory cannot
@@ -214,9 +213,13 @@ class Agent:
             # Atomic: a crash or a full disk must not leave a truncated anchor, which would
             # then "exist" and refuse every later start.
             write_atomically(anchor, root)
-        assert self._fetch_client is not None and self.store is not None
-        fetcher = MqttFetcher(self._fetch_client, self.topics, c.state_dir / "chunks", timeout=15)
-        trusted = TrustedRepository(metadata, c.state_dir / "targets", fetcher)  # OSError: full
+        assert self.store is not None
+        # python-tuf runs in a child process for each reconcile pass, never in this one (memory);
+        # the anchor is checked now. OSError: a full disk.
+        trusted = IsolatedRepository(
+            metadata, c.state_dir / "targets", c.state_dir / "chunks", broker=c.broker,
+            client_id=f"{c.agent_id}.fetch", topics=self.topics, timeout=15,
+        )
         self.reconciler = Reconciler(
             agent_id=c.agent_id, group=c.group, profile=c.profile, runtimes=self.runtimes,
             threads=c.threads, trusted=trusted, store=self.store,
@@ -271,6 +274,7 @@ class Agent:
         client.subscribe(self.topics.repo_metadata("timestamp.json"), qos=1)
         client.publish(self.topics.agent_state(self.config.agent_id),
                        encode_agent_state(self._state("online")), qos=1, retain=True)
+        self.reconcile_event.set()  # converge now: a deployment may have come while away
 
     @_guarded
     def _on_disconnect(self, client, _userdata, _flags, reason, _props) -> None:
@@ -295,11 +299,6 @@ class Agent:
         # paho waits min(delay·2, max) between attempts; min == max pins it to our jittered delay.
         client.reconnect_delay_set(max(1, round(delay)), max(1, round(delay)))
         log.warning(what + "; reconnecting in ~%.0f s", arg, max(1, round(delay)))
-
-    @_guarded
-    def _on_fetch_connect(self, _client, _userdata, _flags, reason, _props) -> None:
-        if not getattr(reason, "is_failure", False):
-            self.reconcile_event.set()  # converge now: a deployment may have come while away
 
     @_guarded
     def _on_timestamp(self, _client, _userdata, _msg) -> None:
@@ -337,11 +336,8 @@ class Agent:
     def health(self) -> AgentHealth:
         """Counters and gauges; ``outbox_dropped`` also counts the events that could not be
         stored at all (disk full) since the agent started."""
-        import psutil
-
         with self._lock:
             stats = [d.stats() for d in self._detectors.values()]
-        proc = psutil.Process()
         p50 = max((s.latency_p50_ms for s in stats if s.latency_p50_ms is not None), default=None)
         p99 = max((s.latency_p99_ms for s in stats if s.latency_p99_ms is not None), default=None)
         outbox = self.outbox
@@ -353,7 +349,7 @@ class Agent:
             latency_ms={"p50": p50, "p99": p99},
             outbox_depth=outbox.depth() if outbox is not None else 0,
             outbox_dropped=(outbox.dropped() if outbox is not None else 0) + self._unstored.total,
-            rss_mb=proc.memory_info().rss / 1e6, cpu_percent=proc.cpu_percent(None),
+            rss_mb=self._usage.rss_bytes() / 1e6, cpu_percent=self._usage.cpu_percent(),
         )
 
     # -- workers -------------------------------------------------------------------------------
@@ -376,8 +372,8 @@ class Agent:
             if not woke and retry_in is None:
                 continue
             self.reconcile_event.clear()
-            if self._fetch_client is None or not self._fetch_client.is_connected():
-                continue  # the fetcher's on_connect wakes us
+            if self._session is None or not self._session.is_connected():
+                continue  # on_connect wakes us
             if self._reconcile_once():
                 retry.reset()
                 retry_in = None
@@ -488,12 +484,11 @@ class Agent:
         self.reconcile_event.set()  # converge once connected, before the first timestamp arrives
 
     def start_connections(self) -> None:
-        """Connect both clients in the background: serving never waits for the broker."""
-        assert self._session is not None and self._fetch_client is not None
+        """Connect in the background: serving never waits for the broker."""
+        assert self._session is not None
         url = self.config.broker.url
         log.info("connecting to %s in the background", url)
         connect_in_background(self._session, url)
-        connect_in_background(self._fetch_client, url)
 
     def run(self, *, exit_at_end: bool = False) -> int:
         """Run until stopped; with ``exit_at_end``, also when the source ends.
@@ -568,10 +563,9 @@ class Agent:
                     info.wait_for_publish(5.0)
                 except (RuntimeError, ValueError):
                     log.warning("could not announce 'stopped' (broker unreachable)")
-        for client in (self._session, self._fetch_client):
-            if client is not None:
-                client.disconnect()
-                client.loop_stop()
+        if self._session is not None:
+            self._session.disconnect()
+            self._session.loop_stop()
         if self.outbox is not None:
             self.outbox.close()
         log.info("agent %s stopped", self.config.agent_id)

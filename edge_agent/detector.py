@@ -169,17 +169,28 @@ class Detector:
 
     def stats(self) -> DetectorStats:
         """A snapshot of the counters and latency percentiles."""
-        lat = np.fromiter(self._latency_ns, np.float64) / 1e6 if self._latency_ns else None
+        lat = sorted(self._latency_ns)
         return DetectorStats(
             inferences=self._inferences,
             anomalies=self._anomalies,
             errors=self._errors,
             skipped=self._skipped,
             filled=self._filled,
-            latency_p50_ms=None if lat is None else float(np.percentile(lat, 50)),
-            latency_p99_ms=None if lat is None else float(np.percentile(lat, 99)),
-            latency_samples=0 if lat is None else int(lat.size),
+            latency_p50_ms=_percentile(lat, 50) / 1e6 if lat else None,
+            latency_p99_ms=_percentile(lat, 99) / 1e6 if lat else None,
+            latency_samples=len(lat),
         )
+
+
+def _percentile(ordered: Sequence[int], q: float) -> float:
+    """``numpy.percentile(ordered, q)`` (linear interpolation) of a sorted, non-empty sequence.
+
+    Plain Python: numpy's percentile imports ``numpy.ma`` (about 2 MiB resident in the agent).
+    """
+    k = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def detect_series(

@@ -19,10 +19,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from edge_agent.activation import ActivationStore, ActiveRecord
-from edge_agent.runtime import ModelRuntime, ModelRuntimeError, open_runtime, smoke_test
-from edge_agent.trust import TargetNotFoundError, TrustedRepository, TrustError
+from edge_agent.runtime import (
+    ModelRuntime,
+    ModelRuntimeError,
+    RuntimeUnavailableError,
+    open_runtime,
+    smoke_test,
+)
+from edge_agent.trust import TargetNotFoundError, TrustError
 from shared.bundle import BundleError, BundleSpec, read_bundle
 from shared.deployment import (
     Deployment,
@@ -36,11 +43,24 @@ from shared.deployment import (
 )
 from shared.profiles import FirmwareProfile
 
-__all__ = ["LoadedModel", "Reconciler", "load_active"]
+__all__ = ["LoadedModel", "Reconciler", "Repository", "load_active"]
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[str, str, str, int, int, str | None], None]  # slot, state, model, version, serial, reason
+
+
+class Repository(Protocol):
+    """What a pass needs from the TUF repository: :class:`~edge_agent.trust.IsolatedRepository`
+    in the agent, :class:`~edge_agent.trust.TrustedRepository` in-process."""
+
+    def refresh(self) -> None: ...
+
+    def fetch_target(self, path: str) -> bytes: ...
+
+    def close(self) -> None:
+        """Release what the pass held (called at the end of every pass)."""
+        ...
 
 
 @dataclass
@@ -78,7 +98,7 @@ class Reconciler:
         profile: FirmwareProfile,
         runtimes: list[str],
         threads: int,
-        trusted: TrustedRepository,
+        trusted: Repository,
         store: ActivationStore,
         report: Report,
         activate: Callable[[str, LoadedModel], None],
@@ -114,8 +134,16 @@ class Reconciler:
         """One pass. Never raises for a bad deployment: it is reported and skipped.
 
         Returns ``False`` when the pass should be retried later (a transient failure, see the
-        module docstring), ``True`` when it converged or failed for good.
+        module docstring), ``True`` when it converged or failed for good. The repository is
+        closed at the end of the pass (the agent's
+        :class:`~edge_agent.trust.IsolatedRepository`: its TUF process ends).
         """
+        try:
+            return self._pass()
+        finally:
+            self.trusted.close()
+
+    def _pass(self) -> bool:
         try:
             self.trusted.refresh()
             desired = self._desired()
@@ -173,6 +201,12 @@ class Reconciler:
         try:
             runtime = open_runtime(spec, model, threads=self.threads)
             smoke_test(runtime, spec)
+        except RuntimeUnavailableError as e:
+            # Runtimes are probed without importing them: one that is installed but does not
+            # load is found here. Stop offering its format and choose among the others.
+            log.warning("slot %s: %s; choosing among the other formats", slot_name, e)
+            self.available = [f for f in self.available if f != variant.format]
+            return self._reconcile_slot(slot_name, slot, serial)
         except ModelRuntimeError as e:
             self._fail(slot_name, slot.model, slot.version, serial, f"smoke test: {e}")
             return True

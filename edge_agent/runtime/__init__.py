@@ -7,13 +7,16 @@ Usage::
     smoke_test(runtime, spec)          # golden vectors before the model may serve
     score = runtime.score_one(window)  # float32 (window, features) raw samples
 
-Backends are imported only when a bundle needs them, so this package imports without either
-installed; :func:`available_runtimes` says which ones load here.
+Backends are imported only when a bundle of their format is opened, so this package imports
+without either installed, and an agent maps only the runtime its active model needs (each one
+is 12-20 MiB resident). :func:`available_runtimes` says which ones are installed here without
+importing them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from importlib.util import find_spec
 
 from shared.bundle import BundleSpec
 
@@ -45,29 +48,34 @@ __all__ = [
 
 # format -> backend name; one backend per format today.
 _BACKENDS = {"onnx": "onnxruntime", "tflite": "litert"}
+# backend name -> the top-level packages that provide it (any one will do)
+_PACKAGES = {"onnxruntime": ("onnxruntime",), "litert": ("ai_edge_litert", "tflite_runtime")}
 
 
 def available_runtimes(only: Collection[str] | None = None) -> list[str]:
-    """Names of the backends that import here: a subset of ``["onnxruntime", "litert"]``.
+    """Names of the backends installed here: a subset of ``["onnxruntime", "litert"]``.
 
-    Really imports each backend (a package that is present but broken, like tflite_runtime
-    2.14 under numpy 2, does not count); call it at start-up, not per sample. ``only`` limits
-    the probe to those names, so an agent does not load (and pay memory for) a runtime its
-    profile never uses.
+    Looks the packages up on the import path (:func:`importlib.util.find_spec`) without
+    importing them: a backend is imported by :func:`open_runtime` when a bundle of its format
+    is opened, never by probing. So a package that is present but broken (say tflite_runtime
+    2.14 under numpy 2) counts as available here and fails at :func:`open_runtime` with
+    :class:`RuntimeUnavailableError`, which says what to install. ``only`` limits the answer
+    to those names (the runtimes a firmware profile allows).
     """
-    from ._litert import import_interpreter
-    from ._onnx import import_onnxruntime
-
     found = []
-    for name, probe in (("onnxruntime", import_onnxruntime), ("litert", import_interpreter)):
+    for name, packages in _PACKAGES.items():
         if only is not None and name not in only:
             continue
-        try:
-            probe()
-        except RuntimeUnavailableError:
-            continue
-        found.append(name)
+        if any(_installed(p) for p in packages):
+            found.append(name)
     return found
+
+
+def _installed(package: str) -> bool:
+    try:
+        return find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken parent package or a bad __spec__
+        return False
 
 
 def open_runtime(spec: BundleSpec, model_bytes: bytes, *, threads: int = 1) -> ModelRuntime:

@@ -19,6 +19,7 @@ from tuf.api import exceptions
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
+from edge_agent.trust._errors import TRUST_ERROR_KINDS, TargetNotFoundError, TrustError
 from edge_agent.trust.fetcher import METADATA_BASE_URL, TARGET_BASE_URL, MqttFetcher
 
 __all__ = [
@@ -26,20 +27,11 @@ __all__ = [
     "TargetNotFoundError",
     "TrustError",
     "TrustedRepository",
+    "check_trust_anchor",
     "classify",
 ]
 
 logger = logging.getLogger(__name__)
-
-TRUST_ERROR_KINDS = (
-    "tampered",
-    "untrusted-signature",
-    "rollback",
-    "expired",
-    "mix-and-match",
-    "endless-data",
-    "unavailable",
-)
 
 # python-tuf raises BadVersionNumberError both for a rollback (a version lower than one
 # already trusted) and for a version that differs from what the referencing metadata names
@@ -49,28 +41,6 @@ _MIX_AND_MATCH = (
     re.compile(r"^Expected snapshot version \d+, got \d+"),  # _check_final_snapshot
     re.compile(r"^Expected \S+ v\d+, got v\d+"),  # update_delegated_targets
 )
-
-
-class TrustError(Exception):
-    """Refreshing or fetching from the repository failed; ``kind`` says why.
-
-    ``kind`` is one of :data:`TRUST_ERROR_KINDS`. The python-tuf exception is the ``__cause__``.
-    """
-
-    def __init__(self, kind: str, message: str) -> None:
-        if kind not in TRUST_ERROR_KINDS:
-            raise ValueError(f"unknown TrustError kind {kind!r}")
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
-
-
-class TargetNotFoundError(TrustError):
-    """The trusted targets metadata does not list the requested path (kind ``unavailable``)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("unavailable", f"no target {path!r} in the trusted targets metadata")
-        self.path = path
 
 
 def classify(exc: BaseException) -> str:
@@ -92,6 +62,46 @@ def classify(exc: BaseException) -> str:
             return "rollback"
         return "tampered"  # LengthOrHashMismatchError, DeserializationError, wrong type …
     return "unavailable"
+
+
+def _open_updater(
+    metadata_dir: Path,
+    targets_dir: Path | None,
+    fetcher: MqttFetcher | None,
+    config: UpdaterConfig | None,
+    bootstrap: bytes | None,
+) -> Updater:
+    try:
+        return Updater(
+            metadata_dir=str(metadata_dir),
+            metadata_base_url=METADATA_BASE_URL,
+            target_dir=None if targets_dir is None else str(targets_dir),
+            target_base_url=TARGET_BASE_URL,
+            fetcher=fetcher,
+            config=config,
+            bootstrap=bootstrap,
+        )
+    except FileNotFoundError as e:
+        raise TrustError("unavailable", f"no trusted root.json in {metadata_dir}") from e
+    except (exceptions.RepositoryError, ValueError) as e:
+        raise TrustError(classify(e), f"trusted root is invalid: {e}") from e
+
+
+def check_trust_anchor(
+    metadata_dir: str | os.PathLike[str], trusted_root_bytes: bytes | None = None
+) -> None:
+    """Check the trust anchor the way :class:`TrustedRepository` does when it is created.
+
+    python-tuf loads ``trusted_root_bytes`` (or ``metadata_dir/root.json``) as the trusted
+    root and caches it in ``metadata_dir``, as a ``TrustedRepository`` would; nothing is
+    fetched (no broker needed).
+
+    Raises:
+        TrustError: the anchor is missing (``unavailable``) or not a valid TUF root.
+    """
+    path = Path(metadata_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    _open_updater(path, None, None, None, trusted_root_bytes)
 
 
 class TrustedRepository:
@@ -131,20 +141,9 @@ class TrustedRepository:
         self._new_updater()  # validates the trust anchor now, not at the first refresh
 
     def _new_updater(self) -> Updater:
-        try:
-            return Updater(
-                metadata_dir=str(self._metadata_dir),
-                metadata_base_url=METADATA_BASE_URL,
-                target_dir=str(self._targets_dir),
-                target_base_url=TARGET_BASE_URL,
-                fetcher=self._fetcher,
-                config=self._config,
-                bootstrap=self._bootstrap,
-            )
-        except FileNotFoundError as e:
-            raise TrustError("unavailable", f"no trusted root.json in {self._metadata_dir}") from e
-        except (exceptions.RepositoryError, ValueError) as e:
-            raise TrustError(classify(e), f"trusted root is invalid: {e}") from e
+        return _open_updater(
+            self._metadata_dir, self._targets_dir, self._fetcher, self._config, self._bootstrap
+        )
 
     def refresh(self) -> None:
         """Download and verify the newest top-level metadata (root → timestamp → snapshot →
@@ -209,6 +208,11 @@ class TrustedRepository:
             data = f.read()
         info.verify_length_and_hashes(data)  # the file could have changed since
         return data
+
+    def close(self) -> None:
+        """Forget the refreshed view (the next lookup refreshes first); the on-disk trusted
+        state stays. The fetcher is the caller's: it is left open."""
+        self._updater = None
 
     def target_custom(self, path: str) -> dict[str, Any]:
         """The ``custom`` object that targets metadata stores for ``path`` (``{}`` if none).

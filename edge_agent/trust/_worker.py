@@ -61,6 +61,8 @@ class _ForwardHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._channel.send({"log": [record.levelno, record.name, record.getMessage()]})
+        except BrokenPipeError:
+            pass  # the agent is gone (it is stopping): main() ends quietly on its next write
         except Exception:  # a log line must never break a request
             self.handleError(record)
 
@@ -159,6 +161,10 @@ def main() -> int:
     try:
         for request in sys.stdin:
             channel.send(session.handle(json.loads(request)))
+    except BrokenPipeError:
+        # The agent closed its end (it is stopping, or it died): nobody is left to tell.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         session.close()
     return 0

@@ -1,6 +1,6 @@
 """The agent end to end: real Mosquitto, the agent and the trainer CLI as real subprocesses.
 
-What each test proves (the issue's "Done when"):
+What each test proves:
 
 1. a deployment published by ``edgefleet deploy`` reaches a running agent, which reports
    downloading → verifying → staging → active, announces the model in its retained state and

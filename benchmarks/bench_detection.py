@@ -93,14 +93,23 @@ def plot(rows: dict[str, dict[str, object]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def nab_inputs(doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, Path, Path] | None:
+    """Parse ``--no-docs``; the NAB data folder and labels, or ``None`` (with a message) without them."""
+    p = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
     p.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     args = p.parse_args(argv)
     data, labels = NAB / "data", NAB / "labels" / "combined_windows.json"
     if not data.is_dir():
         print(f"skipped: NAB data not found at {data} (the team's data lives in ../shared/data/nab)")
+        return None
+    return args, data, labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    inputs = nab_inputs(__doc__, argv)
+    if inputs is None:
         return 0
+    args, data, labels = inputs
     started = time.monotonic()
 
     def progress(done: int, total: int, key: str) -> None:

@@ -13,19 +13,16 @@ Run: ``.venv/bin/python benchmarks/bench_model_choice.py``. Needs ``../shared/da
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from _report import markdown_table, print_table, update_benchmarks_doc
-from bench_detection import fmt, quality
+from bench_detection import DOCS, fmt, nab_inputs, quality
 
 from trainer.evaluation.harness import EvaluateRequest, evaluate
 
 REPO = Path(__file__).resolve().parent.parent
-NAB = REPO.parent / "shared" / "data" / "nab"
-DOCS = REPO / "docs"
 COMMAND = ".venv/bin/python benchmarks/bench_model_choice.py"
 CANDIDATES = {
     "forecaster w64 (default)": {},
@@ -35,13 +32,10 @@ CANDIDATES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
-    args = p.parse_args(argv)
-    data, labels = NAB / "data", NAB / "labels" / "combined_windows.json"
-    if not data.is_dir():
-        print(f"skipped: NAB data not found at {data} (the team's data lives in ../shared/data/nab)")
+    inputs = nab_inputs(__doc__, argv)
+    if inputs is None:
         return 0
+    args, data, labels = inputs
     started = time.monotonic()
     rows = {}
     for label, options in CANDIDATES.items():

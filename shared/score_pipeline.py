@@ -16,7 +16,16 @@ Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming dete
 3. **Tail probability** — ``p_t = Q(z_t)``, the Gaussian upper tail: how unlikely an error this
    large is, given the recent past. After a level shift the larger errors enter the history and
    ``p`` recovers by itself: the new normal stops alarming.
-4. **Decision** — an alarm when ``p_t <= false_alarm_rate`` while armed: one alarm per
+4. **Recurrence** (kind :data:`LIKELIHOOD_RECURRENT`) — the Gaussian model of step 3 says
+   nothing about errors the series really makes now and then: a nightly job, a daily spike, a
+   square wave's edges. When ``p_t`` is at or below the false-alarm rate, the history is asked
+   too: ``c`` is the number of separate excursions (runs) of the history at or above ``m_t``,
+   and ``p_t`` becomes ``max(p_t, (c - recurrences + 1) / n)``: the rate at which errors this
+   large really happened, not counting ``recurrences - 1`` of those excursions (they may have
+   been anomalies themselves; with the default 2, the first repeat of an incident still alarms
+   and the third does not). An error that has recurred more often than the stated false-alarm
+   rate is not one of its rare events.
+5. **Decision** — an alarm when ``p_t <= false_alarm_rate`` while armed: one alarm per
    excursion, not one per sample. An alarm disarms the decision until ``p`` recovers above
    ``sqrt(false_alarm_rate)`` (``anomaly_score`` below 0.25): hysteresis, so an excursion that
    hovers around the boundary is still one event.
@@ -32,7 +41,8 @@ any other with :class:`ScorePipelineError`. Bundles without ``score.pipeline`` (
 use :data:`FIXED_THRESHOLD`: ``is_anomaly = score > threshold``.
 
 Cost per sample is O(1): two ring buffers with running sums (recomputed exactly once per
-``long_window`` samples so float rounding cannot drift) and no allocation.
+``long_window`` samples so float rounding cannot drift) and no allocation. Step 4 is a
+vectorized pass over the history, only for samples that would otherwise alarm.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import numpy as np
 __all__ = [
     "FIXED_THRESHOLD",
     "LIKELIHOOD",
+    "LIKELIHOOD_RECURRENT",
     "MAX_PRIOR",
     "PIPELINE_KINDS",
     "FixedThresholdPipeline",
@@ -63,7 +74,8 @@ __all__ = [
 
 FIXED_THRESHOLD = "edgefleet.fixed-threshold/1"
 LIKELIHOOD = "edgefleet.likelihood/1"
-PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD)
+LIKELIHOOD_RECURRENT = "edgefleet.likelihood/2"
+PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD, LIKELIHOOD_RECURRENT)
 
 _SQRT2 = math.sqrt(2.0)
 # Below this, the history's spread is float noise (a constant error): treat it as this small
@@ -95,7 +107,8 @@ class ScoreStep(NamedTuple):
 
 @dataclass(frozen=True)
 class LikelihoodPipeline:
-    """Parameters of :data:`LIKELIHOOD` (defaults: the published anomaly-likelihood ones).
+    """Parameters of :data:`LIKELIHOOD_RECURRENT` and :data:`LIKELIHOOD` (defaults: the
+    published anomaly-likelihood ones, and 2 recurrences).
 
     ``short_window`` raw errors are averaged (10 in Ahmad et al.); the tail probability is
     measured against the last ``long_window`` averages (8640, thirty days of 5-minute samples,
@@ -109,6 +122,10 @@ class LikelihoodPipeline:
     agent decides from its model's first full window instead of after ``min_history`` live
     samples — after an activation and after every restart — and the live stream then replaces
     the prior as it fills the history.
+
+    ``recurrences`` (kind :data:`LIKELIHOOD_RECURRENT`, step 4 of the module's description):
+    how many separate excursions of the history at least as large make an error recurrent
+    rather than rare; 0 is kind :data:`LIKELIHOOD`, which does not ask the history.
     """
 
     short_window: int = 10
@@ -116,6 +133,7 @@ class LikelihoodPipeline:
     min_history: int = 288
     false_alarm_rate: float = 1e-5
     prior: tuple[float, ...] = ()
+    recurrences: int = 2
 
     def __post_init__(self) -> None:
         if not (1 <= self.short_window <= self.long_window and 2 <= self.min_history <= self.long_window):
@@ -124,6 +142,8 @@ class LikelihoodPipeline:
             )
         if not 0 < self.false_alarm_rate < 0.5:
             raise ScorePipelineError("score pipeline false_alarm_rate must be in (0, 0.5)")
+        if not 0 <= self.recurrences <= 1000:
+            raise ScorePipelineError("score pipeline recurrences must be in [0, 1000]")
         if len(self.prior) > min(MAX_PRIOR, self.long_window) or not all(map(math.isfinite, self.prior)):
             raise ScorePipelineError(
                 f"score pipeline prior must hold at most {MAX_PRIOR} (and long_window) finite values"
@@ -145,15 +165,18 @@ class LikelihoodPipeline:
         keep = means[-min(MAX_PRIOR, self.long_window):]
         return dataclasses.replace(self, prior=tuple(float(f"{v:.6g}") for v in keep))
 
-    kind = LIKELIHOOD
+    @property
+    def kind(self) -> str:
+        return LIKELIHOOD_RECURRENT if self.recurrences else LIKELIHOOD
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": LIKELIHOOD,
+            "kind": self.kind,
             "short_window": self.short_window,
             "long_window": self.long_window,
             "min_history": self.min_history,
             "false_alarm_rate": self.false_alarm_rate,
+            **({"recurrences": self.recurrences} if self.recurrences else {}),
             **({"prior": list(self.prior)} if self.prior else {}),
         }
 
@@ -195,12 +218,14 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
         if extra:
             raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(extra)}")
         return FixedThresholdPipeline()
-    if kind != LIKELIHOOD:
+    if kind not in (LIKELIHOOD, LIKELIHOOD_RECURRENT):
         raise ScorePipelineError(
             f"unknown score pipeline kind {kind!r}; this version runs {', '.join(PIPELINE_KINDS)}"
         )
     params = {k: v for k, v in obj.items() if k != "kind"}
     known = {"short_window", "long_window", "min_history", "false_alarm_rate", "prior"}
+    if kind == LIKELIHOOD_RECURRENT:
+        known.add("recurrences")
     if set(params) - known:
         raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(set(params) - known)}")
     try:
@@ -210,6 +235,7 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
             min_history=int(params.get("min_history", 288)),
             false_alarm_rate=float(params.get("false_alarm_rate", 1e-5)),
             prior=tuple(float(v) for v in params.get("prior", ())),
+            recurrences=int(params.get("recurrences", 2)) if kind == LIKELIHOOD_RECURRENT else 0,
         )
     except (TypeError, ValueError) as e:
         raise ScorePipelineError(f"bad score pipeline parameters: {e}") from e
@@ -259,6 +285,11 @@ class LikelihoodScorer:
         self._long = [0.0] * params.long_window
         k = len(params.prior)
         self._long[:k] = params.prior
+        # The same history as an array, for step 4's vectorized count (only when asked).
+        self._recurrences = params.recurrences
+        self._ring = np.zeros(params.long_window) if params.recurrences else None
+        if self._ring is not None:
+            self._ring[:k] = params.prior
         self._long_n = k
         self._long_i = k % params.long_window
         self._long_sum = math.fsum(params.prior)
@@ -296,6 +327,8 @@ class LikelihoodScorer:
             if sigma < floor or sigma < _ABS_SIGMA_FLOOR:
                 sigma = floor if floor > _ABS_SIGMA_FLOOR else _ABS_SIGMA_FLOOR
             tail = 0.5 * math.erfc((m - mu) / (sigma * _SQRT2))
+            if tail <= self._far and self._recurrences:
+                tail = max(tail, self._recurrence_rate(m, n))
         else:
             tail = 1.0
         # remember m in the long history
@@ -307,6 +340,8 @@ class LikelihoodScorer:
         else:
             self._long_n = n + 1
         long[j] = m
+        if self._ring is not None:
+            self._ring[j] = m
         self._long_sum += m
         self._long_sq += m * m
         self._long_i = j + 1 if j + 1 < cap else 0
@@ -328,6 +363,20 @@ class LikelihoodScorer:
         if hit and not alarm and a > _RUN_CAP:
             a = _RUN_CAP
         return ScoreStep(tail, a, alarm)
+
+    def _recurrence_rate(self, m: float, n: int) -> float:
+        """Step 4: ``max(0, c - recurrences + 1) / n`` for the ``c`` separate excursions of
+        the history (``n`` values, in time order) at or above ``m``."""
+        ring = self._ring
+        assert ring is not None
+        if n < self._long_cap:
+            hist = ring[:n]
+        else:
+            j = self._long_i  # the oldest value: the history runs from here round to j - 1
+            hist = np.concatenate((ring[j:], ring[:j]))
+        above = hist >= m
+        c = int(above[0]) + int(np.count_nonzero(above[1:] & ~above[:-1]))
+        return max(0, c - self._recurrences + 1) / n
 
     def _resum(self) -> None:
         """Recompute the running sums exactly: bounds float drift, O(1) amortized."""

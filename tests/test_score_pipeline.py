@@ -16,6 +16,7 @@ from shared.bundle import BundleError, BundleSpec
 from shared.score_pipeline import (
     FIXED_THRESHOLD,
     LIKELIHOOD,
+    LIKELIHOOD_RECURRENT,
     FixedThresholdPipeline,
     LikelihoodPipeline,
     ScorePipelineError,
@@ -90,19 +91,59 @@ def test_running_sums_stay_exact_over_many_windows():
     assert scorer._long_sq == pytest.approx(float(np.dot(live, live)), rel=1e-9)
 
 
+def _spikes(period: int, n: int, seed: int) -> np.ndarray:
+    errors = _errors(n, seed=seed)
+    errors[period::period] += 30.0  # the same large error every `period` samples (a daily job)
+    return errors
+
+
+def test_a_recurring_error_stops_alarming():
+    errors = _spikes(288, 288 * 12, seed=7)
+    recurrent = [i for i, s in enumerate(_run(LikelihoodPipeline(), errors)) if s.is_anomaly]
+    # the first two spikes alarm (the first repeat of an incident is still news); after that
+    # only a spike whose smoothed error tops every earlier one by chance can (one here)
+    assert recurrent[:2] == [288, 576] and len(recurrent) <= 3, recurrent
+    # kind likelihood/1 (no recurrence step) alarms on every one of them
+    plain = [i for i, s in enumerate(_run(LikelihoodPipeline(recurrences=0), errors)) if s.is_anomaly]
+    assert len(plain) >= 9
+
+
+def test_a_larger_error_than_the_recurring_ones_still_alarms():
+    errors = _spikes(288, 288 * 12, seed=8)
+    errors[288 * 10 + 100 : 288 * 10 + 105] += 60.0  # an incident far above the daily spikes
+    steps = _run(LikelihoodPipeline(), errors)
+    alarms = [i for i, s in enumerate(steps) if s.is_anomaly]
+    assert any(288 * 10 + 100 <= i <= 288 * 10 + 105 for i in alarms), alarms
+    # the tail probability is never below the rate the history shows for a recurring error
+    spike = steps[288 * 11]
+    assert not spike.is_anomaly and spike.tail_probability > 1e-5
+
+
+def test_recurrence_counts_the_history_in_time_order_across_the_ring_seam():
+    # a history shorter than the stream: the ring wraps many times and must still count runs
+    p = LikelihoodPipeline(long_window=500, min_history=100)
+    errors = _spikes(100, 5000, seed=9)
+    steps = _run(p, errors)
+    assert sum(s.is_anomaly for s in steps) <= 3
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     st.integers(1, 50), st.integers(50, 5000), st.integers(2, 50),
-    st.floats(1e-9, 0.49, allow_nan=False),
+    st.floats(1e-9, 0.49, allow_nan=False), st.integers(0, 5),
 )
-def test_pipeline_json_round_trip(short, long, min_hist, far):
-    p = LikelihoodPipeline(short, max(long, short, min_hist), min_hist, far)
-    assert pipeline_from_json(json.loads(json.dumps(p.to_json()))) == p
+def test_pipeline_json_round_trip(short, long, min_hist, far, recurrences):
+    p = LikelihoodPipeline(short, max(long, short, min_hist), min_hist, far, recurrences=recurrences)
+    obj = json.loads(json.dumps(p.to_json()))
+    assert obj["kind"] == (LIKELIHOOD_RECURRENT if recurrences else LIKELIHOOD)
+    assert pipeline_from_json(obj) == p
 
 
 def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
-    with pytest.raises(ScorePipelineError, match=r"unknown score pipeline kind 'edgefleet.spot/9'.*likelihood/1"):
+    with pytest.raises(ScorePipelineError, match=r"unknown score pipeline kind 'edgefleet.spot/9'.*likelihood/2"):
         pipeline_from_json({"kind": "edgefleet.spot/9"})
+    with pytest.raises(ScorePipelineError, match=r"unknown parameter\(s\) \['recurrences'\]"):
+        pipeline_from_json({"kind": LIKELIHOOD, "recurrences": 2})  # /1 has no recurrence step
     with pytest.raises(ScorePipelineError, match="unknown parameter"):
         pipeline_from_json({"kind": LIKELIHOOD, "gain": 2})
     with pytest.raises(ScorePipelineError, match="false_alarm_rate"):
@@ -115,10 +156,10 @@ def test_bundle_spec_declares_the_pipeline_and_refuses_an_unknown_kind():
     spec = make_spec()
     spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=LikelihoodPipeline()))
     obj = json.loads(spec.to_bytes())
-    assert obj["score"]["pipeline"]["kind"] == LIKELIHOOD
+    assert obj["score"]["pipeline"]["kind"] == LIKELIHOOD_RECURRENT
     assert BundleSpec.from_json(obj).score.pipeline == LikelihoodPipeline()
-    obj["score"]["pipeline"]["kind"] = "edgefleet.likelihood/2"
-    with pytest.raises(BundleError, match="unknown score pipeline kind 'edgefleet.likelihood/2'"):
+    obj["score"]["pipeline"]["kind"] = "edgefleet.likelihood/3"
+    with pytest.raises(BundleError, match="unknown score pipeline kind 'edgefleet.likelihood/3'"):
         BundleSpec.from_json(obj)
     # a spec without a pipeline (an older trainer) decides on the fixed threshold
     legacy = json.loads(make_spec().to_bytes())

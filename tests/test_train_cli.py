@@ -84,6 +84,8 @@ def test_nab_training_registers_int8_onnx_and_tflite_with_parity(nab_dir: Path, 
     assert arts[("onnx", "int8")]["profiles"] == ["rpi4-arm64", "x86-64-v3"]
     assert arts[("tflite", "int8")]["profiles"] == ["rpi4-arm64"]  # x86-64-v3 allows ONNX only
     assert version["lineage"]["datasets"][0]["rows"] == 4032
+    # 5-minute samples and enough rows: the default forecaster reads one day back
+    assert version["architecture"]["season"] == 288 and version["architecture"]["centering"] == "window"
     assert 0 < version["metrics"]["threshold"]
 
 
@@ -211,6 +213,9 @@ def small_csv(tmp_path: Path) -> Path:
         ("nan", "no numeric value"),
         ("fraction", "--train-fraction"),
         ("name", "bad model name"),
+        ("season_rows", "too few for --season 500"),
+        ("season_family", "needs the forecaster family"),
+        ("season_word", "expected auto, off or a positive number of rows"),
     ],
 )
 def test_bad_input_one_line_exit_2_registry_unchanged(case: str, needle: str, tmp_path: Path, small_csv: Path) -> None:
@@ -233,6 +238,12 @@ def test_bad_input_one_line_exit_2_registry_unchanged(case: str, needle: str, tm
         extra = ["--train-fraction", "1.5"]
     elif case == "name":
         name = "../evil"
+    elif case == "season_rows":
+        extra = ["--season", "500"]
+    elif case == "season_family":
+        extra = ["--family", "autoencoder", "--season", "100"]
+    elif case == "season_word":
+        extra = ["--season", "daily"]
     proc = edgefleet("train", "--data", data, "--profile", profile, "--name", name,
                      "--registry", str(registry), *extra, check=False)
     assert proc.returncode == 2, proc.stderr

@@ -26,10 +26,11 @@ from shared.series import (
     file_sha256,
     read_series,
     sort_dedupe,
+    timestamp_key,
 )
-from trainer.data import fill_missing, make_windows, min_rows, time_split
+from trainer.data import MIN_VALIDATION_WINDOWS, fill_missing, forecast_split, make_windows, min_rows, time_split
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
-from trainer.models import ArchitectureSpec, Recipe, fit, score_windows
+from trainer.models import ArchitectureSpec, Recipe, SpecError, fit, score_windows
 from trainer.registry import NewArtifact, Registry, RegistryError, VersionRecord, check_model_name
 from trainer.scoring import ThresholdPolicy, calibrate
 
@@ -45,10 +46,17 @@ class DefaultArchitecture(NamedTuple):
     family: str
     window: int
     hidden: tuple[int, ...]
+    centering: str
 
 
-DEFAULT_ARCHITECTURE = DefaultArchitecture(family="forecaster", window=64, hidden=(512, 64))
+DEFAULT_ARCHITECTURE = DefaultArchitecture(family="forecaster", window=64, hidden=(512, 64), centering="window")
 VALIDATION_FRACTION = 0.2
+SEASON_SECONDS = 86_400  # one day: the cycle of most host and service metrics
+SEASON_HALFWIDTH = 8
+MAX_SEASON_ROWS = 2048  # an agent buffers this many rows per metric at most for it
+# Below this many windows per series the seasonal context is left out: the model would see
+# too few days' worth of (recent, day-before) pairs to learn from them.
+MIN_SEASONAL_WINDOWS = 200
 CALIBRATION_WINDOWS = 256
 HOLDOUT_WINDOWS = 512
 
@@ -73,6 +81,10 @@ class TrainRequest:
     family: str = DEFAULT_ARCHITECTURE.family
     window: int = DEFAULT_ARCHITECTURE.window
     hidden: tuple[int, ...] = DEFAULT_ARCHITECTURE.hidden
+    centering: str = DEFAULT_ARCHITECTURE.centering
+    # Seasonal context in rows (ArchitectureSpec.season): None = one day when the timestamps
+    # and rows allow it (see seasonal_lag), 0 = none.
+    season: int | None = None
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
     score_pipeline: ScorePipeline = field(default_factory=LikelihoodPipeline)
 
@@ -120,6 +132,14 @@ def prepare(request: TrainRequest) -> PreparedData:
         profiles = [load_profile(p) for p in dict.fromkeys(request.profiles)]
     except ValueError as e:
         raise TrainError(str(e)) from e
+    if request.season:
+        try:
+            ArchitectureSpec(
+                request.family, request.window, 1, tuple(request.hidden), request.centering,
+                season=request.season, season_halfwidth=SEASON_HALFWIDTH,
+            )
+        except SpecError as e:
+            raise TrainError(f"--season {request.season}: {e}") from None
     if not request.data:
         raise TrainError("give at least one --data CSV")
     series, datasets, features = [], [], None
@@ -144,6 +164,11 @@ def prepare(request: TrainRequest) -> PreparedData:
                 f"{path}: {used} rows (after --train-fraction {request.train_fraction}) are too few "
                 f"for a window of {request.window}: need at least {min_rows(request.window)}"
             )
+        if request.season and used < request.season + SEASON_HALFWIDTH + 1 + MIN_VALIDATION_WINDOWS:
+            raise TrainError(
+                f"{path}: {used} rows are too few for --season {request.season}: need at least "
+                f"{request.season + SEASON_HALFWIDTH + 1 + MIN_VALIDATION_WINDOWS}"
+            )
         try:
             filled = fill_missing(part.values)
         except ValueError:
@@ -162,6 +187,38 @@ def prepare(request: TrainRequest) -> PreparedData:
         datasets.append(dataset)
     assert features is not None
     return PreparedData(request, profiles, series, datasets, features)
+
+
+def seasonal_lag(series: Sequence[Series], window: int) -> int:
+    """Rows per day for the default seasonal context, or 0 when it cannot be used.
+
+    The sampling interval is each series' median timestamp step. One day must be a whole,
+    common number of rows in every series (within 1%), longer than ``window`` plus
+    :data:`SEASON_HALFWIDTH` (a shorter day lies inside the window already), at most
+    :data:`MAX_SEASON_ROWS`, and leave :data:`MIN_SEASONAL_WINDOWS` windows in every series.
+    """
+    lags = set()
+    for s in series:
+        try:
+            t = np.array([timestamp_key(x) for x in s.timestamps], np.float64)
+        except ValueError:
+            return 0
+        steps = np.diff(t)
+        steps = steps[steps > 0]
+        if steps.size == 0:
+            return 0
+        rows = SEASON_SECONDS / float(np.median(steps))
+        lag = int(round(rows))
+        if lag < 1 or abs(rows - lag) > 0.01 * rows:
+            return 0
+        lags.add(lag)
+    if len(lags) != 1:
+        return 0
+    lag = lags.pop()
+    if lag - SEASON_HALFWIDTH < window or lag > MAX_SEASON_ROWS:
+        return 0
+    need = lag + SEASON_HALFWIDTH + MIN_SEASONAL_WINDOWS
+    return lag if all(len(s) >= need for s in series) else 0
 
 
 def _rows_used(rows: int, train_fraction: float) -> int:
@@ -243,16 +300,29 @@ def train(
     req = prepared.request
     notify = progress or (lambda stage, info: None)
     started = time.monotonic()
+    season = req.season
+    if season is None:
+        season = seasonal_lag(prepared.series, req.window) if req.family == "forecaster" else 0
+    spec = ArchitectureSpec(
+        req.family, req.window, len(prepared.features), tuple(req.hidden), req.centering,
+        season=season, season_halfwidth=SEASON_HALFWIDTH,
+    )
     train_parts, val_parts, normal_rows = [], [], []
     for s in prepared.series:
-        split = time_split(s.values, req.window, VALIDATION_FRACTION)
-        train_parts.append(make_windows(split.train, req.window))
-        val_parts.append(make_windows(split.validation, req.window))
-        normal_rows.append(split.train)
+        if spec.family == "forecaster":
+            # only the forecast row must be unseen (trainer/data/windows.py)
+            wsplit = forecast_split(s.values, spec.input_rows, VALIDATION_FRACTION)
+            train_parts.append(wsplit.train)
+            val_parts.append(wsplit.validation)
+            normal_rows.append(wsplit.train_rows)
+        else:
+            split = time_split(s.values, req.window, VALIDATION_FRACTION)
+            train_parts.append(make_windows(split.train, req.window))
+            val_parts.append(make_windows(split.validation, req.window))
+            normal_rows.append(split.train)
     train_w, val_w = np.concatenate(train_parts), np.concatenate(val_parts)
     rows = np.concatenate(normal_rows)
 
-    spec = ArchitectureSpec(req.family, req.window, len(prepared.features), tuple(req.hidden))
     recipe = Recipe(epochs=req.epochs, seed=req.seed)
     result = fit(
         spec,
@@ -274,7 +344,7 @@ def train(
     inputs = ExportInputs(
         name=req.name,
         module=result.model,
-        window=req.window,
+        window=spec.input_rows,
         features=prepared.features,
         score=score,
         # Calibrate int8 ranges on every window seen at training time, validation included:

@@ -7,14 +7,26 @@ from trainer.data.synthetic import (
     generate_host_metrics,
     write_host_metrics,
 )
-from trainer.data.windows import TimeSplit, fill_missing, make_windows, min_rows, time_split
+from trainer.data.windows import (
+    MIN_VALIDATION_WINDOWS,
+    TimeSplit,
+    WindowSplit,
+    fill_missing,
+    forecast_split,
+    make_windows,
+    min_rows,
+    time_split,
+)
 
 __all__ = [
+    "MIN_VALIDATION_WINDOWS",
     "ANOMALY_KINDS",
     "Anomaly",
     "HostMetrics",
     "TimeSplit",
+    "WindowSplit",
     "fill_missing",
+    "forecast_split",
     "generate_host_metrics",
     "make_windows",
     "min_rows",

@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MIN_VALIDATION_WINDOWS", "fill_missing", "make_windows", "min_rows", "TimeSplit", "time_split"]
+__all__ = [
+    "MIN_VALIDATION_WINDOWS",
+    "TimeSplit",
+    "WindowSplit",
+    "fill_missing",
+    "forecast_split",
+    "make_windows",
+    "min_rows",
+    "time_split",
+]
 
 
 def fill_missing(values: np.ndarray) -> np.ndarray:
@@ -68,3 +77,35 @@ def time_split(values: np.ndarray, window: int, validation_fraction: float) -> T
     n_val = max(window + MIN_VALIDATION_WINDOWS - 1, int(round(n * validation_fraction)))
     n_val = min(n_val, n - window)
     return TimeSplit(train=values[: n - n_val], validation=values[n - n_val :])
+
+
+@dataclass(frozen=True)
+class WindowSplit:
+    """Windows split by the row they end on: every training window ends before the first
+    validation window does. ``train_rows`` are the rows before that first validation end."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    train_rows: np.ndarray
+
+
+def forecast_split(values: np.ndarray, rows: int, validation_fraction: float) -> WindowSplit:
+    """Split a forecaster's windows of ``rows`` rows by the row each one forecasts (its last).
+
+    Validation gets the last ``validation_fraction`` of the windows (at least
+    :data:`MIN_VALIDATION_WINDOWS`); a validation window may read rows that training
+    windows forecast, as a forecaster in service reads its past, but forecasts only rows that
+    no training window has seen. Unlike :func:`time_split`, long inputs (a seasonal model
+    reads a day back) then do not need twice their length in rows. Raises ``ValueError``
+    when fewer than one training and :data:`MIN_VALIDATION_WINDOWS` validation windows fit.
+    """
+    n = len(values)
+    count = n - rows + 1
+    if count < 1 + MIN_VALIDATION_WINDOWS:
+        raise ValueError(
+            f"{n} rows are too few: windows of {rows} rows need at least {rows + MIN_VALIDATION_WINDOWS} rows"
+        )
+    n_val = min(count - 1, max(MIN_VALIDATION_WINDOWS, int(round(count * validation_fraction))))
+    windows = make_windows(values, rows)
+    first_val_end = count - n_val + rows - 1  # row index forecast by the first validation window
+    return WindowSplit(windows[: count - n_val], windows[count - n_val :], values[:first_val_end])

@@ -38,13 +38,21 @@ class _Normalised(nn.Module):
         self.register_buffer("mean", torch.zeros(spec.features))
         self.register_buffer("std", torch.ones(spec.features))
 
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-feature standardisation, clipped to ±CLIP standard deviations.
+    def level(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, 1, features)``: where ``x`` (raw rows) is centred — its own per-metric mean
+        (``centering="window"``) or the training mean (``"train"``); see :class:`ArchitectureSpec`.
+        """
+        if self.spec.centering == "window":
+            return x.mean(dim=1, keepdim=True)
+        return self.mean.expand(x.shape[0], 1, -1)
+
+    def normalise(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """Centred on ``level``, scaled by the training std, clipped to ±CLIP standard deviations.
 
         The body never needs to see further out than that to know a window is unusual (the
         error term sees the raw values), and a bounded input gives int8 a fixed, fine grid.
         """
-        return torch.clamp((x - self.mean) / self.std, -CLIP, CLIP)
+        return torch.clamp((x - level) / self.std, -CLIP, CLIP)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The anomaly score: the error of the worst metric.
@@ -59,14 +67,18 @@ class _Normalised(nn.Module):
         """``(batch, features)`` per-metric errors; ``squared`` for the training loss."""
         raise NotImplementedError
 
-    def error(self, predicted: torch.Tensor, raw: torch.Tensor, squared: bool = False) -> torch.Tensor:
-        """Normalised absolute (or squared) error of a prediction (normalised units) against raw values.
+    def error(
+        self, predicted: torch.Tensor, raw: torch.Tensor, level: torch.Tensor, squared: bool = False
+    ) -> torch.Tensor:
+        """Normalised absolute (or squared) error of a prediction (normalised units, centred on
+        ``level``) against raw values.
 
         It is computed from the raw input, not from the normalised tensor fed to the body: an
         int8 converter quantizes that tensor (clipping it to the calibration range), and an
-        anomaly is exactly what lies outside that range.
+        anomaly is exactly what lies outside that range. (Only the body's matrix products are
+        quantized; ``level`` and this error stay in float.)
         """
-        e = (predicted * self.std + self.mean - raw) / self.std
+        e = (predicted * self.std + level - raw) / self.std
         return e * e if squared else e.abs()
 
 
@@ -82,8 +94,9 @@ class WindowAutoencoder(_Normalised):
     def feature_errors(self, x: torch.Tensor, squared: bool = False) -> torch.Tensor:
         """``(batch, features)``: mean absolute (or squared) reconstruction error of each metric."""
         n = x.shape[0]
-        r = self.body(self.normalise(x).reshape(n, -1)).reshape(x.shape)
-        return self.error(r, x, squared).mean(dim=1)
+        level = self.level(x)
+        r = self.body(self.normalise(x, level).reshape(n, -1)).reshape(x.shape)
+        return self.error(r, x, level, squared).mean(dim=1)
 
 
 class WindowForecaster(_Normalised):
@@ -91,12 +104,23 @@ class WindowForecaster(_Normalised):
 
     def __init__(self, spec: ArchitectureSpec) -> None:
         super().__init__(spec)
-        self.body = _mlp([(spec.window - 1) * spec.features, *spec.hidden, spec.features])
+        rows = spec.window - 1 + (2 * spec.season_halfwidth + 1 if spec.season else 0)
+        self.body = _mlp([rows * spec.features, *spec.hidden, spec.features])
 
     def feature_errors(self, x: torch.Tensor, squared: bool = False) -> torch.Tensor:
-        """``(batch, features)``: absolute (or squared) forecast error of each metric's last value."""
-        past = self.normalise(x[:, :-1, :]).reshape(x.shape[0], -1)
-        return self.error(self.body(past), x[:, -1, :], squared)
+        """``(batch, features)``: absolute (or squared) forecast error of each metric's last value.
+
+        ``x`` holds :attr:`ArchitectureSpec.input_rows` rows; the last is the one forecast.
+        """
+        spec, n = self.spec, x.shape[1]
+        past = x[:, n - spec.window : n - 1, :]
+        level = self.level(past)
+        body_in = self.normalise(past, level).reshape(x.shape[0], -1)
+        if spec.season:
+            lo = n - 1 - spec.season - spec.season_halfwidth
+            seasonal = x[:, lo : lo + 2 * spec.season_halfwidth + 1, :]
+            body_in = torch.cat([body_in, self.normalise(seasonal, level).reshape(x.shape[0], -1)], dim=1)
+        return self.error(self.body(body_in), x[:, -1, :], level[:, 0, :], squared)
 
 
 def build_network(spec: ArchitectureSpec) -> _Normalised:

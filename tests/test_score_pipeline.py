@@ -99,7 +99,7 @@ def _spikes(period: int, n: int, seed: int) -> np.ndarray:
 
 def test_a_recurring_error_stops_alarming():
     errors = _spikes(288, 288 * 12, seed=7)
-    recurrent = [i for i, s in enumerate(_run(LikelihoodPipeline(), errors)) if s.is_anomaly]
+    recurrent = [i for i, s in enumerate(_run(LikelihoodPipeline(recurrences=2), errors)) if s.is_anomaly]
     # the first two spikes alarm (the first repeat of an incident is still news); after that
     # only a spike whose smoothed error tops every earlier one by chance can (one here)
     assert recurrent[:2] == [288, 576] and len(recurrent) <= 3, recurrent
@@ -111,7 +111,7 @@ def test_a_recurring_error_stops_alarming():
 def test_a_larger_error_than_the_recurring_ones_still_alarms():
     errors = _spikes(288, 288 * 12, seed=8)
     errors[288 * 10 + 100 : 288 * 10 + 105] += 60.0  # an incident far above the daily spikes
-    steps = _run(LikelihoodPipeline(), errors)
+    steps = _run(LikelihoodPipeline(recurrences=2), errors)
     alarms = [i for i, s in enumerate(steps) if s.is_anomaly]
     assert any(288 * 10 + 100 <= i <= 288 * 10 + 105 for i in alarms), alarms
     # the tail probability is never below the rate the history shows for a recurring error
@@ -121,7 +121,7 @@ def test_a_larger_error_than_the_recurring_ones_still_alarms():
 
 def test_recurrence_counts_the_history_in_time_order_across_the_ring_seam():
     # a history shorter than the stream: the ring wraps many times and must still count runs
-    p = LikelihoodPipeline(long_window=500, min_history=100)
+    p = LikelihoodPipeline(long_window=500, min_history=100, recurrences=2)
     errors = _spikes(100, 5000, seed=9)
     steps = _run(p, errors)
     assert sum(s.is_anomaly for s in steps) <= 3
@@ -154,10 +154,11 @@ def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
 
 def test_bundle_spec_declares_the_pipeline_and_refuses_an_unknown_kind():
     spec = make_spec()
-    spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=LikelihoodPipeline()))
-    obj = json.loads(spec.to_bytes())
-    assert obj["score"]["pipeline"]["kind"] == LIKELIHOOD_RECURRENT
-    assert BundleSpec.from_json(obj).score.pipeline == LikelihoodPipeline()
+    for pipeline, kind in ((LikelihoodPipeline(), LIKELIHOOD), (LikelihoodPipeline(recurrences=2), LIKELIHOOD_RECURRENT)):
+        spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=pipeline))
+        obj = json.loads(spec.to_bytes())
+        assert obj["score"]["pipeline"]["kind"] == kind
+        assert BundleSpec.from_json(obj).score.pipeline == pipeline
     obj["score"]["pipeline"]["kind"] = "edgefleet.likelihood/3"
     with pytest.raises(BundleError, match="unknown score pipeline kind 'edgefleet.likelihood/3'"):
         BundleSpec.from_json(obj)

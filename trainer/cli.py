@@ -21,6 +21,8 @@ from trainer.cli_common import (
     EXIT_USAGE,
     UsageError,
     at_least,
+    model_args,
+    model_options,
     positive_int,
     print_json,
 )
@@ -49,21 +51,6 @@ def _fraction(text: str) -> float:
 # -- train ------------------------------------------------------------------------------------
 
 
-def _season(text: str) -> int | None:
-    """``--season``: ``auto`` (None), ``off`` (0) or a positive number of rows."""
-    if text == "auto":
-        return None
-    if text == "off":
-        return 0
-    try:
-        rows = int(text)
-    except ValueError:
-        rows = 0
-    if rows < 1:
-        raise argparse.ArgumentTypeError(f"expected auto, off or a positive number of rows, got {text!r}")
-    return rows
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from shared.series import TimeOrderError
     from trainer.pipeline import TrainError, TrainRequest, prepare, train
@@ -77,9 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         train_fraction=args.train_fraction,
         sort_dedupe=args.sort_dedupe,
-        **({"window": args.window} if args.window else {}),
-        **({"family": args.family} if args.family else {}),
-        season=args.season,
+        **model_options(args),
     )
     try:
         prepared = prepare(request)
@@ -376,11 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--train-fraction", type=_fraction, default=1.0, metavar="F",
                    help="train on the first F of the rows only (the rest is left for later)")
-    p.add_argument("--window", type=positive_int, help="window length in samples")
-    p.add_argument("--family", choices=("autoencoder", "forecaster"), help="model family")
-    p.add_argument("--season", type=_season, default=None, metavar="ROWS|auto|off",
-                   help="seasonal context of a forecaster: the rows one day back (auto, the "
-                   "default, when timestamps and rows allow), none (off) or ROWS rows back")
+    model_args(p)
     p.add_argument("--sort-dedupe", action="store_true",
                    help="sort rows by time and drop repeated timestamps (keeping the first) "
                    "instead of refusing the file; says how many rows it moved and dropped")

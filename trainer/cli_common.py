@@ -64,3 +64,42 @@ def positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def _season(text: str) -> int | None:
+    """``--season``: ``auto`` (None), ``off`` (0) or a positive number of rows."""
+    if text == "auto":
+        return None
+    if text == "off":
+        return 0
+    try:
+        rows = int(text)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a positive number of rows, got {text!r}")
+    return rows
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """The model options ``train`` and ``evaluate`` share (defaults: ``train``'s)."""
+    p.add_argument("--window", type=positive_int, help="window length in samples")
+    p.add_argument("--family", choices=("autoencoder", "forecaster"), help="model family")
+    p.add_argument("--season", type=_season, default=None, metavar="ROWS|auto|off",
+                   help="seasonal context of a forecaster: the rows one day back (auto, the "
+                   "default, when timestamps and rows allow), none (off) or ROWS rows back")
+    p.add_argument("--recurrences", type=at_least(0), default=0, metavar="N",
+                   help="score pipeline: an error the recent history reached in N separate "
+                   "excursions is not reported (0, the default: off; see docs/model-choice.md)")
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``TrainRequest`` keyword arguments from :func:`model_args`' options."""
+    from shared.score_pipeline import LikelihoodPipeline
+
+    return {
+        **({"window": args.window} if args.window else {}),
+        **({"family": args.family} if args.family else {}),
+        "season": args.season,
+        "score_pipeline": LikelihoodPipeline(recurrences=args.recurrences),
+    }

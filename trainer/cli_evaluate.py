@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.cli_common import UsageError, positive_int, print_json
+from trainer.cli_common import UsageError, model_args, model_options, positive_int, print_json
 
 __all__ = ["add_evaluate_command"]
 
@@ -53,7 +53,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from trainer.progress import ProgressBar
 
-    options: dict[str, Any] = {"seed": args.seed}
+    options: dict[str, Any] = {"seed": args.seed, **model_options(args)}
     if args.epochs:
         options["epochs"] = args.epochs
     request = EvaluateRequest(
@@ -110,6 +110,7 @@ def add_evaluate_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--profile", default="x86-64-v3", help="run the artifact this profile's agents run")
     p.add_argument("--epochs", type=positive_int, help="training epochs (default: train's)")
     p.add_argument("--seed", type=int, default=0)
+    model_args(p)
     p.add_argument("--plots", metavar="DIR", help="write one PNG per series here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     registry_arg(p)

@@ -34,6 +34,7 @@ GROUP = "demo"
 AGENTS = (("edge-1", "x86-64-v3"), ("edge-2", "x86-64-v3"), ("edge-3", "rpi4-arm64"))
 CANARY = "edge-2"
 STEP_SECONDS = 300  # one synthetic sample every five minutes
+WARM_ROWS = 86_400 // STEP_SECONDS + 8  # one day and the seasonal half-width (trainer/pipeline.py)
 
 
 class DemoError(RuntimeError):
@@ -177,7 +178,10 @@ def _prepare_data(opts: DemoOptions) -> tuple[list[Path], dict[str, Path], dict[
         lines = full.read_text().splitlines(keepends=True)
         history, stream = data / f"{agent}.history.csv", data / f"{agent}.stream.csv"
         history.write_text("".join(lines[: split + 1]))
-        stream.write_text(lines[0] + "".join(lines[split + 1 :]))
+        # The agent has been running on its host all along: its stream starts with the last
+        # day of that history, as the rows a restarted agent resumes with (a model that reads
+        # a day back scores from the first new row instead of a day later).
+        stream.write_text(lines[0] + "".join(lines[split + 1 - WARM_ROWS :]))
         train_files.append(history)
         streams[agent] = stream
         labels[agent] = [a.__dict__ for a in m.anomalies]
@@ -248,7 +252,8 @@ def run_demo(opts: DemoOptions) -> list[dict]:
         _say(f"[1/6] broker {broker}" + ("" if opts.broker else " (private Mosquitto, stopped at the end)"))
         files, streams, labels, split = _prepare_data(opts)
         _say(f"[2/6] synthetic host metrics for {len(AGENTS)} hosts: {split} rows of history each, "
-             f"{opts.rows - split} held back with {sum(len(v) for v in labels.values())} injected anomalies")
+             f"{opts.rows - split} held back with {sum(len(v) for v in labels.values())} injected anomalies; "
+             "each agent streams the last day of its history, then the rows held back")
         registry = work / "registry"
         _say("[3/6] training for x86-64-v3 (ONNX) and rpi4-arm64 (TFLite)")
         v1 = _train(opts, files, registry, seed=0)

@@ -28,7 +28,14 @@ from shared.series import (
     sort_dedupe,
     timestamp_key,
 )
-from trainer.data import MIN_VALIDATION_WINDOWS, fill_missing, forecast_split, make_windows, min_rows, time_split
+from trainer.data import (
+    MIN_VALIDATION_WINDOWS,
+    fill_missing,
+    forecast_split,
+    make_windows,
+    min_rows,
+    time_split,
+)
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.models import ArchitectureSpec, Recipe, SpecError, fit, score_windows
 from trainer.registry import NewArtifact, Registry, RegistryError, VersionRecord, check_model_name

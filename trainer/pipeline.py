@@ -45,10 +45,10 @@ __all__ = ["DEFAULT_ARCHITECTURE", "TrainError", "TrainRequest", "TrainOutcome",
 
 log = logging.getLogger(__name__)
 
-# Chosen by measured detection quality on NAB (docs/model-choice.md, benchmarks/bench_model_family.py):
-# the forecaster raises about half the autoencoder's false alarms at the same recall. Hidden
-# widths (512, 64) keep int8 artifacts under 30% of fp32 (per-channel parameters of narrower
-# layers weigh too much).
+# Chosen by measured detection quality (docs/model-choice.md, benchmarks/bench_model_choice.py):
+# the forecaster, centred on each window's own mean, with one day of seasonal context where the
+# timestamps and rows allow it. Hidden widths (512, 64) keep int8 artifacts under 30% of fp32
+# (per-channel parameters of narrower layers weigh too much).
 class DefaultArchitecture(NamedTuple):
     family: str
     window: int

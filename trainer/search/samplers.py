@@ -28,7 +28,8 @@ def make_sampler(
 
     ``directions`` are the study's (``maximize``/``minimize``); ``constraints_func`` (a
     trial is feasible when every value it returns is ≤ 0) is passed to samplers that take
-    it (TPE). ``grid`` is for a grid sampler and unused here. Raises :class:`SearchError`
+    it (TPE) when given; Optuna 5 deprecates it for ``Trial.set_constraint``, which the
+    samplers read without it. ``grid`` is for a grid sampler and unused here. Raises :class:`SearchError`
     for an unknown name.
     """
     import warnings

@@ -71,6 +71,7 @@ def agent(args: str, needle: str) -> Case:
 
 TRAIN = "train --profile x86-64-v3 --name m --epochs 1"
 DETECT = "detect m@1 --registry reg --data ok.csv --out scores.csv"
+SEARCH = "search --data ok.csv --name s --trials 1 --registry reg"
 CASES = [
     # edgefleet train
     ef(f"{TRAIN} --data nope.csv --registry reg", "cannot read nope.csv"),
@@ -108,6 +109,19 @@ CASES = [
     ef("evaluate --data ok.csv --labels labels.json --model m@9 --registry reg", "no version m@9"),
     ef("evaluate --data ok.csv --labels labels.json --model m@1 --registry corrupt", "not a database"),
     ef("evaluate --data ok.csv --labels labels.json --plots ok.csv", "is not a folder"),
+    # edgefleet search (everything is checked before a study or a registry file is written)
+    ef(f"{SEARCH} --profile z80", "unknown firmware profile"),
+    ef(f"{SEARCH} --profile x86-64-v3 --data nope.csv", "cannot read nope.csv"),
+    ef(f"{SEARCH} --profile x86-64-v3 --trials 0", "--trials: must be at least 1"),
+    ef("search --data ok.csv --profile x86-64-v3 --name s --registry reg", "give --trials N or --timeout"),
+    ef(f"{SEARCH} --profile x86-64-v3 --objectives speed", "--objectives must start with quality"),
+    ef(f"{SEARCH} --profile x86-64-v3 --sampler annealing", "unknown sampler 'annealing'"),
+    ef(f"{SEARCH} --profile x86-64-v3 --labels nope.json", "cannot read labels nope.json"),
+    ef(f"{SEARCH} --profile x86-64-v3 --resume", "--resume: no study 's'"),
+    ef(f"{SEARCH} --profile x86-64-v3 --space ok.csv", "--space ok.csv: not valid JSON"),
+    ef(f"{SEARCH} --profile x86-64-v3 --registry corrupt", "not a database"),
+    ef("search --data ok.csv --name s --trials 1", "required: --profile"),
+    ef("search show nope --registry reg", "no study 'nope'"),
     # edgefleet demo (checks its broker URL before it starts anything)
     ef("demo --broker http://127.0.0.1:1883", "bad broker URL"),
     # edgefleet data synth

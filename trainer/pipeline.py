@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from shared.profiles import FirmwareProfile, load_profile
+from shared.profiles import FirmwareProfile, builtin_profiles_dir, load_profile
 from shared.score_pipeline import LikelihoodPipeline, ScorePipeline
 from shared.series import (
     Series,
@@ -41,7 +41,15 @@ from trainer.models import ArchitectureSpec, Recipe, SpecError, fit, score_windo
 from trainer.registry import NewArtifact, Registry, RegistryError, VersionRecord, check_model_name
 from trainer.scoring import ThresholdPolicy, calibrate
 
-__all__ = ["DEFAULT_ARCHITECTURE", "TrainError", "TrainRequest", "TrainOutcome", "prepare", "train"]
+__all__ = [
+    "DEFAULT_ARCHITECTURE",
+    "TrainError",
+    "TrainOutcome",
+    "TrainRequest",
+    "prepare",
+    "train",
+    "training_windows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +102,12 @@ class TrainRequest:
     season: int | None = None
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
     score_pipeline: ScorePipeline = field(default_factory=LikelihoodPipeline)
+    # The full training recipe (a search's winner); None = defaults with ``epochs`` and ``seed``.
+    recipe: Recipe | None = None
+    # Extra lineage recorded with the version (e.g. the search study, trial and candidate).
+    lineage: Mapping[str, Any] = field(default_factory=dict)
+    # Folders searched for firmware profiles before the built-in ones.
+    profile_dirs: Sequence[Path] = ()
 
 
 @dataclass(frozen=True)
@@ -136,7 +150,8 @@ def prepare(request: TrainRequest) -> PreparedData:
     if request.window < 2:
         raise TrainError("--window must be at least 2")
     try:
-        profiles = [load_profile(p) for p in dict.fromkeys(request.profiles)]
+        dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
+        profiles = [load_profile(p, dirs) for p in dict.fromkeys(request.profiles)]
     except ValueError as e:
         raise TrainError(str(e)) from e
     if request.season:
@@ -291,6 +306,30 @@ def _evenly(windows: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(windows[idx])
 
 
+def training_windows(
+    spec: ArchitectureSpec, series: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training windows, validation windows (the last :data:`VALIDATION_FRACTION` of each
+    series, in time order) and the rows trained on, for a model of ``spec``.
+
+    Raises ``ValueError`` when a series is too short for one window plus validation.
+    """
+    train_parts, val_parts, normal_rows = [], [], []
+    for values in series:
+        if spec.family == "forecaster":
+            # only the forecast row must be unseen (trainer/data/windows.py)
+            wsplit = forecast_split(values, spec.input_rows, VALIDATION_FRACTION)
+            train_parts.append(wsplit.train)
+            val_parts.append(wsplit.validation)
+            normal_rows.append(wsplit.train_rows)
+        else:
+            split = time_split(values, spec.window, VALIDATION_FRACTION)
+            train_parts.append(make_windows(split.train, spec.window))
+            val_parts.append(make_windows(split.validation, spec.window))
+            normal_rows.append(split.train)
+    return np.concatenate(train_parts), np.concatenate(val_parts), np.concatenate(normal_rows)
+
+
 def train(
     prepared: PreparedData,
     registry_dir: Path,
@@ -314,23 +353,8 @@ def train(
         req.family, req.window, len(prepared.features), tuple(req.hidden), req.centering,
         season=season, season_halfwidth=SEASON_HALFWIDTH,
     )
-    train_parts, val_parts, normal_rows = [], [], []
-    for s in prepared.series:
-        if spec.family == "forecaster":
-            # only the forecast row must be unseen (trainer/data/windows.py)
-            wsplit = forecast_split(s.values, spec.input_rows, VALIDATION_FRACTION)
-            train_parts.append(wsplit.train)
-            val_parts.append(wsplit.validation)
-            normal_rows.append(wsplit.train_rows)
-        else:
-            split = time_split(s.values, req.window, VALIDATION_FRACTION)
-            train_parts.append(make_windows(split.train, req.window))
-            val_parts.append(make_windows(split.validation, req.window))
-            normal_rows.append(split.train)
-    train_w, val_w = np.concatenate(train_parts), np.concatenate(val_parts)
-    rows = np.concatenate(normal_rows)
-
-    recipe = Recipe(epochs=req.epochs, seed=req.seed)
+    train_w, val_w, rows = training_windows(spec, [s.values for s in prepared.series])
+    recipe = req.recipe or Recipe(epochs=req.epochs, seed=req.seed)
     result = fit(
         spec,
         train_w,
@@ -368,6 +392,7 @@ def train(
             "threshold_policy": req.threshold.to_json(),
             "score_pipeline": {k: v for k, v in pipeline.to_json().items() if k != "prior"},
             "software": _versions(),
+            **req.lineage,
         },
         architecture=spec.to_json(),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,20 @@ class Recipe:
 
     def to_json(self) -> dict[str, float | int]:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Recipe:
+        """The recipe :meth:`to_json` wrote; missing keys take the defaults. Raises
+        ``ValueError`` for unknown keys or values of the wrong type."""
+        unknown = set(obj) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown recipe key(s) {sorted(unknown)}")
+        try:
+            return cls(**{
+                k: (float(v) if k in ("learning_rate", "weight_decay") else int(v)) for k, v in obj.items()
+            })
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad recipe {obj!r}: {e}") from e
 
 
 @dataclass

@@ -1,11 +1,13 @@
-"""Errors of the search layer."""
+"""The search's failure domain: bad search input is a :class:`SearchError` (one line, exit 2)."""
 
 from __future__ import annotations
 
+__all__ = ["SearchError"]
+
 
 class SearchError(ValueError):
-    """A search cannot run as asked.
+    """Bad input for a search (unknown sampler, malformed space, no feasible candidate, ...).
 
-    The message is one line that a command-line interface can print as it is, with a hint
-    about what to use instead.
+    The message is one line for the user; nothing has been written when it is raised before
+    the study starts.
     """

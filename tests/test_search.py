@@ -1,0 +1,143 @@
+"""`edgefleet search` end to end through the real CLI: real data, Optuna on SQLite, torch,
+litert-torch/onnxruntime exports measured in their runtimes, the registry.
+
+Tiny spaces (windows 8-16, widths 8-16, 3 epochs) and 2-3 trials keep each search short.
+The labelled search reads the team's NAB data (marked ``nab``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.bundle import read_bundle
+from shared.profiles import load_profile
+from trainer.data import generate_host_metrics, write_host_metrics
+from trainer.registry import Registry
+from trainer.search.hardware import Measurement, check, measure_artifact
+
+pytestmark = pytest.mark.slow
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAB_FILE = "data/realAWSCloudwatch/ec2_cpu_utilization_24ae8d.csv"
+SPACE = {"windows": [8, 16], "widths": [8, 16], "bottlenecks": [4], "layers": [1, 1],
+         "epochs": 3, "patience": 2, "batch_sizes": [64]}
+
+
+def edgefleet(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
+                          timeout=900, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic host metrics and the tiny search space."""
+    w = tmp_path_factory.mktemp("search")
+    write_host_metrics(generate_host_metrics(1200, seed=3), w / "host.csv", w / "host.labels.json")
+    (w / "space.json").write_text(json.dumps(SPACE))
+    return w
+
+
+def _search(work: Path, registry: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return edgefleet("search", "--data", str(work / "host.csv"), "--name", "host", "--registry", str(registry),
+                     "--space", str(work / "space.json"), *extra, check=check)
+
+
+def test_unlabelled_search_registers_an_rpi4_int8_tflite_that_meets_every_rpi4_budget(work: Path, tmp_path: Path) -> None:
+    registry = tmp_path / "reg"
+    proc = _search(work, registry, "--profile", "rpi4-arm64", "--trials", "2", "--json")
+    assert "search host: 2/2 trials" in proc.stderr
+    out = json.loads(proc.stdout)
+    (version,) = out["versions"]
+    search = version["lineage"]["search"]
+    assert search["study"] == "host" and search["trial"] in (0, 1)
+    assert search["candidate"]["architecture"] == version["architecture"]
+    assert search["candidate"]["recipe"] == version["lineage"]["recipe"]
+    profile = load_profile("rpi4-arm64")
+    with Registry.open(registry) as reg:
+        record = reg.get("host", version["version"])
+        (art,) = [a for a in record.artifacts if (a.format, a.quantization) == ("tflite", "int8")]
+        bundle = reg.bundle(art.sha256)
+    assert "rpi4-arm64" in art.profiles
+    spec, model = read_bundle(bundle)
+    figures = measure_artifact(bundle)
+    hw = check(Measurement("tflite", "int8", True, len(model), figures["p50"], figures["p99"],
+                           figures["rss_delta"] / 1e6), profile)
+    assert hw.feasible, hw
+    assert hw.latency_p99_ms <= profile.budget.latency_p99_ms
+    assert hw.model_ram_mb <= profile.budget.model_ram_mb
+    assert len(model) <= profile.budget.model_flash_kb * 1024
+    shown = json.loads(edgefleet("search", "show", "host", "--registry", str(registry), "--json").stdout)
+    assert [t["trial"] for t in shown["trials"]] and shown["trials"][0]["candidate"]
+
+
+@pytest.mark.nab
+def test_labelled_search_on_a_nab_file(nab_dir: Path, tmp_path: Path, work: Path) -> None:
+    registry = tmp_path / "reg"
+    edgefleet("search", "--data", str(nab_dir / NAB_FILE), "--labels", str(nab_dir / "labels/combined_windows.json"),
+              "--profile", "x86-64-v3", "--name", "cpu", "--registry", str(registry), "--trials", "2",
+              "--space", str(work / "space.json"), "-q")
+    shown = json.loads(edgefleet("search", "show", "cpu", "--registry", str(registry), "--json").stdout)
+    assert len(shown["trials"]) == 2
+    assert all("nab_standard" in t["quality_details"] for t in shown["trials"])
+    with Registry.open(registry) as reg:
+        record = reg.get("cpu")
+    assert record.lineage["search"]["values"][0] == max(t["values"][0] for t in shown["trials"])
+
+
+def test_impossible_budget_exits_2_and_registers_nothing(work: Path, tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    text = (REPO_ROOT / "firmware_profiles" / "x86-64-v3.toml").read_text()
+    text = text.replace('name = "x86-64-v3"', 'name = "tiny-mcu"')
+    lines = [("latency_p99_ms = 0.00001" if line.startswith("latency_p99_ms") else line) for line in text.splitlines()]
+    (profiles / "tiny-mcu.toml").write_text("\n".join(lines) + "\n")
+    registry = tmp_path / "reg"
+    proc = _search(work, registry, "--profile", "tiny-mcu", "--profiles-dir", str(profiles), "--trials", "2", "-q",
+                   check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no candidate" in lines[0] and "latency_p99_ms exceeded by 2" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (registry / "registry.sqlite").exists()
+
+
+def test_an_interrupted_study_resumes(work: Path, tmp_path: Path) -> None:
+    registry = tmp_path / "reg"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "search", "--data", str(work / "host.csv"), "--name", "host",
+         "--registry", str(registry), "--space", str(work / "space.json"), "--profile", "x86-64-v3",
+         "--trials", "50"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait for the first finished trial
+            if "search host: 1/50 trials" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (registry / "registry.sqlite").exists()
+    again = _search(work, registry, "--profile", "x86-64-v3", "--trials", "3", check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = _search(work, registry, "--profile", "x86-64-v3", "--trials", "3", "--resume")
+    assert "search host: 3/3 trials" in resumed.stderr
+    shown = json.loads(edgefleet("search", "show", "host", "--registry", str(registry), "--json").stdout)
+    assert len(shown["trials"]) >= 3
+    with Registry.open(registry) as reg:
+        assert reg.get("host").lineage["search"]["study"] == "host"

@@ -1,0 +1,179 @@
+"""``edgefleet search``: hardware-aware model search (see :mod:`trainer.search.study`).
+
+``edgefleet search --data CSV --profile P --name NAME --trials N`` runs a study and registers
+the winner(s); ``edgefleet search show STUDY`` prints a study's leaderboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.cli_common import EXIT_FAILED, UsageError, positive_float, positive_int, print_json
+
+__all__ = ["add_search_command"]
+
+
+def _objectives(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def _space(path: str | None) -> Any:
+    from trainer.search.errors import SearchError
+    from trainer.search.space import SearchSpace
+
+    if path is None:
+        return SearchSpace()
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read --space {path}: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--space {path}: not valid JSON: {e}") from e
+    try:
+        return SearchSpace.from_json(obj)
+    except SearchError as e:
+        raise UsageError(f"--space {path}: {e}") from e
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.words:
+        if len(args.words) != 2 or args.words[0] != "show":
+            raise UsageError(f"unexpected {' '.join(args.words)!r}: use `edgefleet search show STUDY` or options only")
+        return _show(args, args.words[1])
+    missing = [o for o, v in (("--data", args.data), ("--profile", args.profile), ("--name", args.name)) if not v]
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}")
+    import optuna
+
+    from trainer.progress import ProgressBar
+    from trainer.search.errors import SearchError
+    from trainer.search.study import (
+        SearchRequest,
+        prepare_search,
+        register_winners,
+        run_search,
+        winners,
+    )
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    request = SearchRequest(
+        data=[Path(p) for p in args.data], profiles=args.profile, name=args.name,
+        registry=Path(args.registry), labels=Path(args.labels) if args.labels else None,
+        trials=args.trials, timeout=args.timeout, sampler=args.sampler, pruner=args.pruner,
+        objectives=_objectives(args.objectives), storage=args.storage, study=args.study,
+        resume=args.resume, seed=args.seed, register=args.register, space=_space(args.space),
+        profile_dirs=[Path(d) for d in args.profiles_dir],
+    )
+    try:
+        prepared = prepare_search(request)
+    except SearchError as e:
+        raise UsageError(str(e)) from e
+    bar = ProgressBar("search", total=1, enabled=not args.quiet)
+    study = run_search(prepared, (lambda line: bar.note(line)) if not args.quiet else None)
+    try:
+        won = winners(study, [p.name for p in prepared.profiles], request.register)
+    except SearchError as e:
+        raise UsageError(str(e)) from e
+    bar.note(f"retraining {len(won)} winner(s): trial(s) {', '.join(map(str, won))} …")
+    try:
+        records = register_winners(prepared, study)
+    except SearchError as e:
+        print(f"edgefleet search: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print_json({"study": study.study_name, "storage": prepared.storage,
+                    "versions": [r.to_json() for r in records]})
+    else:
+        for r in records:
+            s = r.lineage["search"]
+            print(f"registered {r.ref} in {args.registry} from study {s['study']} trial {s['trial']} "
+                  f"(quality {s['values'][0]:.4g}; profiles {', '.join(a for a in sorted({p for x in r.artifacts for p in x.profiles}))})")
+    return 0
+
+
+def _show(args: argparse.Namespace, name: str) -> int:
+    import optuna
+
+    from trainer.search.errors import SearchError
+    from trainer.search.study import (
+        OBJECTIVES,
+        default_storage,
+        leaderboard,
+        load_study,
+        pareto_front,
+    )
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = args.storage or default_storage(Path(args.registry))
+    try:
+        study = load_study(name, storage)
+    except SearchError as e:
+        raise UsageError(str(e)) from e
+    rows = leaderboard(study)
+    objectives = study.user_attrs.get("objectives", ["quality"])
+    front: list[int] = []
+    if len(objectives) > 1:
+        done = [t for t in study.trials if t.values is not None and t.state.name == "COMPLETE"]
+        front = sorted(t.number for t in pareto_front(done, [OBJECTIVES[o] for o in objectives]))
+    if args.json:
+        print_json({"study": name, "objectives": objectives, "trials": rows, "front": front})
+        return 0
+    states: dict[str, int] = {}
+    for t in study.trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    print(f"study {name} ({study.user_attrs.get('mode')}): "
+          + ", ".join(f"{v} {k}" for k, v in sorted(states.items())))
+    print(f"  {'trial':>5}  " + "  ".join(f"{o:>10}" for o in objectives) + "  feasible  candidate")
+    for r in rows:
+        arch = (r["candidate"] or {}).get("architecture", {})
+        ok = ",".join(p for p, f in r["feasible"].items() if f) or "-"
+        print(f"  {r['trial']:5d}  " + "  ".join(f"{v:10.4g}" for v in r["values"])
+              + f"  {ok:8}  {arch.get('family')} w{arch.get('window')} {arch.get('hidden')}")
+    if front:
+        print(f"  Pareto front: trials {', '.join(map(str, front))}")
+    return 0
+
+
+def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
+    """Register ``search`` on the ``edgefleet`` subparsers."""
+    p = sub.add_parser(
+        "search",
+        help="search architectures and hyperparameters under profiles' budgets (Optuna)",
+        description="Run a study and register the winner(s), or `search show STUDY` for a leaderboard.",
+    )
+    p.add_argument("words", nargs="*", metavar="show STUDY", help="print the leaderboard of STUDY")
+    p.add_argument("--data", action="append", metavar="CSV", help="series to search on; repeatable")
+    p.add_argument("--profile", action="append", metavar="NAME", help="firmware profile; repeatable")
+    p.add_argument("--profiles-dir", action="append", default=[], metavar="DIR",
+                   help="look for profiles here before the built-in ones; repeatable")
+    p.add_argument("--name", help="model name to register")
+    p.add_argument("--labels", metavar="LABELS.json",
+                   help="anomaly windows (NAB format): score NAB on them; without, inject synthetic anomalies")
+    p.add_argument("--trials", type=positive_int, help="finished trials the study should reach")
+    p.add_argument("--timeout", type=positive_float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--sampler", default="tpe", metavar="NAME",
+                   help="tpe (default, multivariate), random, gp, cmaes (one objective), nsga2, "
+                   "evolution (regularized), reinforce (policy gradient, one objective); grid "
+                   "needs a grid, which this command does not build yet")
+    p.add_argument("--pruner", choices=("median", "sha", "hyperband", "none"), default="median")
+    p.add_argument("--objectives", default="quality", metavar="quality[,latency,size]",
+                   help="what to optimize: quality, optionally latency and artifact size too")
+    p.add_argument("--space", metavar="SPACE.json", help="search space (default: the built-in one)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage (default: sqlite in the registry)")
+    p.add_argument("--study", metavar="NAME", help="study name (default: --name)")
+    p.add_argument("--resume", action="store_true", help="continue an existing study")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--register", choices=("best", "front"), default="best",
+                   help="register the best trial per profile, or every trial of its Pareto front")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    registry_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_search)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run it as: edgefleet search")

@@ -1,0 +1,306 @@
+"""Detection quality of one candidate, measured through the agent's own score pipeline.
+
+Two ways, chosen by the data (:class:`ObjectiveData`):
+
+**Labelled** (:func:`labelled_data`, NAB-style windows JSON as ``edgefleet evaluate`` reads):
+the candidate trains on the probationary rows of every series (NAB's 15%, at most 750 rows),
+its raw scores over each whole series go through the streaming score pipeline an agent runs
+(:meth:`shared.bundle.ScoreSpec.scorer`, calibrated as ``edgefleet train`` calibrates it), and
+the quality is NAB's normalized *standard* score of those own decisions
+(:func:`trainer.evaluation.nab.nab_score`; NAB ignores the probationary rows itself).
+
+**Unlabelled** (:func:`synthetic_data`), after Goswami et al., "Unsupervised model selection
+for time-series anomaly detection" (ICLR 2023): the last :data:`HOLDOUT_FRACTION` of each
+series is held back. The candidate trains on the rest; copies of the held-back rows get one
+seeded synthetic anomaly each (:data:`INJECTIONS`: spike, level shift, slow drift, variance
+change, stuck value), and the same score pipeline decides on them. The quality is the event
+F1 of those decisions (:func:`trainer.evaluation.nab.event_metrics`: recall over the injected
+windows, precision against false events) minus ``0.1 ×`` the mean forecast (or
+reconstruction) error on the clean held-back rows, in units of the training standard
+deviation, capped at 10: detection first, and among equal detectors the one that models the
+normal data better. (The paper aggregates such metrics by rank over all candidates; a
+sequential study needs one number per trial, hence the fixed weighting.) The injections
+depend on the data and the seed only, so every trial is judged on the same anomalies.
+
+Scores here come from the torch model; the artifacts registered at the end are checked
+against it for parity by the normal ``train`` path.
+
+Pruning: in a single-objective study :func:`train_candidate` reports the negated validation
+loss after each epoch (``trial.report``; negated so that higher is better, as the study
+maximizes quality) and raises ``optuna.TrialPruned`` when the pruner says so. In a
+multi-objective study nothing is reported: Optuna raises ``NotImplementedError`` on
+``Trial.report`` there, and its pruners do not support several objectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.series import Series, SeriesError, read_series
+from trainer.data import fill_missing, make_windows, min_rows
+from trainer.evaluation.nab import (
+    LabelledSeries,
+    ScoringError,
+    event_metrics,
+    nab_score,
+    probation_rows,
+)
+from trainer.search.errors import SearchError
+from trainer.search.space import Candidate, SearchSpace
+
+__all__ = [
+    "HOLDOUT_FRACTION",
+    "INJECTIONS",
+    "CandidateQuality",
+    "EvalSeries",
+    "ObjectiveData",
+    "TrainedCandidate",
+    "labelled_data",
+    "measure_quality",
+    "synthetic_data",
+    "train_candidate",
+]
+
+HOLDOUT_FRACTION = 0.3
+INJECTIONS = ("spike", "level_shift", "drift", "variance", "stuck")
+CLEAN_ERROR_WEIGHT = 0.1
+CLEAN_ERROR_CAP = 10.0
+
+
+@dataclass(frozen=True)
+class EvalSeries:
+    """Rows to detect on: ``values`` (rows × features, gaps filled), scored from row
+    ``first`` on (rows before it are context only), labelled by ``labels`` over rows
+    ``first:``."""
+
+    values: np.ndarray
+    first: int
+    labels: LabelledSeries
+
+
+@dataclass(frozen=True)
+class ObjectiveData:
+    """Everything the objective needs, loaded and checked once per search.
+
+    ``train`` are the rows trained on (one array per series, gaps filled), ``series`` the same
+    as :class:`~shared.series.Series` (timestamps for the seasonal lag), ``evaluate`` the
+    series detected on, ``clean`` the clean held-back rows (unlabelled mode only).
+    """
+
+    mode: str  # "labelled" | "synthetic"
+    features: tuple[str, ...]
+    train: list[np.ndarray]
+    series: list[Series]
+    evaluate: list[EvalSeries]
+    clean: list[np.ndarray] = field(default_factory=list)
+
+    def check_space(self, space: SearchSpace) -> None:
+        """Raise :class:`SearchError` when a series is too short for the space's largest window."""
+        need = min_rows(max(space.windows))
+        short = [len(t) for t in self.train if len(t) < need]
+        if short:
+            raise SearchError(
+                f"{short[0]} rows to train on are too few for window {max(space.windows)} of the "
+                f"search space: need at least {need}"
+            )
+
+
+def _load(path: Path) -> Series:
+    try:
+        s = read_series(path)
+        return Series(s.timestamps, s.features, fill_missing(s.values))
+    except SeriesError as e:
+        raise SearchError(str(e)) from e
+    except ValueError:
+        raise SearchError(f"{path}: a column has no value") from None
+
+
+def _same_features(series: Sequence[Series], paths: Sequence[Path]) -> tuple[str, ...]:
+    features = series[0].features
+    for s, p in zip(series, paths):
+        if s.features != features:
+            raise SearchError(f"{p}: columns {list(s.features)} differ from {list(features)} of the first file")
+    return features
+
+
+def labelled_data(paths: Sequence[Path], labels: Path) -> ObjectiveData:
+    """Labelled mode: train on each series' probationary rows, score NAB on all of it.
+
+    Files are matched to label keys as ``edgefleet evaluate`` matches them. Raises
+    :class:`SearchError` for unreadable files or labels, or a file without labels.
+    """
+    from trainer.evaluation.harness import EvaluateError, discover
+
+    loaded, train, evaluate = [], [], []
+    for path in paths:
+        try:
+            found = discover(path, labels)
+        except EvaluateError as e:
+            raise SearchError(str(e)) from e
+        key, _, windows = found[0]
+        s = _load(path)
+        try:
+            labelled = LabelledSeries(key, list(s.timestamps), windows)
+        except ScoringError as e:
+            raise SearchError(str(e)) from e
+        if not labelled.scored_windows:
+            raise SearchError(f"{path}: no labelled window after the probationary rows")
+        rows = probation_rows(len(s))
+        loaded.append(s.head(rows))
+        train.append(s.values[:rows])
+        evaluate.append(EvalSeries(s.values, 0, labelled))
+    return ObjectiveData("labelled", _same_features(loaded, paths), train, loaded, evaluate)
+
+
+def _inject(kind: str, rows: np.ndarray, scale: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
+    """A copy of ``rows`` with one anomaly of ``kind`` on one metric; its first and last row."""
+    out = rows.copy()
+    n = len(out)
+    j = int(rng.integers(out.shape[1]))
+    sigma = float(scale[j])
+    length = 1 + int(rng.integers(3)) if kind == "spike" else max(10, n // 10)
+    start = int(rng.integers(n // 4, max(n // 4 + 1, n - length - 1)))
+    end = min(n, start + length)
+    seg = slice(start, end)
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    if kind == "spike":
+        out[seg, j] += sign * 6 * sigma
+    elif kind == "level_shift":
+        out[seg, j] += sign * 3 * sigma
+    elif kind == "drift":
+        out[seg, j] += sign * np.linspace(0, 4 * sigma, end - start)
+    elif kind == "variance":
+        out[seg, j] += rng.normal(0, 2 * sigma, end - start)
+    else:  # stuck
+        out[seg, j] = out[start, j]
+    return out, start, end - 1
+
+
+def synthetic_data(paths: Sequence[Path], *, seed: int) -> ObjectiveData:
+    """Unlabelled mode: hold back the last :data:`HOLDOUT_FRACTION` of each file and make one
+    copy of it per kind in :data:`INJECTIONS`, each with one seeded anomaly.
+
+    Raises :class:`SearchError` for unreadable files or too few rows to hold any back.
+    """
+    loaded, train, evaluate, clean = [], [], [], []
+    for i, path in enumerate(paths):
+        s = _load(path)
+        cut = len(s) - int(len(s) * HOLDOUT_FRACTION)
+        held = s.values[cut:]
+        if len(held) < 40:
+            raise SearchError(f"{path}: {len(s)} rows are too few to hold back {HOLDOUT_FRACTION:.0%} to test on")
+        part = s.head(cut)
+        loaded.append(part)
+        train.append(part.values)
+        clean.append(s.values)
+        scale = np.maximum(np.std(part.values, axis=0), 1e-3 * np.abs(np.mean(part.values, axis=0)) + 1e-9)
+        stamps = list(s.timestamps[cut:])
+        for k, kind in enumerate(INJECTIONS):
+            rng = np.random.default_rng([seed, i, k])
+            rows, start, last = _inject(kind, held, scale, rng)
+            end = min(len(held) - 1, last + max(10, (last - start + 1) // 2))
+            labels = LabelledSeries(f"{Path(path).name}#{kind}", stamps, [(stamps[start], stamps[end])])
+            evaluate.append(EvalSeries(np.concatenate([s.values[:cut], rows]), cut, labels))
+    return ObjectiveData("synthetic", _same_features(loaded, paths), train, loaded, evaluate, clean)
+
+
+@dataclass
+class TrainedCandidate:
+    """A trained candidate and what exporting it needs (windows, calibrated score spec)."""
+
+    candidate: Candidate
+    model: Any  # torch.nn.Module
+    train_windows: np.ndarray
+    validation_windows: np.ndarray
+    rows: np.ndarray
+    score: Any  # shared.bundle.ScoreSpec
+    best_epoch: int
+    epochs_run: int
+    val_loss: float
+
+
+@dataclass(frozen=True)
+class CandidateQuality:
+    """The objective's verdict: ``quality`` (higher is better) and the figures behind it."""
+
+    quality: float
+    details: dict[str, Any]
+
+
+def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None) -> TrainedCandidate:
+    """Train ``candidate`` on ``data.train`` with early stopping, calibrate its score pipeline.
+
+    With an Optuna ``trial`` of a single-objective study, reports each epoch and raises
+    ``optuna.TrialPruned`` when its pruner says so (see the module docstring).
+    """
+    from shared.score_pipeline import LikelihoodPipeline
+    from trainer.models import fit, score_windows
+    from trainer.pipeline import training_windows
+    from trainer.scoring import ThresholdPolicy, calibrate
+
+    spec = candidate.architecture
+    train_w, val_w, rows = training_windows(spec, data.train)
+    progress = None
+    if trial is not None and len(trial.study.directions) == 1:
+        import optuna
+
+        def progress(epoch: int, epochs: int, train_loss: float, val_loss: float) -> None:
+            trial.report(-val_loss, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (validation loss {val_loss:.4g})")
+
+    result = fit(spec, train_w, val_w, rows, candidate.recipe, progress=progress)
+    val_scores = score_windows(result.model, val_w)
+    pipeline = LikelihoodPipeline().calibrated(val_scores)
+    score = calibrate(val_scores, spec.score_kind, ThresholdPolicy(), pipeline)
+    return TrainedCandidate(candidate, result.model, train_w, val_w, rows, score, result.best_epoch,
+                            len(result.history), result.best_val_loss)
+
+
+def _decisions(trained: TrainedCandidate, ev: EvalSeries) -> np.ndarray:
+    """The agent's own decisions on rows ``ev.first:`` (the score pipeline over torch scores)."""
+    from trainer.models import score_windows
+
+    rows = trained.candidate.architecture.input_rows
+    start = max(0, ev.first - rows + 1)
+    windows = make_windows(ev.values[start:].astype(np.float32), rows)
+    scores = score_windows(trained.model, windows)
+    scorer = trained.score.scorer()
+    decided = np.zeros(len(ev.values) - start, bool)
+    for i, s in enumerate(scores):
+        decided[i + rows - 1] = scorer.push(float(s)).is_anomaly
+    return decided[ev.first - start:]
+
+
+def measure_quality(trained: TrainedCandidate, data: ObjectiveData) -> CandidateQuality:
+    """Detection quality of ``trained`` on ``data`` (rules in the module docstring)."""
+    from trainer.models import score_windows
+
+    files = [(ev.labels, _decisions(trained, ev)) for ev in data.evaluate]
+    events = event_metrics(files)
+    details: dict[str, Any] = {
+        "event_recall": events.recall,
+        "event_precision": events.precision,
+        "event_f1": events.f1,
+        "windows": events.windows,
+        "detected": events.detected,
+        "false_events": events.false_events,
+    }
+    if data.mode == "labelled":
+        quality = nab_score(files, "standard")
+        details["nab_standard"] = quality
+        return CandidateQuality(float(quality), details)
+    spec = trained.candidate.architecture
+    errors = []
+    for values, train in zip(data.clean, data.train):
+        start = len(train) - spec.input_rows + 1
+        errors.append(score_windows(trained.model, make_windows(values[start:].astype(np.float32), spec.input_rows)))
+    clean_error = float(np.mean(np.concatenate(errors)))
+    details["clean_error"] = clean_error
+    quality = events.f1 - CLEAN_ERROR_WEIGHT * min(clean_error, CLEAN_ERROR_CAP)
+    return CandidateQuality(float(quality), details)

@@ -1,0 +1,178 @@
+"""Search spaces: a JSON-able description of what a search may try, and :func:`suggest`, which
+turns one Optuna trial into a :class:`Candidate` (architecture + training recipe).
+
+A candidate rebuilds the same model anywhere: :meth:`Candidate.to_json` holds the
+:class:`~trainer.models.ArchitectureSpec` (family, window, hidden widths, centring, seasonal
+context) and the :class:`~trainer.models.Recipe` (learning rate, weight decay, batch size,
+epoch cap with early stopping, seed), and :meth:`Candidate.from_json` reads them back.
+
+The families are those :mod:`trainer.models` builds today, MLP forecasters and autoencoders.
+Convolutional, attention, linear and tree families are future work: they need network code
+(and export checks) in :mod:`trainer.models` before a space can name them.
+
+Parameters and their conditions (Optuna names):
+
+- ``family`` — one of ``families``;
+- ``window`` — one of ``windows``; ``layers`` — an int in ``layers``; ``width`` — one of
+  ``widths``; ``centering`` — one of ``centerings``;
+- forecaster only: ``forecaster.season`` — ``auto`` (one day of seasonal context when the
+  data allows, see :func:`trainer.pipeline.seasonal_lag`) or ``off``;
+- autoencoder only: ``autoencoder.bottleneck`` — one of ``bottlenecks`` (the last hidden
+  width; the others are ``width``);
+- ``learning_rate`` — log-uniform in its range; ``weight_decay`` — log-uniform in its
+  range; ``batch_size`` — one of ``batch_sizes``; ``epochs`` and ``patience`` are fixed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from trainer.models import ArchitectureSpec, Recipe, SpecError
+from trainer.models.spec import CENTERINGS, FAMILIES
+from trainer.search.errors import SearchError
+
+__all__ = ["Candidate", "SearchSpace", "suggest"]
+
+SEASON_CHOICES = ("auto", "off")
+_RANGES = ("layers", "learning_rate", "weight_decay")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a search may try. Every field has a default; :meth:`from_json` is strict.
+
+    Tuples of choices are categorical; ``layers`` is an inclusive int range, and
+    ``learning_rate`` and ``weight_decay`` are inclusive ranges sampled on a log scale.
+    """
+
+    families: tuple[str, ...] = ("forecaster", "autoencoder")
+    windows: tuple[int, ...] = (16, 32, 64)
+    layers: tuple[int, int] = (1, 2)
+    widths: tuple[int, ...] = (32, 64, 128, 256, 512)
+    bottlenecks: tuple[int, ...] = (4, 8, 16)
+    centerings: tuple[str, ...] = ("window", "train")
+    seasons: tuple[str, ...] = SEASON_CHOICES
+    learning_rate: tuple[float, float] = (1e-4, 1e-2)
+    weight_decay: tuple[float, float] = (1e-7, 1e-3)
+    batch_sizes: tuple[int, ...] = (32, 64, 128)
+    epochs: int = 40
+    patience: int = 6
+
+    def __post_init__(self) -> None:
+        def choices(name: str, allowed: tuple[str, ...] | None = None) -> None:
+            value = getattr(self, name)
+            if not value or len(set(value)) != len(value):
+                raise SearchError(f"search space {name!r}: needs distinct choices, got {list(value)}")
+            if allowed is not None and not set(value) <= set(allowed):
+                raise SearchError(f"search space {name!r}: {list(value)} not all in {list(allowed)}")
+
+        choices("families", FAMILIES)
+        choices("centerings", CENTERINGS)
+        choices("seasons", SEASON_CHOICES)
+        for name in ("windows", "widths", "bottlenecks", "batch_sizes"):
+            choices(name)
+            if min(getattr(self, name)) < (2 if name == "windows" else 1):
+                raise SearchError(f"search space {name!r}: values must be positive (windows >= 2)")
+        for name, low in (("layers", 1), ("learning_rate", 0), ("weight_decay", 0)):
+            lo, hi = getattr(self, name)
+            if not low <= lo <= hi or (low == 0 and lo <= 0):
+                raise SearchError(f"search space {name!r}: needs 0 < low <= high, got [{lo}, {hi}]")
+        if self.epochs < 1 or self.patience < 1:
+            raise SearchError("search space: epochs and patience must be at least 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> SearchSpace:
+        """A space from JSON; missing keys take the defaults. Raises :class:`SearchError` for
+        unknown keys, wrong types or out-of-range values (one line)."""
+        if not isinstance(obj, Mapping):
+            raise SearchError("a search space must be a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(obj) - set(known))
+        if unknown:
+            raise SearchError(f"unknown search space key(s) {unknown}; known: {', '.join(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in obj.items():
+            default = getattr(cls, key)
+            try:
+                if isinstance(default, tuple):
+                    if not isinstance(value, list) or (key in _RANGES and len(value) != 2):
+                        raise TypeError
+                    kind = type(default[0])
+                    if any(isinstance(v, bool) or not isinstance(v, (kind, int)) for v in value):
+                        raise TypeError
+                    kwargs[key] = tuple(kind(v) for v in value)
+                else:
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise TypeError
+                    kwargs[key] = value
+            except TypeError:
+                example = json.dumps(cls.__dataclass_fields__[key].default)
+                raise SearchError(f"search space {key!r}: expected a value like {example}, got {value!r}") from None
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the space: a buildable architecture and the recipe to train it."""
+
+    architecture: ArchitectureSpec
+    recipe: Recipe
+
+    def to_json(self) -> dict[str, Any]:
+        return {"architecture": self.architecture.to_json(), "recipe": self.recipe.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Candidate:
+        """Read back :meth:`to_json`. Raises :class:`SearchError` when it is malformed."""
+        try:
+            return cls(ArchitectureSpec.from_json(dict(obj["architecture"])), Recipe.from_json(dict(obj["recipe"])))
+        except (KeyError, TypeError, ValueError, SpecError) as e:
+            raise SearchError(f"bad candidate {dict(obj)!r}: {e}") from e
+
+
+def suggest(
+    trial: Any,
+    space: SearchSpace,
+    *,
+    features: int,
+    season_lag: Callable[[int], int] = lambda window: 0,
+    seed: int = 0,
+) -> Candidate:
+    """Ask ``trial`` (an ``optuna.Trial``) for every parameter of ``space``: a :class:`Candidate`.
+
+    ``features`` is the number of metrics of the data; ``season_lag(window)`` resolves a
+    forecaster's ``auto`` season to rows (0 when the data does not allow one). The recipe's
+    seed is ``seed``: candidates differ by their parameters, not by their luck.
+    """
+    family = trial.suggest_categorical("family", list(space.families))
+    window = trial.suggest_categorical("window", list(space.windows))
+    layers = trial.suggest_int("layers", *space.layers)
+    width = trial.suggest_categorical("width", list(space.widths))
+    centering = trial.suggest_categorical("centering", list(space.centerings))
+    season = 0
+    if family == "forecaster":
+        hidden = (width,) * layers
+        if trial.suggest_categorical("forecaster.season", list(space.seasons)) == "auto":
+            season = season_lag(window)
+    else:
+        bottleneck = trial.suggest_categorical("autoencoder.bottleneck", list(space.bottlenecks))
+        hidden = (width,) * (layers - 1) + (bottleneck,)
+    recipe = Recipe(
+        epochs=space.epochs,
+        patience=space.patience,
+        batch_size=trial.suggest_categorical("batch_size", list(space.batch_sizes)),
+        learning_rate=trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+        weight_decay=trial.suggest_float("weight_decay", *space.weight_decay, log=True),
+        seed=seed,
+    )
+    from trainer.pipeline import SEASON_HALFWIDTH
+
+    spec = ArchitectureSpec(family, window, features, hidden, centering, season=season,
+                            season_halfwidth=SEASON_HALFWIDTH)
+    return Candidate(spec, recipe)

@@ -1,0 +1,450 @@
+"""``edgefleet search``: the Optuna study over candidates, and registration of the winners.
+
+:func:`prepare_search` checks every input (profiles, data, labels, space, storage, study name,
+registry) before anything is written; :func:`run_search` runs the study; :func:`winners` picks,
+per profile, the best trial (or the Pareto front) among those that meet its budget;
+:func:`register_winners` retrains each winner through the normal ``train`` path (export,
+parity, registry) with lineage ``search → study → trial → candidate → artifacts``.
+
+Storage is Optuna RDB storage, by default SQLite beside the registry
+(``<registry>/search.sqlite3``). Every finished trial is committed there, so an interrupted
+search (Ctrl-C) resumes with ``--resume``; ``--trials`` counts the trials of the whole study,
+finished before or now (a failed or interrupted trial does not count).
+
+Trial user attributes: ``candidate`` (the candidate's JSON), ``quality`` and
+``quality_details``, ``hardware`` (one :class:`~trainer.search.hardware.HardwareRecord` per
+profile) and ``constraints`` (their constraint values in profile order). The same values go to the
+sampler through ``Trial.set_constraint`` (``{profile}.{budget}``; Optuna 5 deprecates
+``constraints_func`` in its favour): a trial is feasible when every value is ≤ 0, and a trial
+pruned before its hardware check has none (the leaderboard counts it as not measured).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.profiles import FirmwareProfile, ProfileError, builtin_profiles_dir, load_profile
+from trainer.search.errors import SearchError
+from trainer.search.hardware import BUDGETS
+from trainer.search.objective import ObjectiveData, labelled_data, synthetic_data
+from trainer.search.space import Candidate, SearchSpace
+
+__all__ = [
+    "OBJECTIVES",
+    "PRUNERS",
+    "PreparedSearch",
+    "SearchRequest",
+    "default_storage",
+    "leaderboard",
+    "load_study",
+    "prepare_search",
+    "register_winners",
+    "run_search",
+    "winners",
+]
+
+OBJECTIVES = {"quality": "maximize", "latency": "minimize", "size": "minimize"}
+PRUNERS = ("median", "sha", "hyperband", "none")
+STORAGE_FILE = "search.sqlite3"
+_UNMEASURED = 1e9  # latency/size objective of an artifact that failed parity
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Arguments of one ``edgefleet search`` run."""
+
+    data: Sequence[Path]
+    profiles: Sequence[str]
+    name: str
+    registry: Path
+    labels: Path | None = None
+    trials: int | None = None
+    timeout: float | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    objectives: tuple[str, ...] = ("quality",)
+    storage: str | None = None
+    study: str | None = None
+    resume: bool = False
+    seed: int = 0
+    register: str = "best"
+    space: SearchSpace = field(default_factory=SearchSpace)
+    profile_dirs: Sequence[Path] = ()
+
+
+@dataclass(frozen=True)
+class PreparedSearch:
+    """A checked request with its loaded profiles and data."""
+
+    request: SearchRequest
+    profiles: list[FirmwareProfile]
+    data: ObjectiveData
+    storage: str
+    study_name: str
+
+
+def default_storage(registry: Path) -> str:
+    """``sqlite:///<registry>/search.sqlite3`` (absolute)."""
+    return f"sqlite:///{(Path(registry) / STORAGE_FILE).resolve()}"
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def _study_names(storage: str) -> list[str]:
+    """Study names in ``storage``, without creating an SQLite file that does not exist yet."""
+    import optuna
+
+    path = _sqlite_path(storage)
+    if path is not None and not path.exists():
+        return []
+    try:
+        return [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    except Exception as e:  # SQLAlchemy raises many kinds; one line for the user
+        raise SearchError(f"cannot open search storage {storage}: {str(e).splitlines()[0]}") from e
+
+
+def prepare_search(request: SearchRequest) -> PreparedSearch:
+    """Check ``request`` and load its data. Raises :class:`SearchError` (one line) with nothing
+    written."""
+    from trainer.registry import Registry, RegistryError, check_model_name
+
+    try:
+        check_model_name(request.name)
+    except RegistryError as e:
+        raise SearchError(str(e)) from e
+    if not request.objectives or set(request.objectives) - set(OBJECTIVES) or request.objectives[0] != "quality":
+        raise SearchError(
+            f"--objectives must start with quality and name only {', '.join(OBJECTIVES)}, "
+            f"got {','.join(request.objectives)}"
+        )
+    if len(set(request.objectives)) != len(request.objectives):
+        raise SearchError(f"--objectives names one twice: {','.join(request.objectives)}")
+    if request.register == "front" and len(request.objectives) == 1:
+        raise SearchError("--register front needs several --objectives (e.g. quality,latency)")
+    if request.trials is None and request.timeout is None:
+        raise SearchError("give --trials N or --timeout SECONDS")
+    if request.pruner not in PRUNERS:
+        raise SearchError(f"unknown pruner {request.pruner!r}; known: {', '.join(PRUNERS)}")
+    from trainer.search.samplers import make_sampler
+
+    make_sampler(request.sampler, seed=request.seed, directions=["maximize"])  # known name?
+    dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
+    try:
+        profiles = [load_profile(p, dirs) for p in dict.fromkeys(request.profiles)]
+    except ProfileError as e:
+        raise SearchError(str(e)) from e
+    if not profiles:
+        raise SearchError("give at least one --profile")
+    if not request.data:
+        raise SearchError("give at least one --data CSV")
+    if request.labels is not None:
+        data = labelled_data(request.data, request.labels)
+    else:
+        data = synthetic_data(request.data, seed=request.seed)
+    data.check_space(request.space)
+    try:
+        Registry.check_writable(request.registry)
+    except RegistryError as e:
+        raise SearchError(str(e)) from e
+    storage = request.storage or default_storage(request.registry)
+    study_name = request.study or request.name
+    exists = study_name in _study_names(storage)
+    if exists and not request.resume:
+        raise SearchError(f"study {study_name!r} exists in {storage}: pass --resume to continue it, or --study NEW")
+    if request.resume and not exists:
+        raise SearchError(f"--resume: no study {study_name!r} in {storage}")
+    return PreparedSearch(request, profiles, data, storage, study_name)
+
+
+def _pruner(name: str, epochs: int, multi: bool) -> Any:
+    import optuna
+
+    if multi or name == "none":  # Trial.report is not supported with several objectives
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    if name == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+
+
+def _counts(study: Any) -> tuple[int, int, int]:
+    """Finished (complete + pruned), pruned, and complete-but-infeasible trials."""
+    from optuna.trial import TrialState
+
+    done = pruned = infeasible = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        done += 1
+        if t.state == TrialState.PRUNED:
+            pruned += 1
+        elif any(c > 0 for c in t.user_attrs.get("constraints", [1.0])):
+            infeasible += 1
+    return done, pruned, infeasible
+
+
+def run_search(prepared: PreparedSearch, progress: Callable[[str], None] | None = None) -> Any:
+    """Create (or resume) the study and run trials until ``--trials`` finished trials or the
+    timeout. Returns the ``optuna.Study``. ``progress(line)`` gets a line after each trial.
+
+    KeyboardInterrupt propagates; every finished trial is already in the storage.
+    """
+    import optuna
+
+    from trainer.pipeline import seasonal_lag
+    from trainer.search.hardware import measure
+    from trainer.search.objective import measure_quality, train_candidate
+    from trainer.search.samplers import make_sampler
+
+    req = prepared.request
+    directions = [OBJECTIVES[o] for o in req.objectives]
+    path = _sqlite_path(prepared.storage)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        storage=prepared.storage,
+        study_name=prepared.study_name,
+        sampler=make_sampler(req.sampler, seed=req.seed, directions=directions),
+        pruner=_pruner(req.pruner, req.space.epochs, len(directions) > 1),
+        directions=directions,
+        load_if_exists=req.resume,
+    )
+    setup = {"objectives": list(req.objectives), "profiles": [p.name for p in prepared.profiles],
+             "space": req.space.to_json(), "mode": prepared.data.mode, "seed": req.seed}
+    if not req.resume:
+        for k, v in setup.items():
+            study.set_user_attr(k, v)
+    else:
+        for k in ("objectives", "profiles", "space", "mode"):
+            if study.user_attrs.get(k) != setup[k]:
+                raise SearchError(f"--resume: this run's {k} differ from study {prepared.study_name!r}'s "
+                                  f"({study.user_attrs.get(k)})")
+    data, profiles = prepared.data, prepared.profiles
+    lags: dict[int, int] = {}
+
+    def season_lag(window: int) -> int:
+        if window not in lags:
+            lags[window] = seasonal_lag(data.series, window)
+        return lags[window]
+
+    def objective(trial: Any) -> Any:
+        candidate = suggest_candidate(trial, req.space, len(data.features), season_lag, req.seed)
+        trained = train_candidate(candidate, data, trial)
+        quality = measure_quality(trained, data)
+        trial.set_user_attr("quality", quality.quality)
+        trial.set_user_attr("quality_details", quality.details)
+        records = measure(trained, data.features, profiles)
+        trial.set_user_attr("hardware", [r.to_json() for r in records])
+        trial.set_user_attr("constraints", [c for r in records for c in r.constraints])
+        for r in records:  # what the sampler reads (Optuna 5's successor of constraints_func)
+            for budget, value in zip(BUDGETS, r.constraints):
+                trial.set_constraint(f"{r.profile}.{budget}", value)
+        values = [quality.quality]
+        for o in req.objectives[1:]:
+            if o == "latency":
+                lat = [r.latency_p99_ms for r in records]
+                values.append(max(lat) if all(map(math.isfinite, lat)) else _UNMEASURED)
+            else:
+                values.append(max(r.artifact_bytes for r in records))
+        return values[0] if len(values) == 1 else values
+
+    started = time.monotonic()
+    before = _counts(study)[0]
+
+    def callback(study: Any, trial: Any) -> None:
+        if progress is None:
+            return
+        done, pruned, infeasible = _counts(study)
+        best = _best_line(study)
+        rate = (time.monotonic() - started) / max(1, done - before)
+        eta = ""
+        if req.trials is not None:
+            eta = f", ETA {_duration(rate * max(0, req.trials - done))}"
+        elif req.timeout is not None:
+            eta = f", {_duration(max(0.0, req.timeout - (time.monotonic() - started)))} left"
+        of = f"/{req.trials}" if req.trials is not None else ""
+        progress(f"search {prepared.study_name}: {done}{of} trials, {pruned} pruned, {infeasible} infeasible, "
+                 f"best {best}{eta}")
+
+    remaining = None if req.trials is None else max(0, req.trials - before)
+    if remaining != 0:
+        study.optimize(objective, n_trials=remaining, timeout=req.timeout, callbacks=[callback],
+                       gc_after_trial=False, show_progress_bar=False)
+    return study
+
+
+def suggest_candidate(trial: Any, space: SearchSpace, features: int, season_lag: Callable[[int], int],
+                      seed: int) -> Candidate:
+    """:func:`trainer.search.space.suggest`, recording the candidate in the trial's attributes."""
+    from trainer.search.space import suggest
+
+    candidate = suggest(trial, space, features=features, season_lag=season_lag, seed=seed)
+    trial.set_user_attr("candidate", candidate.to_json())
+    return candidate
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _best_line(study: Any) -> str:
+    feasible = _feasible(study, None)
+    if not feasible:
+        return "-"
+    t = max(feasible, key=lambda t: t.values[0])
+    return f"{t.values[0]:.4g} (trial {t.number})"
+
+
+def _feasible(study: Any, profile_index: int | None) -> list[Any]:
+    """Complete trials that meet every budget of one profile (or of all, ``None``)."""
+    from optuna.trial import TrialState
+
+    out = []
+    n = len(BUDGETS)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        c = t.user_attrs.get("constraints")
+        if not c:
+            continue
+        part = c if profile_index is None else c[profile_index * n:(profile_index + 1) * n]
+        if all(v <= 0 for v in part):
+            out.append(t)
+    return out
+
+
+def _dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    signs = [1 if d == "maximize" else -1 for d in directions]
+    x = [s * v for s, v in zip(signs, a)]
+    y = [s * v for s, v in zip(signs, b)]
+    return all(p >= q for p, q in zip(x, y)) and any(p > q for p, q in zip(x, y))
+
+
+def pareto_front(trials: Sequence[Any], directions: Sequence[str]) -> list[Any]:
+    """The trials no other trial dominates."""
+    return [t for t in trials if not any(_dominates(o.values, t.values, directions) for o in trials if o is not t)]
+
+
+def winners(study: Any, profiles: Sequence[str], register: str) -> dict[int, list[str]]:
+    """Trial number → the profiles it wins: per profile the best feasible trial by quality
+    (``best``) or the Pareto front of its feasible trials (``front``).
+
+    Raises :class:`SearchError` naming the first profile that no trial meets.
+    """
+    directions = [OBJECTIVES[o] for o in study.user_attrs["objectives"]]
+    won: dict[int, list[str]] = {}
+    for i, name in enumerate(profiles):
+        feasible = _feasible(study, i)
+        if not feasible:
+            raise SearchError(
+                f"no candidate of study {study.study_name!r} meets the budget of profile {name!r} "
+                f"({_worst_failure(study, i)}); nothing registered"
+            )
+        if register == "front":
+            chosen = pareto_front(feasible, directions)
+        else:
+            chosen = [max(feasible, key=lambda t: (t.values[0], -t.number))]
+        for t in chosen:
+            won.setdefault(t.number, []).append(name)
+    return won
+
+
+def _worst_failure(study: Any, index: int) -> str:
+    from optuna.trial import TrialState
+
+    counts: dict[str, int] = {}
+    measured = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        hw = t.user_attrs.get("hardware")
+        if hw:
+            measured += 1
+            for f in hw[index]["failures"]:
+                counts[f] = counts.get(f, 0) + 1
+    if not measured:
+        return "no trial was measured"
+    return f"{measured} measured: " + ", ".join(f"{k} exceeded by {v}" for k, v in sorted(counts.items()))
+
+
+def load_study(name: str, storage: str) -> Any:
+    """The stored study ``name``. Raises :class:`SearchError` when there is none."""
+    import optuna
+
+    if name not in _study_names(storage):
+        raise SearchError(f"no study {name!r} in {storage}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def leaderboard(study: Any) -> list[dict[str, Any]]:
+    """Complete trials, best quality first: number, values, feasibility per profile, candidate."""
+    from optuna.trial import TrialState
+
+    profiles = study.user_attrs.get("profiles", [])
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        hw = t.user_attrs.get("hardware", [])
+        rows.append({
+            "trial": t.number,
+            "values": list(t.values),
+            "feasible": {p: not h["failures"] for p, h in zip(profiles, hw)},
+            "failures": {p: h["failures"] for p, h in zip(profiles, hw) if h["failures"]},
+            "hardware": hw,
+            "candidate": t.user_attrs.get("candidate"),
+            "quality_details": t.user_attrs.get("quality_details"),
+        })
+    rows.sort(key=lambda r: (-r["values"][0], r["trial"]))
+    return rows
+
+
+def register_winners(prepared: PreparedSearch, study: Any,
+                     progress: Callable[[str, dict[str, Any]], None] | None = None) -> list[Any]:
+    """Retrain and register each winner through the normal ``train`` path (one version per
+    winning trial, built for the profiles it wins). Returns the ``VersionRecord``s.
+
+    Raises :class:`SearchError` when a profile has no feasible trial (nothing registered).
+    """
+    from shared.series import read_series
+    from trainer.evaluation.nab import probation_rows
+    from trainer.pipeline import TrainError, TrainRequest, prepare, train
+
+    req = prepared.request
+    won = winners(study, [p.name for p in prepared.profiles], req.register)
+    fraction = 1.0
+    if prepared.data.mode == "labelled":  # the rows judged normal: the probationary ones
+        n = len(read_series(req.data[0]))
+        fraction = probation_rows(n) / n
+    plans = []
+    for number, names in sorted(won.items()):
+        trial = study.trials[number]
+        candidate = Candidate.from_json(trial.user_attrs["candidate"])
+        spec, recipe = candidate.architecture, candidate.recipe
+        lineage = {"search": {
+            "study": study.study_name,
+            "storage": prepared.storage,
+            "trial": number,
+            "objectives": study.user_attrs["objectives"],
+            "values": list(trial.values),
+            "candidate": candidate.to_json(),
+            "hardware": [h for h in trial.user_attrs["hardware"] if h["profile"] in names],
+        }}
+        request = TrainRequest(
+            data=list(req.data), profiles=names, name=req.name, epochs=recipe.epochs, seed=recipe.seed,
+            train_fraction=fraction, family=spec.family, window=spec.window, hidden=spec.hidden,
+            centering=spec.centering, season=spec.season, recipe=recipe, lineage=lineage,
+            profile_dirs=list(req.profile_dirs),
+        )
+        try:
+            plans.append(prepare(request))
+        except TrainError as e:
+            raise SearchError(f"trial {number}: {e}") from e
+    records = []
+    for plan in plans:
+        try:
+            records.append(train(plan, req.registry, progress).version)
+        except TrainError as e:
+            raise SearchError(str(e)) from e
+    return records

@@ -240,7 +240,7 @@ def render_config(
 id = {q(agent_id)}          # unique per host; letters, digits, '.', '_', '-'
 group = {q(group)}           # deployments addressed to this group apply unless an agent document overrides
 profile = {q(profile)}       # firmware profile: edgefleet profiles list
-state_dir = {q(state_dir)}   # artifacts, trusted TUF metadata, outbox.sqlite, state.json
+state_dir = {q(state_dir)}   # artifacts, trusted TUF metadata, outbox.sqlite, state.json, recent samples
 # threads = 1                # inference threads (default: the profile's budget.threads)
 
 [broker]

@@ -17,6 +17,10 @@ paho's network thread.
 A full state directory never stops detection: an event that cannot be stored is counted (in
 health ``outbox_dropped``) and logged at most once a minute; a deployment that cannot be
 stored is reported ``failed`` (``storage: …``) and retried until it can.
+
+The last :data:`HISTORY` samples pre-fill a newly activated model, so that it scores from the
+next sample. They outlive a clean stop (:mod:`edge_agent.recent`): saved at shutdown, loaded
+before the active models are installed, and kept only if the first live sample continues them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -42,6 +47,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.detector import Detection, Detector
 from edge_agent.mqtt import BrokerError, Will, connect_in_background, new_client
 from edge_agent.outbox import Outbox, OutboxError, OutboxPublisher
+from edge_agent.recent import RECENT_SAMPLES, discontinuity, load_recent, save_recent
 from edge_agent.reconcile import LoadedModel, Reconciler, load_active
 from edge_agent.runtime import available_runtimes
 from edge_agent.sources import Sample, open_source, parse_source
@@ -70,6 +76,7 @@ EXIT_CONFIG = 2
 EXIT_AUTH = 3
 AUTH_FAILURES = {134, 135}  # MQTT 5 reason codes bad user name or password, not authorized
 OUTBOX_REOPEN_INTERVAL = 5.0  # seconds between attempts to open an outbox that would not open
+HISTORY = 4096  # recent samples kept to pre-fill a newly activated model (windows up to this)
 
 
 def _event_payload(detection: Detection, agent: str, seq: int) -> bytes:
@@ -123,9 +130,10 @@ class Agent:
         self.model_ready = threading.Event()  # set once any slot serves a model
         self.exit_code = EXIT_OK
         self._stdin = stdin
-        self._lock = threading.Lock()  # guards self._detectors
+        self._lock = threading.Lock()  # guards self._detectors and self._history
         self._detectors: dict[str, Detector] = {}
-        self._history: deque[Sample] = deque(maxlen=4096)
+        self._history: deque[Sample] = deque(maxlen=HISTORY)
+        self._resumed = 0  # samples loaded from the last stop, not yet judged by a live one
         self._errors = 0
         self._retired = {"inferences": 0, "anomalies": 0}  # counters of replaced detectors
         self.store: ActivationStore | None = None
@@ -162,6 +170,11 @@ class Agent:
             self._open_outbox()
         except OutboxError as e:
             log.error("%s: anomaly events are counted, not stored, until it opens", e)
+        # Before the models are installed, which pre-fill their windows from the history; the
+        # first live sample decides whether these samples stay (_judge_resumed).
+        resumed = load_recent(c.state_dir / RECENT_SAMPLES, limit=HISTORY)
+        self._history.extend(resumed)
+        self._resumed = len(resumed)
         for slot in self.store.slots():
             loaded = load_active(self.store, slot, c.threads)
             if loaded:
@@ -420,11 +433,15 @@ class Agent:
     # -- serving -------------------------------------------------------------------------------
 
     def _install(self, slot: str, loaded: LoadedModel) -> None:
-        """Swap the slot's detector; the new one is pre-filled with recent samples."""
+        """Swap the slot's detector; the new one is pre-filled with the last ``window - 1``
+        recent samples (one short of a full window: the pre-fill scores nothing)."""
         detector = Detector(loaded.runtime, loaded.spec, model_version=loaded.record.version, slot=slot)
-        for sample in list(self._history)[-loaded.spec.window + 1 :]:
-            detector.push(sample.timestamp, [sample.values.get(f) for f in loaded.spec.features])
+        features = loaded.spec.features
+        # Under the lock: no sample is appended or dropped between the pre-fill and the swap.
         with self._lock:
+            start = max(0, len(self._history) - (loaded.spec.window - 1))
+            for sample in islice(self._history, start, None):
+                detector.push(sample.timestamp, [sample.values.get(f) for f in features])
             old = self._detectors.get(slot)
             self._detectors[slot] = detector
         self.model_ready.set()
@@ -438,8 +455,10 @@ class Agent:
     def _serve(self, samples: Iterator[Sample]) -> None:
         topic = self.topics.agent_events(self.config.agent_id)
         for sample in samples:
-            self._history.append(sample)
             with self._lock:
+                if self._resumed:
+                    self._judge_resumed(sample)
+                self._history.append(sample)
                 detectors = list(self._detectors.values())
             for detector in detectors:
                 try:
@@ -453,6 +472,35 @@ class Agent:
                     self._store_event(topic, detection)
             if self.stop_event.is_set():
                 break
+
+    def _judge_resumed(self, first: Sample) -> None:
+        """Keep the samples loaded at start if ``first``, the first live sample, continues them;
+        otherwise drop them and make every model refill its window. Called with the lock held."""
+        n, self._resumed = self._resumed, 0
+        gap = discontinuity([s.timestamp for s in self._history], first.timestamp)
+        if gap is None:
+            log.info("resumed %d samples saved at the last stop", n)
+            return
+        log.info("dropped %d samples saved at the last stop: %s; models refill their windows", n, gap)
+        self._history.clear()
+        for detector in self._detectors.values():
+            detector.restart_window()
+
+    def _save_recent(self) -> None:
+        """Save the history for the next start (see :mod:`edge_agent.recent`); a failure is
+        logged: the next start refills the windows instead."""
+        with self._lock:
+            samples = list(self._history)
+        if not samples:
+            return
+        path = self.config.state_dir / RECENT_SAMPLES
+        try:
+            save_recent(path, samples)
+        except OSError as e:
+            log.warning("cannot save the recent samples to %s (%s): models refill their windows "
+                        "after the restart", path, e)
+            return
+        log.info("saved %d recent samples to %s", len(samples), path)
 
     def _store_event(self, topic: str, detection: Detection) -> None:
         """Queue an event for delivery; one that cannot be stored is counted, never fatal."""
@@ -537,13 +585,15 @@ class Agent:
             signal.signal(sig, lambda *_: self.stop())
 
     def shutdown(self) -> None:
-        """Flush events, announce ``stopped`` (retained), disconnect cleanly (no Last Will).
+        """Save the recent samples, flush events, announce ``stopped`` (retained), disconnect
+        cleanly (no Last Will).
 
         When the broker is unreachable nothing is waited for: the events stay in the outbox.
         """
         self.stop_event.set()
         self.model_ready.set()
         self._reserve_wanted.set()  # wakes the state writer, which sees the stop
+        self._save_recent()  # first: the broker may make the rest slow
         session = self._session
         connected = session is not None and session.is_connected()
         if self.publisher is not None:

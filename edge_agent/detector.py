@@ -167,6 +167,17 @@ class Detector:
             tail_probability=step.tail_probability,
         )
 
+    def restart_window(self) -> None:
+        """Forget the buffered samples: the next ``window`` samples refill the ring before the
+        next detection, and no value from before is forward-filled into them.
+
+        For samples that do not continue the buffered ones (a gap in time). The score
+        pipeline's state and the counters stay.
+        """
+        self._pos = 0
+        self._count = 0
+        self._last.fill(np.nan)
+
     def stats(self) -> DetectorStats:
         """A snapshot of the counters and latency percentiles."""
         lat = sorted(self._latency_ns)

@@ -30,7 +30,7 @@ class SourceError(ValueError):
     """A source spec is malformed, or the source cannot be read."""
 
 
-@dataclass(frozen=True, slots=True)  # the agent keeps the last 4096 for model swaps
+@dataclass(frozen=True, slots=True)  # the agent keeps the last 4096 for model swaps and restarts
 class Sample:
     """One observation: when, and the value of each named metric."""
 

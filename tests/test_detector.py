@@ -86,6 +86,21 @@ def test_forward_fill_and_leading_missing_skipped() -> None:
         det.push("g", [1.0])
 
 
+def test_restart_window_refills_before_the_next_detection() -> None:
+    rt, spec = _setup(features=2)
+    det = Detector(rt, spec, model_version=1)
+    for i in range(W):
+        det.push(f"a{i}", [10.0, 10.0])
+    det.restart_window()
+    assert det.push("b0", [None, 1.0]) is None  # nothing from before is forward-filled
+    assert det.stats().skipped == 1
+    for i in range(1, W):
+        assert det.push(f"b{i}", [1.0, 1.0]) is None
+    d = det.push(f"b{W}", [1.0, 1.0])
+    assert d is not None and d.score == pytest.approx(1.0)  # no sample from before the restart
+    assert det.stats().inferences == 2  # the counters carry on
+
+
 def test_detect_series_equals_push_loop() -> None:
     rt, spec = _setup(features=2)
     rng = np.random.default_rng(3)

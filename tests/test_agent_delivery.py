@@ -605,7 +605,7 @@ def test_fleet_status_marks_an_agent_stale_when_the_broker_crashed_with_it(env: 
 
     view = poll_until(stale, 60, "fleet status to mark edge-6 stale", env.agents.tail, interval=1)
     assert (view["agent"], view["status"]) == ("edge-6", "online")  # no Will was ever sent
-    assert view["health_age_s"] > 3 * period
+    assert view["health_age_s"] >= 3 * period  # stale is decided on the unrounded age
     [line] = _fleet_status(env).stdout.splitlines()[1:]
     assert line.startswith("edge-6") and "online (stale)" in line and " s ago: " in line
 

@@ -180,8 +180,21 @@ def test_registry_list_and_show(host_model) -> None:
     assert shown["artifacts"] == version["artifacts"]
     text = edgefleet("registry", "show", "host", "--registry", str(registry)).stdout
     assert "host@1" in text and "tflite" in text
+    assert "recipe batch_size=64 epochs=" in text  # the recipe behind the version
     env = {**__import__("os").environ, "EDGEFLEET_REGISTRY": str(registry)}
     assert "host" in edgefleet("registry", "list", env=env).stdout
+
+
+def test_a_reader_that_goes_away_is_not_an_error(host_model) -> None:
+    registry, _ = host_model
+    # `edgefleet registry show host@1 | head -0`: the reader is gone before the first line
+    # (closed before the interpreter has even started, so every write meets a closed pipe)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "registry", "show", "host@1",
+                             "--registry", str(registry)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 0 and "Traceback" not in err, err
 
 
 def test_profiles_commands() -> None:

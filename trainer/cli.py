@@ -171,6 +171,14 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     )
     datasets = ", ".join(f"{d['file']} ({d['rows_used']} rows)" for d in record.lineage["datasets"])
     print(f"  data {datasets}; parent version {record.lineage.get('parent_version')}")
+    recipe = record.lineage.get("recipe")
+    if recipe:
+        print("  recipe " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in sorted(recipe.items())))
+    search = record.lineage.get("search")
+    if search:
+        values = ", ".join(f"{o} {v:.4g}" for o, v in zip(search.get("objectives", []), search.get("values", [])))
+        print(f"  search study {search.get('study')} trial {search.get('trial')} ({values}) in {search.get('storage')}")
     _print_artifacts(record.artifacts)
     return 0
 
@@ -452,6 +460,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edgefleet registry show … | head`): not an error of ours.
+        # Point stdout at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """``edgefleet search``: hardware-aware model search (see :mod:`trainer.search.study`).
 
-``edgefleet search --data CSV --profile P --name NAME --trials N`` runs a study and registers
-the winner(s); ``edgefleet search show STUDY`` prints a study's leaderboard.
+``edgefleet search --data CSV --profile P --name NAME --trials N [--jobs K]`` runs a study
+(in K local processes) and registers the winner(s); ``edgefleet search worker --study NAME
+--storage URL`` runs more trials of an existing study, from this or another machine (see
+:mod:`trainer.search.worker`); ``edgefleet search show STUDY`` prints a study's leaderboard.
+``--plots DIR`` on ``search`` and ``search show`` writes PNGs (:mod:`trainer.search.plots`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,10 +43,88 @@ def _space(path: str | None) -> Any:
         raise UsageError(f"--space {path}: {e}") from e
 
 
+def _plots_dir(text: str | None) -> Path | None:
+    if text is None:
+        return None
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--plots {path} exists and is not a folder")
+    return path
+
+
+def _write_plots(study: Any, folder: Path | None, quiet: bool) -> None:
+    from trainer.search.plots import write_plots
+
+    if folder is not None:
+        written = write_plots(study, folder)
+        if not quiet:
+            print(f"plots: {', '.join(str(p) for p in written)}", file=sys.stderr)
+
+
+_STUDY_OWNED = (("--data", "data"), ("--profile", "profile"), ("--name", "name"), ("--labels", "labels"),
+                ("--space", "space"), ("--profiles-dir", "profiles_dir"), ("--resume", "resume"),
+                ("--plots", "plots"))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """``edgefleet search worker``: run trials of an existing study (no registration)."""
+    given = [o for o, k in _STUDY_OWNED if getattr(args, k)]
+    if given or args.jobs != 1:
+        raise UsageError(f"`search worker` takes {', '.join(given) or '--jobs'} from the study: "
+                         "give only --study, --storage, --trials, --timeout, --registry")
+    if not args.study:
+        raise UsageError("`search worker` needs --study NAME (and --storage URL unless it is in --registry)")
+    import optuna
+
+    from trainer.progress import ProgressBar
+    from trainer.search.errors import SearchError
+    from trainer.search.study import default_storage, run_trials
+    from trainer.search.worker import join_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = args.storage or default_storage(Path(args.registry))
+    try:
+        study, prepared = join_study(args.study, storage, args.trials, args.timeout, Path(args.registry))
+    except SearchError as e:
+        raise UsageError(str(e)) from e
+    bar = ProgressBar("search", total=1, enabled=not args.quiet)
+    run_trials(study, prepared, (lambda line: bar.note(line)) if not args.quiet else None)
+    return 0
+
+
+def _start_workers(count: int, study: str, storage: str, trials: int | None,
+                   timeout: float | None) -> list[subprocess.Popen[bytes]]:
+    """``count`` local ``edgefleet search worker`` processes on ``study`` (quiet)."""
+    argv = [sys.executable, "-m", "trainer.cli", "search", "worker", "--study", study, "--storage", storage, "-q"]
+    if trials is not None:
+        argv += ["--trials", str(trials)]
+    if timeout is not None:
+        argv += ["--timeout", str(timeout)]
+    return [subprocess.Popen(argv, stdin=subprocess.DEVNULL) for _ in range(count)]
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    """Interrupt workers still running (their running trial ends as FAIL) and reap them."""
+    import signal
+
+    for w in workers:
+        if w.poll() is None:
+            w.send_signal(signal.SIGINT)
+    for w in workers:
+        try:
+            w.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     if args.words:
+        if args.words == ["worker"]:
+            return _worker(args)
         if len(args.words) != 2 or args.words[0] != "show":
-            raise UsageError(f"unexpected {' '.join(args.words)!r}: use `edgefleet search show STUDY` or options only")
+            raise UsageError(f"unexpected {' '.join(args.words)!r}: use `edgefleet search show STUDY`, "
+                             "`edgefleet search worker --study NAME` or options only")
         return _show(args, args.words[1])
     missing = [o for o, v in (("--data", args.data), ("--profile", args.profile), ("--name", args.name)) if not v]
     if missing:
@@ -53,9 +135,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from trainer.search.errors import SearchError
     from trainer.search.study import (
         SearchRequest,
+        open_study,
         prepare_search,
         register_winners,
-        run_search,
+        run_trials,
         winners,
     )
 
@@ -68,12 +151,26 @@ def cmd_search(args: argparse.Namespace) -> int:
         resume=args.resume, seed=args.seed, register=args.register, space=_space(args.space),
         profile_dirs=[Path(d) for d in args.profiles_dir],
     )
+    plots = _plots_dir(args.plots)
     try:
         prepared = prepare_search(request)
+        study = open_study(prepared)
     except SearchError as e:
         raise UsageError(str(e)) from e
     bar = ProgressBar("search", total=1, enabled=not args.quiet)
-    study = run_search(prepared, (lambda line: bar.note(line)) if not args.quiet else None)
+    workers = _start_workers(args.jobs - 1, prepared.study_name, prepared.storage, args.trials, args.timeout)
+    try:
+        run_trials(study, prepared, (lambda line: bar.note(line)) if not args.quiet else None)
+        for w in workers:
+            w.wait()
+    finally:
+        _stop_workers(workers)
+    failed = [w for w in workers if w.returncode != 0]
+    if failed:
+        print(f"edgefleet search: worker process {failed[0].pid} exited {failed[0].returncode}; "
+              "nothing registered", file=sys.stderr)
+        return EXIT_FAILED
+    _write_plots(study, plots, args.quiet)
     try:
         won = winners(study, [p.name for p in prepared.profiles], request.register)
     except SearchError as e:
@@ -108,11 +205,13 @@ def _show(args: argparse.Namespace, name: str) -> int:
     )
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plots = _plots_dir(args.plots)
     storage = args.storage or default_storage(Path(args.registry))
     try:
         study = load_study(name, storage)
     except SearchError as e:
         raise UsageError(str(e)) from e
+    _write_plots(study, plots, args.json)
     rows = leaderboard(study)
     objectives = study.user_attrs.get("objectives", ["quality"])
     front: list[int] = []
@@ -145,7 +244,9 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
         help="search architectures and hyperparameters under profiles' budgets (Optuna)",
         description="Run a study and register the winner(s), or `search show STUDY` for a leaderboard.",
     )
-    p.add_argument("words", nargs="*", metavar="show STUDY", help="print the leaderboard of STUDY")
+    p.add_argument("words", nargs="*", metavar="show STUDY | worker",
+                   help="`show STUDY`: print the leaderboard of STUDY; `worker`: run trials of the "
+                   "existing study --study (from --storage) until it has --trials finished trials")
     p.add_argument("--data", action="append", metavar="CSV", help="series to search on; repeatable")
     p.add_argument("--profile", action="append", metavar="NAME", help="firmware profile; repeatable")
     p.add_argument("--profiles-dir", action="append", default=[], metavar="DIR",
@@ -157,8 +258,8 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--timeout", type=positive_float, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--sampler", default="tpe", metavar="NAME",
                    help="tpe (default, multivariate), random, gp, cmaes (one objective), nsga2, "
-                   "evolution (regularized), reinforce (policy gradient, one objective); grid "
-                   "needs a grid, which this command does not build yet")
+                   "evolution (regularized), reinforce (policy gradient, one objective), grid "
+                   "(every choice, 3 values per range; see trainer.search.grid)")
     p.add_argument("--pruner", choices=("median", "sha", "hyperband", "none"), default="median")
     p.add_argument("--objectives", default="quality", metavar="quality[,latency,size]",
                    help="what to optimize: quality, optionally latency and artifact size too")
@@ -166,6 +267,9 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--storage", metavar="URL", help="Optuna storage (default: sqlite in the registry)")
     p.add_argument("--study", metavar="NAME", help="study name (default: --name)")
     p.add_argument("--resume", action="store_true", help="continue an existing study")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="K",
+                   help="run trials in K local processes sharing the storage (default: 1)")
+    p.add_argument("--plots", metavar="DIR", help="write history, importance and Pareto-front PNGs here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--register", choices=("best", "front"), default="best",
                    help="register the best trial per profile, or every trial of its Pareto front")

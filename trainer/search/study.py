@@ -11,7 +11,17 @@ Storage is Optuna RDB storage, by default SQLite beside the registry
 search (Ctrl-C) resumes with ``--resume``; ``--trials`` counts the trials of the whole study,
 finished before or now (a failed or interrupted trial does not count).
 
-Trial user attributes: ``candidate`` (the candidate's JSON), ``quality`` and
+Several processes may run trials of one study at once (``edgefleet search worker``, ``search
+--jobs``): :func:`open_study` writes everything a trial needs into the study's user attributes
+(:data:`SETUP_KEYS`: data files with their sha256, labels, profiles and profile folders, space,
+objectives, mode, seed, sampler, pruner), and :mod:`trainer.search.worker` rebuilds the search
+from them. ``--trials N`` then bounds the whole study: a process starts a trial only while fewer
+than N trials are finished or running, and a trial that storage numbers after N others that are
+finished or running (two processes that started at the same moment) ends as FAIL with user
+attribute ``surplus`` instead of running. A trial that crashes with its process stays RUNNING
+and keeps counting (Optuna's heartbeat is not enabled).
+
+Trial user attributes: ``worker`` (``host:pid`` of the process that ran it), ``candidate`` (the candidate's JSON), ``quality`` and
 ``quality_details``, ``hardware`` (one :class:`~trainer.search.hardware.HardwareRecord` per
 profile) and ``constraints`` (their constraint values in profile order). The same values go to the
 sampler through ``Trial.set_constraint`` (``{profile}.{budget}``; Optuna 5 deprecates
@@ -21,7 +31,11 @@ pruned before its hardware check has none (the leaderboard counts it as not meas
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,14 +51,19 @@ from trainer.search.space import Candidate, SearchSpace
 __all__ = [
     "OBJECTIVES",
     "PRUNERS",
+    "SETUP_KEYS",
     "PreparedSearch",
     "SearchRequest",
     "default_storage",
     "leaderboard",
     "load_study",
+    "open_storage",
+    "open_study",
     "prepare_search",
     "register_winners",
     "run_search",
+    "run_trials",
+    "sha256_file",
     "winners",
 ]
 
@@ -52,6 +71,10 @@ OBJECTIVES = {"quality": "maximize", "latency": "minimize", "size": "minimize"}
 PRUNERS = ("median", "sha", "hyperband", "none")
 STORAGE_FILE = "search.sqlite3"
 _UNMEASURED = 1e9  # latency/size objective of an artifact that failed parity
+SETUP_KEYS = ("name", "data", "labels", "profiles", "profile_dirs", "space", "objectives", "mode",
+              "seed", "sampler", "pruner", "trials")
+"""Study user attributes that describe the search: enough for a worker to run its trials."""
+_SQLITE_LOCK_TIMEOUT_S = 60  # several local processes write one SQLite file
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,30 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes (hex). Raises OSError when it cannot be read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_storage(url: str) -> Any:
+    """Optuna RDB storage for ``url`` (``sqlite:///…``, ``postgresql://…``, any SQLAlchemy URL).
+
+    SQLite waits up to a minute for a lock, as several local processes share one file. Raises
+    :class:`SearchError` (one line) when the storage cannot be opened.
+    """
+    import optuna
+
+    kwargs = {"connect_args": {"timeout": _SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as e:  # SQLAlchemy and drivers raise many kinds; one line for the user
+        raise SearchError(f"cannot open search storage {url}: {str(e).strip().splitlines()[0]}") from e
+
+
 def _study_names(storage: str) -> list[str]:
     """Study names in ``storage``, without creating an SQLite file that does not exist yet."""
     import optuna
@@ -105,9 +152,11 @@ def _study_names(storage: str) -> list[str]:
     if path is not None and not path.exists():
         return []
     try:
-        return [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        return [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage), False)]
+    except SearchError:
+        raise
     except Exception as e:  # SQLAlchemy raises many kinds; one line for the user
-        raise SearchError(f"cannot open search storage {storage}: {str(e).splitlines()[0]}") from e
+        raise SearchError(f"cannot open search storage {storage}: {str(e).strip().splitlines()[0]}") from e
 
 
 def prepare_search(request: SearchRequest) -> PreparedSearch:
@@ -132,9 +181,11 @@ def prepare_search(request: SearchRequest) -> PreparedSearch:
         raise SearchError("give --trials N or --timeout SECONDS")
     if request.pruner not in PRUNERS:
         raise SearchError(f"unknown pruner {request.pruner!r}; known: {', '.join(PRUNERS)}")
+    from trainer.search.grid import grid_of
     from trainer.search.samplers import make_sampler
 
-    make_sampler(request.sampler, seed=request.seed, directions=["maximize"])  # known name?
+    grid = grid_of(request.space) if request.sampler == "grid" else None
+    make_sampler(request.sampler, seed=request.seed, directions=["maximize"], grid=grid)  # known name?
     dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
     try:
         profiles = [load_profile(p, dirs) for p in dict.fromkeys(request.profiles)]
@@ -189,43 +240,104 @@ def _counts(study: Any) -> tuple[int, int, int]:
     return done, pruned, infeasible
 
 
-def run_search(prepared: PreparedSearch, progress: Callable[[str], None] | None = None) -> Any:
-    """Create (or resume) the study and run trials until ``--trials`` finished trials or the
-    timeout. Returns the ``optuna.Study``. ``progress(line)`` gets a line after each trial.
+def _setup(prepared: PreparedSearch) -> dict[str, Any]:
+    req = prepared.request
+    return {
+        "name": req.name,
+        "data": [{"path": str(Path(p).resolve()), "sha256": sha256_file(p)} for p in req.data],
+        "labels": None if req.labels is None else {"path": str(req.labels.resolve()),
+                                                    "sha256": sha256_file(req.labels)},
+        "profiles": [p.name for p in prepared.profiles],
+        "profile_dirs": [str(Path(d).resolve()) for d in req.profile_dirs],
+        "space": req.space.to_json(), "objectives": list(req.objectives), "mode": prepared.data.mode,
+        "seed": req.seed, "sampler": req.sampler, "pruner": req.pruner, "trials": req.trials,
+    }
 
-    KeyboardInterrupt propagates; every finished trial is already in the storage.
-    """
-    import optuna
 
-    from trainer.pipeline import seasonal_lag
-    from trainer.search.hardware import measure
-    from trainer.search.objective import measure_quality, train_candidate
+def make_study_sampler(req: SearchRequest, seed: int | None) -> Any:
+    """The sampler of ``req`` (with its grid for ``grid``) seeded with ``seed``."""
+    from trainer.search.grid import grid_of
     from trainer.search.samplers import make_sampler
 
+    grid = grid_of(req.space) if req.sampler == "grid" else None
+    return make_sampler(req.sampler, seed=seed, directions=[OBJECTIVES[o] for o in req.objectives], grid=grid)
+
+
+def make_study_pruner(req: SearchRequest) -> Any:
+    """The pruner of ``req`` (none in a multi-objective study)."""
+    return _pruner(req.pruner, req.space.epochs, len(req.objectives) > 1)
+
+
+def open_study(prepared: PreparedSearch) -> Any:
+    """Create the study (writing :data:`SETUP_KEYS` into its user attributes), or load it for
+    ``--resume`` after checking that its objectives, profiles, space and mode are this run's.
+    Returns the ``optuna.Study``. Raises :class:`SearchError`."""
+    import optuna
+
     req = prepared.request
-    directions = [OBJECTIVES[o] for o in req.objectives]
+    directions: list[Any] = [OBJECTIVES[o] for o in req.objectives]
     path = _sqlite_path(prepared.storage)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
-        storage=prepared.storage,
+        storage=open_storage(prepared.storage),
         study_name=prepared.study_name,
-        sampler=make_sampler(req.sampler, seed=req.seed, directions=directions),
-        pruner=_pruner(req.pruner, req.space.epochs, len(directions) > 1),
+        sampler=make_study_sampler(req, req.seed),
+        pruner=make_study_pruner(req),
         directions=directions,
         load_if_exists=req.resume,
     )
-    setup = {"objectives": list(req.objectives), "profiles": [p.name for p in prepared.profiles],
-             "space": req.space.to_json(), "mode": prepared.data.mode, "seed": req.seed}
-    if not req.resume:
-        for k, v in setup.items():
-            study.set_user_attr(k, v)
-    else:
+    setup = _setup(prepared)
+    if req.resume:
         for k in ("objectives", "profiles", "space", "mode"):
             if study.user_attrs.get(k) != setup[k]:
                 raise SearchError(f"--resume: this run's {k} differ from study {prepared.study_name!r}'s "
                                   f"({study.user_attrs.get(k)})")
+    for k, v in setup.items():  # on resume too: workers follow this run's files and settings
+        study.set_user_attr(k, v)
+    return study
+
+
+class _SurplusTrial(Exception):
+    """A trial numbered after ``--trials`` others that are finished or running."""
+
+
+class _QuietSurplus(logging.Filter):
+    """Optuna logs a failed trial with its traceback; a surplus trial is not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _SurplusTrial.__name__ not in record.getMessage()
+
+
+def _taken(study: Any, below: int | None = None) -> int:
+    """Trials that are finished (complete or pruned) or running, numbered below ``below``."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if below is None or t.number < below)
+
+
+def run_search(prepared: PreparedSearch, progress: Callable[[str], None] | None = None) -> Any:
+    """:func:`open_study` then :func:`run_trials` in this process. Returns the ``optuna.Study``."""
+    study = open_study(prepared)
+    return run_trials(study, prepared, progress)
+
+
+def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], None] | None = None) -> Any:
+    """Run trials of ``study`` in this process until it has ``--trials`` finished trials (counting
+    every process's) or this process's timeout. Other processes may run trials of the same study
+    at the same time. Returns ``study``; ``progress(line)`` gets a line after each trial.
+
+    KeyboardInterrupt propagates; every finished trial is already in the storage.
+    """
+
+    from trainer.pipeline import seasonal_lag
+    from trainer.search.hardware import measure
+    from trainer.search.objective import measure_quality, train_candidate
+
+    req = prepared.request
     data, profiles = prepared.data, prepared.profiles
+    worker = f"{socket.gethostname()}:{os.getpid()}"
     lags: dict[int, int] = {}
 
     def season_lag(window: int) -> int:
@@ -234,6 +346,11 @@ def run_search(prepared: PreparedSearch, progress: Callable[[str], None] | None 
         return lags[window]
 
     def objective(trial: Any) -> Any:
+        trial.set_user_attr("worker", worker)
+        if req.trials is not None and _taken(study, below=trial.number) >= req.trials:
+            trial.set_user_attr("surplus", True)
+            study.stop()
+            raise _SurplusTrial(f"study {study.study_name!r} already has {req.trials} trials")
         candidate = suggest_candidate(trial, req.space, len(data.features), season_lag, req.seed)
         trained = train_candidate(candidate, data, trial)
         quality = measure_quality(trained, data)
@@ -258,7 +375,9 @@ def run_search(prepared: PreparedSearch, progress: Callable[[str], None] | None 
     before = _counts(study)[0]
 
     def callback(study: Any, trial: Any) -> None:
-        if progress is None:
+        if req.trials is not None and _taken(study) >= req.trials:
+            study.stop()
+        if progress is None or trial.user_attrs.get("surplus"):
             return
         done, pruned, infeasible = _counts(study)
         best = _best_line(study)
@@ -272,10 +391,16 @@ def run_search(prepared: PreparedSearch, progress: Callable[[str], None] | None 
         progress(f"search {prepared.study_name}: {done}{of} trials, {pruned} pruned, {infeasible} infeasible, "
                  f"best {best}{eta}")
 
-    remaining = None if req.trials is None else max(0, req.trials - before)
-    if remaining != 0:
-        study.optimize(objective, n_trials=remaining, timeout=req.timeout, callbacks=[callback],
+    if req.trials is not None and _taken(study) >= req.trials:
+        return study
+    quiet = _QuietSurplus()
+    logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    logger.addFilter(quiet)
+    try:
+        study.optimize(objective, timeout=req.timeout, callbacks=[callback], catch=(_SurplusTrial,),
                        gc_after_trial=False, show_progress_bar=False)
+    finally:
+        logger.removeFilter(quiet)
     return study
 
 
@@ -376,7 +501,7 @@ def load_study(name: str, storage: str) -> Any:
 
     if name not in _study_names(storage):
         raise SearchError(f"no study {name!r} in {storage}")
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
 
 
 def leaderboard(study: Any) -> list[dict[str, Any]]:

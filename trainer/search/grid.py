@@ -1,0 +1,59 @@
+"""The grid of ``--sampler grid``, built from a :class:`~trainer.search.space.SearchSpace`.
+
+Every categorical parameter takes each of its choices. An int range takes every value when it
+holds at most :data:`GRID_STEPS` of them, else :data:`GRID_STEPS` evenly spaced ones (ends
+included); a float range (``learning_rate``, ``weight_decay``, both log-scaled) takes
+:data:`GRID_STEPS` values evenly spaced on the log scale, ends included.
+
+The conditional parameters (``forecaster.season``, ``autoencoder.bottleneck``) are in the grid
+too, as Optuna's ``GridSampler`` needs every parameter a trial may ask for; a point whose
+family does not ask for one repeats a candidate of another point (a forecaster with each
+bottleneck), so a grid holds some duplicates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from trainer.search.space import SearchSpace
+
+__all__ = ["GRID_STEPS", "grid_of", "grid_size"]
+
+GRID_STEPS = 3
+"""Values per int or float range."""
+
+
+def _ints(low: int, high: int) -> list[int]:
+    if high - low + 1 <= GRID_STEPS:
+        return list(range(low, high + 1))
+    return sorted({round(low + i * (high - low) / (GRID_STEPS - 1)) for i in range(GRID_STEPS)})
+
+
+def _log_floats(low: float, high: float) -> list[float]:
+    if low == high:
+        return [low]
+    a, b = math.log(low), math.log(high)
+    values = [math.exp(a + i * (b - a) / (GRID_STEPS - 1)) for i in range(GRID_STEPS)]
+    return [low, *(float(f"{v:.3g}") for v in values[1:-1]), high]  # ends exact, inner ones rounded
+
+
+def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
+    """Values per Optuna parameter name of :func:`trainer.search.space.suggest` (rules above)."""
+    return {
+        "family": list(space.families),
+        "window": list(space.windows),
+        "layers": _ints(*space.layers),
+        "width": list(space.widths),
+        "centering": list(space.centerings),
+        "forecaster.season": list(space.seasons),
+        "autoencoder.bottleneck": list(space.bottlenecks),
+        "batch_size": list(space.batch_sizes),
+        "learning_rate": _log_floats(*space.learning_rate),
+        "weight_decay": _log_floats(*space.weight_decay),
+    }
+
+
+def grid_size(grid: dict[str, list[Any]]) -> int:
+    """Number of points of ``grid``."""
+    return math.prod(len(v) for v in grid.values())

@@ -1,0 +1,193 @@
+"""Several processes on one study: ``edgefleet search worker`` on PostgreSQL, ``search --jobs``
+on SQLite, workers refusing data that differ from the study's, ``--sampler grid`` and
+``--plots``, all through the real CLI in real processes.
+
+The PostgreSQL test creates its own database on the server named by
+``EDGEFLEET_TEST_POSTGRES`` (default ``postgresql://postgres@127.0.0.1:5432/test``, trust auth)
+and drops it afterwards; it is skipped when that server does not answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trainer.data import generate_host_metrics, write_host_metrics
+from trainer.search.grid import grid_of, grid_size
+from trainer.search.space import SearchSpace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPACE = {"windows": [8, 16], "widths": [8, 16], "bottlenecks": [4], "layers": [1, 1],
+         "epochs": 3, "patience": 2, "batch_sizes": [64]}
+PNG = b"\x89PNG\r\n\x1a\n"
+POSTGRES = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.cli", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def edgefleet(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(_argv(*args), capture_output=True, text=True, timeout=900, env=_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+    return proc
+
+
+def trials_of(study: str, storage: str) -> list[dict[str, object]]:
+    """State, worker and surplus mark of every trial, read with Optuna in this process."""
+    import optuna
+
+    s = optuna.load_study(study_name=study, storage=storage)
+    return [{"state": t.state.name, "worker": t.user_attrs.get("worker"), "surplus": t.user_attrs.get("surplus"),
+             "params": t.params} for t in s.get_trials(deepcopy=False)]
+
+
+def _complete(trials: list[dict[str, object]]) -> list[dict[str, object]]:
+    others = [t for t in trials if t["state"] != "COMPLETE"]
+    assert all(t["state"] == "FAIL" and t["surplus"] for t in others), others  # only surplus trials fail
+    return [t for t in trials if t["state"] == "COMPLETE"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    w = tmp_path_factory.mktemp("workers")
+    write_host_metrics(generate_host_metrics(1200, seed=3), w / "host.csv", w / "host.labels.json")
+    (w / "space.json").write_text(json.dumps(SPACE))
+    return w
+
+
+def _search(work: Path, registry: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return edgefleet("search", "--data", str(work / "host.csv"), "--name", "host", "--registry", str(registry),
+                     "--space", str(work / "space.json"), "--profile", "x86-64-v3", "--pruner", "none", *extra)
+
+
+def test_the_grid_takes_every_choice_and_three_values_per_range() -> None:
+    grid = grid_of(SearchSpace(layers=(1, 6), learning_rate=(1e-4, 1e-2), weight_decay=(1e-5, 1e-5)))
+    assert grid["layers"] == [1, 4, 6] and grid_of(SearchSpace(layers=(1, 2)))["layers"] == [1, 2]
+    assert grid["learning_rate"] == [1e-4, 1e-3, 1e-2] and grid["weight_decay"] == [1e-5]
+    assert grid["family"] == ["forecaster", "autoencoder"] and grid["width"] == [32, 64, 128, 256, 512]
+    assert grid_size(grid) == 2 * 3 * 3 * 5 * 2 * 2 * 3 * 3 * 3 * 1
+
+
+@pytest.fixture(scope="module")
+def jobs(work: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A two-objective search of 5 trials in two local processes (``--jobs 2``) on SQLite."""
+    registry = tmp_path_factory.mktemp("jobs") / "reg"
+    proc = _search(work, registry, "--trials", "5", "--jobs", "2", "--objectives", "quality,latency",
+                   "--plots", str(registry.parent / "plots"), "--json")
+    return registry, proc.stdout
+
+
+@pytest.mark.slow
+def test_jobs_2_runs_the_trials_in_two_processes_and_registers_once(jobs: tuple[Path, str]) -> None:
+    registry, stdout = jobs
+    (version,) = json.loads(stdout)["versions"]
+    complete = _complete(trials_of("host", f"sqlite:///{registry / 'search.sqlite3'}"))
+    assert len(complete) == 5
+    assert len({t["worker"] for t in complete}) == 2, complete
+    assert version["lineage"]["search"]["trial"] in range(len(complete) + 1)
+    plots = registry.parent / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == ["history.png", "importances.png", "pareto.png"]
+    assert all(p.read_bytes().startswith(PNG) for p in plots.iterdir())
+
+
+@pytest.mark.slow
+def test_search_show_writes_plots(jobs: tuple[Path, str], tmp_path: Path) -> None:
+    registry, _ = jobs
+    edgefleet("search", "show", "host", "--registry", str(registry), "--plots", str(tmp_path / "p"))
+    written = sorted((tmp_path / "p").iterdir())
+    assert [p.name for p in written] == ["history.png", "importances.png", "pareto.png"]
+    assert all(p.read_bytes().startswith(PNG) for p in written)
+
+
+@pytest.mark.slow
+def test_a_worker_refuses_data_missing_or_changed(jobs: tuple[Path, str], work: Path) -> None:
+    registry, _ = jobs
+    storage = f"sqlite:///{registry / 'search.sqlite3'}"
+    before = trials_of("host", storage)
+    data = work / "host.csv"
+    saved = data.read_bytes()
+    try:
+        data.unlink()
+        gone = edgefleet("search", "worker", "--study", "host", "--storage", storage, "--trials", "9", check=False)
+        data.write_bytes(saved + saved.splitlines(keepends=True)[-1])
+        changed = edgefleet("search", "worker", "--study", "host", "--storage", storage, "--trials", "9", check=False)
+    finally:
+        data.write_bytes(saved)
+    for proc, needle in ((gone, "cannot be read here"), (changed, "differs from the study's")):
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        (line,) = proc.stderr.splitlines()
+        assert needle in line and str(data) in line
+    assert trials_of("host", storage) == before
+
+
+@pytest.mark.slow
+def test_grid_sampler_runs_ten_trials_of_the_space_grid(work: Path, tmp_path: Path) -> None:
+    registry = tmp_path / "reg"
+    _search(work, registry, "--sampler", "grid", "--trials", "10", "-q")
+    complete = _complete(trials_of("host", f"sqlite:///{registry / 'search.sqlite3'}"))
+    assert len(complete) == 10
+    grid = grid_of(SearchSpace.from_json(SPACE))
+    for t in complete:
+        params = t["params"]
+        assert isinstance(params, dict)
+        assert all(v in grid[k] for k, v in params.items()), params
+    points = {tuple(sorted(t["params"].items())) for t in complete}  # type: ignore[union-attr]
+    assert len(points) == 10  # no point twice
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (dropped after), as an SQLAlchemy URL."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at {POSTGRES}: {str(e).strip().splitlines()[0]}")
+    name = f"edgefleet_search_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_on_postgresql(work: Path, tmp_path: Path, postgres: str) -> None:
+    registry = tmp_path / "reg"
+    _search(work, registry, "--trials", "1", "--storage", postgres, "--study", "shared", "-q")
+    workers = [subprocess.Popen(_argv("search", "worker", "--study", "shared", "--storage", postgres,
+                                      "--trials", "7"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=_env(), cwd=tmp_path)
+               for _ in range(2)]
+    try:
+        results = [w.communicate(timeout=900) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    for w, (_, err) in zip(workers, results):
+        assert w.returncode == 0, err[-3000:]
+        assert "search shared:" in err  # progress of the study's finished trials
+    complete = _complete(trials_of("shared", postgres))
+    assert len(complete) == 7
+    ran = {str(t["worker"]).rsplit(":", 1)[1] for t in complete}
+    assert {str(w.pid) for w in workers} <= ran, ran
+    assert not (tmp_path / ".edgefleet").exists()  # workers register nothing
+    shown = json.loads(edgefleet("search", "show", "shared", "--storage", postgres, "--json").stdout)
+    assert len(shown["trials"]) == 7
+

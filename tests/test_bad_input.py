@@ -122,6 +122,15 @@ CASES = [
     ef(f"{SEARCH} --profile x86-64-v3 --registry corrupt", "not a database"),
     ef("search --data ok.csv --name s --trials 1", "required: --profile"),
     ef("search show nope --registry reg", "no study 'nope'"),
+    ef("search show nope --registry reg --plots ok.csv", "--plots ok.csv exists and is not a folder"),
+    ef(f"{SEARCH} --profile x86-64-v3 --plots ok.csv", "--plots ok.csv exists and is not a folder"),
+    ef(f"{SEARCH} --profile x86-64-v3 --jobs 0", "--jobs: must be at least 1"),
+    ef("search worker --registry reg --trials 1", "needs --study NAME"),
+    ef("search worker --study s --registry reg --data ok.csv", "takes --data from the study"),
+    ef("search worker --study nope --registry reg --trials 1", "no study 'nope'"),
+    ef("search worker --study s --storage postgresql://127.0.0.1:1/x --trials 1", "cannot open search storage"),
+    ef("search worker --study s --storage bogus://x --trials 1", "cannot open search storage"),
+    ef("search walk --registry reg", "unexpected 'walk'"),
     # edgefleet demo (checks its broker URL before it starts anything)
     ef("demo --broker http://127.0.0.1:1883", "bad broker URL"),
     # edgefleet data synth

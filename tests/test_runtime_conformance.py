@@ -334,7 +334,13 @@ def test_any_batch_size_matches_one_by_one(case: Case, runtime) -> None:
     ws = _windows(case, 7)
     many = runtime.score(ws)  # a batch-1 model loops; a dynamic one runs once
     singles = np.array([runtime.score(w[None])[0] for w in ws])
-    np.testing.assert_allclose(many, singles, rtol=1e-5, atol=1e-6)
+    if case.spec.quantization == "int8":
+        # A batch may sum a window's mean in another order than one window alone; a float
+        # difference in the last bit can land the body's input one 16-bit quantization step
+        # apart. The agent, detect and evaluate all score one window at a time (score_one).
+        np.testing.assert_allclose(many, singles, rtol=1e-3, atol=1e-4)
+    else:
+        np.testing.assert_allclose(many, singles, rtol=1e-5, atol=1e-6)
 
 
 def test_deterministic(case: Case, runtime) -> None:

@@ -261,7 +261,9 @@ def render_markdown(metrics: dict, wall: float, arts: list[Artifact], sizes: lis
     return "\n".join([
         "## Artifacts of one model",
         "",
-        f"Model: `{arch['family']}`, window {arch['window']}, hidden {arch['hidden']}, trained by "
+        f"Model: `{arch['family']}`, window {arch['window']}, hidden {arch['hidden']}, "
+        f"centred on the {arch.get('centering', 'train')} mean, seasonal context "
+        f"{str(arch['season']) + ' rows back' if arch.get('season') else 'none'}, trained by "
         f"`edgefleet train --data …/realAWSCloudwatch/{SERIES} "
         + " ".join(f"--profile {p}" for p in PROFILES)
         + "` (default epochs, seed 0).",

@@ -39,10 +39,10 @@ class Recipe:
         unknown = set(obj) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown recipe key(s) {sorted(unknown)}")
+        floats = ("learning_rate", "weight_decay")
         try:
-            return cls(**{
-                k: (float(v) if k in ("learning_rate", "weight_decay") else int(v)) for k, v in obj.items()
-            })
+            values: dict[str, Any] = {k: (float(v) if k in floats else int(v)) for k, v in obj.items()}
+            return cls(**values)
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad recipe {obj!r}: {e}") from e
 

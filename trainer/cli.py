@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -452,6 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     func: Callable[[argparse.Namespace], int] = args.func
+    # Ctrl-C (SIGINT) interrupts every command, explicitly: Python installs its handler only
+    # when SIGINT is not ignored at start-up, and a process started in the background by a
+    # non-interactive shell or a CI runner inherits it ignored (`train`, `evaluate` and `search`
+    # would then run to their end; `search` promises a resumable study on Ctrl-C).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return func(args)
     except UsageError as e:

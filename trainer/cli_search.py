@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,19 +45,32 @@ def _space(path: str | None) -> Any:
 
 
 def _plots_dir(text: str | None) -> Path | None:
+    """``--plots DIR``: must be a folder this process can write into (checked before any trial)."""
     if text is None:
         return None
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--plots {path} exists and is not a folder")
+    # nothing is created yet (bad input writes nothing): the folder, or the nearest existing
+    # folder above it, must let this process create files
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--plots {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--plots {path}: {existing} is not writable")
     return path
 
 
 def _write_plots(study: Any, folder: Path | None, quiet: bool) -> None:
+    """Write the plots; a failure is a warning (the study and what it registered stand)."""
     from trainer.search.plots import write_plots
 
     if folder is not None:
-        written = write_plots(study, folder)
+        try:
+            written = write_plots(study, folder)
+        except OSError as e:
+            print(f"edgefleet search: warning: plots not written to {folder}: {e.strerror or e}", file=sys.stderr)
+            return
         if not quiet:
             print(f"plots: {', '.join(str(p) for p in written)}", file=sys.stderr)
 
@@ -78,7 +92,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     from trainer.progress import ProgressBar
     from trainer.search.errors import SearchError
-    from trainer.search.study import default_storage, run_trials
+    from trainer.search.study import SearchFailed, default_storage, run_trials
     from trainer.search.worker import join_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -88,7 +102,11 @@ def _worker(args: argparse.Namespace) -> int:
     except SearchError as e:
         raise UsageError(str(e)) from e
     bar = ProgressBar("search", total=1, enabled=not args.quiet)
-    run_trials(study, prepared, (lambda line: bar.note(line)) if not args.quiet else None)
+    try:
+        run_trials(study, prepared, (lambda line: bar.note(line)) if not args.quiet else None)
+    except SearchFailed as e:
+        print(f"edgefleet search worker: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -134,6 +152,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from trainer.progress import ProgressBar
     from trainer.search.errors import SearchError
     from trainer.search.study import (
+        SearchFailed,
         SearchRequest,
         open_study,
         prepare_search,
@@ -163,6 +182,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         run_trials(study, prepared, (lambda line: bar.note(line)) if not args.quiet else None)
         for w in workers:
             w.wait()
+    except SearchFailed as e:
+        print(f"edgefleet search: {e}; nothing registered (the study keeps its trials: --resume)",
+              file=sys.stderr)
+        return EXIT_FAILED
     finally:
         _stop_workers(workers)
     failed = [w for w in workers if w.returncode != 0]
@@ -170,10 +193,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"edgefleet search: worker process {failed[0].pid} exited {failed[0].returncode}; "
               "nothing registered", file=sys.stderr)
         return EXIT_FAILED
-    _write_plots(study, plots, args.quiet)
     try:
         won = winners(study, [p.name for p in prepared.profiles], request.register)
     except SearchError as e:
+        _write_plots(study, plots, args.quiet)
         raise UsageError(str(e)) from e
     bar.note(f"retraining {len(won)} winner(s): trial(s) {', '.join(map(str, won))} …")
     try:
@@ -181,6 +204,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     except SearchError as e:
         print(f"edgefleet search: {e}", file=sys.stderr)
         return EXIT_FAILED
+    _write_plots(study, plots, args.quiet)
     if args.json:
         print_json({"study": study.study_name, "storage": prepared.storage,
                     "versions": [r.to_json() for r in records]})

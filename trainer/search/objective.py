@@ -34,14 +34,14 @@ multi-objective study nothing is reported: Optuna raises ``NotImplementedError``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared.series import Series, SeriesError, read_series
+from shared.series import Series, SeriesError, TimeOrderError, read_series
 from trainer.data import fill_missing, make_windows, min_rows
 from trainer.evaluation.nab import (
     LabelledSeries,
@@ -110,13 +110,23 @@ class ObjectiveData:
             )
 
 
-def _load(path: Path) -> Series:
+def _load(path: Path, trained_rows: Callable[[int], int]) -> Series:
+    """The file's rows, gaps filled. The rows a candidate trains on (``trained_rows(n)`` of
+    ``n``) must be in time order with distinct timestamps, as ``edgefleet train`` requires:
+    disorder after them (NAB files repeat an hour at a daylight-saving change) is let be."""
     try:
-        s = read_series(path)
+        try:
+            s = read_series(path, strict_time=True)
+        except TimeOrderError as e:
+            s = read_series(path)
+            if e.row < trained_rows(len(s)):
+                raise SearchError(f"{e} (edgefleet train --sort-dedupe repairs a copy)") from None
         return Series(s.timestamps, s.features, fill_missing(s.values))
+    except SearchError:
+        raise
     except SeriesError as e:
         raise SearchError(str(e)) from e
-    except ValueError:
+    except ValueError:  # fill_missing: a column with no value at all
         raise SearchError(f"{path}: a column has no value") from None
 
 
@@ -143,7 +153,7 @@ def labelled_data(paths: Sequence[Path], labels: Path) -> ObjectiveData:
         except EvaluateError as e:
             raise SearchError(str(e)) from e
         key, _, windows = found[0]
-        s = _load(path)
+        s = _load(path, probation_rows)
         try:
             labelled = LabelledSeries(key, list(s.timestamps), windows)
         except ScoringError as e:
@@ -189,7 +199,7 @@ def synthetic_data(paths: Sequence[Path], *, seed: int) -> ObjectiveData:
     """
     loaded, train, evaluate, clean = [], [], [], []
     for i, path in enumerate(paths):
-        s = _load(path)
+        s = _load(path, lambda n: n - int(n * HOLDOUT_FRACTION))
         cut = len(s) - int(len(s) * HOLDOUT_FRACTION)
         held = s.values[cut:]
         if len(held) < 40:

@@ -185,7 +185,9 @@ def prepare_search(request: SearchRequest) -> PreparedSearch:
     from trainer.search.samplers import make_sampler
 
     grid = grid_of(request.space) if request.sampler == "grid" else None
-    make_sampler(request.sampler, seed=request.seed, directions=["maximize"], grid=grid)  # known name?
+    # a known name, able to take these objectives (checked before anything is written)
+    make_sampler(request.sampler, seed=request.seed, directions=[OBJECTIVES[o] for o in request.objectives],
+                 grid=grid)
     dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
     try:
         profiles = [load_profile(p, dirs) for p in dict.fromkeys(request.profiles)]
@@ -289,13 +291,42 @@ def open_study(prepared: PreparedSearch) -> Any:
     )
     setup = _setup(prepared)
     if req.resume:
-        for k in ("objectives", "profiles", "space", "mode"):
+        for k in ("objectives", "profiles", "space", "mode", "seed"):
             if study.user_attrs.get(k) != setup[k]:
                 raise SearchError(f"--resume: this run's {k} differ from study {prepared.study_name!r}'s "
                                   f"({study.user_attrs.get(k)})")
+        # the same files, byte for byte: the study's trials were scored on them
+        for k in ("data", "labels"):
+            theirs, ours = study.user_attrs.get(k), setup[k]
+            if _digests(theirs) != _digests(ours):
+                raise SearchError(f"--resume: this run's --{k} differ from the files study "
+                                  f"{prepared.study_name!r} was scored on")
+        if study.trials:
+            # a sampler seeded as the first run's would propose its first candidates again
+            study.sampler = make_study_sampler(req, req.seed + len(study.trials))
     for k, v in setup.items():  # on resume too: workers follow this run's files and settings
         study.set_user_attr(k, v)
     return study
+
+
+def _digests(files: Any) -> list[str]:
+    """The sha256 of a study's ``data``/``labels`` attribute (a list, one entry or None)."""
+    if files is None:
+        return []
+    return [f["sha256"] for f in (files if isinstance(files, list) else [files])]
+
+
+class SearchFailed(RuntimeError):
+    """Trials keep failing (not bad input): the study stopped; its trials are stored."""
+
+
+class _TrialFailed(Exception):
+    """A trial that could not be trained, scored or measured (its reason is in ``error``)."""
+
+
+#: After this many failed trials in a row the search stops: something is wrong beyond one
+#: unlucky candidate (the data, the machine, a runtime).
+MAX_FAILURES_IN_A_ROW = 3
 
 
 class _SurplusTrial(Exception):
@@ -328,8 +359,12 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
     every process's) or this process's timeout. Other processes may run trials of the same study
     at the same time. Returns ``study``; ``progress(line)`` gets a line after each trial.
 
+    A trial that fails (training, scoring or measuring raised) is stored as FAIL with its
+    reason in the ``error`` attribute, and the next one runs; after
+    :data:`MAX_FAILURES_IN_A_ROW` failures in a row :class:`SearchFailed` is raised.
     KeyboardInterrupt propagates; every finished trial is already in the storage.
     """
+    import optuna
 
     from trainer.pipeline import seasonal_lag
     from trainer.search.hardware import measure
@@ -352,6 +387,16 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
             study.stop()
             raise _SurplusTrial(f"study {study.study_name!r} already has {req.trials} trials")
         candidate = suggest_candidate(trial, req.space, len(data.features), season_lag, req.seed)
+        try:
+            return _evaluate(trial, candidate)
+        except (KeyboardInterrupt, optuna.TrialPruned):
+            raise
+        except Exception as e:  # one bad candidate must not end the study: record and go on
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            trial.set_user_attr("error", reason)
+            raise _TrialFailed(reason) from e
+
+    def _evaluate(trial: Any, candidate: Candidate) -> Any:
         trained = train_candidate(candidate, data, trial)
         quality = measure_quality(trained, data)
         trial.set_user_attr("quality", quality.quality)
@@ -374,9 +419,17 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
     started = time.monotonic()
     before = _counts(study)[0]
 
+    failures: list[str] = []  # reasons of the failed trials in a row
+
     def callback(study: Any, trial: Any) -> None:
         if req.trials is not None and _taken(study) >= req.trials:
             study.stop()
+        if "error" in trial.user_attrs:
+            failures.append(f"trial {trial.number}: {trial.user_attrs['error']}")
+            if len(failures) >= MAX_FAILURES_IN_A_ROW:
+                study.stop()
+        elif not trial.user_attrs.get("surplus"):
+            failures.clear()
         if progress is None or trial.user_attrs.get("surplus"):
             return
         done, pruned, infeasible = _counts(study)
@@ -397,10 +450,12 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
     logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
     logger.addFilter(quiet)
     try:
-        study.optimize(objective, timeout=req.timeout, callbacks=[callback], catch=(_SurplusTrial,),
-                       gc_after_trial=False, show_progress_bar=False)
+        study.optimize(objective, timeout=req.timeout, callbacks=[callback],
+                       catch=(_SurplusTrial, _TrialFailed), gc_after_trial=False, show_progress_bar=False)
     finally:
         logger.removeFilter(quiet)
+    if len(failures) >= MAX_FAILURES_IN_A_ROW:
+        raise SearchFailed(f"{len(failures)} trials in a row failed; the last, {failures[-1]}")
     return study
 
 
@@ -535,6 +590,7 @@ def register_winners(prepared: PreparedSearch, study: Any,
     from shared.series import read_series
     from trainer.evaluation.nab import probation_rows
     from trainer.pipeline import TrainError, TrainRequest, prepare, train
+    from trainer.registry import RegistryError
 
     req = prepared.request
     won = winners(study, [p.name for p in prepared.profiles], req.register)
@@ -566,10 +622,11 @@ def register_winners(prepared: PreparedSearch, study: Any,
             plans.append(prepare(request))
         except TrainError as e:
             raise SearchError(f"trial {number}: {e}") from e
-    records = []
+    records: list[Any] = []
     for plan in plans:
         try:
             records.append(train(plan, req.registry, progress).version)
-        except TrainError as e:
-            raise SearchError(str(e)) from e
+        except (TrainError, RegistryError) as e:
+            done = f" (already registered: {', '.join(r.ref for r in records)})" if records else ""
+            raise SearchError(f"{e}{done}") from e
     return records

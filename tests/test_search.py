@@ -116,13 +116,14 @@ def test_impossible_budget_exits_2_and_registers_nothing(work: Path, tmp_path: P
 def test_an_interrupted_study_resumes(work: Path, tmp_path: Path) -> None:
     registry = tmp_path / "reg"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "trainer.cli", "search", "--data", str(work / "host.csv"), "--name", "host",
+            "--registry", str(registry), "--space", str(work / "space.json"), "--profile", "x86-64-v3",
+            "--trials", "50"]
+    # started as a CI runner or a background job of a script starts it: with SIGINT ignored
+    # (`trap '' INT` in a shell that then execs it; no Python code runs between fork and exec)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "search", "--data", str(work / "host.csv"), "--name", "host",
-         "--registry", str(registry), "--space", str(work / "space.json"), "--profile", "x86-64-v3",
-         "--trials", "50"],
+        ["sh", "-c", "trap '' INT; exec \"$@\"", "sh", *argv],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-        # started as a CI runner or a background job of a script starts it: SIGINT ignored
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         assert proc.stderr is not None

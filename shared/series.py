@@ -24,7 +24,7 @@ import bisect
 import csv
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,7 @@ __all__ = [
     "file_sha256",
     "iter_csv_rows",
     "read_series",
+    "read_series_ordered_head",
     "sort_dedupe",
     "timestamp_key",
 ]
@@ -207,6 +208,23 @@ class TimeOrderRepair:
     @property
     def changed(self) -> bool:
         return bool(self.moved or self.dropped)
+
+
+def read_series_ordered_head(path: str | Path, head_rows: Callable[[int], int]) -> Series:
+    """Read a whole CSV whose first ``head_rows(n)`` rows (of ``n``) must be in strict time order.
+
+    The rows a model trains on must be; disorder after them is let be (NAB's own files repeat
+    an hour at a daylight-saving change, after their probationary rows). Raises
+    :class:`TimeOrderError` (naming file and line) for disorder within the head, and
+    :class:`SeriesError` for anything :func:`read_series` refuses.
+    """
+    try:
+        return read_series(path, strict_time=True)
+    except TimeOrderError as e:
+        full = read_series(path)
+        if e.row < head_rows(len(full)):
+            raise
+        return full
 
 
 def sort_dedupe(series: Series) -> tuple[Series, TimeOrderRepair]:

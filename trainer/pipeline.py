@@ -25,6 +25,7 @@ from shared.series import (
     TimeOrderError,
     file_sha256,
     read_series,
+    read_series_ordered_head,
     sort_dedupe,
     timestamp_key,
 )
@@ -257,12 +258,9 @@ def _read(path: Path, request: TrainRequest) -> Series:
     if request.sort_dedupe:
         return read_series(path)
     try:
-        return read_series(path, strict_time=True)
+        return read_series_ordered_head(path, lambda n: _rows_used(n, request.train_fraction))
     except TimeOrderError as e:
-        full = read_series(path)
-        if e.row < _rows_used(len(full), request.train_fraction):
-            raise TrainError(str(e)) from e
-        return full
+        raise TrainError(str(e)) from e
 
 
 def _variants(profiles: Sequence[FirmwareProfile]) -> list[tuple[str, str]]:

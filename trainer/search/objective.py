@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.series import Series, SeriesError, TimeOrderError, read_series
+from shared.series import Series, SeriesError, TimeOrderError, read_series_ordered_head
 from trainer.data import fill_missing, make_windows, min_rows
 from trainer.evaluation.nab import (
     LabelledSeries,
@@ -116,11 +116,9 @@ def _load(path: Path, trained_rows: Callable[[int], int]) -> Series:
     disorder after them (NAB files repeat an hour at a daylight-saving change) is let be."""
     try:
         try:
-            s = read_series(path, strict_time=True)
+            s = read_series_ordered_head(path, trained_rows)
         except TimeOrderError as e:
-            s = read_series(path)
-            if e.row < trained_rows(len(s)):
-                raise SearchError(f"{e} (edgefleet train --sort-dedupe repairs a copy)") from None
+            raise SearchError(f"{e} (edgefleet train --sort-dedupe repairs a copy)") from None
         return Series(s.timestamps, s.features, fill_missing(s.values))
     except SearchError:
         raise

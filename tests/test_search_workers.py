@@ -191,3 +191,60 @@ def test_two_workers_share_one_study_on_postgresql(work: Path, tmp_path: Path, p
     shown = json.loads(edgefleet("search", "show", "shared", "--storage", postgres, "--json").stdout)
     assert len(shown["trials"]) == 7
 
+
+
+def test_a_ctrl_c_while_optuna_creates_a_trial_fails_that_trial_instead_of_leaving_it_running(
+        tmp_path: Path) -> None:
+    """SIGINT arriving inside ``study.ask`` (here: from the sampler) waits for the objective."""
+    import signal
+
+    import optuna
+
+    from trainer.search.study import _InterruptsInsideTrials
+
+    class InterruptingSampler(optuna.samplers.RandomSampler):
+        def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            super().before_trial(study, trial)
+            if trial.number == 1:  # Ctrl-C after trial 0 stored, while trial 1 is being created
+                signal.raise_signal(signal.SIGINT)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.sqlite3'}", sampler=InterruptingSampler(seed=1))
+    interrupts = _InterruptsInsideTrials()
+    assert interrupts.active
+
+    def objective(trial: optuna.Trial) -> float:
+        interrupts.objective_started()
+        try:
+            return trial.suggest_float("x", 0, 1)
+        finally:
+            interrupts.objective_ended()
+
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts:
+            study.optimize(objective, n_trials=5)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL"]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # nothing left blocked
+
+
+def test_the_running_trial_of_a_killed_process_on_this_host_is_marked_failed(tmp_path: Path) -> None:
+    import socket
+
+    import optuna
+
+    from trainer.search.study import fail_dead_trials
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.sqlite3'}")
+    host = socket.gethostname()
+    workers = [f"{host}:{dead_pid}", f"{host}:{os.getpid()}", f"elsewhere:{dead_pid}", None]
+    for w in workers:
+        t = study.ask()
+        if w is not None:
+            t.set_user_attr("worker", w)
+    assert fail_dead_trials(study) == [0]
+    states = [(t.state.name, t.user_attrs.get("error")) for t in study.get_trials()]
+    assert states == [("FAIL", "its process ended during the trial"), ("RUNNING", None), ("RUNNING", None),
+                      ("RUNNING", None)]

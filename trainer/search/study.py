@@ -18,8 +18,12 @@ objectives, mode, seed, sampler, pruner), and :mod:`trainer.search.worker` rebui
 from them. ``--trials N`` then bounds the whole study: a process starts a trial only while fewer
 than N trials are finished or running, and a trial that storage numbers after N others that are
 finished or running (two processes that started at the same moment) ends as FAIL with user
-attribute ``surplus`` instead of running. A trial that crashes with its process stays RUNNING
-and keeps counting (Optuna's heartbeat is not enabled).
+attribute ``surplus`` instead of running. Ctrl-C is delivered only while a trial's objective
+runs (SIGINT is blocked while Optuna creates or stores a trial), so an interrupted trial is
+stored as FAIL, never left RUNNING. A trial whose process died (killed, crashed) stays RUNNING;
+the next process on the same host that runs trials of the study marks it FAIL when the
+``worker`` attribute's pid is gone. Trials of dead processes on other hosts keep counting
+(Optuna's heartbeat is not enabled).
 
 Trial user attributes: ``worker`` (``host:pid`` of the process that ran it), ``candidate`` (the candidate's JSON), ``quality`` and
 ``quality_details``, ``hardware`` (one :class:`~trainer.search.hardware.HardwareRecord` per
@@ -35,6 +39,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -348,6 +353,65 @@ def _taken(study: Any, below: int | None = None) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=states) if below is None or t.number < below)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def fail_dead_trials(study: Any) -> list[int]:
+    """Mark FAIL the RUNNING trials of ``study`` whose ``worker`` ran on this host in a process
+    that no longer exists (killed or crashed mid-trial). Returns their numbers."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w_host, _, w_pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if w_host != host or not w_pid.isdigit() or int(w_pid) == os.getpid() or _pid_alive(int(w_pid)):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "error", "its process ended during the trial")
+        if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+            failed.append(t.number)
+    return failed
+
+
+class _InterruptsInsideTrials:
+    """Block SIGINT except while a trial's objective runs.
+
+    Optuna stores a KeyboardInterrupt raised in the objective as a FAIL trial; one raised while
+    it creates the next trial (``study.ask``: sampler, storage) or stores a finished one leaves
+    that trial RUNNING, where it would count towards ``--trials`` forever. A Ctrl-C in those
+    moments stays pending until the next objective starts, or until the search returns.
+    Only in the main thread of a POSIX process; elsewhere it does nothing."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.active = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _InterruptsInsideTrials:
+        if self.active:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:  # a pending SIGINT is delivered here
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    def objective_started(self) -> None:
+        if self.active:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    def objective_ended(self) -> None:
+        if self.active:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
 def run_search(prepared: PreparedSearch, progress: Callable[[str], None] | None = None) -> Any:
     """:func:`open_study` then :func:`run_trials` in this process. Returns the ``optuna.Study``."""
     study = open_study(prepared)
@@ -380,7 +444,16 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
             lags[window] = seasonal_lag(data.series, window)
         return lags[window]
 
+    interrupts = _InterruptsInsideTrials()
+
     def objective(trial: Any) -> Any:
+        interrupts.objective_started()
+        try:
+            return _objective(trial)
+        finally:
+            interrupts.objective_ended()
+
+    def _objective(trial: Any) -> Any:
         trial.set_user_attr("worker", worker)
         if req.trials is not None and _taken(study, below=trial.number) >= req.trials:
             trial.set_user_attr("surplus", True)
@@ -444,14 +517,16 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
         progress(f"search {prepared.study_name}: {done}{of} trials, {pruned} pruned, {infeasible} infeasible, "
                  f"best {best}{eta}")
 
+    fail_dead_trials(study)
     if req.trials is not None and _taken(study) >= req.trials:
         return study
     quiet = _QuietSurplus()
     logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
     logger.addFilter(quiet)
     try:
-        study.optimize(objective, timeout=req.timeout, callbacks=[callback],
-                       catch=(_SurplusTrial, _TrialFailed), gc_after_trial=False, show_progress_bar=False)
+        with interrupts:
+            study.optimize(objective, timeout=req.timeout, callbacks=[callback],
+                           catch=(_SurplusTrial, _TrialFailed), gc_after_trial=False, show_progress_bar=False)
     finally:
         logger.removeFilter(quiet)
     if len(failures) >= MAX_FAILURES_IN_A_ROW:

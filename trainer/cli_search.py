@@ -77,12 +77,16 @@ def _write_plots(study: Any, folder: Path | None, quiet: bool) -> None:
 
 _STUDY_OWNED = (("--data", "data"), ("--profile", "profile"), ("--name", "name"), ("--labels", "labels"),
                 ("--space", "space"), ("--profiles-dir", "profiles_dir"), ("--resume", "resume"),
-                ("--plots", "plots"))
+                ("--plots", "plots"), ("--sampler", "sampler"), ("--pruner", "pruner"),
+                ("--objectives", "objectives"), ("--seed", "seed"), ("--register", "register"))
+# Defaults of the options a study owns: applied by `search` only, so that `search worker` can
+# tell an option given on its command line (refused: the study decides) from one left out.
+_STUDY_DEFAULTS = {"sampler": "tpe", "pruner": "median", "objectives": "quality", "seed": 0, "register": "best"}
 
 
 def _worker(args: argparse.Namespace) -> int:
     """``edgefleet search worker``: run trials of an existing study (no registration)."""
-    given = [o for o, k in _STUDY_OWNED if getattr(args, k)]
+    given = [o for o, k in _STUDY_OWNED if getattr(args, k) not in (None, False, [])]
     if given or args.jobs != 1:
         raise UsageError(f"`search worker` takes {', '.join(given) or '--jobs'} from the study: "
                          "give only --study, --storage, --trials, --timeout, --registry")
@@ -147,6 +151,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     missing = [o for o, v in (("--data", args.data), ("--profile", args.profile), ("--name", args.name)) if not v]
     if missing:
         raise UsageError(f"the following arguments are required: {', '.join(missing)}")
+    for k, v in _STUDY_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     import optuna
 
     from trainer.progress import ProgressBar
@@ -280,13 +287,14 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
                    help="anomaly windows (NAB format): score NAB on them; without, inject synthetic anomalies")
     p.add_argument("--trials", type=positive_int, help="finished trials the study should reach")
     p.add_argument("--timeout", type=positive_float, metavar="S", help="stop starting trials after S seconds")
-    p.add_argument("--sampler", default="tpe", metavar="NAME",
+    p.add_argument("--sampler", metavar="NAME",
                    help="tpe (default, multivariate), random, gp, cmaes (one objective), nsga2, "
                    "evolution (regularized), reinforce (policy gradient, one objective), grid "
                    "(every choice, 3 values per range; see trainer.search.grid)")
-    p.add_argument("--pruner", choices=("median", "sha", "hyperband", "none"), default="median")
-    p.add_argument("--objectives", default="quality", metavar="quality[,latency,size]",
-                   help="what to optimize: quality, optionally latency and artifact size too")
+    p.add_argument("--pruner", choices=("median", "sha", "hyperband", "none"),
+                   help="stop unpromising trials early: median (default), sha, hyperband, none")
+    p.add_argument("--objectives", metavar="quality[,latency,size]",
+                   help="what to optimize: quality (default), optionally latency and artifact size too")
     p.add_argument("--space", metavar="SPACE.json", help="search space (default: the built-in one)")
     p.add_argument("--storage", metavar="URL", help="Optuna storage (default: sqlite in the registry)")
     p.add_argument("--study", metavar="NAME", help="study name (default: --name)")
@@ -294,9 +302,9 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--jobs", type=positive_int, default=1, metavar="K",
                    help="run trials in K local processes sharing the storage (default: 1)")
     p.add_argument("--plots", metavar="DIR", help="write history, importance and Pareto-front PNGs here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--register", choices=("best", "front"), default="best",
-                   help="register the best trial per profile, or every trial of its Pareto front")
+    p.add_argument("--seed", type=int, help="sampler and training seed (default: 0)")
+    p.add_argument("--register", choices=("best", "front"),
+                   help="register the best trial per profile (default), or every trial of its Pareto front")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     registry_arg(p)
     json_arg(p)

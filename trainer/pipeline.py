@@ -91,6 +91,9 @@ class TrainRequest:
     epochs: int = 40
     seed: int = 0
     train_fraction: float = 1.0
+    # Train on each file's NAB probationary rows (15 %, at most 750) instead of train_fraction:
+    # what `search --labels` judged its candidates on, file by file.
+    probation: bool = False
     # The rows trained on must be in time order with distinct timestamps; with sort_dedupe
     # they are sorted and repeats dropped instead (counted in the lineage, ``time_order``).
     sort_dedupe: bool = False
@@ -180,11 +183,12 @@ def prepare(request: TrainRequest) -> PreparedData:
             raise TrainError(
                 f"{path}: columns {list(full.features)} differ from {list(features)} of the first file"
             )
-        used = _rows_used(len(full), request.train_fraction)
+        used = _rows_used(len(full), request)
         part = full.head(used)
         if used < min_rows(request.window):
+            after = "its probationary rows" if request.probation else f"--train-fraction {request.train_fraction}"
             raise TrainError(
-                f"{path}: {used} rows (after --train-fraction {request.train_fraction}) are too few "
+                f"{path}: {used} rows (after {after}) are too few "
                 f"for a window of {request.window}: need at least {min_rows(request.window)}"
             )
         if request.season and used < request.season + SEASON_HALFWIDTH + 1 + MIN_VALIDATION_WINDOWS:
@@ -244,8 +248,13 @@ def seasonal_lag(series: Sequence[Series], window: int) -> int:
     return lag if all(len(s) >= need for s in series) else 0
 
 
-def _rows_used(rows: int, train_fraction: float) -> int:
-    return max(1, int(rows * train_fraction))
+def _rows_used(rows: int, request: TrainRequest) -> int:
+    """Rows of a file of ``rows`` rows that ``request`` trains on (its first ones)."""
+    if request.probation:
+        from trainer.evaluation.nab import probation_rows
+
+        return probation_rows(rows)
+    return max(1, int(rows * request.train_fraction))
 
 
 def _read(path: Path, request: TrainRequest) -> Series:
@@ -258,7 +267,7 @@ def _read(path: Path, request: TrainRequest) -> Series:
     if request.sort_dedupe:
         return read_series(path)
     try:
-        return read_series_ordered_head(path, lambda n: _rows_used(n, request.train_fraction))
+        return read_series_ordered_head(path, lambda n: _rows_used(n, request))
     except TimeOrderError as e:
         raise TrainError(str(e)) from e
 
@@ -384,7 +393,7 @@ def train(
         drift_reference=_drift_reference(rows, prepared.features, val_scores),
         lineage={
             "datasets": prepared.datasets,
-            "train_fraction": req.train_fraction,
+            "train_fraction": "probation" if req.probation else req.train_fraction,
             "validation_fraction": VALIDATION_FRACTION,
             "recipe": recipe.to_json(),
             "threshold_policy": req.threshold.to_json(),
@@ -434,7 +443,7 @@ def train(
             params={
                 "epochs": req.epochs,
                 "seed": req.seed,
-                "train_fraction": req.train_fraction,
+                "train_fraction": "probation" if req.probation else req.train_fraction,
                 "profiles": [p.name for p in prepared.profiles],
                 "window": req.window,
                 "family": req.family,

@@ -662,17 +662,11 @@ def register_winners(prepared: PreparedSearch, study: Any,
 
     Raises :class:`SearchError` when a profile has no feasible trial (nothing registered).
     """
-    from shared.series import read_series
-    from trainer.evaluation.nab import probation_rows
     from trainer.pipeline import TrainError, TrainRequest, prepare, train
     from trainer.registry import RegistryError
 
     req = prepared.request
     won = winners(study, [p.name for p in prepared.profiles], req.register)
-    fraction = 1.0
-    if prepared.data.mode == "labelled":  # the rows judged normal: the probationary ones
-        n = len(read_series(req.data[0]))
-        fraction = probation_rows(n) / n
     plans = []
     for number, names in sorted(won.items()):
         trial = study.trials[number]
@@ -689,7 +683,8 @@ def register_winners(prepared: PreparedSearch, study: Any,
         }}
         request = TrainRequest(
             data=list(req.data), profiles=names, name=req.name, epochs=recipe.epochs, seed=recipe.seed,
-            train_fraction=fraction, family=spec.family, window=spec.window, hidden=spec.hidden,
+            # labelled: each file's probationary rows, the rows its candidates were trained on
+            probation=prepared.data.mode == "labelled", family=spec.family, window=spec.window, hidden=spec.hidden,
             centering=spec.centering, season=spec.season, recipe=recipe, lineage=lineage,
             profile_dirs=list(req.profile_dirs),
         )

@@ -316,3 +316,37 @@ def test_two_processes_share_one_study(name: str, kind: str, tmp_path: Path) -> 
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 24
     assert sorted(t.number for t in study.trials) == list(range(24))
     assert Counter(t.user_attrs["worker"] for t in study.trials) == {0: 12, 1: 12}
+
+
+# -- budgets (trial.set_constraint) -------------------------------------------------------
+
+
+def budgeted_loss(trial: optuna.Trial) -> float:
+    """``toy_loss`` whose best op, "conv", is over budget: the best feasible op is another."""
+    loss = toy_loss(trial)
+    trial.set_constraint("ram", 1.0 if trial.params["op"] == "conv" else -1.0)
+    return loss
+
+
+def test_an_evolution_tournament_prefers_a_feasible_parent_however_good_the_other() -> None:
+    population = 4
+    sampler = EvolutionSampler(population_size=population, tournament_size=population, seed=5)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(budgeted_loss, n_trials=30)
+    trials = study.trials
+    for child in trials[population:]:
+        elders = trials[child.number - population : child.number]
+        parent = trials[child.system_attrs[EvolutionSampler.PARENT_ATTR]]
+        feasible = [t for t in elders if t.params["op"] != "conv"]
+        if feasible:
+            assert parent.params["op"] != "conv"
+            assert parent.value == min(t.value for t in feasible)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reinforce_learns_to_avoid_a_choice_that_is_over_budget(seed: int) -> None:
+    study = optuna.create_study(sampler=ReinforceSampler(seed=seed))
+    study.optimize(budgeted_loss, n_trials=80)
+    late = Counter(t.params["op"] for t in study.trials[40:])
+    # the best objective is "conv"'s, over budget: uniform sampling picks it 10 times in 40
+    assert late["conv"] < 10, late

@@ -18,7 +18,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial
 
-from trainer.search._history import base_seed, completed_trials, trial_rng
+from trainer.search._history import base_seed, completed_trials, trial_rng, violation
 
 _MUTATION_TRIES = 8
 
@@ -50,8 +50,11 @@ class EvolutionSampler(BaseSampler):
 
     Guarantees: no state is kept between trials. The proposal for trial *n* depends only on
     ``seed``, *n* and the completed trials visible when *n* starts, so several processes can
-    share one study, and a seeded sequential study is reproducible. ``trial.set_constraint``
-    values are not taken into account.
+    share one study, and a seeded sequential study is reproducible.
+
+    Budgets: ``trial.set_constraint`` values decide a tournament first (Deb's rules): a
+    feasible contestant beats an infeasible one, and among infeasible ones the least
+    violation wins; objectives decide among the feasible (or equally infeasible) ones.
 
     Args:
         population_size: ``P``, the number of youngest completed trials that form the
@@ -135,6 +138,8 @@ def _tournament_winner(
     directions: Sequence[StudyDirection],
     rng: np.random.Generator,
 ) -> FrozenTrial:
+    least = min(violation(t) for t in contestants)
+    contestants = [t for t in contestants if violation(t) == least]
     signs = [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in directions]
     costs = [[s * v for s, v in zip(signs, t.values)] for t in contestants]
     if len(signs) == 1:

@@ -47,3 +47,12 @@ def completed_trials(study: Study) -> list[FrozenTrial]:
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     finite = [t for t in trials if t.values and all(math.isfinite(v) for v in t.values)]
     return sorted(finite, key=lambda t: t.number)
+
+
+def violation(trial: FrozenTrial) -> float:
+    """How far ``trial`` is outside its budgets: the sum of its positive ``set_constraint``
+    values (0.0 for a feasible trial, or one with no constraints). Samplers compare trials by
+    it first, as Deb's constrained tournament and Optuna's constrained samplers do: any
+    feasible trial beats any infeasible one, and of two infeasible ones the lesser violation
+    wins."""
+    return float(sum(max(0.0, v) for v in trial.constraints.values()))

@@ -25,7 +25,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial
 
-from trainer.search._history import base_seed, completed_trials, trial_rng
+from trainer.search._history import base_seed, completed_trials, trial_rng, violation
 from trainer.search.errors import SearchError
 
 
@@ -54,8 +54,11 @@ class ReinforceSampler(BaseSampler):
     state is kept between trials, so several processes sharing one study learn from all
     trials, and a seeded sequential study is reproducible. All trials count as on-policy
     samples, including those proposed by other workers with a slightly older policy (as with
-    the asynchronous workers of Zoph and Le). Single-objective only; ``trial.set_constraint``
-    values are not taken into account.
+    the asynchronous workers of Zoph and Le). Single-objective only.
+
+    Budgets: a trial outside its ``trial.set_constraint`` budgets gets advantage -1 (one
+    spread below the baseline, whatever its objective value: a model that cannot ship is
+    a bad outcome however well it detects) and does not move the baseline or the spread.
 
     Args:
         learning_rate: Step size of the logit updates.
@@ -145,14 +148,17 @@ class ReinforceSampler(BaseSampler):
         baseline: float | None = None
         spread = 0.0
         for past in completed_trials(study):
-            reward = sign * past.values[0]
-            if baseline is None:
-                baseline = reward
-                continue
-            gap = reward - baseline
-            spread = decay * spread + (1 - decay) * gap * gap
-            advantage = gap / math.sqrt(spread) if spread > 0 else 0.0
-            baseline = decay * baseline + (1 - decay) * reward
+            if violation(past) > 0:
+                advantage = -1.0
+            else:
+                reward = sign * past.values[0]
+                if baseline is None:
+                    baseline = reward
+                    continue
+                gap = reward - baseline
+                spread = decay * spread + (1 - decay) * gap * gap
+                advantage = gap / math.sqrt(spread) if spread > 0 else 0.0
+                baseline = decay * baseline + (1 - decay) * reward
             for name, action in actions.items():
                 if past.distributions.get(name) != action.distribution:
                     continue

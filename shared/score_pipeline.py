@@ -25,7 +25,21 @@ Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming dete
    been anomalies themselves; with the default 2, the first repeat of an incident still alarms
    and the third does not). An error that has recurred more often than the stated false-alarm
    rate is not one of its rare events.
-5. **Decision** — an alarm when ``p_t <= false_alarm_rate`` while armed: one alarm per
+5. **Seasonal repeat** (kind :data:`LIKELIHOOD_SEASONAL`, ``season`` rows, e.g. one day) — a
+   daily job, backup or cron spike makes the same error at the same time every day; a model
+   trained on a few days cannot know all of them, but the score history can. When ``p_t`` is
+   at or below the false-alarm rate and the smoothed error one season earlier (within
+   ``season_halfwidth`` rows either side, the model's own seasonal tolerance) was at least
+   ``mu_t + (m_t - mu_t) / sqrt(2)`` — at least half as surprising as now, measured as the
+   log of the Gaussian tail (``log Q(z) ~ -z^2 / 2``), the units of ``anomaly_score``: at the
+   decision boundary (0.5) that is yesterday's score reaching the re-arm level (0.25) — the
+   excursion is a repeat of yesterday's, and ``p_t`` becomes ``max(p_t, 1 / season)``:
+   an error that happens once a season (which does not re-arm the decision: an excursion
+   that was reported is not reported again because part of it repeats). Only live samples count (not the prior: its rows
+   are not one season before the live ones), so the step starts one season after the
+   stream does. The first occurrence of a daily event still alarms; so does an incident at
+   a time of day with nothing like it the day before.
+6. **Decision** — an alarm when ``p_t <= false_alarm_rate`` while armed: one alarm per
    excursion, not one per sample. An alarm disarms the decision until ``p`` recovers above
    ``sqrt(false_alarm_rate)`` (``anomaly_score`` below 0.25): hysteresis, so an excursion that
    hovers around the boundary is still one event.
@@ -42,7 +56,8 @@ use :data:`FIXED_THRESHOLD`: ``is_anomaly = score > threshold``.
 
 Cost per sample is O(1): two ring buffers with running sums (recomputed exactly once per
 ``long_window`` samples so float rounding cannot drift) and no allocation. Step 4 is a
-vectorized pass over the history, only for samples that would otherwise alarm.
+vectorized pass over the history, step 5 a look at ``2 * season_halfwidth + 1`` values of
+it, both only for samples that would otherwise alarm.
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ __all__ = [
     "FIXED_THRESHOLD",
     "LIKELIHOOD",
     "LIKELIHOOD_RECURRENT",
+    "LIKELIHOOD_SEASONAL",
     "MAX_PRIOR",
     "PIPELINE_KINDS",
     "FixedThresholdPipeline",
@@ -75,7 +91,8 @@ __all__ = [
 FIXED_THRESHOLD = "edgefleet.fixed-threshold/1"
 LIKELIHOOD = "edgefleet.likelihood/1"
 LIKELIHOOD_RECURRENT = "edgefleet.likelihood/2"
-PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD, LIKELIHOOD_RECURRENT)
+LIKELIHOOD_SEASONAL = "edgefleet.likelihood/3"
+PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL)
 
 _SQRT2 = math.sqrt(2.0)
 # Below this, the history's spread is float noise (a constant error): treat it as this small
@@ -129,6 +146,10 @@ class LikelihoodPipeline:
     history. The step is not on by default because it cannot tell a recurring normal burst
     from a recurring incident: on a host where similar incidents come every day or two it
     reports the first two and hides the rest (docs/model-choice.md has both measurements).
+
+    ``season`` and ``season_halfwidth`` (kind :data:`LIKELIHOOD_SEASONAL`, step 5): rows per
+    season (one day; the trainer sets the model's seasonal lag) and the tolerance in rows
+    either side; 0 (the default) leaves the step out.
     """
 
     short_window: int = 10
@@ -137,6 +158,8 @@ class LikelihoodPipeline:
     false_alarm_rate: float = 1e-5
     prior: tuple[float, ...] = ()
     recurrences: int = 0
+    season: int = 0
+    season_halfwidth: int = 8
 
     def __post_init__(self) -> None:
         if not (1 <= self.short_window <= self.long_window and 2 <= self.min_history <= self.long_window):
@@ -147,6 +170,14 @@ class LikelihoodPipeline:
             raise ScorePipelineError("score pipeline false_alarm_rate must be in (0, 0.5)")
         if not 0 <= self.recurrences <= 1000:
             raise ScorePipelineError("score pipeline recurrences must be in [0, 1000]")
+        if self.season and not (
+            0 <= self.season_halfwidth < self.season and self.season + self.season_halfwidth < self.long_window
+        ):
+            raise ScorePipelineError(
+                "score pipeline needs 0 <= season_halfwidth < season and season + season_halfwidth < long_window"
+            )
+        if self.season < 0:
+            raise ScorePipelineError("score pipeline season must be >= 0")
         if len(self.prior) > min(MAX_PRIOR, self.long_window) or not all(map(math.isfinite, self.prior)):
             raise ScorePipelineError(
                 f"score pipeline prior must hold at most {MAX_PRIOR} (and long_window) finite values"
@@ -170,6 +201,8 @@ class LikelihoodPipeline:
 
     @property
     def kind(self) -> str:
+        if self.season:
+            return LIKELIHOOD_SEASONAL
         return LIKELIHOOD_RECURRENT if self.recurrences else LIKELIHOOD
 
     def to_json(self) -> dict[str, Any]:
@@ -180,6 +213,7 @@ class LikelihoodPipeline:
             "min_history": self.min_history,
             "false_alarm_rate": self.false_alarm_rate,
             **({"recurrences": self.recurrences} if self.recurrences else {}),
+            **({"season": self.season, "season_halfwidth": self.season_halfwidth} if self.season else {}),
             **({"prior": list(self.prior)} if self.prior else {}),
         }
 
@@ -221,14 +255,18 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
         if extra:
             raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(extra)}")
         return FixedThresholdPipeline()
-    if kind not in (LIKELIHOOD, LIKELIHOOD_RECURRENT):
+    if kind not in (LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL):
         raise ScorePipelineError(
             f"unknown score pipeline kind {kind!r}; this version runs {', '.join(PIPELINE_KINDS)}"
         )
     params = {k: v for k, v in obj.items() if k != "kind"}
     known = {"short_window", "long_window", "min_history", "false_alarm_rate", "prior"}
-    if kind == LIKELIHOOD_RECURRENT:
+    if kind in (LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL):
         known.add("recurrences")
+    if kind == LIKELIHOOD_SEASONAL:
+        known |= {"season", "season_halfwidth"}
+        if not isinstance(params.get("season"), int) or isinstance(params.get("season"), bool) or params["season"] < 1:
+            raise ScorePipelineError(f"score pipeline {kind} needs a positive integer season")
     if set(params) - known:
         raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(set(params) - known)}")
     try:
@@ -238,7 +276,10 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
             min_history=int(params.get("min_history", 288)),
             false_alarm_rate=float(params.get("false_alarm_rate", 1e-5)),
             prior=tuple(float(v) for v in params.get("prior", ())),
-            recurrences=int(params.get("recurrences", 2)) if kind == LIKELIHOOD_RECURRENT else 0,
+            recurrences=(int(params.get("recurrences", 2)) if kind == LIKELIHOOD_RECURRENT
+                         else int(params.get("recurrences", 0))),
+            season=int(params.get("season", 0)),
+            season_halfwidth=int(params.get("season_halfwidth", 8)),
         )
     except (TypeError, ValueError) as e:
         raise ScorePipelineError(f"bad score pipeline parameters: {e}") from e
@@ -305,6 +346,9 @@ class LikelihoodScorer:
         self._min_history = params.min_history
         self._armed = True
         self._rearm = math.sqrt(params.false_alarm_rate)
+        self._season = params.season
+        self._season_hw = params.season_halfwidth
+        self._live = 0  # values pushed into the history by this stream (not the prior)
 
     def push(self, score: float) -> ScoreStep:
         if not math.isfinite(score):
@@ -332,8 +376,11 @@ class LikelihoodScorer:
             tail = 0.5 * math.erfc((m - mu) / (sigma * _SQRT2))
             if tail <= self._far and self._recurrences:
                 tail = max(tail, self._recurrence_rate(m, n))
+            excursion = tail  # before step 5: whether the error itself is still out of the ordinary
+            if tail <= self._far and self._season and self._seasonal_repeat(m, mu):
+                tail = max(tail, 1.0 / self._season)
         else:
-            tail = 1.0
+            tail = excursion = 1.0
         # remember m in the long history
         long, j, cap = self._long, self._long_i, self._long_cap
         if n == cap:
@@ -348,6 +395,7 @@ class LikelihoodScorer:
         self._long_sum += m
         self._long_sq += m * m
         self._long_i = j + 1 if j + 1 < cap else 0
+        self._live += 1
         self._since_exact += 1
         if self._since_exact >= cap:
             self._resum()
@@ -356,7 +404,7 @@ class LikelihoodScorer:
         alarm = hit and self._armed
         if alarm:
             self._armed = False
-        elif tail > self._rearm:
+        elif tail > self._rearm and excursion > self._rearm:  # a seasonal repeat does not re-arm
             self._armed = True
         if tail > 0:
             a = math.log(tail) / self._log_far2
@@ -380,6 +428,19 @@ class LikelihoodScorer:
         above = hist >= m
         c = int(above[0]) + int(np.count_nonzero(above[1:] & ~above[:-1]))
         return max(0, c - self._recurrences + 1) / n
+
+    def _seasonal_repeat(self, m: float, mu: float) -> bool:
+        """Step 5: was the smoothed error one season ago (± the half-width) at least
+        ``mu + (m - mu) / sqrt(2)``: half as surprising as ``m``, in log tail probability?"""
+        season, hw = self._season, self._season_hw
+        if self._live < season + hw:
+            return False
+        long, j, cap = self._long, self._long_i, self._long_cap
+        floor = mu + (m - mu) / _SQRT2
+        for back in range(season - hw, season + hw + 1):  # pushed `back` samples ago
+            if long[(j - back) % cap] >= floor:
+                return True
+        return False
 
     def _resum(self) -> None:
         """Recompute the running sums exactly: bounds float drift, O(1) amortized."""

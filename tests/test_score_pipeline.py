@@ -17,6 +17,7 @@ from shared.score_pipeline import (
     FIXED_THRESHOLD,
     LIKELIHOOD,
     LIKELIHOOD_RECURRENT,
+    LIKELIHOOD_SEASONAL,
     FixedThresholdPipeline,
     LikelihoodPipeline,
     ScorePipelineError,
@@ -127,6 +128,38 @@ def test_recurrence_counts_the_history_in_time_order_across_the_ring_seam():
     assert sum(s.is_anomaly for s in steps) <= 3
 
 
+def _daily(n: int, day: int, phase: int, seed: int, jitter: int = 3) -> np.ndarray:
+    """Noise, and a burst of large errors at about the same time every day (a nightly job)."""
+    rng = np.random.default_rng(seed)
+    errors = _errors(n, seed)
+    for start in range(phase, n, day):
+        at = start + int(rng.integers(-jitter, jitter + 1))
+        errors[at:at + 3] += 12.0 * rng.uniform(0.95, 1.05)
+    return errors
+
+
+def test_an_error_at_the_same_time_as_yesterdays_is_a_repeat_not_an_anomaly():
+    day = 288
+    errors = _daily(day * 14, day, phase=100, seed=5)
+    plain = [i for i, s in enumerate(_run(LikelihoodPipeline(), errors)) if s.is_anomaly]
+    seasonal_steps = _run(LikelihoodPipeline(season=day), errors)
+    seasonal = [i for i, s in enumerate(seasonal_steps) if s.is_anomaly]
+    assert len(plain) >= 10, plain  # the Gaussian tail alone reports the job every day
+    # once yesterday's is in the history (here from the warm-up day on), it is not reported again
+    assert len(seasonal) <= 1 and all(i < 3 * day for i in seasonal), seasonal
+    # a repeat is reported as an error that happens once a season, not as a decision
+    repeat = seasonal_steps[100 + 10 * day + 1]
+    assert not repeat.is_anomaly and repeat.tail_probability >= 1 / day
+
+
+def test_an_incident_at_another_time_of_day_still_alarms():
+    day = 288
+    errors = _daily(day * 14, day, phase=100, seed=6)
+    errors[10 * day + 200:10 * day + 220] += 12.0  # nothing like it the day before at this hour
+    alarms = [i for i, s in enumerate(_run(LikelihoodPipeline(season=day), errors)) if s.is_anomaly]
+    assert any(10 * day + 200 <= i <= 10 * day + 210 for i in alarms), alarms
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     st.integers(1, 50), st.integers(50, 5000), st.integers(2, 50),
@@ -137,6 +170,10 @@ def test_pipeline_json_round_trip(short, long, min_hist, far, recurrences):
     obj = json.loads(json.dumps(p.to_json()))
     assert obj["kind"] == (LIKELIHOOD_RECURRENT if recurrences else LIKELIHOOD)
     assert pipeline_from_json(obj) == p
+    seasonal = dataclasses.replace(p, long_window=max(p.long_window, 400), season=288, season_halfwidth=8)
+    obj = json.loads(json.dumps(seasonal.to_json()))
+    assert obj["kind"] == LIKELIHOOD_SEASONAL and obj["season"] == 288
+    assert pipeline_from_json(obj) == seasonal
 
 
 def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
@@ -148,19 +185,28 @@ def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
         pipeline_from_json({"kind": LIKELIHOOD, "gain": 2})
     with pytest.raises(ScorePipelineError, match="false_alarm_rate"):
         pipeline_from_json({"kind": LIKELIHOOD, "false_alarm_rate": 0.9})
+    with pytest.raises(ScorePipelineError, match=r"unknown parameter\(s\) \['season'\]"):
+        pipeline_from_json({"kind": LIKELIHOOD, "season": 288})  # /1 has no seasonal step
+    with pytest.raises(ScorePipelineError, match="needs a positive integer season"):
+        pipeline_from_json({"kind": LIKELIHOOD_SEASONAL})
+    with pytest.raises(ScorePipelineError, match="season_halfwidth < season"):
+        pipeline_from_json({"kind": LIKELIHOOD_SEASONAL, "season": 8, "season_halfwidth": 8})
+    with pytest.raises(ScorePipelineError, match="long_window"):
+        pipeline_from_json({"kind": LIKELIHOOD_SEASONAL, "season": 8640})
     assert pipeline_from_json(None) == FixedThresholdPipeline()
     assert pipeline_from_json({"kind": FIXED_THRESHOLD}) == FixedThresholdPipeline()
 
 
 def test_bundle_spec_declares_the_pipeline_and_refuses_an_unknown_kind():
     spec = make_spec()
-    for pipeline, kind in ((LikelihoodPipeline(), LIKELIHOOD), (LikelihoodPipeline(recurrences=2), LIKELIHOOD_RECURRENT)):
+    for pipeline, kind in ((LikelihoodPipeline(), LIKELIHOOD), (LikelihoodPipeline(recurrences=2), LIKELIHOOD_RECURRENT),
+                           (LikelihoodPipeline(season=288), LIKELIHOOD_SEASONAL)):
         spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=pipeline))
         obj = json.loads(spec.to_bytes())
         assert obj["score"]["pipeline"]["kind"] == kind
         assert BundleSpec.from_json(obj).score.pipeline == pipeline
-    obj["score"]["pipeline"]["kind"] = "edgefleet.likelihood/3"
-    with pytest.raises(BundleError, match="unknown score pipeline kind 'edgefleet.likelihood/3'"):
+    obj["score"]["pipeline"]["kind"] = "edgefleet.likelihood/9"
+    with pytest.raises(BundleError, match="unknown score pipeline kind 'edgefleet.likelihood/9'"):
         BundleSpec.from_json(obj)
     # a spec without a pipeline (an older trainer) decides on the fixed threshold
     legacy = json.loads(make_spec().to_bytes())

@@ -87,6 +87,9 @@ def test_nab_training_registers_int8_onnx_and_tflite_with_parity(nab_dir: Path, 
     # 5-minute samples and enough rows: the default forecaster reads one day back
     assert version["architecture"]["season"] == 288 and version["architecture"]["centering"] == "window"
     assert 0 < version["metrics"]["threshold"]
+    # and its score pipeline does not report what happened at the same time the day before
+    pipeline = version["lineage"]["score_pipeline"]
+    assert pipeline["kind"] == "edgefleet.likelihood/3" and pipeline["season"] == 288
 
 
 # -- golden vectors, checked without edgefleet's runtime code ----------------------------------

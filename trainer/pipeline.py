@@ -6,6 +6,7 @@ input fails fast and leaves the registry untouched; :func:`train` then does the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -248,6 +249,18 @@ def seasonal_lag(series: Sequence[Series], window: int) -> int:
     return lag if all(len(s) >= need for s in series) else 0
 
 
+def with_seasonal_repeats(pipeline: LikelihoodPipeline, season: int) -> LikelihoodPipeline:
+    """``pipeline`` with its seasonal-repeat step (:mod:`shared.score_pipeline`, step 5) at
+    ``season`` rows and the models' half-width, unless it has one already or ``season`` is 0.
+
+    The season is the model's own seasonal lag, or for a model without seasonal context (an
+    autoencoder) the one :func:`seasonal_lag` finds in the data; ``--season off`` leaves both out.
+    """
+    if not season or pipeline.season:
+        return pipeline
+    return dataclasses.replace(pipeline, season=season, season_halfwidth=SEASON_HALFWIDTH)
+
+
 def _rows_used(rows: int, request: TrainRequest) -> int:
     """Rows of a file of ``rows`` rows that ``request`` trains on (its first ones)."""
     if request.probation:
@@ -377,6 +390,8 @@ def train(
     if isinstance(pipeline, LikelihoodPipeline):
         # validation windows are consecutive per series: the errors an agent would have seen
         pipeline = pipeline.calibrated(val_scores)
+        pipeline = with_seasonal_repeats(pipeline, season if season or req.season is not None
+                                         else seasonal_lag(prepared.series, req.window))
     score = calibrate(val_scores, spec.score_kind, req.threshold, pipeline)
     holdout = _evenly(val_w, HOLDOUT_WINDOWS)
     inputs = ExportInputs(

@@ -248,7 +248,7 @@ def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None
     """
     from shared.score_pipeline import LikelihoodPipeline
     from trainer.models import fit, score_windows
-    from trainer.pipeline import training_windows
+    from trainer.pipeline import training_windows, with_seasonal_repeats
     from trainer.scoring import ThresholdPolicy, calibrate
 
     spec = candidate.architecture
@@ -264,7 +264,7 @@ def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None
 
     result = fit(spec, train_w, val_w, rows, candidate.recipe, progress=progress)
     val_scores = score_windows(result.model, val_w)
-    pipeline = LikelihoodPipeline().calibrated(val_scores)
+    pipeline = with_seasonal_repeats(LikelihoodPipeline().calibrated(val_scores), spec.season)
     score = calibrate(val_scores, spec.score_kind, ThresholdPolicy(), pipeline)
     return TrainedCandidate(candidate, result.model, train_w, val_w, rows, score, result.best_epoch,
                             len(result.history), result.best_val_loss)

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMMAND = ".venv/bin/python benchmarks/bench_model_choice.py"
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default: forecaster w64, centred, season": {},
+    "default without seasonal repeats": {"seasonal_repeats": False},
     "default + recurrences 2": {"score_pipeline": LikelihoodPipeline(recurrences=2)},
     "no season": {"season": 0},
     "no season, centred on training mean": {"season": 0, "centering": "train"},

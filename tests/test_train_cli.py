@@ -92,6 +92,15 @@ def test_nab_training_registers_int8_onnx_and_tflite_with_parity(nab_dir: Path, 
     assert pipeline["kind"] == "edgefleet.likelihood/3" and pipeline["season"] == 288
 
 
+@pytest.mark.nab
+def test_seasonal_repeats_can_be_left_out(nab_dir: Path, tmp_path: Path) -> None:
+    out = edgefleet("train", "--data", str(nab_dir / NAB_FILE), "--profile", "x86-64-v3", "--name", "cpu",
+                    "--registry", str(tmp_path), "--epochs", "2", "--no-seasonal-repeats", "--json")
+    version = json.loads(out.stdout)
+    assert version["architecture"]["season"] == 288  # the model still reads a day back
+    assert version["lineage"]["score_pipeline"]["kind"] == "edgefleet.likelihood/1"
+
+
 # -- golden vectors, checked without edgefleet's runtime code ----------------------------------
 # The trainer computes the golden outputs with edge_agent.runtime; checking them with that same
 # code would prove nothing. A bare onnxruntime session and a bare LiteRT interpreter, fed as

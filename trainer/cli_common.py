@@ -91,6 +91,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recurrences", type=at_least(0), default=0, metavar="N",
                    help="score pipeline: an error the recent history reached in N separate "
                    "excursions is not reported (0, the default: off; see docs/model-choice.md)")
+    p.add_argument("--no-seasonal-repeats", dest="seasonal_repeats", action="store_false",
+                   help="score pipeline: report an error even when one as large came at the same time "
+                   "the day before (by default such daily repeats raise no event; see docs/model-choice.md)")
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,4 +105,5 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         **({"family": args.family} if args.family else {}),
         "season": args.season,
         "score_pipeline": LikelihoodPipeline(recurrences=args.recurrences),
+        "seasonal_repeats": args.seasonal_repeats,
     }

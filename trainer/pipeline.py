@@ -107,6 +107,9 @@ class TrainRequest:
     season: int | None = None
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
     score_pipeline: ScorePipeline = field(default_factory=LikelihoodPipeline)
+    # Step 5 of the score pipeline (an error at the same time as yesterday's is a repeat, not
+    # an anomaly) wherever the model has a season; off: every repeat is judged on its own.
+    seasonal_repeats: bool = True
     # The full training recipe (a search's winner); None = defaults with ``epochs`` and ``seed``.
     recipe: Recipe | None = None
     # Extra lineage recorded with the version (e.g. the search study, trial and candidate).
@@ -390,8 +393,9 @@ def train(
     if isinstance(pipeline, LikelihoodPipeline):
         # validation windows are consecutive per series: the errors an agent would have seen
         pipeline = pipeline.calibrated(val_scores)
-        pipeline = with_seasonal_repeats(pipeline, season if season or req.season is not None
-                                         else seasonal_lag(prepared.series, req.window))
+        if req.seasonal_repeats:
+            pipeline = with_seasonal_repeats(pipeline, season if season or req.season is not None
+                                             else seasonal_lag(prepared.series, req.window))
     score = calibrate(val_scores, spec.score_kind, req.threshold, pipeline)
     holdout = _evenly(val_w, HOLDOUT_WINDOWS)
     inputs = ExportInputs(

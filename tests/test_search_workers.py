@@ -146,6 +146,23 @@ def test_grid_sampler_runs_ten_trials_of_the_space_grid(work: Path, tmp_path: Pa
         assert all(v in grid[k] for k, v in params.items()), params
     points = {tuple(sorted(t["params"].items())) for t in complete}  # type: ignore[union-attr]
     assert len(points) == 10  # no point twice
+    # a point whose family does not ask for one of the grid's conditional parameters repeats
+    # another point's candidate: it is not trained again, its figures are the first one's
+    import optuna
+
+    study = optuna.load_study(study_name="host", storage=f"sqlite:///{registry / 'search.sqlite3'}")
+    first: dict[str, optuna.trial.FrozenTrial] = {}
+    repeats = 0
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        key = json.dumps(t.user_attrs["candidate"], sort_keys=True)
+        if key in first:
+            repeats += 1
+            assert t.user_attrs["same_as"] == first[key].number and t.values == first[key].values
+            assert t.user_attrs["hardware"] == first[key].user_attrs["hardware"]
+        else:
+            first[key] = t
+            assert "same_as" not in t.user_attrs
+    assert repeats >= 1  # the seeded grid order draws an autoencoder point twice
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ the next process on the same host that runs trials of the study marks it FAIL wh
 ``worker`` attribute's pid is gone. Trials of dead processes on other hosts keep counting
 (Optuna's heartbeat is not enabled).
 
+A candidate proposed again (same architecture and recipe as a complete trial) is not trained
+again: the trial copies the earlier one's figures and records its number in ``same_as``.
+
 Trial user attributes: ``worker`` (``host:pid`` of the process that ran it), ``candidate`` (the candidate's JSON), ``quality`` and
 ``quality_details``, ``hardware`` (one :class:`~trainer.search.hardware.HardwareRecord` per
 profile) and ``constraints`` (their constraint values in profile order). The same values go to the
@@ -412,6 +415,33 @@ class _InterruptsInsideTrials:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
+def _same_candidate(study: Any, candidate: dict[str, Any], number: int) -> Any:
+    """A complete trial before ``number`` with the same candidate (architecture and recipe,
+    seed included), or None. Training is seeded and the data are the study's, so its
+    figures are what training this one would give."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number < number and t.user_attrs.get("candidate") == candidate:
+            return t
+    return None
+
+
+def _repeat(trial: Any, earlier: Any) -> Any:
+    """Record ``earlier``'s figures on ``trial`` (with ``same_as``) and return its values.
+
+    Samplers propose a candidate twice (a grid's conditional parameters, a converged TPE,
+    an evolution child whose mutation changed nothing); it is not trained twice."""
+    for key in ("quality", "quality_details", "hardware", "constraints"):
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    for key, value in earlier.constraints.items():
+        trial.set_constraint(key, value)
+    trial.set_user_attr("same_as", earlier.number)
+    values = list(earlier.values)
+    return values[0] if len(values) == 1 else values
+
+
 def run_search(prepared: PreparedSearch, progress: Callable[[str], None] | None = None) -> Any:
     """:func:`open_study` then :func:`run_trials` in this process. Returns the ``optuna.Study``."""
     study = open_study(prepared)
@@ -460,6 +490,9 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
             study.stop()
             raise _SurplusTrial(f"study {study.study_name!r} already has {req.trials} trials")
         candidate = suggest_candidate(trial, req.space, len(data.features), season_lag, req.seed)
+        earlier = _same_candidate(study, trial.user_attrs["candidate"], trial.number)
+        if earlier is not None:
+            return _repeat(trial, earlier)
         try:
             return _evaluate(trial, candidate)
         except (KeyboardInterrupt, optuna.TrialPruned):

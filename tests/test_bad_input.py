@@ -133,6 +133,7 @@ CASES = [
     ef("search worker --registry reg --trials 1", "needs --study NAME"),
     ef("search worker --study s --registry reg --data ok.csv", "takes --data from the study"),
     ef("search worker --study s --registry reg --sampler random --seed 3", "takes --sampler, --seed from the study"),
+    ef("search worker --study s --registry reg --seed 0", "takes --seed from the study"),
     ef("search worker --study nope --registry reg --trials 1", "no study 'nope'"),
     ef("search worker --study s --storage postgresql://127.0.0.1:1/x --trials 1", "cannot open search storage"),
     ef("search worker --study s --storage bogus://x --trials 1", "cannot open search storage"),

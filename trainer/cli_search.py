@@ -84,9 +84,15 @@ _STUDY_OWNED = (("--data", "data"), ("--profile", "profile"), ("--name", "name")
 _STUDY_DEFAULTS = {"sampler": "tpe", "pruner": "median", "objectives": "quality", "seed": 0, "register": "best"}
 
 
+def _left_out(value: object) -> bool:
+    """Whether an option's parsed value is its "not given" default (None, False or [])."""
+    return value is None or value is False or value == []
+
+
 def _worker(args: argparse.Namespace) -> int:
     """``edgefleet search worker``: run trials of an existing study (no registration)."""
-    given = [o for o, k in _STUDY_OWNED if getattr(args, k) not in (None, False, [])]
+    # identity, not equality: `--seed 0` is given (0 == False), an absent option is None/False/[]
+    given = [o for o, k in _STUDY_OWNED if not _left_out(getattr(args, k))]
     if given or args.jobs != 1:
         raise UsageError(f"`search worker` takes {', '.join(given) or '--jobs'} from the study: "
                          "give only --study, --storage, --trials, --timeout, --registry")

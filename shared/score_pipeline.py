@@ -124,8 +124,9 @@ class ScoreStep(NamedTuple):
 
 @dataclass(frozen=True)
 class LikelihoodPipeline:
-    """Parameters of :data:`LIKELIHOOD` and :data:`LIKELIHOOD_RECURRENT` (defaults: the
-    published anomaly-likelihood ones, without the recurrence step).
+    """Parameters of :data:`LIKELIHOOD`, :data:`LIKELIHOOD_RECURRENT` and
+    :data:`LIKELIHOOD_SEASONAL` (defaults: the published anomaly-likelihood ones, without the
+    recurrence and seasonal-repeat steps).
 
     ``short_window`` raw errors are averaged (10 in Ahmad et al.); the tail probability is
     measured against the last ``long_window`` averages (8640, thirty days of 5-minute samples,
@@ -170,14 +171,14 @@ class LikelihoodPipeline:
             raise ScorePipelineError("score pipeline false_alarm_rate must be in (0, 0.5)")
         if not 0 <= self.recurrences <= 1000:
             raise ScorePipelineError("score pipeline recurrences must be in [0, 1000]")
+        if self.season < 0:
+            raise ScorePipelineError("score pipeline season must be >= 0")
         if self.season and not (
             0 <= self.season_halfwidth < self.season and self.season + self.season_halfwidth < self.long_window
         ):
             raise ScorePipelineError(
                 "score pipeline needs 0 <= season_halfwidth < season and season + season_halfwidth < long_window"
             )
-        if self.season < 0:
-            raise ScorePipelineError("score pipeline season must be >= 0")
         if len(self.prior) > min(MAX_PRIOR, self.long_window) or not all(map(math.isfinite, self.prior)):
             raise ScorePipelineError(
                 f"score pipeline prior must hold at most {MAX_PRIOR} (and long_window) finite values"
@@ -265,8 +266,11 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
         known.add("recurrences")
     if kind == LIKELIHOOD_SEASONAL:
         known |= {"season", "season_halfwidth"}
-        if not isinstance(params.get("season"), int) or isinstance(params.get("season"), bool) or params["season"] < 1:
-            raise ScorePipelineError(f"score pipeline {kind} needs a positive integer season")
+        for name in ("season", "season_halfwidth"):
+            value = params.get(name, 8 if name == "season_halfwidth" else None)
+            least = 1 if name == "season" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ScorePipelineError(f"score pipeline {kind} needs an integer {name} >= {least}")
     if set(params) - known:
         raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(set(params) - known)}")
     try:

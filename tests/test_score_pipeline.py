@@ -191,8 +191,10 @@ def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
         pipeline_from_json({"kind": LIKELIHOOD, "false_alarm_rate": 0.9})
     with pytest.raises(ScorePipelineError, match=r"unknown parameter\(s\) \['season'\]"):
         pipeline_from_json({"kind": LIKELIHOOD, "season": 288})  # /1 has no seasonal step
-    with pytest.raises(ScorePipelineError, match="needs a positive integer season"):
+    with pytest.raises(ScorePipelineError, match="needs an integer season >= 1"):
         pipeline_from_json({"kind": LIKELIHOOD_SEASONAL})
+    with pytest.raises(ScorePipelineError, match="needs an integer season_halfwidth >= 0"):
+        pipeline_from_json({"kind": LIKELIHOOD_SEASONAL, "season": 288, "season_halfwidth": "8"})
     with pytest.raises(ScorePipelineError, match="season_halfwidth < season"):
         pipeline_from_json({"kind": LIKELIHOOD_SEASONAL, "season": 8, "season_halfwidth": 8})
     with pytest.raises(ScorePipelineError, match="long_window"):

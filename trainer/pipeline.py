@@ -254,12 +254,12 @@ def seasonal_lag(series: Sequence[Series], window: int) -> int:
 
 def with_seasonal_repeats(pipeline: LikelihoodPipeline, season: int) -> LikelihoodPipeline:
     """``pipeline`` with its seasonal-repeat step (:mod:`shared.score_pipeline`, step 5) at
-    ``season`` rows and the models' half-width, unless it has one already or ``season`` is 0.
-
-    The season is the model's own seasonal lag, or for a model without seasonal context (an
-    autoencoder) the one :func:`seasonal_lag` finds in the data; ``--season off`` leaves both out.
+    ``season`` rows (the model's own seasonal lag: ``train``, the search objective and the
+    docs use this one rule) and the models' half-width. Unchanged when it has one already,
+    when ``season`` is 0, or when a season does not fit in its history (``--season`` of more
+    rows than ``long_window`` minus the half-width: the history cannot look that far back).
     """
-    if not season or pipeline.season:
+    if not season or pipeline.season or season + SEASON_HALFWIDTH >= pipeline.long_window:
         return pipeline
     return dataclasses.replace(pipeline, season=season, season_halfwidth=SEASON_HALFWIDTH)
 
@@ -394,8 +394,7 @@ def train(
         # validation windows are consecutive per series: the errors an agent would have seen
         pipeline = pipeline.calibrated(val_scores)
         if req.seasonal_repeats:
-            pipeline = with_seasonal_repeats(pipeline, season if season or req.season is not None
-                                             else seasonal_lag(prepared.series, req.window))
+            pipeline = with_seasonal_repeats(pipeline, season)
     score = calibrate(val_scores, spec.score_kind, req.threshold, pipeline)
     holdout = _evenly(val_w, HOLDOUT_WINDOWS)
     inputs = ExportInputs(

@@ -34,7 +34,6 @@ from trainer.evaluation.nab import (
     load_windows,
     nab_score,
     optimize_threshold,
-    probation_rows,
 )
 
 __all__ = [
@@ -170,12 +169,11 @@ def _detect(registry: Path, ref: str, profile: str, series: Series) -> tuple[str
 def _train(path: Path, key: str, rows: int, request: EvaluateRequest, registry: Path) -> str:
     from trainer.pipeline import TrainError, TrainRequest, prepare, train
 
-    fraction = probation_rows(rows) / rows
     name = "eval-" + "".join(c if c.isalnum() else "-" for c in Path(key).stem.lower())[:50]
     try:
         prepared = prepare(
             TrainRequest(
-                data=[path], profiles=[request.profile], name=name, train_fraction=fraction,
+                data=[path], profiles=[request.profile], name=name, probation=True,
                 **request.train_options,
             )
         )

@@ -34,9 +34,11 @@ SAMPLERS: tuple[str, ...] = (
 """Sampler names accepted by :func:`make_sampler`, in the order a CLI lists them."""
 
 _SINGLE_OBJECTIVE = ("cmaes", "reinforce")
-# Optuna 5.1 passes `constraints_func` to these samplers only (and to NSGA-III); they read the
-# constraint values back from the trials. CmaEsSampler warns that it ignores them, Random and
-# Grid ignore them silently, and the two samplers of this package ignore them too.
+# Optuna 5.1 passes the (deprecated) `constraints_func` to these samplers only (and to
+# NSGA-III); they read the constraint values back from the trials. CmaEsSampler warns that it
+# ignores them, Random and Grid ignore them silently. The two samplers of this package take no
+# `constraints_func` but honour the values an objective sets with `trial.set_constraint` (what
+# `edgefleet search` does), as TPE, GP and NSGA-II do.
 _CONSTRAINED = ("tpe", "gp", "nsga2")
 _DIRECTIONS = ("minimize", "maximize")
 

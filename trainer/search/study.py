@@ -19,11 +19,11 @@ from them. ``--trials N`` then bounds the whole study: a process starts a trial 
 than N trials are finished or running, and a trial that storage numbers after N others that are
 finished or running (two processes that started at the same moment) ends as FAIL with user
 attribute ``surplus`` instead of running. Ctrl-C is delivered only while a trial's objective
-runs (SIGINT is blocked while Optuna creates or stores a trial), so an interrupted trial is
-stored as FAIL, never left RUNNING. A trial whose process died (killed, crashed) stays RUNNING;
-the next process on the same host that runs trials of the study marks it FAIL when the
-``worker`` attribute's pid is gone. Trials of dead processes on other hosts keep counting
-(Optuna's heartbeat is not enabled).
+runs (a SIGINT while Optuna creates or stores a trial waits for the next objective), so an
+interrupted trial is stored as FAIL, never left RUNNING. A trial whose process died (killed,
+crashed, its machine lost) is found by Optuna's heartbeat: a running trial writes one every
+:data:`HEARTBEAT_S` seconds, and the next trial any process starts marks FAIL a RUNNING trial
+silent for :data:`GRACE_S` seconds; until then it counts towards ``--trials``.
 
 A candidate proposed again (same architecture and recipe as a complete trial) is not trained
 again: the trial copies the earlier one's figures and records its number in ``same_as``.
@@ -45,6 +45,7 @@ import os
 import signal
 import socket
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +138,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: A running trial writes a heartbeat this often; one silent for GRACE_S is marked FAIL.
+HEARTBEAT_S = 30
+GRACE_S = 120
+
+
 def open_storage(url: str) -> Any:
-    """Optuna RDB storage for ``url`` (``sqlite:///…``, ``postgresql://…``, any SQLAlchemy URL).
+    """Optuna RDB storage for ``url`` (``sqlite:///…``, ``postgresql://…``, any SQLAlchemy URL),
+    with heartbeats (:data:`HEARTBEAT_S`, :data:`GRACE_S`; see the module docstring).
 
     SQLite waits up to a minute for a lock, as several local processes share one file. Raises
     :class:`SearchError` (one line) when the storage cannot be opened.
@@ -147,7 +154,10 @@ def open_storage(url: str) -> Any:
 
     kwargs = {"connect_args": {"timeout": _SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S)
     except Exception as e:  # SQLAlchemy and drivers raise many kinds; one line for the user
         raise SearchError(f"cannot open search storage {url}: {str(e).strip().splitlines()[0]}") from e
 
@@ -356,63 +366,60 @@ def _taken(study: Any, below: int | None = None) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=states) if below is None or t.number < below)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def fail_dead_trials(study: Any) -> list[int]:
-    """Mark FAIL the RUNNING trials of ``study`` whose ``worker`` ran on this host in a process
-    that no longer exists (killed or crashed mid-trial). Returns their numbers."""
-    from optuna.trial import TrialState
-
-    host = socket.gethostname()
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        w_host, _, w_pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if w_host != host or not w_pid.isdigit() or int(w_pid) == os.getpid() or _pid_alive(int(w_pid)):
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, "error", "its process ended during the trial")
-        if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-            failed.append(t.number)
-    return failed
-
-
 class _InterruptsInsideTrials:
-    """Block SIGINT except while a trial's objective runs.
+    """Deliver Ctrl-C only while a trial's objective runs.
 
     Optuna stores a KeyboardInterrupt raised in the objective as a FAIL trial; one raised while
     it creates the next trial (``study.ask``: sampler, storage) or stores a finished one leaves
-    that trial RUNNING, where it would count towards ``--trials`` forever. A Ctrl-C in those
-    moments stays pending until the next objective starts, or until the search returns.
-    Only in the main thread of a POSIX process; elsewhere it does nothing."""
+    that trial RUNNING, where it would count towards ``--trials`` forever. While active, a
+    SIGINT handler raises KeyboardInterrupt inside an objective and otherwise keeps it pending,
+    raised when the next objective starts or when the search returns.
+
+    A Python handler, not a signal mask: a mask blocks SIGINT for one thread only, and the
+    kernel hands a process-directed SIGINT to any thread that does not block it (torch,
+    onnxruntime and LiteRT start threads); Python runs its handlers in the main thread
+    whichever thread received the signal. Only in the main thread (where ``signal.signal``
+    works); elsewhere it does nothing.
+    """
 
     def __init__(self) -> None:
         import threading
 
-        self.active = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        self.active = threading.current_thread() is threading.main_thread()
+        self._inside = False
+        self._pending = False
+        self._previous: Any = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._inside:
+            raise KeyboardInterrupt
+        self._pending = True
 
     def __enter__(self) -> _InterruptsInsideTrials:
         if self.active:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.active:  # a pending SIGINT is delivered here
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if not self.active:
+            return
+        signal.signal(signal.SIGINT, self._previous)
+        if self._pending and exc_type is None:
+            self._pending = False
+            raise KeyboardInterrupt
 
     def objective_started(self) -> None:
-        if self.active:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        self._inside = True
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
     def objective_ended(self) -> None:
-        if self.active:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        self._inside = False
+
+
+#: Trial user attributes about the trial itself, not about its candidate's figures.
+_OWN_ATTRS = frozenset({"worker", "candidate", "surplus", "error", "same_as"})
 
 
 def _same_candidate(study: Any, candidate: dict[str, Any], number: int) -> Any:
@@ -432,9 +439,9 @@ def _repeat(trial: Any, earlier: Any) -> Any:
 
     Samplers propose a candidate twice (a grid's conditional parameters, a converged TPE,
     an evolution child whose mutation changed nothing); it is not trained twice."""
-    for key in ("quality", "quality_details", "hardware", "constraints"):
-        if key in earlier.user_attrs:
-            trial.set_user_attr(key, earlier.user_attrs[key])
+    for key, value in earlier.user_attrs.items():  # its figures, whatever the objective records
+        if key not in _OWN_ATTRS:
+            trial.set_user_attr(key, value)
     for key, value in earlier.constraints.items():
         trial.set_constraint(key, value)
     trial.set_user_attr("same_as", earlier.number)
@@ -550,7 +557,6 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
         progress(f"search {prepared.study_name}: {done}{of} trials, {pruned} pruned, {infeasible} infeasible, "
                  f"best {best}{eta}")
 
-    fail_dead_trials(study)
     if req.trials is not None and _taken(study) >= req.trials:
         return study
     quiet = _QuietSurplus()
@@ -591,13 +597,16 @@ def _best_line(study: Any) -> str:
 
 
 def _feasible(study: Any, profile_index: int | None) -> list[Any]:
-    """Complete trials that meet every budget of one profile (or of all, ``None``)."""
+    """Complete trials that meet every budget of one profile (or of all, ``None``); a trial
+    that repeats an earlier one's candidate (``same_as``) is left out: it is the same model."""
     from optuna.trial import TrialState
 
     out = []
     n = len(BUDGETS)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         c = t.user_attrs.get("constraints")
+        if "same_as" in t.user_attrs:
+            continue
         if not c:
             continue
         part = c if profile_index is None else c[profile_index * n:(profile_index + 1) * n]

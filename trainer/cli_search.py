@@ -5,6 +5,10 @@
 --storage URL`` runs more trials of an existing study, from this or another machine (see
 :mod:`trainer.search.worker`); ``edgefleet search show STUDY`` prints a study's leaderboard.
 ``--plots DIR`` on ``search`` and ``search show`` writes PNGs (:mod:`trainer.search.plots`).
+``--folds K`` judges each candidate by expanding-window cross-validation over K folds
+(:mod:`trainer.search.objective`). Pruning needs one objective: a study with several
+``--objectives`` never prunes (Optuna's ``Trial.report`` is not supported for
+multi-objective optimization), with or without folds.
 """
 
 from __future__ import annotations
@@ -78,10 +82,12 @@ def _write_plots(study: Any, folder: Path | None, quiet: bool) -> None:
 _STUDY_OWNED = (("--data", "data"), ("--profile", "profile"), ("--name", "name"), ("--labels", "labels"),
                 ("--space", "space"), ("--profiles-dir", "profiles_dir"), ("--resume", "resume"),
                 ("--plots", "plots"), ("--sampler", "sampler"), ("--pruner", "pruner"),
-                ("--objectives", "objectives"), ("--seed", "seed"), ("--register", "register"))
+                ("--objectives", "objectives"), ("--seed", "seed"), ("--register", "register"),
+                ("--folds", "folds"))
 # Defaults of the options a study owns: applied by `search` only, so that `search worker` can
 # tell an option given on its command line (refused: the study decides) from one left out.
-_STUDY_DEFAULTS = {"sampler": "tpe", "pruner": "median", "objectives": "quality", "seed": 0, "register": "best"}
+_STUDY_DEFAULTS = {"sampler": "tpe", "pruner": "median", "objectives": "quality", "seed": 0, "register": "best",
+                   "folds": 1}
 
 
 def _left_out(value: object) -> bool:
@@ -181,7 +187,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         trials=args.trials, timeout=args.timeout, sampler=args.sampler, pruner=args.pruner,
         objectives=_objectives(args.objectives), storage=args.storage, study=args.study,
         resume=args.resume, seed=args.seed, register=args.register, space=_space(args.space),
-        profile_dirs=[Path(d) for d in args.profiles_dir],
+        profile_dirs=[Path(d) for d in args.profiles_dir], folds=args.folds,
     )
     plots = _plots_dir(args.plots)
     try:
@@ -298,7 +304,15 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
                    "evolution (regularized), reinforce (policy gradient, one objective), grid "
                    "(every choice, 3 values per range; see trainer.search.grid)")
     p.add_argument("--pruner", choices=("median", "sha", "hyperband", "none"),
-                   help="stop unpromising trials early: median (default), sha, hyperband, none")
+                   help="stop unpromising trials early on their per-epoch validation loss: median "
+                   "(default), sha, hyperband, none. Only with one objective: with several --objectives "
+                   "no trial is pruned (Optuna's Trial.report is not supported for multi-objective "
+                   "optimization)")
+    p.add_argument("--folds", type=positive_int, metavar="K",
+                   help="judge each candidate by time-series cross-validation on K expanding-window "
+                   "folds (fold i trains on the first i+1 of K+1 blocks of each series and is judged "
+                   "on the next; quality = the mean; unlabelled objective only). Default 1: one "
+                   "hold-out split. Pruning steps are fold x epochs + epoch")
     p.add_argument("--objectives", metavar="quality[,latency,size]",
                    help="what to optimize: quality (default), optionally latency and artifact size too")
     p.add_argument("--space", metavar="SPACE.json", help="search space (default: the built-in one)")

@@ -9,8 +9,10 @@ from trainer.data.synthetic import (
 )
 from trainer.data.windows import (
     MIN_VALIDATION_WINDOWS,
+    Fold,
     TimeSplit,
     WindowSplit,
+    expanding_folds,
     fill_missing,
     forecast_split,
     make_windows,
@@ -22,9 +24,11 @@ __all__ = [
     "MIN_VALIDATION_WINDOWS",
     "ANOMALY_KINDS",
     "Anomaly",
+    "Fold",
     "HostMetrics",
     "TimeSplit",
     "WindowSplit",
+    "expanding_folds",
     "fill_missing",
     "forecast_split",
     "generate_host_metrics",

@@ -1,4 +1,5 @@
-"""Windowing, missing-value filling and the time-ordered train/validation split."""
+"""Windowing, missing-value filling, the time-ordered train/validation split and
+expanding-window cross-validation folds."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import numpy as np
 
 __all__ = [
     "MIN_VALIDATION_WINDOWS",
+    "Fold",
     "TimeSplit",
     "WindowSplit",
+    "expanding_folds",
     "fill_missing",
     "forecast_split",
     "make_windows",
@@ -109,3 +112,43 @@ def forecast_split(values: np.ndarray, rows: int, validation_fraction: float) ->
     windows = make_windows(values, rows)
     first_val_end = count - n_val + rows - 1  # row index forecast by the first validation window
     return WindowSplit(windows[: count - n_val], windows[count - n_val :], values[:first_val_end])
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One expanding-window fold over the rows of a series: rows ``[0, train_end)`` are trained
+    on, rows ``[train_end, validation_end)`` are validated on. Nothing after ``validation_end``
+    belongs to the fold."""
+
+    train_end: int
+    validation_end: int
+
+    @property
+    def train(self) -> range:
+        """Row indices trained on."""
+        return range(self.train_end)
+
+    @property
+    def validation(self) -> range:
+        """Row indices validated on (all after every training row)."""
+        return range(self.train_end, self.validation_end)
+
+
+def expanding_folds(rows: int, folds: int) -> list[Fold]:
+    """``folds`` expanding-window folds over ``rows`` rows in time order (no shuffling).
+
+    The rows are cut into ``folds + 1`` consecutive blocks of ``rows // (folds + 1)`` rows
+    (the first block also takes the remainder); fold ``i`` (0-based) trains on blocks
+    ``0..i`` and validates on block ``i + 1`` — the layout of scikit-learn's
+    ``TimeSeriesSplit``. So every validation row comes after every training row of its fold,
+    training never sees a row after its validation block, each fold trains on more rows than
+    the one before, and the last fold validates on the last block. Raises ``ValueError`` when
+    ``folds < 1`` or a block would be empty.
+    """
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, got {folds}")
+    block = rows // (folds + 1)
+    if block < 1:
+        raise ValueError(f"{rows} rows are too few for {folds} folds")
+    first = rows - folds * block
+    return [Fold(first + i * block, first + (i + 1) * block) for i in range(folds)]

@@ -25,11 +25,30 @@ depend on the data and the seed only, so every trial is judged on the same anoma
 Scores here come from the torch model; the artifacts registered at the end are checked
 against it for parity by the normal ``train`` path.
 
+**Cross-validation** (``edgefleet search --folds K``, :func:`load_folds`). With K = 1 (the
+default) a candidate is judged on the single split above. With K ≥ 2 the unlabelled objective
+runs on K expanding-window folds (:func:`trainer.data.expanding_folds`, the layout of
+scikit-learn's ``TimeSeriesSplit``): each series is cut into K + 1 consecutive blocks of equal
+size, and fold i trains on blocks 0..i and is judged on block i + 1 exactly as above (seeded
+injections into copies of that block, clean error on it); no shuffling, and no look-ahead: a
+window judged in fold i forecasts (or reconstructs) rows of its block only, reading rows
+before it as context as an agent reads its past, and fold i trains on no row after its block.
+Within a fold's training rows the usual early-stopping split applies
+(:func:`trainer.pipeline.training_windows`). The trial's quality is the mean over folds
+(:func:`cross_validate`); each fold's quality and details are kept. Labelled mode follows
+NAB's protocol (train on the probationary rows, score the rest of each file), which fixes
+the split, so it takes no folds.
+
 Pruning: in a single-objective study :func:`train_candidate` reports the negated validation
 loss after each epoch (``trial.report``; negated so that higher is better, as the study
-maximizes quality) and raises ``optuna.TrialPruned`` when the pruner says so. In a
-multi-objective study nothing is reported: Optuna raises ``NotImplementedError`` on
-``Trial.report`` there, and its pruners do not support several objectives.
+maximizes quality) and raises ``optuna.TrialPruned`` when the pruner says so. With folds the
+step is ``fold × epochs + epoch`` (``epochs`` = the recipe's epoch cap, epochs counted from
+1), so every trial reports fold f's epoch e at the same step and the pruner compares like
+with like; a fold that stops early leaves its remaining steps unreported. (Reporting the
+running mean of fold qualities instead would give the pruner only K steps, too few for a
+median pruner's warm-up.) In a multi-objective study nothing is reported, with or without
+folds: Optuna raises ``NotImplementedError`` on ``Trial.report`` there, and its pruners do
+not support several objectives, so such a study never prunes.
 """
 
 from __future__ import annotations
@@ -42,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from shared.series import Series, SeriesError, TimeOrderError, read_series_ordered_head
-from trainer.data import fill_missing, make_windows, min_rows
+from trainer.data import Fold, expanding_folds, fill_missing, make_windows, min_rows
 from trainer.evaluation.nab import (
     LabelledSeries,
     ScoringError,
@@ -58,11 +77,15 @@ __all__ = [
     "INJECTIONS",
     "CandidateQuality",
     "EvalSeries",
+    "MIN_HELD_ROWS",
     "ObjectiveData",
     "TrainedCandidate",
+    "cross_validate",
     "labelled_data",
+    "load_folds",
     "measure_quality",
     "synthetic_data",
+    "synthetic_folds",
     "train_candidate",
 ]
 
@@ -70,6 +93,7 @@ HOLDOUT_FRACTION = 0.3
 INJECTIONS = ("spike", "level_shift", "drift", "variance", "stuck")
 CLEAN_ERROR_WEIGHT = 0.1
 CLEAN_ERROR_CAP = 10.0
+MIN_HELD_ROWS = 40  # rows judged per series (and per fold): room for an injection and its aftermath
 
 
 @dataclass(frozen=True)
@@ -195,26 +219,82 @@ def synthetic_data(paths: Sequence[Path], *, seed: int) -> ObjectiveData:
 
     Raises :class:`SearchError` for unreadable files or too few rows to hold any back.
     """
-    loaded, train, evaluate, clean = [], [], [], []
+    splits = []
     for i, path in enumerate(paths):
         s = _load(path, lambda n: n - int(n * HOLDOUT_FRACTION))
         cut = len(s) - int(len(s) * HOLDOUT_FRACTION)
-        held = s.values[cut:]
-        if len(held) < 40:
+        if len(s) - cut < MIN_HELD_ROWS:
             raise SearchError(f"{path}: {len(s)} rows are too few to hold back {HOLDOUT_FRACTION:.0%} to test on")
+        splits.append((path, s, cut, len(s), (seed, i)))
+    return _synthetic(splits)
+
+
+def _fold_layout(rows: int, folds: int) -> list[Fold]:
+    try:
+        return expanding_folds(rows, folds)
+    except ValueError:
+        return []
+
+
+def synthetic_folds(paths: Sequence[Path], *, seed: int, folds: int) -> list[ObjectiveData]:
+    """Unlabelled mode on ``folds`` expanding-window folds (see the module docstring): one
+    :class:`ObjectiveData` per fold, in time order. ``folds == 1`` is :func:`synthetic_data`.
+
+    Raises :class:`SearchError` for ``folds < 1``, unreadable files, or a file whose blocks
+    would hold fewer than :data:`MIN_HELD_ROWS` rows.
+    """
+    if folds < 1:
+        raise SearchError(f"--folds must be at least 1, got {folds}")
+    if folds == 1:
+        return [synthetic_data(paths, seed=seed)]
+    per_fold: list[list[tuple[Path, Series, int, int, tuple[int, ...]]]] = [[] for _ in range(folds)]
+    for i, path in enumerate(paths):
+        # rows trained on in some fold: up to the last fold's cut (they must be in time order)
+        s = _load(path, lambda n: (_fold_layout(n, folds) or [Fold(n, n)])[-1].train_end)
+        layout = _fold_layout(len(s), folds)
+        if not layout or layout[0].validation_end - layout[0].train_end < MIN_HELD_ROWS:
+            raise SearchError(f"{path}: {len(s)} rows are too few for --folds {folds}: each of the "
+                              f"{folds + 1} blocks needs at least {MIN_HELD_ROWS} rows, "
+                              f"{MIN_HELD_ROWS * (folds + 1)} rows in all")
+        for f, fold in enumerate(layout):
+            per_fold[f].append((path, s, fold.train_end, fold.validation_end, (seed, i, f)))
+    return [_synthetic(splits) for splits in per_fold]
+
+
+def _synthetic(splits: Sequence[tuple[Path, Series, int, int, tuple[int, ...]]]) -> ObjectiveData:
+    """The unlabelled objective on rows ``[0, cut)`` (trained on) and ``[cut, end)`` (judged,
+    with one seeded injection per kind) of each ``(path, series, cut, end, seed key)``."""
+    loaded, train, evaluate, clean = [], [], [], []
+    for path, s, cut, end, key in splits:
+        held = s.values[cut:end]
         part = s.head(cut)
         loaded.append(part)
         train.append(part.values)
-        clean.append(s.values)
+        clean.append(s.values[:end])
         scale = np.maximum(np.std(part.values, axis=0), 1e-3 * np.abs(np.mean(part.values, axis=0)) + 1e-9)
-        stamps = list(s.timestamps[cut:])
+        stamps = list(s.timestamps[cut:end])
         for k, kind in enumerate(INJECTIONS):
-            rng = np.random.default_rng([seed, i, k])
+            rng = np.random.default_rng([*key[:2], k, *key[2:]])
             rows, start, last = _inject(kind, held, scale, rng)
-            end = min(len(held) - 1, last + max(10, (last - start + 1) // 2))
-            labels = LabelledSeries(f"{Path(path).name}#{kind}", stamps, [(stamps[start], stamps[end])])
+            stop = min(len(held) - 1, last + max(10, (last - start + 1) // 2))
+            labels = LabelledSeries(f"{Path(path).name}#{kind}", stamps, [(stamps[start], stamps[stop])])
             evaluate.append(EvalSeries(np.concatenate([s.values[:cut], rows]), cut, labels))
+    paths = [p for p, *_ in splits]
     return ObjectiveData("synthetic", _same_features(loaded, paths), train, loaded, evaluate, clean)
+
+
+def load_folds(paths: Sequence[Path], labels: Path | None, *, seed: int, folds: int) -> list[ObjectiveData]:
+    """The objective's data as a search loads it: labelled (``labels`` given; one split) or
+    unlabelled on ``folds`` folds. Raises :class:`SearchError` (one line) for bad input,
+    including ``folds < 1`` and ``folds > 1`` with labels."""
+    if folds < 1:
+        raise SearchError(f"--folds must be at least 1, got {folds}")
+    if labels is not None:
+        if folds > 1:
+            raise SearchError(f"--folds {folds} needs the unlabelled objective: with --labels a candidate "
+                              "trains on NAB's probationary rows and is scored on the rest of each file")
+        return [labelled_data(paths, labels)]
+    return synthetic_folds(paths, seed=seed, folds=folds)
 
 
 @dataclass
@@ -240,11 +320,12 @@ class CandidateQuality:
     details: dict[str, Any]
 
 
-def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None) -> TrainedCandidate:
+def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None, fold: int = 0) -> TrainedCandidate:
     """Train ``candidate`` on ``data.train`` with early stopping, calibrate its score pipeline.
 
-    With an Optuna ``trial`` of a single-objective study, reports each epoch and raises
-    ``optuna.TrialPruned`` when its pruner says so (see the module docstring).
+    With an Optuna ``trial`` of a single-objective study, reports each epoch at step
+    ``fold × epochs + epoch`` and raises ``optuna.TrialPruned`` when its pruner says so (see
+    the module docstring).
     """
     from shared.score_pipeline import LikelihoodPipeline
     from trainer.models import fit, score_windows
@@ -258,9 +339,10 @@ def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None
         import optuna
 
         def progress(epoch: int, epochs: int, train_loss: float, val_loss: float) -> None:
-            trial.report(-val_loss, epoch)
+            trial.report(-val_loss, fold * epochs + epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} (validation loss {val_loss:.4g})")
+                where = f"fold {fold + 1} epoch {epoch}" if fold else f"epoch {epoch}"
+                raise optuna.TrialPruned(f"pruned at {where} (validation loss {val_loss:.4g})")
 
     result = fit(spec, train_w, val_w, rows, candidate.recipe, progress=progress)
     val_scores = score_windows(result.model, val_w)
@@ -312,3 +394,28 @@ def measure_quality(trained: TrainedCandidate, data: ObjectiveData) -> Candidate
     details["clean_error"] = clean_error
     quality = events.f1 - CLEAN_ERROR_WEIGHT * min(clean_error, CLEAN_ERROR_CAP)
     return CandidateQuality(float(quality), details)
+
+
+def cross_validate(candidate: Candidate, folds: Sequence[ObjectiveData],
+                   trial: Any = None) -> tuple[TrainedCandidate, CandidateQuality]:
+    """Train and judge ``candidate`` on every fold, in time order (:func:`train_candidate`,
+    :func:`measure_quality`). Returns the candidate trained on the last fold (the most rows)
+    and the quality: with one fold that fold's, with several the mean over folds, with
+    ``details`` holding ``folds``, ``fold_quality`` (one value per fold) and ``fold_details``.
+    Raises ``optuna.TrialPruned`` as :func:`train_candidate` does.
+    """
+    if not folds:
+        raise ValueError("no fold to cross-validate on")
+    results = []
+    for f, data in enumerate(folds):
+        trained = train_candidate(candidate, data, trial, fold=f)
+        results.append(measure_quality(trained, data))
+    if len(results) == 1:
+        return trained, results[0]
+    values = [r.quality for r in results]
+    details: dict[str, Any] = {"folds": len(results), "fold_quality": values,
+                               "fold_details": [r.details for r in results]}
+    for key in ("event_recall", "event_precision", "event_f1", "clean_error"):
+        if all(key in r.details for r in results):
+            details[key] = float(np.mean([r.details[key] for r in results]))
+    return trained, CandidateQuality(float(np.mean(values)), details)

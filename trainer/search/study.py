@@ -14,7 +14,7 @@ finished before or now (a failed or interrupted trial does not count).
 Several processes may run trials of one study at once (``edgefleet search worker``, ``search
 --jobs``): :func:`open_study` writes everything a trial needs into the study's user attributes
 (:data:`SETUP_KEYS`: data files with their sha256, labels, profiles and profile folders, space,
-objectives, mode, seed, sampler, pruner), and :mod:`trainer.search.worker` rebuilds the search
+objectives, mode, seed, sampler, pruner, trials, folds), and :mod:`trainer.search.worker` rebuilds the search
 from them. ``--trials N`` then bounds the whole study: a process starts a trial only while fewer
 than N trials are finished or running, and a trial that storage numbers after N others that are
 finished or running (two processes that started at the same moment) ends as FAIL with user
@@ -29,7 +29,8 @@ A candidate proposed again (same architecture and recipe as a complete trial) is
 again: the trial copies the earlier one's figures and records its number in ``same_as``.
 
 Trial user attributes: ``worker`` (``host:pid`` of the process that ran it), ``candidate`` (the candidate's JSON), ``quality`` and
-``quality_details``, ``hardware`` (one :class:`~trainer.search.hardware.HardwareRecord` per
+``quality_details``, ``fold_quality`` (with ``--folds K`` ≥ 2: the quality of each fold, in time
+order; ``quality`` is their mean, see :mod:`trainer.search.objective`), ``hardware`` (one :class:`~trainer.search.hardware.HardwareRecord` per
 profile) and ``constraints`` (their constraint values in profile order). The same values go to the
 sampler through ``Trial.set_constraint`` (``{profile}.{budget}``; Optuna 5 deprecates
 ``constraints_func`` in its favour): a trial is feasible when every value is ≤ 0, and a trial
@@ -54,7 +55,7 @@ from typing import Any
 from shared.profiles import FirmwareProfile, ProfileError, builtin_profiles_dir, load_profile
 from trainer.search.errors import SearchError
 from trainer.search.hardware import BUDGETS
-from trainer.search.objective import ObjectiveData, labelled_data, synthetic_data
+from trainer.search.objective import ObjectiveData, load_folds
 from trainer.search.space import Candidate, SearchSpace
 
 __all__ = [
@@ -81,8 +82,10 @@ PRUNERS = ("median", "sha", "hyperband", "none")
 STORAGE_FILE = "search.sqlite3"
 _UNMEASURED = 1e9  # latency/size objective of an artifact that failed parity
 SETUP_KEYS = ("name", "data", "labels", "profiles", "profile_dirs", "space", "objectives", "mode",
-              "seed", "sampler", "pruner", "trials")
+              "seed", "sampler", "pruner", "trials", "folds")
 """Study user attributes that describe the search: enough for a worker to run its trials."""
+SETUP_DEFAULTS = {"folds": 1}
+"""Setup keys a study written by an earlier edgefleet may lack, with the value it then meant."""
 _SQLITE_LOCK_TIMEOUT_S = 60  # several local processes write one SQLite file
 
 
@@ -107,17 +110,26 @@ class SearchRequest:
     register: str = "best"
     space: SearchSpace = field(default_factory=SearchSpace)
     profile_dirs: Sequence[Path] = ()
+    # Cross-validation folds of the objective (1 = one hold-out split; see trainer.search.objective)
+    folds: int = 1
 
 
 @dataclass(frozen=True)
 class PreparedSearch:
-    """A checked request with its loaded profiles and data."""
+    """A checked request with its loaded profiles and data: ``folds`` holds the objective's
+    data per fold, in time order (one entry without cross-validation)."""
 
     request: SearchRequest
     profiles: list[FirmwareProfile]
-    data: ObjectiveData
+    folds: tuple[ObjectiveData, ...]
     storage: str
     study_name: str
+
+    @property
+    def data(self) -> ObjectiveData:
+        """The first fold's data. Every fold has the same mode and features, and the first
+        trains on the fewest rows, so a seasonal context that fits it fits every fold."""
+        return self.folds[0]
 
 
 def default_storage(registry: Path) -> str:
@@ -197,6 +209,8 @@ def prepare_search(request: SearchRequest) -> PreparedSearch:
         raise SearchError("--register front needs several --objectives (e.g. quality,latency)")
     if request.trials is None and request.timeout is None:
         raise SearchError("give --trials N or --timeout SECONDS")
+    if request.folds < 1:
+        raise SearchError(f"--folds must be at least 1, got {request.folds}")
     if request.pruner not in PRUNERS:
         raise SearchError(f"unknown pruner {request.pruner!r}; known: {', '.join(PRUNERS)}")
     from trainer.search.grid import grid_of
@@ -215,11 +229,8 @@ def prepare_search(request: SearchRequest) -> PreparedSearch:
         raise SearchError("give at least one --profile")
     if not request.data:
         raise SearchError("give at least one --data CSV")
-    if request.labels is not None:
-        data = labelled_data(request.data, request.labels)
-    else:
-        data = synthetic_data(request.data, seed=request.seed)
-    data.check_space(request.space)
+    folds = load_folds(request.data, request.labels, seed=request.seed, folds=request.folds)
+    check_folds(folds, request.space)
     try:
         Registry.check_writable(request.registry)
     except RegistryError as e:
@@ -231,10 +242,22 @@ def prepare_search(request: SearchRequest) -> PreparedSearch:
         raise SearchError(f"study {study_name!r} exists in {storage}: pass --resume to continue it, or --study NEW")
     if request.resume and not exists:
         raise SearchError(f"--resume: no study {study_name!r} in {storage}")
-    return PreparedSearch(request, profiles, data, storage, study_name)
+    return PreparedSearch(request, profiles, tuple(folds), storage, study_name)
+
+
+def check_folds(folds: Sequence[ObjectiveData], space: SearchSpace) -> None:
+    """Raise :class:`SearchError` when a fold's rows to train on are too few for the space."""
+    for i, data in enumerate(folds):
+        try:
+            data.check_space(space)
+        except SearchError as e:
+            if len(folds) == 1:
+                raise
+            raise SearchError(f"--folds {len(folds)}: fold {i + 1}: {e}") from None
 
 
 def _pruner(name: str, epochs: int, multi: bool) -> Any:
+    """``epochs`` is the last step a trial reports (folds × the epoch cap)."""
     import optuna
 
     if multi or name == "none":  # Trial.report is not supported with several objectives
@@ -271,6 +294,7 @@ def _setup(prepared: PreparedSearch) -> dict[str, Any]:
         "profile_dirs": [str(Path(d).resolve()) for d in req.profile_dirs],
         "space": req.space.to_json(), "objectives": list(req.objectives), "mode": prepared.data.mode,
         "seed": req.seed, "sampler": req.sampler, "pruner": req.pruner, "trials": req.trials,
+        "folds": req.folds,
     }
 
 
@@ -285,7 +309,7 @@ def make_study_sampler(req: SearchRequest, seed: int | None) -> Any:
 
 def make_study_pruner(req: SearchRequest) -> Any:
     """The pruner of ``req`` (none in a multi-objective study)."""
-    return _pruner(req.pruner, req.space.epochs, len(req.objectives) > 1)
+    return _pruner(req.pruner, req.space.epochs * req.folds, len(req.objectives) > 1)
 
 
 def open_study(prepared: PreparedSearch) -> Any:
@@ -309,10 +333,11 @@ def open_study(prepared: PreparedSearch) -> Any:
     )
     setup = _setup(prepared)
     if req.resume:
-        for k in ("objectives", "profiles", "space", "mode", "seed"):
-            if study.user_attrs.get(k) != setup[k]:
+        for k in ("objectives", "profiles", "space", "mode", "seed", "folds"):
+            theirs = study.user_attrs.get(k, SETUP_DEFAULTS.get(k))
+            if theirs != setup[k]:
                 raise SearchError(f"--resume: this run's {k} differ from study {prepared.study_name!r}'s "
-                                  f"({study.user_attrs.get(k)})")
+                                  f"({theirs})")
         # the same files, byte for byte: the study's trials were scored on them
         for k in ("data", "labels"):
             theirs, ours = study.user_attrs.get(k), setup[k]
@@ -469,7 +494,7 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
 
     from trainer.pipeline import seasonal_lag
     from trainer.search.hardware import measure
-    from trainer.search.objective import measure_quality, train_candidate
+    from trainer.search.objective import cross_validate
 
     req = prepared.request
     data, profiles = prepared.data, prepared.profiles
@@ -510,9 +535,10 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
             raise _TrialFailed(reason) from e
 
     def _evaluate(trial: Any, candidate: Candidate) -> Any:
-        trained = train_candidate(candidate, data, trial)
-        quality = measure_quality(trained, data)
+        trained, quality = cross_validate(candidate, prepared.folds, trial)
         trial.set_user_attr("quality", quality.quality)
+        if "fold_quality" in quality.details:
+            trial.set_user_attr("fold_quality", quality.details["fold_quality"])
         trial.set_user_attr("quality_details", quality.details)
         records = measure(trained, data.features, profiles)
         trial.set_user_attr("hardware", [r.to_json() for r in records])

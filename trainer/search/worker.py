@@ -2,7 +2,8 @@
 
 The study's user attributes (:data:`trainer.search.study.SETUP_KEYS`, written by the
 ``search`` command that created it) say everything: data files and their sha256, labels,
-profiles and profile folders, space, objectives, mode, seed, sampler and pruner. A worker on
+profiles and profile folders, space, objectives, mode, seed, sampler, pruner and the objective's
+cross-validation folds (a study from before folds existed has none: one split). A worker on
 another machine therefore needs only the storage URL and the study name, and the data files at
 the same paths with the same bytes; it refuses to run when one is missing or differs.
 
@@ -20,9 +21,11 @@ from shared.profiles import ProfileError, builtin_profiles_dir, load_profile
 from trainer.search.errors import SearchError
 from trainer.search.space import SearchSpace
 from trainer.search.study import (
+    SETUP_DEFAULTS,
     SETUP_KEYS,
     PreparedSearch,
     SearchRequest,
+    check_folds,
     load_study,
     make_study_pruner,
     make_study_sampler,
@@ -57,9 +60,9 @@ def join_study(name: str, storage: str, trials: int | None, timeout: float | Non
     """
     import optuna
 
-    from trainer.search.objective import labelled_data, synthetic_data
+    from trainer.search.objective import load_folds
 
-    attrs = load_study(name, storage).user_attrs
+    attrs = {**SETUP_DEFAULTS, **load_study(name, storage).user_attrs}
     missing = [k for k in SETUP_KEYS if k not in attrs]
     if missing:
         raise SearchError(f"study {name!r} in {storage} lacks {', '.join(missing)}: "
@@ -74,16 +77,17 @@ def join_study(name: str, storage: str, trials: int | None, timeout: float | Non
         trials=trials, timeout=timeout, sampler=attrs["sampler"], pruner=attrs["pruner"],
         objectives=tuple(attrs["objectives"]), storage=storage, study=name, resume=True,
         seed=attrs["seed"], space=SearchSpace.from_json(attrs["space"]),
-        profile_dirs=[Path(d) for d in attrs["profile_dirs"]],
+        profile_dirs=[Path(d) for d in attrs["profile_dirs"]], folds=attrs["folds"],
     )
     dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
     try:
         profiles = [load_profile(p, dirs) for p in request.profiles]
     except ProfileError as e:
         raise SearchError(f"study {name!r}: {e}") from e
-    loaded = labelled_data(data, labels) if labels is not None else synthetic_data(data, seed=request.seed)
-    if loaded.mode != attrs["mode"]:
-        raise SearchError(f"study {name!r} is {attrs['mode']}, its files load as {loaded.mode}")
+    folds = load_folds(data, labels, seed=request.seed, folds=request.folds)
+    check_folds(folds, request.space)
+    if folds[0].mode != attrs["mode"]:
+        raise SearchError(f"study {name!r} is {attrs['mode']}, its files load as {folds[0].mode}")
     study = optuna.load_study(study_name=name, storage=open_storage(storage),
                               sampler=make_study_sampler(request, None), pruner=make_study_pruner(request))
-    return study, PreparedSearch(request, profiles, loaded, storage, name)
+    return study, PreparedSearch(request, profiles, tuple(folds), storage, name)

@@ -1,0 +1,197 @@
+"""Time-series cross-validation in ``edgefleet search --folds K``: the fold layout (no
+look-ahead, expanding), the objective's data per fold, and the real CLI on a tiny space
+(Optuna on SQLite, torch, the exports measured in their runtimes, the registry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.data import expanding_folds, generate_host_metrics, write_host_metrics
+from trainer.search.errors import SearchError
+from trainer.search.objective import MIN_HELD_ROWS, load_folds, synthetic_data, synthetic_folds
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPACE = {"windows": [8, 16], "widths": [8, 16], "bottlenecks": [4], "layers": [1, 1],
+         "epochs": 3, "patience": 2, "batch_sizes": [64]}
+ROWS = 1200
+
+
+def edgefleet(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
+                          timeout=900, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic host metrics, their labels and the tiny search space."""
+    w = tmp_path_factory.mktemp("folds")
+    write_host_metrics(generate_host_metrics(ROWS, seed=3), w / "host.csv", w / "host.labels.json")
+    (w / "space.json").write_text(json.dumps(SPACE))
+    return w
+
+
+@pytest.mark.parametrize("rows", [10, 99, 100, 1200, 4033])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 9])
+def test_every_validation_row_comes_after_every_training_row_and_folds_expand(rows: int, k: int) -> None:
+    folds = expanding_folds(rows, k)
+    assert len(folds) == k
+    for fold in folds:
+        assert len(fold.train) > 0 and len(fold.validation) > 0
+        assert min(fold.validation) > max(fold.train)  # no look-ahead
+        assert fold.validation.start == fold.train.stop  # no gap, no overlap
+    for before, after in zip(folds, folds[1:]):
+        assert after.train_end > before.train_end  # expanding
+        assert after.train_end == before.validation_end  # the next fold trains on this block too
+    assert folds[-1].validation_end == rows  # the last block is validated on
+    sizes = {len(f.validation) for f in folds}
+    assert len(sizes) == 1  # blocks of equal size
+
+
+def test_folds_need_rows_and_at_least_one_fold() -> None:
+    with pytest.raises(ValueError):
+        expanding_folds(100, 0)
+    with pytest.raises(ValueError):
+        expanding_folds(3, 3)
+
+
+def test_each_folds_objective_data_holds_no_row_after_its_block(work: Path) -> None:
+    from shared.series import read_series
+
+    values = read_series(work / "host.csv").values
+    folds = synthetic_folds([work / "host.csv"], seed=0, folds=3)
+    layout = expanding_folds(ROWS, 3)
+    assert len(folds) == 3
+    for data, fold in zip(folds, layout):
+        (train,) = data.train
+        assert len(train) == fold.train_end
+        np.testing.assert_array_equal(train, values[: fold.train_end])
+        (clean,) = data.clean
+        np.testing.assert_array_equal(clean, values[: fold.validation_end])
+        assert len(data.evaluate) == 5  # one copy of the block per injected kind
+        for ev in data.evaluate:
+            # judged from the first row of the block on, never past it
+            assert ev.first == fold.train_end and len(ev.values) == fold.validation_end
+            np.testing.assert_array_equal(ev.values[: ev.first], values[: fold.train_end])
+            assert len(ev.labels) == fold.validation_end - fold.train_end
+    # one fold is the search's single hold-out split, unchanged
+    (single,) = synthetic_folds([work / "host.csv"], seed=0, folds=1)
+    plain = synthetic_data([work / "host.csv"], seed=0)
+    assert [ev.first for ev in single.evaluate] == [ev.first for ev in plain.evaluate]
+    for a, b in zip(single.evaluate, plain.evaluate):
+        np.testing.assert_array_equal(a.values, b.values)
+
+
+def test_too_few_rows_for_the_folds_and_folds_with_labels_are_refused(work: Path) -> None:
+    too_many = ROWS // MIN_HELD_ROWS  # blocks of fewer than MIN_HELD_ROWS rows
+    with pytest.raises(SearchError, match=f"too few for --folds {too_many}"):
+        synthetic_folds([work / "host.csv"], seed=0, folds=too_many)
+    with pytest.raises(SearchError, match="--folds must be at least 1"):
+        load_folds([work / "host.csv"], None, seed=0, folds=0)
+    with pytest.raises(SearchError, match="unlabelled objective"):
+        load_folds([work / "host.csv"], work / "host.labels.json", seed=0, folds=2)
+
+
+def _search(work: Path, registry: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return edgefleet("search", "--data", str(work / "host.csv"), "--name", "host", "--registry", str(registry),
+                     "--space", str(work / "space.json"), "--profile", "x86-64-v3", *extra, check=check)
+
+
+@pytest.mark.parametrize("folds, why", [
+    ("0", "must be at least 1"),
+    ("x", "not an integer"),
+    (str(ROWS // MIN_HELD_ROWS), "too few for --folds"),
+])
+def test_bad_folds_exit_2_with_one_line_and_nothing_written(work: Path, tmp_path: Path, folds: str, why: str) -> None:
+    registry = tmp_path / "reg"
+    proc = _search(work, registry, "--trials", "1", "--folds", folds, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and why in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not registry.exists()
+
+
+def test_folds_with_labels_exit_2(work: Path, tmp_path: Path) -> None:
+    proc = _search(work, tmp_path / "reg", "--trials", "1", "--folds", "2", "--labels",
+                   str(work / "host.labels.json"), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "unlabelled objective" in lines[0], proc.stderr
+
+
+def test_help_says_multi_objective_studies_are_not_pruned() -> None:
+    text = " ".join(edgefleet("search", "--help").stdout.split())
+    assert "with several --objectives no trial is pruned" in text
+    assert "--folds K" in text
+
+
+def _stored(registry: Path, study: str = "host") -> list[object]:
+    import optuna
+
+    storage = f"sqlite:///{registry / 'search.sqlite3'}"
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+@pytest.mark.slow
+def test_a_two_fold_search_averages_its_folds_and_resume_and_workers_keep_them(work: Path, tmp_path: Path) -> None:
+    registry = tmp_path / "reg"
+    proc = _search(work, registry, "--trials", "2", "--folds", "2", "--json")
+    assert "search host: 2/2 trials" in proc.stderr
+    (version,) = json.loads(proc.stdout)["versions"]
+    shown = json.loads(edgefleet("search", "show", "host", "--registry", str(registry), "--json").stdout)
+    epochs = SPACE["epochs"]
+    trials = {t.number: t for t in _stored(registry)}  # type: ignore[attr-defined]
+    complete = [r for r in shown["trials"]]
+    assert complete, shown
+    for row in complete:
+        details = row["quality_details"]
+        assert details["folds"] == 2 and len(details["fold_quality"]) == 2
+        assert row["values"][0] == pytest.approx(float(np.mean(details["fold_quality"])))
+        stored = trials[row["trial"]]
+        assert stored.user_attrs["fold_quality"] == details["fold_quality"]  # type: ignore[attr-defined]
+        steps = sorted(stored.intermediate_values)  # type: ignore[attr-defined]
+        # fold 1 reports at epochs 1.., fold 2 at epochs + 1..
+        assert steps[0] == 1 and steps[-1] > epochs and max(steps) <= 2 * epochs
+    assert version["lineage"]["search"]["study"] == "host"
+
+    # the study keeps its folds: --resume with another value is refused, one line, exit 2
+    other = _search(work, registry, "--trials", "3", "--resume", "--folds", "3", check=False)
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1 and "this run's folds differ" in lines[0], other.stderr
+    plain = _search(work, registry, "--trials", "3", "--resume", check=False)
+    assert plain.returncode == 2 and "this run's folds differ" in plain.stderr, plain.stderr
+
+    # a worker takes the folds from the study: it refuses to be given them, and runs on them
+    given = edgefleet("search", "worker", "--study", "host", "--registry", str(registry), "--folds", "2",
+                      check=False)
+    assert given.returncode == 2 and "--folds" in given.stderr
+    from trainer.search.study import default_storage
+    from trainer.search.worker import join_study
+
+    study, prepared = join_study("host", default_storage(registry), 3, None, registry)
+    assert prepared.request.folds == 2 and len(prepared.folds) == 2
+    assert study.user_attrs["folds"] == 2
+
+
+@pytest.mark.slow
+def test_a_multi_objective_search_with_folds_reports_nothing_and_prunes_nothing(work: Path, tmp_path: Path) -> None:
+    registry = tmp_path / "reg"
+    _search(work, registry, "--trials", "2", "--folds", "2", "--objectives", "quality,latency",
+            "--pruner", "median", "-q")
+    stored = _stored(registry)
+    assert len(stored) == 2
+    for t in stored:
+        assert t.state.name == "COMPLETE"  # type: ignore[attr-defined]
+        assert t.intermediate_values == {}  # type: ignore[attr-defined]
+        assert len(t.user_attrs["fold_quality"]) == 2  # type: ignore[attr-defined]
+        assert len(t.values) == 2  # type: ignore[attr-defined]

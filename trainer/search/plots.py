@@ -16,6 +16,7 @@ from typing import Any
 __all__ = ["write_plots"]
 
 _log = logging.getLogger(__name__)
+_AXIS_NAMES = {"latency": "latency p99 (ms, scaled to the profile)", "size": "artifact size (bytes)"}
 
 
 def _quality(trial: Any) -> float:
@@ -42,7 +43,8 @@ def write_plots(study: Any, folder: Path) -> list[Path]:
     if complete >= 2:
         plots.append(("importances", lambda: ovm.plot_param_importances(study, **target)))
     if multi and len(study.directions) <= 3:
-        plots.append(("pareto", lambda: ovm.plot_pareto_front(study, target_names=objectives)))
+        names = [_AXIS_NAMES.get(o, o) for o in objectives]
+        plots.append(("pareto", lambda: ovm.plot_pareto_front(study, target_names=names)))
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, draw in plots:

@@ -61,9 +61,11 @@ from trainer.search.space import Candidate, SearchSpace
 __all__ = [
     "OBJECTIVES",
     "PRUNERS",
+    "SETUP_DEFAULTS",
     "SETUP_KEYS",
     "PreparedSearch",
     "SearchRequest",
+    "check_folds",
     "default_storage",
     "leaderboard",
     "load_study",

@@ -352,11 +352,13 @@ def throughput(args: argparse.Namespace) -> int:
         "epochs with patience 6), the default sampler (TPE) and pruner (median), one objective "
         f"(quality), one split (`--folds 1`), one process (`--jobs 1`), profile `{PROFILE}`: every "
         "trial trains (a pruned one until the pruner stops it); every trial not pruned is judged on "
-        "the unlabelled objective, exported and timed against the profile's budget. Data: one host of `edgefleet data synth` ({SYNTH_ROWS} rows, seed 0). "
+        "the unlabelled objective, exported and timed against the profile's budget. "
+        f"Data: one host of `edgefleet data synth` ({SYNTH_ROWS} rows, seed 0). "
         "Wall time of the trials (the study's `run_trials`; the retraining and registration of "
         "the winner afterwards are not counted). "
         f"Machine: {machine_line(info)}; torch threads {_threads()}. The machine is shared with "
-        f"other work: {_load_line(before, after)}. {verdict}.",
+        f"other work: {_load_line(before, after)}; on such a machine the wall time of the same "
+        f"trials varies between runs. {verdict}.",
         "",
         markdown_table(header, [row]),
     ])
@@ -484,8 +486,8 @@ def quality(args: argparse.Namespace) -> int:
             "(70% of a file's probationary rows), while the default, trained on all of a file's "
             "probationary rows, takes one day of context where they allow it.")
     left_out = (f" {len(short)} file(s) are evaluated but not searched on: their probationary rows, less "
-                "the held-back 30%, are too few for the default space's largest window "
-                f"({'; '.join(short)})." if short else "")
+                "the held-back 30%, are too few for the default space's largest window: "
+                f"{'; '.join(short)}." if short else "")
     markdown = "\n".join([
         f"The searched model against `edgefleet train`'s default on the team's {files} NAB files, "
         "both scored by `edgefleet evaluate`'s harness: per file, train on its probationary rows "
@@ -504,7 +506,8 @@ def quality(args: argparse.Namespace) -> int:
         "files without anomalies, 6 artificial with, 17 real AWS series), so the choice made on "
         "one would be judged on data unlike it, and the labelled files it would search on are "
         "then missing from the comparison. Nothing here was tuned to these files: the number of "
-        f"trials ({args.quality_trials}) only bounds the run time, and the search's seed is 0.",
+        f"trials ({args.quality_trials}) only bounds the run time, and the search's seed is 0. TPE "
+        "samples at random for its first 10 trials, so so few trials are close to a random search.",
         "",
         f"Winner: trial {number} of {len(study.trials)} ({states['COMPLETE']} complete, {states['PRUNED']} "
         f"pruned, {states['FAIL']} failed), objective {winner.values[0]:.4f}: {_candidate_text(candidate)}. "

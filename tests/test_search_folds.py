@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from trainer.search.errors import SearchError
 from trainer.search.objective import MIN_HELD_ROWS, load_folds, synthetic_data, synthetic_folds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SPACE = {"windows": [8, 16], "widths": [8, 16], "bottlenecks": [4], "layers": [1, 1],
+SPACE: dict[str, Any] = {"windows": [8, 16], "widths": [8, 16], "bottlenecks": [4], "layers": [1, 1],
          "epochs": 3, "patience": 2, "batch_sizes": [64]}
 ROWS = 1200
 
@@ -135,7 +136,8 @@ def test_help_says_multi_objective_studies_are_not_pruned() -> None:
     assert "--folds K" in text
 
 
-def _stored(registry: Path, study: str = "host") -> list[object]:
+def _stored(registry: Path, study: str = "host") -> list[Any]:
+    """The study's trials as Optuna stored them (read in this process)."""
     import optuna
 
     storage = f"sqlite:///{registry / 'search.sqlite3'}"
@@ -150,16 +152,16 @@ def test_a_two_fold_search_averages_its_folds_and_resume_and_workers_keep_them(w
     (version,) = json.loads(proc.stdout)["versions"]
     shown = json.loads(edgefleet("search", "show", "host", "--registry", str(registry), "--json").stdout)
     epochs = SPACE["epochs"]
-    trials = {t.number: t for t in _stored(registry)}  # type: ignore[attr-defined]
-    complete = [r for r in shown["trials"]]
+    trials = {t.number: t for t in _stored(registry)}
+    complete = shown["trials"]
     assert complete, shown
     for row in complete:
         details = row["quality_details"]
         assert details["folds"] == 2 and len(details["fold_quality"]) == 2
         assert row["values"][0] == pytest.approx(float(np.mean(details["fold_quality"])))
         stored = trials[row["trial"]]
-        assert stored.user_attrs["fold_quality"] == details["fold_quality"]  # type: ignore[attr-defined]
-        steps = sorted(stored.intermediate_values)  # type: ignore[attr-defined]
+        assert stored.user_attrs["fold_quality"] == details["fold_quality"]
+        steps = sorted(stored.intermediate_values)
         # fold 1 reports at epochs 1.., fold 2 at epochs + 1..
         assert steps[0] == 1 and steps[-1] > epochs and max(steps) <= 2 * epochs
     assert version["lineage"]["search"]["study"] == "host"
@@ -191,7 +193,7 @@ def test_a_multi_objective_search_with_folds_reports_nothing_and_prunes_nothing(
     stored = _stored(registry)
     assert len(stored) == 2
     for t in stored:
-        assert t.state.name == "COMPLETE"  # type: ignore[attr-defined]
-        assert t.intermediate_values == {}  # type: ignore[attr-defined]
-        assert len(t.user_attrs["fold_quality"]) == 2  # type: ignore[attr-defined]
-        assert len(t.values) == 2  # type: ignore[attr-defined]
+        assert t.state.name == "COMPLETE"
+        assert t.intermediate_values == {}
+        assert len(t.user_attrs["fold_quality"]) == 2
+        assert len(t.values) == 2

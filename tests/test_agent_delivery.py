@@ -558,6 +558,32 @@ def test_agent_runs_the_variant_it_knows_from_a_newer_trainers_document(env: Env
     assert "Traceback" not in agent.log.read_text(), agent.tail()
 
 
+# -- 5b. a version found by `edgefleet search` ships as any other ------------------------------
+
+
+def test_a_searched_version_deploys_and_serves_like_a_trained_one(env: Env) -> None:
+    space = env.tmp / "space.json"
+    space.write_text(json.dumps({"windows": [16], "widths": [16], "bottlenecks": [4], "layers": [1, 1],
+                                 "epochs": 3, "patience": 2, "batch_sizes": [64]}))
+    found = json.loads(cli(
+        "search", "--data", str(env.csv), "--profile", "x86-64-v3", "--name", "host", "--registry",
+        str(env.registry), "--space", str(space), "--trials", "2", "--json", "-q", timeout=600,
+    ).stdout)
+    [version] = found["versions"]
+    assert version["version"] == 3 and version["lineage"]["search"]["study"] == "host"
+    watch = env.subscribe()
+    agent = env.agents.start(env.agent_config("edge-s", rate=400))
+    born(watch)
+    mark = watch.mark()
+    env.deploy("host@3")
+    wait_active(watch, 3, mark)
+    state = watch.wait_for(lambda: first(s for s in watch.of("state", mark) if s.active), 10,
+                           "state listing the searched model")
+    assert [(a.model, a.version, a.sha256) for a in state.active] == [("host", 3, bundle_sha(env.registry, "host", 3))]
+    watch.wait_for(lambda: any(h.inferences for h in watch.of("health", mark)), 30, "host@3 serving")
+    assert agent.alive(), agent.tail()
+
+
 # -- 6. the broker crashed with the agent: its retained "online" is stale -----------------------
 
 

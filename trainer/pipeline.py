@@ -40,6 +40,7 @@ from trainer.data import (
 )
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.models import ArchitectureSpec, Recipe, SpecError, fit, score_windows
+from trainer.models.spec import CONV_DILATIONS, CONV_KERNEL, FORECASTING_FAMILIES
 from trainer.registry import NewArtifact, Registry, RegistryError, VersionRecord, check_model_name
 from trainer.scoring import ThresholdPolicy, calibrate
 
@@ -67,6 +68,14 @@ class DefaultArchitecture(NamedTuple):
 
 
 DEFAULT_ARCHITECTURE = DefaultArchitecture(family="forecaster", window=64, hidden=(512, 64), centering="window")
+# Hidden widths when a request names a family but no widths. The conv family's four blocks
+# take the default dilations (CONV_DILATIONS): 31 rows of receptive field with kernel 3.
+DEFAULT_HIDDEN = {
+    "autoencoder": DEFAULT_ARCHITECTURE.hidden,
+    "forecaster": DEFAULT_ARCHITECTURE.hidden,
+    "linear": (),
+    "conv": (32,) * len(CONV_DILATIONS),
+}
 VALIDATION_FRACTION = 0.2
 SEASON_SECONDS = 86_400  # one day: the cycle of most host and service metrics
 SEASON_HALFWIDTH = 8
@@ -100,8 +109,14 @@ class TrainRequest:
     sort_dedupe: bool = False
     family: str = DEFAULT_ARCHITECTURE.family
     window: int = DEFAULT_ARCHITECTURE.window
-    hidden: tuple[int, ...] = DEFAULT_ARCHITECTURE.hidden
+    # None = the family's DEFAULT_HIDDEN.
+    hidden: tuple[int, ...] | None = None
     centering: str = DEFAULT_ARCHITECTURE.centering
+    # Conv family only (ArchitectureSpec): kernel size, dilations (None = CONV_DILATIONS, one
+    # per hidden width), residual connections.
+    kernel: int = CONV_KERNEL
+    dilations: tuple[int, ...] | None = None
+    residual: bool = True
     # Seasonal context in rows (ArchitectureSpec.season): None = one day when the timestamps
     # and rows allow it (see seasonal_lag), 0 = none.
     season: int | None = None
@@ -162,14 +177,10 @@ def prepare(request: TrainRequest) -> PreparedData:
         profiles = [load_profile(p, dirs) for p in dict.fromkeys(request.profiles)]
     except ValueError as e:
         raise TrainError(str(e)) from e
-    if request.season:
-        try:
-            ArchitectureSpec(
-                request.family, request.window, 1, tuple(request.hidden), request.centering,
-                season=request.season, season_halfwidth=SEASON_HALFWIDTH,
-            )
-        except SpecError as e:
-            raise TrainError(f"--season {request.season}: {e}") from None
+    try:
+        spec_for(request, 1, request.season or 0)
+    except SpecError as e:
+        raise TrainError(f"--season {request.season}: {e}" if request.season else str(e)) from None
     if not request.data:
         raise TrainError("give at least one --data CSV")
     series, datasets, features = [], [], None
@@ -218,6 +229,21 @@ def prepare(request: TrainRequest) -> PreparedData:
         datasets.append(dataset)
     assert features is not None
     return PreparedData(request, profiles, series, datasets, features)
+
+
+def spec_for(request: TrainRequest, features: int, season: int) -> ArchitectureSpec:
+    """The spec ``request`` asks for, with its family's defaults filled in. Raises
+    :class:`SpecError` when the combination is invalid."""
+    hidden = DEFAULT_HIDDEN.get(request.family, ()) if request.hidden is None else tuple(request.hidden)
+    conv = request.family == "conv"
+    dilations = request.dilations
+    if dilations is None:
+        dilations = CONV_DILATIONS if conv else ()
+    return ArchitectureSpec(
+        request.family, request.window, features, hidden, request.centering,
+        season=season, season_halfwidth=SEASON_HALFWIDTH,
+        kernel=request.kernel, dilations=tuple(dilations), residual=request.residual,
+    )
 
 
 def seasonal_lag(series: Sequence[Series], window: int) -> int:
@@ -339,7 +365,7 @@ def training_windows(
     """
     train_parts, val_parts, normal_rows = [], [], []
     for values in series:
-        if spec.family == "forecaster":
+        if spec.forecasts:
             # only the forecast row must be unseen (trainer/data/windows.py)
             wsplit = forecast_split(values, spec.input_rows, VALIDATION_FRACTION)
             train_parts.append(wsplit.train)
@@ -371,11 +397,8 @@ def train(
     started = time.monotonic()
     season = req.season
     if season is None:
-        season = seasonal_lag(prepared.series, req.window) if req.family == "forecaster" else 0
-    spec = ArchitectureSpec(
-        req.family, req.window, len(prepared.features), tuple(req.hidden), req.centering,
-        season=season, season_halfwidth=SEASON_HALFWIDTH,
-    )
+        season = seasonal_lag(prepared.series, req.window) if req.family in FORECASTING_FAMILIES else 0
+    spec = spec_for(req, len(prepared.features), season)
     train_w, val_w, rows = training_windows(spec, [s.values for s in prepared.series])
     recipe = req.recipe or Recipe(epochs=req.epochs, seed=req.seed)
     result = fit(

@@ -97,8 +97,9 @@ def quantize_onnx_int8(fp32_model: bytes, calibration: np.ndarray) -> bytes:
 
     Biases stay fp32 (``QuantizeBias: False``): on models this small the int32 bias with its
     own per-channel scale and zero point costs more bytes than it saves. Only matrix products
-    are quantized: normalisation and the score's error term stay float, because an anomalous
-    window lies outside the calibration range by definition and clipping it would hide it.
+    and convolutions (the conv family's body) are quantized: normalisation (the window's
+    level) and the score's error term stay float, because an anomalous window lies outside the
+    calibration range by definition and clipping it would hide it.
     """
     with tempfile.TemporaryDirectory() as tmp, quiet_fds():
         src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
@@ -113,7 +114,7 @@ def quantize_onnx_int8(fp32_model: bytes, calibration: np.ndarray) -> bytes:
             activation_type=QuantType.QInt16,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            op_types_to_quantize=["MatMul", "Gemm"],
+            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
             extra_options={"QuantizeBias": False, "ActivationSymmetric": False},
         )
         return _canonical(onnx.load(str(out)))

@@ -1,4 +1,4 @@
-"""The torch modules of the two model families. Both map raw windows to one score each.
+"""The torch modules of the model families. Each maps raw windows to one score each.
 
 Input: float32 ``(batch, window, features)`` raw values. Normalisation (per-feature mean and
 std from the training data) is part of the graph, so exported artifacts take raw metrics.
@@ -99,13 +99,22 @@ class WindowAutoencoder(_Normalised):
         return self.error(r, x, level, squared).mean(dim=1)
 
 
-class WindowForecaster(_Normalised):
-    """MLP that predicts the window's last row from the rows before it."""
+def _seasonal_rows(spec: ArchitectureSpec) -> int:
+    return 2 * spec.season_halfwidth + 1 if spec.season else 0
 
-    def __init__(self, spec: ArchitectureSpec) -> None:
-        super().__init__(spec)
-        rows = spec.window - 1 + (2 * spec.season_halfwidth + 1 if spec.season else 0)
-        self.body = _mlp([rows * spec.features, *spec.hidden, spec.features])
+
+class _Forecasting(_Normalised):
+    """The forecasting families' contract: predict the last row from the ``window - 1`` rows
+    before it (and the seasonal rows a season back), centred on those rows' level.
+
+    Subclasses implement :meth:`predict` on normalised rows.
+    """
+
+    def predict(self, past: torch.Tensor, seasonal: torch.Tensor | None) -> torch.Tensor:
+        """``(batch, features)`` normalised forecast of the last row from the normalised
+        ``(batch, window - 1, features)`` past rows and ``(batch, 2 * season_halfwidth + 1,
+        features)`` seasonal rows (``None`` without a season)."""
+        raise NotImplementedError
 
     def feature_errors(self, x: torch.Tensor, squared: bool = False) -> torch.Tensor:
         """``(batch, features)``: absolute (or squared) forecast error of each metric's last value.
@@ -115,16 +124,96 @@ class WindowForecaster(_Normalised):
         spec, n = self.spec, x.shape[1]
         past = x[:, n - spec.window : n - 1, :]
         level = self.level(past)
-        body_in = self.normalise(past, level).reshape(x.shape[0], -1)
+        seasonal = None
         if spec.season:
             lo = n - 1 - spec.season - spec.season_halfwidth
-            seasonal = x[:, lo : lo + 2 * spec.season_halfwidth + 1, :]
-            body_in = torch.cat([body_in, self.normalise(seasonal, level).reshape(x.shape[0], -1)], dim=1)
-        return self.error(self.body(body_in), x[:, -1, :], level[:, 0, :], squared)
+            seasonal = self.normalise(x[:, lo : lo + _seasonal_rows(spec), :], level)
+        predicted = self.predict(self.normalise(past, level), seasonal)
+        return self.error(predicted, x[:, -1, :], level[:, 0, :], squared)
+
+
+def _flat(past: torch.Tensor, seasonal: torch.Tensor | None) -> torch.Tensor:
+    flat = past.reshape(past.shape[0], -1)
+    if seasonal is None:
+        return flat
+    return torch.cat([flat, seasonal.reshape(seasonal.shape[0], -1)], dim=1)
+
+
+class WindowForecaster(_Forecasting):
+    """MLP that predicts the window's last row from the rows before it."""
+
+    def __init__(self, spec: ArchitectureSpec) -> None:
+        super().__init__(spec)
+        rows = spec.window - 1 + _seasonal_rows(spec)
+        self.body = _mlp([rows * spec.features, *spec.hidden, spec.features])
+
+    def predict(self, past: torch.Tensor, seasonal: torch.Tensor | None) -> torch.Tensor:
+        return self.body(_flat(past, seasonal))
+
+
+class LinearForecaster(_Forecasting):
+    """Ridge regression of the last row on the rows before it (and the seasonal rows): one
+    ``nn.Linear``; the training's weight decay is the ridge penalty."""
+
+    def __init__(self, spec: ArchitectureSpec) -> None:
+        super().__init__(spec)
+        rows = spec.window - 1 + _seasonal_rows(spec)
+        self.body = nn.Linear(rows * spec.features, spec.features)
+
+    def predict(self, past: torch.Tensor, seasonal: torch.Tensor | None) -> torch.Tensor:
+        return self.body(_flat(past, seasonal))
+
+
+class _CausalBlock(nn.Module):
+    """Causal dilated Conv1d (the output at time t reads times <= t only), then ReLU, plus the
+    block's input when ``residual`` (through a 1x1 convolution where widths differ).
+
+    Causal by padding both ends and dropping the outputs past the last input time, not by
+    padding the left end only: the residual projection then reads the very tensor the
+    convolution reads, which the TFLite int8 converter needs (a separate padded copy gets a
+    calibration range of its own, and the converter refuses a pad whose input and output
+    ranges differ).
+    """
+
+    def __init__(self, channels_in: int, channels_out: int, kernel: int, dilation: int, residual: bool) -> None:
+        super().__init__()
+        pad = (kernel - 1) * dilation
+        self.conv = nn.Conv1d(channels_in, channels_out, kernel, dilation=dilation, padding=pad)
+        self.relu = nn.ReLU()
+        self.residual = residual
+        self.project = nn.Conv1d(channels_in, channels_out, 1) if residual and channels_in != channels_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv(x)[:, :, : x.shape[2]])
+        if not self.residual:
+            return y
+        return y + (x if self.project is None else self.project(x))
+
+
+class ConvForecaster(_Forecasting):
+    """Temporal convolutional network: causal dilated Conv1d blocks over the rows before the
+    last, then a linear head on the last time step's channels (and the seasonal rows)."""
+
+    def __init__(self, spec: ArchitectureSpec) -> None:
+        super().__init__(spec)
+        widths = [spec.features, *spec.hidden]
+        self.body = nn.Sequential(*(
+            _CausalBlock(a, b, spec.kernel, d, spec.residual)
+            for a, b, d in zip(widths[:-1], widths[1:], spec.dilations)
+        ))
+        self.head = nn.Linear(spec.hidden[-1] + _seasonal_rows(spec) * spec.features, spec.features)
+
+    def predict(self, past: torch.Tensor, seasonal: torch.Tensor | None) -> torch.Tensor:
+        channels = self.body(past.transpose(1, 2))  # (batch, width, time)
+        return self.head(_flat(channels[:, :, -1], seasonal))
 
 
 def build_network(spec: ArchitectureSpec) -> _Normalised:
     """A fresh (untrained) module for ``spec``."""
     if spec.family == "autoencoder":
         return WindowAutoencoder(spec)
+    if spec.family == "linear":
+        return LinearForecaster(spec)
+    if spec.family == "conv":
+        return ConvForecaster(spec)
     return WindowForecaster(spec)

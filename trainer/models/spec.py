@@ -5,10 +5,22 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["CENTERINGS", "FAMILIES", "ArchitectureSpec", "SpecError"]
+__all__ = [
+    "CENTERINGS",
+    "CONV_DILATIONS",
+    "CONV_KERNEL",
+    "FAMILIES",
+    "FORECASTING_FAMILIES",
+    "ArchitectureSpec",
+    "SpecError",
+]
 
-FAMILIES = ("autoencoder", "forecaster")
+FAMILIES = ("autoencoder", "forecaster", "linear", "conv")
+FORECASTING_FAMILIES = ("forecaster", "linear", "conv")
+"""The families that predict a window's last row from the rows before it (the rest reconstruct)."""
 CENTERINGS = ("window", "train")
+CONV_KERNEL = 3
+CONV_DILATIONS = (1, 2, 4, 8)
 
 
 class SpecError(ValueError):
@@ -19,11 +31,25 @@ class SpecError(ValueError):
 class ArchitectureSpec:
     """Everything needed to build a model's graph (not its weights).
 
-    ``family`` is ``autoencoder`` (reconstruct the normalised window; score = mean squared
-    reconstruction error) or ``forecaster`` (predict the window's last row from the rows before
-    it; score = mean squared forecast error). ``hidden`` lists the widths of the hidden layers
-    of the MLP body; for the autoencoder the last width is the bottleneck and the decoder
-    mirrors the encoder.
+    ``family`` is one of:
+
+    - ``autoencoder``: an MLP reconstructs the normalised window; score = mean reconstruction
+      error. ``hidden`` lists the widths of its hidden layers; the last is the bottleneck and
+      the decoder mirrors the encoder.
+    - ``forecaster``: an MLP predicts the window's last row from the rows before it; score =
+      forecast error. ``hidden`` lists the widths of its hidden layers.
+    - ``linear``: one linear map (ridge regression; the training's weight decay is the ridge
+      penalty) predicts the last row from the normalised rows before it. ``hidden`` is empty.
+    - ``conv``: causal dilated Conv1d blocks (a temporal convolutional network) over the rows
+      before the last, then a linear head on the last time step predicts the last row.
+      ``hidden`` lists the channel width of each block and ``dilations`` its dilation (one
+      per block), ``kernel`` is every block's kernel size and ``residual`` adds each block's
+      input to its output (through a 1x1 convolution where the widths differ). The head sees
+      ``1 + (kernel - 1) * sum(dilations)`` rows back (its receptive field), at most the
+      ``window - 1`` rows it is given.
+
+    The three forecasting families (:data:`FORECASTING_FAMILIES`) share one contract: same
+    input rows, same centring, same score.
 
     ``centering`` says where the body's input is centred: ``window`` subtracts each window's
     own per-metric mean (the model sees the window's shape, and adds that mean back to its
@@ -35,7 +61,7 @@ class ArchitectureSpec:
     and its error stays high for as long as the shift lasts (docs/model-choice.md).
     Specs recorded without the field (older versions) were trained with ``train``.
 
-    ``season`` (forecasters only; 0 = none) adds seasonal context: besides the last ``window``
+    ``season`` (forecasting families only; 0 = none) adds seasonal context: besides the last ``window``
     rows, the body sees the ``2 * season_halfwidth + 1`` rows centred one season (``season``
     rows, e.g. one day) before the row it forecasts, centred on the same level. A daily
     pattern that skips a beat is then an error, and a recurring daily event is not. The
@@ -50,17 +76,36 @@ class ArchitectureSpec:
     centering: str = "window"
     season: int = 0
     season_halfwidth: int = 8
+    kernel: int = CONV_KERNEL
+    dilations: tuple[int, ...] = ()
+    residual: bool = True
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise SpecError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
         if self.centering not in CENTERINGS:
             raise SpecError(f"unknown centering {self.centering!r}; known: {', '.join(CENTERINGS)}")
-        if self.window < 2 or self.features < 1 or not self.hidden or min(self.hidden) < 1:
-            raise SpecError("spec needs window >= 2, features >= 1 and positive hidden widths")
+        if self.window < 2 or self.features < 1:
+            raise SpecError("spec needs window >= 2 and features >= 1")
+        if self.family == "linear":
+            if self.hidden:
+                raise SpecError("the linear family has no hidden layers: hidden must be empty")
+        elif not self.hidden or min(self.hidden) < 1:
+            raise SpecError(f"the {self.family} family needs positive hidden widths")
+        if self.family == "conv":
+            if self.kernel < 1 or len(self.dilations) != len(self.hidden) or min(self.dilations) < 1:
+                raise SpecError(
+                    "the conv family needs kernel >= 1 and one positive dilation per hidden width "
+                    f"(hidden {list(self.hidden)}, dilations {list(self.dilations)})"
+                )
+        elif self.dilations:
+            raise SpecError("kernel and dilations are conv parameters: dilations must be empty")
         if self.season:
-            if self.family != "forecaster":
-                raise SpecError("seasonal context (season > 0) needs the forecaster family")
+            if self.family not in FORECASTING_FAMILIES:
+                raise SpecError(
+                    "seasonal context (season > 0) needs a forecasting family "
+                    f"({', '.join(FORECASTING_FAMILIES)})"
+                )
             if self.season_halfwidth < 0 or self.season - self.season_halfwidth < self.window:
                 raise SpecError(
                     "season needs season_halfwidth >= 0 and season - season_halfwidth >= window "
@@ -73,14 +118,27 @@ class ArchitectureSpec:
         return max(self.window, self.season + self.season_halfwidth + 1) if self.season else self.window
 
     @property
+    def forecasts(self) -> bool:
+        """Whether the model predicts the last row (one of :data:`FORECASTING_FAMILIES`)."""
+        return self.family in FORECASTING_FAMILIES
+
+    @property
+    def receptive_field(self) -> int:
+        """Rows the conv family's head sees back from the last row it is given (1 otherwise)."""
+        return 1 + (self.kernel - 1) * sum(self.dilations) if self.family == "conv" else 1
+
+    @property
     def score_kind(self) -> str:
-        return "reconstruction_mae" if self.family == "autoencoder" else "forecast_mae"
+        return "forecast_mae" if self.forecasts else "reconstruction_mae"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["dilations"] = list(self.dilations)
         if not self.season:  # as older versions recorded it
             del d["season"], d["season_halfwidth"]
+        if self.family != "conv":  # conv parameters only where they mean something
+            del d["kernel"], d["dilations"], d["residual"]
         return d
 
     @classmethod
@@ -94,6 +152,15 @@ class ArchitectureSpec:
                 centering=str(obj.get("centering", "train")),
                 season=int(obj.get("season", 0)),
                 season_halfwidth=int(obj.get("season_halfwidth", 8)),
+                kernel=int(obj.get("kernel", CONV_KERNEL)),
+                dilations=tuple(int(d) for d in obj.get("dilations", ())),
+                residual=_boolean(obj.get("residual", True)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"bad architecture spec {obj!r}: {e}") from e
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"residual must be true or false, got {value!r}")
+    return value

@@ -5,10 +5,11 @@ holds at most :data:`GRID_STEPS` of them, else :data:`GRID_STEPS` evenly spaced 
 included); a float range (``learning_rate``, ``weight_decay``, both log-scaled) takes
 :data:`GRID_STEPS` values evenly spaced on the log scale, ends included.
 
-The conditional parameters (``forecaster.season``, ``autoencoder.bottleneck``) are in the grid
-too, as Optuna's ``GridSampler`` needs every parameter a trial may ask for; a point whose
-family does not ask for one repeats a candidate of another point (a forecaster with each
-bottleneck), so a grid holds some duplicates.
+The conditional parameters (``forecaster.season``, ``autoencoder.bottleneck``, and those of
+the linear and conv families when the space names them) are in the grid too, as Optuna's
+``GridSampler`` needs every parameter a trial may ask for; a point whose family does not ask
+for one repeats a candidate of another point (a forecaster with each bottleneck), so a grid
+holds some duplicates.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _log_floats(low: float, high: float) -> list[float]:
 
 def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
     """Values per Optuna parameter name of :func:`trainer.search.space.suggest` (rules above)."""
-    return {
+    grid: dict[str, list[Any]] = {
         "family": list(space.families),
         "window": list(space.windows),
         "layers": _ints(*space.layers),
@@ -48,6 +49,15 @@ def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
         "centering": list(space.centerings),
         "forecaster.season": list(space.seasons),
         "autoencoder.bottleneck": list(space.bottlenecks),
+    }
+    if "linear" in space.families:
+        grid["linear.season"] = list(space.seasons)
+    if "conv" in space.families:
+        grid["conv.season"] = list(space.seasons)
+        grid["conv.kernel"] = list(space.kernels)
+        grid["conv.levels"] = _ints(*space.conv_levels)
+    return {
+        **grid,
         "batch_size": list(space.batch_sizes),
         "learning_rate": _log_floats(*space.learning_rate),
         "weight_decay": _log_floats(*space.weight_decay),

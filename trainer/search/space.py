@@ -6,9 +6,11 @@ A candidate rebuilds the same model anywhere: :meth:`Candidate.to_json` holds th
 context) and the :class:`~trainer.models.Recipe` (learning rate, weight decay, batch size,
 epoch cap with early stopping, seed), and :meth:`Candidate.from_json` reads them back.
 
-The families are those :mod:`trainer.models` builds today, MLP forecasters and autoencoders.
-Convolutional, attention, linear and tree families are future work: they need network code
-(and export checks) in :mod:`trainer.models` before a space can name them.
+The families are those :mod:`trainer.models` builds: MLP forecasters and autoencoders, linear
+(ridge) forecasters and convolutional (TCN) forecasters. The default space holds the two MLP
+families; a space names ``linear`` and ``conv`` in ``families`` to try them. Attention and
+tree families are future work: they need network code (and export checks) in
+:mod:`trainer.models` before a space can name them.
 
 Parameters and their conditions (Optuna names):
 
@@ -19,6 +21,11 @@ Parameters and their conditions (Optuna names):
   data allows, see :func:`trainer.pipeline.seasonal_lag`) or ``off``;
 - autoencoder only: ``autoencoder.bottleneck`` — one of ``bottlenecks`` (the last hidden
   width; the others are ``width``);
+- linear only: ``linear.season`` — as ``forecaster.season``; the linear family has no hidden
+  layers, so ``layers`` and ``width`` do not change its model;
+- conv only: ``conv.season`` — as ``forecaster.season``; ``conv.kernel`` — one of
+  ``kernels``; ``conv.levels`` — an int in ``conv_levels``: that many causal blocks of
+  ``width`` channels with dilations 1, 2, 4, … (``layers`` does not change its model);
 - ``learning_rate`` — log-uniform in its range; ``weight_decay`` — log-uniform in its
   range; ``batch_size`` — one of ``batch_sizes``; ``epochs`` and ``patience`` are fixed.
 """
@@ -31,20 +38,20 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from trainer.models import ArchitectureSpec, Recipe, SpecError
-from trainer.models.spec import CENTERINGS, FAMILIES
+from trainer.models.spec import CENTERINGS, CONV_KERNEL, FAMILIES
 from trainer.search.errors import SearchError
 
 __all__ = ["Candidate", "SearchSpace", "suggest"]
 
 SEASON_CHOICES = ("auto", "off")
-_RANGES = ("layers", "learning_rate", "weight_decay")
+_RANGES = ("layers", "conv_levels", "learning_rate", "weight_decay")
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     """What a search may try. Every field has a default; :meth:`from_json` is strict.
 
-    Tuples of choices are categorical; ``layers`` is an inclusive int range, and
+    Tuples of choices are categorical; ``layers`` and ``conv_levels`` are inclusive int ranges, and
     ``learning_rate`` and ``weight_decay`` are inclusive ranges sampled on a log scale.
     """
 
@@ -53,6 +60,8 @@ class SearchSpace:
     layers: tuple[int, int] = (1, 2)
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)
     bottlenecks: tuple[int, ...] = (4, 8, 16)
+    kernels: tuple[int, ...] = (3,)
+    conv_levels: tuple[int, int] = (2, 4)
     centerings: tuple[str, ...] = ("window", "train")
     seasons: tuple[str, ...] = SEASON_CHOICES
     learning_rate: tuple[float, float] = (1e-4, 1e-2)
@@ -72,11 +81,11 @@ class SearchSpace:
         choices("families", FAMILIES)
         choices("centerings", CENTERINGS)
         choices("seasons", SEASON_CHOICES)
-        for name in ("windows", "widths", "bottlenecks", "batch_sizes"):
+        for name in ("windows", "widths", "bottlenecks", "kernels", "batch_sizes"):
             choices(name)
             if min(getattr(self, name)) < (2 if name == "windows" else 1):
                 raise SearchError(f"search space {name!r}: values must be positive (windows >= 2)")
-        for name, low in (("layers", 1), ("learning_rate", 0), ("weight_decay", 0)):
+        for name, low in (("layers", 1), ("conv_levels", 1), ("learning_rate", 0), ("weight_decay", 0)):
             lo, hi = getattr(self, name)
             if not low <= lo <= hi or (low == 0 and lo <= 0):
                 raise SearchError(f"search space {name!r}: needs 0 < low <= high, got [{lo}, {hi}]")
@@ -155,14 +164,22 @@ def suggest(
     layers = trial.suggest_int("layers", *space.layers)
     width = trial.suggest_categorical("width", list(space.widths))
     centering = trial.suggest_categorical("centering", list(space.centerings))
-    season = 0
-    if family == "forecaster":
-        hidden = (width,) * layers
-        if trial.suggest_categorical("forecaster.season", list(space.seasons)) == "auto":
-            season = season_lag(window)
-    else:
+    season, kernel, dilations = 0, CONV_KERNEL, ()
+    hidden: tuple[int, ...]
+    if family == "autoencoder":
         bottleneck = trial.suggest_categorical("autoencoder.bottleneck", list(space.bottlenecks))
         hidden = (width,) * (layers - 1) + (bottleneck,)
+    else:
+        if trial.suggest_categorical(f"{family}.season", list(space.seasons)) == "auto":
+            season = season_lag(window)
+        if family == "forecaster":
+            hidden = (width,) * layers
+        elif family == "linear":
+            hidden = ()
+        else:
+            kernel = trial.suggest_categorical("conv.kernel", list(space.kernels))
+            levels = trial.suggest_int("conv.levels", *space.conv_levels)
+            hidden, dilations = (width,) * levels, tuple(2**i for i in range(levels))
     recipe = Recipe(
         epochs=space.epochs,
         patience=space.patience,
@@ -174,5 +191,5 @@ def suggest(
     from trainer.pipeline import SEASON_HALFWIDTH
 
     spec = ArchitectureSpec(family, window, features, hidden, centering, season=season,
-                            season_halfwidth=SEASON_HALFWIDTH)
+                            season_halfwidth=SEASON_HALFWIDTH, kernel=kernel, dilations=dilations)
     return Candidate(spec, recipe)

@@ -1,0 +1,292 @@
+"""The linear (ridge) and conv (TCN) forecaster families end to end: spec, network, training,
+ONNX int8 and TFLite int8 export, parity in bare onnxruntime / LiteRT sessions and in the
+agent's runtime, ``edgefleet train --family`` and a search over both families.
+
+Trained on synthetic host metrics (:mod:`trainer.data.synthetic`), a few epochs each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from shared.bundle import read_bundle
+from shared.score_pipeline import LikelihoodPipeline
+from trainer.cli_common import FAMILY_CHOICES
+from trainer.data import generate_host_metrics, make_windows, write_host_metrics
+from trainer.export import ExportInputs, build_artifact
+from trainer.export._onnx import export_onnx_fp32, quantize_onnx_int8
+from trainer.export._tflite import export_tflite_int8
+from trainer.export.parity import TOLERANCES, check_parity
+from trainer.models import (
+    FAMILIES,
+    ArchitectureSpec,
+    Recipe,
+    SpecError,
+    build_network,
+    fit,
+    score_windows,
+)
+from trainer.pipeline import TrainRequest, spec_for, training_windows
+from trainer.registry import Registry
+from trainer.scoring import ThresholdPolicy, calibrate
+from trainer.search.grid import grid_of, grid_size
+from trainer.search.space import SearchSpace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 16
+SPECS = {
+    "linear": ArchitectureSpec("linear", WINDOW, 4, ()),
+    "conv": ArchitectureSpec("conv", WINDOW, 4, (16, 16, 16), kernel=3, dilations=(1, 2, 4)),
+    # one day of 5-minute rows back, as `edgefleet train` picks for these data
+    "conv-seasonal": ArchitectureSpec("conv", WINDOW, 4, (8, 16), kernel=3, dilations=(1, 2), season=288),
+}
+
+
+# -- spec ---------------------------------------------------------------------------------------
+
+
+def test_spec_round_trip_of_the_new_families_and_older_specs_unchanged() -> None:
+    for spec in [*SPECS.values(), ArchitectureSpec("conv", 64, 1, (8, 4), kernel=5, dilations=(1, 3),
+                                                   residual=False)]:
+        assert ArchitectureSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert SPECS["linear"].to_json()["hidden"] == []
+    assert SPECS["conv"].to_json()["dilations"] == [1, 2, 4] and SPECS["conv"].receptive_field == 15
+    # older families write (and read) exactly the keys they always did
+    old = {"family": "forecaster", "window": 64, "features": 1, "hidden": [512, 64], "centering": "window"}
+    assert ArchitectureSpec.from_json(old).to_json() == old
+    with pytest.raises(SpecError, match="hidden must be empty"):
+        ArchitectureSpec("linear", 16, 1, (8,))
+    with pytest.raises(SpecError, match="one positive dilation per hidden width"):
+        ArchitectureSpec("conv", 16, 1, (8, 8), dilations=(1,))
+    with pytest.raises(SpecError, match="dilations must be empty"):
+        ArchitectureSpec("forecaster", 16, 1, (8,), dilations=(1,))
+    with pytest.raises(SpecError, match="residual"):
+        ArchitectureSpec.from_json({**SPECS["conv"].to_json(), "residual": "yes"})
+    assert FAMILY_CHOICES == FAMILIES
+
+
+def test_train_request_defaults_per_family() -> None:
+    def spec(family: str) -> ArchitectureSpec:
+        return spec_for(TrainRequest(data=[], profiles=[], name="m", family=family), 2, 0)
+
+    assert spec("linear").hidden == () and spec("linear").dilations == ()
+    conv = spec("conv")
+    assert conv.kernel == 3 and conv.dilations == (1, 2, 4, 8) and len(conv.hidden) == 4 and conv.residual
+    assert spec("forecaster").hidden == (512, 64)
+
+
+# -- networks -------------------------------------------------------------------------------------
+
+
+def test_conv_blocks_are_causal_and_see_their_receptive_field_only() -> None:
+    # centred on the training mean, so that the window's level does not carry far rows along
+    spec = ArchitectureSpec("conv", 32, 1, (4, 4), centering="train", kernel=3, dilations=(1, 2))
+    torch.manual_seed(0)
+    model = build_network(spec).eval()
+    x = np.random.default_rng(0).normal(size=(8, 32, 1)).astype(np.float32)
+    base = score_windows(model, x)
+    last_past = 32 - 2  # the head reads the last time step of the rows before the forecast row
+    inside, outside = x.copy(), x.copy()
+    inside[:, last_past - spec.receptive_field + 1, 0] += 3.0
+    outside[:, last_past - spec.receptive_field, 0] += 3.0
+    assert not np.allclose(score_windows(model, inside), base)
+    assert np.allclose(score_windows(model, outside), base)
+
+
+def test_linear_forecaster_learns_a_ramp() -> None:
+    # one linear map extrapolates a noisy ramp; the window's level is in float outside it
+    rows = (np.arange(600, dtype=np.float32) + np.random.default_rng(0).normal(0, 0.3, 600))[:, None]
+    spec = ArchitectureSpec("linear", 8, 1, ())
+    train_w, val_w, normal = training_windows(spec, [rows.astype(np.float32)])
+    model = fit(spec, train_w, val_w, normal, Recipe(epochs=30, learning_rate=1e-2)).model
+    ramp = make_windows(np.arange(1000, 1100, dtype=np.float32)[:, None], 8)
+    jumped = ramp.copy()
+    jumped[:, -1, 0] += 50.0
+    assert score_windows(model, ramp).max() < 0.5 * score_windows(model, jumped).min()
+
+
+# -- export and parity ------------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    spec: ArchitectureSpec
+    model: torch.nn.Module
+    calibration: np.ndarray
+    holdout: np.ndarray
+    reference: np.ndarray
+    threshold: float
+    features: tuple[str, ...]
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def trained(request: pytest.FixtureRequest) -> Trained:
+    host = generate_host_metrics(1500, seed=3)
+    spec = SPECS[request.param]
+    assert spec.features == len(host.features)
+    train_w, val_w, rows = training_windows(spec, [host.values.astype(np.float32)])
+    result = fit(spec, train_w, val_w, rows, Recipe(epochs=4, seed=0))
+    val_scores = score_windows(result.model, val_w)
+    score = calibrate(val_scores, spec.score_kind, ThresholdPolicy(), LikelihoodPipeline().calibrated(val_scores))
+    holdout = val_w[:: max(1, len(val_w) // 256)]
+    calibration = np.concatenate([train_w, val_w])[:: max(1, (len(train_w) + len(val_w)) // 256)]
+    return Trained(spec, result.model, np.ascontiguousarray(calibration), np.ascontiguousarray(holdout),
+                   score_windows(result.model, holdout), score.threshold, tuple(host.features))
+
+
+def _onnxruntime_scores(model: bytes, windows: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: windows})
+    return np.asarray(y, np.float64).reshape(len(windows))
+
+
+def _litert_scores(model: bytes, windows: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model)
+    interpreter.allocate_tensors()
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    scores = []
+    for window in windows:  # batch fixed to 1
+        interpreter.set_tensor(inp["index"], window[None])
+        interpreter.invoke()
+        scores.append(float(interpreter.get_tensor(out["index"]).reshape(())))
+    return np.asarray(scores)
+
+
+def test_onnx_int8_scores_agree_with_torch_in_onnxruntime(trained: Trained) -> None:
+    int8 = quantize_onnx_int8(export_onnx_fp32(trained.model, trained.holdout[:1]), trained.calibration)
+    got = _onnxruntime_scores(int8, trained.holdout)
+    report = check_parity(trained.reference, got, trained.threshold, TOLERANCES["int8"])
+    assert report.passed, report.failures
+    graph = onnx.load_from_string(int8).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    if trained.spec.family == "conv":
+        # every convolution reads dequantized int8 weights and dequantized activations (QDQ)
+        made_by = {o: n.op_type for n in graph.node for o in n.output}
+        convs = [n for n in graph.node if n.op_type in ("Conv", "QLinearConv")]
+        assert len(convs) >= len(trained.spec.hidden)
+        for conv in convs:
+            if conv.op_type == "Conv":
+                assert made_by.get(conv.input[0]) == "DequantizeLinear", conv.input[0]
+                assert made_by.get(conv.input[1]) == "DequantizeLinear", conv.input[1]
+        weights = {i.name: i for i in graph.initializer}
+        int8_weights = [w for w in weights.values() if w.data_type == onnx.TensorProto.INT8 and len(w.dims) == 3]
+        assert len(int8_weights) >= len(trained.spec.hidden)  # the Conv1d kernels, stored int8
+
+
+def test_tflite_int8_scores_agree_with_torch_in_litert(trained: Trained) -> None:
+    model = export_tflite_int8(trained.model, trained.calibration)
+    got = _litert_scores(model, trained.holdout)
+    report = check_parity(trained.reference, got, trained.threshold, TOLERANCES["int8"])
+    assert report.passed, report.failures
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model)
+    int8 = [t for t in interpreter.get_tensor_details() if np.dtype(t["dtype"]) == np.int8]
+    layers = 1 if trained.spec.family == "linear" else len(trained.spec.hidden) + 1
+    assert len(int8) >= layers  # weights (and activations) of every layer quantized
+
+
+def test_bundles_pass_parity_in_the_agent_runtime(trained: Trained) -> None:
+    inputs = ExportInputs(
+        name="m", module=trained.model, window=trained.spec.input_rows, features=trained.features,
+        score=calibrate(trained.reference, trained.spec.score_kind, ThresholdPolicy(),
+                        LikelihoodPipeline().calibrated(trained.reference)),
+        calibration=trained.calibration, holdout=trained.holdout,
+        reference_scores=trained.reference,
+        drift_reference={"features": {}, "score": {}}, lineage={}, architecture=trained.spec.to_json(),
+    )
+    for fmt in ("onnx", "tflite"):
+        art = build_artifact(fmt, "int8", inputs)
+        assert art.parity.passed, (fmt, art.parity.failures)
+        spec, _ = read_bundle(art.bundle)
+        assert spec.window == trained.spec.input_rows
+
+
+# -- search space -----------------------------------------------------------------------------------
+
+
+def test_space_with_the_new_families_and_its_grid() -> None:
+    space = SearchSpace.from_json({"families": ["linear", "conv"], "kernels": [3, 5], "conv_levels": [1, 3]})
+    grid = grid_of(space)
+    assert grid["conv.kernel"] == [3, 5] and grid["conv.levels"] == [1, 2, 3]
+    assert "linear.season" in grid and "conv.season" in grid
+    # the default space (MLP families) keeps the grid it had
+    assert "conv.kernel" not in grid_of(SearchSpace())
+    assert grid_size(grid_of(SearchSpace())) == 2 * 3 * 2 * 5 * 2 * 2 * 3 * 3 * 3 * 3
+    from trainer.search.errors import SearchError
+
+    with pytest.raises(SearchError, match="conv_levels"):
+        SearchSpace.from_json({"conv_levels": [3, 1]})
+    with pytest.raises(SearchError, match="families"):
+        SearchSpace.from_json({"families": ["transformer"]})
+
+
+# -- through the CLI ---------------------------------------------------------------------------------
+
+
+def edgefleet(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
+                          timeout=900, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def host_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_host_metrics(generate_host_metrics(1200, seed=3), folder / "host.csv", folder / "host.labels.json")
+    return folder / "host.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["linear", "conv"])
+def test_train_family_through_the_cli_registers_int8_artifacts(family: str, host_csv: Path, tmp_path: Path) -> None:
+    registry = tmp_path / "reg"
+    out = json.loads(edgefleet("train", "--data", str(host_csv), "--profile", "x86-64-v3", "--profile",
+                               "rpi4-arm64", "--name", family, "--family", family, "--window", "16",
+                               "--epochs", "2", "--registry", str(registry), "--json", "-q").stdout)
+    assert out["architecture"]["family"] == family
+    with Registry.open(registry) as reg:
+        record = reg.get(family, out["version"])
+        kinds = {(a.format, a.quantization) for a in record.artifacts}
+        assert {("onnx", "int8"), ("tflite", "int8")} <= kinds
+        for a in record.artifacts:
+            spec, _ = read_bundle(reg.bundle(a.sha256))
+            assert spec.lineage["datasets"][0]["file"] == "host.csv"
+    assert ArchitectureSpec.from_json(record.architecture).family == family
+
+
+@pytest.mark.slow
+def test_search_over_linear_and_conv_runs_trials_of_both(host_csv: Path, tmp_path: Path) -> None:
+    space = tmp_path / "space.json"  # a grid of two points: one per family
+    space.write_text(json.dumps({"families": ["linear", "conv"], "windows": [8], "widths": [8], "layers": [1, 1],
+                                 "conv_levels": [2, 2], "seasons": ["off"], "centerings": ["window"], "bottlenecks": [4],
+                                 "learning_rate": [1e-3, 1e-3], "weight_decay": [1e-5, 1e-5],
+                                 "epochs": 2, "patience": 1, "batch_sizes": [64]}))
+    registry = tmp_path / "reg"
+    edgefleet("search", "--data", str(host_csv), "--name", "host", "--registry", str(registry),
+              "--space", str(space), "--sampler", "grid", "--trials", "2", "--profile", "x86-64-v3", "-q")
+    shown = json.loads(edgefleet("search", "show", "host", "--registry", str(registry), "--json").stdout)
+    archs = [t["candidate"]["architecture"] for t in shown["trials"]]
+    assert sorted(a["family"] for a in archs) == ["conv", "linear"]
+    (conv,) = [a for a in archs if a["family"] == "conv"]
+    assert conv["hidden"] == [8, 8] and conv["dilations"] == [1, 2] and conv["kernel"] == 3
+    with Registry.open(registry) as reg:
+        assert reg.get("host").architecture["family"] in ("linear", "conv")

@@ -49,6 +49,8 @@ SPECS = {
     "conv": ArchitectureSpec("conv", WINDOW, 4, (16, 16, 16), kernel=3, dilations=(1, 2, 4)),
     # one day of 5-minute rows back, as `edgefleet train` picks for these data
     "conv-seasonal": ArchitectureSpec("conv", WINDOW, 4, (8, 16), kernel=3, dilations=(1, 2), season=288),
+    # one metric: a one-channel Conv1d input (torch.export once fixed its batch to 1)
+    "conv-one-metric": ArchitectureSpec("conv", WINDOW, 1, (8, 8), kernel=3, dilations=(1, 2)),
 }
 
 
@@ -133,15 +135,16 @@ class Trained:
 def trained(request: pytest.FixtureRequest) -> Trained:
     host = generate_host_metrics(1500, seed=3)
     spec = SPECS[request.param]
-    assert spec.features == len(host.features)
-    train_w, val_w, rows = training_windows(spec, [host.values.astype(np.float32)])
+    features = tuple(host.features)[: spec.features]
+    values = np.ascontiguousarray(host.values[:, : spec.features], np.float32)
+    train_w, val_w, rows = training_windows(spec, [values])
     result = fit(spec, train_w, val_w, rows, Recipe(epochs=4, seed=0))
     val_scores = score_windows(result.model, val_w)
     score = calibrate(val_scores, spec.score_kind, ThresholdPolicy(), LikelihoodPipeline().calibrated(val_scores))
     holdout = val_w[:: max(1, len(val_w) // 256)]
     calibration = np.concatenate([train_w, val_w])[:: max(1, (len(train_w) + len(val_w)) // 256)]
     return Trained(spec, result.model, np.ascontiguousarray(calibration), np.ascontiguousarray(holdout),
-                   score_windows(result.model, holdout), score.threshold, tuple(host.features))
+                   score_windows(result.model, holdout), score.threshold, features)
 
 
 def _onnxruntime_scores(model: bytes, windows: np.ndarray) -> np.ndarray:

@@ -70,8 +70,10 @@ def test_spec_round_trip_of_the_new_families_and_older_specs_unchanged() -> None
         ArchitectureSpec("linear", 16, 1, (8,))
     with pytest.raises(SpecError, match="one positive dilation per hidden width"):
         ArchitectureSpec("conv", 16, 1, (8, 8), dilations=(1,))
-    with pytest.raises(SpecError, match="dilations must be empty"):
+    with pytest.raises(SpecError, match="conv parameters"):
         ArchitectureSpec("forecaster", 16, 1, (8,), dilations=(1,))
+    with pytest.raises(SpecError, match="conv parameters"):
+        ArchitectureSpec("linear", 16, 1, (), kernel=5)
     with pytest.raises(SpecError, match="residual"):
         ArchitectureSpec.from_json({**SPECS["conv"].to_json(), "residual": "yes"})
     assert FAMILY_CHOICES == FAMILIES

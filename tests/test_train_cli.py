@@ -239,7 +239,7 @@ def small_csv(tmp_path: Path) -> Path:
         ("fraction", "--train-fraction"),
         ("name", "bad model name"),
         ("season_rows", "too few for --season 500"),
-        ("season_family", "needs the forecaster family"),
+        ("season_family", "needs a forecasting family"),
         ("season_word", "expected auto, off or a positive number of rows"),
     ],
 )

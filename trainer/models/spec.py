@@ -98,8 +98,11 @@ class ArchitectureSpec:
                     "the conv family needs kernel >= 1 and one positive dilation per hidden width "
                     f"(hidden {list(self.hidden)}, dilations {list(self.dilations)})"
                 )
-        elif self.dilations:
-            raise SpecError("kernel and dilations are conv parameters: dilations must be empty")
+        elif self.dilations or self.kernel != CONV_KERNEL or not self.residual:
+            raise SpecError(
+                f"kernel, dilations and residual are conv parameters: the {self.family} family "
+                "takes their defaults"
+            )
         if self.season:
             if self.family not in FORECASTING_FAMILIES:
                 raise SpecError(

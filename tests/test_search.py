@@ -161,3 +161,19 @@ def test_an_interrupted_study_resumes(work: Path, tmp_path: Path) -> None:
     assert len(shown["trials"]) >= 3
     with Registry.open(registry) as reg:
         assert reg.get("host").lineage["search"]["study"] == "host"
+
+
+def test_trials_over_the_trial_timeout_fail_and_three_in_a_row_stop_the_search(work: Path, tmp_path: Path) -> None:
+    registry = tmp_path / "reg"
+    proc = _search(work, registry, "--profile", "x86-64-v3", "--trials", "10", "--trial-timeout", "0.000001",
+                   "-q", check=False)
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "3 trials in a row failed" in line and "TrialTimedOut: over --trial-timeout" in line, proc.stderr
+    assert "nothing registered" in line and "Traceback" not in proc.stderr
+    import optuna
+
+    study = optuna.load_study(study_name="host", storage=f"sqlite:///{registry / 'search.sqlite3'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 3
+    assert all(t.user_attrs["error"].startswith("TrialTimedOut") for t in study.trials)
+    assert not (registry / "registry.sqlite").exists()  # nothing registered

@@ -101,7 +101,7 @@ def _worker(args: argparse.Namespace) -> int:
     given = [o for o, k in _STUDY_OWNED if not _left_out(getattr(args, k))]
     if given or args.jobs != 1:
         raise UsageError(f"`search worker` takes {', '.join(given) or '--jobs'} from the study: "
-                         "give only --study, --storage, --trials, --timeout, --registry")
+                         "give only --study, --storage, --trials, --timeout, --trial-timeout, --registry")
     if not args.study:
         raise UsageError("`search worker` needs --study NAME (and --storage URL unless it is in --registry)")
     import optuna
@@ -114,7 +114,8 @@ def _worker(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = args.storage or default_storage(Path(args.registry))
     try:
-        study, prepared = join_study(args.study, storage, args.trials, args.timeout, Path(args.registry))
+        study, prepared = join_study(args.study, storage, args.trials, args.timeout, Path(args.registry),
+                                     args.trial_timeout)
     except SearchError as e:
         raise UsageError(str(e)) from e
     bar = ProgressBar("search", total=1, enabled=not args.quiet)
@@ -127,13 +128,15 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _start_workers(count: int, study: str, storage: str, trials: int | None,
-                   timeout: float | None) -> list[subprocess.Popen[bytes]]:
+                   timeout: float | None, trial_timeout: float | None = None) -> list[subprocess.Popen[bytes]]:
     """``count`` local ``edgefleet search worker`` processes on ``study`` (quiet)."""
     argv = [sys.executable, "-m", "trainer.cli", "search", "worker", "--study", study, "--storage", storage, "-q"]
     if trials is not None:
         argv += ["--trials", str(trials)]
     if timeout is not None:
         argv += ["--timeout", str(timeout)]
+    if trial_timeout is not None:
+        argv += ["--trial-timeout", str(trial_timeout)]
     return [subprocess.Popen(argv, stdin=subprocess.DEVNULL) for _ in range(count)]
 
 
@@ -187,7 +190,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         trials=args.trials, timeout=args.timeout, sampler=args.sampler, pruner=args.pruner,
         objectives=_objectives(args.objectives), storage=args.storage, study=args.study,
         resume=args.resume, seed=args.seed, register=args.register, space=_space(args.space),
-        profile_dirs=[Path(d) for d in args.profiles_dir], folds=args.folds,
+        profile_dirs=[Path(d) for d in args.profiles_dir], folds=args.folds, trial_timeout=args.trial_timeout,
     )
     plots = _plots_dir(args.plots)
     try:
@@ -196,7 +199,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     except SearchError as e:
         raise UsageError(str(e)) from e
     bar = ProgressBar("search", total=1, enabled=not args.quiet)
-    workers = _start_workers(args.jobs - 1, prepared.study_name, prepared.storage, args.trials, args.timeout)
+    workers = _start_workers(args.jobs - 1, prepared.study_name, prepared.storage, args.trials, args.timeout,
+                             args.trial_timeout)
     try:
         run_trials(study, prepared, (lambda line: bar.note(line)) if not args.quiet else None)
         for w in workers:
@@ -299,6 +303,9 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
                    help="anomaly windows (NAB format): score NAB on them; without, inject synthetic anomalies")
     p.add_argument("--trials", type=positive_int, help="finished trials the study should reach")
     p.add_argument("--timeout", type=positive_float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--trial-timeout", type=positive_float, metavar="S",
+                   help="stop a trial whose training passes S seconds (checked after each epoch) and "
+                   "record it as failed; three in a row stop the search")
     p.add_argument("--sampler", metavar="NAME",
                    help="tpe (default, multivariate), random, gp, cmaes (one objective), nsga2, "
                    "evolution (regularized), reinforce (policy gradient, one objective), grid "

@@ -320,25 +320,43 @@ class CandidateQuality:
     details: dict[str, Any]
 
 
-def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None, fold: int = 0) -> TrainedCandidate:
+class TrialTimedOut(Exception):
+    """A candidate's training went past its ``--trial-timeout`` (checked after each epoch)."""
+
+
+def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None, fold: int = 0,
+                    deadline: float | None = None) -> TrainedCandidate:
     """Train ``candidate`` on ``data.train`` with early stopping, calibrate its score pipeline.
+
+    ``deadline`` (``time.monotonic()`` seconds): :class:`TrialTimedOut` is raised when an epoch
+    ends after it — or before training starts, for a later fold.
 
     With an Optuna ``trial`` of a single-objective study, reports each epoch at step
     ``fold × epochs + epoch`` and raises ``optuna.TrialPruned`` when its pruner says so (see
     the module docstring).
     """
+    import time
+
     from shared.score_pipeline import LikelihoodPipeline
     from trainer.models import fit, score_windows
     from trainer.pipeline import training_windows, with_seasonal_repeats
     from trainer.scoring import ThresholdPolicy, calibrate
 
+    def check_time(where: str) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TrialTimedOut(f"over --trial-timeout {where}")
+
+    where_fold = f"fold {fold + 1} " if fold else ""
+    check_time(f"before {where_fold or 'training'}".rstrip())
     spec = candidate.architecture
     train_w, val_w, rows = training_windows(spec, data.train)
-    progress = None
-    if trial is not None and len(trial.study.directions) == 1:
-        import optuna
+    reports = trial is not None and len(trial.study.directions) == 1
 
-        def progress(epoch: int, epochs: int, train_loss: float, val_loss: float) -> None:
+    def progress(epoch: int, epochs: int, train_loss: float, val_loss: float) -> None:
+        check_time(f"at {where_fold}epoch {epoch}")
+        if reports:
+            import optuna
+
             trial.report(-val_loss, fold * epochs + epoch)
             if trial.should_prune():
                 where = f"fold {fold + 1} epoch {epoch}" if fold else f"epoch {epoch}"
@@ -397,18 +415,18 @@ def measure_quality(trained: TrainedCandidate, data: ObjectiveData) -> Candidate
 
 
 def cross_validate(candidate: Candidate, folds: Sequence[ObjectiveData],
-                   trial: Any = None) -> tuple[TrainedCandidate, CandidateQuality]:
+                   trial: Any = None, deadline: float | None = None) -> tuple[TrainedCandidate, CandidateQuality]:
     """Train and judge ``candidate`` on every fold, in time order (:func:`train_candidate`,
     :func:`measure_quality`). Returns the candidate trained on the last fold (the most rows)
     and the quality: with one fold that fold's, with several the mean over folds, with
     ``details`` holding ``folds``, ``fold_quality`` (one value per fold) and ``fold_details``.
-    Raises ``optuna.TrialPruned`` as :func:`train_candidate` does.
+    Raises ``optuna.TrialPruned`` and :class:`TrialTimedOut` as :func:`train_candidate` does.
     """
     if not folds:
         raise ValueError("no fold to cross-validate on")
     results = []
     for f, data in enumerate(folds):
-        trained = train_candidate(candidate, data, trial, fold=f)
+        trained = train_candidate(candidate, data, trial, fold=f, deadline=deadline)
         results.append(measure_quality(trained, data))
     if len(results) == 1:
         return trained, results[0]

@@ -114,6 +114,9 @@ class SearchRequest:
     profile_dirs: Sequence[Path] = ()
     # Cross-validation folds of the objective (1 = one hold-out split; see trainer.search.objective)
     folds: int = 1
+    # Seconds one trial may train (checked after each epoch); None: no limit. Per process, not
+    # owned by the study: machines that share a study may differ in speed.
+    trial_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -379,10 +382,12 @@ class _SurplusTrial(Exception):
 
 
 class _QuietSurplus(logging.Filter):
-    """Optuna logs a failed trial with its traceback; a surplus trial is not an error."""
+    """Optuna logs a failed trial with its traceback. A surplus trial is not an error, and a
+    failed candidate's one-line reason is in its ``error`` attribute and the progress line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return _SurplusTrial.__name__ not in record.getMessage()
+        message = record.getMessage()
+        return _SurplusTrial.__name__ not in message and _TrialFailed.__name__ not in message
 
 
 def _taken(study: Any, below: int | None = None) -> int:
@@ -537,7 +542,8 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
             raise _TrialFailed(reason) from e
 
     def _evaluate(trial: Any, candidate: Candidate) -> Any:
-        trained, quality = cross_validate(candidate, prepared.folds, trial)
+        deadline = None if req.trial_timeout is None else time.monotonic() + req.trial_timeout
+        trained, quality = cross_validate(candidate, prepared.folds, trial, deadline)
         trial.set_user_attr("quality", quality.quality)
         if "fold_quality" in quality.details:
             trial.set_user_attr("fold_quality", quality.details["fold_quality"])
@@ -573,6 +579,8 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
             failures.clear()
         if progress is None or trial.user_attrs.get("surplus"):
             return
+        if "error" in trial.user_attrs:
+            progress(f"trial {trial.number} failed: {trial.user_attrs['error']}")
         done, pruned, infeasible = _counts(study)
         best = _best_line(study)
         rate = (time.monotonic() - started) / max(1, done - before)

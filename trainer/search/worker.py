@@ -49,7 +49,7 @@ def _checked(entry: dict[str, str], what: str) -> Path:
 
 
 def join_study(name: str, storage: str, trials: int | None, timeout: float | None,
-               registry: Path) -> tuple[Any, PreparedSearch]:
+               registry: Path, trial_timeout: float | None = None) -> tuple[Any, PreparedSearch]:
     """Load study ``name`` from ``storage`` with the sampler and pruner its attributes name, and
     the search it describes with its data checked and loaded. ``trials`` defaults to the
     study's own target. Returns ``(study, prepared)`` for
@@ -78,6 +78,7 @@ def join_study(name: str, storage: str, trials: int | None, timeout: float | Non
         objectives=tuple(attrs["objectives"]), storage=storage, study=name, resume=True,
         seed=attrs["seed"], space=SearchSpace.from_json(attrs["space"]),
         profile_dirs=[Path(d) for d in attrs["profile_dirs"]], folds=attrs["folds"],
+        trial_timeout=trial_timeout,
     )
     dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
     try:

@@ -444,7 +444,8 @@ def quality(args: argparse.Namespace) -> int:
     print(f"winner: trial {number}, quality {winner.values[0]:.4f}: {_candidate_text(candidate)}", flush=True)
     spec, recipe = candidate.architecture, candidate.recipe
     searched_options = {"family": spec.family, "window": spec.window, "hidden": tuple(spec.hidden),
-                        "centering": spec.centering, "season": spec.season, "recipe": recipe,
+                        "centering": spec.centering, "season": spec.season, "kernel": spec.kernel,
+                        "dilations": tuple(spec.dilations), "residual": spec.residual, "recipe": recipe,
                         "epochs": recipe.epochs, "seed": recipe.seed}
     reports = {"default": _evaluate({"seed": 0}, "default"),
                "searched": _evaluate(searched_options, "searched")}

@@ -230,6 +230,9 @@ def test_space_with_the_new_families_and_its_grid() -> None:
     grid = grid_of(space)
     assert grid["conv.kernel"] == [3, 5] and grid["conv.levels"] == [1, 2, 3]
     assert "linear.season" in grid and "conv.season" in grid
+    # no parameter of a family the space does not name: it would only repeat candidates
+    assert "forecaster.season" not in grid and "autoencoder.bottleneck" not in grid
+    assert grid_size(grid) == 2 * 3 * 2 * 5 * 2 * 2 * 2 * 2 * 3 * 3 * 3 * 3  # was 6 times as many
     # the default space (MLP families) keeps the grid it had
     assert "conv.kernel" not in grid_of(SearchSpace())
     assert grid_size(grid_of(SearchSpace())) == 2 * 3 * 2 * 5 * 2 * 2 * 3 * 3 * 3 * 3

@@ -5,11 +5,12 @@ holds at most :data:`GRID_STEPS` of them, else :data:`GRID_STEPS` evenly spaced 
 included); a float range (``learning_rate``, ``weight_decay``, both log-scaled) takes
 :data:`GRID_STEPS` values evenly spaced on the log scale, ends included.
 
-The conditional parameters (``forecaster.season``, ``autoencoder.bottleneck``, and those of
-the linear and conv families when the space names them) are in the grid too, as Optuna's
+The conditional parameters of the families the space names (``forecaster.season``,
+``autoencoder.bottleneck``, ``linear.season``, ``conv.*``) are in the grid too, as Optuna's
 ``GridSampler`` needs every parameter a trial may ask for; a point whose family does not ask
 for one repeats a candidate of another point (a forecaster with each bottleneck), so a grid
-holds some duplicates.
+holds some duplicates. Parameters of families the space does not name are left out: no trial
+asks for them, and each would only multiply the grid with duplicates.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
         "layers": _ints(*space.layers),
         "width": list(space.widths),
         "centering": list(space.centerings),
-        "forecaster.season": list(space.seasons),
-        "autoencoder.bottleneck": list(space.bottlenecks),
     }
+    if "forecaster" in space.families:
+        grid["forecaster.season"] = list(space.seasons)
+    if "autoencoder" in space.families:
+        grid["autoencoder.bottleneck"] = list(space.bottlenecks)
     if "linear" in space.families:
         grid["linear.season"] = list(space.seasons)
     if "conv" in space.families:

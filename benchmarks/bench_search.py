@@ -120,7 +120,8 @@ def _task_data(task: str, workdir: str) -> Any:
     from trainer.search.objective import labelled_data, synthetic_data
 
     if task not in _DATA:
-        if TASKS[task] is None:
+        nab_file = TASKS[task]
+        if nab_file is None:
             from trainer.data import generate_host_metrics, write_host_metrics
 
             path = Path(workdir) / f"{task}-{os.getpid()}.csv"
@@ -128,7 +129,7 @@ def _task_data(task: str, workdir: str) -> Any:
                                path.with_suffix(".labels.json"))
             _DATA[task] = synthetic_data([path], seed=0)
         else:
-            _DATA[task] = labelled_data([NAB / "data" / TASKS[task]], NAB / "labels" / "combined_windows.json")
+            _DATA[task] = labelled_data([NAB / "data" / nab_file], NAB / "labels" / "combined_windows.json")
     return _DATA[task]
 
 
@@ -162,7 +163,7 @@ def run_study(task: str, sampler: str, seed: int, trials: int, workdir: str) -> 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner(),
                                 sampler=make_sampler(sampler, seed=seed, directions=["maximize"]))
     study.optimize(objective, n_trials=trials, catch=(Exception,), gc_after_trial=False)
-    done = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done = [float(t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     return task, sampler, seed, max(done) if done else float("nan"), trials - len(done)
 
 

@@ -163,17 +163,39 @@ def test_an_interrupted_study_resumes(work: Path, tmp_path: Path) -> None:
         assert reg.get("host").lineage["search"]["study"] == "host"
 
 
-def test_trials_over_the_trial_timeout_fail_and_three_in_a_row_stop_the_search(work: Path, tmp_path: Path) -> None:
+def test_trials_over_the_trial_timeout_end_pruned_with_their_reason(work: Path, tmp_path: Path) -> None:
     registry = tmp_path / "reg"
-    proc = _search(work, registry, "--profile", "x86-64-v3", "--trials", "10", "--trial-timeout", "0.000001",
-                   "-q", check=False)
-    assert proc.returncode == 1, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert "3 trials in a row failed" in line and "TrialTimedOut: over --trial-timeout" in line, proc.stderr
-    assert "nothing registered" in line and "Traceback" not in proc.stderr
+    proc = _search(work, registry, "--profile", "x86-64-v3", "--trials", "3", "--trial-timeout", "0.000001",
+                   check=False)
+    # every candidate stopped: none to register, one clear line, exit 2
+    assert proc.returncode == 2, proc.stderr
+    assert "trial 0 stopped: over --trial-timeout before training" in proc.stderr
+    assert "no candidate" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
     import optuna
 
     study = optuna.load_study(study_name="host", storage=f"sqlite:///{registry / 'search.sqlite3'}")
-    assert [t.state.name for t in study.trials] == ["FAIL"] * 3
-    assert all(t.user_attrs["error"].startswith("TrialTimedOut") for t in study.trials)
+    assert [t.state.name for t in study.trials] == ["PRUNED"] * 3
+    assert all(t.user_attrs["timeout"].startswith("over --trial-timeout") for t in study.trials)
     assert not (registry / "registry.sqlite").exists()  # nothing registered
+
+
+def test_the_trial_timeout_is_checked_after_each_epoch_and_before_each_fold(tmp_path: Path) -> None:
+    from trainer.search.objective import TrialTimeoutError, synthetic_folds, train_candidate
+    from trainer.search.space import Candidate
+
+    csv = tmp_path / "host.csv"
+    write_host_metrics(generate_host_metrics(1200, seed=3), csv)
+    folds = synthetic_folds([csv], seed=0, folds=2)
+    candidate = Candidate.from_json({
+        "architecture": {"family": "forecaster", "window": 8, "features": 4, "hidden": [8], "centering": "window"},
+        "recipe": {"epochs": 5, "patience": 5, "batch_size": 64, "learning_rate": 1e-3, "weight_decay": 1e-5,
+                   "seed": 0}})
+    ticks = iter(range(100))
+    # the clock reads 0 before training, then 1, 2, 3 … after each epoch
+    with pytest.raises(TrialTimeoutError, match="over --trial-timeout at epoch 2"):
+        train_candidate(candidate, folds[0], deadline=1.5, clock=lambda: float(next(ticks)))
+    ticks = iter(range(100))
+    with pytest.raises(TrialTimeoutError, match="over --trial-timeout at fold 2 epoch 1"):
+        train_candidate(candidate, folds[1], fold=1, deadline=0.5, clock=lambda: float(next(ticks)))
+    with pytest.raises(TrialTimeoutError, match="over --trial-timeout before fold 2"):
+        train_candidate(candidate, folds[1], fold=1, deadline=-1.0)

@@ -162,8 +162,8 @@ def test_a_two_fold_search_averages_its_folds_and_resume_and_workers_keep_them(w
         stored = trials[row["trial"]]
         assert stored.user_attrs["fold_quality"] == details["fold_quality"]
         steps = sorted(stored.intermediate_values)
-        # fold 1 reports at epochs 1.., fold 2 at epochs + 1..
-        assert steps[0] == 1 and steps[-1] > epochs and max(steps) <= 2 * epochs
+        # only the first fold reports (epochs 1..): a pruner never compares two folds' losses
+        assert steps == list(range(1, len(steps) + 1)) and 0 < len(steps) <= epochs
     assert version["lineage"]["search"]["study"] == "host"
 
     # the study keeps its folds: --resume with another value is refused, one line, exit 2
@@ -197,3 +197,22 @@ def test_a_multi_objective_search_with_folds_reports_nothing_and_prunes_nothing(
         assert t.intermediate_values == {}
         assert len(t.user_attrs["fold_quality"]) == 2
         assert len(t.values) == 2
+
+
+def test_a_column_whose_first_value_comes_after_the_first_folds_rows_is_refused(work: Path, tmp_path: Path) -> None:
+    # filling its leading gap would give fold 1 a value from rows it is judged on
+    lines = (work / "host.csv").read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    def without_first_metric(row: str) -> str:
+        stamp, _, *rest = row.split(",")
+        return ",".join([stamp, "", *rest])
+
+    late = [without_first_metric(r) if i < len(rows) // 2 else r for i, r in enumerate(rows)]
+    data = tmp_path / "late.csv"
+    data.write_text("\n".join([header, *late]) + "\n")
+    proc = edgefleet("search", "--data", str(data), "--name", "host", "--registry", str(tmp_path / "reg"),
+                     "--space", str(work / "space.json"), "--profile", "x86-64-v3", "--trials", "1",
+                     "--folds", "2", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"column {header.split(',')[1]!r} has no value in the first" in lines[0], proc.stderr

@@ -304,8 +304,9 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--trials", type=positive_int, help="finished trials the study should reach")
     p.add_argument("--timeout", type=positive_float, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--trial-timeout", type=positive_float, metavar="S",
-                   help="stop a trial whose training passes S seconds (checked after each epoch) and "
-                   "record it as failed; three in a row stop the search")
+                   help="stop a trial whose time passes S seconds (checked after each epoch and before "
+                   "each fold; export and latency measurement are not covered): it ends pruned, with "
+                   "its reason")
     p.add_argument("--sampler", metavar="NAME",
                    help="tpe (default, multivariate), random, gp, cmaes (one objective), nsga2, "
                    "evolution (regularized), reinforce (policy gradient, one objective), grid "
@@ -319,7 +320,7 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
                    help="judge each candidate by time-series cross-validation on K expanding-window "
                    "folds (fold i trains on the first i+1 of K+1 blocks of each series and is judged "
                    "on the next; quality = the mean; unlabelled objective only). Default 1: one "
-                   "hold-out split. Pruning steps are fold x epochs + epoch")
+                   "hold-out split. Only the first fold's epochs are reported to the pruner")
     p.add_argument("--objectives", metavar="quality[,latency,size]",
                    help="what to optimize: quality (default), optionally latency and artifact size too")
     p.add_argument("--space", metavar="SPACE.json", help="search space (default: the built-in one)")

@@ -152,8 +152,8 @@ class WindowForecaster(_Forecasting):
 
 
 class LinearForecaster(_Forecasting):
-    """Ridge regression of the last row on the rows before it (and the seasonal rows): one
-    ``nn.Linear``; the training's weight decay is the ridge penalty."""
+    """Linear autoregression of the last row on the rows before it (and the seasonal rows): one
+    ``nn.Linear``, trained by gradient descent with weight decay as an L2 (ridge-like) penalty."""
 
     def __init__(self, spec: ArchitectureSpec) -> None:
         super().__init__(spec)

@@ -38,7 +38,7 @@ class ArchitectureSpec:
       the decoder mirrors the encoder.
     - ``forecaster``: an MLP predicts the window's last row from the rows before it; score =
       forecast error. ``hidden`` lists the widths of its hidden layers.
-    - ``linear``: one linear map (ridge regression; the training's weight decay is the ridge
+    - ``linear``: one linear map (a linear autoregression; the training's weight decay is an L2
       penalty) predicts the last row from the normalised rows before it. ``hidden`` is empty.
     - ``conv``: causal dilated Conv1d blocks (a temporal convolutional network) over the rows
       before the last, then a linear head on the last time step predicts the last row.

@@ -31,8 +31,11 @@ runs on K expanding-window folds (:func:`trainer.data.expanding_folds`, the layo
 scikit-learn's ``TimeSeriesSplit``): each series is cut into K + 1 consecutive blocks of equal
 size, and fold i trains on blocks 0..i and is judged on block i + 1 exactly as above (seeded
 injections into copies of that block, clean error on it); no shuffling, and no look-ahead: a
-window judged in fold i forecasts (or reconstructs) rows of its block only, reading rows
-before it as context as an agent reads its past, and fold i trains on no row after its block.
+forecaster judged in fold i forecasts rows of its block only, reading rows before it as
+context as an agent reads its past (an autoencoder's first windows there also reconstruct a
+few rows before the block), and fold i trains on no row after its block. The score pipeline
+is warmed on the rows before the block, as a running agent's would be (decisions are taken
+from the block's first row on).
 Within a fold's training rows the usual early-stopping split applies
 (:func:`trainer.pipeline.training_windows`). The trial's quality is the mean over folds
 (:func:`cross_validate`); each fold's quality and details are kept. Labelled mode follows
@@ -40,19 +43,21 @@ NAB's protocol (train on the probationary rows, score the rest of each file), wh
 the split, so it takes no folds.
 
 Pruning: in a single-objective study :func:`train_candidate` reports the negated validation
-loss after each epoch (``trial.report``; negated so that higher is better, as the study
-maximizes quality) and raises ``optuna.TrialPruned`` when the pruner says so. With folds the
-step is ``fold × epochs + epoch`` (``epochs`` = the recipe's epoch cap, epochs counted from
-1), so every trial reports fold f's epoch e at the same step and the pruner compares like
-with like; a fold that stops early leaves its remaining steps unreported. (Reporting the
-running mean of fold qualities instead would give the pruner only K steps, too few for a
-median pruner's warm-up.) In a multi-objective study nothing is reported, with or without
-folds: Optuna raises ``NotImplementedError`` on ``Trial.report`` there, and its pruners do
+loss after each epoch of the first fold (``trial.report``, step = epoch, counted from 1;
+negated so that higher is better, as the study maximizes quality) and raises
+``optuna.TrialPruned`` when the pruner says so. Later folds report nothing: Optuna's pruners
+read a trial's whole curve (the median pruner its best value over all steps, successive
+halving its latest one at a rung), and a curve that restarts with each fold's fresh model
+would have them compare one fold's loss with another's — keeping a trial whose later folds
+are poor, or pruning the fastest learner when its next fold starts. A candidate that reaches
+the second fold has passed the pruner on the first. In a multi-objective study nothing is
+reported, with or without folds: Optuna raises ``NotImplementedError`` on ``Trial.report`` there, and its pruners do
 not support several objectives, so such a study never prunes.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,15 +139,25 @@ class ObjectiveData:
             )
 
 
-def _load(path: Path, trained_rows: Callable[[int], int]) -> Series:
+def _load(path: Path, trained_rows: Callable[[int], int], first_trained: Callable[[int], int] | None = None) -> Series:
     """The file's rows, gaps filled. The rows a candidate trains on (``trained_rows(n)`` of
     ``n``) must be in time order with distinct timestamps, as ``edgefleet train`` requires:
-    disorder after them (NAB files repeat an hour at a daylight-saving change) is let be."""
+    disorder after them (NAB files repeat an hour at a daylight-saving change) is let be.
+
+    Filling takes a column's leading gap from its first value; so that no candidate trains on a
+    value from rows it is judged on, every column needs a value in the first
+    ``first_trained(n)`` rows (the fewest any fold trains on)."""
     try:
         try:
             s = read_series_ordered_head(path, trained_rows)
         except TimeOrderError as e:
             raise SearchError(f"{e} (edgefleet train --sort-dedupe repairs a copy)") from None
+        if first_trained is not None:
+            head = first_trained(len(s))
+            empty = [f for j, f in enumerate(s.features) if not np.isfinite(s.values[:head, j]).any()]
+            if empty and np.isfinite(s.values[:, [s.features.index(f) for f in empty]]).any(axis=0).all():
+                raise SearchError(f"{path}: column {empty[0]!r} has no value in the first {head} rows, "
+                                  "which a candidate trains on (its first value comes later)")
         return Series(s.timestamps, s.features, fill_missing(s.values))
     except SearchError:
         raise
@@ -221,7 +236,7 @@ def synthetic_data(paths: Sequence[Path], *, seed: int) -> ObjectiveData:
     """
     splits = []
     for i, path in enumerate(paths):
-        s = _load(path, lambda n: n - int(n * HOLDOUT_FRACTION))
+        s = _load(path, lambda n: n - int(n * HOLDOUT_FRACTION), lambda n: n - int(n * HOLDOUT_FRACTION))
         cut = len(s) - int(len(s) * HOLDOUT_FRACTION)
         if len(s) - cut < MIN_HELD_ROWS:
             raise SearchError(f"{path}: {len(s)} rows are too few to hold back {HOLDOUT_FRACTION:.0%} to test on")
@@ -250,7 +265,8 @@ def synthetic_folds(paths: Sequence[Path], *, seed: int, folds: int) -> list[Obj
     per_fold: list[list[tuple[Path, Series, int, int, tuple[int, ...]]]] = [[] for _ in range(folds)]
     for i, path in enumerate(paths):
         # rows trained on in some fold: up to the last fold's cut (they must be in time order)
-        s = _load(path, lambda n: (_fold_layout(n, folds) or [Fold(n, n)])[-1].train_end)
+        s = _load(path, lambda n: (_fold_layout(n, folds) or [Fold(n, n)])[-1].train_end,
+                  lambda n: (_fold_layout(n, folds) or [Fold(n, n)])[0].train_end)
         layout = _fold_layout(len(s), folds)
         if not layout or layout[0].validation_end - layout[0].train_end < MIN_HELD_ROWS:
             raise SearchError(f"{path}: {len(s)} rows are too few for --folds {folds}: each of the "
@@ -320,47 +336,44 @@ class CandidateQuality:
     details: dict[str, Any]
 
 
-class TrialTimedOut(Exception):
+class TrialTimeoutError(Exception):
     """A candidate's training went past its ``--trial-timeout`` (checked after each epoch)."""
 
 
 def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None, fold: int = 0,
-                    deadline: float | None = None) -> TrainedCandidate:
+                    deadline: float | None = None,
+                    clock: Callable[[], float] = time.monotonic) -> TrainedCandidate:
     """Train ``candidate`` on ``data.train`` with early stopping, calibrate its score pipeline.
 
-    ``deadline`` (``time.monotonic()`` seconds): :class:`TrialTimedOut` is raised when an epoch
-    ends after it — or before training starts, for a later fold.
+    ``deadline`` (in ``clock()`` seconds): :class:`TrialTimeoutError` is raised when an epoch
+    ends after it, or when the training of a fold would start after it.
 
-    With an Optuna ``trial`` of a single-objective study, reports each epoch at step
-    ``fold × epochs + epoch`` and raises ``optuna.TrialPruned`` when its pruner says so (see
-    the module docstring).
+    With an Optuna ``trial`` of a single-objective study and ``fold`` 0, reports each epoch and
+    raises ``optuna.TrialPruned`` when its pruner says so (see the module docstring).
     """
-    import time
-
     from shared.score_pipeline import LikelihoodPipeline
     from trainer.models import fit, score_windows
     from trainer.pipeline import training_windows, with_seasonal_repeats
     from trainer.scoring import ThresholdPolicy, calibrate
 
     def check_time(where: str) -> None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise TrialTimedOut(f"over --trial-timeout {where}")
+        if deadline is not None and clock() > deadline:
+            raise TrialTimeoutError(f"over --trial-timeout {where}")
 
     where_fold = f"fold {fold + 1} " if fold else ""
     check_time(f"before {where_fold or 'training'}".rstrip())
     spec = candidate.architecture
     train_w, val_w, rows = training_windows(spec, data.train)
-    reports = trial is not None and len(trial.study.directions) == 1
+    reports = trial is not None and len(trial.study.directions) == 1 and fold == 0
 
     def progress(epoch: int, epochs: int, train_loss: float, val_loss: float) -> None:
         check_time(f"at {where_fold}epoch {epoch}")
         if reports:
             import optuna
 
-            trial.report(-val_loss, fold * epochs + epoch)
+            trial.report(-val_loss, epoch)
             if trial.should_prune():
-                where = f"fold {fold + 1} epoch {epoch}" if fold else f"epoch {epoch}"
-                raise optuna.TrialPruned(f"pruned at {where} (validation loss {val_loss:.4g})")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (validation loss {val_loss:.4g})")
 
     result = fit(spec, train_w, val_w, rows, candidate.recipe, progress=progress)
     val_scores = score_windows(result.model, val_w)
@@ -375,7 +388,10 @@ def _decisions(trained: TrainedCandidate, ev: EvalSeries) -> np.ndarray:
     from trainer.models import score_windows
 
     rows = trained.candidate.architecture.input_rows
-    start = max(0, ev.first - rows + 1)
+    # warm the pipeline on the rows before ev.first, as an agent that ran through them would be
+    pipeline = trained.score.pipeline
+    warm = getattr(pipeline, "min_history", 0) + getattr(pipeline, "short_window", 0)
+    start = max(0, ev.first - rows + 1 - warm)
     windows = make_windows(ev.values[start:].astype(np.float32), rows)
     scores = score_windows(trained.model, windows)
     scorer = trained.score.scorer()
@@ -414,19 +430,20 @@ def measure_quality(trained: TrainedCandidate, data: ObjectiveData) -> Candidate
     return CandidateQuality(float(quality), details)
 
 
-def cross_validate(candidate: Candidate, folds: Sequence[ObjectiveData],
-                   trial: Any = None, deadline: float | None = None) -> tuple[TrainedCandidate, CandidateQuality]:
+def cross_validate(candidate: Candidate, folds: Sequence[ObjectiveData], trial: Any = None,
+                   deadline: float | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> tuple[TrainedCandidate, CandidateQuality]:
     """Train and judge ``candidate`` on every fold, in time order (:func:`train_candidate`,
     :func:`measure_quality`). Returns the candidate trained on the last fold (the most rows)
     and the quality: with one fold that fold's, with several the mean over folds, with
     ``details`` holding ``folds``, ``fold_quality`` (one value per fold) and ``fold_details``.
-    Raises ``optuna.TrialPruned`` and :class:`TrialTimedOut` as :func:`train_candidate` does.
+    Raises ``optuna.TrialPruned`` and :class:`TrialTimeoutError` as :func:`train_candidate` does.
     """
     if not folds:
         raise ValueError("no fold to cross-validate on")
     results = []
     for f, data in enumerate(folds):
-        trained = train_candidate(candidate, data, trial, fold=f, deadline=deadline)
+        trained = train_candidate(candidate, data, trial, fold=f, deadline=deadline, clock=clock)
         results.append(measure_quality(trained, data))
     if len(results) == 1:
         return trained, results[0]

@@ -262,7 +262,7 @@ def check_folds(folds: Sequence[ObjectiveData], space: SearchSpace) -> None:
 
 
 def _pruner(name: str, epochs: int, multi: bool) -> Any:
-    """``epochs`` is the last step a trial reports (folds × the epoch cap)."""
+    """``epochs`` is the last step a trial reports (the epoch cap: only the first fold reports)."""
     import optuna
 
     if multi or name == "none":  # Trial.report is not supported with several objectives
@@ -314,7 +314,7 @@ def make_study_sampler(req: SearchRequest, seed: int | None) -> Any:
 
 def make_study_pruner(req: SearchRequest) -> Any:
     """The pruner of ``req`` (none in a multi-objective study)."""
-    return _pruner(req.pruner, req.space.epochs * req.folds, len(req.objectives) > 1)
+    return _pruner(req.pruner, req.space.epochs, len(req.objectives) > 1)
 
 
 def open_study(prepared: PreparedSearch) -> Any:
@@ -501,7 +501,7 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
 
     from trainer.pipeline import seasonal_lag
     from trainer.search.hardware import measure
-    from trainer.search.objective import cross_validate
+    from trainer.search.objective import TrialTimeoutError, cross_validate
 
     req = prepared.request
     data, profiles = prepared.data, prepared.profiles
@@ -536,6 +536,9 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
             return _evaluate(trial, candidate)
         except (KeyboardInterrupt, optuna.TrialPruned):
             raise
+        except TrialTimeoutError as e:  # an expected outcome, not a failure: pruned, with its reason
+            trial.set_user_attr("timeout", str(e))
+            raise optuna.TrialPruned(str(e)) from e
         except Exception as e:  # one bad candidate must not end the study: record and go on
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             trial.set_user_attr("error", reason)
@@ -581,6 +584,8 @@ def run_trials(study: Any, prepared: PreparedSearch, progress: Callable[[str], N
             return
         if "error" in trial.user_attrs:
             progress(f"trial {trial.number} failed: {trial.user_attrs['error']}")
+        elif "timeout" in trial.user_attrs:
+            progress(f"trial {trial.number} stopped: {trial.user_attrs['timeout']}")
         done, pruned, infeasible = _counts(study)
         best = _best_line(study)
         rate = (time.monotonic() - started) / max(1, done - before)

@@ -14,7 +14,7 @@
 Candidates: the default (forecaster, window 64, centred on each window's mean, one day of
 seasonal context), the same with the score pipeline's recurrence step, and the default
 without each of its parts in turn (seasonal context; window centring), the forecaster at
-window 32 and the autoencoder, default hidden widths; the linear (ridge) and conv (TCN:
+window 32 and the autoencoder, default hidden widths; the linear and conv (TCN:
 kernel 3, dilations 1, 2, 4, 8, 32 channels) forecasters with the default's window, centring
 and season. Writes the ``model-choice`` section of docs/model-choice.md and of
 docs/benchmarks.md.
@@ -47,7 +47,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "no season, centred on training mean": {"season": 0, "centering": "train"},
     "forecaster w32": {"window": 32},
     "autoencoder w64, centred": {"family": "autoencoder"},
-    "linear (ridge) w64, centred, season": {"family": "linear"},
+    "linear w64, centred, season": {"family": "linear"},
     "conv (TCN) w64, centred, season": {"family": "conv"},
 }
 HOSTS, ROWS, HISTORY, ANOMALIES = 3, 5000, 1500, 10

@@ -769,7 +769,7 @@ def register_winners(prepared: PreparedSearch, study: Any,
             # labelled: each file's probationary rows, the rows its candidates were trained on
             probation=prepared.data.mode == "labelled", family=spec.family, window=spec.window, hidden=spec.hidden,
             centering=spec.centering, season=spec.season, kernel=spec.kernel, dilations=spec.dilations,
-            residual=spec.residual, recipe=recipe, lineage=lineage,
+            residual=spec.residual, heads=spec.heads, recipe=recipe, lineage=lineage,
             profile_dirs=list(req.profile_dirs),
         )
         try:

@@ -333,6 +333,16 @@ def test_space_with_attention_its_grid_and_head_counts() -> None:
     assert candidate(8, 3).heads == 2
 
 
+def test_resume_reads_a_stored_space_without_the_attention_keys_as_the_defaults() -> None:
+    from trainer.search.study import _space_with_defaults
+
+    stored = SearchSpace().to_json()
+    del stored["heads"], stored["attention_widths"]  # a study begun before the family
+    assert _space_with_defaults(stored) == SearchSpace().to_json()
+    changed = {**stored, "windows": [8]}
+    assert _space_with_defaults(changed) != SearchSpace().to_json()
+
+
 # -- through the CLI ---------------------------------------------------------------------------------
 
 

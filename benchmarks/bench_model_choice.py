@@ -14,9 +14,10 @@
 Candidates: the default (forecaster, window 64, centred on each window's mean, one day of
 seasonal context), the same with the score pipeline's recurrence step, and the default
 without each of its parts in turn (seasonal context; window centring), the forecaster at
-window 32 and the autoencoder, default hidden widths; the linear and conv (TCN:
-kernel 3, dilations 1, 2, 4, 8, 32 channels) forecasters with the default's window, centring
-and season. Writes the ``model-choice`` section of docs/model-choice.md and of
+window 32 and the autoencoder, default hidden widths; the linear, conv (TCN: kernel 3,
+dilations 1, 2, 4, 8, 32 channels) and attention (two self-attention blocks of width 32, 4
+heads) forecasters with the default's window, centring and season. Writes the
+``model-choice`` section of docs/model-choice.md and of
 docs/benchmarks.md.
 
 Run: ``.venv/bin/python benchmarks/bench_model_choice.py``. Needs ``../shared/data/nab``; exits
@@ -49,6 +50,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "autoencoder w64, centred": {"family": "autoencoder"},
     "linear w64, centred, season": {"family": "linear"},
     "conv (TCN) w64, centred, season": {"family": "conv"},
+    "attention w64, centred, season": {"family": "attention"},
 }
 HOSTS, ROWS, HISTORY, ANOMALIES = 3, 5000, 1500, 10
 

@@ -446,8 +446,8 @@ def quality(args: argparse.Namespace) -> int:
     spec, recipe = candidate.architecture, candidate.recipe
     searched_options = {"family": spec.family, "window": spec.window, "hidden": tuple(spec.hidden),
                         "centering": spec.centering, "season": spec.season, "kernel": spec.kernel,
-                        "dilations": tuple(spec.dilations), "residual": spec.residual, "recipe": recipe,
-                        "epochs": recipe.epochs, "seed": recipe.seed}
+                        "dilations": tuple(spec.dilations), "residual": spec.residual, "heads": spec.heads,
+                        "recipe": recipe, "epochs": recipe.epochs, "seed": recipe.seed}
     reports = {"default": _evaluate({"seed": 0}, "default"),
                "searched": _evaluate(searched_options, "searched")}
     wall = time.monotonic() - started

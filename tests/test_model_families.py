@@ -1,6 +1,6 @@
-"""The linear (ridge) and conv (TCN) forecaster families end to end: spec, network, training,
-ONNX int8 and TFLite int8 export, parity in bare onnxruntime / LiteRT sessions and in the
-agent's runtime, ``edgefleet train --family`` and a search over both families.
+"""The linear (ridge), conv (TCN) and attention forecaster families end to end: spec, network,
+training, ONNX int8 and TFLite int8 export, parity in bare onnxruntime / LiteRT sessions and in
+the agent's runtime, ``edgefleet train --family`` and searches over them.
 
 Trained on synthetic host metrics (:mod:`trainer.data.synthetic`), a few epochs each.
 """
@@ -51,6 +51,9 @@ SPECS = {
     "conv-seasonal": ArchitectureSpec("conv", WINDOW, 4, (8, 16), kernel=3, dilations=(1, 2), season=288),
     # one metric: a one-channel Conv1d input (torch.export once fixed its batch to 1)
     "conv-one-metric": ArchitectureSpec("conv", WINDOW, 1, (8, 8), kernel=3, dilations=(1, 2)),
+    "attention": ArchitectureSpec("attention", WINDOW, 4, (16, 16), heads=2),
+    # one metric, one block, one day of seasonal context read into the head
+    "attention-seasonal-one-metric": ArchitectureSpec("attention", WINDOW, 1, (8,), heads=4, season=288),
 }
 
 
@@ -79,6 +82,22 @@ def test_spec_round_trip_of_the_new_families_and_older_specs_unchanged() -> None
     assert FAMILY_CHOICES == FAMILIES
 
 
+def test_attention_spec_keeps_heads_and_refuses_widths_heads_do_not_divide() -> None:
+    spec = SPECS["attention"]
+    assert spec.to_json()["heads"] == 2 and "kernel" not in spec.to_json()
+    assert ArchitectureSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert "heads" not in SPECS["conv"].to_json() and "heads" not in SPECS["linear"].to_json()
+    assert spec.forecasts and spec.score_kind == "forecast_mae"
+    with pytest.raises(SpecError, match="divisible by heads"):
+        ArchitectureSpec("attention", 16, 1, (12,), heads=5)
+    with pytest.raises(SpecError, match="one width for every block"):
+        ArchitectureSpec("attention", 16, 1, (16, 8), heads=2)
+    with pytest.raises(SpecError, match="heads is an attention parameter"):
+        ArchitectureSpec("conv", 16, 1, (8,), dilations=(1,), heads=2)
+    with pytest.raises(SpecError, match="conv parameters"):
+        ArchitectureSpec("attention", 16, 1, (8,), heads=2, kernel=5)
+
+
 def test_train_request_defaults_per_family() -> None:
     def spec(family: str) -> ArchitectureSpec:
         return spec_for(TrainRequest(data=[], profiles=[], name="m", family=family), 2, 0)
@@ -87,6 +106,8 @@ def test_train_request_defaults_per_family() -> None:
     conv = spec("conv")
     assert conv.kernel == 3 and conv.dilations == (1, 2, 4, 8) and len(conv.hidden) == 4 and conv.residual
     assert spec("forecaster").hidden == (512, 64)
+    attention = spec("attention")
+    assert attention.hidden == (32, 32) and attention.heads == 4 and attention.dilations == ()
 
 
 # -- networks -------------------------------------------------------------------------------------
@@ -105,6 +126,21 @@ def test_conv_blocks_are_causal_and_see_their_receptive_field_only() -> None:
     outside[:, last_past - spec.receptive_field, 0] += 3.0
     assert not np.allclose(score_windows(model, inside), base)
     assert np.allclose(score_windows(model, outside), base)
+
+
+def test_attention_reads_every_row_before_the_forecast_row() -> None:
+    # unlike the conv family's receptive field, attention reaches the window's first row
+    spec = ArchitectureSpec("attention", 32, 1, (8, 8), centering="train", heads=2)
+    torch.manual_seed(0)
+    model = build_network(spec).eval()
+    x = np.random.default_rng(0).normal(size=(8, 32, 1)).astype(np.float32)
+    base = score_windows(model, x)
+    first = x.copy()
+    first[:, 0, 0] += 3.0
+    assert not np.allclose(score_windows(model, first), base)
+    # each window is scored on its own: a batch gives what its windows give one by one
+    one_by_one = np.concatenate([score_windows(model, x[i : i + 1]) for i in range(len(x))])
+    assert np.allclose(one_by_one, base, atol=1e-5)
 
 
 def test_linear_forecaster_learns_a_ramp() -> None:
@@ -191,6 +227,16 @@ def test_onnx_int8_scores_agree_with_torch_in_onnxruntime(trained: Trained) -> N
         weights = {i.name: i for i in graph.initializer}
         int8_weights = [w for w in weights.values() if w.data_type == onnx.TensorProto.INT8 and len(w.dims) == 3]
         assert len(int8_weights) >= len(trained.spec.hidden)  # the Conv1d kernels, stored int8
+    if trained.spec.family == "attention":
+        # every matrix product (projections, query·key, weights·value, MLP, head) reads
+        # dequantized inputs; softmax and layer norm stay float
+        made_by = {o: n.op_type for n in graph.node for o in n.output}
+        products = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+        # per block: q, k, v, out, two MLP layers and two activation products; embed and head
+        assert len(products) >= 8 * len(trained.spec.hidden) + 2
+        for node in products:
+            assert [made_by.get(i) for i in node.input[:2]] == ["DequantizeLinear"] * 2, node.op_type
+        assert {"Softmax", "LayerNormalization"} <= set(ops)
 
 
 def test_tflite_int8_scores_agree_with_torch_in_litert(trained: Trained) -> None:
@@ -204,6 +250,16 @@ def test_tflite_int8_scores_agree_with_torch_in_litert(trained: Trained) -> None
     int8 = [t for t in interpreter.get_tensor_details() if np.dtype(t["dtype"]) == np.int8]
     layers = 1 if trained.spec.family == "linear" else len(trained.spec.hidden) + 1
     assert len(int8) >= layers  # weights (and activations) of every layer quantized
+    if trained.spec.family == "attention":
+        # every nn.Linear (embedding, q, k, v, output, two MLP layers per block, head) runs
+        # int8; the activation products stay float BATCH_MATMUL (no quantizer annotation)
+        ops = interpreter._get_ops_details()
+        kinds = {op["op_name"] for op in ops}
+        assert "SOFTMAX" in kinds and "BATCH_MATMUL" in kinds
+        dtype = {t["index"]: np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()}
+        connected = [op for op in ops if op["op_name"] == "FULLY_CONNECTED"]
+        assert len(connected) == 6 * len(trained.spec.hidden) + 2
+        assert all(dtype[op["inputs"][1]] == np.int8 for op in connected)
 
 
 def test_bundles_pass_parity_in_the_agent_runtime(trained: Trained) -> None:
@@ -244,6 +300,49 @@ def test_space_with_the_new_families_and_its_grid() -> None:
         SearchSpace.from_json({"families": ["transformer"]})
 
 
+def test_space_with_attention_its_grid_and_head_counts() -> None:
+    from trainer.search.errors import SearchError
+    from trainer.search.space import suggest
+
+    space = SearchSpace.from_json({"families": ["attention"], "heads": [2, 3], "attention_widths": [8, 12]})
+    grid = grid_of(space)
+    assert grid["attention.heads"] == [2, 3] and grid["attention.width"] == [8, 12]
+    assert "attention.season" in grid and "attention.heads" not in grid_of(SearchSpace())
+    with pytest.raises(SearchError, match="attention_widths"):
+        SearchSpace.from_json({"heads": [4], "attention_widths": [6]})
+
+    class FixedTrial:  # answers each question with the named choice (or a range's low end)
+        def __init__(self, choices: dict[str, object]) -> None:
+            self.choices = choices
+
+        def suggest_categorical(self, name: str, options: list[object]) -> object:
+            return self.choices.get(name, options[0])
+
+        def suggest_int(self, name: str, low: int, high: int) -> int:
+            return int(self.choices.get(name, low))  # type: ignore[call-overload]
+
+        def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+            return low
+
+    def candidate(width: int, heads: int) -> ArchitectureSpec:
+        trial = FixedTrial({"attention.width": width, "attention.heads": heads, "layers": 2})
+        return suggest(trial, space, features=3).architecture
+
+    assert candidate(12, 3).hidden == (12, 12) and candidate(12, 3).heads == 3
+    # 3 does not divide 8: the largest head count of the space that does
+    assert candidate(8, 3).heads == 2
+
+
+def test_resume_reads_a_stored_space_without_the_attention_keys_as_the_defaults() -> None:
+    from trainer.search.study import _space_with_defaults
+
+    stored = SearchSpace().to_json()
+    del stored["heads"], stored["attention_widths"]  # a study begun before the family
+    assert _space_with_defaults(stored) == SearchSpace().to_json()
+    changed = {**stored, "windows": [8]}
+    assert _space_with_defaults(changed) != SearchSpace().to_json()
+
+
 # -- through the CLI ---------------------------------------------------------------------------------
 
 
@@ -264,7 +363,7 @@ def host_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["linear", "conv"])
+@pytest.mark.parametrize("family", ["linear", "conv", "attention"])
 def test_train_family_through_the_cli_registers_int8_artifacts(family: str, host_csv: Path, tmp_path: Path) -> None:
     registry = tmp_path / "reg"
     out = json.loads(edgefleet("train", "--data", str(host_csv), "--profile", "x86-64-v3", "--profile",
@@ -298,3 +397,21 @@ def test_search_over_linear_and_conv_runs_trials_of_both(host_csv: Path, tmp_pat
     assert conv["hidden"] == [8, 8] and conv["dilations"] == [1, 2] and conv["kernel"] == 3
     with Registry.open(registry) as reg:
         assert reg.get("host").architecture["family"] in ("linear", "conv")
+
+
+@pytest.mark.slow
+def test_search_trial_of_the_attention_family_registers_it(host_csv: Path, tmp_path: Path) -> None:
+    space = tmp_path / "space.json"  # a grid of one point
+    space.write_text(json.dumps({"families": ["attention"], "windows": [8], "widths": [8], "layers": [1, 1],
+                                 "heads": [2], "attention_widths": [8], "seasons": ["off"],
+                                 "centerings": ["window"], "bottlenecks": [4], "learning_rate": [1e-3, 1e-3],
+                                 "weight_decay": [1e-5, 1e-5], "epochs": 2, "patience": 1, "batch_sizes": [64]}))
+    registry = tmp_path / "reg"
+    edgefleet("search", "--data", str(host_csv), "--name", "host", "--registry", str(registry),
+              "--space", str(space), "--sampler", "grid", "--trials", "1", "--profile", "x86-64-v3", "-q")
+    shown = json.loads(edgefleet("search", "show", "host", "--registry", str(registry), "--json").stdout)
+    (trial,) = shown["trials"]
+    arch = trial["candidate"]["architecture"]
+    assert arch["family"] == "attention" and arch["hidden"] == [8] and arch["heads"] == 2
+    with Registry.open(registry) as reg:
+        assert reg.get("host").architecture == arch

@@ -40,7 +40,7 @@ from trainer.data import (
 )
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.models import ArchitectureSpec, Recipe, SpecError, fit, score_windows
-from trainer.models.spec import CONV_DILATIONS, CONV_KERNEL, FORECASTING_FAMILIES
+from trainer.models.spec import ATTENTION_HEADS, CONV_DILATIONS, CONV_KERNEL, FORECASTING_FAMILIES
 from trainer.registry import NewArtifact, Registry, RegistryError, VersionRecord, check_model_name
 from trainer.scoring import ThresholdPolicy, calibrate
 
@@ -69,12 +69,14 @@ class DefaultArchitecture(NamedTuple):
 
 DEFAULT_ARCHITECTURE = DefaultArchitecture(family="forecaster", window=64, hidden=(512, 64), centering="window")
 # Hidden widths when a request names a family but no widths. The conv family's four blocks
-# take the default dilations (CONV_DILATIONS): 31 rows of receptive field with kernel 3.
+# take the default dilations (CONV_DILATIONS): 31 rows of receptive field with kernel 3. The
+# attention family's two blocks of width 32 take ATTENTION_HEADS heads (8 channels each).
 DEFAULT_HIDDEN = {
     "autoencoder": DEFAULT_ARCHITECTURE.hidden,
     "forecaster": DEFAULT_ARCHITECTURE.hidden,
     "linear": (),
     "conv": (32,) * len(CONV_DILATIONS),
+    "attention": (32, 32),
 }
 VALIDATION_FRACTION = 0.2
 SEASON_SECONDS = 86_400  # one day: the cycle of most host and service metrics
@@ -117,6 +119,8 @@ class TrainRequest:
     kernel: int = CONV_KERNEL
     dilations: tuple[int, ...] | None = None
     residual: bool = True
+    # Attention family only (ArchitectureSpec): attention heads per block.
+    heads: int = ATTENTION_HEADS
     # Seasonal context in rows (ArchitectureSpec.season): None = one day when the timestamps
     # and rows allow it (see seasonal_lag), 0 = none.
     season: int | None = None
@@ -242,7 +246,7 @@ def spec_for(request: TrainRequest, features: int, season: int) -> ArchitectureS
     return ArchitectureSpec(
         request.family, request.window, features, hidden, request.centering,
         season=season, season_halfwidth=SEASON_HALFWIDTH,
-        kernel=request.kernel, dilations=tuple(dilations), residual=request.residual,
+        kernel=request.kernel, dilations=tuple(dilations), residual=request.residual, heads=request.heads,
     )
 
 

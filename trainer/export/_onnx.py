@@ -104,7 +104,10 @@ def quantize_onnx_int8(fp32_model: bytes, calibration: np.ndarray) -> bytes:
     own per-channel scale and zero point costs more bytes than it saves. Only matrix products
     and convolutions (the conv family's body) are quantized: normalisation (the window's
     level) and the score's error term stay float, because an anomalous window lies outside the
-    calibration range by definition and clipping it would hide it.
+    calibration range by definition and clipping it would hide it. In the attention family
+    every MatMul is quantized, the projections (int8 weights) and the two products of
+    activations (query·key and weights·value, both inputs 16-bit); its Softmax and
+    LayerNormalization stay float.
     """
     with tempfile.TemporaryDirectory() as tmp, quiet_fds():
         src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))

@@ -33,7 +33,11 @@ def export_tflite_int8(module: torch.nn.Module, calibration: np.ndarray) -> byte
     bytes than the int8 weights save (measured: 33% vs 27% of the fp32 file). Only the body's
     linear layers and convolutions (and the conv family's head) are quantized: normalisation and the error that makes the
     score stay float, because an anomalous window lies outside the calibration range by
-    definition and clipping it there would hide exactly what the score must show.
+    definition and clipping it there would hide exactly what the score must show. In the
+    attention family that is every ``nn.Linear`` (embedding, queries, keys, values, output
+    projection, MLP, head); the two products of activations (query·key, weights·value) run as
+    float BATCH_MATMUL, as litert-torch's quantizer has no annotation for ``matmul``, and
+    softmax and layer norm stay float too.
     """
     example = torch.from_numpy(calibration[:1])
     with quiet_fds():

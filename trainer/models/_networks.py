@@ -208,6 +208,71 @@ class ConvForecaster(_Forecasting):
         return self.head(_flat(channels[:, :, -1], seasonal))
 
 
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention written with plain matrix products and softmax.
+
+    ``nn.MultiheadAttention`` exports and quantizes as well (checked: onnxruntime's QDQ
+    quantizes its MatMuls, litert-torch its projections to int8 FULLY_CONNECTED); written out,
+    every op of the graph is in this file and the last block can compute one query only. The
+    projections are ``nn.Linear`` (int8 in both formats). No mask: the rows it attends over
+    all lie before the forecast row. ``queries`` reads queries from the last ``queries`` positions only (keys and
+    values from all of them), which is all the forecast needs in the last block.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (width // heads) ** -0.5
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, time, width)`` → ``(batch, heads, time, width / heads)``."""
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, queries: int) -> torch.Tensor:
+        q = self._split(self.query(x[:, x.shape[1] - queries :, :]))
+        k, v = self._split(self.key(x)), self._split(self.value(x))
+        weights = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * self.scale, dim=-1)
+        return self.out(torch.matmul(weights, v).transpose(1, 2).flatten(2))
+
+
+class _AttentionBlock(nn.Module):
+    """Self-attention, then a two-layer ReLU MLP (``2 * width``), each added to its input and
+    layer-normalised (post-norm: the block's output is what the next block and head read)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attention = _SelfAttention(width, heads)
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mlp = _mlp([width, 2 * width, width])
+
+    def forward(self, x: torch.Tensor, queries: int) -> torch.Tensor:
+        y = self.norm1(x[:, x.shape[1] - queries :, :] + self.attention(x, queries))
+        return self.norm2(y + self.mlp(y))
+
+
+class AttentionForecaster(_Forecasting):
+    """Self-attention over the rows before the last: each row projected to ``width`` plus a
+    learned positional embedding, :class:`_AttentionBlock` per hidden entry, then a linear head
+    on the last position (and the seasonal rows)."""
+
+    def __init__(self, spec: ArchitectureSpec) -> None:
+        super().__init__(spec)
+        width = spec.hidden[0]
+        self.embed = nn.Linear(spec.features, width)
+        self.position = nn.Parameter(torch.randn(spec.window - 1, width) * 0.02)
+        self.blocks = nn.ModuleList(_AttentionBlock(width, spec.heads) for _ in spec.hidden)
+        self.head = nn.Linear(width + _seasonal_rows(spec) * spec.features, spec.features)
+
+    def predict(self, past: torch.Tensor, seasonal: torch.Tensor | None) -> torch.Tensor:
+        h = self.embed(past) + self.position
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            # only the last position is read: the last block computes its queries alone
+            h = block(h, 1 if i == last else h.shape[1])
+        return self.head(_flat(h[:, -1, :], seasonal))
+
+
 def build_network(spec: ArchitectureSpec) -> _Normalised:
     """A fresh (untrained) module for ``spec``."""
     if spec.family == "autoencoder":
@@ -216,4 +281,6 @@ def build_network(spec: ArchitectureSpec) -> _Normalised:
         return LinearForecaster(spec)
     if spec.family == "conv":
         return ConvForecaster(spec)
+    if spec.family == "attention":
+        return AttentionForecaster(spec)
     return WindowForecaster(spec)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "ATTENTION_HEADS",
     "CENTERINGS",
     "CONV_DILATIONS",
     "CONV_KERNEL",
@@ -15,12 +16,13 @@ __all__ = [
     "SpecError",
 ]
 
-FAMILIES = ("autoencoder", "forecaster", "linear", "conv")
-FORECASTING_FAMILIES = ("forecaster", "linear", "conv")
+FAMILIES = ("autoencoder", "forecaster", "linear", "conv", "attention")
+FORECASTING_FAMILIES = ("forecaster", "linear", "conv", "attention")
 """The families that predict a window's last row from the rows before it (the rest reconstruct)."""
 CENTERINGS = ("window", "train")
 CONV_KERNEL = 3
 CONV_DILATIONS = (1, 2, 4, 8)
+ATTENTION_HEADS = 4
 
 
 class SpecError(ValueError):
@@ -47,8 +49,14 @@ class ArchitectureSpec:
       input to its output (through a 1x1 convolution where the widths differ). The head sees
       ``1 + (kernel - 1) * sum(dilations)`` rows back (its receptive field), at most the
       ``window - 1`` rows it is given.
+    - ``attention``: a small self-attention encoder over the rows before the last: each row is
+      projected to ``width`` channels plus a learned positional embedding, then one block per
+      ``hidden`` entry (multi-head self-attention with ``heads`` heads, then a two-layer MLP of
+      ``2 * width``, each with a residual connection and LayerNorm); a linear head on the last
+      position predicts the last row. Every ``hidden`` entry is the same ``width``, divisible
+      by ``heads``.
 
-    The three forecasting families (:data:`FORECASTING_FAMILIES`) share one contract: same
+    The four forecasting families (:data:`FORECASTING_FAMILIES`) share one contract: same
     input rows, same centring, same score.
 
     ``centering`` says where the body's input is centred: ``window`` subtracts each window's
@@ -79,6 +87,7 @@ class ArchitectureSpec:
     kernel: int = CONV_KERNEL
     dilations: tuple[int, ...] = ()
     residual: bool = True
+    heads: int = ATTENTION_HEADS
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -103,6 +112,15 @@ class ArchitectureSpec:
                 f"kernel, dilations and residual are conv parameters: the {self.family} family "
                 "takes their defaults"
             )
+        if self.family == "attention":
+            width = self.hidden[0]
+            if self.heads < 1 or len(set(self.hidden)) != 1 or width % self.heads:
+                raise SpecError(
+                    "the attention family needs one width for every block, divisible by heads >= 1 "
+                    f"(hidden {list(self.hidden)}, heads {self.heads})"
+                )
+        elif self.heads != ATTENTION_HEADS:
+            raise SpecError(f"heads is an attention parameter: the {self.family} family takes its default")
         if self.season:
             if self.family not in FORECASTING_FAMILIES:
                 raise SpecError(
@@ -142,6 +160,8 @@ class ArchitectureSpec:
             del d["season"], d["season_halfwidth"]
         if self.family != "conv":  # conv parameters only where they mean something
             del d["kernel"], d["dilations"], d["residual"]
+        if self.family != "attention":
+            del d["heads"]
         return d
 
     @classmethod
@@ -158,6 +178,7 @@ class ArchitectureSpec:
                 kernel=int(obj.get("kernel", CONV_KERNEL)),
                 dilations=tuple(int(d) for d in obj.get("dilations", ())),
                 residual=_boolean(obj.get("residual", True)),
+                heads=int(obj.get("heads", ATTENTION_HEADS)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"bad architecture spec {obj!r}: {e}") from e

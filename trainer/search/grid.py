@@ -6,7 +6,7 @@ included); a float range (``learning_rate``, ``weight_decay``, both log-scaled) 
 :data:`GRID_STEPS` values evenly spaced on the log scale, ends included.
 
 The conditional parameters of the families the space names (``forecaster.season``,
-``autoencoder.bottleneck``, ``linear.season``, ``conv.*``) are in the grid too, as Optuna's
+``autoencoder.bottleneck``, ``linear.season``, ``conv.*``, ``attention.*``) are in the grid too, as Optuna's
 ``GridSampler`` needs every parameter a trial may ask for; a point whose family does not ask
 for one repeats a candidate of another point (a forecaster with each bottleneck), so a grid
 holds some duplicates. Parameters of families the space does not name are left out: no trial
@@ -59,6 +59,10 @@ def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
         grid["conv.season"] = list(space.seasons)
         grid["conv.kernel"] = list(space.kernels)
         grid["conv.levels"] = _ints(*space.conv_levels)
+    if "attention" in space.families:
+        grid["attention.season"] = list(space.seasons)
+        grid["attention.width"] = list(space.attention_widths)
+        grid["attention.heads"] = list(space.heads)
     return {
         **grid,
         "batch_size": list(space.batch_sizes),

@@ -7,10 +7,10 @@ context) and the :class:`~trainer.models.Recipe` (learning rate, weight decay, b
 epoch cap with early stopping, seed), and :meth:`Candidate.from_json` reads them back.
 
 The families are those :mod:`trainer.models` builds: MLP forecasters and autoencoders, linear
-(ridge) forecasters and convolutional (TCN) forecasters. The default space holds the two MLP
-families; a space names ``linear`` and ``conv`` in ``families`` to try them. Attention and
-tree families are future work: they need network code (and export checks) in
-:mod:`trainer.models` before a space can name them.
+(ridge) forecasters, convolutional (TCN) forecasters and self-attention forecasters. The
+default space holds the two MLP families; a space names ``linear``, ``conv`` or ``attention``
+in ``families`` to try them. Tree families are future work: they need network code (and
+export checks) in :mod:`trainer.models` before a space can name them.
 
 Parameters and their conditions (Optuna names):
 
@@ -26,6 +26,13 @@ Parameters and their conditions (Optuna names):
 - conv only: ``conv.season`` — as ``forecaster.season``; ``conv.kernel`` — one of
   ``kernels``; ``conv.levels`` — an int in ``conv_levels``: that many causal blocks of
   ``width`` channels with dilations 1, 2, 4, … (``layers`` does not change its model);
+- attention only: ``attention.season`` — as ``forecaster.season``; ``attention.heads`` — one
+  of ``heads`` that divides ``attention.width``; ``attention.width`` — one of
+  ``attention_widths`` (the model width; ``width`` does not change its model, as attention
+  widths of an MLP's size would make it far larger); ``layers`` blocks. Where the suggested
+  head count does not divide the width, the model takes the largest of ``heads`` that does
+  (the candidate's architecture records it); a width none of ``heads`` divides is refused
+  when the space is built;
 - ``learning_rate`` — log-uniform in its range; ``weight_decay`` — log-uniform in its
   range; ``batch_size`` — one of ``batch_sizes``; ``epochs`` and ``patience`` are fixed.
 """
@@ -38,7 +45,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from trainer.models import ArchitectureSpec, Recipe, SpecError
-from trainer.models.spec import CENTERINGS, CONV_KERNEL, FAMILIES
+from trainer.models.spec import ATTENTION_HEADS, CENTERINGS, CONV_KERNEL, FAMILIES
 from trainer.search.errors import SearchError
 
 __all__ = ["Candidate", "SearchSpace", "suggest"]
@@ -62,6 +69,8 @@ class SearchSpace:
     bottlenecks: tuple[int, ...] = (4, 8, 16)
     kernels: tuple[int, ...] = (3,)
     conv_levels: tuple[int, int] = (2, 4)
+    heads: tuple[int, ...] = (1, 2, 4)
+    attention_widths: tuple[int, ...] = (16, 32, 64)
     centerings: tuple[str, ...] = ("window", "train")
     seasons: tuple[str, ...] = SEASON_CHOICES
     learning_rate: tuple[float, float] = (1e-4, 1e-2)
@@ -81,7 +90,7 @@ class SearchSpace:
         choices("families", FAMILIES)
         choices("centerings", CENTERINGS)
         choices("seasons", SEASON_CHOICES)
-        for name in ("windows", "widths", "bottlenecks", "kernels", "batch_sizes"):
+        for name in ("windows", "widths", "bottlenecks", "kernels", "heads", "attention_widths", "batch_sizes"):
             choices(name)
             if min(getattr(self, name)) < (2 if name == "windows" else 1):
                 raise SearchError(f"search space {name!r}: values must be positive (windows >= 2)")
@@ -89,6 +98,9 @@ class SearchSpace:
             lo, hi = getattr(self, name)
             if not low <= lo <= hi or (low == 0 and lo <= 0):
                 raise SearchError(f"search space {name!r}: needs 0 < low <= high, got [{lo}, {hi}]")
+        undivided = [w for w in self.attention_widths if not any(w % h == 0 for h in self.heads)]
+        if undivided:
+            raise SearchError(f"search space 'attention_widths': {undivided} not divisible by any of heads {list(self.heads)}")
         if self.epochs < 1 or self.patience < 1:
             raise SearchError("search space: epochs and patience must be at least 1")
 
@@ -164,7 +176,7 @@ def suggest(
     layers = trial.suggest_int("layers", *space.layers)
     width = trial.suggest_categorical("width", list(space.widths))
     centering = trial.suggest_categorical("centering", list(space.centerings))
-    season, kernel, dilations = 0, CONV_KERNEL, ()
+    season, kernel, dilations, heads = 0, CONV_KERNEL, (), ATTENTION_HEADS
     hidden: tuple[int, ...]
     if family == "autoencoder":
         bottleneck = trial.suggest_categorical("autoencoder.bottleneck", list(space.bottlenecks))
@@ -176,6 +188,13 @@ def suggest(
             hidden = (width,) * layers
         elif family == "linear":
             hidden = ()
+        elif family == "attention":
+            attention_width = trial.suggest_categorical("attention.width", list(space.attention_widths))
+            heads = trial.suggest_categorical("attention.heads", list(space.heads))
+            if attention_width % heads:
+                # a head count that does not divide the width: the largest of the space's that does
+                heads = max(h for h in space.heads if attention_width % h == 0)
+            hidden = (attention_width,) * layers
         else:
             kernel = trial.suggest_categorical("conv.kernel", list(space.kernels))
             levels = trial.suggest_int("conv.levels", *space.conv_levels)
@@ -191,5 +210,6 @@ def suggest(
     from trainer.pipeline import SEASON_HALFWIDTH
 
     spec = ArchitectureSpec(family, window, features, hidden, centering, season=season,
-                            season_halfwidth=SEASON_HALFWIDTH, kernel=kernel, dilations=dilations)
+                            season_halfwidth=SEASON_HALFWIDTH, kernel=kernel, dilations=dilations,
+                            heads=heads)
     return Candidate(spec, recipe)

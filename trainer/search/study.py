@@ -340,6 +340,9 @@ def open_study(prepared: PreparedSearch) -> Any:
     if req.resume:
         for k in ("objectives", "profiles", "space", "mode", "seed", "folds"):
             theirs = study.user_attrs.get(k, SETUP_DEFAULTS.get(k))
+            if k == "space" and isinstance(theirs, dict):
+                # keys added to SearchSpace since the study began take their defaults
+                theirs = _space_with_defaults(theirs)
             if theirs != setup[k]:
                 raise SearchError(f"--resume: this run's {k} differ from study {prepared.study_name!r}'s "
                                   f"({theirs})")
@@ -355,6 +358,15 @@ def open_study(prepared: PreparedSearch) -> Any:
     for k, v in setup.items():  # on resume too: workers follow this run's files and settings
         study.set_user_attr(k, v)
     return study
+
+
+def _space_with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A study's stored space with the keys it lacks at their defaults (as read back); the
+    stored dict itself where it does not read as a space (then it differs from this run's)."""
+    try:
+        return SearchSpace.from_json(stored).to_json()
+    except SearchError:
+        return stored
 
 
 def _digests(files: Any) -> list[str]:
@@ -769,7 +781,7 @@ def register_winners(prepared: PreparedSearch, study: Any,
             # labelled: each file's probationary rows, the rows its candidates were trained on
             probation=prepared.data.mode == "labelled", family=spec.family, window=spec.window, hidden=spec.hidden,
             centering=spec.centering, season=spec.season, kernel=spec.kernel, dilations=spec.dilations,
-            residual=spec.residual, recipe=recipe, lineage=lineage,
+            residual=spec.residual, heads=spec.heads, recipe=recipe, lineage=lineage,
             profile_dirs=list(req.profile_dirs),
         )
         try:

@@ -748,9 +748,13 @@ def test_a_full_disk_never_stops_detection_and_the_agent_recovers_by_itself(
     config = env.agents.config("edge-7", trust=env.root, source="stdin")
     state = small_disks.mount(config.parent / "state")
     v1 = flagged_rows(env.registry, "host@1", env.csv, env.tmp / "v1.csv")
-    a, b = 1000, 2000  # fed before the disk fills, while it is full, after space returns
-    in_a, in_b = [r for r in v1 if r < a], [r for r in v1 if a <= r < b]
-    assert in_a and len(in_b) >= 2, "the synthetic series should have anomalies in both parts"
+    # rows fed before the disk fills ([0, a)), while it is full ([a, b): two events), after
+    # space returns ([b, end): more anomalies to come)
+    a = 1000
+    later = [r for r in v1 if r >= a]
+    assert [r for r in v1 if r < a] and len(later) >= 3, f"too few anomalies flagged in the synthetic series: {v1}"
+    b = later[1] + 1
+    in_a, in_b = [r for r in v1 if r < a], later[:2]
 
     agent = env.agents.start(config, stdin=True)
     born(watch)

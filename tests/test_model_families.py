@@ -8,9 +8,6 @@ Trained on synthetic host metrics (:mod:`trainer.data.synthetic`), a few epochs 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers_cli import edgefleet
 
 from shared.bundle import read_bundle
 from shared.score_pipeline import LikelihoodPipeline
@@ -344,15 +342,6 @@ def test_resume_reads_a_stored_space_without_the_attention_keys_as_the_defaults(
 
 
 # -- through the CLI ---------------------------------------------------------------------------------
-
-
-def edgefleet(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
-                          timeout=900, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_cli import edgefleet
 
 from shared.bundle import read_bundle
 from shared.profiles import load_profile
@@ -26,15 +27,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NAB_FILE = "data/realAWSCloudwatch/ec2_cpu_utilization_24ae8d.csv"
 SPACE = {"windows": [8, 16], "widths": [8, 16], "bottlenecks": [4], "layers": [1, 1],
          "epochs": 3, "patience": 2, "batch_sizes": [64]}
-
-
-def edgefleet(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
-                          timeout=900, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ look-ahead, expanding), the objective's data per fold, and the real CLI on a tin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers_cli import edgefleet
 
 from trainer.data import expanding_folds, generate_host_metrics, write_host_metrics
 from trainer.search.errors import SearchError
@@ -23,15 +22,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE: dict[str, Any] = {"windows": [8, 16], "widths": [8, 16], "bottlenecks": [4], "layers": [1, 1],
          "epochs": 3, "patience": 2, "batch_sizes": [64]}
 ROWS = 1200
-
-
-def edgefleet(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
-                          timeout=900, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

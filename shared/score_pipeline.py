@@ -13,6 +13,12 @@ Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming dete
 2. **Streaming per-series normalization** — ``z_t = (m_t - mu_t) / sigma_t`` where ``mu_t`` and
    ``sigma_t`` are the mean and standard deviation of the previous ``long_window`` values of
    ``m``, so the error is measured in the units of this series' own recent history.
+   With a **robust history** (kind :data:`LIKELIHOOD_ROBUST`), ``m_t`` enters that history
+   clipped at the decision boundary ``mu_t + z_far * sigma_t`` (``z_far`` = the Gaussian
+   quantile of ``false_alarm_rate``, 4.26 at 1e-5): winsorized. Otherwise one large spike
+   inflates ``sigma`` for the whole ``long_window`` and hides every smaller incident after
+   it, while errors that are normal here stay below the boundary and enter unchanged. A
+   lasting rise of the error still becomes the new normal, one boundary value at a time.
 3. **Tail probability** — ``p_t = Q(z_t)``, the Gaussian upper tail: how unlikely an error this
    large is, given the recent past. After a level shift the larger errors enter the history and
    ``p`` recovers by itself: the new normal stops alarming.
@@ -66,6 +72,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -74,6 +81,7 @@ __all__ = [
     "FIXED_THRESHOLD",
     "LIKELIHOOD",
     "LIKELIHOOD_RECURRENT",
+    "LIKELIHOOD_ROBUST",
     "LIKELIHOOD_SEASONAL",
     "MAX_PRIOR",
     "PIPELINE_KINDS",
@@ -92,7 +100,9 @@ FIXED_THRESHOLD = "edgefleet.fixed-threshold/1"
 LIKELIHOOD = "edgefleet.likelihood/1"
 LIKELIHOOD_RECURRENT = "edgefleet.likelihood/2"
 LIKELIHOOD_SEASONAL = "edgefleet.likelihood/3"
-PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL)
+LIKELIHOOD_ROBUST = "edgefleet.likelihood/4"
+PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST)
+_LIKELIHOOD_KINDS = (LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST)
 
 _SQRT2 = math.sqrt(2.0)
 # Below this, the history's spread is float noise (a constant error): treat it as this small
@@ -151,6 +161,10 @@ class LikelihoodPipeline:
     ``season`` and ``season_halfwidth`` (kind :data:`LIKELIHOOD_SEASONAL`, step 5): rows per
     season (one day; the trainer sets the model's seasonal lag) and the tolerance in rows
     either side; 0 (the default) leaves the step out.
+
+    ``robust_history`` (kind :data:`LIKELIHOOD_ROBUST`, which may also carry ``recurrences``
+    and ``season``): smoothed errors enter the history clipped at the decision boundary
+    (step 2). Steps 4 and 5 still compare with the errors as they were.
     """
 
     short_window: int = 10
@@ -161,6 +175,7 @@ class LikelihoodPipeline:
     recurrences: int = 0
     season: int = 0
     season_halfwidth: int = 8
+    robust_history: bool = False
 
     def __post_init__(self) -> None:
         if not (1 <= self.short_window <= self.long_window and 2 <= self.min_history <= self.long_window):
@@ -202,6 +217,8 @@ class LikelihoodPipeline:
 
     @property
     def kind(self) -> str:
+        if self.robust_history:
+            return LIKELIHOOD_ROBUST
         if self.season:
             return LIKELIHOOD_SEASONAL
         return LIKELIHOOD_RECURRENT if self.recurrences else LIKELIHOOD
@@ -215,6 +232,7 @@ class LikelihoodPipeline:
             "false_alarm_rate": self.false_alarm_rate,
             **({"recurrences": self.recurrences} if self.recurrences else {}),
             **({"season": self.season, "season_halfwidth": self.season_halfwidth} if self.season else {}),
+            **({"robust_history": True} if self.robust_history else {}),
             **({"prior": list(self.prior)} if self.prior else {}),
         }
 
@@ -256,15 +274,19 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
         if extra:
             raise ScorePipelineError(f"score pipeline {kind} has unknown parameter(s) {sorted(extra)}")
         return FixedThresholdPipeline()
-    if kind not in (LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL):
+    if kind not in _LIKELIHOOD_KINDS:
         raise ScorePipelineError(
             f"unknown score pipeline kind {kind!r}; this version runs {', '.join(PIPELINE_KINDS)}"
         )
     params = {k: v for k, v in obj.items() if k != "kind"}
     known = {"short_window", "long_window", "min_history", "false_alarm_rate", "prior"}
-    if kind in (LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL):
+    if kind in (LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST):
         known.add("recurrences")
-    if kind == LIKELIHOOD_SEASONAL:
+    if kind == LIKELIHOOD_ROBUST:
+        known.add("robust_history")
+        if params.get("robust_history") is not True:
+            raise ScorePipelineError(f"score pipeline {kind} needs robust_history: true")
+    if kind == LIKELIHOOD_SEASONAL or (kind == LIKELIHOOD_ROBUST and "season" in params):
         known |= {"season", "season_halfwidth"}
         for name in ("season", "season_halfwidth"):
             value = params.get(name, 8 if name == "season_halfwidth" else None)
@@ -284,6 +306,7 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
                          else int(params.get("recurrences", 0))),
             season=int(params.get("season", 0)),
             season_halfwidth=int(params.get("season_halfwidth", 8)),
+            robust_history=kind == LIKELIHOOD_ROBUST,
         )
     except (TypeError, ValueError) as e:
         raise ScorePipelineError(f"bad score pipeline parameters: {e}") from e
@@ -333,6 +356,10 @@ class LikelihoodScorer:
         self._long = [0.0] * params.long_window
         k = len(params.prior)
         self._long[:k] = params.prior
+        # Step 2's robust history clips what enters _long; steps 4 and 5 read the errors as
+        # they were, kept in _raw (the same list when nothing is clipped).
+        self._clip_z = NormalDist().inv_cdf(1.0 - params.false_alarm_rate) if params.robust_history else 0.0
+        self._raw = list(self._long) if params.robust_history else self._long
         # The same history as an array, for step 4's vectorized count (only when asked).
         self._recurrences = params.recurrences
         self._ring = np.zeros(params.long_window) if params.recurrences else None
@@ -378,6 +405,11 @@ class LikelihoodScorer:
             if sigma < floor or sigma < _ABS_SIGMA_FLOOR:
                 sigma = floor if floor > _ABS_SIGMA_FLOOR else _ABS_SIGMA_FLOOR
             tail = 0.5 * math.erfc((m - mu) / (sigma * _SQRT2))
+            kept = m
+            if self._clip_z:
+                bound = mu + self._clip_z * sigma
+                if kept > bound:
+                    kept = bound
             if tail <= self._far and self._recurrences:
                 tail = max(tail, self._recurrence_rate(m, n))
             excursion = tail  # before step 5: whether the error itself is still out of the ordinary
@@ -385,7 +417,8 @@ class LikelihoodScorer:
                 tail = max(tail, 1.0 / self._season)
         else:
             tail = excursion = 1.0
-        # remember m in the long history
+            kept = m
+        # remember m (clipped, with a robust history) in the long history
         long, j, cap = self._long, self._long_i, self._long_cap
         if n == cap:
             old = long[j]
@@ -393,11 +426,12 @@ class LikelihoodScorer:
             self._long_sq -= old * old
         else:
             self._long_n = n + 1
-        long[j] = m
+        self._raw[j] = m
+        long[j] = kept
         if self._ring is not None:
             self._ring[j] = m
-        self._long_sum += m
-        self._long_sq += m * m
+        self._long_sum += kept
+        self._long_sq += kept * kept
         self._long_i = j + 1 if j + 1 < cap else 0
         self._live += 1
         self._since_exact += 1
@@ -439,10 +473,10 @@ class LikelihoodScorer:
         season, hw = self._season, self._season_hw
         if self._live < season + hw:
             return False
-        long, j, cap = self._long, self._long_i, self._long_cap
+        raw, j, cap = self._raw, self._long_i, self._long_cap
         floor = mu + (m - mu) / _SQRT2
         for back in range(season - hw, season + hw + 1):  # pushed `back` samples ago
-            if long[(j - back) % cap] >= floor:
+            if raw[(j - back) % cap] >= floor:
                 return True
         return False
 

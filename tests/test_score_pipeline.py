@@ -17,6 +17,7 @@ from shared.score_pipeline import (
     FIXED_THRESHOLD,
     LIKELIHOOD,
     LIKELIHOOD_RECURRENT,
+    LIKELIHOOD_ROBUST,
     LIKELIHOOD_SEASONAL,
     FixedThresholdPipeline,
     LikelihoodPipeline,
@@ -178,6 +179,35 @@ def test_pipeline_json_round_trip(short, long, min_hist, far, recurrences):
     obj = json.loads(json.dumps(seasonal.to_json()))
     assert obj["kind"] == LIKELIHOOD_SEASONAL and obj["season"] == 288
     assert pipeline_from_json(obj) == seasonal
+    for base in (p, seasonal):
+        robust = dataclasses.replace(base, robust_history=True)
+        obj = json.loads(json.dumps(robust.to_json()))
+        assert obj["kind"] == LIKELIHOOD_ROBUST and obj["robust_history"] is True
+        assert pipeline_from_json(obj) == robust
+
+
+def test_a_robust_history_does_not_let_one_spike_hide_later_incidents():
+    errors = _errors(6000, seed=11)
+    errors[1000:1010] += 300.0  # one huge error early on (an incident, or a glitch)
+    errors[3000:3020] += 6.0  # a later, smaller incident: far outside this series' normal noise
+    plain = [i for i, s in enumerate(_run(LikelihoodPipeline(), errors)) if s.is_anomaly]
+    robust_steps = _run(LikelihoodPipeline(robust_history=True), errors)
+    robust = [i for i, s in enumerate(robust_steps) if s.is_anomaly]
+    # the huge spike inflates the plain history's spread for its whole long window
+    assert any(1000 <= i <= 1010 for i in plain) and not any(3000 <= i <= 3030 for i in plain), plain
+    # clipped at the decision boundary on its way into the history, it no longer does
+    assert any(1000 <= i <= 1010 for i in robust) and any(3000 <= i <= 3010 for i in robust), robust
+    assert len(robust) <= 4, robust
+    assert all((s.anomaly_score >= 0.5) == s.is_anomaly for s in robust_steps)
+
+
+def test_with_a_robust_history_a_lasting_change_still_becomes_the_new_normal():
+    errors = _errors(8000, seed=12)
+    errors[3000:] += 4.0
+    steps = _run(LikelihoodPipeline(long_window=2000, robust_history=True), errors)
+    alarms = [i for i, s in enumerate(steps) if s.is_anomaly]
+    assert alarms and 3000 <= alarms[0] <= 3010 and all(i < 3500 for i in alarms), alarms
+    assert steps[-1].tail_probability > 0.01
 
 
 def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
@@ -199,6 +229,12 @@ def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
         pipeline_from_json({"kind": LIKELIHOOD_SEASONAL, "season": 8, "season_halfwidth": 8})
     with pytest.raises(ScorePipelineError, match="long_window"):
         pipeline_from_json({"kind": LIKELIHOOD_SEASONAL, "season": 8640})
+    with pytest.raises(ScorePipelineError, match=r"unknown parameter\(s\) \['robust_history'\]"):
+        pipeline_from_json({"kind": LIKELIHOOD_SEASONAL, "season": 288, "robust_history": True})
+    with pytest.raises(ScorePipelineError, match="needs robust_history: true"):
+        pipeline_from_json({"kind": LIKELIHOOD_ROBUST})
+    with pytest.raises(ScorePipelineError, match="needs an integer season >= 1"):
+        pipeline_from_json({"kind": LIKELIHOOD_ROBUST, "robust_history": True, "season": 0})
     assert pipeline_from_json(None) == FixedThresholdPipeline()
     assert pipeline_from_json({"kind": FIXED_THRESHOLD}) == FixedThresholdPipeline()
 
@@ -206,7 +242,8 @@ def test_unknown_or_bad_pipelines_are_refused_with_a_reason():
 def test_bundle_spec_declares_the_pipeline_and_refuses_an_unknown_kind():
     spec = make_spec()
     for pipeline, kind in ((LikelihoodPipeline(), LIKELIHOOD), (LikelihoodPipeline(recurrences=2), LIKELIHOOD_RECURRENT),
-                           (LikelihoodPipeline(season=288), LIKELIHOOD_SEASONAL)):
+                           (LikelihoodPipeline(season=288), LIKELIHOOD_SEASONAL),
+                           (LikelihoodPipeline(season=288, robust_history=True), LIKELIHOOD_ROBUST)):
         spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=pipeline))
         obj = json.loads(spec.to_bytes())
         assert obj["score"]["pipeline"]["kind"] == kind

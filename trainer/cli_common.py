@@ -97,6 +97,10 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recurrences", type=at_least(0), default=0, metavar="N",
                    help="score pipeline: an error the recent history reached in N separate "
                    "excursions is not reported (0, the default: off; see docs/model-choice.md)")
+    p.add_argument("--no-robust-history", dest="robust_history", action="store_false",
+                   help="score pipeline: let every error enter the history it is judged against "
+                   "as it is (by default errors past the decision boundary enter clipped to it, so one "
+                   "large spike does not hide later incidents; see docs/model-choice.md)")
     p.add_argument("--no-seasonal-repeats", dest="seasonal_repeats", action="store_false",
                    help="score pipeline: report an error even when one as large came at the same time "
                    "the day before (by default such daily repeats raise no event; see docs/model-choice.md)")
@@ -110,6 +114,6 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         **({"window": args.window} if args.window else {}),
         **({"family": args.family} if args.family else {}),
         "season": args.season,
-        "score_pipeline": LikelihoodPipeline(recurrences=args.recurrences),
+        "score_pipeline": LikelihoodPipeline(recurrences=args.recurrences, robust_history=args.robust_history),
         "seasonal_repeats": args.seasonal_repeats,
     }

@@ -46,6 +46,7 @@ from trainer.scoring import ThresholdPolicy, calibrate
 
 __all__ = [
     "DEFAULT_ARCHITECTURE",
+    "DEFAULT_SCORE_PIPELINE",
     "TrainError",
     "TrainOutcome",
     "TrainRequest",
@@ -78,6 +79,9 @@ DEFAULT_HIDDEN = {
     "conv": (32,) * len(CONV_DILATIONS),
     "attention": (32, 32),
 }
+# The score pipeline `train` declares unless told otherwise (shared.score_pipeline): the anomaly
+# likelihood over a robust (winsorized) history; the trainer adds the model's seasonal repeats.
+DEFAULT_SCORE_PIPELINE = LikelihoodPipeline(robust_history=True)
 VALIDATION_FRACTION = 0.2
 SEASON_SECONDS = 86_400  # one day: the cycle of most host and service metrics
 SEASON_HALFWIDTH = 8
@@ -125,7 +129,7 @@ class TrainRequest:
     # and rows allow it (see seasonal_lag), 0 = none.
     season: int | None = None
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
-    score_pipeline: ScorePipeline = field(default_factory=LikelihoodPipeline)
+    score_pipeline: ScorePipeline = DEFAULT_SCORE_PIPELINE
     # Step 5 of the score pipeline (an error at the same time as yesterday's is a repeat, not
     # an anomaly) wherever the model has a season; off: every repeat is judged on its own.
     seasonal_repeats: bool = True

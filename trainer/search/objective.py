@@ -351,9 +351,8 @@ def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None
     With an Optuna ``trial`` of a single-objective study and ``fold`` 0, reports each epoch and
     raises ``optuna.TrialPruned`` when its pruner says so (see the module docstring).
     """
-    from shared.score_pipeline import LikelihoodPipeline
     from trainer.models import fit, score_windows
-    from trainer.pipeline import training_windows, with_seasonal_repeats
+    from trainer.pipeline import DEFAULT_SCORE_PIPELINE, training_windows, with_seasonal_repeats
     from trainer.scoring import ThresholdPolicy, calibrate
 
     def check_time(where: str) -> None:
@@ -377,7 +376,7 @@ def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None
 
     result = fit(spec, train_w, val_w, rows, candidate.recipe, progress=progress)
     val_scores = score_windows(result.model, val_w)
-    pipeline = with_seasonal_repeats(LikelihoodPipeline().calibrated(val_scores), spec.season)
+    pipeline = with_seasonal_repeats(DEFAULT_SCORE_PIPELINE.calibrated(val_scores), spec.season)
     score = calibrate(val_scores, spec.score_kind, ThresholdPolicy(), pipeline)
     return TrainedCandidate(candidate, result.model, train_w, val_w, rows, score, result.best_epoch,
                             len(result.history), result.best_val_loss)

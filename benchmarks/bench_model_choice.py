@@ -42,8 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 COMMAND = ".venv/bin/python benchmarks/bench_model_choice.py"
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default: forecaster w64, centred, season": {},
+    "default without robust history": {"score_pipeline": LikelihoodPipeline()},
     "default without seasonal repeats": {"seasonal_repeats": False},
-    "default + recurrences 2": {"score_pipeline": LikelihoodPipeline(recurrences=2)},
+    "default + recurrences 2": {"score_pipeline": LikelihoodPipeline(recurrences=2, robust_history=True)},
     "no season": {"season": 0},
     "no season, centred on training mean": {"season": 0, "centering": "train"},
     "forecaster w32": {"window": 32},

@@ -289,7 +289,7 @@ def test_space_with_the_new_families_and_its_grid() -> None:
     assert grid_size(grid) == 2 * 3 * 2 * 5 * 2 * 2 * 2 * 2 * 3 * 3 * 3 * 3  # was 6 times as many
     # the default space (MLP families) keeps the grid it had
     assert "conv.kernel" not in grid_of(SearchSpace())
-    assert grid_size(grid_of(SearchSpace())) == 2 * 3 * 2 * 5 * 2 * 2 * 3 * 3 * 3 * 3
+    assert grid_size(grid_of(SearchSpace())) == 2 * 3 * 2 * 5 * 2 * 2 * 4 * 3 * 3 * 3 * 3
     from trainer.search.errors import SearchError
 
     with pytest.raises(SearchError, match="conv_levels"):

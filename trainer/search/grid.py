@@ -51,6 +51,8 @@ def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
     }
     if "forecaster" in space.families:
         grid["forecaster.season"] = list(space.seasons)
+        if space.layers[1] > 1:
+            grid["forecaster.taper"] = list(space.tapers)
     if "autoencoder" in space.families:
         grid["autoencoder.bottleneck"] = list(space.bottlenecks)
     if "linear" in space.families:

@@ -18,7 +18,10 @@ Parameters and their conditions (Optuna names):
 - ``window`` — one of ``windows``; ``layers`` — an int in ``layers``; ``width`` — one of
   ``widths``; ``centering`` — one of ``centerings``;
 - forecaster only: ``forecaster.season`` — ``auto`` (one day of seasonal context when the
-  data allows, see :func:`trainer.pipeline.seasonal_lag`) or ``off``;
+  data allows, see :func:`trainer.pipeline.seasonal_lag`) or ``off``; with ``layers`` of 2
+  or more, ``forecaster.taper`` — one of ``tapers``: each hidden layer is that many times
+  narrower than the one before (``width`` 512, taper 8: the default forecaster's
+  ``(512, 64)``; taper 1: every layer ``width`` wide);
 - autoencoder only: ``autoencoder.bottleneck`` — one of ``bottlenecks`` (the last hidden
   width; the others are ``width``);
 - linear only: ``linear.season`` — as ``forecaster.season``; the linear family has no hidden
@@ -48,7 +51,7 @@ from trainer.models import ArchitectureSpec, Recipe, SpecError
 from trainer.models.spec import ATTENTION_HEADS, CENTERINGS, CONV_KERNEL, FAMILIES
 from trainer.search.errors import SearchError
 
-__all__ = ["Candidate", "SearchSpace", "suggest"]
+__all__ = ["Candidate", "SearchSpace", "default_params", "suggest"]
 
 SEASON_CHOICES = ("auto", "off")
 _RANGES = ("layers", "conv_levels", "learning_rate", "weight_decay")
@@ -67,6 +70,7 @@ class SearchSpace:
     layers: tuple[int, int] = (1, 2)
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)
     bottlenecks: tuple[int, ...] = (4, 8, 16)
+    tapers: tuple[int, ...] = (1, 2, 4, 8)
     kernels: tuple[int, ...] = (3,)
     conv_levels: tuple[int, int] = (2, 4)
     heads: tuple[int, ...] = (1, 2, 4)
@@ -90,7 +94,7 @@ class SearchSpace:
         choices("families", FAMILIES)
         choices("centerings", CENTERINGS)
         choices("seasons", SEASON_CHOICES)
-        for name in ("windows", "widths", "bottlenecks", "kernels", "heads", "attention_widths", "batch_sizes"):
+        for name in ("windows", "widths", "bottlenecks", "tapers", "kernels", "heads", "attention_widths", "batch_sizes"):
             choices(name)
             if min(getattr(self, name)) < (2 if name == "windows" else 1):
                 raise SearchError(f"search space {name!r}: values must be positive (windows >= 2)")
@@ -185,7 +189,8 @@ def suggest(
         if trial.suggest_categorical(f"{family}.season", list(space.seasons)) == "auto":
             season = season_lag(window)
         if family == "forecaster":
-            hidden = (width,) * layers
+            taper = trial.suggest_categorical("forecaster.taper", list(space.tapers)) if layers > 1 else 1
+            hidden = tuple(max(1, width // taper**i) for i in range(layers))
         elif family == "linear":
             hidden = ()
         elif family == "attention":
@@ -213,3 +218,39 @@ def suggest(
                             season_halfwidth=SEASON_HALFWIDTH, kernel=kernel, dilations=dilations,
                             heads=heads)
     return Candidate(spec, recipe)
+
+
+def default_params(space: SearchSpace) -> dict[str, Any] | None:
+    """The Optuna parameters under which :func:`suggest` proposes what ``edgefleet train``
+    builds by default (:data:`trainer.pipeline.DEFAULT_ARCHITECTURE` with the default
+    :class:`~trainer.models.Recipe`'s batch size, learning rate and weight decay; epochs and
+    patience are the space's, as for every candidate), or ``None`` when ``space`` cannot
+    express it.
+
+    A new study tries this candidate first (:func:`trainer.search.study.open_study`): a search
+    then never registers something worse, by its own objective, than plain ``train``.
+    """
+    from trainer.pipeline import DEFAULT_ARCHITECTURE
+
+    d, recipe = DEFAULT_ARCHITECTURE, Recipe()
+    first, layers = d.hidden[0], len(d.hidden)
+    taper = first // d.hidden[1] if layers > 1 else None
+    if taper is not None and d.hidden != tuple(max(1, first // taper**i) for i in range(layers)):
+        return None  # widths no taper of the space reproduces
+    fits = (
+        d.family in space.families and d.window in space.windows and first in space.widths
+        and space.layers[0] <= layers <= space.layers[1] and d.centering in space.centerings
+        and "auto" in space.seasons and (taper is None or taper in space.tapers)
+        and recipe.batch_size in space.batch_sizes
+        and space.learning_rate[0] <= recipe.learning_rate <= space.learning_rate[1]
+        and space.weight_decay[0] <= recipe.weight_decay <= space.weight_decay[1]
+    )
+    if not fits:
+        return None
+    return {
+        "family": d.family, "window": d.window, "layers": layers, "width": first,
+        "centering": d.centering, f"{d.family}.season": "auto",
+        **({f"{d.family}.taper": taper} if taper is not None else {}),
+        "batch_size": recipe.batch_size, "learning_rate": recipe.learning_rate,
+        "weight_decay": recipe.weight_decay,
+    }

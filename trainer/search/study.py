@@ -56,7 +56,7 @@ from shared.profiles import FirmwareProfile, ProfileError, builtin_profiles_dir,
 from trainer.search.errors import SearchError
 from trainer.search.hardware import BUDGETS
 from trainer.search.objective import ObjectiveData, load_folds
-from trainer.search.space import Candidate, SearchSpace
+from trainer.search.space import Candidate, SearchSpace, default_params
 
 __all__ = [
     "OBJECTIVES",
@@ -355,6 +355,10 @@ def open_study(prepared: PreparedSearch) -> Any:
         if study.trials:
             # a sampler seeded as the first run's would propose its first candidates again
             study.sampler = make_study_sampler(req, req.seed + len(study.trials))
+    elif req.sampler != "grid" and (params := default_params(req.space)) is not None:
+        # the first trial of a new study is what `edgefleet train` builds by default (the grid
+        # sampler walks its own points): the search then starts from the default's quality
+        study.enqueue_trial(params, user_attrs={"baseline": "train default"})
     for k, v in setup.items():  # on resume too: workers follow this run's files and settings
         study.set_user_attr(k, v)
     return study

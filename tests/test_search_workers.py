@@ -78,7 +78,8 @@ def test_the_grid_takes_every_choice_and_three_values_per_range() -> None:
     assert grid["layers"] == [1, 4, 6] and grid_of(SearchSpace(layers=(1, 2)))["layers"] == [1, 2]
     assert grid["learning_rate"] == [1e-4, 1e-3, 1e-2] and grid["weight_decay"] == [1e-5]
     assert grid["family"] == ["forecaster", "autoencoder"] and grid["width"] == [32, 64, 128, 256, 512]
-    assert grid_size(grid) == 2 * 3 * 3 * 5 * 2 * 2 * 3 * 3 * 3 * 1
+    assert grid["forecaster.taper"] == [1, 2, 4, 8]
+    assert grid_size(grid) == 2 * 3 * 3 * 5 * 2 * 2 * 4 * 3 * 3 * 3 * 1
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,9 @@ def _names(requirements: list[str]) -> set[str]:
 def test_extras_declare_what_each_side_needs() -> None:
     edge, trainer = _names(EXTRAS["edge"]), _names(EXTRAS["trainer"])
     assert {"numpy", "onnxruntime", "ai-edge-litert", "paho-mqtt", "tuf", "psutil"} <= edge
-    assert not {"torch", "optuna", "onnx", "onnxscript", "litert-torch"} & edge
+    assert not {"torch", "optuna", "onnx", "onnxscript", "litert-torch", "scikit-learn", "skl2onnx"} & edge
     assert {"torch", "onnx", "onnxscript", "onnxruntime", "optuna", "scipy", "cmaes", "sqlite-utils",
-            "litert-torch"} <= trainer
+            "litert-torch", "scikit-learn", "skl2onnx"} <= trainer
     assert "torch==2.13.0" in EXTRAS["trainer"]
     assert {"pytest", "hypothesis", "ruff", "mypy"} <= _names(EXTRAS["dev"])
     assert SCRIPTS == {"edgefleet": "trainer.cli:main", "edgefleet-agent": "edge_agent.cli:main"}

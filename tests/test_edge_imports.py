@@ -22,7 +22,7 @@ CHILD = textwrap.dedent(
     """
     import importlib, importlib.abc, json, pkgutil, sys
 
-    BLOCKED = {"torch", "optuna", "onnx"}
+    BLOCKED = {"torch", "optuna", "onnx", "sklearn", "skl2onnx"}
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):

@@ -85,6 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def progress(stage: str, info: dict[str, Any]) -> None:
         if stage == "epoch":
+            bar.total = info["epochs"]  # a tree family is fitted in one pass
             bar.update(info["epoch"], f"loss {info['train_loss']:.4f} val {info['val_loss']:.4f}")
         elif stage == "export":
             bar.finish()

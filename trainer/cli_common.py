@@ -25,7 +25,7 @@ __all__ = [
 
 # trainer.models.FAMILIES, spelled out so that parsing arguments does not import torch
 # (tests/test_model_families.py checks that the two agree).
-FAMILY_CHOICES = ("autoencoder", "forecaster", "linear", "conv", "attention")
+FAMILY_CHOICES = ("autoencoder", "forecaster", "linear", "conv", "attention", "trees", "isolation_forest")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -90,7 +90,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=FAMILY_CHOICES,
                    help="model family (docs/model-choice.md; conv, linear and attention take their "
                    "default widths, kernel 3 and dilations 1,2,4,8, two attention blocks of "
-                   "width 32 with 4 heads)")
+                   "width 32 with 4 heads; trees: a random forest of 100 trees of depth 8, "
+                   "isolation_forest: 100 trees of 256 windows, both ONNX fp32 only)")
     p.add_argument("--season", type=_season, default=None, metavar="ROWS|auto|off",
                    help="seasonal context of a forecaster: the rows one day back (auto, the "
                    "default, when timestamps and rows allow), none (off) or ROWS rows back")

@@ -199,6 +199,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     except SearchError as e:
         raise UsageError(str(e)) from e
     bar = ProgressBar("search", total=1, enabled=not args.quiet)
+    if prepared.left_out is not None:
+        bar.note(f"search {prepared.study_name}: left out of the search space: {prepared.left_out.reason}")
     workers = _start_workers(args.jobs - 1, prepared.study_name, prepared.storage, args.trials, args.timeout,
                              args.trial_timeout)
     try:
@@ -230,7 +232,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     _write_plots(study, plots, args.quiet)
     if args.json:
         print_json({"study": study.study_name, "storage": prepared.storage,
-                    "versions": [r.to_json() for r in records]})
+                    "versions": [r.to_json() for r in records],
+                    "left_out": None if prepared.left_out is None else prepared.left_out.to_json()})
     else:
         for r in records:
             s = r.lineage["search"]

@@ -39,8 +39,17 @@ from trainer.data import (
     time_split,
 )
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
+from trainer.export.targets import exportable, refusal
 from trainer.models import ArchitectureSpec, Recipe, SpecError, fit, score_windows
-from trainer.models.spec import ATTENTION_HEADS, CONV_DILATIONS, CONV_KERNEL, FORECASTING_FAMILIES
+from trainer.models.spec import (
+    ATTENTION_HEADS,
+    CONV_DILATIONS,
+    CONV_KERNEL,
+    FORECASTING_FAMILIES,
+    ISOLATION_SAMPLES,
+    TREE_DEPTH,
+    TREE_ESTIMATORS,
+)
 from trainer.registry import NewArtifact, Registry, RegistryError, VersionRecord, check_model_name
 from trainer.scoring import ThresholdPolicy, calibrate
 
@@ -78,6 +87,8 @@ DEFAULT_HIDDEN = {
     "linear": (),
     "conv": (32,) * len(CONV_DILATIONS),
     "attention": (32, 32),
+    "trees": (),
+    "isolation_forest": (),
 }
 # The score pipeline `train` declares unless told otherwise (shared.score_pipeline): the anomaly
 # likelihood over a robust (winsorized) history; the trainer adds the model's seasonal repeats.
@@ -125,6 +136,11 @@ class TrainRequest:
     residual: bool = True
     # Attention family only (ArchitectureSpec): attention heads per block.
     heads: int = ATTENTION_HEADS
+    # Tree families only (ArchitectureSpec): trees per forest; the trees family's depth limit;
+    # the isolation forest's windows per tree.
+    n_estimators: int = TREE_ESTIMATORS
+    max_depth: int = TREE_DEPTH
+    max_samples: int = ISOLATION_SAMPLES
     # Seasonal context in rows (ArchitectureSpec.season): None = one day when the timestamps
     # and rows allow it (see seasonal_lag), 0 = none.
     season: int | None = None
@@ -166,7 +182,8 @@ def prepare(request: TrainRequest) -> PreparedData:
     A file whose rows to train on go back in time or repeat a timestamp is refused (naming the
     first such line) unless ``request.sort_dedupe``; then the whole file is sorted and
     deduplicated first, and each dataset records in ``time_order`` how many rows were moved
-    and dropped.
+    and dropped. A family that cannot be exported to an artifact every profile allows (a tree
+    family and a TFLite-only profile: :func:`trainer.export.targets.refusal`) is refused.
     """
     try:
         check_model_name(request.name)
@@ -189,6 +206,9 @@ def prepare(request: TrainRequest) -> PreparedData:
         spec_for(request, 1, request.season or 0)
     except SpecError as e:
         raise TrainError(f"--season {request.season}: {e}" if request.season else str(e)) from None
+    refused = refusal([request.family], profiles)
+    if refused:
+        raise TrainError(f"--family {request.family}: {refused}")
     if not request.data:
         raise TrainError("give at least one --data CSV")
     series, datasets, features = [], [], None
@@ -251,6 +271,7 @@ def spec_for(request: TrainRequest, features: int, season: int) -> ArchitectureS
         request.family, request.window, features, hidden, request.centering,
         season=season, season_halfwidth=SEASON_HALFWIDTH,
         kernel=request.kernel, dilations=tuple(dilations), residual=request.residual, heads=request.heads,
+        n_estimators=request.n_estimators, max_depth=request.max_depth, max_samples=request.max_samples,
     )
 
 
@@ -322,11 +343,14 @@ def _read(path: Path, request: TrainRequest) -> Series:
         raise TrainError(str(e)) from e
 
 
-def _variants(profiles: Sequence[FirmwareProfile]) -> list[tuple[str, str]]:
+def _variants(profiles: Sequence[FirmwareProfile], family: str) -> list[tuple[str, str]]:
+    """The artifacts to build: every variant a profile allows that ``family`` exports to (a
+    tree family: ONNX fp32 only, see :mod:`trainer.export.targets`)."""
     seen: dict[tuple[str, str], None] = {}
     for p in profiles:
         for v in p.variants():
-            seen.setdefault(v, None)
+            if v in exportable(family):
+                seen.setdefault(v, None)
     return sorted(seen)
 
 
@@ -348,7 +372,7 @@ def _drift_reference(rows: np.ndarray, features: Sequence[str], val_scores: np.n
 
 def _versions() -> dict[str, str]:
     out = {}
-    for pkg in ("edgefleet", "torch", "onnxruntime", "litert-torch"):
+    for pkg in ("edgefleet", "torch", "onnxruntime", "litert-torch", "scikit-learn", "skl2onnx"):
         try:
             out[pkg] = package_version(pkg)
         except PackageNotFoundError:
@@ -453,7 +477,7 @@ def train(
         architecture=spec.to_json(),
     )
     built, rejected, new = [], [], []
-    for fmt, quant in _variants(prepared.profiles):
+    for fmt, quant in _variants(prepared.profiles, spec.family):
         notify("export", {"format": fmt, "quantization": quant})
         art = build_artifact(fmt, quant, inputs)
         built.append(art)

@@ -1,4 +1,5 @@
-"""From a trained torch model to verified artifact bundles, one per (format, quantization)."""
+"""From a trained model (torch, or scikit-learn for the tree families) to verified artifact bundles,
+one per (format, quantization)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from shared.bundle import (
 from trainer.export._onnx import INPUT_NAME, OUTPUT_NAME, export_onnx_fp32, quantize_onnx_int8
 from trainer.export._quiet import quiet_fds
 from trainer.export._tflite import export_tflite_fp32, export_tflite_int8
+from trainer.export._trees import export_tree_onnx
 from trainer.export.parity import TOLERANCES, ParityReport, check_parity
+from trainer.export.targets import TREE_EXPORT_REASON, TREE_EXPORTS
+from trainer.models import TreeModel
 
 __all__ = ["BuiltArtifact", "ExportInputs", "build_artifact", "artifact_scores"]
 
@@ -40,13 +44,13 @@ class ExportInputs:
     """What every artifact of one trained model shares."""
 
     name: str
-    module: torch.nn.Module
+    module: torch.nn.Module | TreeModel  # a tree family's model exports to ONNX fp32 only
     window: int
     features: tuple[str, ...]
     score: ScoreSpec
     calibration: np.ndarray  # training windows for int8 calibration
     holdout: np.ndarray  # validation windows for parity and golden vectors
-    reference_scores: np.ndarray  # torch scores on ``holdout``
+    reference_scores: np.ndarray  # the trained model's scores on ``holdout``
     drift_reference: dict[str, Any]
     lineage: dict[str, Any]
     architecture: dict[str, Any]
@@ -86,6 +90,11 @@ def _golden_indices(reference: np.ndarray) -> list[int]:
 
 
 def _export(fmt: str, quantization: str, inputs: ExportInputs) -> bytes:
+    if isinstance(inputs.module, TreeModel):
+        if (fmt, quantization) not in TREE_EXPORTS:
+            raise ValueError(f"no {fmt}/{quantization} artifact of the {inputs.module.spec.family} family: "
+                             f"it exports to {TREE_EXPORT_REASON}")
+        return export_tree_onnx(inputs.module)
     example = inputs.holdout[:1]
     if fmt == "onnx":
         fp32 = export_onnx_fp32(inputs.module, example)
@@ -96,10 +105,11 @@ def _export(fmt: str, quantization: str, inputs: ExportInputs) -> bytes:
 
 
 def build_artifact(fmt: str, quantization: str, inputs: ExportInputs) -> BuiltArtifact:
-    """Export one artifact, check parity against torch, and wrap it in a bundle.
+    """Export one artifact, check parity against the trained model, and wrap it in a bundle.
 
     When parity fails, ``spec`` is ``None`` and ``bundle`` is empty: the caller must not
-    register it (the report says why).
+    register it (the report says why). Raises ``ValueError`` for an artifact the model's family
+    cannot be exported to (:func:`trainer.export.targets.exportable`).
     """
     if fmt not in MODEL_FILES or quantization not in TOLERANCES:
         raise ValueError(f"unsupported artifact {fmt}/{quantization}")

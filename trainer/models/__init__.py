@@ -1,15 +1,18 @@
 """Model families built from a JSON-able :class:`ArchitectureSpec`, and their training."""
 
 from trainer.models._networks import build_network
+from trainer.models._trees import TreeModel
 from trainer.models.fit import FitResult, Recipe, fit, score_windows
-from trainer.models.spec import FAMILIES, ArchitectureSpec, SpecError
+from trainer.models.spec import FAMILIES, TREE_FAMILIES, ArchitectureSpec, SpecError
 
 __all__ = [
     "FAMILIES",
+    "TREE_FAMILIES",
     "ArchitectureSpec",
     "FitResult",
     "Recipe",
     "SpecError",
+    "TreeModel",
     "build_network",
     "fit",
     "score_windows",

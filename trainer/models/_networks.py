@@ -274,7 +274,10 @@ class AttentionForecaster(_Forecasting):
 
 
 def build_network(spec: ArchitectureSpec) -> _Normalised:
-    """A fresh (untrained) module for ``spec``."""
+    """A fresh (untrained) module for ``spec``. Raises ``ValueError`` for a tree family
+    (scikit-learn builds those: :func:`trainer.models.fit`)."""
+    if spec.tree_ensemble:
+        raise ValueError(f"the {spec.family} family is not a torch network")
     if spec.family == "autoencoder":
         return WindowAutoencoder(spec)
     if spec.family == "linear":

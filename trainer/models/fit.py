@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from trainer.models._networks import build_network
+from trainer.models._trees import TreeModel, build_tree_model
 from trainer.models.spec import ArchitectureSpec
 
 __all__ = ["FitResult", "Recipe", "fit", "score_windows"]
@@ -20,7 +21,11 @@ ProgressFn = Callable[[int, int, float, float], None]
 
 @dataclass(frozen=True)
 class Recipe:
-    """Training hyperparameters (recorded in lineage)."""
+    """Training hyperparameters (recorded in lineage).
+
+    The tree families (:data:`~trainer.models.spec.TREE_FAMILIES`) are fitted in one pass and
+    read ``seed`` only (the forests' ``random_state``).
+    """
 
     epochs: int = 40
     batch_size: int = 64
@@ -49,9 +54,10 @@ class Recipe:
 
 @dataclass
 class FitResult:
-    """The trained module (best validation epoch) and its loss history."""
+    """The trained module (best validation epoch) and its loss history. A tree family's
+    ``model`` is a :class:`~trainer.models._trees.TreeModel`, fitted in one "epoch"."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | TreeModel
     best_epoch: int
     best_val_loss: float
     history: list[dict[str, float]] = field(default_factory=list)
@@ -63,13 +69,41 @@ def _std_floor(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return np.maximum(std, floor)
 
 
-def score_windows(model: torch.nn.Module, windows: np.ndarray, batch: int = 1024) -> np.ndarray:
+def score_windows(model: torch.nn.Module | TreeModel, windows: np.ndarray, batch: int = 1024) -> np.ndarray:
     """Scores of ``model`` on ``(n, window, features)`` windows, float32 ``(n,)``."""
+    if isinstance(model, TreeModel):
+        return model.score(windows)
     out = []
     with torch.no_grad():
         for i in range(0, len(windows), batch):
             out.append(model(torch.from_numpy(windows[i : i + batch])).numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def _normal_statistics(normal_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.nanmean(normal_rows, axis=0).astype(np.float32)
+    return mean, _std_floor(np.nanstd(normal_rows, axis=0), mean).astype(np.float32)
+
+
+def _fit_trees(
+    spec: ArchitectureSpec,
+    train: np.ndarray,
+    validation: np.ndarray,
+    normal_rows: np.ndarray,
+    recipe: Recipe,
+    progress: ProgressFn | None,
+) -> FitResult:
+    """Fit a tree family in one pass (no epochs: a forest is grown, not iterated); reported
+    as epoch 1 of 1 with the training loss and the validation loss (mean score), as the
+    torch families report theirs."""
+    mean, std = _normal_statistics(normal_rows)
+    model = build_tree_model(spec, mean, std, recipe.seed)
+    model.fit(train)
+    train_loss = model.training_loss(train)
+    val_loss = float(model.score(validation).mean())
+    if progress is not None:
+        progress(1, 1, train_loss, val_loss)
+    return FitResult(model, 1, val_loss, [{"epoch": 1, "train_loss": train_loss, "val_loss": val_loss}])
 
 
 def fit(
@@ -85,7 +119,11 @@ def fit(
     ``normal_rows`` (the training rows) give the per-feature mean and std baked into the
     graph. Deterministic for the same inputs, recipe and machine: seeded generators,
     deterministic algorithms and one intra-op thread while training.
+
+    A tree family is fitted once on ``train`` (:func:`_fit_trees`).
     """
+    if spec.tree_ensemble:
+        return _fit_trees(spec, train, validation, normal_rows, recipe, progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -93,8 +131,7 @@ def fit(
         torch.manual_seed(recipe.seed)
         gen = torch.Generator().manual_seed(recipe.seed)
         model = build_network(spec)
-        mean = np.nanmean(normal_rows, axis=0).astype(np.float32)
-        std = _std_floor(np.nanstd(normal_rows, axis=0), mean).astype(np.float32)
+        mean, std = _normal_statistics(normal_rows)
         model.mean.copy_(torch.from_numpy(mean))
         model.std.copy_(torch.from_numpy(std))
         opt = torch.optim.Adam(

@@ -12,17 +12,27 @@ __all__ = [
     "CONV_KERNEL",
     "FAMILIES",
     "FORECASTING_FAMILIES",
+    "ISOLATION_SAMPLES",
+    "TREE_DEPTH",
+    "TREE_ESTIMATORS",
+    "TREE_FAMILIES",
     "ArchitectureSpec",
     "SpecError",
 ]
 
-FAMILIES = ("autoencoder", "forecaster", "linear", "conv", "attention")
-FORECASTING_FAMILIES = ("forecaster", "linear", "conv", "attention")
-"""The families that predict a window's last row from the rows before it (the rest reconstruct)."""
+FAMILIES = ("autoencoder", "forecaster", "linear", "conv", "attention", "trees", "isolation_forest")
+FORECASTING_FAMILIES = ("forecaster", "linear", "conv", "attention", "trees")
+"""The families that predict a window's last row from the rows before it (the rest reconstruct,
+or, for ``isolation_forest``, isolate)."""
+TREE_FAMILIES = ("trees", "isolation_forest")
+"""The families built by scikit-learn (not torch): exported to ONNX only, never quantized."""
 CENTERINGS = ("window", "train")
 CONV_KERNEL = 3
 CONV_DILATIONS = (1, 2, 4, 8)
 ATTENTION_HEADS = 4
+TREE_ESTIMATORS = 100
+TREE_DEPTH = 8
+ISOLATION_SAMPLES = 256
 
 
 class SpecError(ValueError):
@@ -55,8 +65,18 @@ class ArchitectureSpec:
       ``2 * width``, each with a residual connection and LayerNorm); a linear head on the last
       position predicts the last row. Every ``hidden`` entry is the same ``width``, divisible
       by ``heads``.
+    - ``trees``: a random forest (scikit-learn ``RandomForestRegressor``) of ``n_estimators``
+      trees of depth at most ``max_depth`` predicts the last row from the normalised rows before
+      it, as the other forecasters do. ``hidden`` is empty.
+    - ``isolation_forest``: scikit-learn's ``IsolationForest`` of ``n_estimators`` trees, each
+      grown on ``max_samples`` windows, over the normalised window (all its rows, flattened);
+      score = the forest's anomaly score ``s(x, n)`` of Liu et al. (2008), in (0, 1], higher =
+      more anomalous (scikit-learn's ``-score_samples``). ``hidden`` is empty.
 
-    The four forecasting families (:data:`FORECASTING_FAMILIES`) share one contract: same
+    The two tree families (:data:`TREE_FAMILIES`) are trained by scikit-learn and exported by
+    skl2onnx, to ONNX only (fp32: onnxruntime's quantization leaves tree ensembles unchanged).
+
+    The five forecasting families (:data:`FORECASTING_FAMILIES`) share one contract: same
     input rows, same centring, same score.
 
     ``centering`` says where the body's input is centred: ``window`` subtracts each window's
@@ -88,6 +108,9 @@ class ArchitectureSpec:
     dilations: tuple[int, ...] = ()
     residual: bool = True
     heads: int = ATTENTION_HEADS
+    n_estimators: int = TREE_ESTIMATORS
+    max_depth: int = TREE_DEPTH
+    max_samples: int = ISOLATION_SAMPLES
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -96,9 +119,9 @@ class ArchitectureSpec:
             raise SpecError(f"unknown centering {self.centering!r}; known: {', '.join(CENTERINGS)}")
         if self.window < 2 or self.features < 1:
             raise SpecError("spec needs window >= 2 and features >= 1")
-        if self.family == "linear":
+        if self.family == "linear" or self.family in TREE_FAMILIES:
             if self.hidden:
-                raise SpecError("the linear family has no hidden layers: hidden must be empty")
+                raise SpecError(f"the {self.family} family has no hidden layers: hidden must be empty")
         elif not self.hidden or min(self.hidden) < 1:
             raise SpecError(f"the {self.family} family needs positive hidden widths")
         if self.family == "conv":
@@ -121,6 +144,7 @@ class ArchitectureSpec:
                 )
         elif self.heads != ATTENTION_HEADS:
             raise SpecError(f"heads is an attention parameter: the {self.family} family takes its default")
+        self._check_tree_parameters()
         if self.season:
             if self.family not in FORECASTING_FAMILIES:
                 raise SpecError(
@@ -132,6 +156,24 @@ class ArchitectureSpec:
                     "season needs season_halfwidth >= 0 and season - season_halfwidth >= window "
                     "(a shorter season lies inside the window already)"
                 )
+
+    def _check_tree_parameters(self) -> None:
+        own = {"trees": ("n_estimators", "max_depth"),
+               "isolation_forest": ("n_estimators", "max_samples")}.get(self.family, ())
+        defaults = {"n_estimators": TREE_ESTIMATORS, "max_depth": TREE_DEPTH, "max_samples": ISOLATION_SAMPLES}
+        lowest = {"n_estimators": 1, "max_depth": 1, "max_samples": 2}
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if name not in own and value != default:
+                raise SpecError(f"{name} is a parameter of another family: the {self.family} family "
+                                "takes its default")
+            if value < lowest[name]:
+                raise SpecError(f"the {self.family} family needs {name} >= {lowest[name]}, got {value}")
+
+    @property
+    def tree_ensemble(self) -> bool:
+        """Whether scikit-learn builds the model (one of :data:`TREE_FAMILIES`)."""
+        return self.family in TREE_FAMILIES
 
     @property
     def input_rows(self) -> int:
@@ -150,6 +192,8 @@ class ArchitectureSpec:
 
     @property
     def score_kind(self) -> str:
+        if self.family == "isolation_forest":
+            return "isolation_score"
         return "forecast_mae" if self.forecasts else "reconstruction_mae"
 
     def to_json(self) -> dict[str, Any]:
@@ -162,6 +206,12 @@ class ArchitectureSpec:
             del d["kernel"], d["dilations"], d["residual"]
         if self.family != "attention":
             del d["heads"]
+        if self.family != "trees":  # tree parameters only in the families they shape
+            del d["max_depth"]
+        if self.family != "isolation_forest":
+            del d["max_samples"]
+        if not self.tree_ensemble:
+            del d["n_estimators"]
         return d
 
     @classmethod
@@ -179,6 +229,9 @@ class ArchitectureSpec:
                 dilations=tuple(int(d) for d in obj.get("dilations", ())),
                 residual=_boolean(obj.get("residual", True)),
                 heads=int(obj.get("heads", ATTENTION_HEADS)),
+                n_estimators=int(obj.get("n_estimators", TREE_ESTIMATORS)),
+                max_depth=int(obj.get("max_depth", TREE_DEPTH)),
+                max_samples=int(obj.get("max_samples", ISOLATION_SAMPLES)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"bad architecture spec {obj!r}: {e}") from e

@@ -6,11 +6,13 @@ included); a float range (``learning_rate``, ``weight_decay``, both log-scaled) 
 :data:`GRID_STEPS` values evenly spaced on the log scale, ends included.
 
 The conditional parameters of the families the space names (``forecaster.season``,
-``autoencoder.bottleneck``, ``linear.season``, ``conv.*``, ``attention.*``) are in the grid too, as Optuna's
+``autoencoder.bottleneck``, ``linear.season``, ``conv.*``, ``attention.*``, ``trees.*``,
+``isolation_forest.*``) are in the grid too, as Optuna's
 ``GridSampler`` needs every parameter a trial may ask for; a point whose family does not ask
 for one repeats a candidate of another point (a forecaster with each bottleneck), so a grid
 holds some duplicates. Parameters of families the space does not name are left out: no trial
-asks for them, and each would only multiply the grid with duplicates.
+asks for them, and each would only multiply the grid with duplicates. For the same reason a
+space of tree families only has no ``batch_size``, ``learning_rate`` or ``weight_decay``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from trainer.models.spec import TREE_FAMILIES
 from trainer.search.space import SearchSpace
 
 __all__ = ["GRID_STEPS", "grid_of", "grid_size"]
@@ -65,6 +68,15 @@ def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
         grid["attention.season"] = list(space.seasons)
         grid["attention.width"] = list(space.attention_widths)
         grid["attention.heads"] = list(space.heads)
+    if "trees" in space.families:
+        grid["trees.season"] = list(space.seasons)
+        grid["trees.n_estimators"] = list(space.tree_estimators)
+        grid["trees.max_depth"] = list(space.tree_depths)
+    if "isolation_forest" in space.families:
+        grid["isolation_forest.n_estimators"] = list(space.tree_estimators)
+        grid["isolation_forest.max_samples"] = list(space.isolation_samples)
+    if set(space.families) <= set(TREE_FAMILIES):  # no family asks for the training recipe
+        return grid
     return {
         **grid,
         "batch_size": list(space.batch_sizes),

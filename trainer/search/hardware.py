@@ -1,9 +1,10 @@
 """A trained candidate against a firmware profile's budget: export, measure, compare.
 
 For each profile, :func:`measure` exports the artifact the profile runs (its preferred format
-and quantization, through :func:`trainer.export.build_artifact`, parity check included) and
-measures it in a child process, in the runtime an agent uses (:func:`edge_agent.runtime.
-open_runtime`, one thread):
+and quantization; for a tree family, which exports to ONNX fp32 only, the variant an agent of
+the profile picks among those, :func:`trainer.export.targets.profile_variant`), through
+:func:`trainer.export.build_artifact`, parity check included, and measures it in a child
+process, in the runtime an agent uses (:func:`edge_agent.runtime.open_runtime`, one thread):
 
 - **latency** — 200 single-sample inferences after 20 warm-up runs, p50 and p99 in ms on this
   machine, as CPU time of the inferring thread: with one thread both runtimes compute in the
@@ -189,11 +190,16 @@ def measure(trained: TrainedCandidate, features: Sequence[str],
             profiles: Sequence[FirmwareProfile]) -> list[HardwareRecord]:
     """Export and measure the artifact each profile runs (each variant once), one record per
     profile in order. Raises ``RuntimeError`` when an artifact cannot be measured."""
+    from trainer.export.targets import profile_variant
+
     inputs = _export_inputs(trained, features)
     measured: dict[tuple[str, str], Measurement] = {}
     records = []
     for p in profiles:
-        key = (p.preferred_format, p.preferred_quantization)
+        key = profile_variant(trained.candidate.architecture.family, p)
+        if key is None:  # the search leaves such families out of its space
+            raise RuntimeError(f"profile {p.name} allows no artifact of the "
+                               f"{trained.candidate.architecture.family} family")
         if key not in measured:
             measured[key] = _variant_measurement(*key, inputs)
         records.append(check(measured[key], p))

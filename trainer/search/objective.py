@@ -22,8 +22,8 @@ normal data better. (The paper aggregates such metrics by rank over all candidat
 sequential study needs one number per trial, hence the fixed weighting.) The injections
 depend on the data and the seed only, so every trial is judged on the same anomalies.
 
-Scores here come from the torch model; the artifacts registered at the end are checked
-against it for parity by the normal ``train`` path.
+Scores here come from the trained model (torch, or scikit-learn for the tree families); the
+artifacts registered at the end are checked against it for parity by the normal ``train`` path.
 
 **Cross-validation** (``edgefleet search --folds K``, :func:`load_folds`). With K = 1 (the
 default) a candidate is judged on the single split above. With K ≥ 2 the unlabelled objective

@@ -7,10 +7,11 @@ context) and the :class:`~trainer.models.Recipe` (learning rate, weight decay, b
 epoch cap with early stopping, seed), and :meth:`Candidate.from_json` reads them back.
 
 The families are those :mod:`trainer.models` builds: MLP forecasters and autoencoders, linear
-(ridge) forecasters, convolutional (TCN) forecasters and self-attention forecasters. The
-default space holds the two MLP families; a space names ``linear``, ``conv`` or ``attention``
-in ``families`` to try them. Tree families are future work: they need network code (and
-export checks) in :mod:`trainer.models` before a space can name them.
+(ridge) forecasters, convolutional (TCN) forecasters, self-attention forecasters, random-forest
+forecasters (``trees``) and isolation forests. The default space holds the two MLP families; a
+space names the others in ``families`` to try them. The tree families export to ONNX fp32
+only (:mod:`trainer.export.targets`): :func:`for_profiles` leaves them out of a search whose
+profiles include one that allows no such artifact (a TFLite-only profile), and says why.
 
 Parameters and their conditions (Optuna names):
 
@@ -36,22 +37,42 @@ Parameters and their conditions (Optuna names):
   head count does not divide the width, the model takes the largest of ``heads`` that does
   (the candidate's architecture records it); a width none of ``heads`` divides is refused
   when the space is built;
+- trees only: ``trees.season`` — as ``forecaster.season``; ``trees.n_estimators`` — one of
+  ``tree_estimators``; ``trees.max_depth`` — one of ``tree_depths`` (``layers`` and ``width``
+  do not change its model);
+- isolation_forest only: ``isolation_forest.n_estimators`` — one of ``tree_estimators``;
+  ``isolation_forest.max_samples`` — one of ``isolation_samples`` (no season: it is not a
+  forecaster);
 - ``learning_rate`` — log-uniform in its range; ``weight_decay`` — log-uniform in its
-  range; ``batch_size`` — one of ``batch_sizes``; ``epochs`` and ``patience`` are fixed.
+  range; ``batch_size`` — one of ``batch_sizes``; ``epochs`` and ``patience`` are fixed. The
+  tree families are fitted in one pass and are not asked for these three: their candidates'
+  recipes keep the defaults (and the seed), so two tree candidates that differ in nothing
+  else are one candidate (trained once).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from shared.profiles import FirmwareProfile
+from trainer.export.targets import refusal
 from trainer.models import ArchitectureSpec, Recipe, SpecError
-from trainer.models.spec import ATTENTION_HEADS, CENTERINGS, CONV_KERNEL, FAMILIES
+from trainer.models.spec import (
+    ATTENTION_HEADS,
+    CENTERINGS,
+    CONV_KERNEL,
+    FAMILIES,
+    ISOLATION_SAMPLES,
+    TREE_DEPTH,
+    TREE_ESTIMATORS,
+    TREE_FAMILIES,
+)
 from trainer.search.errors import SearchError
 
-__all__ = ["Candidate", "SearchSpace", "default_params", "suggest"]
+__all__ = ["Candidate", "LeftOut", "SearchSpace", "default_params", "for_profiles", "suggest"]
 
 SEASON_CHOICES = ("auto", "off")
 _RANGES = ("layers", "conv_levels", "learning_rate", "weight_decay")
@@ -75,6 +96,9 @@ class SearchSpace:
     conv_levels: tuple[int, int] = (2, 4)
     heads: tuple[int, ...] = (1, 2, 4)
     attention_widths: tuple[int, ...] = (16, 32, 64)
+    tree_estimators: tuple[int, ...] = (25, 50, 100)
+    tree_depths: tuple[int, ...] = (4, 6, 8)
+    isolation_samples: tuple[int, ...] = (64, 128, 256)
     centerings: tuple[str, ...] = ("window", "train")
     seasons: tuple[str, ...] = SEASON_CHOICES
     learning_rate: tuple[float, float] = (1e-4, 1e-2)
@@ -94,10 +118,12 @@ class SearchSpace:
         choices("families", FAMILIES)
         choices("centerings", CENTERINGS)
         choices("seasons", SEASON_CHOICES)
-        for name in ("windows", "widths", "bottlenecks", "tapers", "kernels", "heads", "attention_widths", "batch_sizes"):
+        for name in ("windows", "widths", "bottlenecks", "tapers", "kernels", "heads", "attention_widths",
+                     "tree_estimators", "tree_depths", "isolation_samples", "batch_sizes"):
             choices(name)
-            if min(getattr(self, name)) < (2 if name == "windows" else 1):
-                raise SearchError(f"search space {name!r}: values must be positive (windows >= 2)")
+            if min(getattr(self, name)) < (2 if name in ("windows", "isolation_samples") else 1):
+                raise SearchError(f"search space {name!r}: values must be positive (windows and "
+                                  "isolation_samples >= 2)")
         for name, low in (("layers", 1), ("conv_levels", 1), ("learning_rate", 0), ("weight_decay", 0)):
             lo, hi = getattr(self, name)
             if not low <= lo <= hi or (low == 0 and lo <= 0):
@@ -181,10 +207,15 @@ def suggest(
     width = trial.suggest_categorical("width", list(space.widths))
     centering = trial.suggest_categorical("centering", list(space.centerings))
     season, kernel, dilations, heads = 0, CONV_KERNEL, (), ATTENTION_HEADS
+    n_estimators, max_depth, max_samples = TREE_ESTIMATORS, TREE_DEPTH, ISOLATION_SAMPLES
     hidden: tuple[int, ...]
     if family == "autoencoder":
         bottleneck = trial.suggest_categorical("autoencoder.bottleneck", list(space.bottlenecks))
         hidden = (width,) * (layers - 1) + (bottleneck,)
+    elif family == "isolation_forest":
+        hidden = ()
+        n_estimators = trial.suggest_categorical("isolation_forest.n_estimators", list(space.tree_estimators))
+        max_samples = trial.suggest_categorical("isolation_forest.max_samples", list(space.isolation_samples))
     else:
         if trial.suggest_categorical(f"{family}.season", list(space.seasons)) == "auto":
             season = season_lag(window)
@@ -193,6 +224,10 @@ def suggest(
             hidden = tuple(max(1, width // taper**i) for i in range(layers))
         elif family == "linear":
             hidden = ()
+        elif family == "trees":
+            hidden = ()
+            n_estimators = trial.suggest_categorical("trees.n_estimators", list(space.tree_estimators))
+            max_depth = trial.suggest_categorical("trees.max_depth", list(space.tree_depths))
         elif family == "attention":
             attention_width = trial.suggest_categorical("attention.width", list(space.attention_widths))
             heads = trial.suggest_categorical("attention.heads", list(space.heads))
@@ -204,19 +239,23 @@ def suggest(
             kernel = trial.suggest_categorical("conv.kernel", list(space.kernels))
             levels = trial.suggest_int("conv.levels", *space.conv_levels)
             hidden, dilations = (width,) * levels, tuple(2**i for i in range(levels))
-    recipe = Recipe(
-        epochs=space.epochs,
-        patience=space.patience,
-        batch_size=trial.suggest_categorical("batch_size", list(space.batch_sizes)),
-        learning_rate=trial.suggest_float("learning_rate", *space.learning_rate, log=True),
-        weight_decay=trial.suggest_float("weight_decay", *space.weight_decay, log=True),
-        seed=seed,
-    )
+    if family in TREE_FAMILIES:  # fitted in one pass: no gradient descent to tune
+        recipe = Recipe(epochs=space.epochs, patience=space.patience, seed=seed)
+    else:
+        recipe = Recipe(
+            epochs=space.epochs,
+            patience=space.patience,
+            batch_size=trial.suggest_categorical("batch_size", list(space.batch_sizes)),
+            learning_rate=trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+            weight_decay=trial.suggest_float("weight_decay", *space.weight_decay, log=True),
+            seed=seed,
+        )
     from trainer.pipeline import SEASON_HALFWIDTH
 
     spec = ArchitectureSpec(family, window, features, hidden, centering, season=season,
                             season_halfwidth=SEASON_HALFWIDTH, kernel=kernel, dilations=dilations,
-                            heads=heads)
+                            heads=heads, n_estimators=n_estimators, max_depth=max_depth,
+                            max_samples=max_samples)
     return Candidate(spec, recipe)
 
 
@@ -254,3 +293,31 @@ def default_params(space: SearchSpace) -> dict[str, Any] | None:
         "batch_size": recipe.batch_size, "learning_rate": recipe.learning_rate,
         "weight_decay": recipe.weight_decay,
     }
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """Families a search leaves out of its space, and why (one line)."""
+
+    families: tuple[str, ...]
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"families": list(self.families), "reason": self.reason}
+
+
+def for_profiles(space: SearchSpace, profiles: Sequence[FirmwareProfile]) -> tuple[SearchSpace, LeftOut | None]:
+    """``space`` without the families that cannot be exported to an artifact every profile of
+    ``profiles`` allows (the tree families and a TFLite-only profile,
+    :func:`trainer.export.targets.refusal`), and what was left out (``None``: nothing).
+
+    Raises :class:`SearchError` when no family of the space is left.
+    """
+    why = refusal(space.families, profiles)
+    if why is None:
+        return space, None
+    left_out = tuple(f for f in space.families if refusal([f], profiles) is not None)
+    kept = tuple(f for f in space.families if f not in left_out)
+    if not kept:
+        raise SearchError(f"no family of the search space can serve every profile: {why}")
+    return replace(space, families=kept), LeftOut(left_out, why)

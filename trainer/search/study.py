@@ -39,6 +39,7 @@ pruned before its hardware check has none (the leaderboard counts it as not meas
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -56,7 +57,7 @@ from shared.profiles import FirmwareProfile, ProfileError, builtin_profiles_dir,
 from trainer.search.errors import SearchError
 from trainer.search.hardware import BUDGETS
 from trainer.search.objective import ObjectiveData, load_folds
-from trainer.search.space import Candidate, SearchSpace, default_params
+from trainer.search.space import Candidate, LeftOut, SearchSpace, default_params, for_profiles
 
 __all__ = [
     "OBJECTIVES",
@@ -122,13 +123,16 @@ class SearchRequest:
 @dataclass(frozen=True)
 class PreparedSearch:
     """A checked request with its loaded profiles and data: ``folds`` holds the objective's
-    data per fold, in time order (one entry without cross-validation)."""
+    data per fold, in time order (one entry without cross-validation). The request's space
+    holds only the families every profile can run; ``left_out`` says which were left out of
+    the space asked for, and why (:func:`trainer.search.space.for_profiles`)."""
 
     request: SearchRequest
     profiles: list[FirmwareProfile]
     folds: tuple[ObjectiveData, ...]
     storage: str
     study_name: str
+    left_out: LeftOut | None = None
 
     @property
     def data(self) -> ObjectiveData:
@@ -196,7 +200,8 @@ def _study_names(storage: str) -> list[str]:
 
 def prepare_search(request: SearchRequest) -> PreparedSearch:
     """Check ``request`` and load its data. Raises :class:`SearchError` (one line) with nothing
-    written."""
+    written. The families of the space that some profile cannot run are left out (recorded in
+    :attr:`PreparedSearch.left_out`); the study stores the space without them."""
     from trainer.registry import Registry, RegistryError, check_model_name
 
     try:
@@ -232,6 +237,8 @@ def prepare_search(request: SearchRequest) -> PreparedSearch:
         raise SearchError(str(e)) from e
     if not profiles:
         raise SearchError("give at least one --profile")
+    space, left_out = for_profiles(request.space, profiles)
+    request = dataclasses.replace(request, space=space)
     if not request.data:
         raise SearchError("give at least one --data CSV")
     folds = load_folds(request.data, request.labels, seed=request.seed, folds=request.folds)
@@ -247,7 +254,7 @@ def prepare_search(request: SearchRequest) -> PreparedSearch:
         raise SearchError(f"study {study_name!r} exists in {storage}: pass --resume to continue it, or --study NEW")
     if request.resume and not exists:
         raise SearchError(f"--resume: no study {study_name!r} in {storage}")
-    return PreparedSearch(request, profiles, tuple(folds), storage, study_name)
+    return PreparedSearch(request, profiles, tuple(folds), storage, study_name, left_out)
 
 
 def check_folds(folds: Sequence[ObjectiveData], space: SearchSpace) -> None:
@@ -785,7 +792,8 @@ def register_winners(prepared: PreparedSearch, study: Any,
             # labelled: each file's probationary rows, the rows its candidates were trained on
             probation=prepared.data.mode == "labelled", family=spec.family, window=spec.window, hidden=spec.hidden,
             centering=spec.centering, season=spec.season, kernel=spec.kernel, dilations=spec.dilations,
-            residual=spec.residual, heads=spec.heads, recipe=recipe, lineage=lineage,
+            residual=spec.residual, heads=spec.heads, n_estimators=spec.n_estimators, max_depth=spec.max_depth,
+            max_samples=spec.max_samples, recipe=recipe, lineage=lineage,
             profile_dirs=list(req.profile_dirs),
         )
         try:

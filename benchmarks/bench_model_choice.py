@@ -52,6 +52,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "linear w64, centred, season": {"family": "linear"},
     "conv (TCN) w64, centred, season": {"family": "conv"},
     "attention w64, centred, season": {"family": "attention"},
+    "random forest (trees) w64, centred, season": {"family": "trees"},
+    "isolation forest w64": {"family": "isolation_forest"},
 }
 HOSTS, ROWS, HISTORY, ANOMALIES = 3, 5000, 1500, 10
 

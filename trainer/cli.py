@@ -436,12 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anomalies to inject (default: %(default)s)")
     json_arg(p)
     p.set_defaults(func=cmd_data_synth)
+    from trainer.cli_compress import add_compress_command
     from trainer.cli_evaluate import add_evaluate_command
     from trainer.cli_fleet import add_fleet_commands
     from trainer.cli_search import add_search_command
 
     add_evaluate_command(sub, registry_arg, json_arg)
     add_search_command(sub, registry_arg, json_arg)
+    add_compress_command(sub, registry_arg, json_arg)
     add_fleet_commands(sub, registry_arg, json_arg)
     return parser
 

@@ -14,7 +14,7 @@ from trainer.progress import ProgressBar
 
 __all__ = ["add_compress_command"]
 
-_HEADER = (f"  {'step':34} {'profile':20} {'artifact':18} {'params':>8} {'nonzero':>8} {'MFLOPs':>7} "
+_HEADER = (f"  {'step':34} {'profile':20} {'artifact':26} {'params':>8} {'nonzero':>8} {'MFLOPs':>7} "
            f"{'bytes':>8} {'deflated':>8} {'p50 ms':>7} {'p99 ms':>7} {'quality':>8} {'change':>7} {'agree':>6}")
 
 
@@ -25,7 +25,7 @@ def _number(value: float | None, fmt: str) -> str:
 def format_row(row: Any) -> str:
     """One measured row as a line of the table under :data:`_HEADER`."""
     artifact = f"{row.format}/{row.quantization}" + (f"/{row.scheme}" if row.scheme != "static" else "")
-    line = (f"  {row.step[:34]:34} {row.profile[:20]:20} {artifact:18} {row.parameters:8d} "
+    line = (f"  {row.step[:34]:34} {row.profile[:20]:20} {artifact:26} {row.parameters:8d} "
             f"{row.nonzero_parameters:8d} {row.flops / 1e6:7.3f} {row.model_bytes:8d} {row.deflated_bytes:8d} "
             f"{_number(row.latency_p50_ms, '7.3f'):>7} {_number(row.latency_p99_ms, '7.3f'):>7} "
             f"{_number(row.quality, '8.4f'):>8} {_number(row.quality_change, '+7.4f'):>7} "

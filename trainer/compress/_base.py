@@ -8,7 +8,6 @@ measures and exports what they produce, and registers the result.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -79,16 +78,23 @@ class ModelState:
 
     def finalized(self) -> nn.Module:
         """A copy of the model with pruning masks made permanent (zeros in the weights), in
-        eval mode: what is exported, measured and stored."""
-        from torch.nn.utils import prune
+        eval mode: what is exported, measured and stored.
 
-        model = copy.deepcopy(self.model).eval()
-        for module in model.modules():
-            if prune.is_pruned(module):
-                for hook in list(module._forward_pre_hooks.values()):
-                    if isinstance(hook, prune.BasePruningMethod):
-                        prune.remove(module, hook._tensor_name)
-        return model
+        Rebuilt from its spec and state rather than deep-copied: a masked weight is computed
+        from ``weight_orig`` and ``weight_mask``, and torch cannot deep-copy such a tensor.
+        """
+        from trainer.models import build_network, compressed_layers
+
+        state = self.model.state_dict()
+        weights = {}
+        for key, value in state.items():
+            if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state:
+                weights[key[: -len("_orig")]] = value * state[key[: -len("_orig")] + "_mask"]
+            elif not (key.endswith("_mask") and key[: -len("_mask")] + "_orig" in state):
+                weights[key] = value.clone()
+        model = build_network(compressed_layers(self.model, self.spec))
+        model.load_state_dict(weights, strict=True)
+        return model.eval()
 
     def replace(self, **changes: Any) -> ModelState:
         return dataclasses.replace(self, **changes)

@@ -213,3 +213,16 @@ def test_spec_layers_round_trip_and_are_checked() -> None:
         dataclasses.replace(SPECS["forecaster"], layers=(("body.0", (0, 60)),))
     with pytest.raises(SpecError, match="no layer"):
         build_network(dataclasses.replace(SPECS["forecaster"], layers=(("body.9", (4, 4)),)))
+
+
+def test_rows_of_masking_steps_say_the_latency_does_not_change() -> None:
+    from trainer.cli_compress import format_row
+    from trainer.compress import StepRow
+
+    row = StepRow("sparsify:0.5", "rpi4-arm64", "tflite", "fp32", "static", 100, 50, 200, 1000, 600,
+                  0.1, 0.2, False, 0.5, -0.01, 0.99, True)
+    assert "masks only: the runtime latency does not change" in format_row(row)
+    moved = dataclasses.replace(row, step="prune:0.5", latency_changes=True)
+    assert "latency does not change" not in format_row(moved)
+    failed = dataclasses.replace(row, parity_passed=False, failures=("max error 2x threshold",))
+    assert "parity failed: max error 2x threshold" in format_row(failed)

@@ -177,6 +177,9 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     if recipe:
         print("  recipe " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in sorted(recipe.items())))
+    compression = record.lineage.get("compression")
+    if compression:
+        print(f"  compressed from {compression.get('parent')} by {compression.get('recipe')}")
     search = record.lineage.get("search")
     if search:
         values = ", ".join(f"{o} {v:.4g}" for o, v in zip(search.get("objectives", []), search.get("values", [])))

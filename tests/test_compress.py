@@ -188,3 +188,25 @@ def test_pruning_a_linear_model_is_refused_before_any_work(host: tuple[Path, Pat
                      "--registry", str(registry), check=False)
     assert proc.returncode == 2 and "nothing to prune" in proc.stderr
     assert tree_digest(registry) == before
+
+
+SPACE = {"windows": [16], "widths": [16, 32], "bottlenecks": [4], "layers": [1, 1],
+         "epochs": 3, "patience": 2, "batch_sizes": [64]}
+
+
+def test_search_compresses_its_winners_with_the_same_recipes(host: tuple[Path, Path], tmp_path: Path) -> None:
+    _, csv = host
+    (tmp_path / "space.json").write_text(json.dumps(SPACE))
+    registry = tmp_path / "reg"
+    common = ("search", "--data", str(csv), "--name", "small", "--registry", str(registry), "--space",
+              str(tmp_path / "space.json"), *PROFILE, "--trials", "2")
+    bad = edgefleet(*common, "--compress", "prune:0.5,quantize:int4", check=False)
+    assert bad.returncode == 2 and "--compress: quantize needs one of" in bad.stderr
+    assert not registry.exists()
+    out = json.loads(edgefleet(*common, "--compress", "prune:0.5,finetune:2,quantize:int8", "--json").stdout)
+    (winner,), (small,) = out["versions"], out["compressed"]
+    assert small["lineage"]["parent_version"] == winner["version"]
+    assert small["lineage"]["compression"]["parent"] == winner["ref"]
+    rows = small["lineage"]["compression"]["steps"]
+    assert rows[-1]["parameters"] < rows[0]["parameters"]
+    check_artifacts(registry, "small", small["version"])

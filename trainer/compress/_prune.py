@@ -80,7 +80,11 @@ class StructuredPruning(CompressionStep):
                                 "torch-pruning fails on LSTM and leaves GRU unpruned")
         if state.sparsity:
             raise CompressError("prune: structured pruning after sparsify would drop its masks; put prune first")
-        import torch_pruning as tp
+        try:
+            import torch_pruning as tp  # heavy: only when a recipe prunes
+        except ImportError:
+            raise CompressError("prune needs torch-pruning: install edgefleet's trainer extra "
+                                "(pip install 'edgefleet[trainer]')") from None
 
         example = torch.from_numpy(data.train[:2])
         before = parameter_count(model)

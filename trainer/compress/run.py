@@ -30,7 +30,6 @@ from torch import nn
 from shared.bundle import ScoreSpec, read_bundle
 from shared.profiles import FirmwareProfile, builtin_profiles_dir, load_profile
 from shared.score_pipeline import LikelihoodPipeline
-from shared.series import SeriesError, TimeOrderError, read_series_ordered_head
 from trainer.compress._base import CompressError, ModelState, StepData
 from trainer.compress._quantize import CALIBRATION
 from trainer.compress.measure import (
@@ -41,7 +40,6 @@ from trainer.compress.measure import (
     measure_row,
 )
 from trainer.compress.recipe import CompressionRecipe, parse_recipe
-from trainer.data import fill_missing
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.models import (
     ArchitectureSpec,
@@ -152,12 +150,26 @@ def prepare(request: CompressRequest, registry_dir: Path) -> Prepared:
         step.check(spec)
     features = tuple(bundle_spec.features)
     paths = list(request.data) or _lineage_files(parent)
-    series = [_read(path, features) for path in paths]
+    from shared.series import file_sha256
+
+    # a file the parent was trained on is used up to the rows it was trained on (its
+    # --train-fraction: the rest is what the deployed model meets, not training data)
+    trained_on = {d.get("sha256"): d.get("rows_used") for d in parent.lineage.get("datasets") or []}
+    try:
+        shas = [file_sha256(p) for p in paths]
+    except OSError as e:
+        raise CompressError(f"cannot read {e.filename}: {e.strerror or e}") from e
+    rows_used = [trained_on.get(sha) for sha in shas]
     try:
         objective = (labelled_data(paths, request.labels) if request.labels
-                     else synthetic_data(paths, seed=request.seed))
+                     else synthetic_data(paths, seed=request.seed, rows_used=rows_used))
     except SearchError as e:
         raise CompressError(str(e)) from e
+    if objective.features != features:
+        raise CompressError(f"{paths[0]}: columns {list(objective.features)} differ from the model's {list(features)}")
+    # Steps train on the rows the objective does not judge: with labels NAB's probationary rows,
+    # without them the rows before the held-back part that carries the injected anomalies.
+    series = [np.asarray(t, np.float32) for t in objective.train]
     from trainer.data import min_rows
 
     for path, values in zip(paths, series):
@@ -165,9 +177,7 @@ def prepare(request: CompressRequest, registry_dir: Path) -> Prepared:
             raise CompressError(f"{path}: {len(values)} rows are too few for {parent.ref}'s "
                                 f"{spec.input_rows}-row input: need at least {min_rows(spec.input_rows)}")
     Registry.check_writable(registry_dir)
-    from shared.series import file_sha256
-
-    datasets = [{"file": Path(p).name, "sha256": file_sha256(p), "rows": len(v)} for p, v in zip(paths, series)]
+    datasets = [{"file": Path(p).name, "sha256": sha, "rows_used": len(v)} for p, sha, v in zip(paths, shas, series)]
     return Prepared(request, recipe, Path(registry_dir), parent, model, spec, bundle_spec.score, features,
                     profiles, series, objective, datasets)
 
@@ -189,19 +199,6 @@ def _lineage_files(parent: VersionRecord) -> list[Path]:
                                 f"and ./{path} is {'missing' if not path.is_file() else 'not that file'}")
         paths.append(path)
     return paths
-
-
-def _read(path: Path, features: tuple[str, ...]) -> np.ndarray:
-    try:
-        s = read_series_ordered_head(path, lambda n: n)
-    except (SeriesError, TimeOrderError) as e:
-        raise CompressError(str(e)) from e
-    if tuple(s.features) != features:
-        raise CompressError(f"{path}: columns {list(s.features)} differ from the model's {list(features)}")
-    try:
-        return fill_missing(s.values)
-    except ValueError:
-        raise CompressError(f"{path}: a column has no value") from None
 
 
 def _evenly(windows: np.ndarray, count: int) -> np.ndarray:

@@ -229,15 +229,27 @@ def _inject(kind: str, rows: np.ndarray, scale: np.ndarray, rng: np.random.Gener
     return out, start, end - 1
 
 
-def synthetic_data(paths: Sequence[Path], *, seed: int) -> ObjectiveData:
+def synthetic_data(paths: Sequence[Path], *, seed: int,
+                   rows_used: Sequence[int | None] | None = None) -> ObjectiveData:
     """Unlabelled mode: hold back the last :data:`HOLDOUT_FRACTION` of each file and make one
     copy of it per kind in :data:`INJECTIONS`, each with one seeded anomaly.
 
+    ``rows_used`` (one entry per path, ``None`` = all) limits each file to its first rows
+    before anything is held back.
     Raises :class:`SearchError` for unreadable files or too few rows to hold any back.
     """
     splits = []
     for i, path in enumerate(paths):
-        s = _load(path, lambda n: n - int(n * HOLDOUT_FRACTION), lambda n: n - int(n * HOLDOUT_FRACTION))
+        limit = rows_used[i] if rows_used else None
+
+        def used(n: int, limit: int | None = limit) -> int:
+            return min(n, limit) if limit else n
+
+        def trained(n: int, used: Callable[[int], int] = used) -> int:
+            return used(n) - int(used(n) * HOLDOUT_FRACTION)
+
+        s = _load(path, trained, trained)
+        s = s.head(used(len(s)))
         cut = len(s) - int(len(s) * HOLDOUT_FRACTION)
         if len(s) - cut < MIN_HELD_ROWS:
             raise SearchError(f"{path}: {len(s)} rows are too few to hold back {HOLDOUT_FRACTION:.0%} to test on")

@@ -210,3 +210,18 @@ def test_search_compresses_its_winners_with_the_same_recipes(host: tuple[Path, P
     rows = small["lineage"]["compression"]["steps"]
     assert rows[-1]["parameters"] < rows[0]["parameters"]
     check_artifacts(registry, "small", small["version"])
+
+
+def test_a_version_registered_without_weights_is_refused(host: tuple[Path, Path], tmp_path: Path) -> None:
+    _, csv = host
+    registry = tmp_path / "reg"
+    with Registry.open(registry, create=True) as reg:  # as versions from before the registry kept weights
+        reg.register("old", metrics={}, params={}, lineage={}, architecture={}, artifacts=[])
+    before = tree_digest(registry)
+    proc = edgefleet("compress", "old@1", "--recipe", "quantize:int8", *PROFILE, "--data", str(csv),
+                     "--registry", str(registry), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "edgefleet: error: old@1 was registered without its model weights (by an older edgefleet): "
+        "train it again to compress or fine-tune it"]
+    assert tree_digest(registry) == before

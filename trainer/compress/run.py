@@ -280,17 +280,19 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
     }
     rows: list[StepRow] = []
 
-    # -- the parent, as it ships --------------------------------------------------------------
+    # -- the parent --------------------------------------------------------------------------------
+    # Exported and calibrated exactly as every step's model is (same data split, same export),
+    # not read from its registered bundles: a change in a row then comes from the steps alone,
+    # not from a score pipeline calibrated on other rows. (The model and export path are the
+    # registered version's, so sizes and latency are those of what it ships.)
     windows = training_windows(prepared.parent_spec, prepared.series)
     parent_state = ModelState(prepared.parent_model, prepared.parent_spec)
     parent_export = _Exporter(prepared, parent_state, windows, lineage)
     parent_quality: dict[str, ArtifactQuality] = {}
-    with Registry.open(prepared.registry) as reg:
-        registered = {(a.format, a.quantization): reg.bundle(a.sha256) for a in parent.artifacts}
     window = parent_export.inputs.holdout[0]
     for profile in prepared.profiles:
         fmt, quant = _variant(profile, None)
-        bundle = registered.get((fmt, quant)) or parent_export.build(fmt, quant, "static").bundle
+        bundle = parent_export.build(fmt, quant, "static").bundle
         if not bundle:
             raise CompressError(f"{parent.ref}: its {fmt}/{quant} artifact for {profile.name} does not pass parity")
         quality = judge_artifact(bundle, parent_export.trained, prepared.objective)

@@ -225,3 +225,24 @@ def test_a_version_registered_without_weights_is_refused(host: tuple[Path, Path]
         "edgefleet: error: old@1 was registered without its model weights (by an older edgefleet): "
         "train it again to compress or fine-tune it"]
     assert tree_digest(registry) == before
+
+
+def test_with_labels_the_quality_is_the_nab_score(host: tuple[Path, Path], tmp_path: Path) -> None:
+    """NAB windows of the generated anomalies: steps train on NAB's probationary rows, and the
+    quality is NAB's standard score (0-100) of each artifact's own decisions."""
+    _, csv = host
+    anomalies = json.loads((csv.parent / "host.labels.json").read_text())["anomalies"]
+    labels = tmp_path / "windows.json"
+    labels.write_text(json.dumps({"host.csv": [[a["start_time"], a["end_time"]] for a in anomalies]}))
+    registry = tmp_path / "reg"
+    edgefleet("train", "--data", str(csv), *PROFILE, "--name", "lab", "--window", "16", "--season", "off",
+              "--registry", str(registry), "--epochs", "2", "-q")
+    obj = json.loads(edgefleet("compress", "lab@1", "--recipe", "sparsify:0.5,quantize:int8", *PROFILE,
+                               "--data", str(csv), "--labels", str(labels), "--registry", str(registry),
+                               "--json").stdout)
+    compression = obj["lineage"]["compression"]
+    assert compression["quality"] == "nab_standard"
+    assert compression["datasets"][0]["rows_used"] == 225  # NAB's probationary 15% of 1500 rows
+    parent = obj["rows"][0]
+    assert parent["step"] == "parent" and 0 < parent["quality"] <= 100
+    check_artifacts(registry, "lab", 2)

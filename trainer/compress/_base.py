@@ -61,7 +61,7 @@ class StepData:
     validation: np.ndarray
     rows: np.ndarray
     recipe: Recipe
-    teacher: nn.Module
+    teacher: Any  # a network of trainer.models, in eval mode
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ModelState:
     filled in from the module when it is saved); ``sparsity`` is the fraction of weights an
     unstructured mask holds at zero (the masks stay on the module until :meth:`finalized`)."""
 
-    model: nn.Module
+    model: Any  # a network of trainer.models (an nn.Module with feature_errors, mean, std)
     spec: ArchitectureSpec
     export: ExportChoice = field(default_factory=ExportChoice)
     sparsity: float = 0.0
@@ -141,7 +141,7 @@ class CompressionStep(ABC):
         return f"<{type(self).__name__} {self.token}>"
 
 
-def output_layers(model: nn.Module, spec: ArchitectureSpec) -> list[nn.Module]:
+def output_layers(model: Any, spec: ArchitectureSpec) -> list[nn.Module]:
     """The layers that produce the model's prediction (their outputs are the metrics: never
     pruned). For the conv family with seasonal context also the last block, whose channels
     are concatenated with the seasonal rows before the head (torch-pruning 1.6 maps a pruned

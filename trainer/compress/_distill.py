@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -95,6 +96,7 @@ class Distillation(CompressionStep):
             raise CompressError("distill: a new student replaces the masked model; put sparsify after distill")
         spec = self.student_spec(state.spec)
         teacher = data.teacher
+        student: Any
         if self.hidden is None:
             student = state.model
         else:
@@ -103,7 +105,7 @@ class Distillation(CompressionStep):
             student.std.copy_(teacher.std)
         alpha = self.alpha
 
-        def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        def loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 target = teacher.feature_errors(batch)
             task = model.feature_errors(batch, squared=True).mean()

@@ -12,6 +12,7 @@ are. Fine-tune afterwards.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ class LowRank(CompressionStep):
         targets = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
         for path, layer in targets:
             parent_path, _, name = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
+            parent: Any = model.get_submodule(parent_path) if parent_path else model
             if isinstance(parent, nn.Sequential) and len(parent) == 2 and parent[0].bias is None \
                     and all(isinstance(m, nn.Linear) for m in parent):
                 continue  # already a factorized pair
@@ -76,10 +77,11 @@ class LowRank(CompressionStep):
                 if r * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
                     continue
                 pair = low_rank_pair(layer.in_features, r, layer.out_features, bias=layer.bias is not None)
-                pair[0].weight.copy_(s[:r, None] * vh[:r])
-                pair[1].weight.copy_(u[:, :r])
+                first, second = cast(nn.Linear, pair[0]), cast(nn.Linear, pair[1])
+                first.weight.copy_(s[:r, None] * vh[:r])
+                second.weight.copy_(u[:, :r])
                 if layer.bias is not None:
-                    pair[1].bias.copy_(layer.bias)
+                    second.bias.copy_(layer.bias)
             setattr(parent, name, pair)
             done.append(f"{path} rank {r}")
         if not done:

@@ -303,7 +303,7 @@ def low_rank_pair(features_in: int, rank: int, features_out: int, bias: bool = T
     return nn.Sequential(nn.Linear(features_in, rank, bias=False), nn.Linear(rank, features_out, bias=bias))
 
 
-def _resize(model: nn.Module, path: str, shape: tuple[int, ...]) -> None:
+def _resize(model: _Normalised, path: str, shape: tuple[int, ...]) -> None:
     """Replace the layer at ``path`` by one of ``shape`` (see ``ArchitectureSpec.layers``)."""
     parent_path, _, name = path.rpartition(".")
     try:
@@ -317,8 +317,9 @@ def _resize(model: nn.Module, path: str, shape: tuple[int, ...]) -> None:
     elif isinstance(layer, nn.Linear) and len(shape) == 2:
         new = nn.Linear(shape[1], shape[0], bias=layer.bias is not None)
     elif isinstance(layer, nn.Conv1d) and len(shape) == 2:
-        new = nn.Conv1d(shape[1], shape[0], layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                        dilation=layer.dilation, bias=layer.bias is not None)
+        padding = layer.padding if isinstance(layer.padding, str) else layer.padding[0]
+        new = nn.Conv1d(shape[1], shape[0], layer.kernel_size[0], stride=layer.stride[0], padding=padding,
+                        dilation=layer.dilation[0], bias=layer.bias is not None)
     else:
         raise SpecError(f"layers: {path!r} is a {type(layer).__name__}; shape {list(shape)} does not apply")
     setattr(parent, name, new)

@@ -12,6 +12,7 @@ give the same bytes.
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
@@ -58,7 +59,7 @@ def _shape(layer: nn.Module) -> tuple[int, ...] | None:
         return (int(layer.weight.shape[0]), int(layer.weight.shape[1]))
     if (isinstance(layer, nn.Sequential) and len(layer) == 2
             and all(isinstance(m, nn.Linear) for m in layer)):
-        first, second = layer[0], layer[1]
+        first, second = cast(nn.Linear, layer[0]), cast(nn.Linear, layer[1])
         return (second.out_features, first.out_features, first.in_features)
     return None
 

@@ -138,6 +138,7 @@ def fit(
     try:
         torch.manual_seed(recipe.seed)
         gen = torch.Generator().manual_seed(recipe.seed)
+        model: Any
         if start is None:
             model = build_network(spec)
             mean, std = _normal_statistics(normal_rows)

@@ -226,3 +226,38 @@ def test_rows_of_masking_steps_say_the_latency_does_not_change() -> None:
     assert "latency does not change" not in format_row(moved)
     failed = dataclasses.replace(row, parity_passed=False, failures=("max error 2x threshold",))
     assert "parity failed: max error 2x threshold" in format_row(failed)
+
+
+# -- the step contract, over every step ------------------------------------------------------------
+
+EXAMPLES = {"prune": "prune:0.5:taylor", "finetune": "finetune:1", "lowrank": "lowrank:rank=4",
+            "sparsify": "sparsify:0.5", "distill": "distill:16:epochs=1", "quantize": "quantize:dynamic"}
+
+
+def test_every_step_has_an_example() -> None:
+    from trainer.compress import STEPS
+
+    assert set(EXAMPLES) == set(STEPS)
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+@pytest.mark.parametrize("family", ["forecaster", "conv"])
+def test_step_contract(name: str, family: str) -> None:
+    """Every step: its token parses back to it; on a model it accepts it leaves a model that
+    scores every window, and that its spec and weights rebuild exactly."""
+    (step,) = parse_recipe(EXAMPLES[name]).steps
+    assert parse_recipe(step.token).steps == (step,) and step.name == name
+    spec = SPECS[family]
+    step.check(spec)
+    data = _data(spec)
+    if (name, family) == ("lowrank", "conv"):  # its one Linear, the head (16 -> 4), cannot shrink
+        with pytest.raises(CompressError, match="no Linear layer of this model gets smaller"):
+            step.apply(_state(spec), data)
+        return
+    after = step.apply(_state(spec), data)
+    model = after.finalized()
+    scores = score_windows(model, data.train)
+    assert scores.shape == (len(data.train),) and np.isfinite(scores).all()
+    compressed = compressed_layers(model, after.spec)
+    rebuilt = load_weights(ArchitectureSpec.from_json(compressed.to_json()), weights_bytes(model))
+    np.testing.assert_allclose(score_windows(rebuilt, data.train), scores, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,15 @@ from trainer.data import (
 )
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.export.targets import exportable, refusal
-from trainer.models import ArchitectureSpec, Recipe, SpecError, TreeModel, fit, score_windows, weights_bytes
+from trainer.models import (
+    ArchitectureSpec,
+    Recipe,
+    SpecError,
+    TreeModel,
+    fit,
+    score_windows,
+    weights_bytes,
+)
 from trainer.models.spec import (
     ATTENTION_HEADS,
     CONV_DILATIONS,

@@ -52,6 +52,7 @@ from trainer.models import (
     score_windows,
     weights_bytes,
 )
+from trainer.models.spec import TREE_FAMILIES
 from trainer.registry import NewArtifact, Registry, VersionRecord, parse_model_ref
 from trainer.scoring import ThresholdPolicy, calibrate
 from trainer.search.errors import SearchError
@@ -137,6 +138,9 @@ def prepare(request: CompressRequest, registry_dir: Path) -> Prepared:
                                 f"(it allows {', '.join(p.quantizations)})")
     with Registry.open(registry_dir) as reg:
         parent = reg.get(name, version)
+        if parent.architecture.get("family") in TREE_FAMILIES:
+            raise CompressError(f"{parent.ref} is a {parent.architecture['family']} model: compress works on "
+                                "the torch families (a tree ensemble has no layers to prune, factorize or distill)")
         weights = reg.weights(parent)
         if not parent.artifacts:
             raise CompressError(f"{parent.ref} has no artifact")
@@ -337,7 +341,7 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
     # -- register ---------------------------------------------------------------------------------
     final = exporter
     new = []
-    for fmt, quant in _variants(prepared.profiles):
+    for fmt, quant in _variants(prepared.profiles, state.spec.family):
         if state.export.quantization and quant != state.export.quantization:
             continue
         notify("export", {"format": fmt, "quantization": quant})

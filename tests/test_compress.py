@@ -246,3 +246,19 @@ def test_with_labels_the_quality_is_the_nab_score(host: tuple[Path, Path], tmp_p
     parent = obj["rows"][0]
     assert parent["step"] == "parent" and 0 < parent["quality"] <= 100
     check_artifacts(registry, "lab", 2)
+
+
+def test_a_tree_family_version_is_refused_in_one_line(host: tuple[Path, Path], tmp_path: Path) -> None:
+    _, csv = host
+    registry = tmp_path / "reg"
+    edgefleet("train", "--data", str(csv), "--profile", "x86-64-v3", "--name", "forest", "--family", "trees",
+              "--registry", str(registry), "-q")
+    with Registry.open(registry) as reg:
+        assert reg.get("forest", 1).weights is None  # a tree ensemble has no torch weights
+    before = tree_digest(registry)
+    proc = edgefleet("compress", "forest@1", "--recipe", "quantize:int8", "--profile", "x86-64-v3",
+                     "--data", str(csv), "--registry", str(registry), check=False)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "forest@1 is a trees model: compress works on the torch families" in line
+    assert tree_digest(registry) == before

@@ -266,10 +266,15 @@ def _compress_winners(args: argparse.Namespace, request: Any, records: list[Any]
     profiles, the search's data and labels). Raises ``CompressError`` /
     ``RegistryError`` (both ``ValueError``s or reported as such) on the first that fails."""
     from trainer.compress import CompressRequest, compress, prepare
+    from trainer.models.spec import TREE_FAMILIES
     from trainer.registry import RegistryError
 
     out = []
     for r in records:
+        if r.architecture.get("family") in TREE_FAMILIES:
+            bar.note(f"{r.ref} is a {r.architecture['family']} model: left uncompressed (no torch layers)",
+                     always=True)
+            continue
         profiles = sorted({p for a in r.artifacts for p in a.profiles})
         bar.note(f"compressing {r.ref} ({args.compress}) …")
         try:

@@ -72,6 +72,7 @@ def agent(args: str, needle: str) -> Case:
 TRAIN = "train --profile x86-64-v3 --name m --epochs 1"
 DETECT = "detect m@1 --registry reg --data ok.csv --out scores.csv"
 SEARCH = "search --data ok.csv --name s --trials 1 --registry reg"
+COMPRESS = "compress m@1 --profile x86-64-v3 --registry reg --data ok.csv"
 CASES = [
     # edgefleet train
     ef(f"{TRAIN} --data nope.csv --registry reg", "cannot read nope.csv"),
@@ -138,6 +139,17 @@ CASES = [
     ef("search worker --study s --storage postgresql://127.0.0.1:1/x --trials 1", "cannot open search storage"),
     ef("search worker --study s --storage bogus://x --trials 1", "cannot open search storage"),
     ef("search walk --registry reg", "unexpected 'walk'"),
+    # edgefleet compress
+    ef(f"{COMPRESS} --recipe prune:2", "prune: the ratio must be in (0, 1), got 2"),
+    ef(f"{COMPRESS} --recipe shrink:0.5", "unknown step 'shrink' in recipe"),
+    ef(f"{COMPRESS} --recipe quantize:int8,finetune:1", "quantize must be the last step"),
+    ef("compress m@9 --recipe finetune:1 --profile x86-64-v3 --registry reg --data ok.csv", "no version m@9"),
+    ef("compress m@1 --recipe finetune:1 --registry reg --data ok.csv", "give at least one --profile"),
+    ef("compress m@1 --recipe finetune:1 --profile x86-64-v3 --registry reg --data nope.csv", "cannot read nope.csv"),
+    ef("compress m@1 --recipe finetune:1 --profile x86-64-v3 --registry reg --data dup.csv",
+       "dup.csv:7: timestamp '2026-01-01 00:20:00' repeats"),
+    ef(f"{COMPRESS} --recipe finetune:1 --max-quality-drop -1", "--max-quality-drop: must be a number >= 0"),
+    ef("compress m@1 --recipe finetune:1 --profile x86-64-v3 --registry corrupt --data ok.csv", "corrupt"),
     # edgefleet demo (checks its broker URL before it starts anything)
     ef("demo --broker http://127.0.0.1:1883", "bad broker URL"),
     # edgefleet data synth

@@ -168,3 +168,29 @@ def test_creating_over_a_registry_another_process_is_creating(tmp_path: Path) ->
     # What a second `train` sees when the first has created the file but not migrated it yet.
     sqlite3.connect(tmp_path / "registry.sqlite").close()
     assert _register(str(tmp_path), "cpu", b"x") == 1
+
+
+def test_weights_are_kept_by_content_and_v1_registries_migrate_to_versions_without_them(tmp_path: Path) -> None:
+    from trainer.registry._schema import migrate
+
+    with Registry.open(tmp_path / "new", create=True) as reg:
+        record = reg.register("cpu", metrics={}, params={}, lineage={"parent_version": None}, architecture={},
+                              artifacts=[_artifact(b"a")], weights=b"weights")
+        assert reg.weights(record) == b"weights" and record.weights is not None
+        assert record.lineage["parent_version"] is None  # a lineage may name its own parent
+    # a registry written before weights were kept (schema v1)
+    old = tmp_path / "old"
+    old.mkdir()
+    conn = sqlite3.connect(old / "registry.sqlite", isolation_level=None)
+    migrate(conn, target=1)
+    conn.execute("INSERT INTO models VALUES ('cpu', 'then')")
+    conn.execute("INSERT INTO versions VALUES ('cpu', 1, 'then', '{}', '{}', '{}', '{}')")
+    conn.close()
+    with pytest.raises(RegistryError, match="registry migrate"):
+        Registry.open(old)
+    assert Registry.migrate(old) == (1, [2])
+    with Registry.open(old) as reg:
+        record = reg.get("cpu", 1)
+        assert record.weights is None
+        with pytest.raises(RegistryError, match="without its model weights"):
+            reg.weights(record)

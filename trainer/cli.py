@@ -177,6 +177,9 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     if recipe:
         print("  recipe " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in sorted(recipe.items())))
+    compression = record.lineage.get("compression")
+    if compression:
+        print(f"  compressed from {compression.get('parent')} by {compression.get('recipe')}")
     search = record.lineage.get("search")
     if search:
         values = ", ".join(f"{o} {v:.4g}" for o, v in zip(search.get("objectives", []), search.get("values", [])))
@@ -436,12 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anomalies to inject (default: %(default)s)")
     json_arg(p)
     p.set_defaults(func=cmd_data_synth)
+    from trainer.cli_compress import add_compress_command
     from trainer.cli_evaluate import add_evaluate_command
     from trainer.cli_fleet import add_fleet_commands
     from trainer.cli_search import add_search_command
 
     add_evaluate_command(sub, registry_arg, json_arg)
     add_search_command(sub, registry_arg, json_arg)
+    add_compress_command(sub, registry_arg, json_arg)
     add_fleet_commands(sub, registry_arg, json_arg)
     return parser
 

@@ -193,6 +193,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         profile_dirs=[Path(d) for d in args.profiles_dir], folds=args.folds, trial_timeout=args.trial_timeout,
     )
     plots = _plots_dir(args.plots)
+    if args.compress:
+        from trainer.compress import RecipeError, parse_recipe
+
+        try:
+            parse_recipe(args.compress)
+        except RecipeError as e:
+            raise UsageError(f"--compress: {e}") from e
     try:
         prepared = prepare_search(request)
         study = open_study(prepared)
@@ -230,16 +237,54 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"edgefleet search: {e}", file=sys.stderr)
         return EXIT_FAILED
     _write_plots(study, plots, args.quiet)
+    compressed = []
+    if args.compress:
+        try:
+            compressed = _compress_winners(args, request, records, bar)
+        except ValueError as e:  # CompressError: a step does not fit a winner; the winners stand
+            print(f"edgefleet search: --compress {args.compress}: {e} (the winners are registered "
+                  "uncompressed)", file=sys.stderr)
+            return EXIT_FAILED
     if args.json:
         print_json({"study": study.study_name, "storage": prepared.storage,
                     "versions": [r.to_json() for r in records],
-                    "left_out": None if prepared.left_out is None else prepared.left_out.to_json()})
+                    "left_out": None if prepared.left_out is None else prepared.left_out.to_json(),
+                    **({"compressed": [r.to_json() for r in compressed]} if args.compress else {})})
     else:
         for r in records:
             s = r.lineage["search"]
             print(f"registered {r.ref} in {args.registry} from study {s['study']} trial {s['trial']} "
                   f"(quality {s['values'][0]:.4g}; profiles {', '.join(a for a in sorted({p for x in r.artifacts for p in x.profiles}))})")
+        for r in compressed:
+            c = r.lineage["compression"]
+            print(f"registered {r.ref} in {args.registry}: {c['parent']} compressed by {c['recipe']}")
     return 0
+
+
+def _compress_winners(args: argparse.Namespace, request: Any, records: list[Any], bar: Any) -> list[Any]:
+    """``--compress RECIPE``: each registered winner through ``edgefleet compress`` (its
+    profiles, the search's data and labels). Raises ``CompressError`` /
+    ``RegistryError`` (both ``ValueError``s or reported as such) on the first that fails."""
+    from trainer.compress import CompressRequest, compress, prepare
+    from trainer.models.spec import TREE_FAMILIES
+    from trainer.registry import RegistryError
+
+    out = []
+    for r in records:
+        if r.architecture.get("family") in TREE_FAMILIES:
+            bar.note(f"{r.ref} is a {r.architecture['family']} model: left uncompressed (no torch layers)",
+                     always=True)
+            continue
+        profiles = sorted({p for a in r.artifacts for p in a.profiles})
+        bar.note(f"compressing {r.ref} ({args.compress}) …")
+        try:
+            prepared = prepare(CompressRequest(
+                ref=r.ref, recipe=args.compress, profiles=profiles, data=request.data, labels=request.labels,
+                seed=request.seed, profile_dirs=request.profile_dirs), request.registry)
+            out.append(compress(prepared).version)
+        except RegistryError as e:
+            raise ValueError(str(e)) from e
+    return out
 
 
 def _show(args: argparse.Namespace, name: str) -> int:
@@ -334,6 +379,10 @@ def add_search_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
                    help="run trials in K local processes sharing the storage (default: 1)")
     p.add_argument("--plots", metavar="DIR", help="write history, importance and Pareto-front PNGs here")
     p.add_argument("--seed", type=int, help="sampler and training seed (default: 0)")
+    p.add_argument("--compress", metavar="RECIPE",
+                   help="compress each registered winner with this recipe, as `edgefleet compress` does "
+                   "(e.g. prune:0.5,finetune:5,quantize:int8; docs/compression.md), registering one more "
+                   "version per winner")
     p.add_argument("--register", choices=("best", "front"),
                    help="register the best trial per profile (default), or every trial of its Pareto front")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

@@ -40,7 +40,15 @@ from trainer.data import (
 )
 from trainer.export import BuiltArtifact, ExportInputs, build_artifact
 from trainer.export.targets import exportable, refusal
-from trainer.models import ArchitectureSpec, Recipe, SpecError, fit, score_windows
+from trainer.models import (
+    ArchitectureSpec,
+    Recipe,
+    SpecError,
+    TreeModel,
+    fit,
+    score_windows,
+    weights_bytes,
+)
 from trainer.models.spec import (
     ATTENTION_HEADS,
     CONV_DILATIONS,
@@ -524,5 +532,7 @@ def train(
             lineage=inputs.lineage,
             architecture=spec.to_json(),
             artifacts=new,
+            # what `edgefleet compress` starts from (a tree ensemble has no torch weights)
+            weights=None if isinstance(result.model, TreeModel) else weights_bytes(result.model),
         )
     return TrainOutcome(record, rejected)

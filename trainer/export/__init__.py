@@ -1,6 +1,7 @@
 """Export trained models to ONNX and TFLite (fp32, int8), check parity, wrap in bundles."""
 
 from trainer.export.bundles import (
+    SCHEMES,
     BuiltArtifact,
     ExportInputs,
     artifact_scores,
@@ -9,6 +10,7 @@ from trainer.export.bundles import (
 from trainer.export.parity import TOLERANCES, ParityReport, Tolerance, check_parity
 
 __all__ = [
+    "SCHEMES",
     "TOLERANCES",
     "BuiltArtifact",
     "ExportInputs",

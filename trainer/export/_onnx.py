@@ -13,6 +13,7 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
+    quantize_dynamic,
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -90,8 +91,8 @@ class _Windows(CalibrationDataReader):
         return None if item is None else {INPUT_NAME: item}
 
 
-def quantize_onnx_int8(fp32_model: bytes, calibration: np.ndarray) -> bytes:
-    """Static QDQ: int8 per-channel weights, 16-bit activations, calibrated on ``calibration``.
+def quantize_onnx_int8(fp32_model: bytes, calibration: np.ndarray, per_channel: bool = True) -> bytes:
+    """Static QDQ: int8 per-channel weights (per tensor with ``per_channel=False``), 16-bit activations, calibrated on ``calibration``.
 
     Weights are int8 (the artifact is as small as full int8), activations 16-bit (A16W8): a
     forecaster's output is a small difference of large hidden activations, and 8-bit
@@ -118,11 +119,24 @@ def quantize_onnx_int8(fp32_model: bytes, calibration: np.ndarray) -> bytes:
             str(out),
             _Windows(calibration),
             quant_format=QuantFormat.QDQ,
-            per_channel=True,
+            per_channel=per_channel,
             activation_type=QuantType.QInt16,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             op_types_to_quantize=["MatMul", "Gemm", "Conv"],
             extra_options={"QuantizeBias": False, "ActivationSymmetric": False},
         )
+        return _canonical(onnx.load(str(out)))
+
+
+def quantize_onnx_dynamic(fp32_model: bytes) -> bytes:
+    """Dynamic quantization: int8 weights of the matrix products, activations quantized to
+    8 bits at run time from each input's own range (no calibration set). onnxruntime's
+    ``quantize_dynamic`` with its defaults for the operators, per-tensor weights.
+    """
+    with tempfile.TemporaryDirectory() as tmp, quiet_fds():
+        src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "dynamic.onnx"))
+        src.write_bytes(fp32_model)
+        quant_pre_process(str(src), str(pre))
+        quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         return _canonical(onnx.load(str(out)))

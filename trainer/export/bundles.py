@@ -21,7 +21,13 @@ from shared.bundle import (
     read_bundle,
     write_bundle,
 )
-from trainer.export._onnx import INPUT_NAME, OUTPUT_NAME, export_onnx_fp32, quantize_onnx_int8
+from trainer.export._onnx import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    export_onnx_fp32,
+    quantize_onnx_dynamic,
+    quantize_onnx_int8,
+)
 from trainer.export._quiet import quiet_fds
 from trainer.export._tflite import export_tflite_fp32, export_tflite_int8
 from trainer.export._trees import export_tree_onnx
@@ -29,7 +35,7 @@ from trainer.export.parity import TOLERANCES, ParityReport, check_parity
 from trainer.export.targets import TREE_EXPORT_REASON, TREE_EXPORTS
 from trainer.models import TreeModel
 
-__all__ = ["BuiltArtifact", "ExportInputs", "build_artifact", "artifact_scores"]
+__all__ = ["SCHEMES", "BuiltArtifact", "ExportInputs", "build_artifact", "artifact_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,12 @@ GOLDEN_COUNT = 4
 # Tolerances for the on-device smoke test, relative to the decision threshold: fp32 kernels
 # differ in summation order across CPUs; int8 kernels may also round differently.
 GOLDEN_TOLERANCE = {"fp32": (1e-3, 1e-3), "int8": (0.05, 0.05)}
+# How an int8 artifact is quantized. "static": each format's default (ONNX QDQ with int8
+# per-channel weights and 16-bit activations, TFLite full int8 with per-tensor weights), both
+# calibrated on ExportInputs.calibration; "per-channel" / "per-tensor": static with that weight
+# granularity in either format; "dynamic": int8 weights, activations quantized at run time
+# (onnxruntime quantize_dynamic, LiteRT dynamic-range), no calibration set.
+SCHEMES = ("static", "per-channel", "per-tensor", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,7 @@ def _golden_indices(reference: np.ndarray) -> list[int]:
     return sorted({int(i) for i in picks})[:GOLDEN_COUNT]
 
 
-def _export(fmt: str, quantization: str, inputs: ExportInputs) -> bytes:
+def _export(fmt: str, quantization: str, inputs: ExportInputs, scheme: str) -> bytes:
     if isinstance(inputs.module, TreeModel):
         if (fmt, quantization) not in TREE_EXPORTS:
             raise ValueError(f"no {fmt}/{quantization} artifact of the {inputs.module.spec.family} family: "
@@ -98,22 +110,31 @@ def _export(fmt: str, quantization: str, inputs: ExportInputs) -> bytes:
     example = inputs.holdout[:1]
     if fmt == "onnx":
         fp32 = export_onnx_fp32(inputs.module, example)
-        return fp32 if quantization == "fp32" else quantize_onnx_int8(fp32, inputs.calibration)
+        if quantization == "fp32":
+            return fp32
+        if scheme == "dynamic":
+            return quantize_onnx_dynamic(fp32)
+        return quantize_onnx_int8(fp32, inputs.calibration, per_channel=scheme != "per-tensor")
     if quantization == "fp32":
         return export_tflite_fp32(inputs.module, example)
-    return export_tflite_int8(inputs.module, inputs.calibration)
+    return export_tflite_int8(inputs.module, inputs.calibration, per_channel=scheme == "per-channel",
+                              dynamic=scheme == "dynamic")
 
 
-def build_artifact(fmt: str, quantization: str, inputs: ExportInputs) -> BuiltArtifact:
+def build_artifact(fmt: str, quantization: str, inputs: ExportInputs, scheme: str = "static") -> BuiltArtifact:
     """Export one artifact, check parity against the trained model, and wrap it in a bundle.
 
+    ``scheme`` chooses how an int8 artifact is quantized (:data:`SCHEMES`); a scheme other
+    than ``static`` is recorded in the bundle's ``extra.quantization_scheme``.
     When parity fails, ``spec`` is ``None`` and ``bundle`` is empty: the caller must not
     register it (the report says why). Raises ``ValueError`` for an artifact the model's family
     cannot be exported to (:func:`trainer.export.targets.exportable`).
     """
-    if fmt not in MODEL_FILES or quantization not in TOLERANCES:
-        raise ValueError(f"unsupported artifact {fmt}/{quantization}")
-    model = _export(fmt, quantization, inputs)
+    if fmt not in MODEL_FILES or quantization not in TOLERANCES or scheme not in SCHEMES:
+        raise ValueError(f"unsupported artifact {fmt}/{quantization} ({scheme})")
+    if quantization == "fp32":
+        scheme = "static"
+    model = _export(fmt, quantization, inputs, scheme)
     batch: int | None = None if fmt == "onnx" else 1
     shape_in = (batch, inputs.window, len(inputs.features))
     atol_rel, rtol = GOLDEN_TOLERANCE[quantization]
@@ -148,7 +169,8 @@ def build_artifact(fmt: str, quantization: str, inputs: ExportInputs) -> BuiltAr
             atol=atol_rel * inputs.score.threshold,
             rtol=rtol,
         ),
-        extra={"parity": parity.to_json()},
+        extra={"parity": parity.to_json(),
+               **({"quantization_scheme": scheme} if scheme != "static" else {})},
     )
     bundle = write_bundle(spec, model)
     read_bundle(bundle)  # the bundle we register must be one an agent can read

@@ -2,6 +2,13 @@
 
 from trainer.models._networks import build_network
 from trainer.models._trees import TreeModel
+from trainer.models.checkpoint import (
+    CheckpointError,
+    compressed_layers,
+    load_weights,
+    parameter_count,
+    weights_bytes,
+)
 from trainer.models.fit import FitResult, Recipe, fit, score_windows
 from trainer.models.spec import FAMILIES, TREE_FAMILIES, ArchitectureSpec, SpecError
 
@@ -9,11 +16,16 @@ __all__ = [
     "FAMILIES",
     "TREE_FAMILIES",
     "ArchitectureSpec",
+    "CheckpointError",
     "FitResult",
     "Recipe",
     "SpecError",
     "TreeModel",
     "build_network",
+    "compressed_layers",
     "fit",
+    "load_weights",
+    "parameter_count",
     "score_windows",
+    "weights_bytes",
 ]

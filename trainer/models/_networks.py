@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.models.spec import ArchitectureSpec
+from trainer.models.spec import ArchitectureSpec, SpecError
 
 CLIP = 8.0
 
@@ -274,16 +274,52 @@ class AttentionForecaster(_Forecasting):
 
 
 def build_network(spec: ArchitectureSpec) -> _Normalised:
-    """A fresh (untrained) module for ``spec``. Raises ``ValueError`` for a tree family
-    (scikit-learn builds those: :func:`trainer.models.fit`)."""
+    """A fresh (untrained) module for ``spec``, with the compressed shapes of ``spec.layers``.
+
+    Raises ``ValueError`` for a tree family (scikit-learn builds those:
+    :func:`trainer.models.fit`), and :class:`~trainer.models.spec.SpecError` (a
+    ``ValueError``) when a ``layers`` path names no ``nn.Linear`` / ``nn.Conv1d`` of the
+    family's graph.
+    """
     if spec.tree_ensemble:
         raise ValueError(f"the {spec.family} family is not a torch network")
     if spec.family == "autoencoder":
-        return WindowAutoencoder(spec)
-    if spec.family == "linear":
-        return LinearForecaster(spec)
-    if spec.family == "conv":
-        return ConvForecaster(spec)
-    if spec.family == "attention":
-        return AttentionForecaster(spec)
-    return WindowForecaster(spec)
+        model: _Normalised = WindowAutoencoder(spec)
+    elif spec.family == "linear":
+        model = LinearForecaster(spec)
+    elif spec.family == "conv":
+        model = ConvForecaster(spec)
+    elif spec.family == "attention":
+        model = AttentionForecaster(spec)
+    else:
+        model = WindowForecaster(spec)
+    for path, shape in spec.layers:
+        _resize(model, path, shape)
+    return model
+
+
+def low_rank_pair(features_in: int, rank: int, features_out: int, bias: bool = True) -> nn.Sequential:
+    """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``: a factorized ``Linear(in, out)``."""
+    return nn.Sequential(nn.Linear(features_in, rank, bias=False), nn.Linear(rank, features_out, bias=bias))
+
+
+def _resize(model: _Normalised, path: str, shape: tuple[int, ...]) -> None:
+    """Replace the layer at ``path`` by one of ``shape`` (see ``ArchitectureSpec.layers``)."""
+    parent_path, _, name = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = parent.get_submodule(name)
+    except AttributeError:
+        raise SpecError(f"layers: the {model.spec.family} family has no layer {path!r}") from None
+    new: nn.Module
+    if isinstance(layer, nn.Linear) and len(shape) == 3:
+        new = low_rank_pair(shape[2], shape[1], shape[0], bias=layer.bias is not None)
+    elif isinstance(layer, nn.Linear) and len(shape) == 2:
+        new = nn.Linear(shape[1], shape[0], bias=layer.bias is not None)
+    elif isinstance(layer, nn.Conv1d) and len(shape) == 2:
+        padding = layer.padding if isinstance(layer.padding, str) else layer.padding[0]
+        new = nn.Conv1d(shape[1], shape[0], layer.kernel_size[0], stride=layer.stride[0], padding=padding,
+                        dilation=layer.dilation[0], bias=layer.bias is not None)
+    else:
+        raise SpecError(f"layers: {path!r} is a {type(layer).__name__}; shape {list(shape)} does not apply")
+    setattr(parent, name, new)

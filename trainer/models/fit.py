@@ -17,6 +17,7 @@ from trainer.models.spec import ArchitectureSpec
 __all__ = ["FitResult", "Recipe", "fit", "score_windows"]
 
 ProgressFn = Callable[[int, int, float, float], None]
+LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ def fit(
     normal_rows: np.ndarray,
     recipe: Recipe,
     progress: ProgressFn | None = None,
+    start: torch.nn.Module | None = None,
+    loss_fn: LossFn | None = None,
 ) -> FitResult:
     """Train a model of ``spec`` on ``train`` windows, early-stopping on ``validation``.
 
@@ -121,6 +124,11 @@ def fit(
     deterministic algorithms and one intra-op thread while training.
 
     A tree family is fitted once on ``train`` (:func:`_fit_trees`).
+
+    ``start`` continues training that module (fine-tuning a trained or compressed model, of
+    ``spec``'s shapes) instead of a fresh one: its normalisation (mean, std) is kept and
+    ``normal_rows`` is not used. ``loss_fn(model, batch)`` replaces the training loss (the
+    mean squared per-metric error); early stopping still watches the validation score.
     """
     if spec.tree_ensemble:
         return _fit_trees(spec, train, validation, normal_rows, recipe, progress)
@@ -130,10 +138,14 @@ def fit(
     try:
         torch.manual_seed(recipe.seed)
         gen = torch.Generator().manual_seed(recipe.seed)
-        model = build_network(spec)
-        mean, std = _normal_statistics(normal_rows)
-        model.mean.copy_(torch.from_numpy(mean))
-        model.std.copy_(torch.from_numpy(std))
+        model: Any
+        if start is None:
+            model = build_network(spec)
+            mean, std = _normal_statistics(normal_rows)
+            model.mean.copy_(torch.from_numpy(mean))
+            model.std.copy_(torch.from_numpy(std))
+        else:
+            model = start
         opt = torch.optim.Adam(
             model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
         )
@@ -147,7 +159,10 @@ def fit(
             for i in range(0, len(order), recipe.batch_size):
                 batch = x_train[order[i : i + recipe.batch_size]]
                 opt.zero_grad()
-                loss = model.feature_errors(batch, squared=True).mean()  # every metric's error teaches
+                if loss_fn is None:
+                    loss = model.feature_errors(batch, squared=True).mean()  # every metric's error teaches
+                else:
+                    loss = loss_fn(model, batch)
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(batch)

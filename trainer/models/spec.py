@@ -95,6 +95,15 @@ class ArchitectureSpec:
     pattern that skips a beat is then an error, and a recurring daily event is not. The
     model's input grows to :attr:`input_rows` rows (what the agent buffers); the body's only
     to ``window - 1 + 2 * season_halfwidth + 1`` values per metric.
+
+    ``layers`` records where a compressed model (``edgefleet compress``, :mod:`trainer.compress`)
+    departs from the shapes the other fields build: module path → ``(out, in)`` for a
+    ``nn.Linear`` or ``nn.Conv1d`` resized by structured pruning (a convolution keeps its kernel,
+    dilation and padding), or ``(out, rank, in)`` for a ``nn.Linear`` factorized into
+    ``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``. The other fields keep the values
+    the model was first built with (a conv block keeps its residual projection even when pruning
+    made its widths equal), so the spec still rebuilds exactly the compressed graph. Empty for
+    every trained model.
     """
 
     family: str
@@ -111,6 +120,7 @@ class ArchitectureSpec:
     n_estimators: int = TREE_ESTIMATORS
     max_depth: int = TREE_DEPTH
     max_samples: int = ISOLATION_SAMPLES
+    layers: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -145,6 +155,13 @@ class ArchitectureSpec:
         elif self.heads != ATTENTION_HEADS:
             raise SpecError(f"heads is an attention parameter: the {self.family} family takes its default")
         self._check_tree_parameters()
+        if self.layers and self.tree_ensemble:
+            raise SpecError(f"layers are compressed torch layers: the {self.family} family has none")
+        for path, shape in self.layers:
+            if not path or len(shape) not in (2, 3) or min(shape) < 1:
+                raise SpecError(
+                    f"layers: {path!r} needs (out, in) or (out, rank, in) of positive sizes, got {list(shape)}"
+                )
         if self.season:
             if self.family not in FORECASTING_FAMILIES:
                 raise SpecError(
@@ -200,6 +217,9 @@ class ArchitectureSpec:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         d["dilations"] = list(self.dilations)
+        d["layers"] = {path: list(shape) for path, shape in self.layers}
+        if not self.layers:  # as uncompressed models always recorded it
+            del d["layers"]
         if not self.season:  # as older versions recorded it
             del d["season"], d["season_halfwidth"]
         if self.family != "conv":  # conv parameters only where they mean something
@@ -232,6 +252,10 @@ class ArchitectureSpec:
                 n_estimators=int(obj.get("n_estimators", TREE_ESTIMATORS)),
                 max_depth=int(obj.get("max_depth", TREE_DEPTH)),
                 max_samples=int(obj.get("max_samples", ISOLATION_SAMPLES)),
+                layers=tuple(
+                    (str(path), tuple(int(n) for n in shape))
+                    for path, shape in sorted(dict(obj.get("layers", {})).items())
+                ),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"bad architecture spec {obj!r}: {e}") from e

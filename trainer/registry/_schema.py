@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _v1(conn: sqlite3.Connection) -> None:
@@ -51,13 +51,19 @@ def _v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    # The sha256 of a version's torch weights (a blob, trainer.models.checkpoint), so that a
+    # registered version can be compressed or fine-tuned later; NULL for versions from before.
+    conn.execute("ALTER TABLE versions ADD COLUMN weights TEXT")
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2}
 
 
 def current_version(conn: sqlite3.Connection) -> int:

@@ -94,6 +94,9 @@ class VersionRecord:
     lineage: dict[str, Any]
     architecture: dict[str, Any]
     artifacts: list[ArtifactRecord] = field(default_factory=list)
+    # sha256 of the torch weights blob (trainer.models.checkpoint); None for versions
+    # registered before the registry kept them.
+    weights: str | None = None
 
     @property
     def ref(self) -> str:
@@ -110,6 +113,7 @@ class VersionRecord:
             "lineage": self.lineage,
             "architecture": self.architecture,
             "artifacts": [a.to_json() for a in self.artifacts],
+            "weights": self.weights,
         }
 
 
@@ -271,14 +275,18 @@ class Registry:
         lineage: dict[str, Any],
         architecture: dict[str, Any],
         artifacts: Sequence[NewArtifact],
+        weights: bytes | None = None,
     ) -> VersionRecord:
-        """Record a new version ``model@N`` (N = previous + 1) with its artifacts.
+        """Record a new version ``model@N`` (N = previous + 1) with its artifacts and, when
+        given, the torch ``weights`` it was exported from (:mod:`trainer.models.checkpoint`).
 
         Atomic: either the version and all its artifacts are recorded, or nothing is. The
-        lineage gets ``parent_version`` (the previous latest version, if any).
+        lineage gets ``parent_version`` (the previous latest version, if any) unless it names
+        one itself (a compressed version names the version it was compressed from).
         """
         check_model_name(model)
         shas = [self.blobs.put(a.bundle) for a in artifacts]
+        weights_sha = self.blobs.put(weights) if weights is not None else None
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with self._write():
             row = self._conn.execute(
@@ -287,7 +295,7 @@ class Registry:
             parent = row[0]
             version = (parent or 0) + 1
             self.db.table("models").insert({"name": model, "created_at": now}, ignore=True)
-            lineage = {**lineage, "parent_version": parent}
+            lineage = {"parent_version": parent, **lineage}
             self.db.table("versions").insert(
                 {
                     "model": model,
@@ -297,6 +305,7 @@ class Registry:
                     "params": json.dumps(params, sort_keys=True),
                     "lineage": json.dumps(lineage, sort_keys=True),
                     "architecture": json.dumps(architecture, sort_keys=True),
+                    "weights": weights_sha,
                 }
             )
             self.db.table("artifacts").insert_all(
@@ -357,6 +366,19 @@ class Registry:
         except (OSError, ValueError) as e:
             raise RegistryError(f"registry {self.root}: artifact {sha256}: {e}") from e
 
+    def weights(self, record: VersionRecord) -> bytes:
+        """The torch weights ``record`` was exported from.
+
+        Raises :class:`RegistryError` when the version was registered without them (before
+        the registry kept weights) or their blob is missing or corrupt.
+        """
+        if record.weights is None:
+            raise RegistryError(
+                f"{record.ref} was registered without its model weights (by an older edgefleet): "
+                "train it again to compress or fine-tune it"
+            )
+        return self.bundle(record.weights)
+
     def _version(self, row: dict[str, Any]) -> VersionRecord:
         arts = self.db.table("artifacts").rows_where(
             "model = ? AND version = ?",
@@ -383,4 +405,5 @@ class Registry:
                 )
                 for a in arts
             ],
+            weights=row.get("weights"),
         )

@@ -86,6 +86,7 @@ __all__ = [
     "ObjectiveData",
     "TrainedCandidate",
     "cross_validate",
+    "detection_decisions",
     "labelled_data",
     "load_folds",
     "measure_quality",
@@ -228,15 +229,27 @@ def _inject(kind: str, rows: np.ndarray, scale: np.ndarray, rng: np.random.Gener
     return out, start, end - 1
 
 
-def synthetic_data(paths: Sequence[Path], *, seed: int) -> ObjectiveData:
+def synthetic_data(paths: Sequence[Path], *, seed: int,
+                   rows_used: Sequence[int | None] | None = None) -> ObjectiveData:
     """Unlabelled mode: hold back the last :data:`HOLDOUT_FRACTION` of each file and make one
     copy of it per kind in :data:`INJECTIONS`, each with one seeded anomaly.
 
+    ``rows_used`` (one entry per path, ``None`` = all) limits each file to its first rows
+    before anything is held back.
     Raises :class:`SearchError` for unreadable files or too few rows to hold any back.
     """
     splits = []
     for i, path in enumerate(paths):
-        s = _load(path, lambda n: n - int(n * HOLDOUT_FRACTION), lambda n: n - int(n * HOLDOUT_FRACTION))
+        limit = rows_used[i] if rows_used else None
+
+        def used(n: int, limit: int | None = limit) -> int:
+            return min(n, limit) if limit else n
+
+        def trained(n: int, used: Callable[[int], int] = used) -> int:
+            return used(n) - int(used(n) * HOLDOUT_FRACTION)
+
+        s = _load(path, trained, trained)
+        s = s.head(used(len(s)))
         cut = len(s) - int(len(s) * HOLDOUT_FRACTION)
         if len(s) - cut < MIN_HELD_ROWS:
             raise SearchError(f"{path}: {len(s)} rows are too few to hold back {HOLDOUT_FRACTION:.0%} to test on")
@@ -382,17 +395,24 @@ def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None
                             len(result.history), result.best_val_loss)
 
 
-def _decisions(trained: TrainedCandidate, ev: EvalSeries) -> np.ndarray:
-    """The agent's own decisions on rows ``ev.first:`` (the score pipeline over torch scores)."""
+ScoreFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _torch_scores(trained: TrainedCandidate) -> ScoreFn:
     from trainer.models import score_windows
 
+    return lambda windows: score_windows(trained.model, windows)
+
+
+def _decisions(trained: TrainedCandidate, ev: EvalSeries, score: ScoreFn) -> np.ndarray:
+    """The agent's own decisions on rows ``ev.first:`` (the score pipeline over the scores)."""
     rows = trained.candidate.architecture.input_rows
     # warm the pipeline on the rows before ev.first, as an agent that ran through them would be
     pipeline = trained.score.pipeline
     warm = getattr(pipeline, "min_history", 0) + getattr(pipeline, "short_window", 0)
     start = max(0, ev.first - rows + 1 - warm)
     windows = make_windows(ev.values[start:].astype(np.float32), rows)
-    scores = score_windows(trained.model, windows)
+    scores = score(windows)
     scorer = trained.score.scorer()
     decided = np.zeros(len(ev.values) - start, bool)
     for i, s in enumerate(scores):
@@ -400,11 +420,27 @@ def _decisions(trained: TrainedCandidate, ev: EvalSeries) -> np.ndarray:
     return decided[ev.first - start:]
 
 
-def measure_quality(trained: TrainedCandidate, data: ObjectiveData) -> CandidateQuality:
-    """Detection quality of ``trained`` on ``data`` (rules in the module docstring)."""
-    from trainer.models import score_windows
+def detection_decisions(trained: TrainedCandidate, data: ObjectiveData,
+                        scores: ScoreFn | None = None) -> list[np.ndarray]:
+    """The decisions :func:`measure_quality` judges, one array per ``data.evaluate`` series.
 
-    files = [(ev.labels, _decisions(trained, ev)) for ev in data.evaluate]
+    ``scores`` maps ``(n, rows, features)`` windows to raw scores; default: the torch model's
+    (an exported artifact's runtime scores judge the artifact instead).
+    """
+    score = scores or _torch_scores(trained)
+    return [_decisions(trained, ev, score) for ev in data.evaluate]
+
+
+def measure_quality(trained: TrainedCandidate, data: ObjectiveData, scores: ScoreFn | None = None,
+                    decisions: Sequence[np.ndarray] | None = None) -> CandidateQuality:
+    """Detection quality of ``trained`` on ``data`` (rules in the module docstring).
+
+    ``scores`` as for :func:`detection_decisions`; ``decisions``: its result, when already known.
+    """
+    score = scores or _torch_scores(trained)
+    if decisions is None:
+        decisions = detection_decisions(trained, data, score)
+    files = list(zip((ev.labels for ev in data.evaluate), decisions))
     events = event_metrics(files)
     details: dict[str, Any] = {
         "event_recall": events.recall,
@@ -422,7 +458,7 @@ def measure_quality(trained: TrainedCandidate, data: ObjectiveData) -> Candidate
     errors = []
     for values, train in zip(data.clean, data.train):
         start = len(train) - spec.input_rows + 1
-        errors.append(score_windows(trained.model, make_windows(values[start:].astype(np.float32), spec.input_rows)))
+        errors.append(score(make_windows(values[start:].astype(np.float32), spec.input_rows)))
     clean_error = float(np.mean(np.concatenate(errors)))
     details["clean_error"] = clean_error
     quality = events.f1 - CLEAN_ERROR_WEIGHT * min(clean_error, CLEAN_ERROR_CAP)

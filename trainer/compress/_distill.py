@@ -1,0 +1,119 @@
+"""``distill[:WIDTHS][:alpha=A][:epochs=N]``: knowledge distillation.
+
+The teacher is the registered version being compressed (the parent, never modified). The
+student is, with ``WIDTHS`` (``distill:64-16``), a fresh model of the teacher's family and
+input (window, season, metrics) with those hidden widths (the conv family takes dilations
+1, 2, 4, … for its blocks, the attention family one width for every block), starting from
+the teacher's normalisation; without widths (``distill``, ``distill:alpha=0.7``) it is the
+model the steps before left, e.g. a pruned one, which the teacher then fine-tunes. It trains
+on ``--data`` for ``N`` epochs (default: the parent's recipe) with
+
+    loss = (1 - α) · task + α · match(teacher)
+
+where ``task`` is the usual training loss (mean squared per-metric error against the data)
+and ``match`` the mean squared difference between the student's and the teacher's
+per-metric errors, the terms the score is the maximum of: for a forecaster, how far each
+forecast is from the data, so the student learns what the teacher finds predictable and
+what it does not. ``α`` (default 0.5) in [0, 1]. Early stopping watches the validation score
+as in ``edgefleet train``. Written out rather than taken from a library: it is a few lines of
+torch, and the libraries target classifiers' logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from trainer.compress._base import (
+    CompressError,
+    CompressionStep,
+    ModelState,
+    RecipeError,
+    StepData,
+    parse_options,
+    positive,
+)
+from trainer.models import ArchitectureSpec, SpecError, build_network, fit
+
+__all__ = ["Distillation"]
+
+
+class Distillation(CompressionStep):
+    name = "distill"
+    trains = True
+
+    def __init__(self, hidden: tuple[int, ...] | None, alpha: float = 0.5, epochs: int | None = None) -> None:
+        self.hidden, self.alpha, self.epochs = hidden, alpha, epochs
+
+    @classmethod
+    def parse(cls, args: Sequence[str]) -> Distillation:
+        hidden: tuple[int, ...] | None = None
+        if args and "=" not in args[0]:
+            try:
+                hidden = tuple(int(w) for w in args[0].split("-"))
+            except ValueError:
+                raise RecipeError(f"distill: widths must be integers joined by '-', got {args[0]!r}") from None
+            if min(hidden) < 1:
+                raise RecipeError(f"distill: widths must be positive, got {args[0]!r}")
+            args = args[1:]
+        options = parse_options("distill", args, {"alpha": (), "epochs": ()})
+        try:
+            alpha = float(options.get("alpha", 0.5))
+        except ValueError:
+            raise RecipeError(f"distill: alpha must be a number in [0, 1], got {options['alpha']!r}") from None
+        if not 0 <= alpha <= 1:
+            raise RecipeError(f"distill: alpha must be in [0, 1], got {alpha:g}")
+        epochs = positive("distill", options["epochs"], "epochs") if "epochs" in options else None
+        return cls(hidden, alpha, epochs)
+
+    @property
+    def token(self) -> str:
+        epochs = f":epochs={self.epochs}" if self.epochs is not None else ""
+        widths = f"{'-'.join(map(str, self.hidden))}:" if self.hidden else ""
+        return f"distill:{widths}alpha={self.alpha:g}{epochs}"
+
+    def student_spec(self, teacher: ArchitectureSpec) -> ArchitectureSpec:
+        """The student's spec (``teacher`` itself without widths). Raises
+        :class:`CompressError` when the widths do not fit the family."""
+        if self.hidden is None:
+            return teacher
+        if teacher.family == "linear":
+            raise CompressError("distill: the linear family has no hidden widths to shrink")
+        dilations = tuple(2**i for i in range(len(self.hidden))) if teacher.family == "conv" else ()
+        try:
+            return dataclasses.replace(teacher, hidden=self.hidden, dilations=dilations, layers=())
+        except SpecError as e:
+            raise CompressError(f"distill: {e}") from None
+
+    def check(self, spec: ArchitectureSpec) -> None:
+        self.student_spec(spec)
+
+    def apply(self, state: ModelState, data: StepData) -> ModelState:
+        if state.sparsity and self.hidden is not None:
+            raise CompressError("distill: a new student replaces the masked model; put sparsify after distill")
+        spec = self.student_spec(state.spec)
+        teacher = data.teacher
+        student: Any
+        if self.hidden is None:
+            student = state.model
+        else:
+            student = build_network(spec)
+            student.mean.copy_(teacher.mean)
+            student.std.copy_(teacher.std)
+        alpha = self.alpha
+
+        def loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                target = teacher.feature_errors(batch)
+            task = model.feature_errors(batch, squared=True).mean()
+            match = ((model.feature_errors(batch) - target) ** 2).mean()
+            return (1 - alpha) * task + alpha * match
+
+        recipe = dataclasses.replace(data.recipe, epochs=self.epochs or data.recipe.epochs)
+        result = fit(spec, data.train, data.validation, data.rows, recipe, start=student, loss_fn=loss)
+        return state.replace(model=result.model, spec=spec, notes=[
+            *state.notes, f"{self.token}: student {spec.family} {list(spec.hidden) if self.hidden else '(the model so far)'}, "
+            f"best epoch {result.best_epoch}"])

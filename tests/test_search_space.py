@@ -1,4 +1,4 @@
-"""The search space's MLP shapes, and the default candidate a new study tries first."""
+"""The search space's MLP shapes and activations, and the default candidate a new study tries first."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ import optuna
 import pytest
 from helpers_cli import REPO_ROOT, edgefleet
 
+from edge_agent.runtime import open_runtime, smoke_test
+from shared.bundle import read_bundle
+from trainer.cli_common import ACTIVATION_CHOICES
 from trainer.data import generate_host_metrics, write_host_metrics
-from trainer.models import Recipe
+from trainer.models import ArchitectureSpec, Recipe, SpecError
+from trainer.models._networks import build_network
+from trainer.models.spec import ACTIVATIONS
 from trainer.pipeline import DEFAULT_ARCHITECTURE
+from trainer.registry import Registry
+from trainer.search.errors import SearchError
+from trainer.search.grid import grid_of
 from trainer.search.space import SearchSpace, default_params, suggest
 
 
@@ -70,3 +78,49 @@ def test_a_new_study_tries_the_default_first_and_a_resumed_one_does_not_again(tm
     trials = optuna.load_study(study_name="host", storage=storage).get_trials()
     assert [t.user_attrs.get("baseline") for t in trials] == ["train default", None]
     assert trials[0].params == default_params(SearchSpace.from_json({"epochs": 2, "patience": 1}))
+
+
+def test_the_activation_is_part_of_the_spec_and_only_of_the_mlp_families() -> None:
+    spec = ArchitectureSpec("forecaster", 16, 2, (32, 8), activation="gelu")
+    assert spec.to_json()["activation"] == "gelu"
+    assert ArchitectureSpec.from_json(spec.to_json()) == spec
+    assert "activation" not in ArchitectureSpec("forecaster", 16, 2, (32, 8)).to_json()  # as before
+    with pytest.raises(SpecError, match="unknown activation 'swish'"):
+        ArchitectureSpec("forecaster", 16, 2, (32,), activation="swish")
+    with pytest.raises(SpecError, match="MLP families"):
+        ArchitectureSpec("conv", 16, 2, (8, 8), dilations=(1, 2), activation="tanh")
+    assert ACTIVATION_CHOICES == ACTIVATIONS
+    torch_layers = {type(m).__name__ for m in build_network(spec).modules()}
+    assert "GELU" in torch_layers and "ReLU" not in torch_layers
+
+
+def test_a_space_with_activations_proposes_them_for_mlps_only() -> None:
+    space = SearchSpace.from_json({"families": ["forecaster", "linear"], "activations": ["relu", "tanh"]})
+    base = {"window": 16, "layers": 1, "width": 32, "centering": "window", "batch_size": 64,
+            "learning_rate": 1e-3, "weight_decay": 1e-5}
+    mlp = _suggest({**base, "family": "forecaster", "forecaster.season": "off", "activation": "tanh"}, space)
+    assert mlp.architecture.activation == "tanh"
+    linear = _suggest({**base, "family": "linear", "linear.season": "off"}, space)
+    assert linear.architecture.activation == "relu"
+    assert grid_of(space)["activation"] == ["relu", "tanh"]
+    with pytest.raises(SearchError, match="activations"):
+        SearchSpace.from_json({"activations": ["relu", "swish"]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["gelu", "tanh"])
+def test_gelu_and_tanh_forecasters_ship_int8_onnx_and_tflite_that_pass_parity(activation: str, tmp_path: Path) -> None:
+    write_host_metrics(generate_host_metrics(1500, seed=5), tmp_path / "host.csv")
+    out = edgefleet("train", "--data", str(tmp_path / "host.csv"), "--profile", "rpi4-arm64", "--name", "host",
+                    "--registry", str(tmp_path / "reg"), "--epochs", "3", "--window", "16", "--season", "off",
+                    "--activation", activation, "--json")
+    version = json.loads(out.stdout)
+    assert version["architecture"]["activation"] == activation
+    arts = {(a["format"], a["quantization"]): a for a in version["artifacts"]}
+    for key in (("onnx", "int8"), ("tflite", "int8")):
+        assert arts[key]["parity"]["passed"], (key, arts[key]["parity"])
+    with Registry.open(tmp_path / "reg") as reg:
+        for a in reg.get("host", 1).artifacts:
+            spec, model = read_bundle(reg.bundle(a.sha256))
+            runtime = open_runtime(spec, model, threads=1)
+            smoke_test(runtime, spec)  # the bundle's golden vectors, in the agent's runtime

@@ -26,6 +26,7 @@ __all__ = [
 # trainer.models.FAMILIES, spelled out so that parsing arguments does not import torch
 # (tests/test_model_families.py checks that the two agree).
 FAMILY_CHOICES = ("autoencoder", "forecaster", "linear", "conv", "attention", "trees", "isolation_forest")
+ACTIVATION_CHOICES = ("relu", "gelu", "tanh")  # trainer.models.spec.ACTIVATIONS, without importing torch
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -87,6 +88,9 @@ def _season(text: str) -> int | None:
 def model_args(p: argparse.ArgumentParser) -> None:
     """The model options ``train`` and ``evaluate`` share (defaults: ``train``'s)."""
     p.add_argument("--window", type=positive_int, help="window length in samples")
+    p.add_argument("--activation", choices=ACTIVATION_CHOICES,
+                   help="hidden-layer activation of the MLP families, forecaster and autoencoder "
+                   "(default relu)")
     p.add_argument("--family", choices=FAMILY_CHOICES,
                    help="model family (docs/model-choice.md; conv, linear and attention take their "
                    "default widths, kernel 3 and dilations 1,2,4,8, two attention blocks of "
@@ -114,6 +118,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **({"window": args.window} if args.window else {}),
         **({"family": args.family} if args.family else {}),
+        **({"activation": args.activation} if args.activation else {}),
         "season": args.season,
         "score_pipeline": LikelihoodPipeline(recurrences=args.recurrences, robust_history=args.robust_history),
         "seasonal_repeats": args.seasonal_repeats,

@@ -144,6 +144,8 @@ class TrainRequest:
     residual: bool = True
     # Attention family only (ArchitectureSpec): attention heads per block.
     heads: int = ATTENTION_HEADS
+    # MLP families only (ArchitectureSpec): the hidden layers' activation.
+    activation: str = "relu"
     # Tree families only (ArchitectureSpec): trees per forest; the trees family's depth limit;
     # the isolation forest's windows per tree.
     n_estimators: int = TREE_ESTIMATORS
@@ -280,6 +282,7 @@ def spec_for(request: TrainRequest, features: int, season: int) -> ArchitectureS
         season=season, season_halfwidth=SEASON_HALFWIDTH,
         kernel=request.kernel, dilations=tuple(dilations), residual=request.residual, heads=request.heads,
         n_estimators=request.n_estimators, max_depth=request.max_depth, max_samples=request.max_samples,
+        activation=request.activation,
     )
 
 

@@ -19,12 +19,15 @@ from trainer.models.spec import ArchitectureSpec, SpecError
 CLIP = 8.0
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def _mlp(sizes: list[int], activation: str = "relu") -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(_ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
 
@@ -89,7 +92,7 @@ class WindowAutoencoder(_Normalised):
         super().__init__(spec)
         d = spec.window * spec.features
         widths = list(spec.hidden)
-        self.body = _mlp([d, *widths, *reversed(widths[:-1]), d])
+        self.body = _mlp([d, *widths, *reversed(widths[:-1]), d], spec.activation)
 
     def feature_errors(self, x: torch.Tensor, squared: bool = False) -> torch.Tensor:
         """``(batch, features)``: mean absolute (or squared) reconstruction error of each metric."""
@@ -145,7 +148,7 @@ class WindowForecaster(_Forecasting):
     def __init__(self, spec: ArchitectureSpec) -> None:
         super().__init__(spec)
         rows = spec.window - 1 + _seasonal_rows(spec)
-        self.body = _mlp([rows * spec.features, *spec.hidden, spec.features])
+        self.body = _mlp([rows * spec.features, *spec.hidden, spec.features], spec.activation)
 
     def predict(self, past: torch.Tensor, seasonal: torch.Tensor | None) -> torch.Tensor:
         return self.body(_flat(past, seasonal))

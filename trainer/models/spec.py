@@ -27,6 +27,9 @@ or, for ``isolation_forest``, isolate)."""
 TREE_FAMILIES = ("trees", "isolation_forest")
 """The families built by scikit-learn (not torch): exported to ONNX only, never quantized."""
 CENTERINGS = ("window", "train")
+# Hidden-layer activations of the MLP families (forecaster, autoencoder); relu is the default.
+ACTIVATIONS = ("relu", "gelu", "tanh")
+MLP_FAMILIES = ("forecaster", "autoencoder")
 CONV_KERNEL = 3
 CONV_DILATIONS = (1, 2, 4, 8)
 ATTENTION_HEADS = 4
@@ -96,6 +99,9 @@ class ArchitectureSpec:
     model's input grows to :attr:`input_rows` rows (what the agent buffers); the body's only
     to ``window - 1 + 2 * season_halfwidth + 1`` values per metric.
 
+    ``activation`` (the MLP families, forecaster and autoencoder, only): the activation after
+    each hidden layer, ``relu`` (the default), ``gelu`` or ``tanh``.
+
     ``layers`` records where a compressed model (``edgefleet compress``, :mod:`trainer.compress`)
     departs from the shapes the other fields build: module path → ``(out, in)`` for a
     ``nn.Linear`` or ``nn.Conv1d`` resized by structured pruning (a convolution keeps its kernel,
@@ -121,6 +127,7 @@ class ArchitectureSpec:
     max_depth: int = TREE_DEPTH
     max_samples: int = ISOLATION_SAMPLES
     layers: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    activation: str = "relu"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -155,6 +162,11 @@ class ArchitectureSpec:
         elif self.heads != ATTENTION_HEADS:
             raise SpecError(f"heads is an attention parameter: the {self.family} family takes its default")
         self._check_tree_parameters()
+        if self.activation not in ACTIVATIONS:
+            raise SpecError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if self.activation != "relu" and self.family not in MLP_FAMILIES:
+            raise SpecError(f"activation is a parameter of the MLP families ({', '.join(MLP_FAMILIES)}): "
+                            f"the {self.family} family takes relu")
         if self.layers and self.tree_ensemble:
             raise SpecError(f"layers are compressed torch layers: the {self.family} family has none")
         for path, shape in self.layers:
@@ -232,6 +244,8 @@ class ArchitectureSpec:
             del d["max_samples"]
         if not self.tree_ensemble:
             del d["n_estimators"]
+        if self.activation == "relu":  # as specs recorded before the choice existed
+            del d["activation"]
         return d
 
     @classmethod
@@ -252,6 +266,7 @@ class ArchitectureSpec:
                 n_estimators=int(obj.get("n_estimators", TREE_ESTIMATORS)),
                 max_depth=int(obj.get("max_depth", TREE_DEPTH)),
                 max_samples=int(obj.get("max_samples", ISOLATION_SAMPLES)),
+                activation=str(obj.get("activation", "relu")),
                 layers=tuple(
                     (str(path), tuple(int(n) for n in shape))
                     for path, shape in sorted(dict(obj.get("layers", {})).items())

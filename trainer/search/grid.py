@@ -52,6 +52,8 @@ def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
         "width": list(space.widths),
         "centering": list(space.centerings),
     }
+    if {"forecaster", "autoencoder"} & set(space.families):
+        grid["activation"] = list(space.activations)
     if "forecaster" in space.families:
         grid["forecaster.season"] = list(space.seasons)
         if space.layers[1] > 1:

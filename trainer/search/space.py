@@ -18,6 +18,8 @@ Parameters and their conditions (Optuna names):
 - ``family`` — one of ``families``;
 - ``window`` — one of ``windows``; ``layers`` — an int in ``layers``; ``width`` — one of
   ``widths``; ``centering`` — one of ``centerings``;
+- forecaster and autoencoder (the MLP families) only: ``activation`` — one of
+  ``activations`` (``relu``, the default space's only one, ``gelu``, ``tanh``);
 - forecaster only: ``forecaster.season`` — ``auto`` (one day of seasonal context when the
   data allows, see :func:`trainer.pipeline.seasonal_lag`) or ``off``; with ``layers`` of 2
   or more, ``forecaster.taper`` — one of ``tapers``: each hidden layer is that many times
@@ -61,11 +63,13 @@ from shared.profiles import FirmwareProfile
 from trainer.export.targets import refusal
 from trainer.models import ArchitectureSpec, Recipe, SpecError
 from trainer.models.spec import (
+    ACTIVATIONS,
     ATTENTION_HEADS,
     CENTERINGS,
     CONV_KERNEL,
     FAMILIES,
     ISOLATION_SAMPLES,
+    MLP_FAMILIES,
     TREE_DEPTH,
     TREE_ESTIMATORS,
     TREE_FAMILIES,
@@ -92,6 +96,7 @@ class SearchSpace:
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)
     bottlenecks: tuple[int, ...] = (4, 8, 16)
     tapers: tuple[int, ...] = (1, 2, 4, 8)
+    activations: tuple[str, ...] = ("relu",)
     kernels: tuple[int, ...] = (3,)
     conv_levels: tuple[int, int] = (2, 4)
     heads: tuple[int, ...] = (1, 2, 4)
@@ -117,6 +122,7 @@ class SearchSpace:
 
         choices("families", FAMILIES)
         choices("centerings", CENTERINGS)
+        choices("activations", ACTIVATIONS)
         choices("seasons", SEASON_CHOICES)
         for name in ("windows", "widths", "bottlenecks", "tapers", "kernels", "heads", "attention_widths",
                      "tree_estimators", "tree_depths", "isolation_samples", "batch_sizes"):
@@ -209,6 +215,9 @@ def suggest(
     season, kernel, dilations, heads = 0, CONV_KERNEL, (), ATTENTION_HEADS
     n_estimators, max_depth, max_samples = TREE_ESTIMATORS, TREE_DEPTH, ISOLATION_SAMPLES
     hidden: tuple[int, ...]
+    activation = "relu"
+    if family in MLP_FAMILIES:
+        activation = trial.suggest_categorical("activation", list(space.activations))
     if family == "autoencoder":
         bottleneck = trial.suggest_categorical("autoencoder.bottleneck", list(space.bottlenecks))
         hidden = (width,) * (layers - 1) + (bottleneck,)
@@ -255,7 +264,7 @@ def suggest(
     spec = ArchitectureSpec(family, window, features, hidden, centering, season=season,
                             season_halfwidth=SEASON_HALFWIDTH, kernel=kernel, dilations=dilations,
                             heads=heads, n_estimators=n_estimators, max_depth=max_depth,
-                            max_samples=max_samples)
+                            max_samples=max_samples, activation=activation)
     return Candidate(spec, recipe)
 
 
@@ -280,6 +289,7 @@ def default_params(space: SearchSpace) -> dict[str, Any] | None:
         d.family in space.families and d.window in space.windows and first in space.widths
         and space.layers[0] <= layers <= space.layers[1] and d.centering in space.centerings
         and "auto" in space.seasons and (taper is None or taper in space.tapers)
+        and "relu" in space.activations
         and recipe.batch_size in space.batch_sizes
         and space.learning_rate[0] <= recipe.learning_rate <= space.learning_rate[1]
         and space.weight_decay[0] <= recipe.weight_decay <= space.weight_decay[1]
@@ -288,7 +298,7 @@ def default_params(space: SearchSpace) -> dict[str, Any] | None:
         return None
     return {
         "family": d.family, "window": d.window, "layers": layers, "width": first,
-        "centering": d.centering, f"{d.family}.season": "auto",
+        "centering": d.centering, "activation": "relu", f"{d.family}.season": "auto",
         **({f"{d.family}.taper": taper} if taper is not None else {}),
         "batch_size": recipe.batch_size, "learning_rate": recipe.learning_rate,
         "weight_decay": recipe.weight_decay,

@@ -143,6 +143,8 @@ CASES = [
     ef(f"{COMPRESS} --recipe prune:2", "prune: the ratio must be in (0, 1), got 2"),
     ef(f"{COMPRESS} --recipe shrink:0.5", "unknown step 'shrink' in recipe"),
     ef(f"{COMPRESS} --recipe quantize:int8,finetune:1", "quantize must be the last step"),
+    ef(f"{COMPRESS} --recipe sparsify:0.5,distill:8", "a new student replaces the masked model"),
+    ef(f"{COMPRESS} --recipe lowrank:rank=100000", "gets smaller at that rank"),
     ef("compress m@9 --recipe finetune:1 --profile x86-64-v3 --registry reg --data ok.csv", "no version m@9"),
     ef("compress m@1 --recipe finetune:1 --registry reg --data ok.csv", "give at least one --profile"),
     ef("compress m@1 --recipe finetune:1 --profile x86-64-v3 --registry reg --data nope.csv", "cannot read nope.csv"),

@@ -82,6 +82,9 @@ def test_prune_finetune_int8_registers_a_smaller_version_with_lineage(host: tupl
     assert lineage["parent_version"] == 1
     assert lineage["compression"]["parent"] == "host@1"
     assert lineage["compression"]["recipe"] == "prune:0.5:magnitude:layer,finetune:5,quantize:int8"
+    # the parent's training figures are not claimed for the compressed model
+    assert not {"best_epoch", "epochs_run", "val_loss", "train_seconds"} & set(obj["metrics"])
+    assert "search" not in lineage
     assert {(a["format"], a["quantization"]) for a in obj["artifacts"]} == {("onnx", "int8"), ("tflite", "int8")}
     rows = {r["step"]: r for r in obj["rows"]}
     assert list(rows) == ["parent", "prune:0.5:magnitude:layer", "finetune:5", "quantize:int8"]

@@ -167,10 +167,8 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     m = record.metrics
     print(f"{record.ref}  created {record.created_at}")
     print(f"  architecture {json.dumps(record.architecture, sort_keys=True)}")
-    print(
-        f"  threshold {m['threshold']:.4g}  best epoch {m['best_epoch']}/{m['epochs_run']}  "
-        f"validation alarm rate {m['validation_alarm_rate']:.4f}"
-    )
+    epochs = f"  best epoch {m['best_epoch']}/{m['epochs_run']}" if "best_epoch" in m else ""
+    print(f"  threshold {m['threshold']:.4g}{epochs}  validation alarm rate {m['validation_alarm_rate']:.4f}")
     datasets = ", ".join(f"{d['file']} ({d['rows_used']} rows)" for d in record.lineage["datasets"])
     print(f"  data {datasets}; parent version {record.lineage.get('parent_version')}")
     recipe = record.lineage.get("recipe")

@@ -28,7 +28,8 @@ from trainer.compress._base import (
     positive,
 )
 from trainer.models import parameter_count
-from trainer.models._networks import low_rank_pair
+from trainer.models._networks import build_network, low_rank_pair
+from trainer.models.spec import ArchitectureSpec
 
 __all__ = ["LowRank"]
 
@@ -53,6 +54,21 @@ class LowRank(CompressionStep):
     @property
     def token(self) -> str:
         return f"lowrank:rank={self.rank}" if self.rank is not None else f"lowrank:{self.energy:g}"
+
+    def check(self, spec: ArchitectureSpec) -> None:
+        """Refuse before any work when no Linear layer of a ``spec`` model can get smaller: a
+        factorization at rank ``r`` shrinks ``Linear(in, out)`` only when ``r·(in+out) < in·out``.
+        (With a retained energy the rank comes from the trained weights, so only the bound
+        over every possible rank is checked here.)"""
+
+        shapes = [(m.in_features, m.out_features) for m in build_network(spec).modules() if isinstance(m, nn.Linear)]
+        largest = max(((i * o - 1) // (i + o) for i, o in shapes), default=0)
+        if largest < 1 or (self.rank is not None and self.rank > largest):
+            layers = ", ".join(f"Linear({i}, {o})" for i, o in shapes) or "none"
+            raise CompressError(
+                f"{self.token}: no Linear layer of this {spec.family} model gets smaller at "
+                f"{'that rank' if self.rank is not None else 'any rank'} (its layers: {layers}; "
+                f"largest useful rank {largest})")
 
     def _rank_of(self, singular: torch.Tensor) -> int:
         if self.rank is not None:

@@ -92,3 +92,6 @@ def _check_order(steps: Sequence[CompressionStep]) -> None:
         if sparse and i > sparse[0] and isinstance(s, (StructuredPruning, LowRank)):
             raise RecipeError(f"{s.token} after {steps[sparse[0]].token}: masks do not survive reshaping; "
                               "put sparsify after prune and lowrank")
+        if sparse and i > sparse[0] and isinstance(s, Distillation) and s.hidden is not None:
+            raise RecipeError(f"{s.token} after {steps[sparse[0]].token}: a new student replaces the masked "
+                              "model; put sparsify after distill")

@@ -247,6 +247,9 @@ class _Exporter:
         return self._built[key]
 
 
+_PARENT_TRAINING_METRICS = ("best_epoch", "epochs_run", "val_loss", "train_seconds", "train_windows",
+                            "validation_windows")
+
 def _variant(profile: FirmwareProfile, quantization: str | None) -> tuple[str, str]:
     """The (format, quantization) ``profile`` ships: its preferred one, in ``quantization``
     when the recipe fixes it (in its preferred format if allowed, else its first format that is)."""
@@ -269,7 +272,9 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
     recipe_json = parent.lineage.get("recipe")
     train_recipe = dataclasses.replace(Recipe.from_json(recipe_json) if recipe_json else Recipe(), seed=req.seed)
     lineage = {
-        **{k: v for k, v in parent.lineage.items() if k not in ("parent_version", "software", "compression")},
+        # not "search": the trial and its measured quality describe the parent, not this model
+        **{k: v for k, v in parent.lineage.items()
+           if k not in ("parent_version", "software", "compression", "search")},
         "parent_version": parent.version,
         "compression": {
             "parent": parent.ref,
@@ -331,6 +336,12 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
                                   measure_latency=req.measure_latency)
             rows.append(row)
             notify("row", {"row": row})
+            if req.max_quality_drop is not None and index in judged and row.quality_change is None:
+                # the artifact this profile runs cannot be judged: the gate cannot pass it
+                raise QualityGateError(
+                    f"step {recipe.gate_label(index)}: the {fmt}/{quant} artifact {profile.name} runs fails "
+                    "its parity check, so its quality cannot be judged against --max-quality-drop: "
+                    "nothing registered")
             if (req.max_quality_drop is not None and index in judged and row.quality_change is not None
                     and -row.quality_change > req.max_quality_drop):
                 raise QualityGateError(
@@ -362,7 +373,9 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
     lineage["compression"]["steps"] = [r.to_json() for r in rows]
     lineage["compression"]["notes"] = state.notes
     metrics = {
-        **parent.metrics,
+        # the parent's training figures (epochs, loss, time) describe the parent's training,
+        # not this model's; what the steps trained is in lineage.compression.steps
+        **{k: v for k, v in parent.metrics.items() if k not in _PARENT_TRAINING_METRICS},
         "threshold": final.score.threshold,
         "validation_alarm_rate": float(np.mean(final.val_scores > final.score.threshold)),
         "validation_score_p50": float(np.median(final.val_scores)),

@@ -55,6 +55,7 @@ __all__ = [
     "builtin_profiles_dir",
     "list_profiles",
     "load_profile",
+    "load_profiles",
     "parse_profile",
 ]
 
@@ -271,6 +272,13 @@ def load_profile(name: str, search_dirs: Sequence[Path] | None = None) -> Firmwa
             return _load_file(path)
     known = ", ".join(sorted(_profile_paths(dirs))) or "(none)"
     raise ProfileError(f"unknown firmware profile {name!r}; known: {known}")
+
+
+def load_profiles(names: Iterable[str], extra_dirs: Sequence[Path] = ()) -> list[FirmwareProfile]:
+    """Each profile of ``names`` once, in order, looked up in ``extra_dirs`` before the built-in
+    ones (the trainer's ``--profiles-dir``). Raises :class:`ProfileError` as :func:`load_profile`."""
+    dirs = [*extra_dirs, builtin_profiles_dir()] if extra_dirs else None
+    return [load_profile(name, dirs) for name in dict.fromkeys(names)]
 
 
 def list_profiles(search_dirs: Sequence[Path] | None = None) -> list[FirmwareProfile]:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from shared.profiles import FirmwareProfile, builtin_profiles_dir, load_profile
+from shared.profiles import FirmwareProfile, load_profiles
 from shared.score_pipeline import LikelihoodPipeline, ScorePipeline
 from shared.series import (
     Series,
@@ -208,8 +208,7 @@ def prepare(request: TrainRequest) -> PreparedData:
     if request.window < 2:
         raise TrainError("--window must be at least 2")
     try:
-        dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
-        profiles = [load_profile(p, dirs) for p in dict.fromkeys(request.profiles)]
+        profiles = load_profiles(request.profiles, request.profile_dirs)
     except ValueError as e:
         raise TrainError(str(e)) from e
     try:

@@ -28,7 +28,7 @@ import numpy as np
 from torch import nn
 
 from shared.bundle import ScoreSpec, read_bundle
-from shared.profiles import FirmwareProfile, builtin_profiles_dir, load_profile
+from shared.profiles import FirmwareProfile, load_profiles
 from shared.score_pipeline import LikelihoodPipeline
 from trainer.compress._base import CompressError, ModelState, StepData
 from trainer.compress._quantize import CALIBRATION
@@ -127,8 +127,7 @@ def prepare(request: CompressRequest, registry_dir: Path) -> Prepared:
     if not request.profiles:
         raise CompressError("give at least one --profile")
     try:
-        dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
-        profiles = [load_profile(p, dirs) for p in dict.fromkeys(request.profiles)]
+        profiles = load_profiles(request.profiles, request.profile_dirs)
     except ValueError as e:
         raise CompressError(str(e)) from e
     export = recipe.export

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.profiles import FirmwareProfile, ProfileError, builtin_profiles_dir, load_profile
+from shared.profiles import FirmwareProfile, ProfileError, load_profiles
 from trainer.search.errors import SearchError
 from trainer.search.hardware import BUDGETS
 from trainer.search.objective import ObjectiveData, load_folds
@@ -230,9 +230,8 @@ def prepare_search(request: SearchRequest) -> PreparedSearch:
     # a known name, able to take these objectives (checked before anything is written)
     make_sampler(request.sampler, seed=request.seed, directions=[OBJECTIVES[o] for o in request.objectives],
                  grid=grid)
-    dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
     try:
-        profiles = [load_profile(p, dirs) for p in dict.fromkeys(request.profiles)]
+        profiles = load_profiles(request.profiles, request.profile_dirs)
     except ProfileError as e:
         raise SearchError(str(e)) from e
     if not profiles:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shared.profiles import ProfileError, builtin_profiles_dir, load_profile
+from shared.profiles import ProfileError, load_profiles
 from trainer.search.errors import SearchError
 from trainer.search.space import SearchSpace
 from trainer.search.study import (
@@ -80,9 +80,8 @@ def join_study(name: str, storage: str, trials: int | None, timeout: float | Non
         profile_dirs=[Path(d) for d in attrs["profile_dirs"]], folds=attrs["folds"],
         trial_timeout=trial_timeout,
     )
-    dirs = [*request.profile_dirs, builtin_profiles_dir()] if request.profile_dirs else None
     try:
-        profiles = [load_profile(p, dirs) for p in request.profiles]
+        profiles = load_profiles(request.profiles, request.profile_dirs)
     except ProfileError as e:
         raise SearchError(f"study {name!r}: {e}") from e
     folds = load_folds(data, labels, seed=request.seed, folds=request.folds)

@@ -110,6 +110,12 @@ CASES = [
     ef("evaluate --data ok.csv --labels labels.json --model m@9 --registry reg", "no version m@9"),
     ef("evaluate --data ok.csv --labels labels.json --model m@1 --registry corrupt", "not a database"),
     ef("evaluate --data ok.csv --labels labels.json --plots ok.csv", "is not a folder"),
+    ef("evaluate --data ok.csv --labels labels.json --compress bogus:1", "--compress: unknown step 'bogus'"),
+    ef("evaluate --data ok.csv --labels labels.json --compress quantize:int8 --model m@1 --registry reg",
+       "--compress applies to the models evaluate trains"),
+    ef("evaluate --data ok.csv --labels labels.json --compress quantize:int8 --family trees",
+       "--compress works on the torch families"),
+    ef("evaluate --data ok.csv --labels labels.json --keep-models ok.csv", "--keep-models: "),
     # edgefleet search (everything is checked before a study or a registry file is written)
     ef(f"{SEARCH} --profile z80", "unknown firmware profile"),
     ef(f"{SEARCH} --profile x86-64-v3 --data nope.csv", "cannot read nope.csv"),

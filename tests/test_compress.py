@@ -265,3 +265,30 @@ def test_a_tree_family_version_is_refused_in_one_line(host: tuple[Path, Path], t
     (line,) = proc.stderr.strip().splitlines()
     assert "forest@1 is a trees model: compress works on the torch families" in line
     assert tree_digest(registry) == before
+
+
+@pytest.mark.nab
+def test_evaluate_compress_reports_the_compressed_models_and_the_change(nab_dir: Path, tmp_path: Path) -> None:
+    """``evaluate --compress``: each series' trained model is compressed on its probationary
+    rows; the compressed version is what is detected with, the uncompressed one beside it."""
+    from trainer.evaluation.harness import EvaluateRequest, evaluate, summarize
+    from trainer.evaluation.nab import PROFILES
+
+    data = tmp_path / "realAWSCloudwatch"
+    data.mkdir()
+    name = "rds_cpu_utilization_cc0c53.csv"
+    (data / name).write_bytes((nab_dir / "data" / "realAWSCloudwatch" / name).read_bytes())
+    request = EvaluateRequest(data=tmp_path, labels=nab_dir / "labels" / "combined_windows.json",
+                              train_options={"epochs": 3}, compress="prune:0.5,finetune:2,quantize:int8")
+    (result,) = evaluate(request)
+    assert result.parent is not None
+    assert result.model.endswith("@2") and result.parent.model.endswith("@1")
+    assert result.artifact == "onnx/int8"
+    assert len(result.is_anomaly) == len(result.parent.is_anomaly) == len(result.series)
+    report = summarize([result])
+    assert report.compress is not None
+    for profile in PROFILES:
+        before = report.compress["parent_nab"][profile]["optimized"]
+        assert report.compress["change"][profile]["optimized"] == pytest.approx(report.nab[profile]["optimized"] - before)
+    # and without --compress the report carries no compress part
+    assert summarize([result.parent]).compress is None

@@ -32,6 +32,16 @@ def _print_report(report: dict[str, Any]) -> None:
         f"events; precision {ev['precision']:.2f} recall {ev['recall']:.2f} F1 {ev['f1']:.2f}; "
         f"mean time to detect {_fmt(ev['mean_delay_rows'])} rows"
     )
+    if report.get("compress"):
+        c = report["compress"]
+        print()
+        print(f"compressed with {c['recipe']}; the uncompressed models scored:")
+        for name, label in _PROFILE_LABEL.items():
+            q, d = c["parent_nab"][name], c["change"][name]
+            print(f"  {label:10s}  optimized {q['optimized']:5.1f} (change {d['optimized']:+.1f})  "
+                  f"own decisions {q['own_decisions']:5.1f} (change {d['own_decisions']:+.1f})")
+        pe = c["parent_events"]
+        print(f"  own decisions: {pe['detected']}/{pe['windows']} windows detected, {pe['false_events']} false events")
     if len(report["categories"]) > 1:
         print()
         print(f"{'category':28s}  {'standard':>8s}  {'own':>6s}  {'low FP':>6s}  {'low FN':>6s}  {'F1':>5s}")
@@ -58,7 +68,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         options["epochs"] = args.epochs
     request = EvaluateRequest(
         data=Path(args.data), labels=Path(args.labels), model=args.model,
-        registry=Path(args.registry), profile=args.profile, train_options=options,
+        registry=Path(args.registry), profile=args.profile, train_options=options, compress=args.compress,
+        keep_models=Path(args.keep_models) if args.keep_models else None,
     )
     if args.plots:
         plots = Path(args.plots)
@@ -74,6 +85,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         results = evaluate(request, progress)
         bar.finish()
         report = summarize(results).to_json()
+        if report["compress"] is None:
+            del report["compress"]
+        else:
+            report["compress"] = {"recipe": args.compress, **report["compress"]}
     except EvaluateError as e:
         bar.finish()
         raise UsageError(str(e)) from e
@@ -108,9 +123,14 @@ def add_evaluate_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--train-fraction", choices=("probation",), default="probation",
                    help="without --model: train each series on its probationary rows (the default)")
     p.add_argument("--profile", default="x86-64-v3", help="run the artifact this profile's agents run")
+    p.add_argument("--compress", metavar="RECIPE",
+                   help="also compress each trained model with this recipe (as `edgefleet compress`, on the "
+                        "same probationary rows), evaluate the compressed models, and report the change")
     p.add_argument("--epochs", type=positive_int, help="training epochs (default: train's)")
     p.add_argument("--seed", type=int, default=0)
     model_args(p)
+    p.add_argument("--keep-models", metavar="DIR",
+                   help="register the models trained (and compressed) here instead of in a temporary registry")
     p.add_argument("--plots", metavar="DIR", help="write one PNG per series here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     registry_arg(p)

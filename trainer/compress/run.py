@@ -173,12 +173,15 @@ def prepare(request: CompressRequest, registry_dir: Path) -> Prepared:
     # Steps train on the rows the objective does not judge: with labels NAB's probationary rows,
     # without them the rows before the held-back part that carries the injected anomalies.
     series = [np.asarray(t, np.float32) for t in objective.train]
-    from trainer.data import min_rows
+    from trainer.data import MIN_VALIDATION_WINDOWS, min_rows
 
+    # what edgefleet train needs (trainer/data/windows.py): a forecaster only needs its forecast
+    # rows unseen, so a seasonal input does not need twice its length
+    need = spec.input_rows + MIN_VALIDATION_WINDOWS if spec.forecasts else min_rows(spec.window)
     for path, values in zip(paths, series):
-        if len(values) < min_rows(spec.input_rows):
+        if len(values) < need:
             raise CompressError(f"{path}: {len(values)} rows are too few for {parent.ref}'s "
-                                f"{spec.input_rows}-row input: need at least {min_rows(spec.input_rows)}")
+                                f"{spec.input_rows}-row input: need at least {need}")
     Registry.check_writable(registry_dir)
     datasets = [{"file": Path(p).name, "sha256": sha, "rows_used": len(v)} for p, sha, v in zip(paths, shas, series)]
     return Prepared(request, recipe, Path(registry_dir), parent, model, spec, bundle_spec.score, features,

@@ -13,6 +13,12 @@ comes out with the NAB-compatible scorer (:mod:`trainer.evaluation.nab`) in two 
 
 Plus event-level precision, recall, F1 and the mean time to detect, per category (the folder
 of a file in the labels' ``category/name.csv`` keys) and overall, and optional per-series plots.
+
+With a compression recipe (``--compress RECIPE``) every series' trained model is also
+compressed with it (``edgefleet compress``, fine-tuned on the same probationary rows), both
+go through the detection path, the compressed model's figures are the report and the
+uncompressed model's are reported beside them with the change: what the recipe costs in
+detection quality, in the artifact that ships.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ class EvaluateRequest:
 
     ``model`` is ``NAME@VERSION`` from ``registry`` (one model for every series); without it
     each series trains its own model on its probationary rows (NAB's 15%, at most 750 rows)
-    with ``train_options`` (passed to :class:`trainer.pipeline.TrainRequest`).
+    with ``train_options`` (passed to :class:`trainer.pipeline.TrainRequest`). ``compress``
+    is a compression recipe applied to each trained model (not with ``model``). Trained and
+    compressed models go to a temporary registry, or to ``keep_models`` when given.
     """
 
     data: Path
@@ -66,11 +74,14 @@ class EvaluateRequest:
     registry: Path = Path(".edgefleet")
     profile: str = "x86-64-v3"
     train_options: dict[str, Any] = field(default_factory=dict)
+    compress: str | None = None
+    keep_models: Path | None = None
 
 
 @dataclass
 class SeriesResult:
-    """One series after detection: per-row raw score, ``anomaly_score`` and decision."""
+    """One series after detection: per-row raw score, ``anomaly_score`` and decision;
+    ``parent`` is the uncompressed model's result when the model is a compressed one."""
 
     key: str
     model: str
@@ -80,6 +91,7 @@ class SeriesResult:
     score: np.ndarray
     anomaly_score: np.ndarray
     is_anomaly: np.ndarray
+    parent: SeriesResult | None = None
 
     @property
     def category(self) -> str:
@@ -97,6 +109,7 @@ class EvaluationReport:
     events: dict[str, Any]
     categories: dict[str, dict[str, Any]]
     per_series: list[dict[str, Any]]
+    compress: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -183,16 +196,58 @@ def _train(path: Path, key: str, rows: int, request: EvaluateRequest, registry: 
     return outcome.version.ref
 
 
+def _check_compress(request: EvaluateRequest) -> None:
+    """Refuse a bad ``--compress`` before any training."""
+    if request.compress is None:
+        return
+    if request.model is not None:
+        raise EvaluateError("--compress applies to the models evaluate trains: drop --model "
+                            "(compress a registered model with `edgefleet compress`, then evaluate that version)")
+    from trainer.compress import CompressError, parse_recipe
+    from trainer.models.spec import TREE_FAMILIES
+
+    try:
+        quantization = parse_recipe(request.compress).export.quantization
+    except CompressError as e:
+        raise EvaluateError(f"--compress: {e}") from e
+    family = request.train_options.get("family")
+    if family in TREE_FAMILIES:
+        raise EvaluateError(f"--compress works on the torch families, not on --family {family}")
+    from shared.profiles import load_profiles
+
+    try:
+        (profile,) = load_profiles([request.profile])
+    except ValueError as e:
+        raise EvaluateError(str(e)) from e
+    if quantization and not any(profile.allows(f, quantization) for f in profile.formats):
+        raise EvaluateError(f"--compress: profile {profile.name} does not allow {quantization} artifacts")
+
+
+def _compress(key: str, path: Path, ref: str, request: EvaluateRequest, registry: Path) -> str:
+    """Compress ``ref`` with the request's recipe on ``path``'s probationary rows; the new ref."""
+    from trainer.compress import CompressError, CompressRequest, compress, prepare
+    from trainer.registry import RegistryError
+
+    assert request.compress is not None
+    try:
+        prepared = prepare(CompressRequest(ref=ref, recipe=request.compress, profiles=[request.profile],
+                                           data=[path], labels=request.labels,
+                                           seed=int(request.train_options.get("seed", 0))), registry)
+        return compress(prepared).version.ref
+    except (CompressError, RegistryError) as e:
+        raise EvaluateError(f"{key}: --compress {request.compress}: {e}") from e
+
+
 def evaluate(
     request: EvaluateRequest, progress: Callable[[int, int, str], None] | None = None
 ) -> list[SeriesResult]:
     """Detect on every labelled series of ``request``; ``progress(done, total, key)`` after each.
 
-    Models trained here go to a temporary registry that is removed afterwards. Raises
+    Models trained here go to a temporary registry that is removed afterwards (or to
+    ``request.keep_models``). Raises
     :class:`EvaluateError` for bad input (before any training where it can be checked).
     """
-    from trainer.registry import RegistryError
-
+    _check_compress(request)
     found = discover(request.data, request.labels)
     loaded = []
     for key, path, windows in found:
@@ -202,25 +257,47 @@ def evaluate(
         except (SeriesError, ScoringError) as e:
             raise EvaluateError(str(e)) from e
         loaded.append((key, path, series, labelled))
+    if request.keep_models is not None:
+        from trainer.registry import Registry, RegistryError
+
+        if request.model is not None:
+            raise EvaluateError("--keep-models keeps the models evaluate trains: drop --model")
+        try:
+            Registry.check_writable(request.keep_models)
+        except RegistryError as e:
+            raise EvaluateError(f"--keep-models: {e}") from e
     if request.model is not None and not (request.registry / "registry.sqlite").exists():
         raise EvaluateError(f"no registry at {request.registry} (for --model {request.model})")
     results = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-evaluate-") as tmp:
+        work = request.keep_models or Path(tmp)
         for done, (key, path, series, labelled) in enumerate(loaded, 1):
             if request.model is None:
-                ref = _train(path, key, len(series), request, Path(tmp))
-                registry = Path(tmp)
+                ref = _train(path, key, len(series), request, work)
+                registry = work
             else:
                 ref, registry = request.model, request.registry
-            try:
-                ref, artifact, score, anomaly, decision = _detect(registry, ref, request.profile, series)
-            except (ValueError, KeyError, RegistryError) as e:  # e.g. --model names no version
-                raise EvaluateError(f"{key}: {e}") from e
             values = np.asarray(series.values, np.float64)
-            results.append(SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision))
+            parent = None
+            if request.compress is not None:
+                _, artifact, score, anomaly, decision = _detect_or_fail(key, registry, ref, request.profile, series)
+                parent = SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision)
+                ref = _compress(key, path, ref, request, registry)
+            ref, artifact, score, anomaly, decision = _detect_or_fail(key, registry, ref, request.profile, series)
+            results.append(SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision, parent))
             if progress is not None:
                 progress(done, len(loaded), key)
     return results
+
+
+def _detect_or_fail(key: str, registry: Path, ref: str, profile: str,
+                    series: Series) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray]:
+    from trainer.registry import RegistryError
+
+    try:
+        return _detect(registry, ref, profile, series)
+    except (ValueError, KeyError, RegistryError) as e:  # e.g. --model names no version
+        raise EvaluateError(f"{key}: {e}") from e
 
 
 def _quality(results: Sequence[SeriesResult]) -> dict[str, Any]:
@@ -263,6 +340,19 @@ def summarize(results: Sequence[SeriesResult]) -> EvaluationReport:
             }
         )
     events = overall.pop("events")
+    compress = None
+    parents = [r.parent for r in results if r.parent is not None]
+    if parents:
+        if len(parents) != len(results):
+            raise ValueError("either every result or none has an uncompressed parent")
+        before = _quality(parents)
+        compress = {
+            "parent_nab": {k: v for k, v in before.items() if k != "events"},
+            "parent_events": before["events"],
+            "change": {name: {m: overall[name][m] - before[name][m] for m in ("optimized", "own_decisions")}
+                       for name in PROFILES},
+            "parent_models": [r.model for r in parents],
+        }
     return EvaluationReport(
         files=len(results),
         rows=sum(len(r.series) for r in results),
@@ -271,6 +361,7 @@ def summarize(results: Sequence[SeriesResult]) -> EvaluationReport:
         events=events,
         categories=categories,
         per_series=per_series,
+        compress=compress,
     )
 
 

@@ -16,12 +16,19 @@ per recipe:
   event F1 minus 0.1 × clean error, on held-back rows with injected anomalies, judged on the
   rpi4-arm64 artifact) against the parent's.
 
+Then, on the team's NAB files (``../shared/data/nab``, skipped when absent or with
+``--no-nab``), ``edgefleet evaluate --compress RECIPE`` for each recipe of :data:`NAB_RECIPES`:
+every file's default model (trained on its probationary rows) is compressed on those same rows
+and both run through the agent's detection path on the x86-64-v3 artifact; the table gives
+the NAB standard score (threshold optimized over the files, and the models' own decisions)
+of the uncompressed and the compressed models, the change, and the median size ratio over
+the files (parent fp32 ONNX / compressed int8 ONNX).
+
 The distillation student is a fixed small spec (hidden 64-16), not "the smallest front
-member of a search". NAB scores are not computed here (each recipe would need a model per
-NAB file).
+member of a search".
 
 Run: ``.venv/bin/python benchmarks/bench_compress.py`` (``--quick``: 10 training epochs and
-three recipes, a few minutes). Writes the ``compress`` section of docs/benchmarks.md.
+three recipes, no NAB part, a few minutes). Writes the ``compress`` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ RECIPES = (
     "prune:0.5,distill,quantize:int8",
 )
 QUICK = RECIPES[:1] + RECIPES[2:3] + RECIPES[4:5]
+NAB_RECIPES = (RECIPES[0], RECIPES[2], RECIPES[5], RECIPES[6])
+NAB = REPO.parent / "shared" / "data" / "nab"
 CALLS, BLOCK, WARMUP = 3000, 100, 200
 
 
@@ -98,9 +107,48 @@ def side_by_side(bundles: dict[str, bytes]) -> dict[str, float]:
     return {k: float(np.median(v)) / 1e3 for k, v in samples.items()}
 
 
+def nab_table() -> tuple[list[str], list[list[str]]]:
+    """``evaluate --compress`` on the NAB files for each of :data:`NAB_RECIPES` (see the module docstring)."""
+    from trainer.evaluation.harness import EvaluateRequest, evaluate, summarize
+
+    header = ["recipe", "ONNX size × (median)", "standard, uncompressed", "standard, compressed", "change",
+              "own decisions change", "windows", "false events"]
+    rows = []
+    for recipe in NAB_RECIPES:
+        print(f"evaluate --compress {recipe} on {NAB / 'data'} …", flush=True)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="edgefleet-bench-nab-") as tmp:
+            request = EvaluateRequest(data=NAB / "data", labels=NAB / "labels" / "combined_windows.json",
+                                      compress=recipe, keep_models=Path(tmp))
+            results = evaluate(request)
+            ratios = []
+            for r in results:
+                assert r.parent is not None
+                parent = _model_bytes(Path(tmp), _ref(r.parent.model))[("onnx", "fp32")]
+                ours = _model_bytes(Path(tmp), _ref(r.model))[("onnx", "int8")]
+                ratios.append(len(parent) / len(ours))
+        report = summarize(results)
+        assert report.compress is not None
+        before, after = report.compress["parent_nab"]["standard"], report.nab["standard"]
+        change = report.compress["change"]["standard"]
+        rows.append([f"`{recipe}`", f"{np.median(ratios):.1f}",
+                     f"{before['optimized']:.1f} / {before['own_decisions']:.1f}",
+                     f"{after['optimized']:.1f} / {after['own_decisions']:.1f}",
+                     f"{change['optimized']:+.1f}", f"{change['own_decisions']:+.1f}",
+                     f"{report.events['detected']}/{report.events['windows']}", str(report.events["false_events"])])
+        print(f"  {rows[-1]}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return header, rows
+
+
+def _ref(ref: str) -> tuple[str, int]:
+    name, version = ref.rsplit("@", 1)
+    return name, int(version)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10 training epochs, three recipes")
+    parser.add_argument("--quick", action="store_true", help="10 training epochs, three recipes, no NAB part")
+    parser.add_argument("--no-nab", action="store_true", help="skip the NAB part")
     args = parser.parse_args()
     recipes = QUICK if args.quick else RECIPES
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
@@ -142,6 +190,9 @@ def main() -> int:
             f"{row.quality_change:+.3f}" if row.quality_change is not None else "-",
         ])
     print_table(header, rows)
+    nab = None if args.quick or args.no_nab or not (NAB / "data").is_dir() else nab_table()
+    if nab is not None:
+        print_table(*nab)
     body = (f"Parent: the default forecaster, {parent_parameters} "
             f"parameters, trained {'10' if args.quick else '40'} epochs (early stopping) on synthetic host metrics "
             f"(4000 rows). Size × = parent fp32 file / recipe int8 file. Latency = median single-window call "
@@ -149,6 +200,13 @@ def main() -> int:
             f"`quantize:int8` (< 1 is faster). Quality change: the compress objective on the rpi4-arm64 "
             f"artifact.{' Quick run (--quick): three recipes.' if args.quick else ''}\n\n"
             f"{markdown_table(header, rows)}\n")
+    if nab is not None:
+        body += ("\nOn the NAB files (`edgefleet evaluate --compress RECIPE`, x86-64-v3 artifact): every file's "
+                 "default model, trained on its probationary rows, and that model compressed on the same rows. "
+                 "Standard = NAB standard profile, threshold optimized over the files / the models' own "
+                 "decisions; windows and false events are the compressed models' own decisions. Size × = "
+                 "the uncompressed fp32 ONNX file / the compressed int8 ONNX file, median over the files.\n\n"
+                 f"{markdown_table(*nab)}\n")
     command = ".venv/bin/python benchmarks/bench_compress.py" + (" --quick" if args.quick else "")
     doc = update_benchmarks_doc("compress", body, command=command, path=DOC)
     print(f"\nwrote section 'compress' of {doc.relative_to(REPO)}")

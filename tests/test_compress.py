@@ -73,11 +73,17 @@ def check_artifacts(registry: Path, name: str, version: int) -> dict[tuple[str, 
     return bundles
 
 
-def test_prune_finetune_int8_registers_a_smaller_version_with_lineage(host: tuple[Path, Path]) -> None:
+@pytest.fixture(scope="module")
+def pruned(host: tuple[Path, Path]) -> dict:
+    """host@1 compressed by prune:0.5,finetune:5,quantize:int8: compress's --json output."""
+    return json.loads(compress(host, "host@1", "prune:0.5,finetune:5,quantize:int8", "--json").stdout)
+
+
+def test_prune_finetune_int8_registers_a_smaller_version_with_lineage(host: tuple[Path, Path], pruned: dict) -> None:
     registry, _ = host
-    out = compress(host, "host@1", "prune:0.5,finetune:5,quantize:int8", "--json")
-    obj = json.loads(out.stdout)
-    assert obj["ref"] == "host@2"
+    obj = pruned
+    two_ref = obj["ref"]
+    assert two_ref == f"host@{obj['version']}" and obj["version"] > 1
     lineage = obj["lineage"]
     assert lineage["parent_version"] == 1
     assert lineage["compression"]["parent"] == "host@1"
@@ -98,30 +104,28 @@ def test_prune_finetune_int8_registers_a_smaller_version_with_lineage(host: tupl
     for r in obj["rows"]:
         assert r["parity_passed"] and r["latency_p99_ms"] > 0 and 0 <= r["agreement"] <= 1
     with Registry.open(registry) as reg:
-        one, two = reg.get("host", 1), reg.get("host", 2)
+        one, two = reg.get("host", 1), reg.get("host", obj["version"])
     sizes = {(a.format, a.quantization): a.model_bytes for a in one.artifacts}
     for a in two.artifacts:
         assert a.model_bytes < 0.6 * sizes[(a.format, a.quantization)]
-    bundles = check_artifacts(registry, "host", 2)
+    bundles = check_artifacts(registry, "host", obj["version"])
     spec, _ = bundles[("tflite", "int8")]
     assert spec.architecture["layers"]  # the pruned shapes, recorded in the spec
     with Registry.open(registry) as reg:
         model = load_weights(ArchitectureSpec.from_json(two.architecture), reg.weights(two))
     assert parameter_count(model) == shipped["parameters"]
-    shown = edgefleet("registry", "show", "host@2", "--registry", str(registry)).stdout
+    shown = edgefleet("registry", "show", two_ref, "--registry", str(registry)).stdout
     assert "parent version 1" in shown
     assert "compressed from host@1 by prune:0.5:magnitude:layer,finetune:5,quantize:int8" in shown
 
 
-def test_a_compressed_version_compresses_again_low_rank_then_sparsity(host: tuple[Path, Path]) -> None:
-    """host@2 (pruned) → low rank, fine-tuning, unstructured sparsity, fp32 artifacts."""
+def test_a_compressed_version_compresses_again_low_rank_then_sparsity(host: tuple[Path, Path], pruned: dict) -> None:
+    """The pruned version → low rank, fine-tuning, unstructured sparsity, fp32 artifacts."""
     registry, _ = host
-    if not any(v.version == 2 for v in Registry.open(registry).versions("host")):
-        compress(host, "host@1", "prune:0.5,finetune:5,quantize:int8")
-    out = compress(host, "host@2", "lowrank:0.8,finetune:2,sparsify:0.6,quantize:fp32", "--json")
+    out = compress(host, pruned["ref"], "lowrank:0.8,finetune:2,sparsify:0.6,quantize:fp32", "--json")
     obj = json.loads(out.stdout)
     version = obj["version"]
-    assert obj["lineage"]["parent_version"] == 2
+    assert obj["lineage"]["parent_version"] == pruned["version"]
     rows = {r["step"]: r for r in obj["rows"]}
     low, sparse = rows["lowrank:0.8"], rows["sparsify:0.6"]
     assert low["parameters"] < rows["parent"]["parameters"]
@@ -213,6 +217,19 @@ def test_search_compresses_its_winners_with_the_same_recipes(host: tuple[Path, P
     rows = small["lineage"]["compression"]["steps"]
     assert rows[-1]["parameters"] < rows[0]["parameters"]
     check_artifacts(registry, "small", small["version"])
+
+
+def test_search_leaves_a_winner_the_recipe_cannot_apply_to_uncompressed(host: tuple[Path, Path], tmp_path: Path) -> None:
+    """A linear winner has nothing to prune: it stays registered uncompressed, with a note."""
+    _, csv = host
+    (tmp_path / "space.json").write_text(json.dumps({**SPACE, "families": ["linear"]}))
+    registry = tmp_path / "reg"
+    proc = edgefleet("search", "--data", str(csv), "--name", "lin", "--registry", str(registry), "--space",
+                     str(tmp_path / "space.json"), *PROFILE, "--trials", "1", "--compress",
+                     "prune:0.5,quantize:int8", "--json")
+    out = json.loads(proc.stdout)
+    assert len(out["versions"]) == 1 and out["compressed"] == []
+    assert f"{out['versions'][0]['ref']} left uncompressed: prune: the linear family" in proc.stderr
 
 
 def test_a_version_registered_without_weights_is_refused(host: tuple[Path, Path], tmp_path: Path) -> None:

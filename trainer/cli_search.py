@@ -265,15 +265,23 @@ def _compress_winners(args: argparse.Namespace, request: Any, records: list[Any]
     """``--compress RECIPE``: each registered winner through ``edgefleet compress`` (its
     profiles, the search's data and labels). Raises ``CompressError`` /
     ``RegistryError`` (both ``ValueError``s or reported as such) on the first that fails."""
-    from trainer.compress import CompressRequest, compress, prepare
-    from trainer.models.spec import TREE_FAMILIES
+    from trainer.compress import CompressError, CompressRequest, compress, parse_recipe, prepare
+    from trainer.models.spec import TREE_FAMILIES, ArchitectureSpec
     from trainer.registry import RegistryError
 
+    recipe = parse_recipe(args.compress)
     out = []
     for r in records:
         if r.architecture.get("family") in TREE_FAMILIES:
             bar.note(f"{r.ref} is a {r.architecture['family']} model: left uncompressed (no torch layers)",
                      always=True)
+            continue
+        try:  # a step that cannot apply to this winner's architecture (e.g. prune on a GRU) skips it
+            spec = ArchitectureSpec.from_json(r.architecture)
+            for step in recipe.steps:
+                step.check(spec)
+        except CompressError as e:
+            bar.note(f"{r.ref} left uncompressed: {e}", always=True)
             continue
         profiles = sorted({p for a in r.artifacts for p in a.profiles})
         bar.note(f"compressing {r.ref} ({args.compress}) …")

@@ -223,15 +223,19 @@ def _check_compress(request: EvaluateRequest) -> None:
         raise EvaluateError(f"--compress: profile {profile.name} does not allow {quantization} artifacts")
 
 
-def _compress(key: str, path: Path, ref: str, request: EvaluateRequest, registry: Path) -> str:
-    """Compress ``ref`` with the request's recipe on ``path``'s probationary rows; the new ref."""
+def _compress(key: str, path: Path, ref: str, request: EvaluateRequest, registry: Path, windows: int) -> str:
+    """Compress ``ref`` with the request's recipe on ``path``'s probationary rows; the new ref.
+
+    Its steps are judged on the file's NAB score when it has labelled ``windows`` after its
+    probation, else (a file without anomalies) on anomalies injected into those rows.
+    """
     from trainer.compress import CompressError, CompressRequest, compress, prepare
     from trainer.registry import RegistryError
 
     assert request.compress is not None
     try:
         prepared = prepare(CompressRequest(ref=ref, recipe=request.compress, profiles=[request.profile],
-                                           data=[path], labels=request.labels,
+                                           data=[path], labels=request.labels if windows else None,
                                            seed=int(request.train_options.get("seed", 0))), registry)
         return compress(prepared).version.ref
     except (CompressError, RegistryError) as e:
@@ -282,7 +286,7 @@ def evaluate(
             if request.compress is not None:
                 _, artifact, score, anomaly, decision = _detect_or_fail(key, registry, ref, request.profile, series)
                 parent = SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision)
-                ref = _compress(key, path, ref, request, registry)
+                ref = _compress(key, path, ref, request, registry, labelled.scored_windows)
             ref, artifact, score, anomaly, decision = _detect_or_fail(key, registry, ref, request.profile, series)
             results.append(SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision, parent))
             if progress is not None:

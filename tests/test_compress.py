@@ -173,6 +173,7 @@ def test_quality_gate_refuses_a_step_that_loses_too_much_and_registers_nothing(h
     (("host", "--recipe", "finetune:1"), "name the version to compress: host@N"),
     (("host@1", "--recipe", "finetune:1", "--max-quality-drop", "-1"), "must be a number >= 0"),
     (("host@1", "--recipe", "quantize:int8", "--profile", "no-such-board"), "no-such-board"),
+    (("host@1", "--recipe", "distill:front,quantize:int8"), "distill:front: the model was not registered by edgefleet search"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(host: tuple[Path, Path], args: tuple, words: str) -> None:
     registry, csv = host
@@ -217,6 +218,29 @@ def test_search_compresses_its_winners_with_the_same_recipes(host: tuple[Path, P
     rows = small["lineage"]["compression"]["steps"]
     assert rows[-1]["parameters"] < rows[0]["parameters"]
     check_artifacts(registry, "small", small["version"])
+
+
+def test_distill_front_takes_the_smallest_front_member_as_student(host: tuple[Path, Path], tmp_path: Path) -> None:
+    """distill:front on the largest member of a search front trains a student with the widths
+    of the member with the smallest artifact (itself when the front holds one)."""
+    _, csv = host
+    (tmp_path / "space.json").write_text(json.dumps({**SPACE, "widths": [8, 64], "families": ["forecaster"]}))
+    registry = tmp_path / "reg"
+    out = json.loads(edgefleet("search", "--data", str(csv), "--name", "f", "--registry", str(registry), "--space",
+                               str(tmp_path / "space.json"), *PROFILE, "--trials", "6", "--objectives",
+                               "quality,size", "--register", "front", "--json").stdout)
+    sizes = {}
+    for v in out["versions"]:
+        size = max(a["model_bytes"] for a in v["artifacts"] if a["quantization"] == "int8")
+        sizes[v["version"]] = (size, tuple(v["architecture"]["hidden"]))
+    largest = max(sizes, key=lambda k: sizes[k][0])
+    smallest = min(sizes.values())
+    obj = json.loads(edgefleet("compress", f"f@{largest}", "--recipe", "distill:front,quantize:int8", *PROFILE,
+                               "--data", str(csv), "--registry", str(registry), "--json").stdout)
+    assert tuple(obj["architecture"]["hidden"]) == smallest[1]
+    assert obj["lineage"]["compression"]["recipe"].startswith(f"distill:{'-'.join(map(str, smallest[1]))}:")
+    assert any(n.startswith("distill:front took widths") for n in obj["notes"])
+    check_artifacts(registry, "f", obj["version"])
 
 
 def test_search_leaves_a_winner_the_recipe_cannot_apply_to_uncompressed(host: tuple[Path, Path], tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def add_compress_command(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("ref", metavar="NAME@V")
     p.add_argument("--recipe", required=True, metavar="RECIPE",
                    help="steps separated by ',': prune:RATIO[:magnitude|taylor][:layer|global], finetune:EPOCHS, "
-                   "lowrank:ENERGY|rank=R, sparsify:AMOUNT, distill[:WIDTHS][:alpha=A][:epochs=N], "
+                   "lowrank:ENERGY|rank=R, sparsify:AMOUNT, distill[:WIDTHS|:front][:alpha=A][:epochs=N], "
                    "quantize:int8|fp32|dynamic[:per-channel|per-tensor] (last)")
     p.add_argument("--profile", action="append", metavar="NAME", help="firmware profile; repeatable")
     p.add_argument("--profiles-dir", action="append", default=[], metavar="DIR",

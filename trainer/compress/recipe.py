@@ -8,7 +8,7 @@ steps is ignored). The steps (one module each):
 ``finetune:EPOCHS``                                 further training (:mod:`._finetune`)
 ``lowrank:ENERGY`` / ``lowrank:rank=R``             SVD factorization of Linear layers (:mod:`._lowrank`)
 ``sparsify:AMOUNT``                                 unstructured magnitude pruning (:mod:`._sparsify`)
-``distill[:WIDTHS][:alpha=A][:epochs=N]``           knowledge distillation (:mod:`._distill`)
+``distill[:WIDTHS|:front][:alpha=A][:epochs=N]``    knowledge distillation (:mod:`._distill`)
 ``quantize:int8|fp32|dynamic[:per-channel|per-tensor]``  artifact quantization, last (:mod:`._quantize`)
 =================================================  ==========================================
 """
@@ -92,6 +92,6 @@ def _check_order(steps: Sequence[CompressionStep]) -> None:
         if sparse and i > sparse[0] and isinstance(s, (StructuredPruning, LowRank)):
             raise RecipeError(f"{s.token} after {steps[sparse[0]].token}: masks do not survive reshaping; "
                               "put sparsify after prune and lowrank")
-        if sparse and i > sparse[0] and isinstance(s, Distillation) and s.hidden is not None:
+        if sparse and i > sparse[0] and isinstance(s, Distillation) and (s.hidden is not None or s.front):
             raise RecipeError(f"{s.token} after {steps[sparse[0]].token}: a new student replaces the masked "
                               "model; put sparsify after distill")

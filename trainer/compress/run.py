@@ -31,6 +31,7 @@ from shared.bundle import ScoreSpec, read_bundle
 from shared.profiles import FirmwareProfile, load_profiles
 from shared.score_pipeline import LikelihoodPipeline
 from trainer.compress._base import CompressError, ModelState, StepData
+from trainer.compress._distill import Distillation
 from trainer.compress._quantize import CALIBRATION
 from trainer.compress.measure import (
     ArtifactQuality,
@@ -104,6 +105,7 @@ class Prepared:
     series: list[np.ndarray]
     objective: ObjectiveData
     datasets: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # from resolving the recipe (distill:front)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ def prepare(request: CompressRequest, registry_dir: Path) -> Prepared:
         model = load_weights(spec, weights)
     except (SpecError, CheckpointError) as e:
         raise CompressError(f"{parent.ref}: {e}") from e
+    recipe, notes = _resolve_front(recipe, parent, [p.name for p in profiles], spec)
     for step in recipe.steps:
         step.check(spec)
     features = tuple(bundle_spec.features)
@@ -185,7 +188,20 @@ def prepare(request: CompressRequest, registry_dir: Path) -> Prepared:
     Registry.check_writable(registry_dir)
     datasets = [{"file": Path(p).name, "sha256": sha, "rows_used": len(v)} for p, sha, v in zip(paths, shas, series)]
     return Prepared(request, recipe, Path(registry_dir), parent, model, spec, bundle_spec.score, features,
-                    profiles, series, objective, datasets)
+                    profiles, series, objective, datasets, notes)
+
+
+def _resolve_front(recipe: CompressionRecipe, parent: VersionRecord, profiles: list[str],
+                   spec: ArchitectureSpec) -> tuple[CompressionRecipe, list[str]]:
+    """``distill:front`` steps with the widths of the parent's search front (see
+    :func:`trainer.compress._distill.smallest_front_widths`), and a note for each."""
+    steps, notes = [], []
+    for step in recipe.steps:
+        if isinstance(step, Distillation) and step.front:
+            step, note = step.with_front(parent.lineage, profiles, spec)
+            notes.append(note)
+        steps.append(step)
+    return CompressionRecipe(tuple(steps)), notes
 
 
 def _lineage_files(parent: VersionRecord) -> list[Path]:
@@ -316,7 +332,7 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
     # -- the steps ------------------------------------------------------------------------------
     teacher = parent_export.model
     state = ModelState(load_weights(prepared.parent_spec, weights_bytes(prepared.parent_model)).train(),
-                       prepared.parent_spec)
+                       prepared.parent_spec, notes=list(prepared.notes))
     judged = set(recipe.judged_steps())
     exporter = parent_export
     for index, step in enumerate(recipe.steps):

@@ -652,14 +652,14 @@ def _duration(seconds: float) -> str:
 
 
 def _best_line(study: Any) -> str:
-    feasible = _feasible(study, None)
+    feasible = feasible_trials(study, None)
     if not feasible:
         return "-"
     t = max(feasible, key=lambda t: t.values[0])
     return f"{t.values[0]:.4g} (trial {t.number})"
 
 
-def _feasible(study: Any, profile_index: int | None) -> list[Any]:
+def feasible_trials(study: Any, profile_index: int | None) -> list[Any]:
     """Complete trials that meet every budget of one profile (or of all, ``None``); a trial
     that repeats an earlier one's candidate (``same_as``) is left out: it is the same model."""
     from optuna.trial import TrialState
@@ -699,7 +699,7 @@ def winners(study: Any, profiles: Sequence[str], register: str) -> dict[int, lis
     directions = [OBJECTIVES[o] for o in study.user_attrs["objectives"]]
     won: dict[int, list[str]] = {}
     for i, name in enumerate(profiles):
-        feasible = _feasible(study, i)
+        feasible = feasible_trials(study, i)
         if not feasible:
             raise SearchError(
                 f"no candidate of study {study.study_name!r} meets the budget of profile {name!r} "

@@ -8,6 +8,7 @@ Sizes and parameter counts are asserted, never times.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -327,9 +328,28 @@ def test_evaluate_compress_reports_the_compressed_models_and_the_change(nab_dir:
     assert result.artifact == "onnx/int8"
     assert len(result.is_anomaly) == len(result.parent.is_anomaly) == len(result.series)
     report = summarize([result])
-    assert report.compress is not None
+    assert report.compress is not None and report.compress["not_compressed"] == []
+    # a series the recipe could not compress counts with its uncompressed model, listed with the reason
+    kept = dataclasses.replace(result.parent, key="other.csv", parent=result.parent, compress_error="why")
+    both = summarize([result, kept]).compress
+    assert both is not None and both["not_compressed"] == [{"key": "other.csv", "reason": "why"}]
     for profile in PROFILES:
         before = report.compress["parent_nab"][profile]["optimized"]
         assert report.compress["change"][profile]["optimized"] == pytest.approx(report.nab[profile]["optimized"] - before)
     # and without --compress the report carries no compress part
     assert summarize([result.parent]).compress is None
+
+
+@pytest.mark.nab
+def test_evaluate_compress_that_applies_to_no_series_is_one_clear_error(nab_dir: Path, tmp_path: Path) -> None:
+    """A recipe no trained model can take (pruning a linear forecaster) fails in one line; a
+    series whose model it cannot take is otherwise evaluated uncompressed and listed."""
+    from trainer.evaluation.harness import EvaluateError, EvaluateRequest, evaluate
+
+    labels = nab_dir / "labels" / "combined_windows.json"
+    jumps = tmp_path / "art_daily_jumpsup.csv"
+    jumps.write_bytes((nab_dir / "data" / "artificialWithAnomaly" / jumps.name).read_bytes())
+    with pytest.raises(EvaluateError, match=r"--compress prune:0.5 applied to no series: .*art_daily_jumpsup.csv: "
+                                            r".*prune: the linear family has one layer"):
+        evaluate(EvaluateRequest(data=jumps, labels=labels, train_options={"epochs": 2, "family": "linear"},
+                                 compress="prune:0.5"))

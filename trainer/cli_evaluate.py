@@ -42,6 +42,8 @@ def _print_report(report: dict[str, Any]) -> None:
                   f"own decisions {q['own_decisions']:5.1f} (change {d['own_decisions']:+.1f})")
         pe = c["parent_events"]
         print(f"  own decisions: {pe['detected']}/{pe['windows']} windows detected, {pe['false_events']} false events")
+        for miss in c["not_compressed"]:
+            print(f"  not compressed (evaluated uncompressed): {miss['key']}: {miss['reason']}")
     if len(report["categories"]) > 1:
         print()
         print(f"{'category':28s}  {'standard':>8s}  {'own':>6s}  {'low FP':>6s}  {'low FN':>6s}  {'F1':>5s}")

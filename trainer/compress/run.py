@@ -320,8 +320,14 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
     for profile in prepared.profiles:
         fmt, quant = _variant(profile, None)
         bundle = parent_export.build(fmt, quant, "static").bundle
+        # the preferred variant may fail parity (train then registered another): use what it ships
+        shipped = [(a.format, a.quantization) for a in parent.artifacts if profile.name in a.profiles]
+        for fmt, quant in shipped if not bundle else ():
+            bundle = parent_export.build(fmt, quant, "static").bundle
+            if bundle:
+                break
         if not bundle:
-            raise CompressError(f"{parent.ref}: its {fmt}/{quant} artifact for {profile.name} does not pass parity")
+            raise CompressError(f"{parent.ref}: no artifact for {profile.name} passes parity when re-exported")
         quality = judge_artifact(bundle, parent_export.trained, prepared.objective)
         parent_quality[profile.name] = quality
         row = measure_row("parent", profile, bundle, parent_export.model, window, quality, quality,

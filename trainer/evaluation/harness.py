@@ -23,6 +23,7 @@ detection quality, in the artifact that ships.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -81,7 +82,8 @@ class EvaluateRequest:
 @dataclass
 class SeriesResult:
     """One series after detection: per-row raw score, ``anomaly_score`` and decision;
-    ``parent`` is the uncompressed model's result when the model is a compressed one."""
+    ``parent`` is the uncompressed model's result when the model is a compressed one (itself,
+    with ``compress_error`` set, when the recipe could not apply to this series' model)."""
 
     key: str
     model: str
@@ -92,6 +94,8 @@ class SeriesResult:
     anomaly_score: np.ndarray
     is_anomaly: np.ndarray
     parent: SeriesResult | None = None
+    # why the recipe could not apply to this series' model (it was then evaluated uncompressed)
+    compress_error: str | None = None
 
     @property
     def category(self) -> str:
@@ -223,8 +227,10 @@ def _check_compress(request: EvaluateRequest) -> None:
         raise EvaluateError(f"--compress: profile {profile.name} does not allow {quantization} artifacts")
 
 
-def _compress(key: str, path: Path, ref: str, request: EvaluateRequest, registry: Path, windows: int) -> str:
-    """Compress ``ref`` with the request's recipe on ``path``'s probationary rows; the new ref.
+def _compress(path: Path, ref: str, request: EvaluateRequest, registry: Path, windows: int) -> tuple[str, str | None]:
+    """Compress ``ref`` with the request's recipe on ``path``'s probationary rows: the new ref,
+    or ``ref`` and why the recipe could not apply to this model (e.g. no int8 artifact of a
+    flat series passes parity).
 
     Its steps are judged on the file's NAB score when it has labelled ``windows`` after its
     probation, else (a file without anomalies) on anomalies injected into those rows.
@@ -237,9 +243,9 @@ def _compress(key: str, path: Path, ref: str, request: EvaluateRequest, registry
         prepared = prepare(CompressRequest(ref=ref, recipe=request.compress, profiles=[request.profile],
                                            data=[path], labels=request.labels if windows else None,
                                            seed=int(request.train_options.get("seed", 0))), registry)
-        return compress(prepared).version.ref
+        return compress(prepared).version.ref, None
     except (CompressError, RegistryError) as e:
-        raise EvaluateError(f"{key}: --compress {request.compress}: {e}") from e
+        return ref, str(e)
 
 
 def evaluate(
@@ -286,11 +292,19 @@ def evaluate(
             if request.compress is not None:
                 _, artifact, score, anomaly, decision = _detect_or_fail(key, registry, ref, request.profile, series)
                 parent = SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision)
-                ref = _compress(key, path, ref, request, registry, labelled.scored_windows)
+                ref, failed = _compress(path, ref, request, registry, labelled.scored_windows)
+                if failed is not None:  # this series keeps its uncompressed model (and says so)
+                    results.append(dataclasses.replace(parent, parent=parent, compress_error=failed))
+                    if progress is not None:
+                        progress(done, len(loaded), key)
+                    continue
             ref, artifact, score, anomaly, decision = _detect_or_fail(key, registry, ref, request.profile, series)
             results.append(SeriesResult(key, ref, artifact, labelled, values, score, anomaly, decision, parent))
             if progress is not None:
                 progress(done, len(loaded), key)
+    reasons = [(r.key, r.compress_error) for r in results if r.compress_error is not None]
+    if reasons and len(reasons) == len(results):
+        raise EvaluateError(f"--compress {request.compress} applied to no series: {reasons[0][0]}: {reasons[0][1]}")
     return results
 
 
@@ -356,6 +370,8 @@ def summarize(results: Sequence[SeriesResult]) -> EvaluationReport:
             "change": {name: {m: overall[name][m] - before[name][m] for m in ("optimized", "own_decisions")}
                        for name in PROFILES},
             "parent_models": [r.model for r in parents],
+            "not_compressed": [{"key": r.key, "reason": r.compress_error} for r in results
+                               if r.compress_error is not None],
         }
     return EvaluationReport(
         files=len(results),

@@ -133,6 +133,17 @@ class LocalLedger:
                 raise FederatedStateError(f"cannot read privacy ledger {self.path}: {e}") from e
         return compose_epsilon(params, self.delta)
 
+    def recorded_total(self) -> tuple[float, float] | None:
+        """``(epsilon, delta)`` as the last charge recorded them, ``None`` when nothing was
+        charged. Never composes (no dp-accounting): for reports by the agent process."""
+        with self._lock:
+            try:
+                row = self._conn.execute(
+                    "SELECT epsilon, delta FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
+            except sqlite3.Error as e:
+                raise FederatedStateError(f"cannot read privacy ledger {self.path}: {e}") from e
+        return None if row is None else (float(row[0]), float(row[1]))
+
     def charge(self, run: str, round: int, noise_multiplier: float, sampling_rate: float,
                clipping_norm: float) -> float:
         """Record one round on this host's data and return the new total ε(δ).

@@ -181,3 +181,40 @@ def test_two_processes_charging_one_ledger_stay_within_its_budget(tmp_path: Path
     assert sum(accepted) == 2  # σ=1, q=0.1: two rounds fit under 2.5, a third does not
     with LocalLedger(path, epsilon_budget=2.5, delta=1e-5) as ledger:
         assert len(ledger.rounds()) == 2 and ledger.spent() <= 2.5
+
+
+# -- WindowFeed: the serving loop's side ---------------------------------------------------------
+
+
+def test_feed_keeps_every_kth_normal_window_in_batches(tmp_path: Path) -> None:
+    from test_edge_imports import _onnx_bundle
+
+    from edge_agent.detector import Detector
+    from edge_agent.federated.feed import WindowFeed
+    from edge_agent.runtime import open_runtime
+    from shared.bundle import read_bundle
+
+    spec, model = read_bundle(_onnx_bundle())  # window 8, one feature, score = mean square
+    detector = Detector(open_runtime(spec, model), spec, model_version=3)
+    feed = WindowFeed(tmp_path / "windows.sqlite", max_windows=100, sample_every=5, batch=4,
+                      max_pending_batches=64)  # this loop outpaces any writer
+    scored, kept = 0, []
+    for i in range(200):
+        value = 5.0 if 100 <= i < 110 else float(i % 7) / 10  # a burst the model flags
+        d = detector.push(str(i), [value])
+        if d is None:
+            continue
+        if not d.is_anomaly:
+            scored += 1
+            if scored % 5 == 0:
+                kept.append(detector.last_window())
+        feed.offer(detector, d)
+    assert detector.stats().anomalies > 0
+    assert feed.flush(10)
+    feed.close()
+    with WindowStore(tmp_path / "windows.sqlite") as store:
+        got = store.windows()
+    assert got.shape == (len(kept), 8, 1) and len(kept) == scored // 5
+    np.testing.assert_array_equal(got, np.stack(kept))
+    assert (got < 5.0).all()  # no anomalous window was kept
+    assert feed.dropped == 0 and feed.stored == len(kept)

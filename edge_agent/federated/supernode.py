@@ -132,6 +132,10 @@ class SuperNodeSupervisor:
         base = dict(os.environ if env is None else env)
         base.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         base.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+        # The SuperNode starts its companions (flower-superexec, flwr-clientapp) by name: they
+        # sit beside it, so its directory goes first on PATH.
+        here = os.path.dirname(os.path.abspath(binary))
+        base["PATH"] = os.pathsep.join([here, *(p for p in base.get("PATH", "").split(os.pathsep) if p)])
         self._env = base
         self._backoff = backoff
         self.stop_timeout = stop_timeout

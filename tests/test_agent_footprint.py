@@ -124,6 +124,8 @@ def test_isolated_repository_verifies_in_a_child_process_and_leaves_none(
         [worker] = workers(os.getpid())
         assert iso.fetch_target("deployments/groups/g.json") == A
         assert iso.fetch_target("artifacts/m-1-onnx-int8.zip") == B
+        assert iso.list_targets("deployments/") == ["deployments/groups/g.json"]
+        assert iso.list_targets("federated/runs/") == []
         with pytest.raises(TargetNotFoundError):
             iso.fetch_target("deployments/agents/nobody.json")
         assert workers(os.getpid()) == [worker]  # one child for the whole pass

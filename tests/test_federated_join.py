@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from helpers_delivery import TOPICS, Agents, Watch, poll_until
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_agent.config import parse_config
 from edge_agent.federated.join import check_can_join, choose_run
@@ -381,6 +383,14 @@ def test_agents_join_from_the_signed_run_and_leave_when_it_finishes(
         entities = Path(cmdline[cmdline.index(b"--trusted-entities") + 1].decode())
         assert json.loads(entities.read_text()) == {
             "fpk_trainer": openssh_ed25519(run.trusted_entities["fpk_trainer"])}
+        # the ClientApp charges the host's ledger: the health report shows the local ε spent
+        from edge_agent.federated import LocalLedger
+
+        with LocalLedger(agents.base / "edge-t" / "state" / "federated" / "ledger.sqlite",
+                         epsilon_budget=8.0, delta=1e-5) as ledger:
+            spent = ledger.charge("fl-1", 1, noise_multiplier=1.0, sampling_rate=0.1, clipping_norm=1.0)
+        watch.wait_for(lambda: (h := fed("edge-t")()) and h["epsilon_spent"] == pytest.approx(spent),
+                       30, "edge-t's health to show the ε spent")
         # the barred agent saw the same run and started nothing
         watch.wait_for(lambda: (h := fed("edge-b")()) and h["run"] == "fl-1", 60, "edge-b to see fl-1")
         assert _supernodes_of(b.pid) == [] and fed("edge-b")()["can_join"] is False
@@ -404,3 +414,29 @@ def test_agents_join_from_the_signed_run_and_leave_when_it_finishes(
             if p is not None:
                 for pid in _supernodes_of(p.pid):
                     os.killpg(pid, signal.SIGKILL)
+
+
+# -- property: the codec round-trips every valid document -------------------------------------
+
+_names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_KEY = openssh_ed25519(base64.b64encode(bytes(range(32))).decode())
+_runs = st.builds(
+    FederatedRun,
+    run=_names, group=_names,
+    superlink=st.tuples(st.sampled_from(["127.0.0.1", "link.example", "[::1]"]),
+                        st.integers(1, 65535)).map(lambda t: f"{t[0]}:{t[1]}"),
+    app_sha256=st.binary(min_size=32, max_size=32).map(bytes.hex),
+    trusted_entities=st.dictionaries(st.text(min_size=1, max_size=10), st.just(_KEY), min_size=1, max_size=3),
+    state=st.sampled_from(["active", "finished"]),
+    epsilon_budget=st.floats(0, 1e6) | st.just(math.inf),
+    delta=st.floats(1e-12, 0.5),
+    insecure=st.booleans(),
+    extra=st.dictionaries(st.text(max_size=8).filter(lambda k: k not in {
+        "schema", "run", "group", "superlink", "app_sha256", "trusted_entities", "state",
+        "epsilon_budget", "delta", "insecure"}), st.integers() | st.text(max_size=5), max_size=3),
+)
+
+
+@given(_runs)
+def test_every_valid_run_document_round_trips(run: FederatedRun) -> None:
+    assert decode_run(encode_run(run)) == run

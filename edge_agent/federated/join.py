@@ -29,9 +29,9 @@ __all__ = ["FL_MODULES", "JoinCheck", "RunRepository", "check_can_join", "find_r
 
 log = logging.getLogger(__name__)
 
-#: What the SuperNode's ClientApp processes import (the agent's ``fl`` extra); probed without
-#: importing them.
-FL_MODULES = ("flwr", "dp_accounting")
+#: What the SuperNode's ClientApp processes import (the ``fl`` extra: Flower, the ledger's
+#: accountant, torch for local training); probed without importing them.
+FL_MODULES = ("flwr", "dp_accounting", "torch")
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,31 @@ from edge_agent.sources import SourceError, rebase_source
 from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import TopicError, validate_agent_id
 
-__all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config", "render_config"]
+__all__ = ["AgentConfig", "ConfigError", "FederatedConfig", "load_config", "parse_config", "render_config"]
 
 
 class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid (one line, names the key)."""
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """``[federated]``: whether and how this host takes part in federated training.
+
+    ``state_dir`` holds the window store and the local privacy ledger (the SuperNode's
+    ClientApp reads them); ``max_windows`` bounds the store; every ``sample_every``-th window
+    scored as normal is kept; ``epsilon_budget`` (``inf``: none) and ``delta`` are the host's
+    own privacy budget; ``supernode`` is the ``flower-supernode`` program (a name on ``PATH``
+    or a path).
+    """
+
+    enabled: bool = False
+    state_dir: Path | None = None  # default: {agent.state_dir}/federated
+    max_windows: int = 20000
+    sample_every: int = 10
+    epsilon_budget: float = 8.0
+    delta: float = 1e-5
+    supernode: str = "flower-supernode"
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,7 @@ class AgentConfig:
     threads: int = 1
     outbox_max_bytes: int = 64 * 1024 * 1024
     emulated: bool = False
+    federated: FederatedConfig = FederatedConfig()
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -66,6 +87,15 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "source": {"spec": str},
     "health": {"period_seconds": (int, float)},
     "outbox": {"max_bytes": int},
+    "federated": {
+        "enabled": bool,
+        "state_dir": str,
+        "max_windows": int,
+        "sample_every": int,
+        "epsilon_budget": (int, float),
+        "delta": float,
+        "supernode": str,
+    },
 }
 _REQUIRED = {
     "agent": ("id", "group", "profile", "state_dir"),
@@ -87,7 +117,7 @@ def _check_types(raw: dict[str, Any], source: str) -> None:
                 raise ConfigError(
                     f"{source}: unknown key '{section}.{key}'; known: {', '.join(_SCHEMA[section])}"
                 )
-            if isinstance(item, bool) or not isinstance(item, expected):
+            if (isinstance(item, bool) and expected is not bool) or not isinstance(item, expected):
                 names = expected.__name__ if isinstance(expected, type) else "number"
                 raise ConfigError(f"{source}: '{section}.{key}' must be a {names}")
     for section, keys in _REQUIRED.items():
@@ -161,6 +191,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     max_bytes = raw.get("outbox", {}).get("max_bytes", 64 * 1024 * 1024)
     if max_bytes < 4096:
         raise ConfigError(f"{source}: outbox.max_bytes must be at least 4096")
+    federated = _federated(raw.get("federated", {}), path, source)
     import platform
 
     return AgentConfig(
@@ -176,7 +207,36 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         threads=threads,
         outbox_max_bytes=max_bytes,
         emulated=platform.machine().lower() not in _ARCH_ALIASES[profile.arch],
+        federated=federated,
     )
+
+
+def _federated(table: dict[str, Any], path: Callable[[str], Path], source: str) -> FederatedConfig:
+    """The ``[federated]`` section (types already checked)."""
+    import math
+
+    c = FederatedConfig(
+        enabled=table.get("enabled", False),
+        state_dir=path(table["state_dir"]) if "state_dir" in table else None,
+        max_windows=table.get("max_windows", FederatedConfig.max_windows),
+        sample_every=table.get("sample_every", FederatedConfig.sample_every),
+        epsilon_budget=float(table.get("epsilon_budget", FederatedConfig.epsilon_budget)),
+        delta=table.get("delta", FederatedConfig.delta),
+        supernode=table.get("supernode", FederatedConfig.supernode),
+    )
+    if c.max_windows < 1:
+        raise ConfigError(f"{source}: federated.max_windows must be at least 1")
+    if c.sample_every < 1:
+        raise ConfigError(f"{source}: federated.sample_every must be at least 1")
+    if math.isnan(c.epsilon_budget) or c.epsilon_budget <= 0:
+        raise ConfigError(f"{source}: federated.epsilon_budget must be positive (inf: no local budget)")
+    if not 0.0 < c.delta < 1.0:
+        raise ConfigError(f"{source}: federated.delta must be in (0, 1)")
+    if not c.supernode.strip():
+        raise ConfigError(f"{source}: federated.supernode must not be empty")
+    if c.state_dir is not None and '"' in str(c.state_dir):
+        raise ConfigError(f"{source}: federated.state_dir may not contain '\"'")
+    return c
 
 
 def _password(broker: dict[str, Any], path: Callable[[str], Path], source: str) -> str | None:
@@ -266,4 +326,13 @@ period_seconds = 10          # health report period
 
 [outbox]
 max_bytes = 67108864         # events kept while offline; the oldest are dropped (and counted) beyond
+
+[federated]
+enabled = false              # take part in federated training (needs the fl extra and a profile with may_train)
+# state_dir = "..."          # window store and local privacy ledger (default: STATE_DIR/federated)
+# max_windows = 20000        # windows scored as normal kept for training; the oldest are dropped beyond
+# sample_every = 10          # keep every N-th window scored as normal
+# epsilon_budget = 8.0       # this host's own privacy budget (inf: none); rounds beyond it are refused
+# delta = 1e-5
+# supernode = "flower-supernode"   # the Flower SuperNode program, started only while a run is active
 """

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
@@ -66,6 +66,9 @@ from shared.messages import (
     encode_event,
 )
 from shared.topics import Topics
+
+if TYPE_CHECKING:
+    from edge_agent.federated.participation import FederatedParticipation
 
 __all__ = ["Agent", "Backoff", "EXIT_AUTH", "EXIT_OK"]
 
@@ -149,6 +152,7 @@ class Agent:
         self._session: mqtt.Client | None = None
         self._backoff = Backoff()
         self._usage = ProcessUsage()
+        self.federation: FederatedParticipation | None = None
         formats = {"onnx": "onnxruntime", "tflite": "litert"}
         self.runtimes = available_runtimes({formats[f] for f in config.profile.formats})
 
@@ -184,6 +188,18 @@ class Agent:
                 "profile %s (%s) is emulated on this %s host: figures are this host's",
                 c.profile.name, c.profile.arch, platform.machine(),
             )
+
+    def init_federated(self) -> None:
+        """With ``[federated] enabled``: the window store feed, and the SuperNode supervisor if
+        this host can join (otherwise the reason goes to health). Without it nothing federated
+        is imported."""
+        c = self.config
+        if not c.federated.enabled:
+            return
+        from edge_agent.federated.participation import FederatedParticipation
+
+        self.federation = FederatedParticipation(
+            c.federated, agent_id=c.agent_id, group=c.group, profile=c.profile, state_dir=c.state_dir)
 
     def init_session(self) -> None:
         """Build the MQTT client; :meth:`start_connections` connects it.
@@ -237,6 +253,7 @@ class Agent:
             agent_id=c.agent_id, group=c.group, profile=c.profile, runtimes=self.runtimes,
             threads=c.threads, trusted=trusted, store=self.store,
             report=self._report_deployment, activate=self._install,
+            after_pass=self.federation.on_pass if self.federation is not None else None,
         )
         self.trusted = trusted
 
@@ -363,6 +380,9 @@ class Agent:
             outbox_depth=outbox.depth() if outbox is not None else 0,
             outbox_dropped=(outbox.dropped() if outbox is not None else 0) + self._unstored.total,
             rss_mb=self._usage.rss_bytes() / 1e6, cpu_percent=self._usage.cpu_percent(),
+            federated=(self.federation.health() if self.federation is not None else
+                       {"can_join": False, "reason": "federated learning is not enabled in the "
+                                                     "agent config ([federated] enabled)"}),
         )
 
     # -- workers -------------------------------------------------------------------------------
@@ -454,6 +474,7 @@ class Agent:
 
     def _serve(self, samples: Iterator[Sample]) -> None:
         topic = self.topics.agent_events(self.config.agent_id)
+        federation = self.federation
         for sample in samples:
             with self._lock:
                 if self._resumed:
@@ -468,8 +489,12 @@ class Agent:
                     self._errors += 1
                     log.exception("inference failed")
                     continue
-                if detection is not None and detection.is_anomaly:
+                if detection is None:
+                    continue
+                if detection.is_anomaly:
                     self._store_event(topic, detection)
+                elif federation is not None:
+                    federation.offer(detector, detection)
             if self.stop_event.is_set():
                 break
 
@@ -546,6 +571,7 @@ class Agent:
         """
         try:
             self.init_state()
+            self.init_federated()
             self.init_session()
             self.init_trust()
         except BrokerError as e:  # the TLS files
@@ -613,6 +639,8 @@ class Agent:
                     info.wait_for_publish(5.0)
                 except (RuntimeError, ValueError):
                     log.warning("could not announce 'stopped' (broker unreachable)")
+        if self.federation is not None:  # its SuperNode stops with the agent
+            self.federation.close()
         if self._session is not None:
             self._session.disconnect()
             self._session.loop_stop()

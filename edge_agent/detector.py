@@ -167,6 +167,11 @@ class Detector:
             tail_probability=step.tail_probability,
         )
 
+    def last_window(self) -> np.ndarray:
+        """A copy of the newest full window, ``(window, features)`` float32: right after
+        :meth:`push` returned a detection, the input that detection scored."""
+        return self._ring[self._pos:self._pos + self._window].copy()
+
     def restart_window(self) -> None:
         """Forget the buffered samples: the next ``window`` samples refill the ring before the
         next detection, and no value from before is forward-filled into them.

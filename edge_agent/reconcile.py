@@ -58,6 +58,8 @@ class Repository(Protocol):
 
     def fetch_target(self, path: str) -> bytes: ...
 
+    def list_targets(self, prefix: str) -> list[str]: ...
+
     def close(self) -> None:
         """Release what the pass held (called at the end of every pass)."""
         ...
@@ -102,6 +104,7 @@ class Reconciler:
         store: ActivationStore,
         report: Report,
         activate: Callable[[str, LoadedModel], None],
+        after_pass: Callable[[Repository], bool] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.group = group
@@ -113,6 +116,10 @@ class Reconciler:
         self.store = store
         self.report = report
         self.activate = activate
+        # Called once per pass with the refreshed repository, after the deployment slots and
+        # before the repository is closed (the federated run documents ride on the same TUF
+        # pass); returns False when it should be retried, like a slot.
+        self.after_pass = after_pass
         self._last_failure: dict[str, str] = {}  # slot → the failure last reported for it
 
     def _desired(self) -> Deployment | None:
@@ -156,11 +163,12 @@ class Reconciler:
         except OSError as e:  # python-tuf persisting trusted metadata
             self._fail("*", "", 0, 0, f"storage: {e}")
             return False
-        if desired is None:
-            return True
         done = True
-        for slot_name, slot in sorted(desired.slots.items()):
-            done = self._reconcile_slot(slot_name, slot, desired.serial) and done
+        if desired is not None:
+            for slot_name, slot in sorted(desired.slots.items()):
+                done = self._reconcile_slot(slot_name, slot, desired.serial) and done
+        if self.after_pass is not None:
+            done = self.after_pass(self.trusted) and done
         return done
 
     def _reconcile_slot(self, slot_name: str, slot: Slot, serial: int) -> bool:

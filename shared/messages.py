@@ -329,6 +329,14 @@ class AgentHealth:
 
     ``latency_ms`` holds ``p50`` and ``p99`` (milliseconds, ``None`` before any inference) and
     keeps any other keys a newer agent sends. Non-finite numbers are written as ``null``.
+
+    ``federated`` (optional; agents before federated learning omit it) says whether the agent
+    can take part in federated training: ``can_join`` (bool) and, when it cannot, ``reason``
+    (one line); an agent that can join adds ``run`` (the run it takes part in or ``null``),
+    ``supernode`` (``stopped``/``running``/``restarting``), ``restarts``, ``windows`` (stored
+    for training), ``epsilon_spent`` (its local ledger; ``null`` when infinite: a round
+    without noise), ``epsilon_budget`` (``null``: no local budget) and ``delta``. Other keys
+    are kept.
     """
 
     agent: str
@@ -341,10 +349,11 @@ class AgentHealth:
     outbox_dropped: int
     rss_mb: float | None
     cpu_percent: float | None
+    federated: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _COUNTS = ("inferences", "anomalies", "errors", "outbox_depth", "outbox_dropped")
-    _KNOWN = ("schema", "agent", "ts", "latency_ms", "rss_mb", "cpu_percent", *_COUNTS)
+    _KNOWN = ("schema", "agent", "ts", "latency_ms", "rss_mb", "cpu_percent", "federated", *_COUNTS)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (unknown fields first, known ones win)."""
@@ -360,6 +369,9 @@ class AgentHealth:
             "latency_ms": latency,
             "rss_mb": _opt_num(self.rss_mb),
             "cpu_percent": _opt_num(self.cpu_percent),
+            **({} if self.federated is None else {"federated": {
+                k: (_opt_num(v) if isinstance(v, float) else v) for k, v in self.federated.items()
+            }}),
         }
 
 
@@ -386,6 +398,12 @@ def decode_agent_health(data: bytes) -> AgentHealth:
         _field(latency, name, (int, float), nullable=True)
     for name in ("rss_mb", "cpu_percent"):
         _field(obj, name, (int, float), nullable=True)
+    federated = obj.get("federated")
+    if federated is not None:
+        _field(obj, "federated", dict)
+        _field(federated, "can_join", bool)
+        if "reason" in federated:
+            _field(federated, "reason", str, nullable=True)
     return AgentHealth(
         agent=obj["agent"],
         ts=obj["ts"],
@@ -393,6 +411,7 @@ def decode_agent_health(data: bytes) -> AgentHealth:
         latency_ms=dict(latency),
         rss_mb=obj["rss_mb"],
         cpu_percent=obj["cpu_percent"],
+        federated=None if federated is None else dict(federated),
         extra=_rest(obj, AgentHealth._KNOWN),
     )
 

@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers_delivery import (
     STAGING,
@@ -63,7 +64,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 
 from edge_agent.mqtt import connect
-from shared.bundle import bundle_target_name
+from shared.bundle import bundle_target_name, read_bundle
 from shared.chunking import ChunkIndex, split
 from shared.deployment import Deployment, Scope, Slot, Variant, encode_deployment
 from shared.messages import decode_agent_state, decode_deployment_status
@@ -823,3 +824,33 @@ def test_an_agent_first_started_on_a_full_disk_provisions_once_space_returns(
     assert anchor.read_bytes() == env.root.read_bytes()
     watch.wait_for(lambda: watch.of("events"), 40, "events once the model serves")
     assert "Traceback" not in agent.log.read_text(), agent.tail()
+
+
+# -- federated learning: the agent keeps windows it scored as normal ------------------------------
+
+
+def test_a_federated_agent_keeps_a_bounded_store_of_normal_windows(env: Env) -> None:
+    from edge_agent.federated import WindowStore
+
+    watch = env.subscribe()
+    config = env.agent_config("edge-fl", rate=400)
+    text = config.read_text().replace("[federated]\nenabled = false", "[federated]\nenabled = true\n"
+                                      "max_windows = 40\nsample_every = 3")
+    assert "max_windows = 40" in text
+    config.write_text(text)
+    agent = env.agents.start(config)
+    born(watch)
+    env.deploy("host@1")
+    wait_active(watch, 1)
+    health = watch.wait_for(
+        lambda: first(h for h in watch.of("health") if h.federated and h.federated["windows"] >= 40),
+        60, "the window store to fill up to its bound")
+    assert health.federated["epsilon_spent"] == 0.0 and health.federated["run"] is None
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(20) == 0, agent.tail()
+    with WindowStore(agent.state_dir / "federated" / "windows.sqlite") as store:
+        assert len(store) == 40  # bounded: the oldest were dropped
+        windows = store.windows()
+    spec = read_bundle(bundle_bytes(env.registry, bundle_sha(env.registry, "host", 1)))[0]
+    assert windows.shape == (40, spec.window, len(spec.features))
+    assert np.isfinite(windows).all()

@@ -1,7 +1,8 @@
 """The agent process loads only what its active model needs, and never python-tuf.
 
 - importing the agent imports neither model runtime, nor python-tuf and its crypto stack, nor
-  psutil; probing the runtimes does not import them;
+  psutil, nor anything federated (``edge_agent.federated``, flwr, dp-accounting, torch);
+  probing the runtimes does not import them;
 - :class:`IsolatedRepository` (python-tuf in a child process) keeps ``TrustedRepository``'s
   contract against a real broker and a real TUF repository, and leaves no process behind;
 - a real ``edgefleet-agent run`` serving a TFLite model (rpi4-arm64) never maps onnxruntime,
@@ -37,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # top-level packages that must not be in the agent's sys.modules / address space for nothing
 RUNTIMES = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert"}
 TUF_STACK = ("tuf", "securesystemslib", "cryptography", "urllib3")
+FEDERATED = ("flwr", "dp_accounting", "torch", "grpc")
 
 
 def workers(pid: int) -> list[int]:
@@ -73,7 +75,8 @@ def test_importing_the_agent_loads_no_runtime_no_tuf_and_no_psutil() -> None:
         "import edge_agent.cli, edge_agent.daemon\n"
         "from edge_agent.runtime import available_runtimes\n"
         "found = available_runtimes()\n"
-        "print(json.dumps({'found': found, 'modules': sorted({m.split('.')[0] for m in sys.modules})}))\n"
+        "print(json.dumps({'found': found, 'modules': sorted({m.split('.')[0] for m in sys.modules}),\n"
+        "                  'federated': 'edge_agent.federated' in sys.modules}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -81,7 +84,8 @@ def test_importing_the_agent_loads_no_runtime_no_tuf_and_no_psutil() -> None:
     out = json.loads(proc.stdout)
     assert out["found"] == ["onnxruntime", "litert"]  # both installed here, found without import
     loaded = set(out["modules"])
-    assert not loaded & {*RUNTIMES.values(), "tflite_runtime", *TUF_STACK, "psutil"}
+    assert not loaded & {*RUNTIMES.values(), "tflite_runtime", *TUF_STACK, "psutil", *FEDERATED}
+    assert not out["federated"]
 
 
 # -- IsolatedRepository -----------------------------------------------------------------------
@@ -120,6 +124,8 @@ def test_isolated_repository_verifies_in_a_child_process_and_leaves_none(
         [worker] = workers(os.getpid())
         assert iso.fetch_target("deployments/groups/g.json") == A
         assert iso.fetch_target("artifacts/m-1-onnx-int8.zip") == B
+        assert iso.list_targets("deployments/") == ["deployments/groups/g.json"]
+        assert iso.list_targets("federated/runs/") == []
         with pytest.raises(TargetNotFoundError):
             iso.fetch_target("deployments/agents/nobody.json")
         assert workers(os.getpid()) == [worker]  # one child for the whole pass

@@ -1,4 +1,4 @@
-"""The edge agent imports and runs with torch, optuna and onnx unavailable.
+"""The edge agent imports and runs with torch, optuna, onnx, flwr and dp-accounting unavailable.
 
 A subprocess installs a meta-path finder that refuses those packages (onnxruntime stays
 allowed), imports every module under ``edge_agent`` and ``shared``, then loads an ONNX bundle
@@ -22,7 +22,7 @@ CHILD = textwrap.dedent(
     """
     import importlib, importlib.abc, json, pkgutil, sys
 
-    BLOCKED = {"torch", "optuna", "onnx", "sklearn", "skl2onnx"}
+    BLOCKED = {"torch", "optuna", "onnx", "sklearn", "skl2onnx", "flwr", "dp_accounting"}
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -93,5 +93,7 @@ def test_edge_agent_runs_without_torch_optuna_onnx(tmp_path: Path) -> None:
     assert "edge_agent.runtime._onnx" in result["imported"]
     assert "edge_agent.runtime._litert" in result["imported"]
     assert "edge_agent.outbox" in result["imported"] and "shared.messages" in result["imported"]
+    # the federated modules import without the fl extra (they load it lazily)
+    assert {"edge_agent.federated.store", "edge_agent.federated.ledger"} <= set(result["imported"])
     assert result["detections"] == 40 - 8 + 1
     assert "onnxruntime" in result["runtimes"]

@@ -139,6 +139,11 @@ healths = st.builds(
     outbox_dropped=counts,
     rss_mb=st.none() | numbers,
     cpu_percent=st.none() | numbers,
+    federated=st.none() | st.fixed_dictionaries(
+        {"can_join": st.booleans()},
+        optional={"reason": st.none() | text, "run": st.none() | names, "windows": counts,
+                  "epsilon_spent": st.none() | numbers},
+    ),
     extra=extras(set(AgentHealth._KNOWN)),
 )
 statuses = st.builds(
@@ -158,7 +163,7 @@ statuses = st.builds(
 _KNOWN_BY_DECODER = {
     "decode_deployment": {"scope", "serial", "slots"},
     "decode_agent_state": set(AgentState._KNOWN) - {"schema", "health_period_s"},  # optional
-    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema"},
+    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema", "federated"},  # optional
     "decode_deployment_status": set(DeploymentStatus._KNOWN) - {"schema"},
 }
 

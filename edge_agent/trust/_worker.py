@@ -5,6 +5,8 @@ then answers requests, one JSON line each, until stdin closes:
 
 - ``{"op": "check"}``: the trust anchor loads (:func:`check_trust_anchor`); no broker needed;
 - ``{"op": "refresh"}``: :meth:`TrustedRepository.refresh`;
+- ``{"op": "list", "prefix": P}``: :meth:`TrustedRepository.list_targets`, replied as
+  ``{"ok": true, "paths": […]}``;
 - ``{"op": "fetch", "path": P}``: :meth:`TrustedRepository.fetch_target`; the verified target
   stays in ``targets_dir`` under its sha256 and the reply names that file, its length and
   sha256.
@@ -107,6 +109,8 @@ class _Session:
             if op == "refresh":
                 self._repository().refresh()
                 return {"ok": True}
+            if op == "list":
+                return {"ok": True, "paths": self._repository().list_targets(str(request["prefix"]))}
             if op == "fetch":
                 data = self._repository().fetch_target(request["path"])
                 sha256 = hashlib.sha256(data).hexdigest()

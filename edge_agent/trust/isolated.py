@@ -38,8 +38,8 @@ _WORKER = "edge_agent.trust._worker"
 class IsolatedRepository:
     """TUF-verified access to the repository, through a child process started on demand.
 
-    Same contract as :class:`~edge_agent.trust.TrustedRepository`'s :meth:`refresh` and
-    :meth:`fetch_target`; the first call starts the child, :meth:`close` ends it (call it at
+    Same contract as :class:`~edge_agent.trust.TrustedRepository`'s :meth:`refresh`,
+    :meth:`fetch_target` and :meth:`list_targets`; the first call starts the child, :meth:`close` ends it (call it at
     the end of each reconcile pass). The child connects to the broker as ``client_id`` at its
     first refresh or fetch.
 
@@ -120,6 +120,16 @@ class IsolatedRepository:
         if len(data) != reply["length"] or hashlib.sha256(data).hexdigest() != reply["sha256"]:
             raise TrustError("tampered", f"{file} changed after it was verified")
         return data
+
+    def list_targets(self, prefix: str) -> list[str]:
+        """Paths of the current verified targets that start with ``prefix``, sorted.
+
+        Raises:
+            TrustError: as ``TrustedRepository.list_targets``.
+            OSError: the state directory cannot be written (a full disk).
+        """
+        reply = self._call({"op": "list", "prefix": prefix})
+        return [str(p) for p in reply.get("paths", [])]
 
     def close(self) -> None:
         """End the child process, if one runs (idempotent). The next call starts a new one."""

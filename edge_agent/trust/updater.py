@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from edge_agent.trust._errors import TRUST_ERROR_KINDS, TargetNotFoundError, TrustError
@@ -213,6 +213,32 @@ class TrustedRepository:
         """Forget the refreshed view (the next lookup refreshes first); the on-disk trusted
         state stays. The fetcher is the caller's: it is left open."""
         self._updater = None
+
+    def list_targets(self, prefix: str) -> list[str]:
+        """Paths of the current targets that start with ``prefix``, sorted.
+
+        python-tuf's ``Updater`` looks targets up by path but has no listing: the candidates
+        come from the top-level targets metadata it persisted in ``metadata_dir`` when it
+        verified it, and each is confirmed through ``get_targetinfo`` (the trusted view), so
+        only verified targets are named. Delegated roles are not walked (the repository has
+        none). Refreshes first if :meth:`refresh` was never called successfully.
+
+        Raises:
+            TrustError: as :meth:`refresh`, or ``tampered`` if the persisted metadata is not
+                readable.
+        """
+        if self._updater is None:
+            self.refresh()
+        assert self._updater is not None
+        try:
+            persisted = Metadata[Targets].from_file(str(self._metadata_dir / "targets.json"))
+        except Exception as e:  # OSError, DeserializationError
+            raise TrustError("tampered", f"trusted targets metadata unreadable: {e}") from e
+        names = sorted(p for p in persisted.signed.targets if p.startswith(prefix))
+        try:
+            return [p for p in names if self._updater.get_targetinfo(p) is not None]
+        except (exceptions.RepositoryError, exceptions.DownloadError) as e:
+            raise TrustError(classify(e), f"listing of {prefix!r} failed: {e}") from e
 
     def target_custom(self, path: str) -> dict[str, Any]:
         """The ``custom`` object that targets metadata stores for ``path`` (``{}`` if none).

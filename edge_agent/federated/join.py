@@ -1,0 +1,122 @@
+"""Whether this host may take part in federated training, and which run it should join.
+
+Pure rules plus one read of the TUF repository the reconcile pass already refreshed: the
+agent learns of runs only from signed ``federated/runs/{run}.json`` targets
+(:mod:`shared.federated`), never from an unsigned message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from edge_agent.trust import TargetNotFoundError
+from shared.federated import (
+    RUNS_PREFIX,
+    FederatedRun,
+    FederatedRunError,
+    decode_run,
+    run_from_target,
+)
+from shared.profiles import FirmwareProfile
+
+__all__ = ["FL_MODULES", "JoinCheck", "RunRepository", "check_can_join", "find_runs", "choose_run"]
+
+log = logging.getLogger(__name__)
+
+#: What the SuperNode's ClientApp processes import (the ``fl`` extra: Flower, the ledger's
+#: accountant, torch for local training); probed without importing them.
+FL_MODULES = ("flwr", "dp_accounting", "torch")
+
+
+@dataclass(frozen=True)
+class JoinCheck:
+    """``can_join`` and, when it cannot, a one-line ``reason``; ``binary`` is the resolved
+    ``flower-supernode`` path when it can."""
+
+    can_join: bool
+    reason: str | None = None
+    binary: str | None = None
+
+
+def check_can_join(
+    profile: FirmwareProfile,
+    supernode: str,
+    *,
+    find_module: Callable[[str], object | None] = importlib.util.find_spec,
+    which: Callable[[str], str | None] = shutil.which,
+    modules: Sequence[str] = FL_MODULES,
+) -> JoinCheck:
+    """Whether an agent of ``profile`` may and can run a SuperNode.
+
+    ``supernode`` is the configured binary: a name looked up on ``PATH`` or a path. No module
+    is imported (``find_spec`` of a top-level name only locates it).
+    """
+    if not profile.may_train:
+        return JoinCheck(False, f"profile {profile.name} may not train (may_train = false)")
+    missing = [m for m in modules if find_module(m) is None]
+    if missing:
+        return JoinCheck(False, f"the fl extra is not installed (missing {', '.join(missing)}): "
+                                "pip install 'edgefleet[edge,fl]'")
+    if os.sep in supernode:
+        binary = supernode if os.access(supernode, os.X_OK) and os.path.isfile(supernode) else None
+    else:
+        binary = which(supernode)
+    if binary is None:
+        return JoinCheck(False, f"{supernode} not found or not executable")
+    return JoinCheck(True, None, binary)
+
+
+class RunRepository(Protocol):
+    """What reading the run documents needs from the refreshed TUF repository."""
+
+    def list_targets(self, prefix: str) -> list[str]: ...
+
+    def fetch_target(self, path: str) -> bytes: ...
+
+
+def find_runs(repo: RunRepository, group: str) -> list[FederatedRun]:
+    """The verified run documents addressed to ``group``, sorted by run name.
+
+    A malformed document, or one whose ``run`` does not match its target path, is logged and
+    skipped. Raises :class:`TrustError` (``unavailable`` for a broker problem: retry later).
+    """
+    runs = []
+    for path in repo.list_targets(RUNS_PREFIX):
+        name = run_from_target(path)
+        if name is None:
+            continue
+        try:
+            run = decode_run(repo.fetch_target(path))
+        except TargetNotFoundError:
+            continue  # removed between the listing and the fetch
+        except FederatedRunError as e:
+            log.warning("federated run document %s ignored: %s", path, e)
+            continue
+        if run.run != name:
+            log.warning("federated run document %s names run %r: ignored", path, run.run)
+            continue
+        if run.group == group:
+            runs.append(run)
+    return sorted(runs, key=lambda r: r.run)
+
+
+def choose_run(runs: Sequence[FederatedRun]) -> FederatedRun | None:
+    """The run to take part in: the active one, or among several the last by name.
+
+    One SuperNode serves one SuperLink; a trainer runs one run per group at a time, so more
+    than one active run is unexpected and logged.
+    """
+    active = [r for r in runs if r.active]
+    if len(active) > 1:
+        log.warning("%d active federated runs for one group (%s): joining %s", len(active),
+                    ", ".join(r.run for r in active), active[-1].run)
+    return active[-1] if active else None
+
+
+

@@ -1,0 +1,373 @@
+"""The SuperNode child process: started while the host takes part in a run, stopped after.
+
+:class:`SuperNodeSupervisor` owns at most one ``flower-supernode`` child. The agent says what
+it wants with :meth:`SuperNodeSupervisor.want` (a :class:`SuperNodeSpec`, or ``None``); a
+supervisor thread converges on it:
+
+* **Own process group.** The child starts in a new session, so SIGTERM/SIGKILL reach the
+  SuperNode *and* the ClientApp processes it spawns, and a signal meant for the agent (Ctrl-C
+  on a terminal) does not reach them. None of their memory (an idle SuperNode is ~270 MiB, a
+  ClientApp with torch 320-390 MiB) is in the agent's process.
+* **Restart with backoff.** A child that exits while still wanted is started again after a
+  jittered exponential delay (reset once a child has run for :data:`STABLE_SECONDS`).
+* **Stop: SIGTERM, then SIGKILL.** When the run ends, changes, or the agent stops, the group
+  gets SIGTERM and, after ``stop_timeout`` seconds, SIGKILL; :meth:`want` and :meth:`close`
+  return once the child is reaped.
+* **No orphan outlives a restart.** The child's pid is kept in ``{workdir}/supernode.pid``;
+  a new supervisor ends a SuperNode that an agent killed with SIGKILL left behind (after
+  checking that the pid still runs ``flower-supernode`` with this workdir's files).
+* **Trust.** ``--trusted-entities`` is always passed (a YAML file written from the run's
+  keys): the SuperNode runs only apps signed by the trainer. ``--insecure`` only when the run
+  document asks for it.
+
+flwr is not imported here: the SuperNode is a separate program.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.federated import openssh_ed25519
+from shared.files import write_atomically
+
+__all__ = ["STABLE_SECONDS", "SuperNodeSpec", "SuperNodeSupervisor", "node_config_arg"]
+
+log = logging.getLogger(__name__)
+
+STABLE_SECONDS = 60.0  # a child that ran this long resets the restart backoff
+PID_FILE = "supernode.pid"
+ENTITIES_FILE = "trusted-entities.yaml"
+LOG_FILE = "supernode.log"
+_LOG_MAX_BYTES = 4 * 1024 * 1024  # the child's log is truncated at each start beyond this
+
+
+@dataclass(frozen=True)
+class SuperNodeSpec:
+    """What one SuperNode runs for: the run, where its SuperLink is, whom to trust, and the
+    node config the ClientApp reads (``state-dir``, ``epsilon-budget``, ``delta``,
+    ``node-name``)."""
+
+    run: str
+    superlink: str
+    trusted_entities: Mapping[str, str]
+    node_config: Mapping[str, str | float | int]
+    insecure: bool = False
+
+
+def node_config_arg(config: Mapping[str, str | float | int]) -> str:
+    """``--node-config`` text: space separated ``key=value`` with TOML values (Flower parses
+    it as TOML). Strings are double-quoted; infinite floats become the string ``"inf"``.
+
+    Raises ``ValueError`` for a key that is not a bare TOML key or a string holding ``"``.
+    """
+    parts = []
+    for key, value in config.items():
+        if not key or not all(c.isalnum() or c in "-_" for c in key):
+            raise ValueError(f"node config key {key!r} is not a bare key")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            f = float(value)
+            text = '"inf"' if f == float("inf") else repr(value if isinstance(value, int) else f)
+        else:
+            if '"' in value or "\\" in value or "\n" in value:
+                raise ValueError(f"node config value of {key!r} may not contain quotes, "
+                                 "backslashes or newlines")
+            text = f'"{value}"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _default_backoff(attempt: int) -> float:
+    """Full jitter in [1, min(60, 2^attempt)] seconds."""
+    return random.uniform(1.0, max(1.0, min(60.0, 2.0**attempt)))
+
+
+class SuperNodeSupervisor:
+    """Runs ``flower-supernode`` while a :class:`SuperNodeSpec` is wanted; see the module docstring.
+
+    Args:
+        binary: path of ``flower-supernode``.
+        workdir: the supervisor's files (pid file, trusted entities, the child's log).
+        env: the child's environment (default: this process's, with Flower's telemetry and
+            update check off).
+        backoff: seconds to wait before restart number ``n`` (1, 2, …).
+        stop_timeout: seconds between SIGTERM and SIGKILL.
+        clock: monotonic seconds (tests inject one).
+
+    Thread safe. Call :meth:`close` when the agent stops.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        backoff: Callable[[int], float] = _default_backoff,
+        stop_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        base = dict(os.environ if env is None else env)
+        base.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        base.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+        # The SuperNode starts its companions (flower-superexec, flwr-clientapp) by name: they
+        # sit beside it, so its directory goes first on PATH.
+        here = os.path.dirname(os.path.abspath(binary))
+        base["PATH"] = os.pathsep.join([here, *(p for p in base.get("PATH", "").split(os.pathsep) if p)])
+        self._env = base
+        self._backoff = backoff
+        self.stop_timeout = stop_timeout
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._wanted: SuperNodeSpec | None = None
+        self._running: SuperNodeSpec | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        self._failures = 0  # consecutive early exits (backoff attempt number)
+        self._restart_at: float | None = None
+        self._restarts = 0
+        self._last_exit: int | None = None
+        self._last_error: str | None = None
+        self._closed = False
+        self._applied = 0  # generation of `want` calls the thread has acted on
+        self._generation = 0
+        self._end_leftover()
+        self._thread = threading.Thread(target=self._loop, name="supernode-supervisor", daemon=True)
+        self._thread.start()
+
+    # -- the agent's side ------------------------------------------------------------------------
+
+    def want(self, spec: SuperNodeSpec | None, *, wait: float | None = 30.0) -> None:
+        """Run a SuperNode for ``spec`` (``None``: none). Returns once the supervisor has acted
+        on it (started or stopped the child), or after ``wait`` seconds."""
+        with self._cond:
+            if spec == self._wanted:
+                return
+            self._wanted = spec
+            self._restart_at, self._failures = None, 0  # a new wish starts without delay
+            self._generation += 1
+            generation = self._generation
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._applied >= generation or self._closed, wait)
+
+    def status(self) -> dict[str, Any]:
+        """``state`` (``stopped``, ``running``, ``restarting``), ``run``, ``pid``, ``restarts``,
+        ``last_exit`` (the last child's exit code) and ``last_error``."""
+        with self._cond:
+            proc = self._proc
+            running = proc is not None and proc.poll() is None
+            if running:
+                state = "running"
+            elif self._wanted is not None:
+                state = "restarting"
+            else:
+                state = "stopped"
+            return {
+                "state": state,
+                "run": self._running.run if running and self._running else
+                (self._wanted.run if self._wanted else None),
+                "pid": proc.pid if running and proc is not None else None,
+                "restarts": self._restarts,
+                "last_exit": self._last_exit,
+                "last_error": self._last_error,
+            }
+
+    def close(self) -> None:
+        """Stop the child (SIGTERM, then SIGKILL) and the supervisor thread; idempotent."""
+        with self._cond:
+            self._closed = True
+            self._wanted = None
+            self._cond.notify_all()
+        self._thread.join(self.stop_timeout + 10.0)
+
+    # -- the supervisor thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._needs_action, self._timeout())
+                if self._closed and self._proc is None:
+                    self._applied = self._generation
+                    self._cond.notify_all()
+                    return
+                wanted, running, proc = self._wanted, self._running, self._proc
+                generation = self._generation
+            try:
+                self._step(wanted, running, proc)
+            except Exception:  # the supervisor must outlive any one failure
+                log.exception("SuperNode supervisor step failed")
+                with self._cond:
+                    self._restart_at = self._clock() + self._backoff(max(1, self._failures))
+            with self._cond:
+                if self._proc is None or self._running == self._wanted:
+                    self._applied = max(self._applied, generation)
+                self._cond.notify_all()
+
+    def _needs_action(self) -> bool:
+        proc = self._proc
+        if self._closed:
+            return True
+        if proc is not None:
+            return self._wanted != self._running or proc.poll() is not None
+        if self._wanted is not None:
+            return self._restart_at is None or self._clock() >= self._restart_at
+        return False
+
+    def _timeout(self) -> float:
+        if self._proc is None and self._wanted is not None and self._restart_at is not None:
+            return max(0.0, self._restart_at - self._clock())
+        # Flower's child exits are not signalled to this thread: poll their liveness.
+        return 0.5 if self._proc is not None else 60.0
+
+    def _step(self, wanted: SuperNodeSpec | None, running: SuperNodeSpec | None,
+              proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None and (wanted != running or proc.poll() is not None):
+            code = proc.poll()
+            if code is None:
+                self._stop(proc)
+                code = proc.returncode
+                early = False
+            else:
+                ran = self._clock() - self._started_at
+                early = ran < STABLE_SECONDS
+                log.warning("SuperNode for run %s exited with code %s after %.0f s%s",
+                            running.run if running else "?", code, ran,
+                            f"; see {self.workdir / LOG_FILE}" if code else "")
+            (self.workdir / PID_FILE).unlink(missing_ok=True)
+            with self._cond:
+                self._proc, self._running, self._last_exit = None, None, code
+                if wanted is not None and wanted == running:  # died while wanted: restart
+                    self._failures = self._failures + 1 if early else 1
+                    self._restarts += 1
+                    delay = self._backoff(self._failures)
+                    self._restart_at = self._clock() + delay
+                    log.info("restarting the SuperNode in %.1f s", delay)
+                    return
+                self._restart_at = None
+                self._failures = 0
+        if wanted is not None and self._proc is None:
+            with self._cond:
+                if self._restart_at is not None and self._clock() < self._restart_at:
+                    return
+            self._start(wanted)
+
+    def _start(self, spec: SuperNodeSpec) -> None:
+        entities = {k: openssh_ed25519(v) for k, v in spec.trusted_entities.items()}
+        entities_path = self.workdir / ENTITIES_FILE
+        # JSON is YAML: a flow mapping of key id → "ssh-ed25519 …"
+        write_atomically(entities_path, (json.dumps(entities, indent=1) + "\n").encode())
+        args = [self.binary, "--superlink", spec.superlink]
+        if spec.insecure:
+            args.append("--insecure")
+        args += [
+            "--trusted-entities", str(entities_path),
+            "--node-config", node_config_arg(spec.node_config),
+            # the SuperNode's own Runtime API (for its ClientApp processes): loopback, a free
+            # port, so that several agents can share a host
+            "--host", "127.0.0.1", "--port", str(_free_port()),
+        ]
+        log_path = self.workdir / LOG_FILE
+        try:
+            if log_path.stat().st_size > _LOG_MAX_BYTES:
+                log_path.unlink()
+        except FileNotFoundError:
+            pass
+        with open(log_path, "ab") as out:
+            try:
+                proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, env=self._env,
+                                        start_new_session=True, cwd=self.workdir)
+            except OSError as e:
+                with self._cond:
+                    self._last_error = f"cannot start {self.binary}: {e}"
+                    self._failures += 1
+                    self._restart_at = self._clock() + self._backoff(self._failures)
+                log.error("cannot start %s: %s", self.binary, e)
+                return
+        write_atomically(self.workdir / PID_FILE, f"{proc.pid}\n".encode())
+        with self._cond:
+            self._proc, self._running = proc, spec
+            self._started_at = self._clock()
+            self._restart_at = None
+            self._last_error = None
+        log.info("SuperNode for run %s started (pid %d, SuperLink %s%s)", spec.run, proc.pid,
+                 spec.superlink, ", insecure" if spec.insecure else "")
+
+    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM to the child's process group, SIGKILL after ``stop_timeout``; reaped."""
+        for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                log.warning("SuperNode pid %d did not stop within %.0f s of %s", proc.pid, wait, sig.name)
+        else:
+            return
+        # the SuperNode is gone; its ClientApps in the same group must not linger either
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        log.info("SuperNode pid %d stopped (exit code %s)", proc.pid, proc.returncode)
+
+    def _end_leftover(self) -> None:
+        """End the SuperNode an earlier agent (killed without a clean stop) left running."""
+        pid_path = self.workdir / PID_FILE
+        try:
+            pid = int(pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            cmdline = []
+        ours = any(b"flower-supernode" in a for a in cmdline[:2]) and \
+            str(self.workdir / ENTITIES_FILE).encode() in cmdline
+        if ours:
+            log.warning("ending the SuperNode (pid %d) that the last agent run left behind", pid)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + self.stop_timeout
+                while time.monotonic() < deadline and _alive(pid):
+                    time.sleep(0.1)  # not our child: it cannot be waited for
+                if not _alive(pid):
+                    break
+        pid_path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"

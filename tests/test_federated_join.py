@@ -1,0 +1,442 @@
+"""Joining federated runs from signed desired state, and the SuperNode child process.
+
+Real parts: the run document decoded by the agent and the node config parsed by Flower's own
+parser; a real ``flower-superlink`` (insecure, on a free loopback port, with a database) and
+real ``flower-supernode`` children; a real Mosquitto and a real TUF repository for the agents,
+which learn of the run only from a signed ``federated/runs/{run}.json`` target.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from helpers_delivery import TOPICS, Agents, Watch, poll_until
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent.config import parse_config
+from edge_agent.federated.join import check_can_join, choose_run
+from edge_agent.federated.supernode import SuperNodeSpec, SuperNodeSupervisor, node_config_arg
+from shared.federated import (
+    FederatedRun,
+    FederatedRunError,
+    decode_run,
+    encode_run,
+    openssh_ed25519,
+    run_from_target,
+    run_target,
+)
+from shared.profiles import load_profile
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SUPERNODE = BIN / "flower-supernode"
+SUPERLINK = BIN / "flower-superlink"
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+needs_flower = pytest.mark.skipif(not SUPERNODE.exists() or not SUPERLINK.exists(),
+                                  reason="flwr (the fl extra) is not installed in this environment")
+
+
+def _ed25519_raw_b64() -> str:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.generate().public_key()
+    return base64.b64encode(key.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+def _run(state: str = "active", superlink: str = "127.0.0.1:9092", **kw) -> FederatedRun:
+    return FederatedRun(
+        run=kw.pop("run", "fl-1"), group=kw.pop("group", "lab"), superlink=superlink,
+        app_sha256="ab" * 32, trusted_entities={"fpk_trainer": _ed25519_raw_b64()}, state=state,
+        epsilon_budget=8.0, delta=1e-5, **kw,
+    )
+
+
+# -- the run document -------------------------------------------------------------------------
+
+
+def test_run_document_round_trips_and_keeps_unknown_fields() -> None:
+    run = _run(insecure=True)
+    assert decode_run(encode_run(run)) == run
+    wire = json.loads(encode_run(run))
+    wire["rounds"] = 3  # a newer trainer's field
+    del wire["schema"]  # the contract's example carries none: read as version 1
+    wire["epsilon_budget"] = None
+    back = decode_run(json.dumps(wire).encode())
+    assert back.extra == {"rounds": 3} and back.epsilon_budget == math.inf
+    assert json.loads(encode_run(back))["rounds"] == 3
+    assert run_target("fl-1") == "federated/runs/fl-1.json"
+    assert run_from_target("federated/runs/fl-1.json") == "fl-1"
+    assert run_from_target("deployments/groups/lab.json") is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"state": "paused"}, "state"),
+    ({"superlink": "http://x:1"}, "superlink"),
+    ({"app_sha256": "XY"}, "app_sha256"),
+    ({"trusted_entities": {}}, "trusted_entities"),
+    ({"trusted_entities": {"k": "AAAA"}}, "32 bytes"),
+    ({"delta": 0}, "delta"),
+    ({"insecure": "yes"}, "insecure"),
+    ({"schema": "edgefleet.federated-run/2"}, "schema"),
+    ({"group": "a/b"}, "group"),
+])
+def test_malformed_run_documents_are_refused(change: dict, message: str) -> None:
+    wire = json.loads(encode_run(_run())) | change
+    with pytest.raises(FederatedRunError, match=message):
+        decode_run(json.dumps(wire).encode())
+
+
+def test_keys_become_what_flower_reads() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    raw = _ed25519_raw_b64()
+    line = openssh_ed25519(raw)
+    key = load_ssh_public_key(line.encode())  # what flower-supernode does with the file
+    assert isinstance(key, Ed25519PublicKey)
+    assert openssh_ed25519(line) == line
+
+
+def test_node_config_parses_with_flowers_own_parser() -> None:
+    from flwr.common.config import parse_config_args
+
+    text = node_config_arg({"state-dir": "/var/lib/edge fleet/federated", "epsilon-budget": 8.0,
+                            "delta": 1e-5, "node-name": "edge-1"})
+    assert parse_config_args([text]) == {"state-dir": "/var/lib/edge fleet/federated",
+                                         "epsilon-budget": 8.0, "delta": 1e-5, "node-name": "edge-1"}
+    assert parse_config_args([node_config_arg({"epsilon-budget": math.inf})]) == {"epsilon-budget": "inf"}
+
+
+def test_who_may_join() -> None:
+    trains, may_not = load_profile("x86-64-v3"), load_profile("cortex-a53")
+    assert not check_can_join(may_not, str(SUPERNODE)).can_join
+    assert "may_train = false" in check_can_join(may_not, str(SUPERNODE)).reason
+    missing = check_can_join(trains, str(SUPERNODE), find_module=lambda m: None if m == "flwr" else 1)
+    assert not missing.can_join and "fl extra" in missing.reason and "flwr" in missing.reason
+    assert "not found" in check_can_join(trains, "no-such-flower-supernode").reason
+    runs = [_run(run="fl-1", state="finished"), _run(run="fl-2")]
+    assert choose_run(runs).run == "fl-2" and choose_run(runs[:1]) is None
+
+
+def test_federated_config_section(tmp_path: Path) -> None:
+    root = tmp_path / "root.json"
+    root.write_text("{}")
+    base = (f'[agent]\nid = "a"\ngroup = "g"\nprofile = "x86-64-v3"\nstate_dir = "s"\n'
+            f'[broker]\nurl = "mqtt://127.0.0.1:1"\n[trust]\nroot = "{root}"\n[source]\nspec = "stdin"\n')
+    c = parse_config(base, base=tmp_path)
+    assert not c.federated.enabled
+    c = parse_config(base + '[federated]\nenabled = true\nstate_dir = "fl"\nepsilon_budget = inf\n',
+                     base=tmp_path)
+    assert c.federated.enabled and c.federated.state_dir == tmp_path / "fl"
+    assert c.federated.epsilon_budget == math.inf and c.federated.delta == 1e-5
+    from edge_agent.config import ConfigError
+
+    for bad, key in [("enabled = 1", "federated.enabled"), ("max_windows = 0", "max_windows"),
+                     ("delta = 2.0", "delta"), ("epsilon = 1.0", "federated.epsilon"),
+                     ("epsilon_budget = -1", "epsilon_budget")]:
+        with pytest.raises(ConfigError, match=key):
+            parse_config(base + f"[federated]\n{bad}\n", base=tmp_path)
+
+
+# -- real Flower processes --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flower_env() -> dict[str, str]:
+    return dict(os.environ, **FLOWER_ENV, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+class SuperLink:
+    """A real ``flower-superlink`` (insecure, loopback, with a database) in its own session."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = workdir / "superlink.log"
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(SUPERLINK), "--insecure", "--disable-runtime-dependency-installation",
+                 "--database", str(workdir / "superlink.db"), "--host", "127.0.0.1",
+                 "--port", str(self.port)],
+                stdout=out, stderr=subprocess.STDOUT, env=_flower_env(), start_new_session=True)
+        poll_until(self._listening, 60, "the SuperLink to listen", self.tail)
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"flower-superlink exited\n{self.tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    def activated(self) -> int:
+        """How many SuperNodes the SuperLink has activated so far (from its log)."""
+        return self.log.read_text(errors="replace").count("Activated node_id")
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@pytest.fixture
+def superlink(tmp_path: Path) -> Iterator[SuperLink]:
+    link = SuperLink(tmp_path)
+    yield link
+    link.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _supernodes_of(parent: int) -> list[int]:
+    """Live ``flower-supernode`` processes whose parent is ``parent``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and b"flower-supernode" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@needs_flower
+@pytest.mark.slow
+def test_supervisor_runs_restarts_and_stops_a_real_supernode(tmp_path: Path, superlink: SuperLink) -> None:
+    work = tmp_path / "node"
+    sup = SuperNodeSupervisor(str(SUPERNODE), work, env=_flower_env(), backoff=lambda n: 0.2,
+                              stop_timeout=10)
+    spec = SuperNodeSpec(run="fl-1", superlink=superlink.address, insecure=True,
+                         trusted_entities={"fpk_trainer": _ed25519_raw_b64()},
+                         node_config={"state-dir": str(tmp_path), "epsilon-budget": 8.0,
+                                      "delta": 1e-5, "node-name": "edge-1"})
+    diag = lambda: f"{sup.status()}\n{(work / 'supernode.log').read_text(errors='replace')[-3000:]}\n{superlink.tail()}"  # noqa: E731
+    try:
+        sup.want(spec)
+        first = poll_until(lambda: sup.status()["pid"], 30, "a SuperNode", diag)
+        poll_until(lambda: superlink.activated() >= 1, 60, "the SuperLink to activate the node", diag)
+        cmdline = Path(f"/proc/{first}/cmdline").read_bytes().split(b"\0")
+        assert b"--insecure" in cmdline and b"--trusted-entities" in cmdline
+        assert os.getpgid(first) == first  # its own process group
+
+        os.kill(first, signal.SIGKILL)  # it dies while the run is active: started again
+        second = poll_until(lambda: (p := sup.status()["pid"]) and p != first and p, 30,
+                            "a restarted SuperNode", diag)
+        assert sup.status()["restarts"] == 1 and sup.status()["last_exit"] == -signal.SIGKILL
+        poll_until(lambda: superlink.activated() >= 2, 60, "the restarted node to activate", diag)
+
+        sup.want(replace(spec, insecure=False, run="fl-2"), wait=30)  # another run: a new child
+        third = sup.status()["pid"]
+        assert third not in (None, second) and not _alive(second)
+        assert b"--insecure" not in Path(f"/proc/{third}/cmdline").read_bytes().split(b"\0")
+
+        sup.want(None, wait=30)  # the run is over
+        assert sup.status()["state"] == "stopped" and not _alive(third)
+        assert _group_members(third) == []  # its ClientApp/SuperExec children too
+        assert not (work / "supernode.pid").exists()
+    finally:
+        sup.close()
+
+
+@needs_flower
+@pytest.mark.slow
+def test_a_new_supervisor_ends_the_supernode_a_killed_agent_left(tmp_path: Path, superlink: SuperLink) -> None:
+    work = tmp_path / "node"
+    spec = SuperNodeSpec(run="fl-1", superlink=superlink.address, insecure=True,
+                         trusted_entities={"fpk_trainer": _ed25519_raw_b64()},
+                         node_config={"state-dir": str(tmp_path), "node-name": "edge-1"})
+    sup = SuperNodeSupervisor(str(SUPERNODE), work, env=_flower_env())
+    sup.want(spec)
+    pid = poll_until(lambda: sup.status()["pid"], 30, "a SuperNode", lambda: str(sup.status()))
+    sup._proc = None  # forget it, as an agent killed with SIGKILL would  # noqa: SLF001
+    sup._wanted = sup._running = None  # noqa: SLF001
+    sup.close()
+    assert _alive(pid)
+    SuperNodeSupervisor(str(SUPERNODE), work, env=_flower_env()).close()
+    assert not _alive(pid) and _group_members(pid) == []
+
+
+# -- real agents, real TUF, real broker ---------------------------------------------------------
+
+
+def _csv(path: Path, rows: int = 50) -> Path:
+    path.write_text("timestamp,value\n" + "".join(
+        f"2024-01-01 00:{i // 60:02d}:{i % 60:02d},{math.sin(i / 5):.4f}\n" for i in range(rows)))
+    return path
+
+
+def _enable_federated(config: Path, **extra: object) -> None:
+    text = config.read_text().replace("[federated]\nenabled = false", "[federated]\nenabled = true")
+    assert "enabled = true" in text, "init-config no longer writes [federated] enabled = false"
+    for key, value in extra.items():
+        text = text.replace("[federated]\n", f"[federated]\n{key} = {json.dumps(value)}\n")
+    config.write_text(text)
+
+
+def _set_profile(config: Path, profile: str) -> None:
+    text = config.read_text()
+    config.write_text(text.replace('profile = "x86-64-v3"', f'profile = "{profile}"', 1))
+
+
+@needs_flower
+@pytest.mark.slow
+def test_agents_join_from_the_signed_run_and_leave_when_it_finishes(
+    tmp_path: Path, broker, clients, superlink: SuperLink
+) -> None:
+    from trainer.fleet.federated import finish_federated_run, publish_federated_run
+    from trainer.fleet.tuf_repository import TufRepository
+
+    registry = tmp_path / "registry"
+    repo = TufRepository.init(registry / "tuf")
+    agents = Agents(tmp_path / "agents", broker.url)
+    csv = _csv(tmp_path / "series.csv")
+    trains = agents.config("edge-t", trust=repo.root_json_path, source=f"csv:{csv}?rate=20")
+    _enable_federated(trains, supernode=str(SUPERNODE))
+    barred = agents.config("edge-b", trust=repo.root_json_path, source=f"csv:{csv}?rate=20")
+    _set_profile(barred, "cortex-a53")  # may_train = false
+    _enable_federated(barred, supernode=str(SUPERNODE))
+    watch = Watch(broker.url, lambda: agents.tail() + "\n" + superlink.tail())
+    pub = clients()
+    t = b = None
+    try:
+        t, b = agents.start(trains), agents.start(barred)
+
+        def fed(agent: str):
+            return lambda: next((h.federated for h in reversed(watch.of("health"))
+                                 if h.agent == agent and h.federated), None)
+
+        # before any run: the barred agent says why it cannot join, the other that it can
+        barred_h = watch.wait_for(fed("edge-b"), 60, "edge-b's federated health")
+        assert barred_h["can_join"] is False and "may_train = false" in barred_h["reason"]
+        trains_h = watch.wait_for(fed("edge-t"), 60, "edge-t's federated health")
+        assert trains_h["can_join"] is True and trains_h["supernode"] == "stopped"
+        assert trains_h["epsilon_spent"] == 0.0 and trains_h["epsilon_budget"] == 8.0
+
+        run = _run(superlink=superlink.address, insecure=True)
+        publish_federated_run(registry, run, client=pub, topics=TOPICS, timeout=10)
+        watch.wait_for(lambda: (h := fed("edge-t")()) and h["supernode"] == "running"
+                       and h["run"] == "fl-1", 60, "edge-t to run a SuperNode for fl-1")
+        [node] = poll_until(lambda: _supernodes_of(t.pid), 30, "edge-t's SuperNode child", agents.tail)
+        poll_until(lambda: superlink.activated() >= 1, 60, "the SuperLink to activate edge-t's node",
+                   lambda: superlink.tail() + agents.tail())
+        # Flower, its gRPC and the accountant stay out of the agent's own address space
+        from test_agent_footprint import mapped_packages
+
+        mapped = mapped_packages(t.pid)
+        assert not mapped & {"grpc", "torch", "scipy", "dp_accounting", "flwr"}, sorted(mapped)
+        cmdline = Path(f"/proc/{node}/cmdline").read_bytes().split(b"\0")
+        assert b"--insecure" in cmdline and cmdline[cmdline.index(b"--superlink") + 1] == superlink.address.encode()
+        node_config = cmdline[cmdline.index(b"--node-config") + 1].decode()
+        assert 'node-name="edge-t"' in node_config and "epsilon-budget=8.0" in node_config
+        entities = Path(cmdline[cmdline.index(b"--trusted-entities") + 1].decode())
+        assert json.loads(entities.read_text()) == {
+            "fpk_trainer": openssh_ed25519(run.trusted_entities["fpk_trainer"])}
+        # the ClientApp charges the host's ledger: the health report shows the local ε spent
+        from edge_agent.federated import LocalLedger
+
+        with LocalLedger(agents.base / "edge-t" / "state" / "federated" / "ledger.sqlite",
+                         epsilon_budget=8.0, delta=1e-5) as ledger:
+            spent = ledger.charge("fl-1", 1, noise_multiplier=1.0, sampling_rate=0.1, clipping_norm=1.0)
+        watch.wait_for(lambda: (h := fed("edge-t")()) and h["epsilon_spent"] == pytest.approx(spent),
+                       30, "edge-t's health to show the ε spent")
+        # the barred agent saw the same run and started nothing
+        watch.wait_for(lambda: (h := fed("edge-b")()) and h["run"] == "fl-1", 60, "edge-b to see fl-1")
+        assert _supernodes_of(b.pid) == [] and fed("edge-b")()["can_join"] is False
+
+        finish_federated_run(registry, run, client=pub, topics=TOPICS, timeout=10)
+        watch.wait_for(lambda: (h := fed("edge-t")()) and h["supernode"] == "stopped"
+                       and h["run"] is None, 60, "edge-t to stop its SuperNode")
+        poll_until(lambda: not _alive(node), 30, "the SuperNode process to end", agents.tail)
+        assert _group_members(node) == [] and _supernodes_of(t.pid) == []
+
+        # a new run, then the agent stops: its SuperNode stops with it
+        publish_federated_run(registry, replace(run, run="fl-2"), client=pub, topics=TOPICS, timeout=10)
+        [node] = poll_until(lambda: _supernodes_of(t.pid), 60, "a SuperNode for fl-2", agents.tail)
+        t.signal(signal.SIGTERM)
+        assert t.wait(60) == 0
+        assert not _alive(node) and _group_members(node) == []
+    finally:
+        watch.close()
+        agents.close()
+        for p in (t, b):
+            if p is not None:
+                for pid in _supernodes_of(p.pid):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+# -- property: the codec round-trips every valid document -------------------------------------
+
+_names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_KEY = openssh_ed25519(base64.b64encode(bytes(range(32))).decode())
+_runs = st.builds(
+    FederatedRun,
+    run=_names, group=_names,
+    superlink=st.tuples(st.sampled_from(["127.0.0.1", "link.example", "[::1]"]),
+                        st.integers(1, 65535)).map(lambda t: f"{t[0]}:{t[1]}"),
+    app_sha256=st.binary(min_size=32, max_size=32).map(bytes.hex),
+    trusted_entities=st.dictionaries(st.text(min_size=1, max_size=10), st.just(_KEY), min_size=1, max_size=3),
+    state=st.sampled_from(["active", "finished"]),
+    epsilon_budget=st.floats(0, 1e6) | st.just(math.inf),
+    delta=st.floats(1e-12, 0.5),
+    insecure=st.booleans(),
+    extra=st.dictionaries(st.text(max_size=8).filter(lambda k: k not in {
+        "schema", "run", "group", "superlink", "app_sha256", "trusted_entities", "state",
+        "epsilon_budget", "delta", "insecure"}), st.integers() | st.text(max_size=5), max_size=3),
+)
+
+
+@given(_runs)
+def test_every_valid_run_document_round_trips(run: FederatedRun) -> None:
+    assert decode_run(encode_run(run)) == run

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	# torch first, pinned: the CPU wheel; anything unpinned would pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[edge,trainer,dev]'
+	$(PY) -m pip install -q -e '.[edge,trainer,fl,dev]'
 	@touch $(STAMP)
 
 test: setup

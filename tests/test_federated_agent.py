@@ -2,13 +2,19 @@
 
 Real SQLite files under ``tmp_path``, real dp-accounting; a second process charges the same
 ledger to check that the budget holds across processes.
+
+The expected ε figures were computed with dp-accounting's RDP accountant directly (a
+``GaussianDpEvent(σ)`` per round, self-composed, ``get_epsilon(δ)``): the ledger composes the
+rounds a host took part in without amplification by subsampling.
 """
 
 from __future__ import annotations
 
 import math
+import selectors
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +80,24 @@ def test_store_values_round_trip_as_float32(tmp_path: Path) -> None:
 # -- LocalLedger --------------------------------------------------------------------------------
 
 
-def test_compose_matches_the_checked_figure() -> None:
-    # q=0.1, σ=1.0, 100 rounds, δ=1e-5 → ε 7.90 with the RDP accountant
-    assert compose_epsilon([(1.0, 0.1)] * 100, 1e-5) == pytest.approx(7.90, abs=0.005)
+def test_compose_matches_the_checked_figures() -> None:
+    # Gaussian σ=1.0, 10 rounds, δ=1e-5 → ε 19.05 (the same 10 rounds discounted by q=0.1
+    # would claim 3.44); σ=10, 100 rounds → 4.73 (= σ=1 once: RDP scales with rounds/σ²)
+    assert compose_epsilon([1.0] * 10, 1e-5) == pytest.approx(19.05, abs=0.005)
+    assert compose_epsilon([10.0] * 100, 1e-5) == pytest.approx(4.73, abs=0.005)
+    assert compose_epsilon([4.0, 4.0], 1e-5) == pytest.approx(1.478, abs=0.0005)
     assert compose_epsilon([], 1e-5) == 0.0
-    assert compose_epsilon([(1.0, 0.1), (0.0, 1.0)], 1e-5) == math.inf
+    assert compose_epsilon([1.0, 0.0], 1e-5) == math.inf
+
+
+def test_ledger_records_q_but_composes_without_amplification(tmp_path: Path) -> None:
+    # a SuperLink claiming a tiny sampling rate buys nothing on the host's own ledger
+    with LocalLedger(tmp_path / "a.sqlite", epsilon_budget=8.0, delta=1e-5) as a, \
+            LocalLedger(tmp_path / "b.sqlite", epsilon_budget=8.0, delta=1e-5) as b:
+        claimed = a.charge("fl-a", 1, noise_multiplier=1.0, sampling_rate=1e-6, clipping_norm=1.0)
+        plain = b.charge("fl-a", 1, noise_multiplier=1.0, sampling_rate=1.0, clipping_norm=1.0)
+        assert claimed == plain == pytest.approx(4.73, abs=0.005)
+        assert a.rounds()[0]["sampling_rate"] == 1e-6  # kept as information
 
 
 @pytest.mark.slow
@@ -86,37 +105,38 @@ def test_ledger_charges_one_round_at_a_time_to_the_checked_figure(tmp_path: Path
     path = tmp_path / "ledger.sqlite"
     with LocalLedger(path, epsilon_budget=8.0, delta=1e-5) as ledger:
         for r in range(1, 51):
-            total = ledger.charge("fl-a", r, noise_multiplier=1.0, sampling_rate=0.1, clipping_norm=1.0)
+            total = ledger.charge("fl-a", r, noise_multiplier=10.0, sampling_rate=0.1, clipping_norm=1.0)
     with LocalLedger(path, epsilon_budget=8.0, delta=1e-5) as ledger:  # reopened
         assert ledger.spent() == total
         for r in range(51, 101):
-            total = ledger.charge("fl-a", r, noise_multiplier=1.0, sampling_rate=0.1, clipping_norm=1.0)
-        assert total == pytest.approx(7.90, abs=0.005)
+            total = ledger.charge("fl-a", r, noise_multiplier=10.0, sampling_rate=0.1, clipping_norm=1.0)
+        assert total == pytest.approx(4.73, abs=0.005)
         assert ledger.spent() == total
         rounds = ledger.rounds()
         assert [r["round"] for r in rounds] == list(range(1, 101))
         assert rounds[-1] | {"recorded_at": 0} == {
-            "run": "fl-a", "round": 100, "noise_multiplier": 1.0, "sampling_rate": 0.1,
+            "run": "fl-a", "round": 100, "noise_multiplier": 10.0, "sampling_rate": 0.1,
             "clipping_norm": 1.0, "epsilon": total, "delta": 1e-5, "recorded_at": 0}
         assert all(a["epsilon"] < b["epsilon"] for a, b in zip(rounds, rounds[1:]))
 
 
 def test_ledger_refuses_over_budget_and_records_nothing(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
-    with LocalLedger(path, epsilon_budget=2.5, delta=1e-5) as ledger:
-        e1 = ledger.charge("fl-a", 1, noise_multiplier=1.0, sampling_rate=0.1, clipping_norm=1.0)
-        e2 = ledger.charge("fl-a", 2, noise_multiplier=1.0, sampling_rate=0.1, clipping_norm=1.0)
-        assert 2.0 < e1 < e2 < 2.5
-        with pytest.raises(BudgetExhausted) as refused:  # a third round would pass 2.5
-            ledger.charge("fl-a", 3, noise_multiplier=1.0, sampling_rate=0.1, clipping_norm=1.0)
+    # σ=4 at δ=1e-5: one round 1.013, two 1.478, three 1.847
+    with LocalLedger(path, epsilon_budget=1.6, delta=1e-5) as ledger:
+        e1 = ledger.charge("fl-a", 1, noise_multiplier=4.0, sampling_rate=0.1, clipping_norm=1.0)
+        e2 = ledger.charge("fl-a", 2, noise_multiplier=4.0, sampling_rate=0.1, clipping_norm=1.0)
+        assert e1 == pytest.approx(1.013, abs=0.0005) and e2 == pytest.approx(1.478, abs=0.0005)
+        with pytest.raises(BudgetExhausted) as refused:  # a third round would pass 1.6
+            ledger.charge("fl-a", 3, noise_multiplier=4.0, sampling_rate=0.1, clipping_norm=1.0)
         message = str(refused.value)
-        assert "\n" not in message and "2.5" in message and "fl-a round 3" in message
-        assert f"{e2:.4g}" in message and refused.value.would_be > 2.5
+        assert "\n" not in message and "1.6" in message and "fl-a round 3" in message
+        assert f"{e2:.4g}" in message and refused.value.would_be == pytest.approx(1.847, abs=0.0005)
         assert ledger.spent() == e2 and len(ledger.rounds()) == 2
         # a round with more noise still fits: refusing one round does not close the ledger
-        e3 = ledger.charge("fl-b", 1, noise_multiplier=4.0, sampling_rate=0.1, clipping_norm=0.5)
-        assert e2 < e3 <= 2.5
-    with LocalLedger(path, epsilon_budget=2.0, delta=1e-5) as ledger:  # budget lowered in config
+        e3 = ledger.charge("fl-b", 1, noise_multiplier=50.0, sampling_rate=0.1, clipping_norm=0.5)
+        assert e3 == pytest.approx(1.481, abs=0.0005) and e2 < e3 <= 1.6
+    with LocalLedger(path, epsilon_budget=1.4, delta=1e-5) as ledger:  # budget lowered in config
         assert ledger.spent() == e3
         with pytest.raises(BudgetExhausted):
             ledger.charge("fl-b", 2, noise_multiplier=50.0, sampling_rate=0.01, clipping_norm=1.0)
@@ -132,6 +152,7 @@ def test_ledger_without_noise_is_infinite_and_needs_no_budget(tmp_path: Path) ->
         assert ledger.charge("fl-a", 1, noise_multiplier=0.0, sampling_rate=1.0, clipping_norm=1.0) == math.inf
         assert ledger.spent() == math.inf
         assert ledger.charge("fl-a", 2, noise_multiplier=1.0, sampling_rate=0.5, clipping_norm=1.0) == math.inf
+        assert [r["epsilon"] for r in ledger.rounds()] == [math.inf, math.inf]
 
 
 def test_ledger_rejects_parameters_out_of_range(tmp_path: Path) -> None:
@@ -149,38 +170,66 @@ def test_ledger_reads_at_another_delta_by_composing_again(tmp_path: Path) -> Non
     path = tmp_path / "l.sqlite"
     with LocalLedger(path, epsilon_budget=8.0, delta=1e-5) as ledger:
         for r in range(3):
-            ledger.charge("fl-a", r, 1.0, 0.1, 1.0)
+            ledger.charge("fl-a", r, 4.0, 0.1, 1.0)
+        assert ledger.spent() == pytest.approx(1.847, abs=0.0005)
     with LocalLedger(path, epsilon_budget=8.0, delta=1e-3) as ledger:
-        assert ledger.spent() == pytest.approx(compose_epsilon([(1.0, 0.1)] * 3, 1e-3))
-        assert ledger.spent() < compose_epsilon([(1.0, 0.1)] * 3, 1e-5)
+        assert ledger.spent() == pytest.approx(1.306, abs=0.0005)  # σ=4, 3 rounds, δ=1e-3
+        assert ledger.recorded_total() == (pytest.approx(1.847, abs=0.0005), 1e-5)  # as recorded
 
 
 CHARGE = """
 import sys
 from pathlib import Path
+import dp_accounting.rdp  # loaded before the start line: the race is over the ledger only
 from edge_agent.federated import BudgetExhausted, LocalLedger
-ledger = LocalLedger(Path(sys.argv[1]), epsilon_budget=2.5, delta=1e-5)
+ledger = LocalLedger(Path(sys.argv[1]), epsilon_budget=1.6, delta=1e-5)
+print("ready", flush=True)
+sys.stdin.readline()  # the start barrier: both processes charge at once
 ok = 0
 for r in range(5):
     try:
-        ledger.charge(sys.argv[2], r, 1.0, 0.1, 1.0)
+        ledger.charge(sys.argv[2], r, 4.0, 0.1, 1.0)
         ok += 1
     except BudgetExhausted:
         pass
-print(ok)
+print(ok, flush=True)
 """
+
+
+def _read_line(proc: subprocess.Popen[str], deadline: float) -> str:
+    """The next line ``proc`` prints, waiting at most until ``deadline`` (monotonic)."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(max(0.0, deadline - time.monotonic())):
+            proc.kill()
+            raise AssertionError("a charging process printed nothing before the deadline")
+    return proc.stdout.readline().strip()
 
 
 def test_two_processes_charging_one_ledger_stay_within_its_budget(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
-    LocalLedger(path, epsilon_budget=2.5, delta=1e-5).close()
+    LocalLedger(path, epsilon_budget=1.6, delta=1e-5).close()
     procs = [subprocess.Popen([sys.executable, "-c", CHARGE, str(path), run], cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
              for run in ("fl-a", "fl-b")]
-    accepted = [int(p.communicate(timeout=120)[0]) for p in procs]
-    assert sum(accepted) == 2  # σ=1, q=0.1: two rounds fit under 2.5, a third does not
-    with LocalLedger(path, epsilon_budget=2.5, delta=1e-5) as ledger:
-        assert len(ledger.rounds()) == 2 and ledger.spent() <= 2.5
+    deadline = time.monotonic() + 120
+    try:
+        assert [_read_line(p, deadline) for p in procs] == ["ready", "ready"]
+        for p in procs:  # release both together
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        accepted = [int(_read_line(p, deadline)) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+    assert sum(accepted) == 2  # σ=4: two rounds fit under 1.6, a third does not
+    with LocalLedger(path, epsilon_budget=1.6, delta=1e-5) as ledger:
+        assert len(ledger.rounds()) == 2 and ledger.spent() <= 1.6
 
 
 # -- WindowFeed: the serving loop's side ---------------------------------------------------------

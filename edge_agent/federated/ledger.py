@@ -1,11 +1,21 @@
 """The host's own record of the privacy it spent on its data, and its refusal to overspend.
 
-Each training round the host takes part in is one subsampled Gaussian mechanism on its data:
-noise multiplier σ (noise standard deviation over the clipping norm) and sampling rate q (the
-chance that the host's contribution was in the round). :class:`LocalLedger` composes every
-recorded round with dp-accounting's RDP accountant — Poisson-subsampled Gaussian where
-``q < 1`` (amplification by subsampling), plain Gaussian where ``q == 1`` — and reports
-ε at the ledger's δ.
+Each training round the host takes part in is one Gaussian mechanism on its data: noise
+multiplier σ (noise standard deviation over the clipping norm). :class:`LocalLedger` composes
+every recorded round with dp-accounting's RDP accountant and reports ε at the ledger's δ.
+
+**No amplification by subsampling.** The ledger records only rounds this host took part in
+(the ClientApp charges it when the host was selected), so from the host's view its data was
+used in each recorded round with certainty: each is composed as a plain ``GaussianDpEvent(σ)``.
+Discounting each recorded round by the server's sampling rate q (``PoissonSampledDpEvent``)
+would count the sampling twice — the rounds the host was not selected for are already absent —
+and would trust a figure the server chooses (a SuperLink could claim q = 1e-6). q is kept in
+each row as information only; the server-side ("central") ε, which may use amplification, is
+the trainer's figure.
+
+**σ is the server's word under central DP.** With central DP the noise is added to the
+aggregate by the ServerApp, so σ comes from the round's config and this host cannot check it;
+the host's own defences are its budget (here) and the trusted entities that sign the app.
 
 Guarantees:
 
@@ -13,7 +23,8 @@ Guarantees:
   recorded ones *before* recording it; if the total would exceed the budget it raises
   :class:`BudgetExhausted` and records nothing. The check and the insert are one
   ``BEGIN IMMEDIATE`` transaction, so two processes charging at once cannot both slip under
-  the budget.
+  the budget. dp-accounting is imported before that transaction begins (the import takes
+  about a second; the write lock is not held meanwhile).
 * **Every charge counts.** A round charged twice (a retried message) is recorded twice: the
   ledger errs on the side of spending, never of forgetting.
 * **No DP is infinite ε.** ``noise_multiplier == 0`` composes to ε = inf; it is refused unless
@@ -50,34 +61,36 @@ _FIELDS = ("run", "round", "noise_multiplier", "sampling_rate", "clipping_norm",
            "delta", "recorded_at")
 
 
-def compose_epsilon(rounds: Iterable[tuple[float, float]], delta: float) -> float:
-    """ε(δ) of composing rounds given as ``(noise_multiplier, sampling_rate)`` (RDP accountant).
-
-    Identical rounds are grouped into one self-composed event, so thousands of rounds cost
-    what a handful of distinct settings cost. Returns 0.0 for no rounds and ``math.inf`` when
-    any round has no noise. Raises ``ModuleNotFoundError`` with an install hint when
-    dp-accounting is missing.
-    """
-    counts = Counter((float(s), float(q)) for s, q in rounds)
-    if not counts:
-        return 0.0
-    if any(sigma == 0.0 for sigma, _ in counts):
-        return math.inf
+def _dp_accounting() -> Any:
+    """The dp-accounting module; ``ModuleNotFoundError`` with an install hint when missing."""
     try:
         import dp_accounting
-        from dp_accounting.rdp import RdpAccountant
+        import dp_accounting.rdp
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(
             "the local privacy ledger needs dp-accounting: install the agent's 'fl' extra "
             "(pip install 'edgefleet[edge,fl]')") from e
-    events = []
-    for (sigma, q), n in sorted(counts.items()):
-        event: Any = dp_accounting.GaussianDpEvent(sigma)
-        if q < 1.0:
-            event = dp_accounting.PoissonSampledDpEvent(q, event)
-        events.append(dp_accounting.SelfComposedDpEvent(event, n))
-    accountant = RdpAccountant()
-    accountant.compose(dp_accounting.ComposedDpEvent(events))
+    return dp_accounting
+
+
+def compose_epsilon(noise_multipliers: Iterable[float], delta: float) -> float:
+    """ε(δ) of composing one Gaussian mechanism per noise multiplier (RDP accountant).
+
+    No amplification by subsampling (see the module docstring). Identical multipliers are
+    grouped into one self-composed event, so thousands of rounds cost what a handful of
+    distinct settings cost. Returns 0.0 for no rounds and ``math.inf`` when any round has no
+    noise. Raises ``ModuleNotFoundError`` with an install hint when dp-accounting is missing.
+    """
+    counts = Counter(float(s) for s in noise_multipliers)
+    if not counts:
+        return 0.0
+    if any(sigma == 0.0 for sigma in counts):
+        return math.inf
+    dp = _dp_accounting()
+    events = [dp.SelfComposedDpEvent(dp.GaussianDpEvent(sigma), n)
+              for sigma, n in sorted(counts.items())]
+    accountant = dp.rdp.RdpAccountant()
+    accountant.compose(dp.ComposedDpEvent(events))
     return float(accountant.get_epsilon(delta))
 
 
@@ -128,10 +141,10 @@ class LocalLedger:
                     return 0.0
                 if last[1] == self.delta:
                     return float(last[0])
-                params = self._conn.execute("SELECT noise_multiplier, sampling_rate FROM rounds").fetchall()
+                params = self._conn.execute("SELECT noise_multiplier FROM rounds").fetchall()
             except sqlite3.Error as e:
                 raise FederatedStateError(f"cannot read privacy ledger {self.path}: {e}") from e
-        return compose_epsilon(params, self.delta)
+        return compose_epsilon((s for (s,) in params), self.delta)
 
     def recorded_total(self) -> tuple[float, float] | None:
         """``(epsilon, delta)`` as the last charge recorded them, ``None`` when nothing was
@@ -148,6 +161,8 @@ class LocalLedger:
                clipping_norm: float) -> float:
         """Record one round on this host's data and return the new total ε(δ).
 
+        The round is composed as a Gaussian mechanism of ``noise_multiplier`` without
+        amplification; ``sampling_rate`` is recorded as information (module docstring).
         Raises :class:`BudgetExhausted` — recording nothing — when the total would exceed
         the budget, ``ValueError`` for parameters out of range (σ < 0, q outside (0, 1],
         clipping norm <= 0).
@@ -159,18 +174,21 @@ class LocalLedger:
             raise ValueError(f"sampling_rate must be in (0, 1]; got {sampling_rate}")
         if not (clip > 0 and math.isfinite(clip)):
             raise ValueError(f"clipping_norm must be a finite number > 0; got {clipping_norm}")
+        if sigma > 0:
+            _dp_accounting()  # imported now, not while holding the write lock below
         with self._lock:
             try:
                 with transaction(self._conn) as c:
-                    params = c.execute(
-                        "SELECT noise_multiplier, sampling_rate, epsilon, delta FROM rounds ORDER BY id"
-                    ).fetchall()
-                    known = params[-1][3] == self.delta if params else True
-                    before = (params[-1][2] if params else 0.0) if known else None
-                    params = [(s, q) for s, q, _, _ in params]
-                    if before is None:
-                        before = compose_epsilon(params, self.delta)
-                    after = compose_epsilon([*params, (sigma, q)], self.delta)
+                    rows = c.execute(
+                        "SELECT noise_multiplier, epsilon, delta FROM rounds ORDER BY id").fetchall()
+                    sigmas = [s for s, _, _ in rows]
+                    if not rows:
+                        before = 0.0
+                    elif rows[-1][2] == self.delta:
+                        before = rows[-1][1]
+                    else:
+                        before = compose_epsilon(sigmas, self.delta)
+                    after = compose_epsilon([*sigmas, sigma], self.delta)
                     if after > self.epsilon_budget:
                         raise BudgetExhausted(
                             before, self.epsilon_budget, after,

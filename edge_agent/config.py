@@ -192,6 +192,11 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     if max_bytes < 4096:
         raise ConfigError(f"{source}: outbox.max_bytes must be at least 4096")
     federated = _federated(raw.get("federated", {}), path, source)
+    if federated.enabled and federated.state_dir is None and \
+            not _node_config_safe(str(path(agent["state_dir"]))):
+        raise ConfigError(f"{source}: agent.state_dir may not contain a double quote, a backslash "
+                          "or a control character while [federated] is enabled (the federated "
+                          "state goes beneath it): set federated.state_dir")
     import platform
 
     return AgentConfig(
@@ -234,9 +239,16 @@ def _federated(table: dict[str, Any], path: Callable[[str], Path], source: str) 
         raise ConfigError(f"{source}: federated.delta must be in (0, 1)")
     if not c.supernode.strip():
         raise ConfigError(f"{source}: federated.supernode must not be empty")
-    if c.state_dir is not None and '"' in str(c.state_dir):
-        raise ConfigError(f"{source}: federated.state_dir may not contain '\"'")
+    if c.state_dir is not None and not _node_config_safe(str(c.state_dir)):
+        raise ConfigError(f"{source}: federated.state_dir may not contain a double quote, a "
+                          "backslash or a control character (line break, tab …)")
     return c
+
+
+def _node_config_safe(text: str) -> bool:
+    """Whether ``text`` can go into the SuperNode's ``--node-config`` (a TOML string written
+    without escapes): no ``"``, no backslash, no control character."""
+    return not any(ch in '"\\' or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
 
 
 def _password(broker: dict[str, Any], path: Callable[[str], Path], source: str) -> str | None:

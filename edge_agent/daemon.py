@@ -190,10 +190,21 @@ class Agent:
             )
 
     def init_federated(self) -> None:
-        """With ``[federated] enabled``: the window store feed, and the SuperNode supervisor if
-        this host can join (otherwise the reason goes to health). Without it nothing federated
-        is imported."""
+        """End a SuperNode a killed agent left behind, whatever the config says now; then, with
+        ``[federated] enabled``, the window store feed and the SuperNode supervisor if this
+        host can join (otherwise the reason goes to health). Without it nothing federated is
+        imported unless such a leftover has to be ended.
+
+        Raises:
+            OSError: the federated state directory cannot be created or written.
+            FederatedStateError: a federated state file cannot be opened.
+        """
         c = self.config
+        workdir = (c.federated.state_dir or c.state_dir / "federated").absolute() / "supernode"
+        if (workdir / "supernode.pid").exists():  # see edge_agent.federated.supernode
+            from edge_agent.federated.supernode import end_leftover
+
+            end_leftover(workdir)
         if not c.federated.enabled:
             return
         from edge_agent.federated.participation import FederatedParticipation
@@ -254,6 +265,7 @@ class Agent:
             threads=c.threads, trusted=trusted, store=self.store,
             report=self._report_deployment, activate=self._install,
             after_pass=self.federation.on_pass if self.federation is not None else None,
+            untrusted=self.federation.on_untrusted if self.federation is not None else None,
         )
         self.trusted = trusted
 
@@ -570,8 +582,25 @@ class Agent:
         health, reconcile) until SIGTERM/SIGINT.
         """
         try:
-            self.init_state()
+            # First: a federated state directory that cannot be used stops the agent before
+            # anything is written (and a SuperNode left behind ends even then).
             self.init_federated()
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError):
+                from edge_agent.federated import FederatedStateError  # loaded by now
+
+                if not isinstance(e, FederatedStateError):
+                    raise
+            c = self.config
+            where = c.federated.state_dir or c.state_dir / "federated"
+            if isinstance(e, FileExistsError | NotADirectoryError):
+                detail = "a file is in the way of the directory"
+            else:
+                detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            log.error("federated.state_dir %s cannot be used: %s", where, detail)
+            return EXIT_CONFIG
+        try:
+            self.init_state()
             self.init_session()
             self.init_trust()
         except BrokerError as e:  # the TLS files

@@ -105,6 +105,7 @@ class Reconciler:
         report: Report,
         activate: Callable[[str, LoadedModel], None],
         after_pass: Callable[[Repository], bool] | None = None,
+        untrusted: Callable[[TrustError], None] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.group = group
@@ -120,6 +121,10 @@ class Reconciler:
         # before the repository is closed (the federated run documents ride on the same TUF
         # pass); returns False when it should be retried, like a slot.
         self.after_pass = after_pass
+        # Called when the refresh itself is refused for a reason other than ``unavailable``
+        # (expired, tampered, rolled back …): what only a verified repository justified (the
+        # federated run) must stop; the deployed models keep serving.
+        self.untrusted = untrusted
         self._last_failure: dict[str, str] = {}  # slot → the failure last reported for it
 
     def _desired(self) -> Deployment | None:
@@ -153,17 +158,26 @@ class Reconciler:
     def _pass(self) -> bool:
         try:
             self.trusted.refresh()
-            desired = self._desired()
         except TrustError as e:
             self._fail("*", "", 0, 0, str(e))  # TrustError reads "{kind}: {message}"
+            if e.kind != "unavailable" and self.untrusted is not None:
+                self.untrusted(e)
             return e.kind != "unavailable"
-        except DeploymentError as e:
-            self._fail("*", "", 0, 0, f"bad deployment document: {e}")
-            return True
         except OSError as e:  # python-tuf persisting trusted metadata
             self._fail("*", "", 0, 0, f"storage: {e}")
             return False
         done = True
+        desired: Deployment | None = None
+        try:
+            desired = self._desired()
+        except TrustError as e:  # the deployment document only: the run documents still count
+            self._fail("*", "", 0, 0, str(e))
+            done = e.kind != "unavailable"
+        except DeploymentError as e:
+            self._fail("*", "", 0, 0, f"bad deployment document: {e}")
+        except OSError as e:
+            self._fail("*", "", 0, 0, f"storage: {e}")
+            done = False
         if desired is not None:
             for slot_name, slot in sorted(desired.slots.items()):
                 done = self._reconcile_slot(slot_name, slot, desired.serial) and done

@@ -9,12 +9,22 @@ run starts and again when it ends, the agent reads it through its TUF client::
      "trusted_entities": {"<public key id>": "<ed25519 public key>"},
      "state": "active" | "finished",
      "epsilon_budget": 8.0, "delta": 1e-5,
-     "insecure": false}                       # optional: plaintext to the SuperLink (loopback, tests)
+     "insecure": false,                       # optional: plaintext to the SuperLink (loopback only)
+     "root_certificates": "-----BEGIN CERTIFICATE-----…"}   # optional: PEM CA bundle for the SuperLink's TLS
 
 ``trusted_entities`` values are ed25519 public keys, either in OpenSSH form
 (``ssh-ed25519 AAAA…``, what ``flower-supernode --trusted-entities`` reads) or as the base64
 of the raw 32-byte key (:func:`openssh_ed25519` converts). ``epsilon_budget`` is the run's
 (trainer's) budget; ``null`` means none. A document without ``schema`` is read as version 1.
+
+``app_sha256`` is the SHA-256 of the FAB the run's ServerApp sends: the agent passes it to its
+SuperNode as node config ``app-sha256`` so that the ClientApp can refuse any other app (Flower
+accepts every FAB ever signed by a trusted key, so a signature alone does not stop a replay).
+
+``insecure`` (plaintext gRPC) is honoured by agents only for a loopback SuperLink
+(:func:`is_loopback`); ``root_certificates`` (PEM, signed with the rest of the document) is
+the CA bundle the SuperNode verifies the SuperLink's certificate with (default: the system's).
+The two exclude each other.
 
 Wire policy (DESIGN.md): unknown fields are kept and written back; a newer major schema is
 rejected; anything malformed raises :class:`FederatedRunError`. Standard library only;
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import math
 import re
@@ -41,6 +52,7 @@ __all__ = [
     "FederatedRunError",
     "decode_run",
     "encode_run",
+    "is_loopback",
     "openssh_ed25519",
     "run_from_target",
     "run_target",
@@ -53,8 +65,9 @@ RUN_STATES = ("active", "finished")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _ADDRESS_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+_PEM_RE = re.compile(r"\s*(-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\s*)+")
 _KNOWN = ("schema", "run", "group", "superlink", "app_sha256", "trusted_entities", "state",
-          "epsilon_budget", "delta", "insecure")
+          "epsilon_budget", "delta", "insecure", "root_certificates")
 
 
 class FederatedRunError(ValueError):
@@ -79,6 +92,17 @@ def run_from_target(path: str) -> str | None:
         return None
     name = path[len(RUNS_PREFIX) : -len(".json")]
     return name if _NAME_RE.fullmatch(name) else None
+
+
+def is_loopback(superlink: str) -> bool:
+    """Whether the ``HOST:PORT`` address names this host: ``localhost``, 127.0.0.0/8 or ``[::1]``."""
+    host = superlink.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def openssh_ed25519(key: str) -> str:
@@ -124,6 +148,7 @@ class FederatedRun:
     epsilon_budget: float
     delta: float
     insecure: bool = False
+    root_certificates: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -144,6 +169,7 @@ class FederatedRun:
             "epsilon_budget": None if math.isinf(self.epsilon_budget) else self.epsilon_budget,
             "delta": self.delta,
             "insecure": self.insecure,
+            **({} if self.root_certificates is None else {"root_certificates": self.root_certificates}),
         }
 
 
@@ -201,6 +227,12 @@ def decode_run(data: bytes) -> FederatedRun:
     insecure = obj.get("insecure", False)
     if not isinstance(insecure, bool):
         raise FederatedRunError("insecure must be true or false")
+    certs = obj.get("root_certificates")
+    if certs is not None:
+        if not isinstance(certs, str) or not _PEM_RE.fullmatch(certs):
+            raise FederatedRunError("root_certificates must be PEM text of one or more certificates")
+        if insecure:
+            raise FederatedRunError("root_certificates and insecure exclude each other")
     return FederatedRun(
         run=_name(obj["run"], "run"),
         group=_name(obj["group"], "group"),
@@ -211,5 +243,6 @@ def decode_run(data: bytes) -> FederatedRun:
         epsilon_budget=float(budget),
         delta=float(delta),
         insecure=insecure,
+        root_certificates=certs,
         extra={k: v for k, v in obj.items() if k not in _KNOWN},
     )

@@ -335,8 +335,9 @@ class AgentHealth:
     (one line); an agent that can join adds ``run`` (the run it takes part in or ``null``),
     ``supernode`` (``stopped``/``running``/``restarting``), ``restarts``, ``windows`` (stored
     for training), ``epsilon_spent`` (its local ledger; ``null`` when infinite: a round
-    without noise), ``epsilon_budget`` (``null``: no local budget) and ``delta``. Other keys
-    are kept.
+    without noise), ``epsilon_budget`` (``null``: no local budget), ``delta`` (the δ the
+    spent ε was computed at) and ``refused`` (why the group's active run is not joined, e.g.
+    plaintext to a SuperLink off the host; ``null`` otherwise). Other keys are kept.
     """
 
     agent: str

@@ -110,6 +110,10 @@ def _valid(root: Path, **over: str) -> str:
         ("period_seconds = 10", "period_seconds = true", "'health.period_seconds' must be a number"),
         ('id = "a1"', "", "missing required key 'agent.id'"),
         ("# password_file", "password_file", "broker.password_file"),
+        ("# state_dir = \"...\"", 'state_dir = "fl\\\\x"', "federated.state_dir may not contain"),
+        ("# state_dir = \"...\"", 'state_dir = "fl\\nx"', "federated.state_dir may not contain"),
+        ("# state_dir = \"...\"", 'state_dir = "fl\\"x"', "federated.state_dir may not contain"),
+        ("enabled = false", 'enabled = true\nsupernode = ""', "federated.supernode"),
     ],
 )
 def test_bad_configs_name_the_key(root_json: Path, old: str, new: str, needle: str) -> None:
@@ -129,6 +133,25 @@ def test_check_config_exit_code_2_one_line(tmp_path: Path) -> None:
     out = agent_cli("check-config", "--config", str(cfg))
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("state_dir, needle", [
+    ("fl\\\\x", "federated.state_dir may not contain a double quote, a backslash"),  # check-config
+    ("pw.txt", "federated.state_dir"),  # a file where the directory should be: run
+    ("pw.txt/fl", "federated.state_dir"),
+])
+def test_an_unusable_federated_state_dir_stops_run_with_exit_2_and_one_line(
+    tmp_path: Path, root_json: Path, state_dir: str, needle: str
+) -> None:
+    (tmp_path / "pw.txt").write_text("x\n")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(_valid(root_json).replace("enabled = false", "enabled = true", 1)
+                   .replace('# state_dir = "..."', f'state_dir = "{state_dir}"', 1))
+    out = agent_cli("run", "--config", str(cfg), "--exit-at-end")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything was written
 
 
 def test_password_from_env(root_json: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -216,6 +216,9 @@ CASES = [
     agent("run --config ca-typo.toml", "broker.ca_file: cannot read"),
     agent("run --config both-passwords.toml", "both set"),
     agent("run --config nope.toml --exit-at-end", "cannot read config"),
+    agent("check-config --config fl-backslash.toml", "federated.state_dir may not contain a double quote, a backslash"),
+    agent("run --config fl-backslash.toml --exit-at-end", "federated.state_dir may not contain"),
+    agent("run --config fl-file.toml --exit-at-end", "federated.state_dir"),
 ]
 
 
@@ -283,6 +286,10 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     for name, broker in configs.items():
         (w / f"{name}.toml").write_text(_config(**broker))
+    federated = {"fl-backslash": "fl\\\\x", "fl-file": "pw.txt"}  # pw.txt: a file, not a directory
+    for name, state_dir in federated.items():
+        (w / f"{name}.toml").write_text(_config(url="mqtt://127.0.0.1:1883") +
+                                        f'[federated]\nenabled = true\nstate_dir = "{state_dir}"\n')
     return w
 
 

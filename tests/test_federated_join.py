@@ -26,13 +26,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.config import parse_config
-from edge_agent.federated.join import check_can_join, choose_run
-from edge_agent.federated.supernode import SuperNodeSpec, SuperNodeSupervisor, node_config_arg
+from edge_agent.federated.join import check_can_join, choose_run, missing_modules, run_refusal
+from edge_agent.federated.supernode import (
+    SuperNodeSpec,
+    SuperNodeSupervisor,
+    child_env,
+    end_leftover,
+    node_config_arg,
+)
 from shared.federated import (
     FederatedRun,
     FederatedRunError,
     decode_run,
     encode_run,
+    is_loopback,
     openssh_ed25519,
     run_from_target,
     run_target,
@@ -93,11 +100,31 @@ def test_run_document_round_trips_and_keeps_unknown_fields() -> None:
     ({"insecure": "yes"}, "insecure"),
     ({"schema": "edgefleet.federated-run/2"}, "schema"),
     ({"group": "a/b"}, "group"),
+    ({"root_certificates": "not a certificate"}, "root_certificates"),
+    ({"root_certificates": 3}, "root_certificates"),
+    ({"insecure": True, "root_certificates": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"},
+     "exclude each other"),
 ])
 def test_malformed_run_documents_are_refused(change: dict, message: str) -> None:
     wire = json.loads(encode_run(_run())) | change
     with pytest.raises(FederatedRunError, match=message):
         decode_run(json.dumps(wire).encode())
+
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n"
+
+
+def test_root_certificates_round_trip_and_insecure_is_for_loopback_only() -> None:
+    run = _run(superlink="link.example:9092", root_certificates=PEM)
+    assert decode_run(encode_run(run)).root_certificates == PEM
+    assert "root_certificates" not in json.loads(encode_run(_run()))
+    for address in ("127.0.0.1:9092", "127.8.0.1:1", "localhost:9092", "[::1]:9092"):
+        assert is_loopback(address) and run_refusal(_run(superlink=address, insecure=True)) is None
+    for address in ("10.0.0.1:9092", "link.example:9092", "[2001:db8::1]:9092", "localhost.evil:1"):
+        assert not is_loopback(address)
+        reason = run_refusal(_run(superlink=address, insecure=True))
+        assert reason is not None and "\n" not in reason and address in reason and "loopback" in reason
+        assert run_refusal(_run(superlink=address)) is None  # TLS: fine anywhere
 
 
 def test_keys_become_what_flower_reads() -> None:
@@ -119,17 +146,54 @@ def test_node_config_parses_with_flowers_own_parser() -> None:
     assert parse_config_args([text]) == {"state-dir": "/var/lib/edge fleet/federated",
                                          "epsilon-budget": 8.0, "delta": 1e-5, "node-name": "edge-1"}
     assert parse_config_args([node_config_arg({"epsilon-budget": math.inf})]) == {"epsilon-budget": "inf"}
+    for bad in ('a"b', "a\\b", "a\nb", "a\rb"):
+        with pytest.raises(ValueError, match="node config value"):
+            node_config_arg({"state-dir": bad})
+
+
+def test_the_supernode_gets_no_secret_from_the_agents_environment() -> None:
+    env = child_env({"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "LC_ALL": "C", "TMPDIR": "/t",
+                     "PYTHONPATH": "/p", "FLWR_HOME": "/f", "EDGEFLEET_MQTT_PASSWORD": "s3cret",
+                     "AWS_SECRET_ACCESS_KEY": "x", "SSH_AUTH_SOCK": "/s"})
+    assert env == {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "LC_ALL": "C", "TMPDIR": "/t",
+                   "PYTHONPATH": "/p", "FLWR_HOME": "/f", "FLWR_TELEMETRY_ENABLED": "0",
+                   "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def test_who_may_join() -> None:
     trains, may_not = load_profile("x86-64-v3"), load_profile("cortex-a53")
     assert not check_can_join(may_not, str(SUPERNODE)).can_join
     assert "may_train = false" in check_can_join(may_not, str(SUPERNODE)).reason
-    missing = check_can_join(trains, str(SUPERNODE), find_module=lambda m: None if m == "flwr" else 1)
+    missing = check_can_join(trains, str(SUPERNODE), probe=lambda binary, modules: (None, ["flwr"]))
     assert not missing.can_join and "fl extra" in missing.reason and "flwr" in missing.reason
+    assert "edgefleet[edge,fl]" in missing.reason and "torch" in missing.reason
     assert "not found" in check_can_join(trains, "no-such-flower-supernode").reason
     runs = [_run(run="fl-1", state="finished"), _run(run="fl-2")]
     assert choose_run(runs).run == "fl-2" and choose_run(runs[:1]) is None
+
+
+def test_the_fl_extra_is_looked_for_beside_the_supernode(tmp_path: Path) -> None:
+    # A SuperNode installed in another environment: its ClientApps import from the python
+    # beside it, not from the agent's interpreter.
+    other = tmp_path / "venv" / "bin"
+    other.mkdir(parents=True)
+    binary = other / "flower-supernode"
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    modules = ("json", "no_such_module_for_edgefleet")
+    python, missing = missing_modules(str(binary), modules)
+    assert python is None and missing == ["no_such_module_for_edgefleet"]  # no python beside it
+    (other / "python").symlink_to(sys.executable)
+    python, missing = missing_modules(str(binary), modules)
+    assert python == str(other / "python") and missing == ["no_such_module_for_edgefleet"]
+    check = check_can_join(load_profile("x86-64-v3"), str(binary), modules=modules)
+    assert not check.can_join and str(other / "python") in check.reason
+    assert "no_such_module_for_edgefleet" in check.reason
+    (other / "python").unlink()
+    (other / "python").write_text("#!/bin/sh\nexit 3\n")  # a python that does not run
+    (other / "python").chmod(0o755)
+    assert missing_modules(str(binary), modules) == (str(other / "python"), list(modules))
+    assert check_can_join(load_profile("x86-64-v3"), str(SUPERNODE)).can_join  # this venv has it
 
 
 def test_federated_config_section(tmp_path: Path) -> None:
@@ -147,9 +211,17 @@ def test_federated_config_section(tmp_path: Path) -> None:
 
     for bad, key in [("enabled = 1", "federated.enabled"), ("max_windows = 0", "max_windows"),
                      ("delta = 2.0", "delta"), ("epsilon = 1.0", "federated.epsilon"),
-                     ("epsilon_budget = -1", "epsilon_budget")]:
+                     ("epsilon_budget = -1", "epsilon_budget"),
+                     ('state_dir = "fl\\\\x"', "federated.state_dir may not contain"),
+                     ('state_dir = "fl\\nx"', "federated.state_dir may not contain"),
+                     ('state_dir = "fl\\"x"', "federated.state_dir may not contain")]:
         with pytest.raises(ConfigError, match=key):
             parse_config(base + f"[federated]\n{bad}\n", base=tmp_path)
+    # the default federated directory sits beneath agent.state_dir: checked when enabled
+    odd = base.replace('state_dir = "s"', 'state_dir = "s\\\\t"')
+    assert parse_config(odd, base=tmp_path).state_dir.name == "s\\t"
+    with pytest.raises(ConfigError, match="agent.state_dir may not contain"):
+        parse_config(odd + "[federated]\nenabled = true\n", base=tmp_path)
 
 
 # -- real Flower processes --------------------------------------------------------------------
@@ -300,8 +372,9 @@ def test_a_new_supervisor_ends_the_supernode_a_killed_agent_left(tmp_path: Path,
     sup = SuperNodeSupervisor(str(SUPERNODE), work, env=_flower_env())
     sup.want(spec)
     pid = poll_until(lambda: sup.status()["pid"], 30, "a SuperNode", lambda: str(sup.status()))
-    sup._proc = None  # forget it, as an agent killed with SIGKILL would  # noqa: SLF001
-    sup._wanted = sup._running = None  # noqa: SLF001
+    with sup._cond:  # noqa: SLF001 - forget it, as an agent killed with SIGKILL would
+        sup._proc = None  # noqa: SLF001
+        sup._wanted = sup._running = None  # noqa: SLF001
     sup.close()
     assert _alive(pid)
     SuperNodeSupervisor(str(SUPERNODE), work, env=_flower_env()).close()
@@ -383,7 +456,9 @@ def test_agents_join_from_the_signed_run_and_leave_when_it_finishes(
         entities = Path(cmdline[cmdline.index(b"--trusted-entities") + 1].decode())
         assert json.loads(entities.read_text()) == {
             "fpk_trainer": openssh_ed25519(run.trusted_entities["fpk_trainer"])}
-        # the ClientApp charges the host's ledger: the health report shows the local ε spent
+        # The health report shows the local ε the host's ledger recorded. The ledger is
+        # charged here directly; the ClientApp charging it in a real round is tested with the
+        # trainer's Flower app.
         from edge_agent.federated import LocalLedger
 
         with LocalLedger(agents.base / "edge-t" / "state" / "federated" / "ledger.sqlite",
@@ -440,3 +515,238 @@ _runs = st.builds(
 @given(_runs)
 def test_every_valid_run_document_round_trips(run: FederatedRun) -> None:
     assert decode_run(encode_run(run)) == run
+
+
+# -- what must start nothing, and what must stop a SuperNode ----------------------------------
+
+
+def _waiting_process(argv0: str | None = None, *args: str) -> subprocess.Popen[bytes]:
+    """A live process in its own session that waits on its stdin (a reused pid, say)."""
+    if argv0 is None:
+        return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                stdin=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen([argv0, "-c", "read line", "sh", *args], executable="/bin/sh",
+                            stdin=subprocess.PIPE, start_new_session=True)
+
+
+def test_a_pid_file_naming_an_unrelated_process_ends_nothing(tmp_path: Path) -> None:
+    work = tmp_path / "node"
+    work.mkdir()
+    unrelated = _waiting_process()
+    # named like a SuperNode, but not started with this workdir's files
+    lookalike = _waiting_process("flower-supernode", "--trusted-entities", str(tmp_path / "other.yaml"))
+    try:
+        for proc in (unrelated, lookalike):
+            (work / "supernode.pid").write_text(f"{proc.pid}\n")
+            assert end_leftover(work, stop_timeout=5) is False
+            assert not (work / "supernode.pid").exists() and _alive(proc.pid)
+        (work / "supernode.pid").write_text(f"{unrelated.pid}\n")
+        SuperNodeSupervisor(str(SUPERNODE), work).close()  # what a starting agent does
+        assert _alive(unrelated.pid) and _alive(lookalike.pid)
+        (work / "supernode.pid").write_text("not a pid\n")
+        assert end_leftover(work) is False and not (work / "supernode.pid").exists()
+    finally:
+        for proc in (unrelated, lookalike):
+            proc.kill()
+            proc.wait(10)
+
+
+def test_a_failing_start_backs_off_with_one_line_per_attempt(tmp_path: Path, caplog) -> None:
+    attempts: list[int] = []
+    sup = SuperNodeSupervisor(str(SUPERNODE), tmp_path / "node",
+                              backoff=lambda n: attempts.append(n) or 0.05)
+    spec = SuperNodeSpec(run="fl-1", superlink="127.0.0.1:1", trusted_entities={"k": _ed25519_raw_b64()},
+                         node_config={"state-dir": "C:\\fl"})  # refused by node_config_arg
+    try:
+        sup.want(spec, wait=30)
+        poll_until(lambda: len(attempts) >= 3, 30, "three attempts", lambda: str(attempts))
+        assert attempts[:3] == [1, 2, 3]  # the backoff grows: no retry loop every second
+        status = sup.status()
+        assert status["state"] == "restarting" and "backslashes" in status["last_error"]
+        assert _supernodes_of(os.getpid()) == []
+        assert not any(r.exc_info for r in caplog.records)  # one line each, no traceback
+    finally:
+        sup.close()
+
+
+@needs_flower
+def test_a_pid_file_that_cannot_be_written_stops_the_child_it_would_lose(tmp_path: Path) -> None:
+    work = tmp_path / "node"
+    (work / "supernode.pid").mkdir(parents=True)  # the pid file cannot be written
+    sup = SuperNodeSupervisor(str(SUPERNODE), work, backoff=lambda n: 3600.0, stop_timeout=10)
+    spec = SuperNodeSpec(run="fl-1", superlink="127.0.0.1:1", insecure=True,
+                         trusted_entities={"k": _ed25519_raw_b64()}, node_config={"node-name": "e"})
+    try:
+        sup.want(spec, wait=60)
+        status = sup.status()
+        assert status["state"] == "restarting" and "pid file" in status["last_error"]
+        assert _supernodes_of(os.getpid()) == []  # stopped, not left running untracked
+    finally:
+        sup.close()
+    assert _supernodes_of(os.getpid()) == []
+
+
+def _participation(tmp_path: Path, **config: object):
+    from edge_agent.config import FederatedConfig
+    from edge_agent.federated.join import JoinCheck
+    from edge_agent.federated.participation import FederatedParticipation
+
+    return FederatedParticipation(
+        FederatedConfig(enabled=True, state_dir=tmp_path / "fl", **config), agent_id="edge-1",
+        group="lab", profile=load_profile("x86-64-v3"), state_dir=tmp_path,
+        check=JoinCheck(True, None, str(SUPERNODE)))
+
+
+def test_health_reports_the_delta_the_spent_epsilon_was_computed_at(tmp_path: Path) -> None:
+    from edge_agent.federated import LocalLedger
+
+    part = _participation(tmp_path, delta=1e-3)
+    try:
+        assert part.health()["delta"] == 1e-3 and part.health()["epsilon_spent"] == 0.0
+        with LocalLedger(tmp_path / "fl" / "ledger.sqlite", 8.0, 1e-5) as ledger:
+            spent = ledger.charge("fl-1", 1, 4.0, 1.0, 1.0)
+        health = part.health()
+        assert health["epsilon_spent"] == spent and health["delta"] == 1e-5
+    finally:
+        part.close()
+
+
+def _agent_repo(tmp_path: Path, client, repo):
+    from helpers_delivery import TOPICS as topics
+
+    from edge_agent.trust import MqttFetcher, TrustedRepository
+
+    state = tmp_path / "agent-tuf"
+    return TrustedRepository(state / "metadata", state / "targets",
+                             MqttFetcher(client, topics, state / "chunks", timeout=5),
+                             repo.root_json_path.read_bytes())
+
+
+@needs_flower
+def test_run_documents_for_another_group_unsigned_tampered_or_insecure_start_nothing(
+    tmp_path: Path, broker, clients
+) -> None:
+    import hashlib
+
+    from helpers_delivery import Attacker
+
+    from trainer.fleet.publisher import publish_repository
+    from trainer.fleet.tuf_repository import TufRepository, url_path
+
+    repo = TufRepository.init(tmp_path / "tuf")
+    pub = clients()
+    other = _run(run="fl-other", group="other", superlink="127.0.0.1:9092")
+    remote = _run(run="fl-lab", superlink="superlink.example:9092", insecure=True)
+    repo.add_targets({run_target(r.run): encode_run(r) for r in (other, remote)})
+    publish_repository(repo, pub, TOPICS)
+    attacker = Attacker(broker.url)
+    evil = encode_run(_run(run="fl-evil", superlink="127.0.0.1:9092", insecure=True))
+    evil_path = url_path(run_target("fl-evil"), hashlib.sha256(evil).hexdigest())
+    attacker.put(TOPICS.repo_target_chunk(evil_path, 0), evil)  # never signed
+    part = _participation(tmp_path)
+    trusted = _agent_repo(tmp_path, clients(), repo)
+    try:
+        trusted.refresh()
+        assert part.on_pass(trusted) is True
+        health = part.health()
+        assert health["run"] == "fl-lab" and health["supernode"] == "stopped"
+        assert "superlink.example:9092" in health["refused"] and "loopback" in health["refused"]
+        assert part.supervisor.status()["state"] == "stopped"
+
+        # the trainer publishes a good run; the attacker alters it before this agent fetches it
+        good = _run(run="fl-lab2", superlink="127.0.0.1:9092", insecure=True)
+        repo.add_targets({run_target(good.run): encode_run(good)})
+        publish_repository(repo, pub, TOPICS)
+        data = encode_run(good)
+        upath = url_path(run_target(good.run), hashlib.sha256(data).hexdigest())
+        attacker.put(TOPICS.repo_target_chunk(upath, 0), data.replace(b"fl-lab2", b"fl-lab3"))
+        trusted.refresh()
+        assert part.on_pass(trusted) is True  # tampered: no run, not "retry later"
+        health = part.health()
+        assert health["run"] is None and health["refused"] is None and health["supernode"] == "stopped"
+        assert _supernodes_of(os.getpid()) == []
+    finally:
+        part.close()
+        attacker.close()
+
+
+@needs_flower
+@pytest.mark.slow
+def test_a_joined_run_ends_when_the_repository_can_no_longer_be_verified(
+    tmp_path: Path, clients, superlink: SuperLink, monkeypatch
+) -> None:
+    from edge_agent.activation import ActivationStore
+    from edge_agent.reconcile import Reconciler
+    from trainer.fleet.publisher import publish_repository
+    from trainer.fleet.tuf_repository import TufRepository
+
+    monkeypatch.setenv("EDGEFLEET_MQTT_PASSWORD", "s3cret")  # the agent's secret
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    repo = TufRepository.init(tmp_path / "tuf")
+    pub = clients()
+    run = _run(superlink=superlink.address, insecure=True)
+    repo.add_targets({run_target(run.run): encode_run(run)})
+    publish_repository(repo, pub, TOPICS)
+    part = _participation(tmp_path)
+    reports: list[tuple] = []
+    (tmp_path / "state").mkdir()
+    reconciler = Reconciler(
+        agent_id="edge-1", group="lab", profile=load_profile("x86-64-v3"), runtimes=["onnxruntime"],
+        threads=1, trusted=_agent_repo(tmp_path, clients(), repo),
+        store=ActivationStore(tmp_path / "state"), report=lambda *a: reports.append(a),
+        activate=lambda *a: None, after_pass=part.on_pass, untrusted=part.on_untrusted)
+    diag = lambda: f"{part.supervisor.status()}\n{superlink.tail()}"  # noqa: E731
+    try:
+        assert reconciler.reconcile() is True
+        pid = poll_until(lambda: part.supervisor.status()["pid"], 30, "a SuperNode", diag)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        node_config = cmdline[cmdline.index(b"--node-config") + 1].decode()
+        assert f'app-sha256="{run.app_sha256}"' in node_config  # the ClientApp checks its FAB
+        environ = dict(e.split("=", 1) for e in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in e)
+        assert "EDGEFLEET_MQTT_PASSWORD" not in environ and environ["FLWR_TELEMETRY_ENABLED"] == "0"
+
+        # a freeze: the timestamp the agents get has expired (the `finished` document withheld)
+        assert repo.refresh(timestamp_days=-1) == ["timestamp"]
+        publish_repository(repo, pub, TOPICS)
+        assert reconciler.reconcile() is True
+        assert any("expired" in str(r[-1]) for r in reports)
+        assert part.supervisor.status()["state"] == "stopped" and not _alive(pid)
+        assert _group_members(pid) == [] and part.health()["run"] is None
+    finally:
+        part.close()
+
+
+@needs_flower
+@pytest.mark.slow
+def test_an_agent_not_taking_part_any_more_ends_the_supernode_it_left(
+    tmp_path: Path, superlink: SuperLink
+) -> None:
+    from edge_agent.daemon import Agent
+
+    root = tmp_path / "root.json"
+    root.write_text("{}")
+    base = (f'[agent]\nid = "edge-1"\ngroup = "lab"\nprofile = "x86-64-v3"\nstate_dir = "state"\n'
+            f'[broker]\nurl = "mqtt://127.0.0.1:1"\n[trust]\nroot = "{root}"\n[source]\nspec = "stdin"\n')
+    work = tmp_path / "state" / "federated" / "supernode"
+    spec = SuperNodeSpec(run="fl-1", superlink=superlink.address, insecure=True,
+                         trusted_entities={"fpk_trainer": _ed25519_raw_b64()},
+                         node_config={"node-name": "edge-1"})
+    for federated in ("[federated]\nenabled = false\n",  # turned off since
+                      '[federated]\nenabled = true\nsupernode = "no-such-flower-supernode"\n'):
+        sup = SuperNodeSupervisor(str(SUPERNODE), work, env=_flower_env())
+        sup.want(spec)
+        pid = poll_until(lambda s=sup: s.status()["pid"], 30, "a SuperNode", lambda s=sup: str(s.status()))
+        with sup._cond:  # noqa: SLF001 - forget it, as an agent killed with SIGKILL would
+            sup._proc = None  # noqa: SLF001
+            sup._wanted = sup._running = None  # noqa: SLF001
+        sup.close()
+        assert _alive(pid)
+        agent = Agent(parse_config(base + federated, base=tmp_path))
+        agent.init_federated()
+        try:
+            assert not _alive(pid) and _group_members(pid) == []
+            assert not (work / "supernode.pid").exists()
+        finally:
+            if agent.federation is not None:
+                agent.federation.close()

@@ -14,11 +14,18 @@ supervisor thread converges on it:
   gets SIGTERM and, after ``stop_timeout`` seconds, SIGKILL; :meth:`want` and :meth:`close`
   return once the child is reaped.
 * **No orphan outlives a restart.** The child's pid is kept in ``{workdir}/supernode.pid``;
-  a new supervisor ends a SuperNode that an agent killed with SIGKILL left behind (after
-  checking that the pid still runs ``flower-supernode`` with this workdir's files).
+  :func:`end_leftover` (run by every new supervisor, and by the agent at start even when it
+  will not supervise one) ends a SuperNode that an agent killed with SIGKILL left behind,
+  after checking that the pid still runs ``flower-supernode`` with this workdir's files. A
+  child that exits by itself takes its process group (SuperExec, a ClientApp mid-training)
+  with it.
 * **Trust.** ``--trusted-entities`` is always passed (a YAML file written from the run's
   keys): the SuperNode runs only apps signed by the trainer. ``--insecure`` only when the run
-  document asks for it.
+  document asks for it (the agent allows that only for a loopback SuperLink);
+  ``--root-certificates`` when the run document carries a CA bundle.
+* **Minimal environment.** The child gets ``PATH``, ``HOME``, ``LANG``, ``LC_*``, ``TMPDIR``,
+  ``PYTHONPATH`` and ``FLWR_*`` only: none of the agent's secrets (its MQTT password may sit
+  in its environment).
 
 flwr is not imported here: the SuperNode is a separate program.
 """
@@ -42,35 +49,51 @@ from typing import Any
 from shared.federated import openssh_ed25519
 from shared.files import write_atomically
 
-__all__ = ["STABLE_SECONDS", "SuperNodeSpec", "SuperNodeSupervisor", "node_config_arg"]
+__all__ = ["STABLE_SECONDS", "SuperNodeSpec", "SuperNodeSupervisor", "child_env", "end_leftover",
+           "node_config_arg"]
 
 log = logging.getLogger(__name__)
 
 STABLE_SECONDS = 60.0  # a child that ran this long resets the restart backoff
 PID_FILE = "supernode.pid"
 ENTITIES_FILE = "trusted-entities.yaml"
+CERTIFICATES_FILE = "root-certificates.pem"
 LOG_FILE = "supernode.log"
 _LOG_MAX_BYTES = 4 * 1024 * 1024  # the child's log is truncated at each start beyond this
+_ENV_KEEP = ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")
+_ENV_KEEP_PREFIXES = ("LC_", "FLWR_")
 
 
 @dataclass(frozen=True)
 class SuperNodeSpec:
     """What one SuperNode runs for: the run, where its SuperLink is, whom to trust, and the
     node config the ClientApp reads (``state-dir``, ``epsilon-budget``, ``delta``,
-    ``node-name``)."""
+    ``node-name``, ``app-sha256``). ``root_certificates``: PEM CA bundle for the SuperLink's
+    TLS (``None``: the system's)."""
 
     run: str
     superlink: str
     trusted_entities: Mapping[str, str]
     node_config: Mapping[str, str | float | int]
     insecure: bool = False
+    root_certificates: str | None = None
+
+
+def child_env(source: Mapping[str, str]) -> dict[str, str]:
+    """The SuperNode's environment: the entries of ``source`` it needs, nothing else (see the
+    module docstring), with Flower's telemetry and update check off unless set."""
+    env = {k: v for k, v in source.items() if k in _ENV_KEEP or k.startswith(_ENV_KEEP_PREFIXES)}
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    return env
 
 
 def node_config_arg(config: Mapping[str, str | float | int]) -> str:
     """``--node-config`` text: space separated ``key=value`` with TOML values (Flower parses
     it as TOML). Strings are double-quoted; infinite floats become the string ``"inf"``.
 
-    Raises ``ValueError`` for a key that is not a bare TOML key or a string holding ``"``.
+    Raises ``ValueError`` for a key that is not a bare TOML key or a string holding ``"``, a
+    backslash or a control character.
     """
     parts = []
     for key, value in config.items():
@@ -82,9 +105,9 @@ def node_config_arg(config: Mapping[str, str | float | int]) -> str:
             f = float(value)
             text = '"inf"' if f == float("inf") else repr(value if isinstance(value, int) else f)
         else:
-            if '"' in value or "\\" in value or "\n" in value:
+            if any(ch in '"\\' or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
                 raise ValueError(f"node config value of {key!r} may not contain quotes, "
-                                 "backslashes or newlines")
+                                 "backslashes or control characters")
             text = f'"{value}"'
         parts.append(f"{key}={text}")
     return " ".join(parts)
@@ -107,8 +130,8 @@ class SuperNodeSupervisor:
     Args:
         binary: path of ``flower-supernode``.
         workdir: the supervisor's files (pid file, trusted entities, the child's log).
-        env: the child's environment (default: this process's, with Flower's telemetry and
-            update check off).
+        env: where the child's environment is taken from (default: this process's), filtered
+            by :func:`child_env`.
         backoff: seconds to wait before restart number ``n`` (1, 2, …).
         stop_timeout: seconds between SIGTERM and SIGKILL.
         clock: monotonic seconds (tests inject one).
@@ -129,9 +152,7 @@ class SuperNodeSupervisor:
         self.binary = binary
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        base = dict(os.environ if env is None else env)
-        base.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-        base.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+        base = child_env(os.environ if env is None else env)
         # The SuperNode starts its companions (flower-superexec, flwr-clientapp) by name: they
         # sit beside it, so its directory goes first on PATH.
         here = os.path.dirname(os.path.abspath(binary))
@@ -153,7 +174,7 @@ class SuperNodeSupervisor:
         self._closed = False
         self._applied = 0  # generation of `want` calls the thread has acted on
         self._generation = 0
-        self._end_leftover()
+        end_leftover(self.workdir, stop_timeout)
         self._thread = threading.Thread(target=self._loop, name="supernode-supervisor", daemon=True)
         self._thread.start()
 
@@ -195,12 +216,33 @@ class SuperNodeSupervisor:
             }
 
     def close(self) -> None:
-        """Stop the child (SIGTERM, then SIGKILL) and the supervisor thread; idempotent."""
+        """Stop the child (SIGTERM, then SIGKILL) and the supervisor thread; idempotent.
+
+        Returns once the child is gone: if the supervisor thread has not stopped it within
+        ``stop_timeout`` plus a margin (a stop or a start in progress), its process group is
+        killed from here.
+        """
         with self._cond:
             self._closed = True
             self._wanted = None
             self._cond.notify_all()
-        self._thread.join(self.stop_timeout + 10.0)
+        self._thread.join(self.stop_timeout + 15.0)
+        if not self._thread.is_alive():
+            return
+        with self._cond:
+            proc = self._proc
+        if proc is not None:
+            log.warning("SuperNode pid %d still running at close: killing its process group", proc.pid)
+            _kill_group(proc.pid)
+            try:
+                proc.wait(10.0)
+            except subprocess.TimeoutExpired:
+                log.error("SuperNode pid %d did not end after SIGKILL", proc.pid)
+            try:
+                (self.workdir / PID_FILE).unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("cannot remove %s: %s", self.workdir / PID_FILE, e)
+        self._thread.join(10.0)
 
     # -- the supervisor thread ----------------------------------------------------------------
 
@@ -216,10 +258,15 @@ class SuperNodeSupervisor:
                 generation = self._generation
             try:
                 self._step(wanted, running, proc)
-            except Exception:  # the supervisor must outlive any one failure
-                log.exception("SuperNode supervisor step failed")
+            except Exception as e:  # the supervisor must outlive any one failure
+                if isinstance(e, OSError | ValueError):  # files, a run document's keys
+                    log.error("SuperNode for run %s not started: %s", wanted.run if wanted else "?", e)
+                else:
+                    log.exception("SuperNode supervisor step failed")
                 with self._cond:
-                    self._restart_at = self._clock() + self._backoff(max(1, self._failures))
+                    self._last_error = f"{type(e).__name__}: {e}"
+                    self._failures += 1
+                    self._restart_at = self._clock() + self._backoff(self._failures)
             with self._cond:
                 if self._proc is None or self._running == self._wanted:
                     self._applied = max(self._applied, generation)
@@ -250,6 +297,8 @@ class SuperNodeSupervisor:
                 code = proc.returncode
                 early = False
             else:
+                # the SuperNode is gone: its SuperExec and a ClientApp mid-training go too
+                _kill_group(proc.pid)
                 ran = self._clock() - self._started_at
                 early = ran < STABLE_SECONDS
                 log.warning("SuperNode for run %s exited with code %s after %.0f s%s",
@@ -281,6 +330,10 @@ class SuperNodeSupervisor:
         args = [self.binary, "--superlink", spec.superlink]
         if spec.insecure:
             args.append("--insecure")
+        if spec.root_certificates is not None:
+            certificates = self.workdir / CERTIFICATES_FILE
+            write_atomically(certificates, spec.root_certificates.encode())
+            args += ["--root-certificates", str(certificates)]
         args += [
             "--trusted-entities", str(entities_path),
             "--node-config", node_config_arg(spec.node_config),
@@ -294,6 +347,9 @@ class SuperNodeSupervisor:
                 log_path.unlink()
         except FileNotFoundError:
             pass
+        with self._cond:
+            if self._closed:
+                return
         with open(log_path, "ab") as out:
             try:
                 proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
@@ -306,12 +362,25 @@ class SuperNodeSupervisor:
                     self._restart_at = self._clock() + self._backoff(self._failures)
                 log.error("cannot start %s: %s", self.binary, e)
                 return
-        write_atomically(self.workdir / PID_FILE, f"{proc.pid}\n".encode())
+        # Owned from here on: whatever fails next, this child is the one stopped, never a
+        # second one started beside it.
         with self._cond:
             self._proc, self._running = proc, spec
             self._started_at = self._clock()
             self._restart_at = None
             self._last_error = None
+        try:
+            write_atomically(self.workdir / PID_FILE, f"{proc.pid}\n".encode())
+        except OSError as e:
+            log.error("cannot write %s (%s): stopping the SuperNode it would leave untracked",
+                      self.workdir / PID_FILE, e)
+            self._stop(proc)
+            with self._cond:
+                self._proc, self._running, self._last_exit = None, None, proc.returncode
+                self._last_error = f"cannot write the pid file: {e}"
+                self._failures += 1
+                self._restart_at = self._clock() + self._backoff(self._failures)
+            return
         log.info("SuperNode for run %s started (pid %d, SuperLink %s%s)", spec.run, proc.pid,
                  spec.superlink, ", insecure" if spec.insecure else "")
 
@@ -330,38 +399,60 @@ class SuperNodeSupervisor:
         else:
             return
         # the SuperNode is gone; its ClientApps in the same group must not linger either
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _kill_group(proc.pid)
         log.info("SuperNode pid %d stopped (exit code %s)", proc.pid, proc.returncode)
 
-    def _end_leftover(self) -> None:
-        """End the SuperNode an earlier agent (killed without a clean stop) left running."""
-        pid_path = self.workdir / PID_FILE
-        try:
-            pid = int(pid_path.read_text().strip())
-        except (OSError, ValueError):
-            return
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            cmdline = []
-        ours = any(b"flower-supernode" in a for a in cmdline[:2]) and \
-            str(self.workdir / ENTITIES_FILE).encode() in cmdline
-        if ours:
-            log.warning("ending the SuperNode (pid %d) that the last agent run left behind", pid)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(pid, sig)
-                except ProcessLookupError:
-                    break
-                deadline = time.monotonic() + self.stop_timeout
-                while time.monotonic() < deadline and _alive(pid):
-                    time.sleep(0.1)  # not our child: it cannot be waited for
-                if not _alive(pid):
-                    break
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL to process group ``pgid``; nothing if it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def end_leftover(workdir: Path, stop_timeout: float = 10.0) -> bool:
+    """End the SuperNode an earlier agent (killed without a clean stop) left running.
+
+    Reads ``{workdir}/supernode.pid``; the process it names is signalled (its group: SIGTERM,
+    then SIGKILL after ``stop_timeout``) only if it still runs ``flower-supernode`` with this
+    workdir's trusted-entities file, so a pid reused by an unrelated process is left alone.
+    The pid file is removed. Returns whether a SuperNode was ended. Cheap when there is no
+    pid file (no Flower import, ever).
+    """
+    pid_path = Path(workdir) / PID_FILE
+    try:
+        text = pid_path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        pid = int(text.strip())
+    except ValueError:
+        pid = 0  # not a pid: nothing to end, the file goes
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        cmdline = []
+    ours = pid > 0 and any(b"flower-supernode" in a for a in cmdline[:2]) and \
+        str(Path(workdir) / ENTITIES_FILE).encode() in cmdline
+    if ours:
+        log.warning("ending the SuperNode (pid %d) that the last agent run left behind", pid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + stop_timeout
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.1)  # not our child: it cannot be waited for
+            if not _alive(pid):
+                break
+        _kill_group(pid)  # what the SuperNode started (SuperExec, a ClientApp) goes too
+    try:
         pid_path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot remove %s: %s", pid_path, e)
+    return ours
 
 
 def _alive(pid: int) -> bool:

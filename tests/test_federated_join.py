@@ -750,3 +750,28 @@ def test_an_agent_not_taking_part_any_more_ends_the_supernode_it_left(
         finally:
             if agent.federation is not None:
                 agent.federation.close()
+
+
+def test_a_supernode_that_exits_by_itself_takes_its_process_group_along(tmp_path: Path) -> None:
+    # A stand-in for a SuperNode that dies while a ClientApp it started is still running:
+    # `tail -f /dev/null` never ends by itself.
+    binary = tmp_path / "bin" / "flower-supernode"
+    binary.parent.mkdir()
+    binary.write_text(f"#!/bin/sh\ntail -f /dev/null &\necho $! > {tmp_path / 'child.tmp'}\n"
+                      f"mv {tmp_path / 'child.tmp'} {tmp_path / 'child.pid'}\nexit 3\n")
+    binary.chmod(0o755)
+    sup = SuperNodeSupervisor(str(binary), tmp_path / "node", backoff=lambda n: 3600.0)
+    spec = SuperNodeSpec(run="fl-1", superlink="127.0.0.1:1", trusted_entities={"k": _ed25519_raw_b64()},
+                         node_config={"node-name": "e"})
+    child = None
+    try:
+        sup.want(spec)
+        child = int(poll_until(lambda: (tmp_path / "child.pid").exists(), 30, "its child", str)
+                    and (tmp_path / "child.pid").read_text())
+        poll_until(lambda: sup.status()["last_exit"] == 3, 30, "the exit", lambda: str(sup.status()))
+        poll_until(lambda: not _alive(child), 30, "its process group to go", lambda: str(sup.status()))
+        assert sup.status()["state"] == "restarting" and sup.status()["restarts"] == 1
+    finally:
+        sup.close()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -168,6 +168,8 @@ def test_who_may_join() -> None:
     assert not missing.can_join and "fl extra" in missing.reason and "flwr" in missing.reason
     assert "edgefleet[edge,fl]" in missing.reason and "torch" in missing.reason
     assert "not found" in check_can_join(trains, "no-such-flower-supernode").reason
+    bare = check_can_join(trains, "no-such-flower-supernode", modules=("no_such_module_for_edgefleet",))
+    assert "not found and the fl extra is not installed" in bare.reason and "edgefleet[edge,fl]" in bare.reason
     runs = [_run(run="fl-1", state="finished"), _run(run="fl-2")]
     assert choose_run(runs).run == "fl-2" and choose_run(runs[:1]) is None
 

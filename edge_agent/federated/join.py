@@ -95,6 +95,10 @@ def check_can_join(
     else:
         binary = which(supernode)
     if binary is None:
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:  # the likely reason: flower-supernode comes with flwr
+            return JoinCheck(False, f"{supernode} not found and the fl extra is not installed "
+                                    f"(missing {', '.join(missing)}): {FL_HINT}")
         return JoinCheck(False, f"{supernode} not found or not executable")
     python, missing = probe(binary, modules)
     if missing:

@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_synth)
     from trainer.cli_compress import add_compress_command
     from trainer.cli_evaluate import add_evaluate_command
+    from trainer.cli_fl import add_fl_commands
     from trainer.cli_fleet import add_fleet_commands
     from trainer.cli_search import add_search_command
 
@@ -446,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_command(sub, registry_arg, json_arg)
     add_compress_command(sub, registry_arg, json_arg)
     add_fleet_commands(sub, registry_arg, json_arg)
+    add_fl_commands(sub, registry_arg, json_arg)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _v1(conn: sqlite3.Connection) -> None:
@@ -57,13 +57,63 @@ def _v2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE versions ADD COLUMN weights TEXT")
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    # Federated runs (trainer.federated) and their privacy ledger: one row per run, one per
+    # round that was started or refused. JSON columns hold lists and dicts (nodes, metrics).
+    _run(
+        conn,
+        """
+        CREATE TABLE fl_runs (
+            run TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            parent_version INTEGER NOT NULL,
+            grp TEXT NOT NULL,
+            strategy TEXT NOT NULL,
+            dp TEXT NOT NULL,
+            noise_multiplier REAL NOT NULL,
+            clipping TEXT NOT NULL,
+            sampling_rate REAL NOT NULL,
+            rounds INTEGER NOT NULL,
+            epsilon_budget REAL,
+            delta REAL NOT NULL,
+            params TEXT NOT NULL,
+            state TEXT NOT NULL,
+            flower_run_id TEXT,
+            weights TEXT,
+            result_version INTEGER,
+            message TEXT,
+            finished_at TEXT
+        );
+        CREATE TABLE fl_rounds (
+            run TEXT NOT NULL REFERENCES fl_runs(run),
+            round INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            sampling_rate REAL NOT NULL,
+            noise_multiplier REAL NOT NULL,
+            clipping_norm REAL NOT NULL,
+            epsilon REAL NOT NULL,
+            epsilon_pld REAL,
+            nodes_sampled TEXT NOT NULL,
+            nodes_contributed TEXT NOT NULL,
+            failures TEXT NOT NULL,
+            metrics TEXT NOT NULL,
+            message TEXT,
+            PRIMARY KEY (run, round)
+        );
+        """,
+    )
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3}
 
 
 def current_version(conn: sqlite3.Connection) -> int:

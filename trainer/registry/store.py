@@ -255,6 +255,14 @@ class Registry:
         self.close()
 
     @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``: SQLite's write lock) on the registry's
+        connection: committed when the block ends, rolled back when it raises. For the
+        registry's other tables (the federated runs' privacy ledger, :mod:`trainer.federated`)."""
+        with self._write():
+            yield self._conn
+
+    @contextmanager
     def _write(self) -> Iterator[None]:
         self._conn.execute("BEGIN IMMEDIATE")
         try:

@@ -1,0 +1,1 @@
+"""edgefleet's Flower app: the ServerApp and ClientApp entry points (thin)."""

@@ -1,0 +1,112 @@
+"""The global model of a federated run → a registered version, by the path ``train`` takes.
+
+The trainer never sees the hosts' windows, so the global model's threshold, its int8
+calibration ranges, its parity windows and its drift reference come from reference data on
+the trainer: the CSVs given to ``edgefleet fl start --data`` (by default the files the parent
+version was trained on, found by name in the current folder, as ``compress`` does). The score
+pipeline and threshold policy are the parent's. Export, parity in the agent's runtimes and the
+flash budgets are :func:`trainer.export.build_artifact` and the profiles', as for ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.bundle import read_bundle
+from shared.profiles import FirmwareProfile
+from shared.score_pipeline import LikelihoodPipeline
+from trainer.export import ExportInputs, build_artifact
+from trainer.models import ArchitectureSpec, load_weights, parameter_count, score_windows
+from trainer.registry import NewArtifact, Registry, VersionRecord
+from trainer.scoring import ThresholdPolicy, calibrate
+
+__all__ = ["PublishError", "register_global_model"]
+
+CALIBRATION_WINDOWS = 256
+HOLDOUT_WINDOWS = 512
+
+
+class PublishError(RuntimeError):
+    """The global model could not be exported (no artifact passed parity)."""
+
+
+def _evenly(windows: np.ndarray, count: int) -> np.ndarray:
+    if len(windows) <= count:
+        return windows
+    return np.ascontiguousarray(windows[np.linspace(0, len(windows) - 1, count).round().astype(int)])
+
+
+def register_global_model(
+    registry_dir: Path,
+    parent: VersionRecord,
+    weights: bytes,
+    profiles: Sequence[FirmwareProfile],
+    series: Sequence[np.ndarray],
+    federated: dict[str, Any],
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
+) -> VersionRecord:
+    """Export ``weights`` (of ``parent``'s architecture) and register them as
+    ``parent.model@N`` with ``federated`` in the lineage. Raises :class:`PublishError`."""
+    from trainer.pipeline import _drift_reference, _variants, _versions, training_windows
+
+    notify = progress or (lambda stage, info: None)
+    spec = ArchitectureSpec.from_json(parent.architecture)
+    model = load_weights(spec, weights)
+    with Registry.open(registry_dir) as reg:
+        parent_spec, _ = read_bundle(reg.bundle(parent.artifacts[0].sha256))
+    features = tuple(parent_spec.features)
+    train_w, val_w, rows = training_windows(spec, list(series))
+    val_scores = score_windows(model, val_w)
+    pipeline = parent_spec.score.pipeline
+    if isinstance(pipeline, LikelihoodPipeline):
+        pipeline = pipeline.calibrated(val_scores)
+    policy = ThresholdPolicy(**parent.lineage.get("threshold_policy", {}))
+    score = calibrate(val_scores, spec.score_kind, policy, pipeline)
+    holdout = _evenly(val_w, HOLDOUT_WINDOWS)
+    lineage = {
+        **{k: v for k, v in parent.lineage.items()
+           if k not in ("parent_version", "software", "compression", "search", "federated")},
+        "parent_version": parent.version,
+        "federated": federated,
+        "software": _versions(),
+    }
+    inputs = ExportInputs(
+        name=parent.model, module=model, window=spec.input_rows, features=features, score=score,
+        calibration=_evenly(np.concatenate([train_w, val_w]), CALIBRATION_WINDOWS), holdout=holdout,
+        reference_scores=score_windows(model, holdout), drift_reference=_drift_reference(rows, features, val_scores),
+        lineage=lineage, architecture=spec.to_json(),
+    )
+    new = []
+    for fmt, quant in _variants(profiles, spec.family):
+        notify("export", {"format": fmt, "quantization": quant})
+        art = build_artifact(fmt, quant, inputs)
+        fits = [p.name for p in profiles if p.allows(fmt, quant) and art.model_size <= p.budget.model_flash_kb * 1024]
+        if not art.parity.passed:
+            notify("rejected", {"format": fmt, "quantization": quant, "why": list(art.parity.failures)})
+            continue
+        if not fits:
+            notify("rejected", {"format": fmt, "quantization": quant, "why": ["over every profile's flash budget"]})
+            continue
+        new.append(NewArtifact(fmt, quant, art.bundle, art.model_size, fits, art.parity.to_json()))
+    if not new:
+        raise PublishError("no artifact of the global model passed its parity check; nothing was registered")
+    metrics = {
+        "threshold": score.threshold,
+        "validation_alarm_rate": float(np.mean(val_scores > score.threshold)),
+        "validation_score_p50": float(np.median(val_scores)),
+        "validation_score_p99": float(np.quantile(val_scores, 0.99)),
+        "parameters": parameter_count(model),
+        "federated_rounds": federated.get("rounds_done"),
+        "epsilon": federated.get("epsilon"),
+    }
+    with Registry.open(registry_dir) as reg:
+        return reg.register(
+            parent.model, metrics=metrics,
+            params={**parent.params, "federated_run": federated["run"], "federated_from": parent.ref,
+                    "profiles": [p.name for p in profiles]},
+            lineage=dataclasses.replace(inputs).lineage, architecture=spec.to_json(), artifacts=new, weights=weights)

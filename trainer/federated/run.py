@@ -1,0 +1,229 @@
+"""``edgefleet fl start``: validate → record the run → SuperLink → ``flwr run`` → wait →
+register the global model. ``edgefleet fl status``: the ledger's view of a run.
+
+:func:`prepare` checks everything checkable before any process starts (the version and its
+weights, the family, the profiles, the reference data, the options, that the registry can
+take a version) and raises :class:`FederatedError` with one line. :func:`start` then runs.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.profiles import FirmwareProfile, load_profiles
+from trainer.federated.ledger import FederatedRunRecord, PrivacyLedger
+from trainer.federated.options import FederatedOptions, OptionsError
+from trainer.registry import Registry, RegistryError, VersionRecord, parse_model_ref
+
+__all__ = ["FederatedError", "FederatedRunFailed", "Prepared", "StartOutcome", "StartRequest", "prepare", "start"]
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+class FederatedError(ValueError):
+    """Bad input for a federated run: one line for the user, nothing started."""
+
+
+class FederatedRunFailed(RuntimeError):
+    """The run started but produced no global model (refused, failed, no nodes)."""
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    ref: str
+    options: FederatedOptions
+    registry: Path
+    profiles: Sequence[str] = ()
+    data: Sequence[Path] = ()
+    superlink: str | None = None  # host:port of a running SuperLink; None = start one
+    port: int = 9092  # of the SuperLink started when ``superlink`` is None
+    timeout: float = 3600.0
+    run: str | None = None
+    profile_dirs: Sequence[Path] = ()
+
+
+@dataclass
+class Prepared:
+    request: StartRequest
+    parent: VersionRecord
+    profiles: list[FirmwareProfile]
+    series: list[np.ndarray]
+    datasets: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    run: FederatedRunRecord
+    version: VersionRecord
+
+
+def _data_files(parent: VersionRecord, given: Sequence[Path]) -> list[Path]:
+    if given:
+        return list(given)
+    from shared.series import file_sha256
+
+    datasets = parent.lineage.get("datasets") or []
+    if not datasets:
+        raise FederatedError(f"give --data CSV: {parent.ref} records no data it was trained on")
+    paths = []
+    for d in datasets:
+        path = Path(d["file"])
+        if not path.is_file() or file_sha256(path) != d.get("sha256"):
+            raise FederatedError(f"give --data CSV (reference data for the threshold and int8 calibration): "
+                                 f"{parent.ref} was trained on {d['file']}, and ./{path} is "
+                                 f"{'missing' if not path.is_file() else 'not that file'}")
+        paths.append(path)
+    return paths
+
+
+def prepare(request: StartRequest) -> Prepared:
+    """Validate ``request`` (see the module docstring); nothing is written."""
+    try:
+        request.options.check()
+        name, version = parse_model_ref(request.ref)
+    except (OptionsError, RegistryError) as e:
+        raise FederatedError(str(e)) from e
+    if version is None:
+        raise FederatedError(f"name the version to start from: {name}@N")
+    if request.superlink is not None:
+        host, sep, port = request.superlink.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise FederatedError(f"--superlink must be HOST:PORT, got {request.superlink!r}")
+    try:
+        with Registry.open(request.registry) as reg:
+            parent = reg.get(name, version)
+            if parent.architecture.get("family") in ("trees", "isolation_forest"):
+                raise FederatedError(f"{parent.ref} is a {parent.architecture['family']} model: federated "
+                                     "averaging needs a torch family")
+            reg.weights(parent)
+            if not parent.artifacts:
+                raise FederatedError(f"{parent.ref} has no artifact")
+    except RegistryError as e:
+        raise FederatedError(str(e)) from e
+    names = list(request.profiles) or list(parent.params.get("profiles") or [])
+    if not names:
+        raise FederatedError("give at least one --profile")
+    try:
+        profiles = load_profiles(names, request.profile_dirs)
+    except ValueError as e:
+        raise FederatedError(str(e)) from e
+    from shared.series import SeriesError, file_sha256, read_series
+    from trainer.data import fill_missing, min_rows
+    from trainer.models import ArchitectureSpec
+
+    spec = ArchitectureSpec.from_json(parent.architecture)
+    series, datasets = [], []
+    for path in _data_files(parent, request.data):
+        try:
+            s = read_series(path)
+        except SeriesError as e:
+            raise FederatedError(str(e)) from e
+        except OSError as e:
+            raise FederatedError(f"cannot read {path}: {e.strerror or e}") from e
+        if len(s.features) != spec.features:
+            raise FederatedError(f"{path}: {len(s.features)} column(s), {parent.ref} reads {spec.features}")
+        if len(s) < min_rows(spec.input_rows):
+            raise FederatedError(f"{path}: {len(s)} rows are too few for {parent.ref}'s {spec.input_rows}-row "
+                                 f"input: need at least {min_rows(spec.input_rows)}")
+        try:
+            series.append(fill_missing(s.values))
+        except ValueError:
+            raise FederatedError(f"{path}: a column has no value") from None
+        datasets.append({"file": Path(path).name, "sha256": file_sha256(path), "rows": len(s)})
+    try:
+        Registry.check_writable(request.registry)
+    except RegistryError as e:
+        raise FederatedError(str(e)) from e
+    return Prepared(request, parent, profiles, series, datasets)
+
+
+def new_run_name() -> str:
+    return f"fl-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def start(prepared: Prepared, progress: Progress | None = None) -> StartOutcome:
+    """Run the federated rounds and register the global model.
+
+    Raises :class:`FederatedRunFailed` (the ledger says why) when no global model came out,
+    :class:`~trainer.federated.flower.FlowerError` when Flower's processes fail.
+    """
+    from trainer.federated.flower import SuperLink, submit_run, wait_for_run, write_connection
+    from trainer.federated.publish import register_global_model
+
+    notify = progress or (lambda stage, info: None)
+    req, opts = prepared.request, prepared.request.options
+    run = req.run or new_run_name()
+    state_dir = Path(req.registry).absolute() / "federated"
+    record = FederatedRunRecord(
+        run=run, created_at=datetime.now(UTC).isoformat(timespec="seconds"), model=prepared.parent.model,
+        parent_version=prepared.parent.version, group=opts.group, strategy=opts.strategy, dp=opts.dp,
+        noise_multiplier=opts.effective_noise, clipping="adaptive" if opts.adaptive_clipping else f"{opts.clipping_norm:g}",
+        sampling_rate=opts.fraction, rounds=opts.rounds, epsilon_budget=opts.epsilon_budget, delta=opts.delta,
+        params={"options": opts.to_json(), "profiles": [p.name for p in prepared.profiles],
+                "data": prepared.datasets, "superlink": req.superlink},
+    )
+    with Registry.open(req.registry) as reg:
+        PrivacyLedger(reg).create_run(record)
+    notify("run", {"run": run})
+    link = None
+    if req.superlink is None:
+        link = SuperLink(state_dir / "superlink", req.port).start()
+        flwr_home, address = link.flwr_home, link.address
+    else:
+        flwr_home, address = state_dir / "flwr-home", req.superlink
+        write_connection(flwr_home, address)
+    try:
+        flower_id = submit_run(flwr_home, {"registry": str(Path(req.registry).absolute()), "edgefleet-run": run})
+        with Registry.open(req.registry) as reg:
+            PrivacyLedger(reg).update_run(run, flower_run_id=flower_id)
+        notify("submitted", {"run": run, "flower_run_id": flower_id, "superlink": address})
+        status = wait_for_run(flwr_home, flower_id, req.timeout)
+    finally:
+        if link is not None:
+            link.stop()
+    with Registry.open(req.registry) as reg:
+        ledger = PrivacyLedger(reg)
+        done = ledger.get(run)
+        if done.state in ("running", "pending"):  # the ServerApp died without saying why
+            ledger.update_run(run, state="failed", message=f"the Flower run ended {status.status}")
+            done = ledger.get(run)
+    if done.state != "finished" or done.weights is None:
+        raise FederatedRunFailed(f"run {run} {done.state}: {done.message or status.status}")
+    with Registry.open(req.registry) as reg:
+        weights = reg.bundle(done.weights)
+    federated = {
+        "run": run, "flower_run_id": done.flower_run_id, "strategy": opts.strategy, "dp": opts.dp,
+        "rounds_planned": opts.rounds,
+        "rounds_done": sum(1 for r in done.round_rows if r["state"] == "done"),
+        "nodes": sorted({n for r in done.round_rows for n in r["nodes_contributed"]}),
+        "noise_multiplier": opts.effective_noise, "clipping": done.clipping, "sampling_rate": opts.fraction,
+        "delta": opts.delta, "epsilon": done.epsilon if math.isfinite(done.epsilon) else "inf",
+        "epsilon_accountant": "rdp", "epsilon_budget": opts.epsilon_budget, "group": opts.group,
+        "reference_data": prepared.datasets,
+    }
+    version = register_global_model(Path(req.registry), prepared.parent, weights, prepared.profiles,
+                                    prepared.series, federated, notify)
+    with Registry.open(req.registry) as reg:
+        ledger = PrivacyLedger(reg)
+        ledger.update_run(run, state="registered", result_version=version.version)
+        return StartOutcome(ledger.get(run), version)
+
+
+def status(registry: Path, run: str | None) -> list[FederatedRunRecord]:
+    """One run (``run``) or every run, from the ledger. Raises :class:`FederatedError`."""
+    from trainer.federated.ledger import RunNotFound
+
+    try:
+        with Registry.open(registry) as reg:
+            ledger = PrivacyLedger(reg)
+            return [ledger.get(run)] if run else ledger.runs()
+    except (RunNotFound, RegistryError) as e:
+        raise FederatedError(str(e)) from e

@@ -94,3 +94,116 @@ def test_three_fedavg_rounds_with_central_dp_register_a_version_and_fill_both_le
             assert [r["round"] for r in ledger.rounds()] == [1, 2, 3]
     status = edgefleet("fl", "status", "fl-three", "--registry", str(registry))
     assert "fl-three  registered" in status.stdout and "host-0" in status.stdout
+
+
+def test_fedprox_round_goes_on_without_a_host_whose_local_budget_is_spent(parent, fleet) -> None:
+    registry, _, windows = parent
+    parts = shares(windows, 3)
+    fleet.add_node("host-a", parts[0])
+    fleet.add_node("host-b", parts[1])
+    spent = fleet.add_node("host-c", parts[2], budget=1.0)  # one round at σ=1 costs ε 4.7
+    proc = fl_start(parent, fleet, "--rounds", "1", "--min-nodes", "2", "--strategy", "fedprox", "--mu", "0.1",
+                    "--run", "fl-prox")
+    out = json.loads(proc.stdout)
+    (rnd,) = out["run"]["rounds"]
+    assert rnd["state"] == "done" and rnd["nodes_contributed"] == ["host-a", "host-b"]
+    (declined,) = rnd["failures"]
+    assert declined["declined"] and "host-c: local privacy budget exhausted" in declined["reason"]
+    assert out["version"]["lineage"]["federated"]["strategy"] == "fedprox"
+    with spent.ledger() as ledger:
+        assert ledger.rounds() == [] and ledger.spent() == 0.0  # refused, nothing recorded
+
+
+def test_fedadam_round_with_local_dp(parent, fleet) -> None:
+    _, _, windows = parent
+    for i, part in enumerate(shares(windows, 2)):
+        fleet.add_node(f"host-{i}", part)
+    proc = fl_start(parent, fleet, "--rounds", "1", "--strategy", "fedadam", "--dp", "local", "--noise", "1.0",
+                    "--clip", "0.5", "--run", "fl-adam")
+    out = json.loads(proc.stdout)
+    assert [r["state"] for r in out["run"]["rounds"]] == ["done"]
+    assert out["run"]["dp"] == "local" and out["run"]["epsilon"] == pytest.approx(compose_epsilon([(1.0, 1.0)], 1e-5))
+    for node in fleet.nodes:
+        with node.ledger() as ledger:
+            assert ledger.spent() == pytest.approx(out["run"]["epsilon"])
+
+
+def test_a_round_over_the_run_budget_is_refused_before_any_message(parent, fleet) -> None:
+    registry, _, windows = parent
+    for i, part in enumerate(shares(windows, 2)):
+        fleet.add_node(f"host-{i}", part)
+    # round 1 brings ε to 4.73, round 2 would bring it to 7.08 > 6
+    proc = fl_start(parent, fleet, "--rounds", "3", "--epsilon-budget", "6", "--run", "fl-budget")
+    run = json.loads(proc.stdout)["run"]
+    assert [r["state"] for r in run["rounds"]] == ["done", "refused"]
+    refused = run["rounds"][1]
+    assert refused["message"].startswith("round 2 refused: it would bring ε to 7.077")
+    assert run["epsilon"] == pytest.approx(compose_epsilon([(1.0, 1.0)], 1e-5))
+    assert run["message"] == refused["message"]
+    for node in fleet.nodes:
+        with node.ledger() as ledger:
+            assert [r["round"] for r in ledger.rounds()] == [1]  # round 2 never reached the hosts
+    # A budget the first round already passes: nothing is trained, one line, exit 1.
+    proc = fl_start(parent, fleet, "--rounds", "1", "--epsilon-budget", "1", "--run", "fl-none", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("edgefleet fl start: run fl-none refused: round 1 refused")
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    from trainer.federated.flower import wait_until
+
+    wait_until(predicate, timeout, what)
+
+
+def test_killing_a_supernode_mid_round_still_completes_the_round(parent, fleet) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers_cli import cli_env
+
+    registry, csv, windows = parent
+    for i, part in enumerate(shares(windows, 3)):
+        fleet.add_node(f"host-{i}", part)
+    victim = fleet.nodes[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "fl", "start", "--model", "host@1", "--group", "lab", "--data", str(csv),
+         "--registry", str(registry), "--superlink", fleet.link.address, "--json", "--rounds", "1",
+         "--min-nodes", "2", "--round-timeout", "40", "--node-wait", "120", "--timeout", "600", "--run", "fl-kill"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        # the victim has received its train message and started training it
+        _wait_for(lambda: "Start `flwr-clientapp` process" in victim.log(), 300, "the round reaching host-2")
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:] + fleet.logs()
+    (rnd,) = json.loads(out)["run"]["rounds"]
+    assert rnd["state"] == "done" and rnd["nodes_contributed"] == ["host-0", "host-1"]
+    assert len(rnd["failures"]) == 1 and not rnd["failures"][0]["declined"]
+
+
+def test_an_unsigned_app_is_refused_by_a_supernode_that_trusts_only_the_trainers_key(parent, fleet, tmp_path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    _, _, windows = parent
+    public = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    trusted = tmp_path / "trusted-entities.yaml"
+    trusted.write_text(f"fpk_edgefleet_trainer: '{public}'\n")
+    parts = shares(windows, 3)
+    fleet.add_node("host-0", parts[0])
+    fleet.add_node("host-1", parts[1])
+    careful = fleet.add_node("careful", parts[2], trusted_entities=trusted)
+    proc = fl_start(parent, fleet, "--rounds", "1", "--min-nodes", "2", "--run", "fl-unsigned")
+    (rnd,) = json.loads(proc.stdout)["run"]["rounds"]
+    assert rnd["nodes_contributed"] == ["host-0", "host-1"]
+    (refused,) = rnd["failures"]
+    assert not refused["declined"] and "could not be verified" in refused["reason"]
+    assert "FAB verification failed" in careful.log() or "could not be verified" in careful.log()
+    with careful.ledger() as ledger:
+        assert ledger.rounds() == []  # the app never ran on that host

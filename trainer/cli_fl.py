@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.cli_common import EXIT_FAILED, UsageError, at_least, positive_float, positive_int, print_json
+from trainer.cli_common import (
+    EXIT_FAILED,
+    UsageError,
+    at_least,
+    positive_float,
+    positive_int,
+    print_json,
+)
 
 __all__ = ["add_fl_commands"]
 
@@ -54,7 +61,13 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     from trainer.federated.flower import FlowerError
     from trainer.federated.options import FederatedOptions
     from trainer.federated.publish import PublishError
-    from trainer.federated.run import FederatedError, FederatedRunFailed, StartRequest, prepare, start
+    from trainer.federated.run import (
+        FederatedError,
+        FederatedRunFailed,
+        StartRequest,
+        prepare,
+        start,
+    )
 
     options = FederatedOptions(
         group=args.group, rounds=args.rounds, strategy=args.strategy, dp=args.dp, noise_multiplier=args.noise,
@@ -106,7 +119,7 @@ def _print_run(record: Any) -> None:
           f"q={record.sampling_rate:g}")
     print(f"  ε spent {_eps(record.epsilon)} of budget {budget} at δ={record.delta:g} (RDP accountant)"
           + (f"; result version {record.model}@{record.result_version}" if record.result_version else ""))
-    if record.message:
+    if record.message and record.message not in {r.get("message") for r in record.round_rows}:
         print(f"  {record.message}")
     print(f"  {'round':>5} {'state':8} {'ε after':>8} {'ε PLD':>8} {'q':>5} {'σ':>5} {'clip':>7}  "
           f"{'nodes':24} metrics")

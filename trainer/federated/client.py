@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp.mod import LocalDpMod
 
 from trainer.federated.accounting import local_dp_epsilon
@@ -43,13 +52,21 @@ class _Decline(Exception):
     pass
 
 
+def _f(config: ConfigRecord, key: str, default: float | None = None) -> float:
+    """A number from the round's config (Flower types its values as a wide union)."""
+    value = config.get(key, default)
+    if not isinstance(value, int | float | str):
+        raise _Decline(f"the round's config has no number {key!r}")
+    return float(value)
+
+
 def _node(context: Context, config: ConfigRecord) -> tuple[str, Path, float, float]:
     nc = context.node_config
     name = str(nc.get("node-name") or f"node-{context.node_id}")
     if "state-dir" not in nc:
         raise _Decline(f"{name}: no state-dir in the SuperNode's node config")
     budget = float(str(nc.get("epsilon-budget", "inf")))
-    delta = float(str(nc.get("delta", config.get("delta", 1e-5))))
+    delta = float(str(nc.get("delta", _f(config, "delta", 1e-5))))
     return name, Path(str(nc["state-dir"])), budget, delta
 
 
@@ -84,8 +101,8 @@ def _train(msg: Message, config: ConfigRecord, name: str, state_dir: Path, budge
     windows = _windows(state_dir, spec.input_rows, spec.features)
     if len(windows) < 2:
         raise _Decline(f"{name}: {len(windows)} stored window(s) of {spec.input_rows}x{spec.features}: nothing to train on")
-    run, rnd = str(config["run"]), int(config["server-round"])
-    sigma, clip = float(config["noise-multiplier"]), float(config["clipping-norm"])
+    run, rnd = str(config["run"]), int(_f(config, "server-round"))
+    sigma, clip = _f(config, "noise-multiplier"), _f(config, "clipping-norm")
     try:
         with LocalLedger(state_dir / "ledger.sqlite", budget, delta) as ledger:
             spent = ledger.charge(run, rnd, sigma, 1.0, clip)
@@ -102,7 +119,7 @@ def _train(msg: Message, config: ConfigRecord, name: str, state_dir: Path, budge
     train, validation = windows[:-n_val], windows[-n_val:]
     if len(train) == 0:
         train = windows
-    mu = float(config.get("proximal-mu", 0.0))
+    mu = _f(config, "proximal-mu", 0.0)
     loss_fn = None
     if mu > 0:
         anchors = [p.detach().clone() for p in model.parameters()]
@@ -112,12 +129,13 @@ def _train(msg: Message, config: ConfigRecord, name: str, state_dir: Path, budge
             prox = sum(((p - a) ** 2).sum() for p, a in zip(m.parameters(), anchors))
             return base + mu / 2 * prox
 
-    epochs = int(config["epochs"])
-    recipe = Recipe(epochs=epochs, batch_size=int(config.get("batch-size", 64)),
-                    learning_rate=float(config.get("learning-rate", 1e-3)), patience=epochs,
-                    seed=int(config.get("seed", 0)))
+    epochs = int(_f(config, "epochs"))
+    recipe = Recipe(epochs=epochs, batch_size=int(_f(config, "batch-size", 64)),
+                    learning_rate=_f(config, "learning-rate", 1e-3), patience=epochs,
+                    seed=int(_f(config, "seed", 0)))
     result = fit(spec, train, validation, train.reshape(-1, spec.features), recipe, start=model, loss_fn=loss_fn)
     trained = result.model
+    assert isinstance(trained, torch.nn.Module)  # a torch family (the trainer refuses tree families)
     state = trained.state_dict()
     norm = math.sqrt(sum(float(((state[k].float() - start[k].float()) ** 2).sum()) for k in start))
     if not norm > 0:
@@ -161,6 +179,6 @@ def local_dp_mod(msg: Message, context: Context, call_next: Any) -> Message:
     config = msg.content.config_records.get("config")
     if config is None or config.get("dp") != "local":
         return call_next(msg, context)
-    sigma, clip, delta = float(config["noise-multiplier"]), float(config["clipping-norm"]), float(config["delta"])
+    sigma, clip, delta = _f(config, "noise-multiplier"), _f(config, "clipping-norm"), _f(config, "delta")
     mod = LocalDpMod(clip, clip, local_dp_epsilon(sigma, delta), delta)
     return mod(msg, context, call_next)

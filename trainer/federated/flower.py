@@ -95,13 +95,24 @@ def _listening(port: int) -> bool:
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM ``proc`` and everything in its process group, then SIGKILL after ``timeout``."""
-    if proc.poll() is not None:
-        return
+    """SIGTERM ``proc``, its process group and every process it started (Flower starts its
+    ``flower-superexec`` in a session of its own), then SIGKILL what is left after ``timeout``."""
+    import psutil
+
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for child in family:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -110,6 +121,12 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=timeout)
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @dataclass

@@ -178,6 +178,13 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     compression = record.lineage.get("compression")
     if compression:
         print(f"  compressed from {compression.get('parent')} by {compression.get('recipe')}")
+    federated = record.lineage.get("federated")
+    if federated:
+        eps = federated.get("epsilon")
+        eps_text = f"{eps:.4g}" if isinstance(eps, float) else str(eps)
+        print(f"  federated run {federated.get('run')}: {federated.get('rounds_done')} round(s) of "
+              f"{federated.get('strategy')} on {', '.join(federated.get('nodes', []))}; "
+              f"dp {federated.get('dp')}, ε {eps_text} at δ={federated.get('delta')}")
     search = record.lineage.get("search")
     if search:
         values = ", ".join(f"{o} {v:.4g}" for o, v in zip(search.get("objectives", []), search.get("values", [])))

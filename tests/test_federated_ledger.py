@@ -143,3 +143,30 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: tuple, words: str) -
     proc = edgefleet("fl", *args, "--registry", str(tmp_path / "reg"), check=False)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr
+
+
+@pytest.mark.parametrize(("changes", "wrapper"), [
+    ({}, "DifferentialPrivacyServerSideFixedClipping"),
+    ({"adaptive_clipping": True, "noise_multiplier": 1.5}, "DifferentialPrivacyServerSideAdaptiveClipping"),
+    ({"dp": "local", "strategy": "fedprox"}, "FedProx"),
+    ({"dp": "off", "strategy": "fedadam"}, "FedAdam"),
+])
+def test_each_mode_builds_flowers_own_strategy(changes: dict, wrapper: str) -> None:
+    from trainer.federated.rounds import build_strategy
+
+    strategy = build_strategy(FederatedOptions(group="g", rounds=1, **changes).check())
+    assert type(strategy).__name__ == wrapper
+    base = getattr(strategy, "strategy", strategy)
+    assert base.fraction_evaluate == 0.0 and base.min_available_nodes == 0  # the loop samples, not Flower
+
+
+def test_the_run_document_follows_the_contract() -> None:
+    import json
+
+    from trainer.federated.run import app_sha256, run_document
+
+    sha = app_sha256()
+    assert sha == app_sha256() and len(sha) == 64  # the FAB is built reproducibly
+    doc = json.loads(run_document("fl-x", FederatedOptions(group="lab", rounds=1), "127.0.0.1:9092", sha, "active"))
+    assert doc == {"run": "fl-x", "group": "lab", "superlink": "127.0.0.1:9092", "app_sha256": sha,
+                   "trusted_entities": {}, "state": "active", "epsilon_budget": "inf", "delta": 1e-5}

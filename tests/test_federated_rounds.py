@@ -36,6 +36,7 @@ def parent(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.nda
     registry = folder / "reg"
     edgefleet("train", "--data", str(csv), "--profile", PROFILE, "--name", "host", "--family", "linear",
               "--window", "16", "--season", "off", "--registry", str(registry), "--epochs", "1", "-q")
+    edgefleet("repo", "init", "--registry", str(registry))  # runs are announced as signed targets
     with Registry.open(registry) as reg:
         spec = ArchitectureSpec.from_json(reg.get("host", 1).architecture)
     values = read_series(csv).values.astype(np.float32)
@@ -92,6 +93,11 @@ def test_three_fedavg_rounds_with_central_dp_register_a_version_and_fill_both_le
         with node.ledger() as ledger:
             assert ledger.spent() == pytest.approx(expected)
             assert [r["round"] for r in ledger.rounds()] == [1, 2, 3]
+    from trainer.fleet.deploy import open_repository
+
+    doc = json.loads(open_repository(registry).target_bytes("federated/runs/fl-three.json"))
+    assert doc == {"run": "fl-three", "group": "lab", "superlink": fleet.link.address, "state": "finished",
+                   "app_sha256": fed["app_sha256"], "trusted_entities": {}, "epsilon_budget": 20.0, "delta": 1e-5}
     status = edgefleet("fl", "status", "fl-three", "--registry", str(registry))
     assert "fl-three  registered" in status.stdout and "host-0" in status.stdout
 

@@ -17,6 +17,7 @@ from trainer.cli_common import (
     positive_int,
     print_json,
 )
+from trainer.cli_fleet import _command
 
 __all__ = ["add_fl_commands"]
 
@@ -57,6 +58,7 @@ def _eps(value: float | str) -> str:
     return "inf" if value == "inf" or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4g}"
 
 
+@_command  # broker and TUF repository errors: one line, as for the fleet commands
 def cmd_fl_start(args: argparse.Namespace) -> int:
     from trainer.federated.flower import FlowerError
     from trainer.federated.options import FederatedOptions
@@ -94,13 +96,16 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
         elif stage == "submitted":
             print(f"submitted as Flower run {info['flower_run_id']} to {info['superlink']}; waiting for rounds …",
                   file=sys.stderr, flush=True)
+        elif stage == "announced":
+            print(f"run document {info['target']} signed into the TUF repository", file=sys.stderr, flush=True)
         elif stage == "export":
             print(f"exporting {info['format']}/{info['quantization']} …", file=sys.stderr, flush=True)
         elif stage == "rejected":
             print(f"rejected {info['format']}/{info['quantization']}: {'; '.join(info['why'])}", file=sys.stderr)
 
+    announce = _announcer(args)
     try:
-        outcome = start(prepared, progress)
+        outcome = start(prepared, progress, announce)
     except (FederatedRunFailed, FlowerError, PublishError) as e:
         print(f"edgefleet fl start: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -110,6 +115,35 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     _print_run(outcome.run)
     print(f"registered {outcome.version.ref} in {args.registry}")
     return 0
+
+
+def _announcer(args: argparse.Namespace) -> Any:
+    """Where the run's document goes: a target in the registry's TUF repository (signed), and
+    from there to the broker when ``--broker`` is given; nothing without a repository."""
+    from trainer.fleet.deploy import open_repository, repository_lock, repository_path
+
+    if not (repository_path(args.registry) / "metadata" / "root.json").exists():
+        if args.broker:
+            raise UsageError(f"--broker needs a TUF repository: run `edgefleet repo init --registry {args.registry}`")
+        return None
+    if args.broker:
+        from trainer.cli_fleet import _check_broker
+
+        _check_broker(args)
+
+    def announce(target: str, data: bytes) -> None:
+        with repository_lock(args.registry):
+            repo = open_repository(args.registry)
+            repo.add_targets({target: data})
+            if args.broker:
+                from trainer.cli_fleet import _connected, _topics
+                from trainer.fleet.publisher import publish_repository
+
+                with _connected(args) as client:
+                    publish_repository(repo, client, _topics(args), chunk_size=args.chunk_size,
+                                       timeout=args.broker_timeout)
+
+    return announce
 
 
 def _print_run(record: Any) -> None:
@@ -204,6 +238,10 @@ def add_fl_commands(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--timeout", type=positive_float, default=3600.0, metavar="S", help="give up on the run after S s")
     p.add_argument("--run", help="name of the run (default: fl-DATE-TIME-RANDOM)")
     p.add_argument("--seed", type=int, default=0, help="seed of node sampling and local training")
+    from trainer.cli_fleet import _broker_args, _chunk_size_arg
+
+    _broker_args(p, required=False)
+    _chunk_size_arg(p)
     registry_arg(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     json_arg(p)

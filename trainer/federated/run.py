@@ -26,6 +26,9 @@ from trainer.registry import Registry, RegistryError, VersionRecord, parse_model
 __all__ = ["FederatedError", "FederatedRunFailed", "Prepared", "StartOutcome", "StartRequest", "prepare", "start"]
 
 Progress = Callable[[str, dict[str, Any]], None]
+Announce = Callable[[str, bytes], None]
+"""Writes a run document to the signed desired state: ``(target path, bytes)``."""
+RUN_TARGET = "federated/runs/{run}.json"
 
 
 class FederatedError(ValueError):
@@ -145,12 +148,40 @@ def prepare(request: StartRequest) -> Prepared:
     return Prepared(request, parent, profiles, series, datasets)
 
 
+def app_sha256() -> str:
+    """sha256 of the Flower app as ``flwr run`` submits it (the FAB is built reproducibly)."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from trainer.federated.flower import APP_DIR
+
+    return hashlib.sha256(build_fab_from_disk(APP_DIR)).hexdigest()
+
+
+def run_document(run: str, options: FederatedOptions, superlink: str, app_hash: str, state: str) -> bytes:
+    """The run's target ``federated/runs/{run}.json`` that agents join from (the contract
+    between the trainer and the agents). ``trusted_entities`` is empty: flwr 1.42 cannot sign
+    an app submitted to a self-hosted SuperLink (docs/federated.md)."""
+    import json
+
+    doc: dict[str, Any] = {"run": run, "group": options.group, "superlink": superlink, "app_sha256": app_hash,
+           "trusted_entities": {}, "state": state,
+           "epsilon_budget": options.epsilon_budget if options.epsilon_budget is not None else "inf",
+           "delta": options.delta}
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
 def new_run_name() -> str:
     return f"fl-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def start(prepared: Prepared, progress: Progress | None = None) -> StartOutcome:
+def start(prepared: Prepared, progress: Progress | None = None, announce: Announce | None = None) -> StartOutcome:
     """Run the federated rounds and register the global model.
+
+    ``announce(target, bytes)``, when given, receives the run's document
+    (:func:`run_document`) as ``active`` before the app is submitted and as ``finished`` once
+    the Flower run has ended, whatever its outcome (agents stop their SuperNodes then).
 
     Raises :class:`FederatedRunFailed` (the ledger says why) when no global model came out,
     :class:`~trainer.federated.flower.FlowerError` when Flower's processes fail.
@@ -180,7 +211,11 @@ def start(prepared: Prepared, progress: Progress | None = None) -> StartOutcome:
     else:
         flwr_home, address = state_dir / "flwr-home", req.superlink
         write_connection(flwr_home, address)
+    target, app_hash = RUN_TARGET.format(run=run), app_sha256()
     try:
+        if announce is not None:
+            announce(target, run_document(run, opts, address, app_hash, "active"))
+            notify("announced", {"target": target})
         flower_id = submit_run(flwr_home, {"registry": str(Path(req.registry).absolute()), "edgefleet-run": run})
         with Registry.open(req.registry) as reg:
             PrivacyLedger(reg).update_run(run, flower_run_id=flower_id)
@@ -189,6 +224,8 @@ def start(prepared: Prepared, progress: Progress | None = None) -> StartOutcome:
     finally:
         if link is not None:
             link.stop()
+        if announce is not None:
+            announce(target, run_document(run, opts, address, app_hash, "finished"))
     with Registry.open(req.registry) as reg:
         ledger = PrivacyLedger(reg)
         done = ledger.get(run)
@@ -207,7 +244,7 @@ def start(prepared: Prepared, progress: Progress | None = None) -> StartOutcome:
         "noise_multiplier": opts.effective_noise, "clipping": done.clipping, "sampling_rate": opts.fraction,
         "delta": opts.delta, "epsilon": done.epsilon if math.isfinite(done.epsilon) else "inf",
         "epsilon_accountant": "rdp", "epsilon_budget": opts.epsilon_budget, "group": opts.group,
-        "reference_data": prepared.datasets,
+        "reference_data": prepared.datasets, "app_sha256": app_hash,
     }
     version = register_global_model(Path(req.registry), prepared.parent, weights, prepared.profiles,
                                     prepared.series, federated, notify)

@@ -160,13 +160,22 @@ def test_each_mode_builds_flowers_own_strategy(changes: dict, wrapper: str) -> N
     assert base.fraction_evaluate == 0.0 and base.min_available_nodes == 0  # the loop samples, not Flower
 
 
-def test_the_run_document_follows_the_contract() -> None:
+def test_the_run_document_follows_the_contract(tmp_path: Path) -> None:
     import json
 
+    from shared.federated import decode_run, encode_run
     from trainer.federated.run import app_sha256, run_document
 
     sha = app_sha256()
     assert sha == app_sha256() and len(sha) == 64  # the FAB is built reproducibly
-    doc = json.loads(run_document("fl-x", FederatedOptions(group="lab", rounds=1), "127.0.0.1:9092", sha, "active"))
-    assert doc == {"run": "fl-x", "group": "lab", "superlink": "127.0.0.1:9092", "app_sha256": sha,
-                   "trusted_entities": {}, "state": "active", "epsilon_budget": "inf", "delta": 1e-5}
+    from trainer.federated.appkey import KEY_ID, trainer_public_key
+
+    key = trainer_public_key(tmp_path)
+    assert trainer_public_key(tmp_path) == key  # kept, not regenerated
+    assert (tmp_path / "app-signing-key.pem").stat().st_mode & 0o777 == 0o600
+    run = run_document("fl-x", FederatedOptions(group="lab", rounds=1), "127.0.0.1:9092", sha, "active", {KEY_ID: key})
+    assert decode_run(encode_run(run)) == run
+    assert json.loads(encode_run(run)) == {
+        "schema": "edgefleet.federated-run/1", "run": "fl-x", "group": "lab", "superlink": "127.0.0.1:9092",
+        "app_sha256": sha, "trusted_entities": {KEY_ID: key}, "state": "active", "epsilon_budget": None,
+        "delta": 1e-5, "insecure": True}

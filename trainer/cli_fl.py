@@ -131,17 +131,21 @@ def _announcer(args: argparse.Namespace) -> Any:
 
         _check_broker(args)
 
-    def announce(target: str, data: bytes) -> None:
-        with repository_lock(args.registry):
-            repo = open_repository(args.registry)
-            repo.add_targets({target: data})
-            if args.broker:
-                from trainer.cli_fleet import _connected, _topics
-                from trainer.fleet.publisher import publish_repository
+    def announce(run: Any) -> None:
+        if args.broker:
+            from trainer.cli_fleet import _connected, _topics
+            from trainer.fleet.federated import publish_federated_run
 
-                with _connected(args) as client:
-                    publish_repository(repo, client, _topics(args), chunk_size=args.chunk_size,
-                                       timeout=args.broker_timeout)
+            with _connected(args) as client:
+                publish_federated_run(args.registry, run, client=client, topics=_topics(args),
+                                      chunk_size=args.chunk_size, timeout=args.broker_timeout)
+            return
+        from shared.federated import encode_run, run_target
+
+        target = run_target(run.run)
+        with repository_lock(args.registry):  # signed now; `edgefleet repo publish` sends it
+            open_repository(args.registry).add_targets(
+                {target: encode_run(run)}, custom={target: {"kind": "federated-run", "state": run.state}})
 
     return announce
 

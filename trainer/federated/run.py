@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.federated import FederatedRun, run_target
 from shared.profiles import FirmwareProfile, load_profiles
 from trainer.federated.ledger import FederatedRunRecord, PrivacyLedger
 from trainer.federated.options import FederatedOptions, OptionsError
@@ -26,9 +27,8 @@ from trainer.registry import Registry, RegistryError, VersionRecord, parse_model
 __all__ = ["FederatedError", "FederatedRunFailed", "Prepared", "StartOutcome", "StartRequest", "prepare", "start"]
 
 Progress = Callable[[str, dict[str, Any]], None]
-Announce = Callable[[str, bytes], None]
-"""Writes a run document to the signed desired state: ``(target path, bytes)``."""
-RUN_TARGET = "federated/runs/{run}.json"
+Announce = Callable[[FederatedRun], None]
+"""Puts a run document into the agents' signed desired state (:mod:`trainer.fleet.federated`)."""
 
 
 class FederatedError(ValueError):
@@ -159,17 +159,19 @@ def app_sha256() -> str:
     return hashlib.sha256(build_fab_from_disk(APP_DIR)).hexdigest()
 
 
-def run_document(run: str, options: FederatedOptions, superlink: str, app_hash: str, state: str) -> bytes:
-    """The run's target ``federated/runs/{run}.json`` that agents join from (the contract
-    between the trainer and the agents). ``trusted_entities`` is empty: flwr 1.42 cannot sign
-    an app submitted to a self-hosted SuperLink (docs/federated.md)."""
-    import json
+def run_document(run: str, options: FederatedOptions, superlink: str, app_hash: str, state: str,
+                 trusted_entities: dict[str, str]) -> FederatedRun:
+    """The run as its agents see it (:mod:`shared.federated`, target ``federated/runs/{run}.json``).
 
-    doc: dict[str, Any] = {"run": run, "group": options.group, "superlink": superlink, "app_sha256": app_hash,
-           "trusted_entities": {}, "state": state,
-           "epsilon_budget": options.epsilon_budget if options.epsilon_budget is not None else "inf",
-           "delta": options.delta}
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    ``trusted_entities``: the trainer's app key (:mod:`trainer.federated.appkey`; flwr 1.42
+    cannot yet carry its signature on a self-hosted SuperLink, see docs/federated.md).
+    ``insecure``: the SuperLinks ``fl start`` starts listen without TLS (loopback or a private
+    network only).
+    """
+    return FederatedRun(run=run, group=options.group, superlink=superlink, app_sha256=app_hash,
+                        trusted_entities=dict(trusted_entities), state=state,
+                        epsilon_budget=math.inf if options.epsilon_budget is None else options.epsilon_budget,
+                        delta=options.delta, insecure=True)
 
 
 def new_run_name() -> str:
@@ -179,7 +181,7 @@ def new_run_name() -> str:
 def start(prepared: Prepared, progress: Progress | None = None, announce: Announce | None = None) -> StartOutcome:
     """Run the federated rounds and register the global model.
 
-    ``announce(target, bytes)``, when given, receives the run's document
+    ``announce(run)``, when given, receives the run's document
     (:func:`run_document`) as ``active`` before the app is submitted and as ``finished`` once
     the Flower run has ended, whatever its outcome (agents stop their SuperNodes then).
 
@@ -211,10 +213,13 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
     else:
         flwr_home, address = state_dir / "flwr-home", req.superlink
         write_connection(flwr_home, address)
-    target, app_hash = RUN_TARGET.format(run=run), app_sha256()
+    from trainer.federated.appkey import KEY_ID, trainer_public_key
+
+    target, app_hash = run_target(run), app_sha256()
+    entities = {KEY_ID: trainer_public_key(state_dir)} if announce is not None else {}
     try:
         if announce is not None:
-            announce(target, run_document(run, opts, address, app_hash, "active"))
+            announce(run_document(run, opts, address, app_hash, "active", entities))
             notify("announced", {"target": target})
         flower_id = submit_run(flwr_home, {"registry": str(Path(req.registry).absolute()), "edgefleet-run": run})
         with Registry.open(req.registry) as reg:
@@ -225,7 +230,7 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
         if link is not None:
             link.stop()
         if announce is not None:
-            announce(target, run_document(run, opts, address, app_hash, "finished"))
+            announce(run_document(run, opts, address, app_hash, "finished", entities))
     with Registry.open(req.registry) as reg:
         ledger = PrivacyLedger(reg)
         done = ledger.get(run)

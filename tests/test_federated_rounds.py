@@ -216,3 +216,25 @@ def test_an_unsigned_app_is_refused_by_a_supernode_that_trusts_only_the_trainers
     assert "FAB verification failed" in careful.log() or "could not be verified" in careful.log()
     with careful.ledger() as ledger:
         assert ledger.rounds() == []  # the app never ran on that host
+
+
+def test_poisson_sampled_hosts_are_accounted_with_amplification(parent, fleet) -> None:
+    _, _, windows = parent
+    for i, part in enumerate(shares(windows, 3)):
+        fleet.add_node(f"host-{i}", part)
+    # seed 0 draws 1 of the 3 hosts in round 1 and 2 in round 2 (random.Random(0) at q = 0.5)
+    proc = fl_start(parent, fleet, "--rounds", "2", "--min-nodes", "1", "--fraction", "0.5", "--seed", "0",
+                    "--run", "fl-poisson")
+    run = json.loads(proc.stdout)["run"]
+    assert [r["sampling_rate"] for r in run["rounds"]] == [0.5, 0.5]
+    assert [r["metrics"]["sampled"] for r in run["rounds"]] == [1, 2]
+    assert [len(r["nodes_contributed"]) for r in run["rounds"]] == [1, 2]
+    assert run["epsilon"] == pytest.approx(compose_epsilon([(1.0, 0.5)] * 2, 1e-5))
+    assert run["epsilon"] < compose_epsilon([(1.0, 1.0)] * 2, 1e-5)
+    # each host charged σ at q = 1 for the rounds it trained in, and only those
+    charged = 0
+    for node in fleet.nodes:
+        with node.ledger() as ledger:
+            charged += len(ledger.rounds())
+            assert all(r["sampling_rate"] == 1.0 for r in ledger.rounds())
+    assert charged == 3

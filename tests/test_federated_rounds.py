@@ -238,3 +238,46 @@ def test_poisson_sampled_hosts_are_accounted_with_amplification(parent, fleet) -
             charged += len(ledger.rounds())
             assert all(r["sampling_rate"] == 1.0 for r in ledger.rounds())
     assert charged == 3
+
+
+def test_fl_start_runs_its_own_superlink_and_stops_it_without_dp(parent, tmp_path) -> None:
+    import psutil
+    from helpers_federated import SuperNode
+
+    from trainer.federated.flower import free_port, stop_process
+
+    registry, csv, windows = parent
+    port = free_port()
+    nodes = []
+    try:
+        for i, part in enumerate(shares(windows, 2)):
+            state = tmp_path / f"host-{i}"
+            state.mkdir()
+            from edge_agent.federated import WindowStore
+
+            with WindowStore(state / "windows.sqlite") as store:
+                store.add(part, "host@1")
+            # started before the SuperLink: a SuperNode keeps retrying until it is there
+            nodes.append(SuperNode(f"host-{i}", state, f"127.0.0.1:{port}", budget=float("inf"))
+                         .start(tmp_path / "flwr-home"))
+        proc = edgefleet("fl", "start", "--model", "host@1", "--group", "lab", "--data", str(csv),
+                         "--registry", str(registry), "--port", str(port), "--json", "--rounds", "1",
+                         "--dp", "off", "--node-wait", "120", "--round-timeout", "120", "--run", "fl-own",
+                         check=False, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:] + "\n".join(n.log()[-2000:] for n in nodes)
+        run = json.loads(proc.stdout)["run"]
+        assert run["state"] == "registered" and run["epsilon"] == "inf" and run["dp"] == "off"
+        assert run["nodes"] == ["host-0", "host-1"]
+        link_db = registry / "federated" / "superlink" / "superlink.db"
+        assert link_db.exists()  # --database: a restarted SuperLink keeps its nodes
+        leftovers = [p for p in psutil.process_iter(["cmdline"])
+                     if any("flower-superlink" in part for part in (p.info["cmdline"] or []))
+                     and any(str(link_db) in part for part in (p.info["cmdline"] or []))]
+        assert leftovers == []
+        for node in nodes:
+            with node.ledger() as ledger:
+                assert ledger.spent() == float("inf")  # no DP: recorded as such (the budget is inf)
+    finally:
+        for node in nodes:
+            if node.proc is not None:
+                stop_process(node.proc)

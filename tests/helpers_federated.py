@@ -22,12 +22,15 @@ class SuperNode:
     budget: float = 8.0
     delta: float = 1e-5
     trusted_entities: Path | None = None
+    app_sha256: str | None = None
     proc: subprocess.Popen | None = None
 
     def start(self, flwr_home: Path) -> SuperNode:
         budget = "inf" if self.budget == float("inf") else f"{self.budget}"
         node_config = (f'state-dir="{self.state_dir}" node-name="{self.name}" '
                        f'epsilon-budget="{budget}" delta={self.delta}')
+        if self.app_sha256:
+            node_config += f' app-sha256="{self.app_sha256}"'
         cmd = [_exe("flower-supernode"), "--insecure", "--superlink", self.superlink,
                "--port", str(free_port()), "--node-config", node_config]
         if self.trusted_entities is not None:
@@ -75,13 +78,13 @@ class Fleet:
         return cls(root, link)
 
     def add_node(self, name: str, windows: np.ndarray, budget: float = 8.0, delta: float = 1e-5,
-                 trusted_entities: Path | None = None) -> SuperNode:
+                 trusted_entities: Path | None = None, app_sha256: str | None = None) -> SuperNode:
         state = self.root / name
         state.mkdir(parents=True)
         with WindowStore(state / "windows.sqlite") as store:
             if len(windows):
                 store.add(windows, "host@1")
-        node = SuperNode(name, state, self.link.address, budget, delta, trusted_entities)
+        node = SuperNode(name, state, self.link.address, budget, delta, trusted_entities, app_sha256)
         node.start(self.link.flwr_home)
         self.nodes.append(node)
         return node

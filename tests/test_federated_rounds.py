@@ -204,15 +204,22 @@ def test_an_unsigned_app_is_refused_by_a_supernode_that_trusts_only_the_trainers
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     trusted = tmp_path / "trusted-entities.yaml"
     trusted.write_text(f"fpk_edgefleet_trainer: '{public}'\n")
-    parts = shares(windows, 3)
-    fleet.add_node("host-0", parts[0])
+    from trainer.federated.run import app_sha256
+
+    parts = shares(windows, 4)
+    fleet.add_node("host-0", parts[0], app_sha256=app_sha256())  # the app the run document names
     fleet.add_node("host-1", parts[1])
     careful = fleet.add_node("careful", parts[2], trusted_entities=trusted)
+    stale = fleet.add_node("stale", parts[3], app_sha256="0" * 64)  # a document naming another app
     proc = fl_start(parent, fleet, "--rounds", "1", "--min-nodes", "2", "--run", "fl-unsigned")
     (rnd,) = json.loads(proc.stdout)["run"]["rounds"]
     assert rnd["nodes_contributed"] == ["host-0", "host-1"]
-    (refused,) = rnd["failures"]
-    assert not refused["declined"] and "could not be verified" in refused["reason"]
+    refused = next(f for f in rnd["failures"] if not f["declined"])
+    assert "could not be verified" in refused["reason"]
+    (declined,) = [f for f in rnd["failures"] if f["declined"]]
+    assert "stale: this app is" in declined["reason"] and "names 000000000000" in declined["reason"]
+    with stale.ledger() as ledger:
+        assert ledger.rounds() == []
     assert "FAB verification failed" in careful.log() or "could not be verified" in careful.log()
     with careful.ledger() as ledger:
         assert ledger.rounds() == []  # the app never ran on that host
@@ -231,12 +238,12 @@ def test_poisson_sampled_hosts_are_accounted_with_amplification(parent, fleet) -
     assert [len(r["nodes_contributed"]) for r in run["rounds"]] == [1, 2]
     assert run["epsilon"] == pytest.approx(compose_epsilon([(1.0, 0.5)] * 2, 1e-5))
     assert run["epsilon"] < compose_epsilon([(1.0, 1.0)] * 2, 1e-5)
-    # each host charged σ at q = 1 for the rounds it trained in, and only those
+    # each host charged σ (composed without amplification) for the rounds it trained in, and only those
     charged = 0
     for node in fleet.nodes:
         with node.ledger() as ledger:
             charged += len(ledger.rounds())
-            assert all(r["sampling_rate"] == 1.0 for r in ledger.rounds())
+            assert all(r["sampling_rate"] == 0.5 for r in ledger.rounds())  # recorded, not amplified
     assert charged == 3
 
 

@@ -12,10 +12,16 @@ its own budget is spent (the ledger refuses and records nothing), when it holds 
 the model's shape, or when training did not change the model: a zero update must never be
 sent, because clipping divides by the update's norm.
 
-The host's ledger is charged σ with sampling rate 1 for each round it trains in: the host sees
-only the rounds it was sampled for, and a round it was not sampled for touches none of its
+The host's ledger composes σ without amplification for each round it trains in (the round's
+sampling rate is recorded as information only, :mod:`edge_agent.federated.ledger`): the host
+sees only the rounds it was sampled for, and a round it was not sampled for touches none of its
 data, so the Gaussian mechanism of each round it took part in is the bound that holds on its
 side (the trainer's ledger, which sees every round, may claim Poisson amplification instead).
+
+When the node config names ``app-sha256`` (the app's hash from the signed run document), the
+handler first checks that the app it runs is that one — Flower installs each FAB in a folder of
+its own, and the FAB is rebuilt from it byte for byte — and declines a different (e.g. a
+replayed older) app before touching the ledger or the windows.
 """
 
 from __future__ import annotations
@@ -70,6 +76,30 @@ def _node(context: Context, config: ConfigRecord) -> tuple[str, Path, float, flo
     return name, Path(str(nc["state-dir"])), budget, delta
 
 
+def _running_app_sha256() -> str:
+    """sha256 of the FAB this process runs, rebuilt from the folder Flower installed it in."""
+    import hashlib
+    import importlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    app = importlib.import_module("edgefleet_flower")
+    return hashlib.sha256(build_fab_from_disk(Path(str(app.__file__)).parent.parent)).hexdigest()
+
+
+def _check_app(context: Context, name: str) -> None:
+    expected = context.node_config.get("app-sha256")
+    if not expected:
+        return
+    try:
+        running = _running_app_sha256()
+    except (ImportError, OSError, ValueError) as e:
+        raise _Decline(f"{name}: cannot tell which app runs here ({e}); the run document names "
+                       f"{str(expected)[:12]}…") from e
+    if running != str(expected):
+        raise _Decline(f"{name}: this app is {running[:12]}…, the signed run document names {str(expected)[:12]}…")
+
+
 def _decline(msg: Message, reason: str) -> Message:
     return Message(Error(code=DECLINE_CODE, reason=f"{DECLINED}: {reason}"), reply_to=msg)
 
@@ -86,6 +116,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     try:
         name, state_dir, budget, delta = _node(context, config)
+        _check_app(context, name)
         return _train(msg, config, name, state_dir, budget, delta)
     except _Decline as e:
         return _decline(msg, str(e))
@@ -105,7 +136,7 @@ def _train(msg: Message, config: ConfigRecord, name: str, state_dir: Path, budge
     sigma, clip = _f(config, "noise-multiplier"), _f(config, "clipping-norm")
     try:
         with LocalLedger(state_dir / "ledger.sqlite", budget, delta) as ledger:
-            spent = ledger.charge(run, rnd, sigma, 1.0, clip)
+            spent = ledger.charge(run, rnd, sigma, _f(config, "sampling-rate", 1.0), clip)
     except BudgetExhausted as e:
         raise _Decline(f"{name}: {e}") from e
 
@@ -158,6 +189,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     try:
         name, state_dir, _, _ = _node(context, config)
+        _check_app(context, name)
         spec = ArchitectureSpec.from_json(json.loads(str(config["architecture"])))
         windows = _windows(state_dir, spec.input_rows, spec.features)
         if len(windows) == 0:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.federated import BudgetExhausted, LocalLedger, WindowStore
+from edge_agent.federated import BudgetExhausted, FederatedStateError, LocalLedger, WindowStore
 from edge_agent.federated.ledger import compose_epsilon
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -267,3 +267,20 @@ def test_feed_keeps_every_kth_normal_window_in_batches(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, np.stack(kept))
     assert (got < 5.0).all()  # no anomalous window was kept
     assert feed.dropped == 0 and feed.stored == len(kept)
+
+
+@pytest.mark.parametrize("kind", ["ledger", "window store"])
+def test_a_state_file_of_another_schema_is_refused_and_left_alone(tmp_path: Path, kind: str) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.sqlite"
+    opener = (lambda: LocalLedger(path, 8.0, 1e-5)) if kind == "ledger" else (lambda: WindowStore(path))
+    opener().close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(FederatedStateError, match=f"{kind} schema 99, this agent reads 1"):
+        opener()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchone()[0] == 99
+    conn.close()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["connect", "transaction"]
+from edge_agent.federated._errors import FederatedStateError
+
+__all__ = ["connect", "open_state", "transaction"]
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -38,3 +40,22 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def open_state(path: Path, what: str, schema_version: int, tables: Sequence[str]) -> sqlite3.Connection:
+    """:func:`connect` to ``path`` and, in one transaction, stamp a new file with
+    ``schema_version`` (a ``meta`` table), refuse one stamped with another version, and run
+    ``tables`` (``CREATE … IF NOT EXISTS`` statements). ``what`` names the file in errors.
+    Raises :class:`FederatedStateError`; ``sqlite3.Error`` is left to the caller."""
+    conn = connect(path)
+    with transaction(conn) as c:
+        c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (schema_version,))
+        version = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        if version == schema_version:
+            for statement in tables:
+                c.execute(statement)
+    if version != schema_version:
+        conn.close()
+        raise FederatedStateError(f"{path}: {what} schema {version}, this agent reads {schema_version}")
+    return conn

@@ -52,7 +52,7 @@ from types import TracebackType
 from typing import Any
 
 from edge_agent.federated._errors import BudgetExhausted, FederatedStateError
-from edge_agent.federated._sqlite import connect, transaction
+from edge_agent.federated._sqlite import open_state, transaction
 
 __all__ = ["BudgetExhausted", "LocalLedger", "compose_epsilon"]
 
@@ -112,22 +112,12 @@ class LocalLedger:
         self.delta = float(delta)
         self._lock = threading.Lock()
         try:
-            self._conn = connect(self.path)
-            with transaction(self._conn) as c:
-                c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-                c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                          (_SCHEMA_VERSION,))
-                version = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-                if version != _SCHEMA_VERSION:
-                    raise FederatedStateError(
-                        f"{self.path}: ledger schema {version}, this agent reads {_SCHEMA_VERSION}")
-                # epsilon: the composed total after this round, at `delta`
-                c.execute(
-                    "CREATE TABLE IF NOT EXISTS rounds (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-                    " run TEXT NOT NULL, round INTEGER NOT NULL, noise_multiplier REAL NOT NULL,"
-                    " sampling_rate REAL NOT NULL, clipping_norm REAL NOT NULL, epsilon REAL NOT NULL,"
-                    " delta REAL NOT NULL, recorded_at REAL NOT NULL)"
-                )
+            # epsilon: the composed total after this round, at `delta`
+            self._conn = open_state(self.path, "ledger", _SCHEMA_VERSION, [
+                "CREATE TABLE IF NOT EXISTS rounds (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " run TEXT NOT NULL, round INTEGER NOT NULL, noise_multiplier REAL NOT NULL,"
+                " sampling_rate REAL NOT NULL, clipping_norm REAL NOT NULL, epsilon REAL NOT NULL,"
+                " delta REAL NOT NULL, recorded_at REAL NOT NULL)"])
         except sqlite3.Error as e:
             raise FederatedStateError(f"cannot open privacy ledger {self.path}: {e}") from e
 

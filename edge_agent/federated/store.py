@@ -28,7 +28,7 @@ from types import TracebackType
 import numpy as np
 
 from edge_agent.federated._errors import FederatedStateError
-from edge_agent.federated._sqlite import connect, transaction
+from edge_agent.federated._sqlite import open_state, transaction
 
 __all__ = ["WindowStore"]
 
@@ -50,22 +50,12 @@ class WindowStore:
         self.max_windows = int(max_windows)
         self._lock = threading.Lock()
         try:
-            self._conn = connect(self.path)
-            with transaction(self._conn) as c:
-                c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-                c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                          (_SCHEMA_VERSION,))
-                version = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-                if version != _SCHEMA_VERSION:
-                    raise FederatedStateError(
-                        f"{self.path}: window store schema {version}, this agent reads {_SCHEMA_VERSION}")
-                # AUTOINCREMENT: ids never reused, so "oldest" is "smallest id" even after trims
-                c.execute(
-                    "CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-                    " rows INTEGER NOT NULL, features INTEGER NOT NULL, model TEXT NOT NULL,"
-                    " added REAL NOT NULL, data BLOB NOT NULL)"
-                )
-                c.execute("CREATE INDEX IF NOT EXISTS windows_shape ON windows (rows, features, id)")
+            # AUTOINCREMENT: ids never reused, so "oldest" is "smallest id" even after trims
+            self._conn = open_state(self.path, "window store", _SCHEMA_VERSION, [
+                "CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " rows INTEGER NOT NULL, features INTEGER NOT NULL, model TEXT NOT NULL,"
+                " added REAL NOT NULL, data BLOB NOT NULL)",
+                "CREATE INDEX IF NOT EXISTS windows_shape ON windows (rows, features, id)"])
         except sqlite3.Error as e:
             raise FederatedStateError(f"cannot open window store {self.path}: {e}") from e
 

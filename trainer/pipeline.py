@@ -421,6 +421,21 @@ def training_windows(
     return np.concatenate(train_parts), np.concatenate(val_parts), np.concatenate(normal_rows)
 
 
+
+def admit_artifact(fmt: str, quant: str, art: BuiltArtifact, profiles: Sequence[FirmwareProfile],
+                   notify: Callable[[str, dict[str, Any]], None]) -> NewArtifact | None:
+    """``art`` as an artifact to register: for the profiles that allow its variant and whose
+    flash budget it fits; ``None`` (and a ``rejected`` notice) when it failed parity or fits none."""
+    fits = [p.name for p in profiles if p.allows(fmt, quant) and art.model_size <= p.budget.model_flash_kb * 1024]
+    if not art.parity.passed:
+        notify("rejected", {"format": fmt, "quantization": quant, "why": list(art.parity.failures)})
+        return None
+    if not fits:
+        notify("rejected", {"format": fmt, "quantization": quant, "why": ["over every profile's flash budget"]})
+        return None
+    notify("artifact", {"format": fmt, "quantization": quant, "parity": art.parity.to_json()})
+    return NewArtifact(fmt, quant, art.bundle, art.model_size, fits, art.parity.to_json())
+
 def train(
     prepared: PreparedData,
     registry_dir: Path,
@@ -491,20 +506,11 @@ def train(
         notify("export", {"format": fmt, "quantization": quant})
         art = build_artifact(fmt, quant, inputs)
         built.append(art)
-        fits = [
-            p.name
-            for p in prepared.profiles
-            if p.allows(fmt, quant) and art.model_size <= p.budget.model_flash_kb * 1024
-        ]
         if not art.parity.passed:
             rejected.append(art)
-            notify("rejected", {"format": fmt, "quantization": quant, "why": list(art.parity.failures)})
-            continue
-        if not fits:
-            notify("rejected", {"format": fmt, "quantization": quant, "why": ["over every profile's flash budget"]})
-            continue
-        new.append(NewArtifact(fmt, quant, art.bundle, art.model_size, fits, art.parity.to_json()))
-        notify("artifact", {"format": fmt, "quantization": quant, "parity": art.parity.to_json()})
+        admitted = admit_artifact(fmt, quant, art, prepared.profiles, notify)
+        if admitted is not None:
+            new.append(admitted)
     if not new:
         raise TrainError("no artifact passed its parity check; nothing was registered")
     metrics = {

@@ -54,7 +54,7 @@ from trainer.models import (
     weights_bytes,
 )
 from trainer.models.spec import TREE_FAMILIES
-from trainer.registry import NewArtifact, Registry, VersionRecord, parse_model_ref
+from trainer.registry import Registry, VersionRecord, parse_model_ref
 from trainer.scoring import ThresholdPolicy, calibrate
 from trainer.search.errors import SearchError
 from trainer.search.objective import ObjectiveData, TrainedCandidate, labelled_data, synthetic_data
@@ -282,7 +282,7 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
     Raises :class:`QualityGateError` (nothing registered) when a step drops quality too far,
     :class:`CompressError` when a step cannot be applied or no artifact passes parity.
     """
-    from trainer.pipeline import _variants, _versions, training_windows
+    from trainer.pipeline import _variants, _versions, admit_artifact, training_windows
 
     notify = progress or (lambda stage, info: None)
     req, recipe = prepared.request, prepared.recipe
@@ -381,15 +381,9 @@ def compress(prepared: Prepared, progress: Progress | None = None) -> CompressOu
             continue
         notify("export", {"format": fmt, "quantization": quant})
         art = final.build(fmt, quant, state.export.scheme)
-        fits = [p.name for p in prepared.profiles
-                if p.allows(fmt, quant) and art.model_size <= p.budget.model_flash_kb * 1024]
-        if not art.parity.passed:
-            notify("rejected", {"format": fmt, "quantization": quant, "why": list(art.parity.failures)})
-            continue
-        if not fits:
-            notify("rejected", {"format": fmt, "quantization": quant, "why": ["over every profile's flash budget"]})
-            continue
-        new.append(NewArtifact(fmt, quant, art.bundle, art.model_size, fits, art.parity.to_json()))
+        admitted = admit_artifact(fmt, quant, art, prepared.profiles, notify)
+        if admitted is not None:
+            new.append(admitted)
     if not new:
         raise CompressError("no artifact of the compressed model passed its parity check; nothing was registered")
     weights = weights_bytes(final.model)

@@ -22,7 +22,7 @@ from shared.profiles import FirmwareProfile
 from shared.score_pipeline import LikelihoodPipeline
 from trainer.export import ExportInputs, build_artifact
 from trainer.models import ArchitectureSpec, load_weights, parameter_count, score_windows
-from trainer.registry import NewArtifact, Registry, VersionRecord
+from trainer.registry import Registry, VersionRecord
 from trainer.scoring import ThresholdPolicy, calibrate
 
 __all__ = ["PublishError", "register_global_model"]
@@ -52,7 +52,13 @@ def register_global_model(
 ) -> VersionRecord:
     """Export ``weights`` (of ``parent``'s architecture) and register them as
     ``parent.model@N`` with ``federated`` in the lineage. Raises :class:`PublishError`."""
-    from trainer.pipeline import _drift_reference, _variants, _versions, training_windows
+    from trainer.pipeline import (
+        _drift_reference,
+        _variants,
+        _versions,
+        admit_artifact,
+        training_windows,
+    )
 
     notify = progress or (lambda stage, info: None)
     spec = ArchitectureSpec.from_json(parent.architecture)
@@ -84,15 +90,9 @@ def register_global_model(
     new = []
     for fmt, quant in _variants(profiles, spec.family):
         notify("export", {"format": fmt, "quantization": quant})
-        art = build_artifact(fmt, quant, inputs)
-        fits = [p.name for p in profiles if p.allows(fmt, quant) and art.model_size <= p.budget.model_flash_kb * 1024]
-        if not art.parity.passed:
-            notify("rejected", {"format": fmt, "quantization": quant, "why": list(art.parity.failures)})
-            continue
-        if not fits:
-            notify("rejected", {"format": fmt, "quantization": quant, "why": ["over every profile's flash budget"]})
-            continue
-        new.append(NewArtifact(fmt, quant, art.bundle, art.model_size, fits, art.parity.to_json()))
+        admitted = admit_artifact(fmt, quant, build_artifact(fmt, quant, inputs), profiles, notify)
+        if admitted is not None:
+            new.append(admitted)
     if not new:
         raise PublishError("no artifact of the global model passed its parity check; nothing was registered")
     metrics = {

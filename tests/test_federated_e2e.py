@@ -8,8 +8,8 @@ from a replayed CSV, so that their window stores fill through the serving loop; 
 run only from that signed document, start their SuperNodes, train two rounds with central DP,
 and stop their SuperNodes when the document says ``finished``.
 
-Checked: the new version and its lineage (the run, both agents as nodes), the trainer's ε, and
-each agent's own ledger (read through :class:`edge_agent.federated.LocalLedger` and from its
+Checked: the new version and its lineage (the run, both agents as nodes), that it deploys to the
+agents, the trainer's ε, and each agent's own ledger (read through :class:`edge_agent.federated.LocalLedger` and from its
 health report) against ε computed here with dp-accounting for the rounds it trained.
 """
 
@@ -234,6 +234,13 @@ def test_agents_join_a_run_announced_over_the_broker_train_and_both_ledgers_agre
                            and h["epsilon_spent"] is not None
                            and math.isclose(h["epsilon_spent"], local, rel_tol=1e-6),
                            30, f"{aid}'s health report to show ε {local:.4g} spent")
+
+        # the global model deploys like a centrally trained one
+        cli("deploy", "host@2", "--group", "lab", "--registry", str(registry), "--broker", broker.url, "--json")
+        for aid in AGENTS:
+            watch.wait_for(lambda aid=aid: any(
+                m.kind == "deployments" and m.agent == aid and (m.body.model, m.body.version, m.body.state)
+                == ("host", 2, "active") for m in watch.messages), 60, f"{aid} to activate host@2")
         assert all(agent.alive() for agent in started), agents.tail()
     finally:
         if fl is not None and fl.poll() is None:

@@ -6,20 +6,28 @@ run starts and again when it ends, the agent reads it through its TUF client::
     {"schema": "edgefleet.federated-run/1",
      "run": "fl-20260105-1", "group": "lab", "superlink": "127.0.0.1:9092",
      "app_sha256": "<hex of the FAB>",
-     "trusted_entities": {"<public key id>": "<ed25519 public key>"},
+     "trusted_entities": {},                  # or {"<public key id>": "<ed25519 public key>"}
      "state": "active" | "finished",
      "epsilon_budget": 8.0, "delta": 1e-5,
      "insecure": false,                       # optional: plaintext to the SuperLink (loopback only)
      "root_certificates": "-----BEGIN CERTIFICATE-----…"}   # optional: PEM CA bundle for the SuperLink's TLS
 
-``trusted_entities`` values are ed25519 public keys, either in OpenSSH form
-(``ssh-ed25519 AAAA…``, what ``flower-supernode --trusted-entities`` reads) or as the base64
-of the raw 32-byte key (:func:`openssh_ed25519` converts). ``epsilon_budget`` is the run's
-(trainer's) budget; ``null`` means none. A document without ``schema`` is read as version 1.
+``trusted_entities`` may be empty, and ``edgefleet fl start`` publishes it empty: on flwr 1.42
+an app submitted to a self-hosted SuperLink carries no signature (``flwr run`` cannot sign,
+the SuperLink records an empty signature list), so a SuperNode started with
+``--trusted-entities`` refuses every such app. Agents pass ``--trusted-entities`` only when the
+object is non-empty; that waits for Flower to sign self-submitted apps. Its values are ed25519
+public keys, either in OpenSSH form (``ssh-ed25519 AAAA…``, what ``flower-supernode
+--trusted-entities`` reads) or as the base64 of the raw 32-byte key (:func:`openssh_ed25519`
+converts). ``epsilon_budget`` is the run's (trainer's) budget; ``null`` means none. A document
+without ``schema`` is read as version 1.
 
-``app_sha256`` is the SHA-256 of the FAB the run's ServerApp sends: the agent passes it to its
-SuperNode as node config ``app-sha256`` so that the ClientApp can refuse any other app (Flower
-accepts every FAB ever signed by a trusted key, so a signature alone does not stop a replay).
+What protects a host meanwhile: the SuperLink address comes only from this TUF-verified
+document; plaintext only to a loopback SuperLink, otherwise TLS verified with the document's
+``root_certificates``. ``app_sha256`` is the SHA-256 of the FAB the run's ServerApp sends: the
+agent passes it to its SuperNode as node config ``app-sha256`` and the ClientApp declines to
+train for an app whose FAB differs. That catches a wrong app (a stale or mistaken run), not a
+malicious one: a malicious app's code would simply not run that check.
 
 ``insecure`` (plaintext gRPC) is honoured by agents only for a loopback SuperLink
 (:func:`is_loopback`); ``root_certificates`` (PEM, signed with the rest of the document) is
@@ -207,8 +215,8 @@ def decode_run(data: bytes) -> FederatedRun:
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
         raise FederatedRunError("app_sha256 must be 64 lowercase hex digits")
     entities = obj["trusted_entities"]
-    if not isinstance(entities, dict) or not entities:
-        raise FederatedRunError("trusted_entities must be a non-empty object of key id → public key")
+    if not isinstance(entities, dict):
+        raise FederatedRunError("trusted_entities must be an object of key id → public key (may be empty)")
     for key_id, key in entities.items():
         if not isinstance(key, str):
             raise FederatedRunError(f"trusted_entities[{key_id!r}] must be a string")

@@ -15,7 +15,8 @@ the trainer's figure.
 
 **σ is the server's word under central DP.** With central DP the noise is added to the
 aggregate by the ServerApp, so σ comes from the round's config and this host cannot check it;
-the host's own defences are its budget (here) and the trusted entities that sign the app.
+the host's own defences are its budget (here) and the signed run document (which SuperLink,
+which app by hash; apps themselves cannot be signed on flwr 1.42, see docs/federated.md).
 
 Guarantees:
 

@@ -19,10 +19,15 @@ supervisor thread converges on it:
   after checking that the pid still runs ``flower-supernode`` with this workdir's files. A
   child that exits by itself takes its process group (SuperExec, a ClientApp mid-training)
   with it.
-* **Trust.** ``--trusted-entities`` is always passed (a YAML file written from the run's
-  keys): the SuperNode runs only apps signed by the trainer. ``--insecure`` only when the run
-  document asks for it (the agent allows that only for a loopback SuperLink);
-  ``--root-certificates`` when the run document carries a CA bundle.
+* **Trust.** The SuperLink address comes only from the TUF-verified run document.
+  ``--insecure`` only when that document asks for it (the agent allows that only for a
+  loopback SuperLink); ``--root-certificates`` when it carries a CA bundle. The node config's
+  ``app-sha256`` makes the ClientApp decline an app whose FAB differs from the one the
+  document names (a wrong app, not a malicious one: a malicious app would not run that
+  check). ``--trusted-entities`` (a YAML file written from the document's keys) is passed only
+  when the document names keys: on flwr 1.42 an app submitted to a self-hosted SuperLink
+  carries no signature, so with that option the SuperNode refuses every app, and ``edgefleet
+  fl start`` publishes no keys (see docs/federated.md).
 * **Minimal environment.** The child gets ``PATH``, ``HOME``, ``LANG``, ``LC_*``, ``TMPDIR``,
   ``PYTHONPATH`` and ``FLWR_*`` only: none of the agent's secrets (its MQTT password may sit
   in its environment).
@@ -325,8 +330,11 @@ class SuperNodeSupervisor:
     def _start(self, spec: SuperNodeSpec) -> None:
         entities = {k: openssh_ed25519(v) for k, v in spec.trusted_entities.items()}
         entities_path = self.workdir / ENTITIES_FILE
-        # JSON is YAML: a flow mapping of key id → "ssh-ed25519 …"
-        write_atomically(entities_path, (json.dumps(entities, indent=1) + "\n").encode())
+        if entities:
+            # JSON is YAML: a flow mapping of key id → "ssh-ed25519 …"
+            write_atomically(entities_path, (json.dumps(entities, indent=1) + "\n").encode())
+        else:
+            entities_path.unlink(missing_ok=True)  # an earlier run's keys do not apply
         args = [self.binary, "--superlink", spec.superlink]
         if spec.insecure:
             args.append("--insecure")
@@ -334,8 +342,9 @@ class SuperNodeSupervisor:
             certificates = self.workdir / CERTIFICATES_FILE
             write_atomically(certificates, spec.root_certificates.encode())
             args += ["--root-certificates", str(certificates)]
+        if entities:
+            args += ["--trusted-entities", str(entities_path)]
         args += [
-            "--trusted-entities", str(entities_path),
             "--node-config", node_config_arg(spec.node_config),
             # the SuperNode's own Runtime API (for its ClientApp processes): loopback, a free
             # port, so that several agents can share a host
@@ -415,8 +424,9 @@ def end_leftover(workdir: Path, stop_timeout: float = 10.0) -> bool:
     """End the SuperNode an earlier agent (killed without a clean stop) left running.
 
     Reads ``{workdir}/supernode.pid``; the process it names is signalled (its group: SIGTERM,
-    then SIGKILL after ``stop_timeout``) only if it still runs ``flower-supernode`` with this
-    workdir's trusted-entities file, so a pid reused by an unrelated process is left alone.
+    then SIGKILL after ``stop_timeout``) only if it still runs ``flower-supernode`` in this
+    workdir (the supervisor starts it there), so a pid reused by an unrelated process is left
+    alone.
     The pid file is removed. Returns whether a SuperNode was ended. Cheap when there is no
     pid file (no Flower import, ever).
     """
@@ -433,8 +443,12 @@ def end_leftover(workdir: Path, stop_timeout: float = 10.0) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         cmdline = []
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd") if pid > 0 else None
+    except OSError:
+        cwd = None
     ours = pid > 0 and any(b"flower-supernode" in a for a in cmdline[:2]) and \
-        str(Path(workdir) / ENTITIES_FILE).encode() in cmdline
+        cwd == str(Path(workdir).resolve())
     if ours:
         log.warning("ending the SuperNode (pid %d) that the last agent run left behind", pid)
         for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -20,8 +20,11 @@ side (the trainer's ledger, which sees every round, may claim Poisson amplificat
 
 When the node config names ``app-sha256`` (the app's hash from the signed run document), the
 handler first checks that the app it runs is that one — Flower installs each FAB in a folder of
-its own, and the FAB is rebuilt from it byte for byte — and declines a different (e.g. a
-replayed older) app before touching the ledger or the windows.
+its own, and the FAB is rebuilt from it byte for byte — and declines a different (e.g. an
+older run's) app before touching the ledger or the windows. This catches a wrong app, not a
+malicious one: a malicious app's code would not run this check. On flwr 1.42 it is the only app
+check a host has (an app submitted to a self-hosted SuperLink cannot be signed, see
+docs/federated.md).
 """
 
 from __future__ import annotations

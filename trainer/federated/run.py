@@ -159,17 +159,18 @@ def app_sha256() -> str:
     return hashlib.sha256(build_fab_from_disk(APP_DIR)).hexdigest()
 
 
-def run_document(run: str, options: FederatedOptions, superlink: str, app_hash: str, state: str,
-                 trusted_entities: dict[str, str]) -> FederatedRun:
+def run_document(run: str, options: FederatedOptions, superlink: str, app_hash: str,
+                 state: str) -> FederatedRun:
     """The run as its agents see it (:mod:`shared.federated`, target ``federated/runs/{run}.json``).
 
-    ``trusted_entities``: the trainer's app key (:mod:`trainer.federated.appkey`; flwr 1.42
-    cannot yet carry its signature on a self-hosted SuperLink, see docs/federated.md).
-    ``insecure``: the SuperLinks ``fl start`` starts listen without TLS (loopback or a private
-    network only).
+    ``trusted_entities`` is empty: flwr 1.42 cannot sign an app submitted to a self-hosted
+    SuperLink, and a SuperNode told to trust any key refuses every unsigned app (see
+    docs/federated.md). Hosts rely on the signed document itself (SuperLink address, transport,
+    ``app_sha256``) instead. ``insecure``: the SuperLinks ``fl start`` starts listen without
+    TLS (agents accept that only for a loopback SuperLink).
     """
     return FederatedRun(run=run, group=options.group, superlink=superlink, app_sha256=app_hash,
-                        trusted_entities=dict(trusted_entities), state=state,
+                        trusted_entities={}, state=state,
                         epsilon_budget=math.inf if options.epsilon_budget is None else options.epsilon_budget,
                         delta=options.delta, insecure=True)
 
@@ -213,13 +214,10 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
     else:
         flwr_home, address = state_dir / "flwr-home", req.superlink
         write_connection(flwr_home, address)
-    from trainer.federated.appkey import KEY_ID, trainer_public_key
-
     target, app_hash = run_target(run), app_sha256()
-    entities = {KEY_ID: trainer_public_key(state_dir)} if announce is not None else {}
     try:
         if announce is not None:
-            announce(run_document(run, opts, address, app_hash, "active", entities))
+            announce(run_document(run, opts, address, app_hash, "active"))
             notify("announced", {"target": target})
         flower_id = submit_run(flwr_home, {"registry": str(Path(req.registry).absolute()), "edgefleet-run": run})
         with Registry.open(req.registry) as reg:
@@ -230,7 +228,7 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
         if link is not None:
             link.stop()
         if announce is not None:
-            announce(run_document(run, opts, address, app_hash, "finished", entities))
+            announce(run_document(run, opts, address, app_hash, "finished"))
     with Registry.open(req.registry) as reg:
         ledger = PrivacyLedger(reg)
         done = ledger.get(run)

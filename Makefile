@@ -11,12 +11,13 @@ setup: $(STAMP)
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
 	  else echo "mosquitto is missing: install it (apt-get install mosquitto)" >&2; exit 1; fi; }
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	# torch first, pinned: the CPU wheel; anything unpinned would pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[edge,trainer,fl,dev]'
+	# constraints.txt: versions known to resolve together (see its header)
+	$(PY) -m pip install -q -c constraints.txt -e '.[edge,trainer,fl,dev]'
 	@touch $(STAMP)
 
 test: setup

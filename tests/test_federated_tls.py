@@ -170,3 +170,23 @@ def test_a_key_that_is_not_the_certificates_is_refused_before_anything_starts(pa
     assert proc.stderr.strip().splitlines() == [
         f"edgefleet: error: --tls-key {wrong} is not the key of --tls-cert {pki['cert']}"]
     assert not (registry / "federated" / "superlink").exists()
+
+
+def test_flwr_reaches_a_tls_superlink_listening_everywhere_only_with_its_ca(pki, tmp_path) -> None:
+    """What ``fl start --superlink HOST:PORT --tls-ca CA.pem`` relies on: the ``flwr`` connection
+    with ``root-certificates`` talks TLS; another CA or plaintext gets no answer."""
+    from trainer.federated.flower import FlowerError, SuperLink, run_status, write_connection
+    from trainer.federated.tls import TlsFiles
+
+    link = SuperLink(tmp_path / "link", free_port(), "0.0.0.0", TlsFiles(pki["ca"], pki["cert"], pki["key"])).start()
+    try:
+        assert link.address == f"127.0.0.1:{link.port}"
+        write_connection(tmp_path / "with-ca", link.address, pki["ca"])
+        with pytest.raises(FlowerError, match="Run ID not found"):  # the SuperLink answered: TLS works
+            run_status(tmp_path / "with-ca", "7")
+        for name, ca in (("other-ca", pki["other"]), ("plaintext", None)):
+            write_connection(tmp_path / name, link.address, ca)
+            with pytest.raises(FlowerError, match="Connection to the SuperLink is unavailable"):
+                run_status(tmp_path / name, "7")
+    finally:
+        link.stop()

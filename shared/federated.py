@@ -60,6 +60,7 @@ __all__ = [
     "FederatedRunError",
     "decode_run",
     "encode_run",
+    "is_address",
     "is_loopback",
     "openssh_ed25519",
     "run_from_target",
@@ -100,6 +101,12 @@ def run_from_target(path: str) -> str | None:
         return None
     name = path[len(RUNS_PREFIX) : -len(".json")]
     return name if _NAME_RE.fullmatch(name) else None
+
+
+def is_address(text: str) -> bool:
+    """Whether ``text`` is a ``HOST:PORT`` a run document accepts as its ``superlink``."""
+    m = _ADDRESS_RE.fullmatch(text)
+    return m is not None and 0 < int(m.group(2)) < 65536
 
 
 def is_loopback(superlink: str) -> bool:
@@ -208,8 +215,7 @@ def decode_run(data: bytes) -> FederatedRun:
         if key not in obj:
             raise FederatedRunError(f"missing field {key!r}")
     superlink = obj["superlink"]
-    m = _ADDRESS_RE.fullmatch(superlink) if isinstance(superlink, str) else None
-    if m is None or not 0 < int(m.group(2)) < 65536:
+    if not isinstance(superlink, str) or not is_address(superlink):
         raise FederatedRunError(f"superlink must be HOST:PORT; got {superlink!r}")
     sha = obj["app_sha256"]
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):

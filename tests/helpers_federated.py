@@ -23,6 +23,7 @@ class SuperNode:
     delta: float = 1e-5
     trusted_entities: Path | None = None
     app_sha256: str | None = None
+    root_certificates: Path | None = None  # TLS to the SuperLink, verified with this CA bundle
     proc: subprocess.Popen | None = None
 
     def start(self, flwr_home: Path) -> SuperNode:
@@ -31,7 +32,9 @@ class SuperNode:
                        f'epsilon-budget="{budget}" delta={self.delta}')
         if self.app_sha256:
             node_config += f' app-sha256="{self.app_sha256}"'
-        cmd = [_exe("flower-supernode"), "--insecure", "--superlink", self.superlink,
+        transport = ["--insecure"] if self.root_certificates is None else [
+            "--root-certificates", str(self.root_certificates)]
+        cmd = [_exe("flower-supernode"), *transport, "--superlink", self.superlink,
                "--port", str(free_port()), "--node-config", node_config]
         if self.trusted_entities is not None:
             cmd += ["--trusted-entities", str(self.trusted_entities)]

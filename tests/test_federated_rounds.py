@@ -270,6 +270,7 @@ def test_fl_start_runs_its_own_superlink_and_stops_it_without_dp(parent, tmp_pat
                          "--dp", "off", "--node-wait", "120", "--round-timeout", "120", "--run", "fl-own",
                          check=False, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:] + "\n".join(n.log()[-2000:] for n in nodes)
+        assert "warning: the SuperLink is plaintext, so only agents on this host can join" in proc.stderr
         run = json.loads(proc.stdout)["run"]
         assert run["state"] == "registered" and run["epsilon"] == "inf" and run["dp"] == "off"
         assert run["nodes"] == ["host-0", "host-1"]

@@ -81,12 +81,16 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     request = StartRequest(
         ref=args.model, options=options, registry=Path(args.registry), profiles=args.profile or [],
         data=[Path(p) for p in args.data or []], superlink=args.superlink, port=args.port, timeout=args.timeout,
-        run=args.run, profile_dirs=[Path(d) for d in args.profiles_dir],
+        run=args.run, profile_dirs=[Path(d) for d in args.profiles_dir], host=args.host, advertise=args.advertise,
+        tls=_tls_files(args),
     )
     try:
         prepared = prepare(request)
     except FederatedError as e:
         raise UsageError(str(e)) from e
+    if prepared.root_certificates is None and not args.quiet:
+        print("warning: the SuperLink is plaintext, so only agents on this host can join; for agents "
+              "elsewhere give --tls-cert, --tls-key and --tls-ca (docs/federated.md)", file=sys.stderr)
 
     def progress(stage: str, info: dict[str, Any]) -> None:
         if args.quiet or args.json:
@@ -115,6 +119,19 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     _print_run(outcome.run)
     print(f"registered {outcome.version.ref} in {args.registry}")
     return 0
+
+
+def _tls_files(args: argparse.Namespace) -> Any:
+    """``--tls-*`` as :class:`~trainer.federated.tls.TlsFiles`; ``None`` without any."""
+    from trainer.federated.tls import TlsFiles
+
+    given = {name: getattr(args, f"tls_{name}") for name in ("cert", "key", "ca")}
+    if not any(given.values()):
+        return None
+    if given["ca"] is None:
+        raise UsageError("give --tls-ca with --tls-cert and --tls-key (all three, or --tls-ca alone with --superlink)")
+    return TlsFiles(ca=Path(given["ca"]), cert=given["cert"] and Path(given["cert"]),
+                    key=given["key"] and Path(given["key"]))
 
 
 def _announcer(args: argparse.Namespace) -> Any:
@@ -239,6 +256,19 @@ def add_fl_commands(sub: Any, registry_arg: Any, json_arg: Any) -> None:
                    "(default: the files NAME@V was trained on, found by name in this folder)")
     p.add_argument("--superlink", metavar="HOST:PORT", help="use this running SuperLink instead of starting one")
     p.add_argument("--port", type=at_least(1), default=9092, help="port of the SuperLink started (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the SuperLink started listens on; agents on other hosts need a non-loopback "
+                   "one and TLS (default: %(default)s)")
+    p.add_argument("--advertise", metavar="HOST:PORT",
+                   help="the SuperLink address the run document gives agents (default: --host:--port, "
+                   "or --superlink)")
+    p.add_argument("--tls-cert", metavar="CERT.pem",
+                   help="run the SuperLink started with TLS: its certificate (PEM; name the --advertise host "
+                   "and the --host address, 127.0.0.1 for 0.0.0.0); needs --tls-key and --tls-ca")
+    p.add_argument("--tls-key", metavar="KEY.pem", help="the certificate's unencrypted private key (PEM)")
+    p.add_argument("--tls-ca", metavar="CA.pem",
+                   help="CA bundle (PEM) that verifies the SuperLink's certificate; agents get it in the "
+                   "run document. Alone with --superlink: talk to that SuperLink over TLS")
     p.add_argument("--timeout", type=positive_float, default=3600.0, metavar="S", help="give up on the run after S s")
     p.add_argument("--run", help="name of the run (default: fl-DATE-TIME-RANDOM)")
     p.add_argument("--seed", type=int, default=0, help="seed of node sampling and local training")

@@ -6,7 +6,13 @@ it starts ``flower-superexec`` by name (the venv's ``bin`` must be on ``PATH``);
 needs ``--disable-runtime-dependency-installation``; without ``--database`` a restart loses
 its nodes. ``flwr run`` exits 0 even when the run fails, so :func:`wait_for_run` reads the run's
 status with ``flwr ls --run-id``. ``flwr`` finds the SuperLink by a connection name in
-``$FLWR_HOME/config.toml``, written here per trainer state directory.
+``$FLWR_HOME/config.toml``, written here per trainer state directory: ``insecure = true`` for
+plaintext, else ``root-certificates`` = the absolute path of a CA bundle (TLS).
+
+TLS (``--ssl-certfile``, ``--ssl-keyfile``, ``--ssl-ca-certfile``, all three or ``--insecure``)
+covers all three APIs, and the ``flower-superexec`` the SuperLink starts reaches its Runtime API
+at the listen address (``0.0.0.0`` → ``127.0.0.1``) verified with that CA: the certificate must
+name that address too (e.g. ``IP:127.0.0.1`` in its subjectAltName).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from trainer.federated.tls import TlsFiles
 
 __all__ = [
     "APP_DIR",
@@ -66,12 +74,15 @@ def _exe(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def write_connection(flwr_home: Path, address: str) -> None:
-    """Point the ``edgefleet`` connection of ``flwr`` at ``address`` (loopback, no TLS)."""
+def write_connection(flwr_home: Path, address: str, root_certificates: Path | None = None) -> None:
+    """Point the ``edgefleet`` connection of ``flwr`` at ``address``: plaintext, or TLS verified
+    with the CA bundle ``root_certificates`` (written as an absolute path, as ``flwr`` needs)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    transport = ("insecure = true\n" if root_certificates is None else
+                 f"root-certificates = {json.dumps(str(Path(root_certificates).absolute()))}\n")
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{address}"\ninsecure = true\n', encoding="utf-8")
+        f'address = "{address}"\n{transport}', encoding="utf-8")
 
 
 def wait_until(ready: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool] = lambda: True,
@@ -86,9 +97,14 @@ def wait_until(ready: Callable[[], bool], timeout: float, what: str, alive: Call
         time.sleep(interval)
 
 
-def _listening(port: int) -> bool:
+def connect_host(host: str) -> str:
+    """Where this host reaches a server listening on ``host``: a wildcard address means loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _listening(host: str, port: int) -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        socket.create_connection((connect_host(host), port), timeout=0.2).close()
         return True
     except OSError:
         return False
@@ -131,18 +147,23 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 @dataclass
 class SuperLink:
-    """A ``flower-superlink`` on loopback, its state in ``state_dir`` (database, log).
+    """A ``flower-superlink`` listening on ``host:port``, its state in ``state_dir`` (database,
+    log); plaintext, or TLS with ``tls`` (certificate, key and CA bundle all given).
 
     Started in a process group of its own (:func:`stop_process` ends it with its helpers).
     """
 
     state_dir: Path
     port: int
+    host: str = "127.0.0.1"
+    tls: TlsFiles | None = None
     proc: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """Where ``flwr`` on this host reaches it."""
+        host = connect_host(self.host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def flwr_home(self) -> Path:
@@ -150,15 +171,21 @@ class SuperLink:
 
     def start(self, timeout: float = 60.0) -> SuperLink:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_connection(self.flwr_home, self.address)
+        transport = ["--insecure"]
+        if self.tls is not None:
+            if self.tls.cert is None or self.tls.key is None:
+                raise ValueError("a SuperLink with TLS needs its certificate and key")
+            transport = ["--ssl-certfile", str(self.tls.cert.absolute()), "--ssl-keyfile", str(self.tls.key.absolute()),
+                         "--ssl-ca-certfile", str(self.tls.ca.absolute())]
+        write_connection(self.flwr_home, self.address, None if self.tls is None else self.tls.ca)
         log = (self.state_dir / "superlink.log").open("ab")
         self.proc = subprocess.Popen(
-            [_exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-             "--database", str(self.state_dir / "superlink.db"), "--host", "127.0.0.1", "--port", str(self.port)],
+            [_exe("flower-superlink"), *transport, "--disable-runtime-dependency-installation",
+             "--database", str(self.state_dir / "superlink.db"), "--host", self.host, "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, env=flower_env(self.flwr_home), start_new_session=True)
         log.close()
         proc = self.proc
-        wait_until(lambda: _listening(self.port), timeout, f"flower-superlink on {self.address}",
+        wait_until(lambda: _listening(self.host, self.port), timeout, f"flower-superlink on {self.address}",
                    alive=lambda: proc.poll() is None)
         return self
 

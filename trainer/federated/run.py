@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from shared.federated import FederatedRun, run_target
+from shared.federated import FederatedRun, is_address, run_target
 from shared.profiles import FirmwareProfile, load_profiles
 from trainer.federated.ledger import FederatedRunRecord, PrivacyLedger
 from trainer.federated.options import FederatedOptions, OptionsError
+from trainer.federated.tls import TlsFiles
 from trainer.registry import Registry, RegistryError, VersionRecord, parse_model_ref
 
 __all__ = ["FederatedError", "FederatedRunFailed", "Prepared", "StartOutcome", "StartRequest", "prepare", "start"]
@@ -48,6 +49,9 @@ class StartRequest:
     data: Sequence[Path] = ()
     superlink: str | None = None  # host:port of a running SuperLink; None = start one
     port: int = 9092  # of the SuperLink started when ``superlink`` is None
+    host: str = "127.0.0.1"  # where the SuperLink started listens
+    advertise: str | None = None  # host:port agents reach it at (default host:port, or ``superlink``)
+    tls: TlsFiles | None = None  # cert+key+CA for the SuperLink started; CA alone for ``superlink``
     timeout: float = 3600.0
     run: str | None = None
     profile_dirs: Sequence[Path] = ()
@@ -60,6 +64,8 @@ class Prepared:
     profiles: list[FirmwareProfile]
     series: list[np.ndarray]
     datasets: list[dict[str, Any]] = field(default_factory=list)
+    advertise: str = ""  # the SuperLink address the run document names
+    root_certificates: str | None = None  # the CA bundle's PEM (TLS), ``None``: plaintext
 
 
 @dataclass(frozen=True)
@@ -97,9 +103,8 @@ def prepare(request: StartRequest) -> Prepared:
     if version is None:
         raise FederatedError(f"name the version to start from: {name}@N")
     if request.superlink is not None:
-        host, sep, port = request.superlink.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise FederatedError(f"--superlink must be HOST:PORT, got {request.superlink!r}")
+        _check_address(request.superlink, "--superlink")
+    advertise, certificates = _transport(request)
     try:
         with Registry.open(request.registry) as reg:
             parent = reg.get(name, version)
@@ -145,7 +150,41 @@ def prepare(request: StartRequest) -> Prepared:
         Registry.check_writable(request.registry)
     except RegistryError as e:
         raise FederatedError(str(e)) from e
-    return Prepared(request, parent, profiles, series, datasets)
+    return Prepared(request, parent, profiles, series, datasets, advertise, certificates)
+
+
+def _check_address(address: str, what: str) -> None:
+    if not is_address(address):
+        raise FederatedError(f"{what} must be HOST:PORT, got {address!r}")
+
+
+def _transport(request: StartRequest) -> tuple[str, str | None]:
+    """The run document's SuperLink address and CA bundle (``None``: plaintext), checked."""
+    from trainer.federated.tls import TlsError, check_tls
+
+    tls = request.tls
+    if request.superlink is not None:
+        if tls is not None and (tls.cert is not None or tls.key is not None):
+            raise FederatedError("--tls-cert and --tls-key are for the SuperLink fl start starts; "
+                                 "with --superlink give --tls-ca alone")
+        if request.host != "127.0.0.1":
+            raise FederatedError("--host is for the SuperLink fl start starts, not with --superlink")
+        advertise = request.advertise or request.superlink
+    else:
+        if tls is not None and (tls.cert is None or tls.key is None):
+            raise FederatedError("give --tls-cert, --tls-key and --tls-ca together (or none of them)")
+        if request.advertise is None and request.host in ("0.0.0.0", "::"):
+            raise FederatedError(f"--host {request.host} listens everywhere: give --advertise HOST:PORT, "
+                                 "the address agents reach the SuperLink at")
+        host = f"[{request.host}]" if ":" in request.host else request.host
+        advertise = request.advertise or f"{host}:{request.port}"
+    _check_address(advertise, "--advertise" if request.advertise else "--host")
+    if tls is None:
+        return advertise, None
+    try:
+        return advertise, check_tls(tls)
+    except TlsError as e:
+        raise FederatedError(str(e)) from e
 
 
 def app_sha256() -> str:
@@ -160,19 +199,20 @@ def app_sha256() -> str:
 
 
 def run_document(run: str, options: FederatedOptions, superlink: str, app_hash: str,
-                 state: str) -> FederatedRun:
+                 state: str, root_certificates: str | None = None) -> FederatedRun:
     """The run as its agents see it (:mod:`shared.federated`, target ``federated/runs/{run}.json``).
 
     ``trusted_entities`` is empty: flwr 1.42 cannot sign an app submitted to a self-hosted
     SuperLink, and a SuperNode told to trust any key refuses every unsigned app (see
     docs/federated.md). Hosts rely on the signed document itself (SuperLink address, transport,
-    ``app_sha256``) instead. ``insecure``: the SuperLinks ``fl start`` starts listen without
-    TLS (agents accept that only for a loopback SuperLink).
+    ``app_sha256``) instead. Transport: TLS verified with ``root_certificates`` (the CA bundle's
+    PEM) when given, else ``insecure`` (agents accept that only for a loopback SuperLink).
     """
     return FederatedRun(run=run, group=options.group, superlink=superlink, app_sha256=app_hash,
                         trusted_entities={}, state=state,
                         epsilon_budget=math.inf if options.epsilon_budget is None else options.epsilon_budget,
-                        delta=options.delta, insecure=True)
+                        delta=options.delta, insecure=root_certificates is None,
+                        root_certificates=root_certificates)
 
 
 def new_run_name() -> str:
@@ -202,22 +242,24 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
         noise_multiplier=opts.effective_noise, clipping="adaptive" if opts.adaptive_clipping else f"{opts.clipping_norm:g}",
         sampling_rate=opts.fraction, rounds=opts.rounds, epsilon_budget=opts.epsilon_budget, delta=opts.delta,
         params={"options": opts.to_json(), "profiles": [p.name for p in prepared.profiles],
-                "data": prepared.datasets, "superlink": req.superlink},
+                "data": prepared.datasets, "superlink": req.superlink,
+                "advertise": prepared.advertise, "tls": prepared.root_certificates is not None},
     )
     with Registry.open(req.registry) as reg:
         PrivacyLedger(reg).create_run(record)
     notify("run", {"run": run})
     link = None
     if req.superlink is None:
-        link = SuperLink(state_dir / "superlink", req.port).start()
+        link = SuperLink(state_dir / "superlink", req.port, req.host, req.tls).start()
         flwr_home, address = link.flwr_home, link.address
     else:
         flwr_home, address = state_dir / "flwr-home", req.superlink
-        write_connection(flwr_home, address)
+        write_connection(flwr_home, address, None if req.tls is None else req.tls.ca)
+    advertise, certificates = prepared.advertise, prepared.root_certificates
     target, app_hash = run_target(run), app_sha256()
     try:
         if announce is not None:
-            announce(run_document(run, opts, address, app_hash, "active"))
+            announce(run_document(run, opts, advertise, app_hash, "active", certificates))
             notify("announced", {"target": target})
         flower_id = submit_run(flwr_home, {"registry": str(Path(req.registry).absolute()), "edgefleet-run": run})
         with Registry.open(req.registry) as reg:
@@ -228,7 +270,7 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
         if link is not None:
             link.stop()
         if announce is not None:
-            announce(run_document(run, opts, address, app_hash, "finished"))
+            announce(run_document(run, opts, advertise, app_hash, "finished", certificates))
     with Registry.open(req.registry) as reg:
         ledger = PrivacyLedger(reg)
         done = ledger.get(run)

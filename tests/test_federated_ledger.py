@@ -4,6 +4,7 @@ SQLite registries under ``tmp_path``, dp-accounting itself, no Flower processes.
 from __future__ import annotations
 
 import math
+import sqlite3
 import random
 from pathlib import Path
 
@@ -31,11 +32,42 @@ def test_no_rounds_no_noise_and_full_participation() -> None:
         compose_epsilon([(1.0, 1.5)], 1e-5)
 
 
-def test_local_dp_epsilon_makes_localdpmod_add_sigma_times_the_clip() -> None:
+def test_local_dp_epsilon_makes_localdpmod_add_sigma_times_the_sensitivity() -> None:
     sigma, delta, clip = 1.3, 1e-5, 0.7
     eps = local_dp_epsilon(sigma, delta)
-    # LocalDpMod's noise: sensitivity * sqrt(2 ln(1.25/δ)) / ε, with sensitivity = clip
-    assert clip * math.sqrt(2 * math.log(1.25 / delta)) / eps == pytest.approx(sigma * clip)
+    # LocalDpMod's noise: sensitivity * sqrt(2 ln(1.25/δ)) / ε, with sensitivity = 2·clip (two
+    # clipped updates of one host are up to 2C apart): σ times the sensitivity
+    assert 2 * clip * math.sqrt(2 * math.log(1.25 / delta)) / eps == pytest.approx(sigma * 2 * clip)
+
+
+def test_adaptive_clipping_is_charged_the_sigma_of_the_noise_flower_adds() -> None:
+    from trainer.federated.accounting import adaptive_effective_multiplier
+    from trainer.federated.rounds import build_strategy, charged_multiplier
+
+    options = FederatedOptions(group="g", rounds=1, adaptive_clipping=True, noise_multiplier=1.5).check()
+    strategy = build_strategy(options)
+    sz, sb = strategy.noise_multiplier, strategy.clipped_count_stddev  # what Flower adds: σ_z·C and σ_b
+    # the raw count Σbᵢ has sensitivity 1 and the clipped sum C: one Gaussian of (σ_z⁻² + σ_b⁻²)^-½
+    assert charged_multiplier(strategy, options) == pytest.approx(1 / math.sqrt(sz ** -2 + sb ** -2))
+    assert charged_multiplier(strategy, options) == pytest.approx(1.5)
+    # Flower's own sizing (count centred at ½) would leave σ_b = σ at 0.756σ
+    flower_sz = (1.5 ** -2 - (2 * 1.5) ** -2) ** -0.5
+    assert adaptive_effective_multiplier(flower_sz, 1.5) == pytest.approx(1.5 / math.sqrt(1.75))
+
+
+def test_central_dp_divides_the_noised_sum_by_the_fixed_denominator() -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from trainer.federated.rounds import fixed_denominator_step
+
+    current = np.array([1.0, 2.0, 3.0])
+    updates = [np.array([0.3, 0.0, -0.1]), np.array([0.1, 0.2, 0.1])]
+    noise = np.array([0.05, -0.02, 0.01])  # σ·C drawn on the sum
+    flower = current + (sum(updates) + noise) / len(updates)  # Flower's mean + σ·C/m
+    step = fixed_denominator_step(ArrayRecord({"w": Array(current)}), ArrayRecord({"w": Array(flower)}),
+                                  len(updates), 4.0)
+    assert np.allclose(step["w"].numpy(), current + (sum(updates) + noise) / 4.0)
 
 
 def _run(name: str, budget: float | None) -> FederatedRunRecord:
@@ -66,6 +98,23 @@ def test_the_ledger_charges_before_sending_and_refuses_over_budget(tmp_path: Pat
         assert record.epsilon == pytest.approx(two)  # the refused round costs nothing
         assert record.round_rows[0]["nodes_contributed"] == ["a", "b"]
         assert record.to_json()["nodes"] == ["a", "b"]
+
+
+def test_a_run_is_claimed_once_and_a_charged_round_is_never_replaced(tmp_path: Path) -> None:
+    from trainer.federated.ledger import RunNotPending
+
+    with Registry.open(tmp_path, create=True) as reg:
+        ledger = PrivacyLedger(reg)
+        ledger.create_run(_run("fl-c", None))
+        ledger.claim_run("fl-c")
+        with pytest.raises(RunNotPending, match="is running, not pending"):
+            ledger.claim_run("fl-c")  # the app submitted again for the same run
+        first = ledger.begin_round("fl-c", 1, sampling_rate=1.0, noise_multiplier=1.0, clipping_norm=1.0,
+                                   nodes_sampled=["1"])
+        with pytest.raises(sqlite3.IntegrityError):
+            ledger.begin_round("fl-c", 1, sampling_rate=1.0, noise_multiplier=9.0, clipping_norm=1.0,
+                               nodes_sampled=["1"])
+        assert ledger.get("fl-c").epsilon == pytest.approx(first)
 
 
 def test_without_dp_epsilon_is_infinite_and_json_says_inf(tmp_path: Path) -> None:
@@ -99,6 +148,7 @@ def test_a_v2_registry_migrates_to_the_federated_tables(tmp_path: Path) -> None:
     ({"adaptive_clipping": True, "dp": "local"}, "needs --dp central"),
     ({"fraction": 0.0}, "--fraction"),
     ({"strategy": "krum"}, "--strategy"),
+    ({"strategy": "fedadam"}, "fedadam cannot run with --dp central"),
 ])
 def test_options_that_do_not_fit_together_are_refused(changes: dict, words: str) -> None:
     with pytest.raises(OptionsError, match=words):
@@ -155,7 +205,7 @@ def test_each_mode_builds_flowers_own_strategy(changes: dict, wrapper: str) -> N
     from trainer.federated.rounds import build_strategy
 
     strategy = build_strategy(FederatedOptions(group="g", rounds=1, **changes).check())
-    assert type(strategy).__name__ == wrapper
+    assert wrapper in [c.__name__ for c in type(strategy).__mro__]
     base = getattr(strategy, "strategy", strategy)
     assert base.fraction_evaluate == 0.0 and base.min_available_nodes == 0  # the loop samples, not Flower
 

@@ -3,6 +3,21 @@
 Each round is one Gaussian mechanism on the sum of the clipped updates (noise multiplier σ,
 the noise standard deviation over the clipping norm), applied to the nodes sampled for it.
 
+**The mechanism the figure is for.** Central DP: each contribution is clipped to C and counts
+the same (no weighting by example counts), N(0, σ²C²) is added to the *sum*, and the sum is
+divided by a *fixed* denominator m₀ chosen when the run starts (q × the nodes connected at
+round 1, at least 1), not by the number m of contributions that came: a node that declines or
+is lost is a zero update. Flower's wrapper averages over m and adds σ·C/m; the round loop
+rescales that average's step by m/m₀, which gives exactly (sum + noise)/m₀
+(:func:`trainer.federated.rounds.fixed_denominator_step`). Then adding or removing one node
+moves the noised sum by at most C and each round is ``GaussianDpEvent(σ)`` (Poisson-subsampled
+at q < 1); with the realised m as denominator it would not be. With adaptive clipping the
+clipped-update noise and the clipped-count noise together are one Gaussian mechanism of
+:func:`adaptive_effective_multiplier`, which is what is charged. Local DP: two datasets on a
+host give clipped updates up to 2C apart, so the ClientApp adds noise σ·2C (sensitivity 2C) and
+each round is ``GaussianDpEvent(σ)`` for the host; the server drew the sample and sees every
+reply, so no amplification is claimed (q = 1) on either ledger.
+
 **Which figure is reported, and why.** The ledger reports and enforces the RDP accountant's
 ε (dp-accounting ``RdpAccountant``), the same accountant as the agents' own ledgers
 (:mod:`edge_agent.federated.ledger`), so a run's figure on the trainer and on a host that took
@@ -28,7 +43,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ACCOUNTANTS", "compose_epsilon", "local_dp_epsilon"]
+__all__ = ["ACCOUNTANTS", "adaptive_effective_multiplier", "adaptive_wrapper_multiplier", "compose_epsilon",
+           "local_dp_epsilon"]
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -70,9 +86,35 @@ def compose_epsilon(rounds: Iterable[tuple[float, float]], delta: float, account
     return float(acc.get_epsilon(delta))
 
 
+def adaptive_effective_multiplier(update_multiplier: float, count_stddev: float) -> float:
+    """σ of the one Gaussian mechanism that Flower's server-side adaptive clipping runs.
+
+    The wrapper adds σ_z·C to the clipped updates' sum (``update_multiplier``, its
+    ``noise_multiplier`` attribute) and N(0, σ_b²) to the *raw* clipped count Σbᵢ, bᵢ ∈ {0, 1}
+    (``count_stddev``, its ``clipped_count_stddev``): sensitivities C and 1, so the pair is a
+    Gaussian mechanism of σ = (σ_z⁻² + σ_b⁻²)^-½. (Flower sizes σ_z for a count centred at ½,
+    sensitivity ½, i.e. (σ_z⁻² + (2σ_b)⁻²)^-½, which over-states σ.)
+    """
+    if update_multiplier <= 0 or count_stddev <= 0:
+        return 0.0
+    return float((update_multiplier ** -2 + count_stddev ** -2) ** -0.5)
+
+
+def adaptive_wrapper_multiplier(sigma: float, count_stddev: float) -> float:
+    """The ``noise_multiplier`` to hand Flower's adaptive wrapper so that
+    :func:`adaptive_effective_multiplier` of what it then adds is ``sigma``: Flower turns s
+    into σ_z = (s⁻² − (2σ_b)⁻²)^-½, and σ_z⁻² + σ_b⁻² = σ⁻² needs s⁻² = σ⁻² − ¾σ_b⁻².
+    Raises ``ValueError`` unless ``count_stddev`` > σ·√¾."""
+    rest = sigma ** -2 - 0.75 * count_stddev ** -2
+    if not rest > 0:
+        raise ValueError(f"the clipped-count noise {count_stddev} is too small for σ = {sigma}")
+    return float(rest ** -0.5)
+
+
 def local_dp_epsilon(noise_multiplier: float, delta: float) -> float:
     """The per-round ε that makes Flower's ``LocalDpMod`` add noise of standard deviation
-    ``noise_multiplier × clipping_norm`` (its sensitivity set to the clipping norm).
+    ``noise_multiplier × sensitivity`` (the ClientApp sets the sensitivity to twice the
+    clipping norm: two clipped updates of one host are up to 2C apart).
 
     ``LocalDpMod`` takes (ε, δ) and adds the classic Gaussian mechanism's noise,
     ``sensitivity · sqrt(2 ln(1.25/δ)) / ε``; inverting that keeps one parameter, σ, for both

@@ -1,8 +1,8 @@
 """What the ClientApp does on an edge host (called from the Flower app's handlers).
 
 Train: read this host's windows from its :class:`~edge_agent.federated.WindowStore`
-(node config ``state-dir``), charge its :class:`~edge_agent.federated.LocalLedger` *before*
-touching them, rebuild the model from the architecture spec in the message and the global
+(node config ``state-dir``; the count decides only whether to decline), charge its
+:class:`~edge_agent.federated.LocalLedger` *before* training on them, rebuild the model from the architecture spec in the message and the global
 weights, train a few local epochs (:func:`trainer.models.fit`, with FedProx's proximal term
 when asked), and reply with the new weights. The windows never leave the host.
 
@@ -215,5 +215,7 @@ def local_dp_mod(msg: Message, context: Context, call_next: Any) -> Message:
     if config is None or config.get("dp") != "local":
         return call_next(msg, context)
     sigma, clip, delta = _f(config, "noise-multiplier"), _f(config, "clipping-norm"), _f(config, "delta")
-    mod = LocalDpMod(clip, clip, local_dp_epsilon(sigma, delta), delta)
+    # sensitivity 2C: two datasets on this host give clipped updates up to 2C apart, so the noise
+    # is σ·2C and the round is a Gaussian mechanism of σ, the figure the host's ledger charges
+    mod = LocalDpMod(clip, 2 * clip, local_dp_epsilon(sigma, delta), delta)
     return mod(msg, context, call_next)

@@ -23,13 +23,17 @@ from typing import Any
 from trainer.federated.accounting import compose_epsilon
 from trainer.registry import Registry, RegistryError
 
-__all__ = ["BudgetRefused", "FederatedRunRecord", "PrivacyLedger", "RunNotFound"]
+__all__ = ["BudgetRefused", "FederatedRunRecord", "PrivacyLedger", "RunNotFound", "RunNotPending"]
 
 RUN_STATES = ("pending", "running", "finished", "failed", "refused", "registered")
 
 
 class BudgetRefused(Exception):  # noqa: N818 - a refusal, not a failure of the code
     """The next round would spend more ε than the run's budget allows (one line)."""
+
+
+class RunNotPending(RegistryError):
+    """The run has already been started (its app was submitted again): it is not run twice."""
 
 
 class RunNotFound(RegistryError):
@@ -132,6 +136,19 @@ class PrivacyLedger:
             if cur.rowcount == 0:
                 raise RunNotFound(f"no federated run {run!r} in registry {self.registry.root}")
 
+    def claim_run(self, run: str) -> None:
+        """Move the run from ``pending`` to ``running`` in one transaction. Raises
+        :class:`RunNotPending` when it is in any other state (an app submitted again for a run
+        that started must not run its rounds again: they are charged already) and
+        :class:`RunNotFound`."""
+        with self.registry.transaction() as conn:
+            row = conn.execute("SELECT state FROM fl_runs WHERE run = ?", (run,)).fetchone()
+            if row is None:
+                raise RunNotFound(f"no federated run {run!r} in registry {self.registry.root}")
+            if row[0] != "pending":
+                raise RunNotPending(f"federated run {run!r} is {row[0]}, not pending: it runs only once")
+            conn.execute("UPDATE fl_runs SET state = 'running' WHERE run = ?", (run,))
+
     def get(self, run: str) -> FederatedRunRecord:
         """The run with its rounds. Raises :class:`RunNotFound`."""
         rows = list(self.registry.db.query(f"SELECT {', '.join(_RUN_COLUMNS)} FROM fl_runs WHERE run = ?", [run]))
@@ -165,6 +182,9 @@ class PrivacyLedger:
     def begin_round(self, run: str, round: int, *, sampling_rate: float, noise_multiplier: float,
                     clipping_norm: float, nodes_sampled: list[str]) -> float:
         """Charge round ``round`` and return the run's ε after it.
+
+        A round already recorded is never replaced (the insert fails with the registry's
+        integrity error): a charged round stays charged.
 
         Raises :class:`BudgetRefused` (and records the round as ``refused``, uncharged) when
         that ε would pass the run's budget.
@@ -202,7 +222,7 @@ class PrivacyLedger:
     @staticmethod
     def _insert_round(conn: Any, row: dict[str, Any]) -> None:
         cols = ", ".join(row)
-        conn.execute(f"INSERT OR REPLACE INTO fl_rounds ({cols}) VALUES ({', '.join('?' * len(row))})",
+        conn.execute(f"INSERT INTO fl_rounds ({cols}) VALUES ({', '.join('?' * len(row))})",
                      tuple(row.values()))
 
     def finish_round(self, run: str, round: int, *, state: str, nodes_contributed: list[str],

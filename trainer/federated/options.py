@@ -74,6 +74,9 @@ class FederatedOptions:
                 raise OptionsError(f"--noise must be a positive number with --dp {self.dp}, got {self.noise_multiplier}")
             if self.epsilon_budget is not None and not self.epsilon_budget > 0:
                 raise OptionsError(f"--epsilon-budget must be positive, got {self.epsilon_budget}")
+        if self.strategy == "fedadam" and self.dp == "central":
+            raise OptionsError("--strategy fedadam cannot run with --dp central (Flower's wrapper adds the noise after "
+                               "the Adam step, whose sensitivity is not the clipping norm): use --dp local or fedavg")
         if self.adaptive_clipping and self.dp != "central":
             raise OptionsError("--clip adaptive is central DP's adaptive clipping: it needs --dp central")
         if self.strategy == "fedprox" and not self.proximal_mu > 0:

@@ -9,6 +9,11 @@ budget is spent, it has no data) answers with an error reply and is not aggregat
 dies does not answer and costs the round at most the timeout. Fewer than ``min_nodes``
 contributions: the round is ``failed`` and the global model is left as it was.
 
+Under central DP the noised sum of the clipped updates is divided by a denominator fixed at
+round 1 (:func:`fixed_denominator_step`, :mod:`trainer.federated.accounting`), and the σ charged
+is the one of the mechanism as run (:func:`charged_multiplier`). FedAdam is not offered with
+central DP: Flower's wrapper would add its noise after the Adam step.
+
 The loop is the strategy's own ``Strategy.start`` loop taken apart, so that the ledger sits
 between sampling and sending; the strategies themselves are Flower's, unchanged.
 """
@@ -19,11 +24,13 @@ import json
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -34,15 +41,18 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from trainer.federated.accounting import adaptive_effective_multiplier, adaptive_wrapper_multiplier
 from trainer.federated.ledger import BudgetRefused, PrivacyLedger
 from trainer.federated.options import FederatedOptions
 
-__all__ = ["DECLINED", "RoundsOutcome", "build_strategy", "poisson_sample", "run_rounds"]
+__all__ = ["DECLINED", "RoundsOutcome", "build_strategy", "charged_multiplier", "fixed_denominator_step",
+           "poisson_sample", "run_rounds"]
 
 log = logging.getLogger(__name__)
 DECLINED = "edgefleet-declined"  # prefix of a node's error reason when it chose not to train
 ARRAYS_KEY = "arrays"
 UNIT_WEIGHT = "unit-weight"  # every contribution counts the same under central DP
+COUNT_NOISE = 2.0  # adaptive clipping: the clipped count's noise, in units of σ (must exceed √¾)
 
 
 class NodesUnavailable(RuntimeError):
@@ -55,6 +65,55 @@ class RoundsOutcome:
     rounds_done: int = 0
     refused: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping with two changes that the accounting needs: the
+    clipped fraction is the noisy count over the round's fixed ``denominator`` (not over the
+    realised number of replies), and the new clipping norm is applied *after* the round's noise
+    is added (Flower updates the norm first and scales the noise with the new one, so a
+    shrinking norm would leave the round under-noised)."""
+
+    denominator: float = 1.0
+    _pending_fraction: float | None = None
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return float(np.random.normal(count, self.clipped_count_stddev)) / float(self.denominator)
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self._pending_fraction = clipped_fraction
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        self._pending_fraction = None
+        result = super().aggregate_train(server_round, replies)
+        if self._pending_fraction is not None:
+            super()._geometric_update(self._pending_fraction)
+        return result
+
+
+def charged_multiplier(strategy: Strategy, options: FederatedOptions) -> float:
+    """σ of each round's Gaussian mechanism as ``strategy`` runs it (what both ledgers charge):
+    with adaptive clipping, the combined σ of the update and clipped-count noise
+    (:func:`~trainer.federated.accounting.adaptive_effective_multiplier`)."""
+    if isinstance(strategy, DifferentialPrivacyServerSideAdaptiveClipping):
+        return adaptive_effective_multiplier(strategy.noise_multiplier, strategy.clipped_count_stddev)
+    return options.effective_noise
+
+
+def fixed_denominator_step(current: ArrayRecord, averaged: ArrayRecord, contributions: int,
+                           denominator: float) -> ArrayRecord:
+    """The global model after a central-DP round whose noised sum is divided by ``denominator``.
+
+    Flower's wrapper returns ``current + (S + Z)/m`` (S the sum of the m clipped updates, Z the
+    noise σ·C); this returns ``current + (S + Z)/denominator``, the same noised sum over a
+    denominator that does not depend on who contributed.
+    """
+    scale = contributions / denominator
+    out = OrderedDict()
+    for key, cur in current.items():
+        c, a = cur.numpy(), averaged[key].numpy()
+        out[key] = Array(np.ascontiguousarray((c + scale * (a.astype(np.float64) - c)).astype(a.dtype)))
+    return ArrayRecord(out)
 
 
 def build_strategy(options: FederatedOptions) -> Strategy:
@@ -73,12 +132,13 @@ def build_strategy(options: FederatedOptions) -> Strategy:
     if options.dp != "central":
         return base
     if options.adaptive_clipping:
-        # The clipped-count noise must exceed σ/2 (Andrew et al. 2019); Flower's default,
-        # num_sampled/20, does not for a fleet of a few nodes. Flower raises the update noise
-        # so that the two together are a Gaussian mechanism of exactly σ.
-        return DifferentialPrivacyServerSideAdaptiveClipping(
-            base, options.noise_multiplier, num_sampled_clients=1,
-            initial_clipping_norm=options.clipping_norm, clipped_count_stddev=options.noise_multiplier)
+        # Flower's default count noise, num_sampled/20, is far too small for a few nodes; with
+        # σ_b = 2σ and the multiplier handed to Flower adjusted for its raw (uncentred) count,
+        # the update and count noise together are a Gaussian mechanism of σ (accounting.py).
+        count_stddev = COUNT_NOISE * options.noise_multiplier
+        return _AdaptiveClipping(
+            base, adaptive_wrapper_multiplier(options.noise_multiplier, count_stddev), num_sampled_clients=1,
+            initial_clipping_norm=options.clipping_norm, clipped_count_stddev=count_stddev)
     return DifferentialPrivacyServerSideFixedClipping(
         base, options.noise_multiplier, options.clipping_norm, num_sampled_clients=1)
 
@@ -148,27 +208,36 @@ def run_rounds(grid: Grid, run: str, options: FederatedOptions, arrays: ArrayRec
     strategy = build_strategy(options)
     rng = random.Random(options.seed)
     outcome = RoundsOutcome(arrays=arrays)
+    sigma = charged_multiplier(strategy, options)
+    # local DP: the server drew the sample and sees every reply, so no amplification for it
+    charged_rate = 1.0 if options.dp == "local" else options.fraction
+    central = isinstance(strategy, DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyServerSideAdaptiveClipping)
+    denominator = 1.0
     for rnd in range(1, options.rounds + 1):
         nodes = _wait_for_nodes(grid, options.min_nodes, options.node_wait, clock)
+        if rnd == 1:  # fixed for the run: the expected number of sampled nodes
+            denominator = max(1.0, options.fraction * len(nodes))
+            if isinstance(strategy, _AdaptiveClipping):
+                strategy.denominator = denominator
         sampled = poisson_sample(nodes, options.fraction, rng)
         clip = float(getattr(strategy, "clipping_norm", options.clipping_norm))
         try:
-            epsilon = ledger.begin_round(run, rnd, sampling_rate=options.fraction,
-                                         noise_multiplier=options.effective_noise, clipping_norm=clip,
+            epsilon = ledger.begin_round(run, rnd, sampling_rate=charged_rate,
+                                         noise_multiplier=sigma, clipping_norm=clip,
                                          nodes_sampled=[str(n) for n in sampled])
         except BudgetRefused as e:
             log.warning("%s", e)
             outcome.refused = str(e)
             break
         config = ConfigRecord({
-            "run": run, "server-round": rnd, "noise-multiplier": options.effective_noise,
+            "run": run, "server-round": rnd, "noise-multiplier": sigma,
             "sampling-rate": options.fraction, "clipping-norm": clip, "epochs": options.epochs,
             "proximal-mu": options.proximal_mu if options.strategy == "fedprox" else 0.0,
             "dp": options.dp, "delta": options.delta, "learning-rate": options.learning_rate,
             "batch-size": options.batch_size, "seed": options.seed + rnd,
             "architecture": json.dumps(architecture, sort_keys=True),
         })
-        if isinstance(strategy, DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyServerSideAdaptiveClipping):
+        if central:
             strategy.num_sampled_clients = max(1, len(sampled))
         started = clock()
         messages = list(strategy.configure_train(rnd, outcome.arrays, config, _SampledGrid(grid, sampled)))
@@ -187,10 +256,14 @@ def run_rounds(grid: Grid, run: str, options: FederatedOptions, arrays: ArrayRec
             state = "failed"
             message = f"{len(good)} contribution(s), fewer than --min-nodes {options.min_nodes}: model unchanged"
         else:
-            if isinstance(strategy, DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyServerSideAdaptiveClipping):
-                # Noise σ·C over the updates actually averaged (a declined or lost node is not in the sum).
+            if central:
+                # Flower: mean of the m replies + σ·C/m; rescaled below to (sum + noise)/denominator
                 strategy.num_sampled_clients = len(good)
+                metrics["denominator"] = denominator
+            previous = outcome.arrays
             new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
+            if central and new_arrays is not None:
+                new_arrays = fixed_denominator_step(previous, new_arrays, len(good), denominator)
             if new_arrays is None:
                 state, message = "failed", "the strategy aggregated nothing: model unchanged"
             else:

@@ -49,7 +49,10 @@ def weights_from_arrays(arrays: ArrayRecord, like: bytes) -> bytes:
 
 
 def serve(grid: Grid, context: Context) -> None:
-    """Run the rounds of the run named in the run config, recording everything in the ledger."""
+    """Run the rounds of the run named in the run config, recording everything in the ledger.
+
+    Raises :class:`~trainer.federated.ledger.RunNotPending`, running nothing, when the run is
+    not ``pending`` (its app was submitted again)."""
     registry_dir = Path(str(context.run_config["registry"]))
     run = str(context.run_config["edgefleet-run"])
     with Registry.open(registry_dir) as reg:
@@ -58,7 +61,7 @@ def serve(grid: Grid, context: Context) -> None:
         options = FederatedOptions.from_json(record.params["options"])
         parent = reg.get(record.model, record.parent_version)
         weights = reg.weights(parent)
-        ledger.update_run(run, state="running")
+        ledger.claim_run(run)  # refuses a run that was started before (a resubmitted app)
         try:
             outcome = run_rounds(grid, run, options, arrays_from_weights(weights), ledger, parent.architecture)
         except NodesUnavailable as e:

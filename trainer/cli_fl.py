@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,13 +107,18 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
             print(f"exporting {info['format']}/{info['quantization']} …", file=sys.stderr, flush=True)
         elif stage == "rejected":
             print(f"rejected {info['format']}/{info['quantization']}: {'; '.join(info['why'])}", file=sys.stderr)
+        elif stage == "warning":
+            print(f"warning: {info['message']}", file=sys.stderr, flush=True)
 
     announce = _announcer(args)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up as Ctrl-C does
     try:
         outcome = start(prepared, progress, announce)
     except (FederatedRunFailed, FlowerError, PublishError) as e:
         print(f"edgefleet fl start: {e}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         print_json({"run": outcome.run.to_json(), "version": outcome.version.to_json()})
         return 0
@@ -132,6 +138,10 @@ def _tls_files(args: argparse.Namespace) -> Any:
         raise UsageError("give --tls-ca with --tls-cert and --tls-key (all three, or --tls-ca alone with --superlink)")
     return TlsFiles(ca=Path(given["ca"]), cert=given["cert"] and Path(given["cert"]),
                     key=given["key"] and Path(given["key"]))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _announcer(args: argparse.Namespace) -> Any:

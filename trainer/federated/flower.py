@@ -40,6 +40,7 @@ __all__ = [
     "flower_env",
     "free_port",
     "run_status",
+    "stop_run",
     "submit_run",
     "wait_for_run",
 ]
@@ -170,6 +171,10 @@ class SuperLink:
         return self.state_dir / "flwr-home"
 
     def start(self, timeout: float = 60.0) -> SuperLink:
+        """Start it and wait until it listens. Raises :class:`FlowerError` (nothing left
+        running) when the port is taken already, the process exits or ``timeout`` passes."""
+        if _listening(self.host, self.port):  # else a stale SuperLink on the port would get the run
+            raise FlowerError(f"port {self.port} on 127.0.0.1 is in use already (another SuperLink?)")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         transport = ["--insecure"]
         if self.tls is not None:
@@ -185,8 +190,14 @@ class SuperLink:
             stdout=log, stderr=subprocess.STDOUT, env=flower_env(self.flwr_home), start_new_session=True)
         log.close()
         proc = self.proc
-        wait_until(lambda: _listening(self.host, self.port), timeout, f"flower-superlink on {self.address}",
-                   alive=lambda: proc.poll() is None)
+        try:
+            wait_until(lambda: _listening(self.host, self.port), timeout, f"flower-superlink on {self.address}",
+                       alive=lambda: proc.poll() is None)
+            if proc.poll() is not None:
+                raise FlowerError(f"flower-superlink on {self.address}: the process exited")
+        except BaseException:
+            stop_process(proc)
+            raise
         return self
 
     def stop(self) -> None:
@@ -219,6 +230,11 @@ def submit_run(flwr_home: Path, run_config: dict[str, str], app_dir: Path = APP_
     pairs = " ".join(f'{k}="{v}"' for k, v in run_config.items())
     obj = _flwr(["run", str(app_dir), CONNECTION, "--run-config", pairs], flwr_home, timeout)
     return str(obj["run-id"])
+
+
+def stop_run(flwr_home: Path, run_id: str, timeout: float = 60.0) -> None:
+    """``flwr stop`` the run (raises :class:`FlowerError`, e.g. when it has finished already)."""
+    _flwr(["stop", str(run_id), CONNECTION], flwr_home, timeout)
 
 
 @dataclass(frozen=True)

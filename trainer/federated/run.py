@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.federated import FederatedRun, is_address, run_target
+from shared.federated import FederatedRun, FederatedRunError, encode_run, is_address, run_target
 from shared.profiles import FirmwareProfile, load_profiles
 from trainer.federated.ledger import FederatedRunRecord, PrivacyLedger
 from trainer.federated.options import FederatedOptions, OptionsError
@@ -102,6 +102,11 @@ def prepare(request: StartRequest) -> Prepared:
         raise FederatedError(str(e)) from e
     if version is None:
         raise FederatedError(f"name the version to start from: {name}@N")
+    try:  # the run and group names as the agents' run document needs them
+        encode_run(run_document(request.run or new_run_name(), request.options, "127.0.0.1:9092", "0" * 64, "active"))
+    except FederatedRunError as e:
+        raise FederatedError(str(e)) from e
+    _check_first_round_fits(request.options)
     if request.superlink is not None:
         _check_address(request.superlink, "--superlink")
     advertise, certificates = _transport(request)
@@ -114,6 +119,8 @@ def prepare(request: StartRequest) -> Prepared:
             reg.weights(parent)
             if not parent.artifacts:
                 raise FederatedError(f"{parent.ref} has no artifact")
+            if request.run is not None and any(r.run == request.run for r in PrivacyLedger(reg).runs()):
+                raise FederatedError(f"a federated run {request.run!r} exists already in {request.registry}")
     except RegistryError as e:
         raise FederatedError(str(e)) from e
     names = list(request.profiles) or list(parent.params.get("profiles") or [])
@@ -187,6 +194,19 @@ def _transport(request: StartRequest) -> tuple[str, str | None]:
         raise FederatedError(str(e)) from e
 
 
+def _check_first_round_fits(options: FederatedOptions) -> None:
+    """Refuse a budget that one round already passes (the ServerApp would refuse round 1)."""
+    from trainer.federated.accounting import compose_epsilon
+
+    if options.epsilon_budget is None or options.dp == "off":
+        return
+    rate = 1.0 if options.dp == "local" else options.fraction  # as trainer.federated.rounds charges
+    first = compose_epsilon([(options.noise_multiplier, rate)], options.delta)
+    if first > options.epsilon_budget:
+        raise FederatedError(f"one round costs ε {first:.4g} (δ={options.delta:g}), more than --epsilon-budget "
+                             f"{options.epsilon_budget:g}: raise --noise or the budget")
+
+
 def app_sha256() -> str:
     """sha256 of the Flower app as ``flwr run`` submits it (the FAB is built reproducibly)."""
     import hashlib
@@ -229,7 +249,7 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
     Raises :class:`FederatedRunFailed` (the ledger says why) when no global model came out,
     :class:`~trainer.federated.flower.FlowerError` when Flower's processes fail.
     """
-    from trainer.federated.flower import SuperLink, submit_run, wait_for_run, write_connection
+    from trainer.federated.flower import SuperLink, stop_run, submit_run, wait_for_run, write_connection
     from trainer.federated.publish import register_global_model
 
     notify = progress or (lambda stage, info: None)
@@ -249,16 +269,19 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
         PrivacyLedger(reg).create_run(record)
     notify("run", {"run": run})
     link = None
-    if req.superlink is None:
-        link = SuperLink(state_dir / "superlink", req.port, req.host, req.tls).start()
-        flwr_home, address = link.flwr_home, link.address
-    else:
-        flwr_home, address = state_dir / "flwr-home", req.superlink
-        write_connection(flwr_home, address, None if req.tls is None else req.tls.ca)
-    advertise, certificates = prepared.advertise, prepared.root_certificates
-    target, app_hash = run_target(run), app_sha256()
+    flower_id: str | None = None
+    announced = ""
     try:
+        if req.superlink is None:
+            link = SuperLink(state_dir / "superlink", req.port, req.host, req.tls).start()
+            flwr_home, address = link.flwr_home, link.address
+        else:
+            flwr_home, address = state_dir / "flwr-home", req.superlink
+            write_connection(flwr_home, address, None if req.tls is None else req.tls.ca)
+        advertise, certificates = prepared.advertise, prepared.root_certificates
+        target, app_hash = run_target(run), app_sha256()
         if announce is not None:
+            announced = app_hash
             announce(run_document(run, opts, advertise, app_hash, "active", certificates))
             notify("announced", {"target": target})
         flower_id = submit_run(flwr_home, {"registry": str(Path(req.registry).absolute()), "edgefleet-run": run})
@@ -266,11 +289,22 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
             PrivacyLedger(reg).update_run(run, flower_run_id=flower_id)
         notify("submitted", {"run": run, "flower_run_id": flower_id, "superlink": address})
         status = wait_for_run(flwr_home, flower_id, req.timeout)
+    except BaseException as e:  # a timeout, Ctrl-C (SIGTERM too, see the CLI): the run ends here
+        if flower_id is not None and link is None:
+            try:
+                stop_run(flwr_home, flower_id)
+            except Exception as stop_error:  # noqa: BLE001 - the first error is the one to report
+                notify("warning", {"message": f"flwr stop {flower_id}: {stop_error}"})
+        _mark_failed(req.registry, run, f"{type(e).__name__}: {e}".strip(": "))
+        raise
     finally:
         if link is not None:
             link.stop()
-        if announce is not None:
-            announce(run_document(run, opts, advertise, app_hash, "finished", certificates))
+        if announce is not None and announced:
+            try:
+                announce(run_document(run, opts, advertise, announced, "finished", certificates))
+            except Exception as e:  # noqa: BLE001 - must not hide the run's own outcome
+                notify("warning", {"message": f"could not announce run {run} finished: {e}"})
     with Registry.open(req.registry) as reg:
         ledger = PrivacyLedger(reg)
         done = ledger.get(run)
@@ -297,6 +331,17 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
         ledger = PrivacyLedger(reg)
         ledger.update_run(run, state="registered", result_version=version.version)
         return StartOutcome(ledger.get(run), version)
+
+
+def _mark_failed(registry: Path, run: str, message: str) -> None:
+    """Mark the run ``failed`` if it is still ``pending`` or ``running`` (best effort)."""
+    try:
+        with Registry.open(registry) as reg:
+            ledger = PrivacyLedger(reg)
+            if ledger.get(run).state in ("pending", "running"):
+                ledger.update_run(run, state="failed", message=message[:500])
+    except Exception:  # noqa: BLE001 - never mask the error that ended the run
+        pass
 
 
 def status(registry: Path, run: str | None) -> list[FederatedRunRecord]:

@@ -19,6 +19,7 @@ from helpers_federated import Fleet
 from shared.series import read_series
 from trainer.data import generate_host_metrics, make_windows, write_host_metrics
 from trainer.federated.accounting import compose_epsilon
+from trainer.federated.ledger import PrivacyLedger
 from trainer.models import ArchitectureSpec
 from trainer.registry import Registry
 
@@ -150,10 +151,15 @@ def test_a_round_over_the_run_budget_is_refused_before_any_message(parent, fleet
     for node in fleet.nodes:
         with node.ledger() as ledger:
             assert [r["round"] for r in ledger.rounds()] == [1]  # round 2 never reached the hosts
-    # A budget the first round already passes: nothing is trained, one line, exit 1.
+    # A budget the first round already passes: refused before anything starts, one line, exit 2.
     proc = fl_start(parent, fleet, "--rounds", "1", "--epsilon-budget", "1", "--run", "fl-none", check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("edgefleet fl start: run fl-none refused: round 1 refused")
+    assert proc.returncode == 2
+    first = compose_epsilon([(1.0, 1.0)], 1e-5)
+    assert proc.stderr.strip().splitlines() == [
+        f"edgefleet: error: one round costs ε {first:.4g} (δ=1e-05), more than --epsilon-budget 1: "
+        "raise --noise or the budget"]
+    with Registry.open(registry) as reg:
+        assert "fl-none" not in [r.run for r in PrivacyLedger(reg).runs()]  # nothing written
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:

@@ -202,8 +202,10 @@ def run_rounds(grid: Grid, run: str, options: FederatedOptions, arrays: ArrayRec
                clock: Callable[[], float] = time.monotonic) -> RoundsOutcome:
     """Run ``options.rounds`` rounds from ``arrays``; returns the global model and history.
 
-    Stops early, with ``outcome.refused`` set, at the first round the ledger refuses.
-    Raises :class:`NodesUnavailable` when too few nodes connect.
+    Stops early, with ``outcome.refused`` set, at the first round the ledger refuses, and in
+    the same way when too few nodes connect once a round has been aggregated (the rounds done
+    and the ε they spent are kept). Raises :class:`NodesUnavailable` when too few nodes
+    connect before any round was aggregated.
     """
     strategy = build_strategy(options)
     rng = random.Random(options.seed)
@@ -214,7 +216,18 @@ def run_rounds(grid: Grid, run: str, options: FederatedOptions, arrays: ArrayRec
     central = isinstance(strategy, DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyServerSideAdaptiveClipping)
     denominator = 1.0
     for rnd in range(1, options.rounds + 1):
-        nodes = _wait_for_nodes(grid, options.min_nodes, options.node_wait, clock)
+        try:
+            nodes = _wait_for_nodes(grid, options.min_nodes, options.node_wait, clock)
+        except NodesUnavailable as e:
+            if outcome.rounds_done == 0:
+                raise
+            log.warning("round %d not started: %s", rnd, e)
+            outcome.refused = f"round {rnd} not started: {e}"
+            break
+        if rnd == 1 and options.fraction * len(nodes) < options.min_nodes:
+            log.warning("--fraction %g of %d node(s) samples %.3g a round on average, fewer than --min-nodes %d: "
+                        "many rounds will be charged and fail", options.fraction, len(nodes),
+                        options.fraction * len(nodes), options.min_nodes)
         if rnd == 1:  # fixed for the run: the expected number of sampled nodes
             denominator = max(1.0, options.fraction * len(nodes))
             if isinstance(strategy, _AdaptiveClipping):

@@ -126,7 +126,7 @@ def build_strategy(options: FederatedOptions) -> Strategy:
     if options.strategy == "fedprox":
         base = FedProx(**common, proximal_mu=options.proximal_mu)
     elif options.strategy == "fedadam":
-        base = FedAdam(**common, eta=options.eta, eta_l=options.learning_rate)
+        base = FedAdam(**common, eta=options.eta)  # eta_l is the clients' rate: Flower's FedAdam does not use it
     else:
         base = FedAvg(**common)
     if options.dp != "central":

@@ -4,8 +4,8 @@ SQLite registries under ``tmp_path``, dp-accounting itself, no Flower processes.
 from __future__ import annotations
 
 import math
-import sqlite3
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest

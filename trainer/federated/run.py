@@ -249,7 +249,13 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
     Raises :class:`FederatedRunFailed` (the ledger says why) when no global model came out,
     :class:`~trainer.federated.flower.FlowerError` when Flower's processes fail.
     """
-    from trainer.federated.flower import SuperLink, stop_run, submit_run, wait_for_run, write_connection
+    from trainer.federated.flower import (
+        SuperLink,
+        stop_run,
+        submit_run,
+        wait_for_run,
+        write_connection,
+    )
     from trainer.federated.publish import register_global_model
 
     notify = progress or (lambda stage, info: None)

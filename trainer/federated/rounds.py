@@ -251,7 +251,7 @@ def run_rounds(grid: Grid, run: str, options: FederatedOptions, arrays: ArrayRec
             "architecture": json.dumps(architecture, sort_keys=True),
         })
         if central:
-            strategy.num_sampled_clients = max(1, len(sampled))
+            strategy.num_sampled_clients = max(1, len(sampled))  # type: ignore[attr-defined]  # the DP wrapper
         started = clock()
         messages = list(strategy.configure_train(rnd, outcome.arrays, config, _SampledGrid(grid, sampled)))
         replies = list(grid.send_and_receive(messages, timeout=options.round_timeout)) if messages else []
@@ -271,7 +271,7 @@ def run_rounds(grid: Grid, run: str, options: FederatedOptions, arrays: ArrayRec
         else:
             if central:
                 # Flower: mean of the m replies + σ·C/m; rescaled below to (sum + noise)/denominator
-                strategy.num_sampled_clients = len(good)
+                strategy.num_sampled_clients = len(good)  # type: ignore[attr-defined]  # the DP wrapper
                 metrics["denominator"] = denominator
             previous = outcome.arrays
             new_arrays, train_metrics = strategy.aggregate_train(rnd, good)

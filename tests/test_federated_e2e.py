@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from helpers_cli import cli_env
-from helpers_delivery import Agents, Watch, cli, poll_until
+from helpers_delivery import Agents, Watch, cli, poll_until, process_alive, process_group_members
 
 from edge_agent.federated.supernode import end_leftover
 from trainer.federated.flower import free_port, stop_process
@@ -118,27 +118,6 @@ def supernode_pid(state_dir: Path) -> int | None:
         return None
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
-
-
-def group_members(pgid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
-
-
 def test_agents_join_a_run_announced_over_the_broker_train_and_both_ledgers_agree(
     trained: tuple[Path, Path], broker, agents: Agents, tmp_path: Path
 ) -> None:
@@ -217,7 +196,7 @@ def test_agents_join_a_run_announced_over_the_broker_train_and_both_ledgers_agre
         for aid, pid in nodes.items():
             watch.wait_for(lambda aid=aid: (h := last_health(watch, aid)) and h["run"] is None
                            and h["supernode"] == "stopped", 120, f"{aid} to stop its SuperNode")
-            poll_until(lambda pid=pid: not alive(pid) and not group_members(pid), 30,
+            poll_until(lambda pid=pid: not process_alive(pid) and not process_group_members(pid), 30,
                        f"{aid}'s SuperNode (pid {pid}) and its ClientApps to end", diag)
 
         # each agent's own ledger: ε for the rounds it trained, computed here with dp-accounting

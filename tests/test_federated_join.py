@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers_delivery import TOPICS, Agents, Watch, poll_until
+from helpers_delivery import TOPICS, Agents, Watch, poll_until, process_alive, process_group_members
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -290,27 +290,6 @@ def superlink(tmp_path: Path) -> Iterator[SuperLink]:
     link.stop()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
-
-
-def _group_members(pgid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
-
-
 def _supernodes_of(parent: int) -> list[int]:
     """Live ``flower-supernode`` processes whose parent is ``parent``."""
     out = []
@@ -353,12 +332,12 @@ def test_supervisor_runs_restarts_and_stops_a_real_supernode(tmp_path: Path, sup
 
         sup.want(replace(spec, insecure=False, run="fl-2"), wait=30)  # another run: a new child
         third = sup.status()["pid"]
-        assert third not in (None, second) and not _alive(second)
+        assert third not in (None, second) and not process_alive(second)
         assert b"--insecure" not in Path(f"/proc/{third}/cmdline").read_bytes().split(b"\0")
 
         sup.want(None, wait=30)  # the run is over
-        assert sup.status()["state"] == "stopped" and not _alive(third)
-        assert _group_members(third) == []  # its ClientApp/SuperExec children too
+        assert sup.status()["state"] == "stopped" and not process_alive(third)
+        assert process_group_members(third) == []  # its ClientApp/SuperExec children too
         assert not (work / "supernode.pid").exists()
     finally:
         sup.close()
@@ -378,9 +357,9 @@ def test_a_new_supervisor_ends_the_supernode_a_killed_agent_left(tmp_path: Path,
         sup._proc = None  # noqa: SLF001
         sup._wanted = sup._running = None  # noqa: SLF001
     sup.close()
-    assert _alive(pid)
+    assert process_alive(pid)
     SuperNodeSupervisor(str(SUPERNODE), work, env=_flower_env()).close()
-    assert not _alive(pid) and _group_members(pid) == []
+    assert not process_alive(pid) and process_group_members(pid) == []
 
 
 # -- real agents, real TUF, real broker ---------------------------------------------------------
@@ -475,15 +454,15 @@ def test_agents_join_from_the_signed_run_and_leave_when_it_finishes(
         finish_federated_run(registry, run, client=pub, topics=TOPICS, timeout=10)
         watch.wait_for(lambda: (h := fed("edge-t")()) and h["supernode"] == "stopped"
                        and h["run"] is None, 60, "edge-t to stop its SuperNode")
-        poll_until(lambda: not _alive(node), 30, "the SuperNode process to end", agents.tail)
-        assert _group_members(node) == [] and _supernodes_of(t.pid) == []
+        poll_until(lambda: not process_alive(node), 30, "the SuperNode process to end", agents.tail)
+        assert process_group_members(node) == [] and _supernodes_of(t.pid) == []
 
         # a new run, then the agent stops: its SuperNode stops with it
         publish_federated_run(registry, replace(run, run="fl-2"), client=pub, topics=TOPICS, timeout=10)
         [node] = poll_until(lambda: _supernodes_of(t.pid), 60, "a SuperNode for fl-2", agents.tail)
         t.signal(signal.SIGTERM)
         assert t.wait(60) == 0
-        assert not _alive(node) and _group_members(node) == []
+        assert not process_alive(node) and process_group_members(node) == []
     finally:
         watch.close()
         agents.close()
@@ -541,10 +520,10 @@ def test_a_pid_file_naming_an_unrelated_process_ends_nothing(tmp_path: Path) -> 
         for proc in (unrelated, lookalike):
             (work / "supernode.pid").write_text(f"{proc.pid}\n")
             assert end_leftover(work, stop_timeout=5) is False
-            assert not (work / "supernode.pid").exists() and _alive(proc.pid)
+            assert not (work / "supernode.pid").exists() and process_alive(proc.pid)
         (work / "supernode.pid").write_text(f"{unrelated.pid}\n")
         SuperNodeSupervisor(str(SUPERNODE), work).close()  # what a starting agent does
-        assert _alive(unrelated.pid) and _alive(lookalike.pid)
+        assert process_alive(unrelated.pid) and process_alive(lookalike.pid)
         (work / "supernode.pid").write_text("not a pid\n")
         assert end_leftover(work) is False and not (work / "supernode.pid").exists()
     finally:
@@ -713,8 +692,8 @@ def test_a_joined_run_ends_when_the_repository_can_no_longer_be_verified(
         publish_repository(repo, pub, TOPICS)
         assert reconciler.reconcile() is True
         assert any("expired" in str(r[-1]) for r in reports)
-        assert part.supervisor.status()["state"] == "stopped" and not _alive(pid)
-        assert _group_members(pid) == [] and part.health()["run"] is None
+        assert part.supervisor.status()["state"] == "stopped" and not process_alive(pid)
+        assert process_group_members(pid) == [] and part.health()["run"] is None
     finally:
         part.close()
 
@@ -743,11 +722,11 @@ def test_an_agent_not_taking_part_any_more_ends_the_supernode_it_left(
             sup._proc = None  # noqa: SLF001
             sup._wanted = sup._running = None  # noqa: SLF001
         sup.close()
-        assert _alive(pid)
+        assert process_alive(pid)
         agent = Agent(parse_config(base + federated, base=tmp_path))
         agent.init_federated()
         try:
-            assert not _alive(pid) and _group_members(pid) == []
+            assert not process_alive(pid) and process_group_members(pid) == []
             assert not (work / "supernode.pid").exists()
         finally:
             if agent.federation is not None:
@@ -771,9 +750,9 @@ def test_a_supernode_that_exits_by_itself_takes_its_process_group_along(tmp_path
         child = int(poll_until(lambda: (tmp_path / "child.pid").exists(), 30, "its child", str)
                     and (tmp_path / "child.pid").read_text())
         poll_until(lambda: sup.status()["last_exit"] == 3, 30, "the exit", lambda: str(sup.status()))
-        poll_until(lambda: not _alive(child), 30, "its process group to go", lambda: str(sup.status()))
+        poll_until(lambda: not process_alive(child), 30, "its process group to go", lambda: str(sup.status()))
         assert sup.status()["state"] == "restarting" and sup.status()["restarts"] == 1
     finally:
         sup.close()
-        if child is not None and _alive(child):
+        if child is not None and process_alive(child):
             os.kill(child, signal.SIGKILL)

@@ -22,6 +22,7 @@ from trainer.cli_common import (
     EXIT_USAGE,
     UsageError,
     at_least,
+    fraction,
     model_args,
     model_options,
     positive_int,
@@ -37,16 +38,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _registry_default() -> str:
     return os.environ.get("EDGEFLEET_REGISTRY") or ".edgefleet"
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 # -- train ------------------------------------------------------------------------------------
@@ -377,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_arg(p)
     p.add_argument("--epochs", type=positive_int, default=40, help="maximum epochs (early stopping)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    p.add_argument("--train-fraction", type=_fraction, default=1.0, metavar="F",
+    p.add_argument("--train-fraction", type=fraction, default=1.0, metavar="F",
                    help="train on the first F of the rows only (the rest is left for later)")
     model_args(p)
     p.add_argument("--sort-dedupe", action="store_true",

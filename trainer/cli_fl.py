@@ -14,6 +14,7 @@ from trainer.cli_common import (
     EXIT_FAILED,
     UsageError,
     at_least,
+    fraction,
     positive_float,
     positive_int,
     print_json,
@@ -32,16 +33,6 @@ def _clip(text: str) -> str | float:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'adaptive', got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number or 'adaptive', got {text}")
-    return value
-
-
-def _unit(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -246,8 +237,8 @@ def add_fl_commands(sub: Any, registry_arg: Any, json_arg: Any) -> None:
                    help="clipping norm of each host's update, or adaptive (central DP; starts at 1.0)")
     p.add_argument("--epsilon-budget", type=positive_float, metavar="ε",
                    help="refuse any round that would bring the run's ε (RDP, at --delta) over this")
-    p.add_argument("--delta", type=_unit, default=1e-5, metavar="δ", help="δ of the ε reported (default: %(default)s)")
-    p.add_argument("--fraction", type=_unit, default=1.0, metavar="F",
+    p.add_argument("--delta", type=fraction, default=1e-5, metavar="δ", help="δ of the ε reported (default: %(default)s)")
+    p.add_argument("--fraction", type=fraction, default=1.0, metavar="F",
                    help="Poisson sampling rate of hosts per round (default 1: every connected host)")
     p.add_argument("--min-nodes", type=positive_int, default=2, metavar="K",
                    help="hosts to wait for before a round, and contributions a round needs (default: %(default)s)")

@@ -157,6 +157,7 @@ CASES = [
     ef("fl start --model m@1 --group g --rounds 1 --dp off --epsilon-budget 2 --registry reg",
        "--epsilon-budget needs differential privacy"),
     ef("fl start --model m@1 --group g --rounds 1 --registry reg --data nope.csv", "cannot read nope.csv"),
+    ef("fl start --model m@1 --group g --rounds 1 --registry reg --mu 0.1", "--mu is FedProx's proximal weight: it needs --strategy fedprox"),
     ef("fl start --model m@1 --group g --rounds 1 --registry reg --superlink nowhere", "--superlink must be HOST:PORT"),
     ef("fl start --model m@1 --group g --rounds 0 --registry reg", "--rounds: must be at least 1"),
     ef("fl start --model m@1 --group g --rounds 1 --registry reg --tls-cert notpem.txt --tls-key pw.txt", "give --tls-ca with --tls-cert and --tls-key"),

@@ -63,11 +63,13 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
         start,
     )
 
+    if args.mu is not None and args.strategy != "fedprox":
+        raise UsageError(f"--mu is FedProx's proximal weight: it needs --strategy fedprox, not {args.strategy}")
     options = FederatedOptions(
         group=args.group, rounds=args.rounds, strategy=args.strategy, dp=args.dp, noise_multiplier=args.noise,
         clipping_norm=1.0 if args.clip == "adaptive" else args.clip, adaptive_clipping=args.clip == "adaptive",
         epsilon_budget=args.epsilon_budget, delta=args.delta, fraction=args.fraction, min_nodes=args.min_nodes,
-        proximal_mu=args.mu, epochs=args.local_epochs, learning_rate=args.learning_rate,
+        proximal_mu=0.01 if args.mu is None else args.mu, epochs=args.local_epochs, learning_rate=args.learning_rate,
         round_timeout=args.round_timeout, node_wait=args.node_wait, seed=args.seed,
     )
     request = StartRequest(
@@ -227,7 +229,8 @@ def add_fl_commands(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--group", required=True, help="the group of agents that takes part")
     p.add_argument("--rounds", type=positive_int, required=True, help="federated rounds")
     p.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="aggregation (default: %(default)s)")
-    p.add_argument("--mu", type=positive_float, default=0.01, help="FedProx proximal weight (default: %(default)s)")
+    p.add_argument("--mu", type=positive_float, default=None,
+                   help="FedProx proximal weight, only with --strategy fedprox (default: 0.01)")
     p.add_argument("--dp", choices=DP_MODES, default="central",
                    help="central: the server clips and adds noise; local: each host does (Flower's LocalDpMod); "
                    "off: no DP, ε = inf (default: %(default)s)")

@@ -1,7 +1,8 @@
 """``edgefleet-agent``: init-config, check-config, run.
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error, 3 the broker
-refused the credentials (retrying would not help), 130 interrupted before start.
+refused the credentials or its TLS certificate failed verification (retrying would not help),
+130 interrupted before start.
 """
 
 from __future__ import annotations

@@ -222,7 +222,8 @@ class Agent:
         creds: dict[str, Any] = dict(username=b.username, password=b.password, ca_file=b.ca_file,
                                      cert_file=b.cert_file, key_file=b.key_file)
         will = Will(self.topics.agent_state(c.agent_id), encode_agent_state(self._state("offline")))
-        self._session = session = new_client(b.url, client_id=c.agent_id, will=will, **creds)
+        self._session = session = new_client(b.url, client_id=c.agent_id, will=will,
+                                             on_tls_reject=self._on_tls_reject, **creds)
         session.on_connect = self._on_connect
         session.on_disconnect = self._on_disconnect
         session.on_connect_fail = self._on_connect_fail
@@ -333,7 +334,20 @@ class Agent:
         self._set_reconnect_delay(client, "disconnected from broker (%s)", reason)
 
     @_guarded
+    def _on_tls_reject(self, reason: str) -> None:
+        # A broker whose certificate the configured CA does not vouch for is a configuration
+        # error (or an impostor): stop, as for refused credentials, instead of retrying forever.
+        if self.stop_event.is_set():
+            return
+        log.error("broker %s: %s (broker.ca_file: %s): stopping", self.config.broker.url, reason,
+                  self.config.broker.ca_file or "the system CA store")
+        self.exit_code = EXIT_AUTH
+        self.stop_event.set()
+
+    @_guarded
     def _on_connect_fail(self, client, _userdata) -> None:
+        if self.stop_event.is_set():
+            return
         self._set_reconnect_delay(client, "cannot reach the broker at %s", self.config.broker.url)
 
     def _set_reconnect_delay(self, client: mqtt.Client, what: str, arg: object) -> None:

@@ -5,9 +5,12 @@
 - :func:`check_tls_files`: the CA bundle, client certificate and key exist, are readable and
   load as PEM, so that a typo is a configuration error rather than a connection retried forever.
 - :func:`connect`: connect, start the network thread, wait for CONNACK with a timeout and
-  translate failures into :class:`BrokerError` (:class:`BrokerAuthError` for bad credentials).
+  translate failures into :class:`BrokerError` (:class:`BrokerAuthError` for bad credentials,
+  :class:`BrokerTlsError` for a broker certificate that the configured CA does not vouch for).
 - :func:`new_client` / :func:`connect_in_background`: for a daemon that must work while the
-  broker is away: build the client, then let paho's network thread connect and reconnect.
+  broker is away: build the client, then let paho's network thread connect and reconnect;
+  ``on_tls_reject`` reports a broker certificate that fails verification (paho's
+  ``on_connect_fail`` carries no reason, and retrying such a broker would not help).
 - :class:`RetainedReader`: read the retained messages under some topic filters *now*, knowing
   when every one of them has arrived (a marker published to a private topic comes back after
   them), so that "no retained message" is answered without waiting for a timeout.
@@ -34,6 +37,7 @@ __all__ = [
     "BrokerAuthError",
     "BrokerError",
     "BrokerSettings",
+    "BrokerTlsError",
     "RetainedReader",
     "TlsFileError",
     "Will",
@@ -42,6 +46,7 @@ __all__ = [
     "connect_in_background",
     "new_client",
     "parse_broker_url",
+    "tls_reject_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +62,12 @@ class BrokerError(Exception):
 
 class BrokerAuthError(BrokerError):
     """The broker rejected our credentials or is not authorizing us (do not retry)."""
+
+
+class BrokerTlsError(BrokerAuthError):
+    """The broker's TLS certificate failed verification: not signed by the configured CA
+    (``ca_file``, else the system store), expired, or issued for another host name. Retrying
+    would not help, as with bad credentials."""
 
 
 class TlsFileError(BrokerError):
@@ -186,11 +197,15 @@ def new_client(
     key_file: str | None = None,
     will: Will | None = None,
     clean_session: bool = True,
+    on_tls_reject: Callable[[str], None] | None = None,
 ) -> mqtt.Client:
     """A configured client that is not connected yet: credentials, TLS, Last Will.
 
     ``mqtts://`` enables TLS (``ca_file`` or the system store; ``cert_file``/``key_file`` for a
-    client certificate).
+    client certificate); the broker's certificate must chain to that CA and name the URL's host.
+    ``on_tls_reject(reason)`` is called (on the thread that connects: paho's network thread
+    under :func:`connect_in_background`) each time the broker's certificate fails
+    verification, before paho's ``on_connect_fail``; ``reason`` is one line.
 
     Raises:
         BrokerError: bad URL, or the TLS files cannot be loaded (retrying would not help).
@@ -206,12 +221,55 @@ def new_client(
         client.username_pw_set(username, password)
     if scheme == "mqtts":
         try:
-            client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
-        except (OSError, ValueError) as e:
+            context = _tls_context(ca_file, cert_file, key_file, on_tls_reject)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
             raise BrokerError(f"TLS setup failed: {e}") from e
+        client.tls_set_context(context)
     if will is not None:
         client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
     return client
+
+
+def _tls_context(
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+    on_tls_reject: Callable[[str], None] | None,
+) -> ssl.SSLContext:
+    """The client's TLS context: paho's own defaults (``PROTOCOL_TLS_CLIENT``: certificate
+    and host name required), plus a hook on the handshake.
+
+    paho catches the handshake's exception inside its network thread and reports only "connect
+    failed", so a wrong CA would look like an unreachable broker retried forever. The context's
+    ``sslsocket_class`` (the documented way to customize the sockets it wraps) records a
+    verification failure before paho swallows it.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    else:
+        context.load_default_certs()
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file, password=b"")
+    if on_tls_reject is not None:
+        report = on_tls_reject
+
+        class _VerifiedSocket(ssl.SSLSocket):
+            def do_handshake(self, block: bool = False) -> None:
+                try:
+                    super().do_handshake(block)
+                except ssl.SSLCertVerificationError as e:
+                    report(tls_reject_reason(e))
+                    raise
+
+        context.sslsocket_class = _VerifiedSocket
+    return context
+
+
+def tls_reject_reason(error: ssl.SSLCertVerificationError) -> str:
+    """One line saying why the broker's certificate was not accepted."""
+    detail = error.verify_message or error.reason or str(error)
+    return f"the broker's TLS certificate failed verification ({detail})"
 
 
 def connect_in_background(client: mqtt.Client, broker_url: str, *, keepalive: int = 30) -> None:
@@ -265,8 +323,10 @@ def connect(
     subscriptions must resubscribe in their own ``on_connect``.
 
     Raises:
+        BrokerTlsError: the broker's certificate failed verification.
         BrokerAuthError: bad user name or password / not authorized.
-        BrokerError: bad URL, connection refused, TLS failure, or no CONNACK within ``timeout``.
+        BrokerError: bad URL, connection refused, other TLS failure, or no CONNACK within
+            ``timeout``.
     """
     scheme, host, port = parse_broker_url(broker_url)
     client = new_client(
@@ -285,6 +345,11 @@ def connect(
     client.on_connect = on_connect
     try:
         client.connect(host, port, keepalive)
+    except ssl.SSLCertVerificationError as e:
+        raise BrokerTlsError(
+            f"cannot connect to {scheme}://{host}:{port}: {tls_reject_reason(e)}: check the CA "
+            "file (ca_file) and that the certificate names this host"
+        ) from e
     except OSError as e:  # refused, unreachable, TLS handshake (ssl.SSLError is an OSError)
         raise BrokerError(f"cannot connect to {scheme}://{host}:{port}: {e}") from e
     client.loop_start()

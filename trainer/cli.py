@@ -435,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anomalies to inject (default: %(default)s)")
     json_arg(p)
     p.set_defaults(func=cmd_data_synth)
+    from trainer.cli_broker import add_broker_commands
     from trainer.cli_compress import add_compress_command
     from trainer.cli_evaluate import add_evaluate_command
     from trainer.cli_fl import add_fl_commands
@@ -446,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress_command(sub, registry_arg, json_arg)
     add_fleet_commands(sub, registry_arg, json_arg)
     add_fl_commands(sub, registry_arg, json_arg)
+    add_broker_commands(sub, json_arg)
     return parser
 
 

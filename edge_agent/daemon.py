@@ -671,7 +671,9 @@ class Agent:
             self.publisher.stop()
         if session is not None:
             if not connected:
-                log.warning("broker unreachable: 'stopped' not announced; events stay in the outbox")
+                # After a refusal (credentials, TLS) the one error line has said why already.
+                (log.info if self.exit_code == EXIT_AUTH else log.warning)(
+                    "broker unreachable: 'stopped' not announced; events stay in the outbox")
             else:
                 if self.outbox is not None:  # a last health report with final counters
                     self._publish(self.topics.agent_health(self.config.agent_id),

@@ -170,3 +170,24 @@ class SecureBroker:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+def agent_config(home: Path, agent_id: str, broker_url: str, trust: Path, **broker: str) -> Path:
+    """An agent config as ``edgefleet-agent init-config`` writes it, with extra ``[broker]``
+    keys (``username``, ``password_file``, ``ca_file`` …) after its ``url``; source: stdin."""
+    import re
+    import sys
+
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "init-config", "--agent-id", agent_id, "--group", "lab",
+         "--profile", "x86-64-v3", "--broker", broker_url, "--trust", str(trust),
+         "--state-dir", str(home / "state"), "--source", "stdin"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    extra = "".join(f'\n{key} = "{value}"' for key, value in broker.items())
+    text, n = re.subn(r"(?m)^url = .*$", lambda m: m.group(0) + extra, proc.stdout)
+    assert n == 1, "init-config no longer writes [broker] url"
+    path = home / "agent.toml"
+    path.write_text(text)
+    return path

@@ -1,0 +1,121 @@
+"""MQTT over TLS against a real Mosquitto TLS listener with generated certificates: the agent
+process and the trainer's publishing commands connect with the configured CA (and client
+certificate), and a CA that does not vouch for the broker stops them with one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.mqtt import RetainedReader, connect
+from shared.topics import Topics
+from tests.conftest import REPO_ROOT
+from tests.helpers_security import CertificateAuthority, SecureBroker, agent_config
+from trainer.fleet.tuf_repository import TufRepository
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority(tmp_path / "pki")
+
+
+@pytest.fixture(params=[False, True], ids=["server-cert", "mutual-tls"])
+def tls_broker(request: pytest.FixtureRequest, pki: CertificateAuthority, tmp_path: Path) -> Iterator[SecureBroker]:
+    """A Mosquitto TLS listener; with ``mutual-tls`` it also requires a client certificate."""
+    b = SecureBroker(tmp_path / "broker", server_cert=pki.issue("broker", server=True), ca_file=pki.ca_file,
+                     require_client_cert=request.param)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def _client_tls(broker: SecureBroker, pki: CertificateAuthority, name: str) -> dict[str, str]:
+    """The TLS settings of a client of ``broker``: the CA, plus a client certificate if required."""
+    tls = {"ca_file": str(pki.ca_file)}
+    if broker.require_client_cert:
+        cert, key = pki.issue(name, server=False)
+        tls |= {"cert_file": str(cert), "key_file": str(key)}
+    return tls
+
+
+def _run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_the_agent_connects_over_tls_with_its_ca(tls_broker: SecureBroker, pki: CertificateAuthority,
+                                                 tmp_path: Path) -> None:
+    root = TufRepository.init(tmp_path / "tuf").root_json_path
+    cfg = agent_config(tmp_path / "agent", "tls-1", tls_broker.url, root,
+                       **_client_tls(tls_broker, pki, "tls-1"))
+    online = threading.Event()
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2)
+    tls = _client_tls(tls_broker, pki, "watcher")
+    sub.tls_set(ca_certs=tls["ca_file"], certfile=tls.get("cert_file"), keyfile=tls.get("key_file"))
+    sub.on_message = lambda _c, _u, m: json.loads(m.payload)["status"] == "online" and online.set()
+    sub.connect("127.0.0.1", tls_broker.port)
+    sub.subscribe("edgefleet/v1/agents/tls-1/state", 1)
+    sub.loop_start()
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(cfg)],
+                            cwd=REPO_ROOT, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert online.wait(60), "the agent did not announce itself over TLS"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        sub.disconnect()
+        sub.loop_stop()
+    assert proc.returncode == 0, err[-2000:]
+
+
+def test_a_wrong_ca_stops_the_agent_with_one_line_and_exit_3(tls_broker: SecureBroker, pki: CertificateAuthority,
+                                                             tmp_path: Path) -> None:
+    other = CertificateAuthority(tmp_path / "other-pki", name="some other CA")
+    root = TufRepository.init(tmp_path / "tuf").root_json_path
+    tls = _client_tls(tls_broker, pki, "tls-2") | {"ca_file": str(other.ca_file)}
+    cfg = agent_config(tmp_path / "agent", "tls-2", tls_broker.url, root, **tls)
+    proc = _run([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(cfg)], timeout=60)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line or "WARNING" in line]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "TLS certificate failed verification" in errors[0] and str(other.ca_file) in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_trainer_publishes_over_tls_with_its_ca(tls_broker: SecureBroker, pki: CertificateAuthority,
+                                                    tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    edgefleet = [sys.executable, "-m", "trainer.cli"]
+    assert _run([*edgefleet, "repo", "init", "--registry", str(registry), "--json"]).returncode == 0
+    tls = _client_tls(tls_broker, pki, "trainer")
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in tls.items()]
+    proc = _run([*edgefleet, "repo", "publish", "--registry", str(registry), "--broker", tls_broker.url, *flags,
+                 "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["published_metadata"]
+    reader_tls = _client_tls(tls_broker, pki, "reader")
+    client = connect(tls_broker.url, client_id="tls-reader", timeout=10, **reader_tls)
+    try:
+        topics = Topics()
+        got = RetainedReader(client, topics).read([topics.repo_metadata("timestamp.json")])
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert json.loads(got[topics.repo_metadata("timestamp.json")] or b"")["signed"]["_type"] == "timestamp"
+
+    other = CertificateAuthority(tmp_path / "other-pki", name="some other CA")
+    flags = [f"--{key.replace('_', '-')}={other.ca_file if key == 'ca_file' else value}"
+             for key, value in tls.items()]
+    proc = _run([*edgefleet, "repo", "publish", "--registry", str(registry), "--broker", tls_broker.url, *flags])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "TLS certificate failed verification" in proc.stderr, proc.stderr

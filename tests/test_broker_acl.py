@@ -1,0 +1,208 @@
+"""The ACL and password file that ``edgefleet broker acl`` / ``broker passwd`` write, enforced
+by a real Mosquitto: an agent's credentials cannot publish to ``repo/`` nor to another agent's
+topics, and the real agent process works under them (birth, Last Will, TUF fetch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.mqtt import RetainedReader, connect
+from shared.topics import Topics
+from tests.conftest import REPO_ROOT
+from tests.helpers_delivery import poll_until
+from tests.helpers_security import SecureBroker, agent_config
+
+AGENTS = ("agent-a", "agent-b")
+TOPICS = Topics()
+NOT_AUTHORIZED = 0x87
+
+
+def _edgefleet(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"edgefleet {' '.join(args)}: {proc.stderr}"
+    return proc
+
+
+@dataclass
+class AclBroker:
+    """A Mosquitto with the generated files; ``password(user)`` reads a generated password."""
+
+    broker: SecureBroker
+    credentials: dict[str, Path] = field(default_factory=dict)
+
+    def password(self, user: str) -> str:
+        return self.credentials[user].read_text().strip()
+
+
+@pytest.fixture(params=["per-agent", "pattern"])
+def acl_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclBroker]:
+    """A Mosquitto with the ACL file of ``broker acl`` (one block per agent, or ``--any-agent``
+    patterns) and the password file of ``broker passwd``."""
+    agents = [a for agent in AGENTS for a in ("--agent", agent)]
+    who = ["--any-agent"] if request.param == "pattern" else agents
+    acl = tmp_path / "acl"
+    summary = json.loads(_edgefleet("broker", "acl", "--out", str(acl), *who, "--json").stdout)
+    assert summary["mode"] == request.param and Path(summary["acl_file"]) == acl
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    made = json.loads(_edgefleet("broker", "passwd", "--out-dir", str(secrets), *agents, "--json").stdout)
+    assert sorted(made["created"]) == sorted(["trainer", *AGENTS])
+    b = SecureBroker(tmp_path / "broker", password_file=Path(made["password_file"]), acl_file=acl)
+    b.start()
+    try:
+        yield AclBroker(b, {user: Path(path) for user, path in made["credentials"].items()})
+    finally:
+        b.stop()
+
+
+class Recorder:
+    """A paho client logged in as some user that records what it receives."""
+
+    def __init__(self, acl: AclBroker, user: str, *, protocol: int = mqtt.MQTTv311) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.acks: dict[int, int] = {}  # mid -> PUBACK reason code
+        self.subacks: dict[int, list[int]] = {}
+        self.connected = threading.Event()
+        self.changed = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-test", protocol=protocol)
+        self.client.username_pw_set(user, acl.password(user))
+        self.client.on_connect = lambda _c, _u, _f, reason, _p: not reason.is_failure and self.connected.set()
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
+        self.client.connect("127.0.0.1", acl.broker.port)
+        self.client.loop_start()
+        assert self.connected.wait(10), f"{user} could not connect:\n{acl.broker.log[-2000:]}"
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self.changed:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.changed.notify_all()
+
+    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, reason: object, _p: object) -> None:
+        with self.changed:
+            self.acks[mid] = int(getattr(reason, "value", 0))
+            self.changed.notify_all()
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, reasons: list[object], _p: object) -> None:
+        with self.changed:
+            self.subacks[mid] = [int(getattr(r, "value", 0)) for r in reasons]
+            self.changed.notify_all()
+
+    def wait(self, predicate: object, what: str, timeout: float = 10) -> None:
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout), f"timed out waiting for {what}"  # type: ignore[arg-type]
+
+    def subscribe(self, *filters: str) -> list[int]:
+        with self.changed:
+            _rc, mid = self.client.subscribe([(f, 1) for f in filters])
+        self.wait(lambda: mid in self.subacks, "SUBACK")
+        return self.subacks[mid]
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        """Publish at QoS 1 and return the PUBACK's reason code (0 under MQTT 3.1.1)."""
+        with self.changed:
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self.wait(lambda: info.mid in self.acks, f"PUBACK for {topic}")
+        return self.acks[info.mid]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], ids=["mqtt5", "mqtt311"])
+def test_an_agent_cannot_publish_to_repo_or_to_another_agents_topics(acl_broker: AclBroker, protocol: int) -> None:
+    trainer = Recorder(acl_broker, "trainer")
+    agent = Recorder(acl_broker, "agent-a", protocol=protocol)
+    try:
+        assert trainer.subscribe(f"{TOPICS.root}/repo/#", f"{TOPICS.root}/agents/#") == [1, 1]
+        forbidden = [
+            TOPICS.repo_metadata("timestamp.json"),
+            TOPICS.repo_index(),
+            TOPICS.repo_target_index("deployments/groups/lab.json"),
+            TOPICS.agent_events("agent-b"),
+            TOPICS.agent_state("agent-b"),
+            TOPICS.agent_deployments("agent-b"),
+            TOPICS.agent_commands("agent-b"),
+            TOPICS.agent_commands("agent-a"),  # commands come from the trainer only
+        ]
+        codes = {topic: agent.publish(topic, b'{"forged": true}', retain=True) for topic in forbidden}
+        expected = NOT_AUTHORIZED if protocol == mqtt.MQTTv5 else 0  # 3.1.1: dropped silently
+        assert codes == {topic: expected for topic in forbidden}
+        # The broker handles one client's packets in order: once the allowed publish has reached
+        # the trainer, any forbidden one that got through would have reached it before.
+        allowed = TOPICS.agent_events("agent-a")
+        assert agent.publish(allowed, b'{"seq": 1}') == 0
+        trainer.wait(lambda: any(t == allowed for t, _, _ in trainer.messages), "agent-a's own event")
+        assert [(t, p) for t, p, _ in trainer.messages] == [(allowed, b'{"seq": 1}')]
+        # Nothing forged was kept as retained either.
+        reader = connect(acl_broker.broker.url, client_id="trainer-reader", username="trainer",
+                         password=acl_broker.password("trainer"), timeout=10)
+        try:
+            kept = RetainedReader(reader, TOPICS).read([f"{TOPICS.root}/repo/#", f"{TOPICS.root}/agents/#"])
+        finally:
+            reader.disconnect()
+            reader.loop_stop()
+        assert kept == {}
+        # Reading: Mosquitto grants the subscription but delivers only what the ACL lets the
+        # agent read, so another agent's commands never reach it; its own do.
+        agent.subscribe(TOPICS.agent_commands("agent-b"), TOPICS.agent_commands("agent-a"))
+        assert trainer.publish(TOPICS.agent_commands("agent-b"), b'{"for": "b"}') == 0
+        assert trainer.publish(TOPICS.agent_commands("agent-a"), b'{"for": "a"}') == 0
+        agent.wait(lambda: agent.messages, "agent-a's own command")
+        assert [(t, p) for t, p, _ in agent.messages] == [(TOPICS.agent_commands("agent-a"), b'{"for": "a"}')]
+    finally:
+        agent.close()
+        trainer.close()
+
+
+def test_the_agent_process_works_under_the_generated_acl(acl_broker: AclBroker, tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    root = Path(json.loads(_edgefleet("repo", "init", "--registry", str(registry), "--json").stdout)["root"])
+    _edgefleet("repo", "publish", "--registry", str(registry), "--broker", acl_broker.broker.url,
+               "--username", "trainer", "--password-file", str(acl_broker.credentials["trainer"]))
+    trainer = Recorder(acl_broker, "trainer")
+    agent_proc = None
+    try:
+        state = TOPICS.agent_state("agent-a")
+        assert trainer.subscribe(state) == [1]
+        cfg = agent_config(tmp_path / "agent-a", "agent-a", acl_broker.broker.url, root, username="agent-a",
+                           password_file=str(acl_broker.credentials["agent-a"]))
+        log = tmp_path / "agent-a.log"
+        with open(log, "wb") as err:
+            agent_proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(cfg)],
+                                          cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=err)
+
+        def statuses() -> list[str]:
+            return [json.loads(p)["status"] for t, p, _ in trainer.messages if t == state and p]
+
+        trainer.wait(lambda: "online" in statuses(), "agent-a's birth")
+        # The TUF fetch (as agent-a.fetch, same user) read repo/: the trusted timestamp is on disk.
+        poll_until(lambda: (tmp_path / "agent-a" / "state" / "metadata" / "timestamp.json").exists(), 60,
+                   "agent-a's TUF refresh", lambda: log.read_text(errors="replace")[-3000:])
+        # The Last Will goes to agent-a's own state topic: the broker accepted it at connect.
+        os.kill(agent_proc.pid, signal.SIGKILL)
+        agent_proc.wait(10)
+        trainer.wait(lambda: "offline" in statuses(), "agent-a's Last Will")
+        password = acl_broker.password("agent-a")
+        assert password not in log.read_text(errors="replace")
+    finally:
+        if agent_proc is not None and agent_proc.poll() is None:
+            agent_proc.kill()
+            agent_proc.wait(10)
+        trainer.close()

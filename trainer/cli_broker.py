@@ -90,7 +90,7 @@ def cmd_broker_passwd(args: argparse.Namespace) -> int:
         raise UsageError(f"agent id {args.trainer_user!r} is the trainer's user name: use another")
     out = Path(args.out_dir)
     if not out.is_dir():
-        raise UsageError(f"--out-dir: no such directory {out}")
+        raise UsageError(f"--out-dir: {out} is not a directory")
     try:
         files = create_passwords(out, [args.trainer_user, *agents], mosquitto_passwd=args.mosquitto_passwd)
     except BrokerSetupError as e:

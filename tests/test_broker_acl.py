@@ -206,3 +206,46 @@ def test_the_agent_process_works_under_the_generated_acl(acl_broker: AclBroker, 
             agent_proc.kill()
             agent_proc.wait(10)
         trainer.close()
+
+
+def test_passwd_keeps_existing_passwords_and_lists_exactly_the_users_given(tmp_path: Path) -> None:
+    first = json.loads(_edgefleet("broker", "passwd", "--out-dir", str(tmp_path), "--agent", "agent-a",
+                                  "--json").stdout)
+    before = {u: Path(p).read_text() for u, p in first["credentials"].items()}
+    assert all((Path(p).stat().st_mode & 0o777) == 0o600 for p in first["credentials"].values())
+    assert (Path(first["password_file"]).stat().st_mode & 0o777) == 0o600
+    names = tmp_path / "agents.txt"
+    names.write_text("# the lab\nagent-a\nagent-c  # new\n\n")
+    again = json.loads(_edgefleet("broker", "passwd", "--out-dir", str(tmp_path), "--agents-file", str(names),
+                                  "--json").stdout)
+    assert again["created"] == ["agent-c"] and sorted(again["kept"]) == ["agent-a", "trainer"]
+    assert {u: Path(again["credentials"][u]).read_text() for u in before} == before
+    hashed = Path(again["password_file"]).read_text().splitlines()
+    assert [line.split(":", 1)[0] for line in hashed] == ["trainer", "agent-a", "agent-c"]
+    assert not any(before[u].strip() in line for u in before for line in hashed)  # hashed, not plain
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agents.txt", "credentials", "passwd"]
+
+
+def test_the_acl_names_only_the_rules_of_protocol_v1(tmp_path: Path) -> None:
+    acl = tmp_path / "acl"
+    _edgefleet("broker", "acl", "--out", str(acl), "--agent", "edge-1", "--topic-root", "plant/v1",
+               "--trainer-user", "ops")
+    rules = [line for line in acl.read_text().splitlines() if line and not line.startswith("#")]
+    assert rules == [
+        "user ops",
+        "topic readwrite plant/v1/repo/#",
+        "topic write plant/v1/agents/+/commands",
+        "topic read plant/v1/agents/#",
+        "topic readwrite plant/v1/probe/#",
+        "user edge-1",
+        "topic write plant/v1/agents/edge-1/state",
+        "topic write plant/v1/agents/edge-1/health",
+        "topic write plant/v1/agents/edge-1/events",
+        "topic write plant/v1/agents/edge-1/deployments",
+        "topic read plant/v1/agents/edge-1/commands",
+        "topic read plant/v1/repo/#",
+        "topic readwrite plant/v1/probe/#",
+    ]
+    assert (acl.stat().st_mode & 0o777) == 0o644
+    help_text = " ".join(_edgefleet("broker", "acl", "--help").stdout.split())
+    assert "--any-agent" in help_text and "%u" in help_text

@@ -50,6 +50,7 @@ HIDDEN = (64, 16)
 ROUNDS = 5
 EPOCHS = 2
 DELTA = 1e-5
+NODE_WAIT = 600.0  # seconds for all SuperNodes to connect: eight of them start slowly on a loaded 2-core machine
 
 
 def noise_for(epsilon: float, rounds: int) -> float:
@@ -68,8 +69,12 @@ def noise_for(epsilon: float, rounds: int) -> float:
 
 def tree_rss(proc: psutil.Process) -> int:
     """RSS of ``proc`` and its descendants (bytes); processes that vanish meanwhile count 0."""
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # the root itself has gone
+        return 0
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in tree:
         try:
             total += p.memory_info().rss
         except psutil.Error:
@@ -185,7 +190,8 @@ def main() -> int:
                 peak.start()
                 options = FederatedOptions(group="bench", rounds=args.rounds, strategy="fedavg", dp=dp,
                                            noise_multiplier=sigma, clipping_norm=clip, delta=DELTA,
-                                           min_nodes=len(HOSTS), epochs=EPOCHS)
+                                           min_nodes=len(HOSTS), epochs=EPOCHS,
+                                           node_wait=NODE_WAIT)
                 t0 = time.perf_counter()
                 outcome = start(prepare(StartRequest(ref=start_model.ref, options=options, registry=registry,
                                                      profiles=[PROFILE], data=files[:1], superlink=link.address)))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.drift import MIN_WINDOW, DriftSettings
 from edge_agent.mqtt import (
     BrokerError,
     BrokerSettings,
@@ -25,7 +26,10 @@ from edge_agent.sources import SourceError, rebase_source
 from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import TopicError, validate_agent_id
 
-__all__ = ["AgentConfig", "ConfigError", "FederatedConfig", "load_config", "parse_config", "render_config"]
+__all__ = [
+    "AgentConfig", "ConfigError", "DriftSettings", "FederatedConfig", "load_config", "parse_config",
+    "render_config",
+]
 
 
 class ConfigError(ValueError):
@@ -69,6 +73,7 @@ class AgentConfig:
     outbox_max_bytes: int = 64 * 1024 * 1024
     emulated: bool = False
     federated: FederatedConfig = FederatedConfig()
+    drift: DriftSettings = DriftSettings()
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -95,6 +100,13 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "epsilon_budget": (int, float),
         "delta": float,
         "supernode": str,
+    },
+    "drift": {
+        "enabled": bool,
+        "window": int,
+        "psi_threshold": (int, float),
+        "psi_clear": (int, float),
+        "ks_alpha": float,
     },
 }
 _REQUIRED = {
@@ -197,6 +209,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         raise ConfigError(f"{source}: agent.state_dir may not contain a double quote, a backslash "
                           "or a control character while [federated] is enabled (the federated "
                           "state goes beneath it): set federated.state_dir")
+    drift = _drift(raw.get("drift", {}), source)
     import platform
 
     return AgentConfig(
@@ -213,7 +226,29 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         outbox_max_bytes=max_bytes,
         emulated=platform.machine().lower() not in _ARCH_ALIASES[profile.arch],
         federated=federated,
+        drift=drift,
     )
+
+
+def _drift(table: dict[str, Any], source: str) -> DriftSettings:
+    """The ``[drift]`` section (types already checked)."""
+    d = DriftSettings()
+    c = DriftSettings(
+        enabled=table.get("enabled", d.enabled),
+        window=table.get("window", d.window),
+        psi_threshold=float(table.get("psi_threshold", d.psi_threshold)),
+        psi_clear=float(table.get("psi_clear", d.psi_clear)),
+        ks_alpha=table.get("ks_alpha", d.ks_alpha),
+    )
+    if c.window < MIN_WINDOW:
+        raise ConfigError(f"{source}: drift.window must be at least {MIN_WINDOW} samples")
+    if not 0.0 < c.psi_threshold < float("inf"):
+        raise ConfigError(f"{source}: drift.psi_threshold must be a positive number")
+    if not 0.0 < c.psi_clear <= c.psi_threshold:
+        raise ConfigError(f"{source}: drift.psi_clear must be positive and at most drift.psi_threshold")
+    if not 0.0 < c.ks_alpha < 1.0:
+        raise ConfigError(f"{source}: drift.ks_alpha must be in (0, 1)")
+    return c
 
 
 def _federated(table: dict[str, Any], path: Callable[[str], Path], source: str) -> FederatedConfig:
@@ -347,4 +382,11 @@ enabled = false              # take part in federated training (needs the fl ext
 # epsilon_budget = 8.0       # this host's own privacy budget (inf: none); rounds beyond it are refused
 # delta = 1e-5
 # supernode = "flower-supernode"   # the Flower SuperNode program, started only while a run is active
+
+[drift]
+enabled = true               # compare live inputs and scores with the model's training reference
+window = 1000                # samples in the rolling window (span at least one cycle of the metrics' seasonality)
+psi_threshold = 0.25         # PSI of a significant shift: a series drifts at or above it (and when KS rejects)
+psi_clear = 0.1              # drift clears once every PSI is below this (no significant change)
+ks_alpha = 0.05              # significance level of the two-sample Kolmogorov-Smirnov test
 """

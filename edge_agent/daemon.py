@@ -45,6 +45,7 @@ import paho.mqtt.client as mqtt
 from edge_agent.activation import ActivationStore
 from edge_agent.config import AgentConfig
 from edge_agent.detector import Detection, Detector
+from edge_agent.drift import DriftMonitor, DriftReport, DriftUnavailable, monitor_for
 from edge_agent.mqtt import BrokerError, Will, connect_in_background, new_client
 from edge_agent.outbox import Outbox, OutboxError, OutboxPublisher
 from edge_agent.recent import RECENT_SAMPLES, discontinuity, load_recent, save_recent
@@ -63,6 +64,7 @@ from shared.messages import (
     encode_agent_health,
     encode_agent_state,
     encode_deployment_status,
+    encode_drift_event,
     encode_event,
 )
 from shared.topics import Topics
@@ -133,8 +135,9 @@ class Agent:
         self.model_ready = threading.Event()  # set once any slot serves a model
         self.exit_code = EXIT_OK
         self._stdin = stdin
-        self._lock = threading.Lock()  # guards self._detectors and self._history
+        self._lock = threading.Lock()  # guards self._detectors, self._drift and self._history
         self._detectors: dict[str, Detector] = {}
+        self._drift: dict[str, DriftMonitor | DriftUnavailable] = {}  # per slot
         self._history: deque[Sample] = deque(maxlen=HISTORY)
         self._resumed = 0  # samples loaded from the last stop, not yet judged by a live one
         self._errors = 0
@@ -409,7 +412,28 @@ class Agent:
             federated=(self.federation.health() if self.federation is not None else
                        {"can_join": False, "reason": "federated learning is not enabled in the "
                                                      "agent config ([federated] enabled)"}),
+            drift=self._assess_drift(),
         )
+
+    def _assess_drift(self) -> dict[str, Any]:
+        """Every slot's drift figures (health ``drift``); a slot whose drift has just been
+        raised queues a ``drift`` event (once per raise: the monitor's hysteresis)."""
+        with self._lock:
+            monitors = dict(self._drift)
+        out: dict[str, Any] = {}
+        for slot, monitor in sorted(monitors.items()):
+            if isinstance(monitor, DriftUnavailable):
+                out[slot] = monitor.to_json()
+                continue
+            report = monitor.assess()
+            if report.raised:
+                drifted = [f for f, v in report.features.items() if v["drifted"]]
+                drifted += ["score"] if report.score["drifted"] else []
+                log.warning("slot %s: %s@%s inputs drifted from its training reference (%s)",
+                            slot, report.model, report.model_version, ", ".join(drifted))
+                self._store_drift_event(report)
+            out[slot] = report.to_json()
+        return out
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -482,6 +506,8 @@ class Agent:
         """Swap the slot's detector; the new one is pre-filled with the last ``window - 1``
         recent samples (one short of a full window: the pre-fill scores nothing)."""
         detector = Detector(loaded.runtime, loaded.spec, model_version=loaded.record.version, slot=slot)
+        drift = monitor_for(loaded.spec, self.config.drift, slot=slot, model=loaded.record.model,
+                            model_version=loaded.record.version)
         features = loaded.spec.features
         # Under the lock: no sample is appended or dropped between the pre-fill and the swap.
         with self._lock:
@@ -490,6 +516,7 @@ class Agent:
                 detector.push(sample.timestamp, [sample.values.get(f) for f in features])
             old = self._detectors.get(slot)
             self._detectors[slot] = detector
+            self._drift[slot] = drift
         self.model_ready.set()
         if old is not None:
             s = old.stats()
@@ -507,6 +534,7 @@ class Agent:
                     self._judge_resumed(sample)
                 self._history.append(sample)
                 detectors = list(self._detectors.values())
+                monitors = dict(self._drift)
             for detector in detectors:
                 try:
                     values = [sample.values.get(f) for f in detector.spec.features]
@@ -517,6 +545,9 @@ class Agent:
                     continue
                 if detection is None:
                     continue
+                monitor = monitors.get(detector.slot)
+                if isinstance(monitor, DriftMonitor):
+                    monitor.observe(detection.timestamp, detection.values, detection.score)
                 if detection.is_anomaly:
                     self._store_event(topic, detection)
                 elif federation is not None:
@@ -555,14 +586,23 @@ class Agent:
 
     def _store_event(self, topic: str, detection: Detection) -> None:
         """Queue an event for delivery; one that cannot be stored is counted, never fatal."""
+        self._enqueue(topic, partial(_event_payload, detection, self.config.agent_id),
+                      f"anomaly event at {detection.timestamp}")
+
+    def _store_drift_event(self, report: DriftReport) -> None:
+        """Queue a ``drift`` event (same topic, outbox and ``seq`` as anomaly events)."""
+        self._enqueue(self.topics.agent_events(self.config.agent_id),
+                      partial(encode_drift_event, report, self.config.agent_id),
+                      f"drift event of slot {report.slot}")
+
+    def _enqueue(self, topic: str, build: Callable[[int], bytes], what: str) -> None:
         try:
             outbox = self._open_outbox()
             if outbox is None:
                 raise OutboxError("the outbox is not open (it would not open a moment ago)")
-            outbox.append_with_seq(topic, partial(_event_payload, detection, self.config.agent_id))
+            outbox.append_with_seq(topic, build)
         except OutboxError as e:
-            self._unstored.warning("anomaly event at %s not stored (%s); detection goes on",
-                                   detection.timestamp, e)
+            self._unstored.warning("%s not stored (%s); detection goes on", what, e)
             return
         self._unstored.resolved("anomaly events are stored again")
         if self.publisher is not None:

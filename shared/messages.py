@@ -196,6 +196,17 @@ def _opt_num(x: float | None) -> float | None:
     return None if x is None else _num(x)
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` (JSON-able) with every non-finite float, at any depth, written as ``None``."""
+    if isinstance(obj, float):
+        return _num(obj)
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _rest(obj: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in known}
 
@@ -338,6 +349,13 @@ class AgentHealth:
     without noise), ``epsilon_budget`` (``null``: no local budget), ``delta`` (the δ the
     spent ε was computed at) and ``refused`` (why the group's active run is not joined, e.g.
     plaintext to a SuperLink off the host; ``null`` otherwise). Other keys are kept.
+
+    ``drift`` (optional; agents before drift monitoring omit it) maps each serving slot to its
+    drift monitor's figures: ``available`` (bool; ``false`` with a ``reason`` for a bundle
+    without a binned drift reference, or with monitoring disabled), ``model``, ``version``,
+    ``window`` and ``fill`` (samples), ``drifted`` (bool, the state with hysteresis),
+    ``features`` (name → ``{"psi", "ks", "ks_pvalue", "drifted"}``) and ``score`` (the same for
+    the raw score). Other keys are kept.
     """
 
     agent: str
@@ -351,10 +369,12 @@ class AgentHealth:
     rss_mb: float | None
     cpu_percent: float | None
     federated: Mapping[str, Any] | None = None
+    drift: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _COUNTS = ("inferences", "anomalies", "errors", "outbox_depth", "outbox_dropped")
-    _KNOWN = ("schema", "agent", "ts", "latency_ms", "rss_mb", "cpu_percent", "federated", *_COUNTS)
+    _KNOWN = ("schema", "agent", "ts", "latency_ms", "rss_mb", "cpu_percent", "federated", "drift",
+              *_COUNTS)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (unknown fields first, known ones win)."""
@@ -373,6 +393,7 @@ class AgentHealth:
             **({} if self.federated is None else {"federated": {
                 k: (_opt_num(v) if isinstance(v, float) else v) for k, v in self.federated.items()
             }}),
+            **({} if self.drift is None else {"drift": _finite(self.drift)}),
         }
 
 
@@ -405,6 +426,15 @@ def decode_agent_health(data: bytes) -> AgentHealth:
         _field(federated, "can_join", bool)
         if "reason" in federated:
             _field(federated, "reason", str, nullable=True)
+    drift = obj.get("drift")
+    if drift is not None:
+        _field(obj, "drift", dict)
+        for slot in drift.values():
+            if not isinstance(slot, dict):
+                raise MessageError("field 'drift' must map slots to JSON objects")
+            _field(slot, "available", bool)
+            if slot["available"]:
+                _field(slot, "drifted", bool)
     return AgentHealth(
         agent=obj["agent"],
         ts=obj["ts"],
@@ -413,6 +443,7 @@ def decode_agent_health(data: bytes) -> AgentHealth:
         rss_mb=obj["rss_mb"],
         cpu_percent=obj["cpu_percent"],
         federated=None if federated is None else dict(federated),
+        drift=None if drift is None else dict(drift),
         extra=_rest(obj, AgentHealth._KNOWN),
     )
 
@@ -473,3 +504,130 @@ def decode_deployment_status(data: bytes) -> DeploymentStatus:
         **{k: obj[k] for k in DeploymentStatus._KNOWN[1:]},
         extra=_rest(obj, DeploymentStatus._KNOWN),
     )
+
+
+# -- agent → trainer: drift events --------------------------------------------------------------
+# A drift event shares the events topic and the outbox's ``seq`` with anomaly events, so
+# receivers de-duplicate every event the same way; its ``schema`` tells the two apart
+# (:func:`decode_agent_event`).
+
+SCHEMA_DRIFT_EVENT = "edgefleet.drift/1"
+#: The event schemas this version writes on ``…/agents/{agent}/events``.
+EVENT_SCHEMAS: tuple[str, ...] = (SCHEMA_EVENT, SCHEMA_DRIFT_EVENT)
+
+__all__ += [
+    "EVENT_SCHEMAS",
+    "SCHEMA_DRIFT_EVENT",
+    "DriftFields",
+    "decode_agent_event",
+    "decode_drift_event",
+    "encode_drift_event",
+]
+
+
+class DriftFields(Protocol):
+    """What a drift event carries (``edge_agent.drift.DriftReport`` satisfies it).
+
+    ``features`` maps each feature to ``{"psi", "ks", "ks_pvalue", "drifted"}``; ``score`` is
+    the same for the raw model score.
+    """
+
+    @property
+    def slot(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def model_version(self) -> int: ...
+    @property
+    def timestamp(self) -> str | None: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def features(self) -> Mapping[str, Mapping[str, Any]]: ...
+    @property
+    def score(self) -> Mapping[str, Any]: ...
+    @property
+    def psi_threshold(self) -> float: ...
+    @property
+    def ks_alpha(self) -> float: ...
+
+
+def _series_figures(obj: Any, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise MessageError(f"{what} is not a JSON object")
+    for name in ("psi", "ks", "ks_pvalue"):
+        _field(obj, name, (int, float), nullable=True)
+    _field(obj, "drifted", bool)
+    return obj
+
+
+def encode_drift_event(drift: DriftFields, agent: str, seq: int) -> bytes:
+    """Encode a drift event (schema ``edgefleet.drift/1``) for ``…/agents/{agent}/events``.
+
+    ``drifted_features`` lists the features that drifted (in ``features`` order) and
+    ``score_drifted`` says whether the raw score did. Raises :class:`MessageError`.
+    """
+    if not isinstance(seq, int) or seq < 1:
+        raise MessageError(f"seq must be a positive integer, got {seq!r}")
+    data = _dumps(
+        {
+            "schema": SCHEMA_DRIFT_EVENT,
+            "seq": seq,
+            "agent": agent,
+            "slot": drift.slot,
+            "model": drift.model,
+            "model_version": int(drift.model_version),
+            "timestamp": drift.timestamp,
+            "window": int(drift.window),
+            "features": _finite({k: dict(v) for k, v in drift.features.items()}),
+            "score": _finite(dict(drift.score)),
+            "drifted_features": [k for k, v in drift.features.items() if v.get("drifted")],
+            "score_drifted": bool(drift.score.get("drifted")),
+            "psi_threshold": _num(drift.psi_threshold),
+            "ks_alpha": _num(drift.ks_alpha),
+        }
+    )
+    decode_drift_event(data)
+    return data
+
+
+def decode_drift_event(data: bytes) -> dict[str, Any]:
+    """Decode an ``edgefleet.drift/1`` payload into a dict, keeping unknown fields.
+
+    Raises :class:`MessageError` for anything else (bad JSON, other schema or major version,
+    missing or mistyped field).
+    """
+    obj = _loads(data, SCHEMA_DRIFT_EVENT)
+    seq = _field(obj, "seq", int)
+    if seq < 1:
+        raise MessageError(f"seq must be positive, got {seq}")
+    for name in ("agent", "slot", "model"):
+        _field(obj, name, str)
+    _field(obj, "timestamp", str, nullable=True)
+    _field(obj, "model_version", int)
+    _count(obj, "window")
+    features = _field(obj, "features", dict)
+    for name, figures in features.items():
+        _series_figures(figures, f"features[{name!r}]")
+    _series_figures(_field(obj, "score", dict), "score")
+    _str_list(obj, "drifted_features")
+    _field(obj, "score_drifted", bool)
+    for name in ("psi_threshold", "ks_alpha"):
+        _field(obj, name, (int, float), nullable=True)
+    return obj
+
+
+def decode_agent_event(data: bytes) -> dict[str, Any]:
+    """Decode any event of ``…/agents/{agent}/events`` (:data:`EVENT_SCHEMAS`) by its schema.
+
+    Raises :class:`MessageError` like the decoder of that schema, or for a schema that is
+    not an event's.
+    """
+    try:
+        schema = json.loads(data).get("schema")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise MessageError(f"payload is not a JSON object: {e}") from e
+    kind = schema.rpartition("/")[0] if isinstance(schema, str) else None
+    if kind == SCHEMA_DRIFT_EVENT.rpartition("/")[0]:
+        return decode_drift_event(data)
+    return decode_event(data)

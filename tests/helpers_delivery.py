@@ -35,10 +35,10 @@ from edge_agent.mqtt import RetainedReader, connect
 from shared.bundle import bundle_target_name
 from shared.messages import (
     MessageError,
+    decode_agent_event,
     decode_agent_health,
     decode_agent_state,
     decode_deployment_status,
-    decode_event,
 )
 from shared.topics import RepoTopic, Topics
 from trainer.fleet.tuf_repository import url_path
@@ -284,7 +284,7 @@ _DECODERS: dict[str, Callable[[bytes], Any]] = {
     "state": decode_agent_state,
     "health": decode_agent_health,
     "deployments": decode_deployment_status,
-    "events": decode_event,
+    "events": decode_agent_event,  # anomaly and drift events share the topic and its seq
 }
 
 

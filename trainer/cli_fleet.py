@@ -505,7 +505,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         print("no agents have reported")
         return 0
     rows = [_status_row(v) for v in views]
-    header = ("AGENT", "STATUS", "GROUP", "PROFILE", "ACTIVE", "LAST DEPLOYMENT", "HEALTH", "SINCE")
+    header = ("AGENT", "STATUS", "GROUP", "PROFILE", "ACTIVE", "LAST DEPLOYMENT", "HEALTH", "DRIFT", "SINCE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -534,7 +534,29 @@ def _status_row(v: Any) -> tuple[str, ...]:
         )
     notes = [n for n, on in (("stale", v.stale), ("emulated", v.emulated)) if on]
     status = v.status + (f" ({', '.join(notes)})" if notes else "")
-    return (v.agent, status, v.group or "-", v.profile, active, last, health, v.ts)
+    return (v.agent, status, v.group or "-", v.profile, active, last, health, _drift_cell(v.drift), v.ts)
+
+
+def _drift_cell(drift: dict[str, dict[str, Any]] | None) -> str:
+    """``-`` (not reported), ``n/a``, ``filling 120/1000``, ``ok (psi 0.03)`` or
+    ``DRIFTED cpu,score (psi 0.61)`` (the series drifting now; none named while the state
+    waits, with hysteresis, for the PSI to fall below the clear bound); prefixed by the slot when an agent serves several."""
+    if not drift:
+        return "-"
+    cells = []
+    for slot, d in drift.items():
+        psi = "" if d.get("psi_max") is None else f" (psi {d['psi_max']:.2f})"
+        if not d["available"]:
+            cell = "n/a"
+        elif d.get("drifted"):
+            names = ",".join(d.get("drifted_series") or [])
+            cell = f"DRIFTED{' ' + names if names else ''}{psi}"
+        elif d.get("fill") is not None and d.get("window") and d["fill"] < d["window"]:
+            cell = f"filling {d['fill']}/{d['window']}"
+        else:
+            cell = f"ok{psi}"
+        cells.append(cell if len(drift) == 1 else f"{slot}: {cell}")
+    return "; ".join(cells)
 
 
 def _ago(seconds: float) -> str:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from shared.drift import reference_distribution
 from shared.profiles import FirmwareProfile, load_profiles
 from shared.score_pipeline import LikelihoodPipeline, ScorePipeline
 from shared.series import (
@@ -365,18 +366,28 @@ def _variants(profiles: Sequence[FirmwareProfile], family: str) -> list[tuple[st
 
 
 def _drift_reference(rows: np.ndarray, features: Sequence[str], val_scores: np.ndarray) -> dict:
+    """``spec.json``'s ``drift_reference``: summary statistics of the rows trained on and of
+    the validation scores, with the bins and quantile sample the agent's drift monitor
+    compares live data with (:mod:`shared.drift`). Deterministic: same input, same dict."""
     q = [0.01, 0.5, 0.99]
     ref: dict[str, Any] = {"features": {}, "score": {}}
     for j, name in enumerate(features):
         col = rows[:, j].astype(np.float64)
+        col = col[np.isfinite(col)]
         ref["features"][name] = {
             "mean": float(col.mean()),
             "std": float(col.std()),
             "min": float(col.min()),
             "max": float(col.max()),
             "quantiles": dict(zip(("p01", "p50", "p99"), map(float, np.quantile(col, q)))),
+            **reference_distribution(col).to_json(),
         }
-    ref["score"] = dict(zip(("p01", "p50", "p99"), map(float, np.quantile(val_scores, q))))
+    scores = np.asarray(val_scores, dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    ref["score"] = {
+        **dict(zip(("p01", "p50", "p99"), map(float, np.quantile(scores, q)))),
+        **reference_distribution(scores).to_json(),
+    }
     return ref
 
 

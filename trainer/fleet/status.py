@@ -23,6 +23,7 @@ timestamps; an agent clock ahead of the trainer's gives age 0, never a negative 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +42,7 @@ from shared.messages import (
 )
 from shared.topics import Topics
 
-__all__ = ["DEFAULT_HEALTH_PERIOD_S", "STALE_AFTER_PERIODS", "AgentView", "read_fleet"]
+__all__ = ["DEFAULT_HEALTH_PERIOD_S", "STALE_AFTER_PERIODS", "AgentView", "drift_summary", "read_fleet"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class AgentView:
     health_period_s: float | None = None
     health_age_s: float | None = None
     stale: bool = False
+    drift: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def build(
@@ -131,6 +133,7 @@ class AgentView:
             health_period_s=state.health_period_s,
             health_age_s=None if health_age is None else round(health_age, 1),
             stale=stale,
+            drift=None if health is None or health.drift is None else drift_summary(health.drift),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -151,7 +154,36 @@ class AgentView:
             "health_period_s": self.health_period_s,
             "health_age_s": self.health_age_s,
             "stale": self.stale,
+            "drift": self.drift,
         }
+
+
+def drift_summary(drift: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per slot, the gist of a health report's ``drift``: ``available``, ``drifted``, the
+    window's ``fill`` and size, the largest PSI (``psi_max``) and the series that drift
+    (``drifted_series``: feature names, and ``score`` for the raw score); ``reason`` when
+    unavailable. Fields a newer agent leaves out come out as ``None``."""
+    out: dict[str, dict[str, Any]] = {}
+    for slot, d in sorted(drift.items()):
+        if not isinstance(d, Mapping):
+            continue
+        base = {"available": bool(d.get("available")), "model": d.get("model"), "version": d.get("version")}
+        if not base["available"]:
+            out[slot] = {**base, "reason": d.get("reason")}
+            continue
+        features = d.get("features")
+        features = features if isinstance(features, Mapping) else {}
+        series = {**features, "score": d.get("score")}
+        psis = [v.get("psi") for v in series.values() if isinstance(v, Mapping)]
+        out[slot] = {
+            **base,
+            "drifted": d.get("drifted"),
+            "fill": d.get("fill"),
+            "window": d.get("window"),
+            "psi_max": max((p for p in psis if isinstance(p, int | float)), default=None),
+            "drifted_series": [k for k, v in series.items() if isinstance(v, Mapping) and v.get("drifted")],
+        }
+    return out
 
 
 def _age(ts: str, now: datetime) -> float | None:

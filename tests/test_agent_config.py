@@ -114,6 +114,12 @@ def _valid(root: Path, **over: str) -> str:
         ("# state_dir = \"...\"", 'state_dir = "fl\\nx"', "federated.state_dir may not contain"),
         ("# state_dir = \"...\"", 'state_dir = "fl\\"x"', "federated.state_dir may not contain"),
         ("enabled = false", 'enabled = true\nsupernode = ""', "federated.supernode"),
+        ("window = 1000", "window = 99", "drift.window must be at least 100"),
+        ("window = 1000", "window = 1000.5", "'drift.window' must be a int"),
+        ("psi_clear = 0.1", "psi_clear = 0.3", "drift.psi_clear must be positive and at most"),
+        ("psi_threshold = 0.25", "psi_threshold = -1", "drift.psi_threshold must be a positive"),
+        ("ks_alpha = 0.05", "ks_alpha = 1.0", "drift.ks_alpha must be in (0, 1)"),
+        ("[drift]", "[drift]\nbins = 10", "unknown key 'drift.bins'"),
     ],
 )
 def test_bad_configs_name_the_key(root_json: Path, old: str, new: str, needle: str) -> None:
@@ -291,3 +297,13 @@ def test_source_specs(spec: str, kind: str) -> None:
 def test_bad_source_specs(spec: str) -> None:
     with pytest.raises(SourceError):
         parse_source(spec)
+
+
+def test_drift_settings_default_to_the_published_bounds_and_can_be_set(root_json: Path) -> None:
+    config = parse_config(_valid(root_json), base=root_json.parent)
+    assert (config.drift.enabled, config.drift.window, config.drift.psi_threshold,
+            config.drift.psi_clear, config.drift.ks_alpha) == (True, 1000, 0.25, 0.1, 0.05)
+    text = _valid(root_json).replace("window = 1000", "window = 200").replace("enabled = true", "enabled = false")
+    config = parse_config(text, base=root_json.parent)
+    assert (config.drift.window, config.drift.enabled) == (200, False)
+    assert config.federated.enabled is False  # the [federated] table's own enabled is untouched

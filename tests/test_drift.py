@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from edge_agent.drift import (
@@ -290,3 +292,30 @@ def test_fleet_view_summarises_drift_per_slot() -> None:
 def test_reference_distribution_json_round_trip() -> None:
     ref = reference_distribution(np.linspace(0, 1, 1000))
     assert ReferenceDistribution.from_json(json.loads(json.dumps(ref.to_json())), "x") == ref
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+).map(lambda v: json.dumps(v).encode()))
+def test_event_decoders_refuse_garbage_with_the_codec_error(raw: bytes) -> None:
+    for decode in (decode_drift_event, decode_agent_event):
+        try:
+            decode(raw)
+        except MessageError:
+            pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["seq", "agent", "slot", "model", "model_version", "window", "features",
+                        "score", "drifted_features", "score_drifted"]), st.booleans())
+def test_a_drift_event_missing_or_mistyping_a_field_is_refused(key: str, drop: bool) -> None:
+    wire = json.loads(encode_drift_event(_drifted_report(), "edge-1", 1))
+    if drop:
+        del wire[key]
+    else:
+        wire[key] = [] if not isinstance(wire[key], list) else "x"
+    with pytest.raises(MessageError):
+        decode_drift_event(json.dumps(wire).encode())

@@ -144,6 +144,10 @@ healths = st.builds(
         optional={"reason": st.none() | text, "run": st.none() | names, "windows": counts,
                   "epsilon_spent": st.none() | numbers},
     ),
+    drift=st.none() | st.dictionaries(names, st.fixed_dictionaries(
+        {"available": st.just(True), "drifted": st.booleans()},
+        optional={"fill": counts, "score": st.fixed_dictionaries({"psi": st.none() | numbers})},
+    ) | st.fixed_dictionaries({"available": st.just(False), "reason": text})),
     extra=extras(set(AgentHealth._KNOWN)),
 )
 statuses = st.builds(
@@ -163,7 +167,7 @@ statuses = st.builds(
 _KNOWN_BY_DECODER = {
     "decode_deployment": {"scope", "serial", "slots"},
     "decode_agent_state": set(AgentState._KNOWN) - {"schema", "health_period_s"},  # optional
-    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema", "federated"},  # optional
+    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema", "federated", "drift"},  # optional
     "decode_deployment_status": set(DeploymentStatus._KNOWN) - {"schema"},
 }
 

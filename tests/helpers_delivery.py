@@ -155,8 +155,14 @@ class Agents:
         self.broker_url = broker_url
         self.started: list[AgentProcess] = []
 
-    def config(self, agent_id: str, *, trust: Path, source: str, health_period: float = 0.5) -> Path:
-        """A config as a user gets it from ``init-config``, with a short health period."""
+    def config(self, agent_id: str, *, trust: Path, source: str, health_period: float = 0.5,
+               drift_window: int | None = None) -> Path:
+        """A config as a user gets it from ``init-config``, with a short health period.
+
+        Drift monitoring is off unless ``drift_window`` sets its window: a drift event takes
+        an outbox ``seq`` like an anomaly event, and most tests count the events
+        ``edgefleet detect`` predicts.
+        """
         home = self.base / agent_id
         home.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
@@ -168,6 +174,11 @@ class Agents:
         assert proc.returncode == 0, proc.stderr
         text, n = re.subn(r"(?m)^period_seconds = \S+", f"period_seconds = {health_period}", proc.stdout)
         assert n == 1, "init-config no longer writes [health] period_seconds"
+        if drift_window is None:
+            text, n = re.subn(r"(?m)^(\[drift\]\nenabled = )true", r"\1false", text)
+        else:
+            text, n = re.subn(r"(?m)^(\[drift\](?:\n.*)*?\nwindow = )\d+", rf"\g<1>{drift_window}", text)
+        assert n == 1, "init-config no longer writes [drift] enabled and window"
         path = home / "agent.toml"
         path.write_text(text)
         return path

@@ -21,7 +21,9 @@ What each test proves:
    stop reconnects or deliveries;
 9. a full state directory never stops detection: what cannot be stored is counted, and the
    agent recovers by itself, applying the deployment it could not store; an agent first
-   started on a full disk leaves no partial trust anchor and provisions once space returns.
+   started on a full disk leaves no partial trust anchor and provisions once space returns;
+10. inputs that shift away from the training reference raise one ``drift`` event, and health and
+    ``edgefleet fleet status`` show the drift.
 """
 
 from __future__ import annotations
@@ -854,3 +856,56 @@ def test_a_federated_agent_keeps_a_bounded_store_of_normal_windows(env: Env) -> 
     spec = read_bundle(bundle_bytes(env.registry, bundle_sha(env.registry, "host", 1)))[0]
     assert windows.shape == (40, spec.window, len(spec.features))
     assert np.isfinite(windows).all()
+
+
+# -- drift: live inputs leave the training reference -------------------------------------------------
+
+
+def test_a_level_shift_raises_one_drift_event_and_health_and_fleet_status_show_it(env: Env) -> None:
+    watch = env.subscribe()
+    config = env.agents.config("edge-drift", trust=env.root, source="stdin", drift_window=300)
+    agent = env.agents.start(config, stdin=True)
+    born(watch)
+    env.deploy("host@1")
+    wait_active(watch, 1)
+    window = read_bundle(bundle_bytes(env.registry, bundle_sha(env.registry, "host", 1)))[0].window
+
+    # The rows the model was trained on (and validated with): a full drift window, no drift.
+    normal = json_lines(env.csv, 0, 900)
+    agent.feed(normal)
+    scored = len(normal) - window + 1
+    health = watch.wait_for(lambda: first(h for h in watch.of("health") if h.inferences == scored), 60,
+                            f"health after the {scored} scored normal samples")
+    drift = health.drift["default"]
+    assert (drift["available"], drift["model"], drift["version"]) == (True, "host", 1)
+    assert (drift["window"], drift["fill"], drift["drifted"]) == (300, 300, False)
+    assert set(drift["features"]) == {"cpu", "memory", "disk", "network"}
+    assert all(f["psi"] < 0.25 for f in drift["features"].values())
+
+    # cpu moves to a new level, 40 points up: the agent says so once, with the figures.
+    mark = watch.mark()
+    shifted = [json.dumps({**row, "cpu": row["cpu"] + 40.0})
+               for row in map(json.loads, json_lines(env.csv, 900, 1500))]
+    agent.feed(shifted)
+    event = watch.wait_for(
+        lambda: first(e for e in watch.of("events") if e["schema"] == "edgefleet.drift/1"), 60,
+        "a drift event")
+    assert (event["agent"], event["slot"], event["model"], event["model_version"]) == ("edge-drift", "default", "host", 1)
+    assert "cpu" in event["drifted_features"] and event["window"] == 300
+    assert event["features"]["cpu"]["psi"] >= 0.25 and event["features"]["cpu"]["ks_pvalue"] < 0.05
+    assert event["timestamp"] in {json.loads(line)["timestamp"] for line in shifted}
+    health = watch.wait_for(
+        lambda: first(h for h in watch.of("health", mark) if h.inferences == scored + len(shifted)), 60,
+        "health after every shifted sample")
+    assert health.drift["default"]["drifted"] is True
+    assert health.drift["default"]["features"]["cpu"]["drifted"] is True
+
+    [view] = json.loads(_fleet_status(env, "--json").stdout)
+    assert view["drift"]["default"]["drifted"] is True and "cpu" in view["drift"]["default"]["drifted_series"]
+    [line] = _fleet_status(env).stdout.splitlines()[1:]
+    assert "DRIFTED cpu" in line
+    # raised once: the drift lasts, the event is not repeated; every event, of both kinds, is delivered
+    _, last_seq, _ = outbox_counts(agent.state_dir)
+    watch.wait_for(lambda: watch.event_seqs() >= set(range(1, last_seq + 1)), 20, "every event")
+    assert [e["schema"] for e in watch.of("events")].count("edgefleet.drift/1") == 1
+    assert not watch.undecodable

@@ -20,7 +20,7 @@ same model bytes and the same spec give the same sha256.
       "score": {"kind": "forecast_mae", "threshold": 0.8,
                 "pipeline": {"kind": "edgefleet.likelihood/1", ...},  # absent: fixed threshold
                 "scale": {"center": -0.22, "width": 0.5}},
-      "drift_reference": {...},           # per-feature and score statistics on training data
+      "drift_reference": {...},           # per-feature and score statistics and bins (shared/drift.py)
       "golden": {"inputs": [[[...]]], "outputs": [...], "atol": 1e-4, "rtol": 1e-3},
       "lineage": {...},
       "architecture": {...}               # the JSON-able spec that rebuilds the model

@@ -137,7 +137,8 @@ class Agent:
         self._stdin = stdin
         self._lock = threading.Lock()  # guards self._detectors, self._drift and self._history
         self._detectors: dict[str, Detector] = {}
-        self._drift: dict[str, DriftMonitor | DriftUnavailable] = {}  # per slot
+        # per slot; replaced, never changed in place, so that a reader may keep a reference
+        self._drift: dict[str, DriftMonitor | DriftUnavailable] = {}
         self._history: deque[Sample] = deque(maxlen=HISTORY)
         self._resumed = 0  # samples loaded from the last stop, not yet judged by a live one
         self._errors = 0
@@ -419,7 +420,7 @@ class Agent:
         """Every slot's drift figures (health ``drift``); a slot whose drift has just been
         raised queues a ``drift`` event (once per raise: the monitor's hysteresis)."""
         with self._lock:
-            monitors = dict(self._drift)
+            monitors = self._drift
         out: dict[str, Any] = {}
         for slot, monitor in sorted(monitors.items()):
             if isinstance(monitor, DriftUnavailable):
@@ -516,7 +517,7 @@ class Agent:
                 detector.push(sample.timestamp, [sample.values.get(f) for f in features])
             old = self._detectors.get(slot)
             self._detectors[slot] = detector
-            self._drift[slot] = drift
+            self._drift = {**self._drift, slot: drift}
         self.model_ready.set()
         if old is not None:
             s = old.stats()
@@ -534,7 +535,7 @@ class Agent:
                     self._judge_resumed(sample)
                 self._history.append(sample)
                 detectors = list(self._detectors.values())
-                monitors = dict(self._drift)
+                monitors = self._drift  # copy-on-write: no copy per sample
             for detector in detectors:
                 try:
                     values = [sample.values.get(f) for f in detector.spec.features]

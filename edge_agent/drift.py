@@ -36,7 +36,7 @@ import math
 import threading
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -152,7 +152,6 @@ class DriftReport:
     score: dict[str, Any]
     psi_threshold: float
     ks_alpha: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The slot's entry in health ``drift``."""

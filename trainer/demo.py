@@ -27,6 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from shared.messages import SCHEMA_DRIFT_EVENT, SCHEMA_EVENT
+
 __all__ = ["DemoError", "DemoOptions", "run_demo"]
 
 MARKER = ".edgefleet-demo"
@@ -315,7 +317,10 @@ def run_demo(opts: DemoOptions) -> list[dict]:
         for agent, profile in AGENTS:
             s, h = watch.state.get(agent, {}), watch.health.get(agent, {})
             active = (s.get("active") or [{}])[0]
-            found, false_alarms, precision, recall = _score(watch.events.get(agent, {}), labels[agent], window)
+            received = watch.events.get(agent, {}).values()
+            anomalies = {e["seq"]: e for e in received if e.get("schema") == SCHEMA_EVENT}
+            drift = sum(e.get("schema") == SCHEMA_DRIFT_EVENT for e in received)
+            found, false_alarms, precision, recall = _score(anomalies, labels[agent], window)
             rows.append({
                 "agent": agent, "profile": profile, "model": f"host@{active.get('version')}",
                 "runtime": {"onnx": "onnxruntime", "tflite": "LiteRT"}.get(active.get("format"), "?"),
@@ -323,7 +328,7 @@ def run_demo(opts: DemoOptions) -> list[dict]:
                 "inferences": h.get("inferences", 0),
                 "p50_ms": (h.get("latency_ms") or {}).get("p50"), "p99_ms": (h.get("latency_ms") or {}).get("p99"),
                 "injected": len(labels[agent]), "found": found, "false_alarms": false_alarms,
-                "precision": precision, "recall": recall, "events": len(watch.events.get(agent, {})),
+                "precision": precision, "recall": recall, "events": len(anomalies), "drift_events": drift,
                 "emulated": s.get("emulated", False),
             })
     _say(f"\nedgefleet demo finished in {time.monotonic() - started:.0f} s; everything it started is stopped.\n")
@@ -333,12 +338,12 @@ def run_demo(opts: DemoOptions) -> list[dict]:
 
 def _print_table(rows: list[dict]) -> None:
     header = ["agent", "profile", "model", "runtime", "inferences", "p50 ms", "p99 ms",
-              "found/injected", "precision", "recall", "events"]
+              "found/injected", "precision", "recall", "events", "drift"]
     body = [
         [r["agent"], r["profile"] + (" (emulated)" if r["emulated"] else ""), r["model"], r["runtime"],
          str(r["inferences"]), f"{r['p50_ms']:.3f}" if r["p50_ms"] is not None else "-",
          f"{r['p99_ms']:.3f}" if r["p99_ms"] is not None else "-", f"{r['found']}/{r['injected']}",
-         f"{r['precision']:.2f}", f"{r['recall']:.2f}", str(r["events"])]
+         f"{r['precision']:.2f}", f"{r['recall']:.2f}", str(r["events"]), str(r["drift_events"])]
         for r in rows
     ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]

@@ -39,6 +39,9 @@ AGENTS = ("edge-a", "edge-b", "edge-c")
 #: How many rows per second each agent scores (csv source): enough inferences for the gates'
 #: minimum within a short soak.
 RATE = 60
+#: The p99 a shared, loaded test host measures says nothing about the profile's hardware (its
+#: budget is 5 ms): the latency gate is judged in tests/test_rollout_gates.py on recorded samples.
+GATES = ("--gates", "latency-p99=off")
 #: Every window of the flooding candidate alarms: its raw-score threshold is far below any score.
 FLOOD_THRESHOLD = 1e-9
 
@@ -151,7 +154,7 @@ def on_disk(state_dir: Path) -> dict[str, Any]:
 
 def test_a_good_candidate_is_promoted_to_the_whole_group(fleet: Fleet) -> None:
     proc = fleet.run("start", "host@2", "--group", "lab", "--stages", "1,100%", "--soak", "5s",
-                     "--json")
+                     *GATES, "--json")
     assert proc.returncode == 0, proc.stderr + fleet.agents.tail()
     result = json.loads(proc.stdout)
     assert result["state"] == "completed" and result["agents"] == list(AGENTS)
@@ -178,7 +181,7 @@ def test_a_good_candidate_is_promoted_to_the_whole_group(fleet: Fleet) -> None:
 
 
 def test_a_candidate_that_floods_false_alarms_is_rolled_back_at_the_canary(fleet: Fleet) -> None:
-    proc = fleet.run("start", "host@3", "--group", "lab", "--stages", "1,100%", "--soak", "60s")
+    proc = fleet.run("start", "host@3", "--group", "lab", "--stages", "1,100%", "--soak", "60s", *GATES)
     assert proc.returncode == 1, proc.stderr + fleet.agents.tail()
     rid = rollout_id(proc.stderr)
     status = fleet.status(rid)
@@ -223,7 +226,7 @@ def test_a_killed_controller_is_resumed_from_the_registry_and_completes(fleet: F
         return None if row is None else (row[0], row[1], json.loads(row[2]).get("phase"))
 
     controller = subprocess.Popen(
-        fleet.rollout("start", "host@2", "--group", "lab", "--stages", "1,100%", "--soak", "8s"),
+        fleet.rollout("start", "host@2", "--group", "lab", "--stages", "1,100%", "--soak", "8s", *GATES),
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )

@@ -220,6 +220,10 @@ class RolloutController:
             return self._breach(store, r, failures)
         pending = [a for a in p["expect"] if not fleet.runs(a, r.slot, r.model, r.version)
                    and not self._reported_active(r, fleet, a, p["serial"])]
+        # The soak's counters start at a health report sent after the activation, so that
+        # the window holds only the candidate's inferences.
+        pending += [a for a in p["expect"] if a not in pending
+                    and not fleet.health_after_report(a, r.model, r.version, "active")]
         if pending:
             if self.clock() - p["deployed_at"] > self.activation_timeout:
                 return self._breach(store, r, [

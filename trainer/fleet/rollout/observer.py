@@ -45,10 +45,24 @@ class FleetSnapshot:
     deployments: dict[str, tuple[DeploymentStatus, ...]] = field(default_factory=dict)
     #: per agent, the events that say drift (a ``drift`` event, or an event naming drift)
     drift_events: dict[str, int] = field(default_factory=dict)
+    #: arrival numbers: of each agent's latest health report, and of each deployment report
+    health_seq: dict[str, int] = field(default_factory=dict)
+    deployment_seqs: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def online(self, agent: str) -> bool:
         state = self.states.get(agent)
         return state is not None and state.status == "online"
+
+    def health_after_report(self, agent: str, model: str, version: int, state: str) -> bool:
+        """Whether a health report of ``agent`` arrived after its last ``state`` report of
+        ``model@version`` (its counters then include only inferences of that version); true
+        when no such report was seen (an agent found already running it)."""
+        seqs = [
+            seq for seq, d in zip(self.deployment_seqs.get(agent, ()),
+                                  self.deployments.get(agent, ()), strict=True)
+            if (d.model, d.version, d.state) == (model, version, state)
+        ]
+        return not seqs or self.health_seq.get(agent, 0) > seqs[-1]
 
     def runs(self, agent: str, slot: str, model: str, version: int) -> bool:
         """Whether the agent's latest state says it runs ``model@version`` in ``slot``."""
@@ -70,6 +84,8 @@ class FleetObserver:
         self._health: dict[str, AgentHealth] = {}
         self._deployments: dict[str, list[DeploymentStatus]] = {}
         self._drift: dict[str, int] = {}
+        self._health_seq: dict[str, int] = {}
+        self._deployment_seqs: dict[str, list[int]] = {}
         self._subscribed = threading.Event()
 
     def start(self, timeout: float = 10.0) -> None:
@@ -108,15 +124,18 @@ class FleetObserver:
 
     def _record(self, agent: str, kind: str, payload: bytes) -> None:
         with self._cond:
+            seq = self._seq + 1
             if kind == "state":
                 self._states[agent] = decode_agent_state(payload)
             elif kind == "health":
                 self._health[agent] = decode_agent_health(payload)
+                self._health_seq[agent] = seq
             elif kind == "deployments":
                 self._deployments.setdefault(agent, []).append(decode_deployment_status(payload))
+                self._deployment_seqs.setdefault(agent, []).append(seq)
             elif kind == "events" and _is_drift_event(payload):
                 self._drift[agent] = self._drift.get(agent, 0) + 1
-            self._seq += 1
+            self._seq = seq
             self._cond.notify_all()
 
     def snapshot(self) -> FleetSnapshot:
@@ -126,6 +145,8 @@ class FleetObserver:
                 dict(self._health),
                 {a: tuple(d) for a, d in self._deployments.items()},
                 dict(self._drift),
+                dict(self._health_seq),
+                {a: tuple(s) for a, s in self._deployment_seqs.items()},
             )
 
     def wait(self, timeout: float) -> bool:

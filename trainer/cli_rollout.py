@@ -14,6 +14,7 @@ import argparse
 import fcntl
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,12 +113,17 @@ def _drive(args: argparse.Namespace, rollout_id: str, client: Any, observer: Any
     from trainer.progress import ProgressBar
 
     bar: ProgressBar | None = None
+    shown: tuple[Any, ...] = ()
 
     def progress(view: Any) -> None:
-        nonlocal bar
+        # The controller steps at every agent message: redraw on a new phase, else every 2 s.
+        nonlocal bar, shown
         if bar is None:
             bar = ProgressBar(f"rollout {rollout_id}", view.stages, enabled=not args.quiet)
-        bar.update(view.stage, view.describe())
+        key = (view.stage, view.phase, view.paused, int(time.monotonic() / 2))
+        if key != shown:
+            shown = key
+            bar.update(view.stage, view.describe())
 
     controller = RolloutController(
         args.registry, rollout_id, client=client, topics=_topics(args), observer=observer,
@@ -279,11 +285,27 @@ def _print_record(args: argparse.Namespace, r: RolloutRecord,
     if canaries:
         print(f"  canaries: {', '.join(canaries)}")
     for e in events or []:
-        detail = e["detail"]
-        text = detail.get("message") or ", ".join(
-            f"{k}={v}" for k, v in sorted(detail.items()) if k in ("agents", "serial", "to", "removed")
+        print(f"  {e['ts']}  stage {e['stage'] + 1}  {e['kind']:<13} {_describe_event(e['detail'])}")
+
+
+def _describe_event(detail: dict[str, Any]) -> str:
+    if detail.get("message"):
+        return str(detail["message"])
+    agents = detail.get("agents")
+    if isinstance(agents, dict):  # promoted / completed: what each canary did during the soak
+        return "; ".join(
+            f"{a} {w['anomalies']}/{w['inferences']} anomalies, {w['errors']} errors"
+            + ("" if w.get("p99_ms") is None else f", p99 {w['p99_ms']:.2f} ms")
+            for a, w in sorted(agents.items())
         )
-        print(f"  {e['ts']}  stage {e['stage'] + 1}  {e['kind']:<13} {text}")
+    parts = [] if agents is None else [", ".join(agents)]
+    if detail.get("documents"):
+        parts.append("wrote " + ", ".join(detail["documents"]))
+    if detail.get("removed"):
+        parts.append("removed " + ", ".join(detail["removed"]))
+    if detail.get("to"):
+        parts.append(f"back to {detail['to']}")
+    return "; ".join(parts)
 
 
 # -- parser -----------------------------------------------------------------------------------

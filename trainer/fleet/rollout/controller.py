@@ -118,17 +118,28 @@ class RolloutController:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def run(self, poll_s: float = 1.0) -> RolloutRecord:
+    def run(self, poll_s: float = 1.0, settle_s: float = 5.0) -> RolloutRecord:
         """Step until the rollout is finished; returns its final record.
 
         Wakes at every agent message, and at least every ``poll_s`` seconds to see the
-        operator's pause/abort requests and the soak's end.
+        operator's pause/abort requests and the soak's end. Before the first step it gives
+        the agents' retained states ``settle_s`` seconds to arrive.
         """
+        self._settle(settle_s)
         while True:
             record = self.step()
             if record.finished:
                 return record
             self.observer.wait(poll_s)
+
+    def _settle(self, timeout: float) -> None:
+        with Registry.open(Path(self.registry_dir)) as registry:
+            agents = RolloutStore(registry).get(self.rollout_id).agents
+        deadline = time.monotonic() + timeout
+        while not all(a in self.observer.snapshot().states for a in agents):
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.observer.wait(left):
+                return
 
     def step(self) -> RolloutRecord:
         """One transition (or none) from the stored state and what the agents said so far."""
@@ -183,7 +194,7 @@ class RolloutController:
         else:
             new = [a for a in others if fleet.online(a)][: sizes[r.stage] - len(participants)]
             if not new:
-                logger.warning("stage %d: no online agent to add; waiting", r.stage + 1)
+                logger.info("stage %d: no online agent to add; waiting", r.stage + 1)
                 return r
         baselines = dict(p.get("baselines", {}))
         for agent in new:

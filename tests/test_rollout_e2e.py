@@ -6,7 +6,9 @@ rollout`` CLI as a subprocess, the registry and TUF repository on disk.
 2. a candidate that floods false alarms is rolled back at the canary stage by the anomaly-rate
    gate; the other agents never download or activate it (their reports and their disk say so);
 3. a controller killed with SIGKILL mid-soak is resumed by ``edgefleet rollout resume`` and
-   completes the rollout from the stage and soak it was in.
+   completes the rollout from the stage and soak it was in;
+4. ``rollout pause`` holds a running rollout and ``rollout abort`` makes its controller roll
+   the canary back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +152,23 @@ def on_disk(state_dir: Path) -> dict[str, Any]:
     return json.loads((state_dir / "state.json").read_text())
 
 
+def stored_phase(registry: Path) -> Any:
+    """A function reading (id, stage, phase) of the registry's rollout, as another process would."""
+    db = registry / "registry.sqlite"
+
+    def phase() -> tuple[str, int, str] | None:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            row = conn.execute("SELECT id, stage, progress FROM rollouts").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        finally:
+            conn.close()
+        return None if row is None else (row[0], row[1], json.loads(row[2]).get("phase"))
+
+    return phase
+
+
 # -- 1. promoted -----------------------------------------------------------------------------
 
 
@@ -213,18 +233,7 @@ def test_a_candidate_that_floods_false_alarms_is_rolled_back_at_the_canary(fleet
 
 
 def test_a_killed_controller_is_resumed_from_the_registry_and_completes(fleet: Fleet) -> None:
-    db = fleet.registry / "registry.sqlite"
-
-    def phase() -> tuple[str, int, str] | None:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            row = conn.execute("SELECT id, stage, progress FROM rollouts").fetchone()
-        except sqlite3.OperationalError:
-            return None
-        finally:
-            conn.close()
-        return None if row is None else (row[0], row[1], json.loads(row[2]).get("phase"))
-
+    phase = stored_phase(fleet.registry)
     controller = subprocess.Popen(
         fleet.rollout("start", "host@2", "--group", "lab", "--stages", "1,100%", "--soak", "8s", *GATES),
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -252,3 +261,47 @@ def test_a_killed_controller_is_resumed_from_the_registry_and_completes(fleet: F
                      "soak-started", "completed"], kinds
     fleet.watch.wait_for(lambda: all(fleet.reported(a, 2, "active") for a in AGENTS), 30,
                          "host@2 active on every agent")
+
+
+# -- 4. paused and aborted --------------------------------------------------------------------
+
+
+def test_pause_holds_a_rollout_and_abort_rolls_the_canary_back(fleet: Fleet) -> None:
+    phase = stored_phase(fleet.registry)
+    controller = subprocess.Popen(
+        fleet.rollout("start", "host@2", "--group", "lab", "--stages", "1,100%", "--soak", "8s",
+                      *GATES),
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        rid, _, _ = poll_until(lambda: (p := phase()) and p[2] == "soaking" and p,
+                               120, "the first stage soaking", fleet.agents.tail)
+        cli("rollout", "pause", rid, "--registry", str(fleet.registry))
+        status = fleet.status(rid)
+        assert status["paused"] is True and status["stage"] == 0
+        # Held: the agents report past the soak's end, and the rollout is still at stage 1.
+        soak_end = status["progress"]["soak_started_at"] + status["soak_s"]
+        fleet.watch.wait_for(
+            lambda: any(h.agent == "edge-a" and datetime.fromisoformat(h.ts).timestamp() > soak_end + 2
+                        for h in fleet.watch.of("health")), 60, "health reports after the soak's end")
+        assert phase()[1:] == (0, "soaking")
+        abort = fleet.run("abort", rid)
+        assert abort.returncode == 0, abort.stderr
+        assert "abort requested" in abort.stdout  # the live controller does the rollback
+        _, stderr = controller.communicate(timeout=120)
+        assert controller.returncode == 1, stderr
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait(10)
+    status = fleet.status(rid)
+    assert status["state"] == "aborted" and status["message"] == "aborted by the operator"
+    kinds = [e["kind"] for e in status["events"]]
+    # Paused, the rollout never went on to the group stage, although its soak was over.
+    assert kinds == ["started", "deployed", "soak-started", "paused", "abort", "rolled-back"], kinds
+    fleet.watch.wait_for(lambda: fleet.reported("edge-a", 1, "rolled_back"), 30,
+                         "the canary rolled back to host@1")
+    assert set(fleet.documents()) == {"deployments/groups/lab.json"}
+    for agent in ("edge-b", "edge-c"):
+        assert fleet.reported(agent, 2) == [], agent

@@ -238,3 +238,31 @@ def test_abort_before_anything_was_deployed_changes_no_document(world: Any) -> N
     record = _controller(world, rid, observer, Clock()).step()
     assert record.state == "aborted"
     assert _documents(registry) == {"deployments/groups/lab.json": 1}
+
+
+def test_a_breach_in_the_last_stage_points_the_group_back_at_the_previous_version(world: Any) -> None:
+    registry, _, played, start = world
+    rid, observer = start()
+    clock = Clock()
+    ctrl = _controller(world, rid, observer, clock)
+    record = ctrl.step()
+    _activate(played, observer, "a1", record.progress["serial"])
+    ctrl.step()
+    played.health("a1", inferences=100)
+    _until(observer, lambda s: s.health["a1"].inferences == 1100, "a1's soak counters")
+    clock.t += SOAK
+    assert ctrl.step().stage == 1
+    record = ctrl.step()
+    assert _documents(registry) == {"deployments/groups/lab.json": 2}
+    for agent in ("a2", "a3"):
+        _activate(played, observer, agent, record.progress["serial"])
+    assert ctrl.step().progress["phase"] == "soaking"
+
+    played.health("a3", inferences=100, anomalies=90)
+    _until(observer, lambda s: s.health["a3"].anomalies == 100, "a3 flooding")
+    record = ctrl.step()
+    assert record.state == "rolled_back" and record.message.startswith("anomaly-rate on a3")
+    repo = open_repository(registry)
+    group = decode_deployment(repo.target_bytes("deployments/groups/lab.json"))
+    assert (group.slots["default"].version, group.serial) == (1, 3)  # newer serial, older artifact
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}

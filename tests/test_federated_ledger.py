@@ -136,8 +136,8 @@ def test_a_v2_registry_migrates_to_the_federated_tables(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(Exception, match="registry migrate"):
         Registry.open(tmp_path)
-    assert Registry.migrate(tmp_path) == (2, [3])
-    assert SCHEMA_VERSION == 3
+    assert Registry.migrate(tmp_path) == (2, [3, 4])
+    assert SCHEMA_VERSION == 4
     with Registry.open(tmp_path) as reg:
         assert PrivacyLedger(reg).runs() == []
 

@@ -188,7 +188,7 @@ def test_weights_are_kept_by_content_and_v1_registries_migrate_to_versions_witho
     conn.close()
     with pytest.raises(RegistryError, match="registry migrate"):
         Registry.open(old)
-    assert Registry.migrate(old) == (1, [2, 3])
+    assert Registry.migrate(old) == (1, [2, 3, 4])
     with Registry.open(old) as reg:
         record = reg.get("cpu", 1)
         assert record.weights is None

@@ -440,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     from trainer.cli_evaluate import add_evaluate_command
     from trainer.cli_fl import add_fl_commands
     from trainer.cli_fleet import add_fleet_commands
+    from trainer.cli_rollout import add_rollout_commands
     from trainer.cli_search import add_search_command
 
     add_evaluate_command(sub, registry_arg, json_arg)
@@ -448,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_commands(sub, registry_arg, json_arg)
     add_fl_commands(sub, registry_arg, json_arg)
     add_broker_commands(sub, json_arg)
+    add_rollout_commands(sub, registry_arg, json_arg)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _v1(conn: sqlite3.Connection) -> None:
@@ -107,13 +107,56 @@ def _v3(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v4(conn: sqlite3.Connection) -> None:
+    # Staged rollouts (trainer.fleet.rollout): one row per rollout holding the controller's
+    # whole resumable state (``progress`` is JSON: the current stage's participants, their
+    # counters before and at the start of the soak, the documents written), and an append-only
+    # log of what happened (stage deployed, soak started, gate breached, promoted, rolled back).
+    _run(
+        conn,
+        """
+        CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            previous_version INTEGER NOT NULL,
+            grp TEXT NOT NULL,
+            slot TEXT NOT NULL,
+            stages TEXT NOT NULL,
+            soak_s REAL NOT NULL,
+            gates TEXT NOT NULL,
+            agents TEXT NOT NULL,
+            state TEXT NOT NULL,
+            stage INTEGER NOT NULL,
+            paused INTEGER NOT NULL,
+            abort_requested INTEGER NOT NULL,
+            progress TEXT NOT NULL,
+            message TEXT,
+            finished_at TEXT
+        );
+        CREATE INDEX rollouts_group ON rollouts(grp, state);
+        CREATE TABLE rollout_events (
+            rollout TEXT NOT NULL REFERENCES rollouts(id),
+            seq INTEGER NOT NULL,
+            ts TEXT NOT NULL,
+            stage INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            PRIMARY KEY (rollout, seq)
+        );
+        """,
+    )
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 def current_version(conn: sqlite3.Connection) -> int:

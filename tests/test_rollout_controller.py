@@ -1,0 +1,268 @@
+"""The rollout state machine step by step, with an injected clock: a real Mosquitto, a real
+registry and TUF repository on disk, and agents played by a client that publishes the
+messages agents publish (state, deployment reports, health), so that each step's input is
+exactly known. No sleeping: the soak's end is a clock reading, and every wait is on the
+controller's observer receiving a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.deployment import decode_deployment
+from shared.messages import (
+    ActiveModel,
+    AgentHealth,
+    AgentState,
+    DeploymentStatus,
+    encode_agent_health,
+    encode_agent_state,
+    encode_deployment_status,
+)
+from shared.topics import Topics
+from trainer.fleet.deploy import deploy, init_repository, open_repository
+from trainer.fleet.rollout import (
+    FleetObserver,
+    RolloutController,
+    RolloutStore,
+    check_request,
+    create_rollout,
+    parse_gates,
+)
+from trainer.fleet.status import read_fleet
+from trainer.registry import NewArtifact, Registry
+
+TOPICS = Topics()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+AGENTS = ("a1", "a2", "a3")
+SOAK = 60.0
+
+
+class Clock:
+    """Wall-clock seconds that move only when the test says so."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class PlayedAgents:
+    """Publishes, retained and acknowledged, what the agents of group ``lab`` would."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.counts = {a: [0, 0] for a in AGENTS}  # inferences, anomalies
+
+    def _put(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(10)
+
+    def state(self, agent: str, version: int) -> None:
+        active = (ActiveModel("default", "host", version, "onnx", "int8", "0" * 64),)
+        self._put(TOPICS.agent_state(agent), encode_agent_state(AgentState(
+            agent=agent, status="online", bdseq=1, group="lab", profile="x86-64-v3",
+            arch="x86_64", runtimes=("onnxruntime",), active=active, emulated=False,
+            ts=_now(), health_period_s=1.0,
+        )))
+
+    def report(self, agent: str, version: int, state: str, serial: int, reason: str | None = None) -> None:
+        self._put(TOPICS.agent_deployments(agent), encode_deployment_status(DeploymentStatus(
+            agent=agent, slot="default", model="host", version=version, state=state,
+            reason=reason, serial=serial, ts=_now(),
+        )))
+
+    def health(self, agent: str, inferences: int = 0, anomalies: int = 0, p99: float = 1.0) -> None:
+        self.counts[agent][0] += inferences
+        self.counts[agent][1] += anomalies
+        n, k = self.counts[agent]
+        self._put(TOPICS.agent_health(agent), encode_agent_health(AgentHealth(
+            agent=agent, ts=_now(), inferences=n, anomalies=k, errors=0,
+            latency_ms={"p50": p99 / 2, "p99": p99}, outbox_depth=0, outbox_dropped=0,
+            rss_mb=50.0, cpu_percent=5.0,
+        )))
+
+
+def _register(registry: Path) -> None:
+    with Registry.open(registry, create=True) as reg:
+        for v in (1, 2):
+            art = NewArtifact("onnx", "int8", f"bundle of host@{v}".encode(), 16, ["x86-64-v3"], {})
+            reg.register("host", metrics={}, params={}, lineage={}, architecture={}, artifacts=[art])
+
+
+def _until(observer: FleetObserver, predicate: Callable[[Any], bool], what: str) -> None:
+    for _ in range(200):
+        if predicate(observer.snapshot()):
+            return
+        observer.wait(0.5)
+    raise AssertionError(f"the observer never saw {what}")
+
+
+@pytest.fixture
+def world(tmp_path: Path, clients) -> Any:
+    registry = tmp_path / "registry"
+    _register(registry)
+    init_repository(registry)
+    trainer = clients()
+    deploy(registry, "host@1", group="lab", client=trainer, topics=TOPICS)
+    played = PlayedAgents(clients())
+    for agent in AGENTS:
+        played.state(agent, 1)
+        played.health(agent, inferences=1000, anomalies=10)
+    views = read_fleet(trainer, TOPICS)
+    assert [v.agent for v in views] == list(AGENTS)
+
+    def start(gates: str = "latency-p99=2ms") -> tuple[str, FleetObserver]:
+        request = check_request(registry, "host@2", "lab", "default", ("1", "100%"), SOAK,
+                                parse_gates(gates))
+        record, skipped = create_rollout(registry, request, views)
+        assert skipped == {} and record.agents == AGENTS
+        observer = FleetObserver(clients(), TOPICS)
+        observer.start()
+        _until(observer, lambda s: all(a in s.health for a in AGENTS), "every agent's health")
+        return record.id, observer
+
+    return registry, trainer, played, start
+
+
+def _controller(world: Any, rid: str, observer: FleetObserver, clock: Clock) -> RolloutController:
+    registry, trainer, _, _ = world
+    return RolloutController(registry, rid, client=trainer, topics=TOPICS, observer=observer,
+                             clock=clock, activation_timeout=120.0)
+
+
+def _documents(registry: Path) -> dict[str, Any]:
+    repo = open_repository(registry)
+    return {t: decode_deployment(repo.target_bytes(t)).slots["default"].version
+            for t in repo.targets() if t.startswith("deployments/")}
+
+
+def _activate(played: PlayedAgents, observer: FleetObserver, agent: str, serial: int) -> None:
+    played.report(agent, 2, "active", serial)
+    played.state(agent, 2)
+    played.health(agent)  # the first report after the activation: the soak counts from it
+    _until(observer, lambda s: s.health_after_report(agent, "host", 2, "active")
+           and s.runs(agent, "default", "host", 2), f"{agent} running host@2")
+
+
+def test_a_restarted_controller_keeps_the_soak_it_was_in_and_promotes(world: Any) -> None:
+    registry, _, played, start = world
+    rid, observer = start()
+    clock = Clock()
+    ctrl = _controller(world, rid, observer, clock)
+
+    record = ctrl.step()  # stage 1: the first agent gets its own document
+    assert record.progress["phase"] == "activating" and record.progress["new"] == ["a1"]
+    assert _documents(registry) == {"deployments/groups/lab.json": 1, "deployments/agents/a1.json": 2}
+    assert ctrl.step().progress["phase"] == "activating"  # nothing reported yet
+
+    _activate(played, observer, "a1", record.progress["serial"])
+    record = ctrl.step()
+    assert record.progress["phase"] == "soaking" and record.progress["soak_started_at"] == clock.t
+
+    played.health("a1", inferences=200, anomalies=1)  # 0.5 %: well under 3 x the 1 % it had
+    for agent in ("a2", "a3"):
+        played.health(agent, inferences=200, anomalies=2)
+    _until(observer, lambda s: s.health["a1"].inferences == 1200, "a1's soak counters")
+    clock.t += SOAK - 1
+    assert ctrl.step().progress["phase"] == "soaking"  # one second of soak left
+
+    # The controller dies; a new one (another process, later) resumes from the registry.
+    clock.t += 0.5
+    again = _controller(world, rid, observer, clock)
+    assert again.view(again.step()).soak_left_s == pytest.approx(0.5)
+    clock.t += 1
+    record = again.step()
+    assert (record.stage, record.progress["phase"]) == (1, "deploy")
+
+    record = again.step()  # the last stage: the group's document, no override left
+    assert _documents(registry) == {"deployments/groups/lab.json": 2}
+    assert record.progress["expect"] == ["a2", "a3"]
+    for agent in ("a2", "a3"):
+        _activate(played, observer, agent, record.progress["serial"])
+    assert again.step().progress["phase"] == "soaking"
+    for agent in AGENTS:
+        played.health(agent, inferences=100)
+    _until(observer, lambda s: s.health["a3"].inferences == 1300, "the last counters")
+    clock.t += SOAK
+    record = again.step()
+    assert record.state == "completed"
+    with Registry.open(registry) as reg:
+        kinds = [e["kind"] for e in RolloutStore(reg).events(rid)]
+    assert kinds == ["started", "deployed", "soak-started", "promoted", "deployed",
+                     "soak-started", "completed"]
+
+
+@pytest.mark.parametrize(("gates", "act", "gate"), [
+    ("latency-p99=2ms", lambda p: p.health("a1", inferences=100, anomalies=40), "anomaly-rate"),
+    ("latency-p99=2ms", lambda p: p.health("a1", inferences=100, p99=7.5), "latency-p99"),
+    ("latency-p99=2ms", lambda p: p.report("a1", 2, "failed", 2, "smoke test: output 0 differs"),
+     "failures"),
+])
+def test_a_breach_rolls_the_canary_back_with_a_new_metadata_version(
+    world: Any, gates: str, act: Callable[[PlayedAgents], None], gate: str
+) -> None:
+    registry, _, played, start = world
+    rid, observer = start(gates)
+    clock = Clock()
+    ctrl = _controller(world, rid, observer, clock)
+    record = ctrl.step()
+    _activate(played, observer, "a1", record.progress["serial"])
+    assert ctrl.step().progress["phase"] == "soaking"
+    targets_before = open_repository(registry).versions()["targets"]
+
+    mark = observer.snapshot()
+    act(played)
+    _until(observer, lambda s: s != mark, "the canary's report")
+    record = ctrl.step()
+    assert record.state == "rolled_back" and record.message.startswith(f"{gate} on a1")
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}
+    assert open_repository(registry).versions()["targets"] > targets_before
+
+
+def test_abort_before_anything_was_deployed_changes_no_document(world: Any) -> None:
+    registry, _, _, start = world
+    rid, observer = start()
+    with Registry.open(registry) as reg:
+        RolloutStore(reg).update(rid, abort_requested=True)
+    record = _controller(world, rid, observer, Clock()).step()
+    assert record.state == "aborted"
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}
+
+
+def test_a_breach_in_the_last_stage_points_the_group_back_at_the_previous_version(world: Any) -> None:
+    registry, _, played, start = world
+    rid, observer = start()
+    clock = Clock()
+    ctrl = _controller(world, rid, observer, clock)
+    record = ctrl.step()
+    _activate(played, observer, "a1", record.progress["serial"])
+    ctrl.step()
+    played.health("a1", inferences=100)
+    _until(observer, lambda s: s.health["a1"].inferences == 1100, "a1's soak counters")
+    clock.t += SOAK
+    assert ctrl.step().stage == 1
+    record = ctrl.step()
+    assert _documents(registry) == {"deployments/groups/lab.json": 2}
+    for agent in ("a2", "a3"):
+        _activate(played, observer, agent, record.progress["serial"])
+    assert ctrl.step().progress["phase"] == "soaking"
+
+    played.health("a3", inferences=100, anomalies=90)
+    _until(observer, lambda s: s.health["a3"].anomalies == 100, "a3 flooding")
+    record = ctrl.step()
+    assert record.state == "rolled_back" and record.message.startswith("anomaly-rate on a3")
+    repo = open_repository(registry)
+    group = decode_deployment(repo.target_bytes("deployments/groups/lab.json"))
+    assert (group.slots["default"].version, group.serial) == (1, 3)  # newer serial, older artifact
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}

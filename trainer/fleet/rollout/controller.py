@@ -1,0 +1,402 @@
+"""The rollout controller: a state machine whose whole state lives in the registry.
+
+A rollout of ``MODEL@V`` to group ``G`` walks its stages; each stage goes through phases::
+
+    deploy ──► activating ──► soaking ──► (next stage: deploy) … ──► completed
+                   │              │
+                   └── breach ────┴──► rolled_back   (abort: aborted)
+
+- **deploy**: choose the stage's new canaries (eligible agents that are online, in id order),
+  read their counters (the baseline under the previous version), write their per-agent
+  documents (the last stage: the group's document) and publish.
+- **activating**: wait until every new canary reports the candidate active (a ``failed``
+  report, or no activation within ``activation_timeout``, is a breach).
+- **soaking**: for ``soak`` seconds, judge the canaries' reports with the gates
+  (:func:`~trainer.fleet.rollout.gates.evaluate_gates`) at every new message; any breach rolls
+  back at once. After the soak, a stage whose canaries have enough data passes.
+
+Every transition is written to the registry before the controller acts on the next one, so a
+controller killed at any point resumes where it was: in the same phase, with the soak's
+original start (the remaining soak is what is left of it) and the counters it read. Writing
+documents is idempotent, so a step interrupted between publishing and recording is redone.
+
+A paused rollout keeps watching (a breach still rolls back) but does not start a new stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from shared.profiles import FirmwareProfile, ProfileError, load_profile
+from shared.topics import Topics
+from trainer.fleet.rollout.documents import promote_group, restore_previous, write_canaries
+from trainer.fleet.rollout.gates import (
+    Breach,
+    CanaryEvidence,
+    Counts,
+    StageEvidence,
+    Verdict,
+    drift_flag,
+    evaluate_gates,
+)
+from trainer.fleet.rollout.observer import FleetObserver, FleetSnapshot
+from trainer.fleet.rollout.plan import stage_sizes
+from trainer.fleet.rollout.store import RolloutRecord, RolloutStore
+from trainer.registry import Registry
+
+__all__ = ["DEFAULT_ACTIVATION_TIMEOUT_S", "RolloutController", "StageView"]
+
+logger = logging.getLogger(__name__)
+
+#: How long new canaries may take to download, verify, smoke-test and activate the candidate,
+#: and how long after the soak a canary without enough inferences is waited for.
+DEFAULT_ACTIVATION_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class StageView:
+    """Where a running rollout is, for progress output."""
+
+    stage: int
+    stages: int
+    phase: str
+    canaries: int
+    soak_left_s: float | None
+    paused: bool
+
+    def describe(self) -> str:
+        text = f"stage {self.stage + 1}/{self.stages} ({self.canaries} agent(s)): {self.phase}"
+        if self.phase == "soaking" and self.soak_left_s is not None:
+            text += f", {self.soak_left_s:.0f}s left"
+        return text + (" [paused]" if self.paused else "")
+
+
+class RolloutController:
+    """Drives one stored rollout to its end.
+
+    ``client`` must be connected (network thread running) and ``observer`` started on it.
+    ``clock`` (wall-clock seconds, default :func:`time.time`) is injectable: the soak's start
+    is stored as a clock reading so that another process can resume it. ``on_progress`` is
+    called with a :class:`StageView` after every step. Not thread safe: one controller per
+    rollout (the CLI holds a lock file for it).
+    """
+
+    def __init__(
+        self,
+        registry_dir: str | os.PathLike[str],
+        rollout_id: str,
+        *,
+        client: mqtt.Client,
+        topics: Topics,
+        observer: FleetObserver,
+        clock: Callable[[], float] = time.time,
+        activation_timeout: float = DEFAULT_ACTIVATION_TIMEOUT_S,
+        publish_timeout: float = 30.0,
+        on_progress: Callable[[StageView], None] | None = None,
+        profile_loader: Callable[[str], FirmwareProfile] = load_profile,
+    ) -> None:
+        self.registry_dir = registry_dir
+        self.rollout_id = rollout_id
+        self.client = client
+        self.topics = topics
+        self.observer = observer
+        self.clock = clock
+        self.activation_timeout = activation_timeout
+        self.publish_timeout = publish_timeout
+        self.on_progress = on_progress
+        self._profile_loader = profile_loader
+        self._budgets: dict[str, float | None] = {}
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self, poll_s: float = 1.0, settle_s: float = 5.0) -> RolloutRecord:
+        """Step until the rollout is finished; returns its final record.
+
+        Wakes at every agent message, and at least every ``poll_s`` seconds to see the
+        operator's pause/abort requests and the soak's end. Before the first step it gives
+        the agents' retained states ``settle_s`` seconds to arrive.
+        """
+        self._settle(settle_s)
+        while True:
+            record = self.step()
+            if record.finished:
+                return record
+            self.observer.wait(poll_s)
+
+    def _settle(self, timeout: float) -> None:
+        with Registry.open(Path(self.registry_dir)) as registry:
+            agents = RolloutStore(registry).get(self.rollout_id).agents
+        deadline = time.monotonic() + timeout
+        while not all(a in self.observer.snapshot().states for a in agents):
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.observer.wait(left):
+                return
+
+    def step(self) -> RolloutRecord:
+        """One transition (or none) from the stored state and what the agents said so far."""
+        with Registry.open(Path(self.registry_dir)) as registry:
+            store = RolloutStore(registry)
+            record = store.get(self.rollout_id)
+            if record.finished:
+                return record
+            fleet = self.observer.snapshot()
+            progress = dict(record.progress)
+            if progress.get("rolling_back") is not None or record.abort_requested:
+                reason = progress.get("rolling_back") or {"state": "aborted",
+                                                          "message": "aborted by the operator"}
+                record = self._rollback(store, record, reason["state"], reason["message"],
+                                        reason.get("breaches", []))
+            else:
+                phase = progress.get("phase", "deploy")
+                if phase == "deploy":
+                    if not record.paused:
+                        record = self._deploy(store, record, fleet)
+                elif phase == "activating":
+                    record = self._activating(store, record, fleet)
+                elif phase == "soaking":
+                    record = self._soaking(store, record, fleet)
+            if self.on_progress is not None and not record.finished:
+                self.on_progress(self.view(record))
+            return record
+
+    def view(self, record: RolloutRecord) -> StageView:
+        p = record.progress
+        started = p.get("soak_started_at")
+        left = None if started is None else max(0.0, started + record.soak_s - self.clock())
+        return StageView(
+            stage=record.stage,
+            stages=len(stage_sizes(record.stages, len(record.agents))),
+            phase=p.get("phase", "deploy"),
+            canaries=len(p.get("participants", [])) + len(p.get("new", [])),
+            soak_left_s=left,
+            paused=record.paused,
+        )
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def _deploy(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
+        sizes = stage_sizes(r.stages, len(r.agents))
+        final = r.stage == len(sizes) - 1
+        p = dict(r.progress)
+        participants: list[str] = list(p.get("participants", []))
+        others = [a for a in r.agents if a not in participants]
+        if final:
+            new = others
+        else:
+            new = [a for a in others if fleet.online(a)][: sizes[r.stage] - len(participants)]
+            if not new:
+                logger.info("stage %d: no online agent to add; waiting", r.stage + 1)
+                return r
+        baselines = dict(p.get("baselines", {}))
+        for agent in new:
+            counts = _counts(fleet, agent)
+            if counts is not None:
+                baselines[agent] = counts.to_json()
+        if final:
+            change = promote_group(
+                self.registry_dir, r.ref, r.group, r.slot, participants,
+                client=self.client, topics=self.topics, timeout=self.publish_timeout,
+            )
+        else:
+            change = write_canaries(
+                self.registry_dir, r.ref, r.group, r.slot, new,
+                client=self.client, topics=self.topics, timeout=self.publish_timeout,
+            )
+        # Offline agents of the last stage get the group's document when they come back;
+        # only those online now are waited for.
+        expect = [a for a in new if fleet.online(a)] if final else new
+        p.update(
+            phase="activating", participants=participants, new=new, expect=expect,
+            serial=change.serial, deployed_at=self.clock(), baselines=baselines,
+            soak_started_at=None, start={}, drift_start={},
+        )
+        return store.update(r.id, progress=p, event=("deployed", {
+            "agents": new, "documents": list(change.written), "removed": list(change.removed),
+            "serial": change.serial, "group": final,
+        }))
+
+    def _activating(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
+        p = dict(r.progress)
+        failures = self._failures(r, fleet, p)
+        if failures and r.gates.failures:
+            return self._breach(store, r, failures)
+        pending = [a for a in p["expect"] if not fleet.runs(a, r.slot, r.model, r.version)
+                   and not self._reported_active(r, fleet, a, p["serial"])]
+        # The soak's counters start at a health report sent after the activation, so that
+        # the window holds only the candidate's inferences.
+        pending += [a for a in p["expect"] if a not in pending
+                    and not fleet.health_after_report(a, r.model, r.version, "active")]
+        if pending:
+            if self.clock() - p["deployed_at"] > self.activation_timeout:
+                return self._breach(store, r, [
+                    Breach("activation", a, f"not active within {self.activation_timeout:g}s")
+                    for a in pending
+                ])
+            return r
+        judged = p["participants"] + p["new"]
+        start = {}
+        for agent in r.agents:  # canaries and the agents still on the previous version
+            counts = _counts(fleet, agent)
+            if counts is not None:
+                start[agent] = counts.to_json()
+        p.update(phase="soaking", soak_started_at=self.clock(), start=start,
+                 drift_start={a: fleet.drift_events.get(a, 0) for a in r.agents})
+        return store.update(r.id, progress=p, event=("soak-started", {
+            "agents": judged, "soak_s": r.soak_s,
+        }))
+
+    def _soaking(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
+        p = dict(r.progress)
+        verdict = self.evaluate(r, fleet)
+        if verdict.breached:
+            return self._breach(store, r, list(verdict.breaches))
+        now = self.clock()
+        soak_end = p["soak_started_at"] + r.soak_s
+        if now < soak_end:
+            return r
+        if not verdict.judged:
+            if now - soak_end > self.activation_timeout:
+                return self._breach(store, r, [
+                    Breach("data", a, f"fewer than {r.gates.min_inferences} inferences reported")
+                    for a in verdict.waiting
+                ])
+            return r
+        if r.paused:
+            return r
+        sizes = stage_sizes(r.stages, len(r.agents))
+        summary = self._summary(r, fleet)
+        if r.stage == len(sizes) - 1:
+            return store.update(
+                r.id, state="completed", finished_at=_iso_now(),
+                message=f"{r.ref} runs on group {r.group}",
+                progress={**p, "phase": "done"},
+                event=("completed", {"agents": summary}),
+            )
+        p.update(phase="deploy", participants=p["participants"] + p["new"], new=[], expect=[])
+        return store.update(r.id, stage=r.stage + 1, progress=p, event=("promoted", {
+            "from_stage": r.stage, "agents": summary,
+        }))
+
+    # -- gates -----------------------------------------------------------------------------
+
+    def evidence(self, r: RolloutRecord, fleet: FleetSnapshot) -> StageEvidence:
+        """The soaking stage's evidence from the stored counters and the latest reports."""
+        p = r.progress
+        judged = p.get("participants", []) + p.get("new", [])
+        start = {a: Counts.from_json(c) for a, c in p.get("start", {}).items()}
+        baselines = {a: Counts.from_json(c) for a, c in p.get("baselines", {}).items()}
+        failures = {b.agent: b.detail for b in self._failures(r, fleet, p)}
+        canaries = []
+        for agent in judged:
+            now = _counts(fleet, agent)
+            window = Counts() if now is None or agent not in start else now.since(start[agent])
+            health = fleet.health.get(agent)
+            p99 = None if health is None else health.latency_ms.get("p99")
+            drifted = drift_flag(None if health is None else health.to_json())
+            if fleet.drift_events.get(agent, 0) > p.get("drift_start", {}).get(agent, 0):
+                drifted = True
+            canaries.append(CanaryEvidence(
+                agent=agent,
+                window=window,
+                baseline=baselines.get(agent),
+                p99_ms=None if p99 is None else float(p99),
+                latency_budget_ms=self._budget(fleet, agent),
+                drifted=drifted,
+                failure=failures.get(agent),
+            ))
+        peers: Counts | None = None
+        for agent in r.agents:
+            if agent in judged or agent not in start:
+                continue
+            now = _counts(fleet, agent)
+            if now is not None:
+                peers = (peers or Counts()) + now.since(start[agent])
+        return StageEvidence(tuple(canaries), peers)
+
+    def evaluate(self, r: RolloutRecord, fleet: FleetSnapshot) -> Verdict:
+        return evaluate_gates(r.gates, self.evidence(r, fleet))
+
+    def _failures(self, r: RolloutRecord, fleet: FleetSnapshot, p: dict[str, Any]) -> list[Breach]:
+        serial = p.get("serial", 0)
+        out = []
+        for agent in p.get("new", []) + p.get("participants", []):
+            for status in fleet.deployments.get(agent, ()):
+                if (status.state == "failed" and status.model == r.model
+                        and status.version == r.version and status.serial >= serial):
+                    out.append(Breach("failures", agent, status.reason or "failed"))
+                    break
+        return out
+
+    @staticmethod
+    def _reported_active(r: RolloutRecord, fleet: FleetSnapshot, agent: str, serial: int) -> bool:
+        return any(
+            s.state == "active" and s.model == r.model and s.version == r.version
+            and s.slot == r.slot and s.serial >= serial
+            for s in fleet.deployments.get(agent, ())
+        )
+
+    def _budget(self, fleet: FleetSnapshot, agent: str) -> float | None:
+        state = fleet.states.get(agent)
+        if state is None:
+            return None
+        if state.profile not in self._budgets:
+            try:
+                self._budgets[state.profile] = self._profile_loader(state.profile).budget.latency_p99_ms
+            except ProfileError:
+                self._budgets[state.profile] = None  # a profile this trainer does not know
+        return self._budgets[state.profile]
+
+    def _summary(self, r: RolloutRecord, fleet: FleetSnapshot) -> dict[str, Any]:
+        ev = self.evidence(r, fleet)
+        return {
+            c.agent: {**c.window.to_json(), "rate": round(c.window.rate, 4), "p99_ms": c.p99_ms}
+            for c in ev.canaries
+        }
+
+    # -- the outcome -------------------------------------------------------------------------
+
+    def _breach(self, store: RolloutStore, r: RolloutRecord, breaches: list[Breach]) -> RolloutRecord:
+        message = "; ".join(str(b) for b in breaches)
+        logger.warning("rollout %s: gate breached: %s", r.id, message)
+        return self._rollback(store, r, "rolled_back", message, [b.to_json() for b in breaches])
+
+    def _rollback(
+        self, store: RolloutStore, r: RolloutRecord, state: str, message: str,
+        breaches: list[dict[str, str]],
+    ) -> RolloutRecord:
+        p = dict(r.progress)
+        if p.get("rolling_back") is None:  # recorded first: a crash mid-rollback redoes it
+            p["rolling_back"] = {"state": state, "message": message, "breaches": breaches}
+            r = store.update(r.id, progress=p, event=("breach" if state == "rolled_back" else "abort",
+                                                      {"message": message, "breaches": breaches}))
+        canaries = list(dict.fromkeys(p.get("participants", []) + p.get("new", [])))
+        change = restore_previous(
+            self.registry_dir, f"{r.model}@{r.previous_version}", r.group, r.slot, r.version,
+            canaries, client=self.client, topics=self.topics, timeout=self.publish_timeout,
+        )
+        return store.update(r.id, state=state, message=message, finished_at=_iso_now(),
+                            progress={**p, "phase": "done"}, event=("rolled-back", {
+                                "to": f"{r.model}@{r.previous_version}", "agents": canaries,
+                                "removed": list(change.removed),
+                                "documents": list(change.written),
+                            }))
+
+
+def _counts(fleet: FleetSnapshot, agent: str) -> Counts | None:
+    health = fleet.health.get(agent)
+    if health is None:
+        return None
+    return Counts(health.inferences, health.anomalies, health.errors)
+
+
+def _iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

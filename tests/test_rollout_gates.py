@@ -74,7 +74,7 @@ def test_the_recorded_flood_breaches_the_anomaly_rate_gate_and_only_it() -> None
             baseline=_counts(before),
             p99_ms=later.latency_ms["p99"],
             latency_budget_ms=1000.0,
-            drifted=drift_flag(later.to_json()),
+            drifted=drift_flag(later.to_json(), "main"),
         ),),
         peers=_counts(peer_end).since(_counts(peer_start)),
     )
@@ -153,14 +153,20 @@ def test_failures_errors_and_drift_breach_at_once() -> None:
 
 def test_drift_is_read_from_health_when_agents_report_it() -> None:
     health = _health("edge-a", -1).to_json()
-    assert drift_flag(health) is None  # these agents do not report drift
-    assert drift_flag({**health, "drift": {"drifted": True, "psi": 0.4}}) is True
-    assert drift_flag({**health, "drift": {"drifted": False}}) is False
-    assert drift_flag({**health, "drift": True}) is True
+    assert drift_flag(health, "main") is None  # these agents do not report drift
+    measured = {"available": True, "model": "host", "version": 3, "window": 1000, "fill": 1000,
+                "features": {}, "score": {}}
+    assert drift_flag({**health, "drift": {"main": {**measured, "drifted": True}}}, "main") is True
+    assert drift_flag({**health, "drift": {"main": {**measured, "drifted": False}}}, "main", 3) is False
+    # Another slot, another version, or a bundle without a drift reference say nothing.
+    assert drift_flag({**health, "drift": {"other": {**measured, "drifted": True}}}, "main") is None
+    assert drift_flag({**health, "drift": {"main": {**measured, "drifted": True}}}, "main", 2) is None
+    unavailable = {"main": {"available": False, "model": "host", "version": 3, "reason": "no reference"}}
+    assert drift_flag({**health, "drift": unavailable}, "main") is None
     # A health report carrying drift still decodes (unknown fields are kept).
     again = decode_agent_health(encode_agent_health(decode_agent_health(
-        json.dumps({**health, "drift": {"drifted": True}}).encode())))
-    assert drift_flag(again.to_json()) is True
+        json.dumps({**health, "drift": {"main": {**measured, "drifted": True}}}).encode())))
+    assert drift_flag(again.to_json(), "main", 3) is True
 
 
 def test_an_agent_that_restarted_counts_from_zero() -> None:

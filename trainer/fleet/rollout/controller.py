@@ -301,7 +301,7 @@ class RolloutController:
             window = Counts() if now is None or agent not in start else now.since(start[agent])
             health = fleet.health.get(agent)
             p99 = None if health is None else health.latency_ms.get("p99")
-            drifted = drift_flag(None if health is None else health.to_json())
+            drifted = drift_flag(None if health is None else health.to_json(), r.slot, r.version)
             if fleet.drift_events.get(agent, 0) > p.get("drift_start", {}).get(agent, 0):
                 drifted = True
             canaries.append(CanaryEvidence(

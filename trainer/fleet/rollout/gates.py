@@ -326,15 +326,22 @@ def evaluate_gates(gates: Gates, evidence: StageEvidence) -> Verdict:
     return Verdict(tuple(breaches), tuple(waiting))
 
 
-def drift_flag(health: Mapping[str, Any] | None) -> bool | None:
-    """Whether a health report (its JSON object) says the agent sees drift; ``None`` when it
-    carries no ``drift`` field (agents that do not measure drift).
+def drift_flag(health: Mapping[str, Any] | None, slot: str, version: int | None = None) -> bool | None:
+    """Whether a health report (its JSON object) says the model in ``slot`` sees drift;
+    ``None`` when the report carries no drift figures for that slot (agents that do not
+    measure drift, a bundle without a drift reference, another version than ``version``).
 
-    Accepted shapes: ``"drift": true|false`` or an object with a boolean ``drifted`` (or
-    ``alarm``).
+    The agent's health ``drift`` is an object per slot, each with ``available`` and, when
+    available, a boolean ``drifted`` and the ``version`` it measured (edge_agent/drift.py).
     """
-    if health is None or "drift" not in health:
+    if health is None or not isinstance(health.get("drift"), Mapping):
         return None
+    d = health["drift"].get(slot)
+    if not isinstance(d, Mapping) or not d.get("available") or not isinstance(d.get("drifted"), bool):
+        return None
+    if version is not None and d.get("version") != version:
+        return None
+    return bool(d["drifted"])
     drift = health["drift"]
     if isinstance(drift, bool):
         return drift

@@ -19,6 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from shared.messages import (
+    SCHEMA_DRIFT_EVENT,
     AgentHealth,
     AgentState,
     DeploymentStatus,
@@ -157,13 +158,10 @@ class FleetObserver:
 
 
 def _is_drift_event(payload: bytes) -> bool:
-    """Whether an event message is about drift (newer agents send drift events on the events
-    topic; anomaly events, ``edgefleet.event/1``, are not)."""
+    """Whether an events-topic message is a drift event (:data:`SCHEMA_DRIFT_EVENT`); anomaly
+    events (``edgefleet.event/1``) share the topic and its ``seq``."""
     try:
         obj = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
-    if not isinstance(obj, dict):
-        return False
-    schema, kind = obj.get("schema"), obj.get("kind") or obj.get("type")
-    return (isinstance(schema, str) and "drift" in schema) or kind == "drift"
+    return isinstance(obj, dict) and obj.get("schema") == SCHEMA_DRIFT_EVENT

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
@@ -49,12 +50,13 @@ from edge_agent.drift import DriftMonitor, DriftReport, DriftUnavailable, monito
 from edge_agent.mqtt import BrokerError, Will, connect_in_background, new_client
 from edge_agent.outbox import Outbox, OutboxError, OutboxPublisher
 from edge_agent.recent import RECENT_SAMPLES, discontinuity, load_recent, save_recent
-from edge_agent.reconcile import LoadedModel, Reconciler, load_active
-from edge_agent.runtime import available_runtimes
+from edge_agent.reconcile import LoadedModel, Reconciler, Repository, load_active
+from edge_agent.runtime import ModelRuntime, available_runtimes, open_runtime
 from edge_agent.sources import Sample, open_source, parse_source
 from edge_agent.throttle import ThrottledLog
 from edge_agent.trust import IsolatedRepository, TrustError
 from edge_agent.usage import ProcessUsage
+from shared.bundle import BundleSpec
 from shared.files import write_atomically
 from shared.messages import (
     ActiveModel,
@@ -150,7 +152,7 @@ class Agent:
         self.publisher: OutboxPublisher | None = None
         self._outbox_retry_at = 0.0
         self._unstored = ThrottledLog(log, 60.0)  # anomaly events that could not be stored
-        self.trusted: IsolatedRepository | None = None
+        self.trusted: Repository | None = None
         self.reconciler: Reconciler | None = None
         self._storage_failure: str | None = None  # the last one reported while provisioning
         self._session: mqtt.Client | None = None
@@ -184,7 +186,7 @@ class Agent:
         self._history.extend(resumed)
         self._resumed = len(resumed)
         for slot in self.store.slots():
-            loaded = load_active(self.store, slot, c.threads)
+            loaded = load_active(self.store, slot, c.threads, open_model=self._open_model)
             if loaded:
                 self._install(slot, loaded)
         if c.emulated:
@@ -259,20 +261,35 @@ class Agent:
             # then "exist" and refuse every later start.
             write_atomically(anchor, root)
         assert self.store is not None
-        # python-tuf runs in a child process for each reconcile pass, never in this one (memory);
-        # the anchor is checked now. OSError: a full disk.
-        trusted = IsolatedRepository(
-            metadata, c.state_dir / "targets", c.state_dir / "chunks", broker=c.broker,
-            client_id=f"{c.agent_id}.fetch", topics=self.topics, timeout=15,
-        )
+        trusted = self._repository(metadata)
         self.reconciler = Reconciler(
             agent_id=c.agent_id, group=c.group, profile=c.profile, runtimes=self.runtimes,
             threads=c.threads, trusted=trusted, store=self.store,
             report=self._report_deployment, activate=self._install,
             after_pass=self.federation.on_pass if self.federation is not None else None,
             untrusted=self.federation.on_untrusted if self.federation is not None else None,
+            open_model=self._open_model,
         )
         self.trusted = trusted
+
+    def _repository(self, metadata: Path) -> Repository:
+        """The TUF client of reconcile passes, over the trusted metadata in ``metadata``.
+
+        Raises:
+            TrustError: the trust anchor is invalid.
+            OSError: the anchor cannot be cached (a full disk).
+        """
+        c = self.config
+        # python-tuf runs in a child process for each reconcile pass, never in this one (memory);
+        # the anchor is checked now. OSError: a full disk.
+        return IsolatedRepository(
+            metadata, c.state_dir / "targets", c.state_dir / "chunks", broker=c.broker,
+            client_id=f"{c.agent_id}.fetch", topics=self.topics, timeout=15,
+        )
+
+    def _open_model(self, spec: BundleSpec, model: bytes, *, threads: int) -> ModelRuntime:
+        """Open a verified bundle's model in its runtime (one session per agent)."""
+        return open_runtime(spec, model, threads=threads)
 
     def _reserve_bdseq(self) -> bool:
         assert self.store is not None

@@ -43,11 +43,14 @@ from shared.deployment import (
 )
 from shared.profiles import FirmwareProfile
 
-__all__ = ["LoadedModel", "Reconciler", "Repository", "load_active"]
+__all__ = ["LoadedModel", "OpenModel", "Reconciler", "Repository", "load_active"]
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[str, str, str, int, int, str | None], None]  # slot, state, model, version, serial, reason
+#: Opens a bundle's model in its runtime: ``open_model(spec, model, threads=N)``
+#: (:func:`~edge_agent.runtime.open_runtime` unless a caller shares sessions).
+OpenModel = Callable[..., ModelRuntime]
 
 
 class Repository(Protocol):
@@ -74,14 +77,15 @@ class LoadedModel:
     runtime: ModelRuntime
 
 
-def load_active(store: ActivationStore, slot: str, threads: int) -> LoadedModel | None:
+def load_active(store: ActivationStore, slot: str, threads: int, *,
+                open_model: OpenModel = open_runtime) -> LoadedModel | None:
     """Open the slot's current bundle (at start-up); ``None`` if there is none or it fails."""
     record = store.current(slot)
     if record is None:
         return None
     try:
         spec, model = read_bundle(store.bundle_path(record.sha256).read_bytes())
-        runtime = open_runtime(spec, model, threads=threads)
+        runtime = open_model(spec, model, threads=threads)
         smoke_test(runtime, spec)
     except (OSError, BundleError, ModelRuntimeError) as e:
         log.error("slot %s: stored model %s@%s does not load: %s", slot, record.model, record.version, e)
@@ -106,6 +110,7 @@ class Reconciler:
         activate: Callable[[str, LoadedModel], None],
         after_pass: Callable[[Repository], bool] | None = None,
         untrusted: Callable[[TrustError], None] | None = None,
+        open_model: OpenModel = open_runtime,
     ) -> None:
         self.agent_id = agent_id
         self.group = group
@@ -125,6 +130,7 @@ class Reconciler:
         # (expired, tampered, rolled back …): what only a verified repository justified (the
         # federated run) must stop; the deployed models keep serving.
         self.untrusted = untrusted
+        self.open_model = open_model
         self._last_failure: dict[str, str] = {}  # slot → the failure last reported for it
 
     def _desired(self) -> Deployment | None:
@@ -221,7 +227,7 @@ class Reconciler:
             return True
         report("staging")
         try:
-            runtime = open_runtime(spec, model, threads=self.threads)
+            runtime = self.open_model(spec, model, threads=self.threads)
             smoke_test(runtime, spec)
         except RuntimeUnavailableError as e:
             # Runtimes are probed without importing them: one that is installed but does not

@@ -1,4 +1,4 @@
-"""``edgefleet-agent``: init-config, check-config, run.
+"""``edgefleet-agent``: init-config, check-config, run, simulate.
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error, 3 the broker
 refused the credentials or its TLS certificate failed verification (retrying would not help),
@@ -13,9 +13,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from shared.version import VersionAction
+
+if TYPE_CHECKING:
+    import threading
+
+    from edge_agent.simulate import SimulatedFleet
 
 EXIT_USAGE = 2
 
@@ -89,6 +94,71 @@ def cmd_run(args: argparse.Namespace) -> int:
     return agent.run(exit_at_end=args.exit_at_end)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run ``--count`` simulated agents from a template config until SIGINT/SIGTERM."""
+    import json
+    import resource
+    import signal
+    import threading
+
+    from edge_agent.config import ConfigError, load_config
+    from edge_agent.simulate import FleetError, SimulatedFleet
+
+    try:
+        template = load_config(args.config)
+        fleet = SimulatedFleet(template, args.count, prefix=args.prefix, concurrency=args.concurrency)
+    except (ConfigError, FleetError) as e:
+        print(f"edgefleet-agent simulate: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    # Each agent holds a few descriptors (socket, outbox database, fetch connection).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    fleet.start()
+    ready = threading.Thread(target=_announce_ready, args=(fleet, stop, args.json), daemon=True)
+    ready.start()
+    while not stop.wait(0.5) and fleet.running():
+        pass  # woken by a signal, or every agent stopped by itself (e.g. refused credentials)
+    logging.getLogger(__name__).info("stopping %d simulated agents", len(fleet.agents))
+    fleet.stop()
+    code = fleet.exit_code()
+    if args.json:
+        print(json.dumps({"stopped": len(fleet.agents), "exit_code": code}), flush=True)
+    return code
+
+
+def _announce_ready(fleet: SimulatedFleet, stop: threading.Event, as_json: bool) -> None:
+    """Print one line once every agent is through its first reconcile pass."""
+    import json
+
+    from edge_agent.simulate import fleet_summary
+
+    while not stop.is_set():
+        if fleet.wait_ready(1.0):
+            summary = fleet_summary(fleet)
+            if as_json:
+                print(json.dumps({**summary, "ready": True}), flush=True)
+            else:
+                print(f"{summary['agents']} simulated agents ready ({summary['first']} … {summary['last']}, "
+                      f"state under {summary['state_dirs']}); Ctrl-C stops them", flush=True)
+            return
+        if fleet.exit_codes:
+            return
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgefleet-agent", description="The edgefleet edge agent daemon.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -112,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-at-end", action="store_true",
                    help="stop when a csv/stdin source ends (default: keep serving deployments)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser(
+        "simulate", help="run N simulated agents in this process (fleet-scale tests on one machine)",
+        description="Run --count agents from one template config in this process until SIGINT or "
+                    "SIGTERM. Agent i (from 0) is PREFIX-{i:04d} (PREFIX: --prefix, default the "
+                    "template's agent.id) with state directory {agent.state_dir}/{agent id}; the rest "
+                    "comes from the template. Each agent has its own MQTT session, state, outbox "
+                    "and TUF metadata and verifies with TUF itself (in this process, at most "
+                    "--concurrency passes at once); agents share one runtime session per artifact.")
+    p.add_argument("--count", required=True, type=_count, help="how many agents")
+    p.add_argument("--config", required=True, help="template agent config")
+    p.add_argument("--prefix", help="agent id prefix (default: the template's agent.id)")
+    p.add_argument("--concurrency", type=_count, default=16,
+                   help="reconcile passes (TUF verification and download) at once (default 16)")
+    p.add_argument("--json", action="store_true", help="print the ready and stopped lines as JSON")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

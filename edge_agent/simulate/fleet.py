@@ -10,8 +10,9 @@ birth/death sequence and outbox. Two things differ, both so that hundreds fit on
 - agents that activate the same artifact share one runtime session
   (:class:`~edge_agent.simulate.runtimes.SharedRuntimes`).
 
-Every agent runs in its own thread plus the threads a real agent has (paho's network thread,
-outbox publisher, reconcile, health, state writer).
+Every agent runs in its own thread plus the worker threads a real agent has (outbox publisher,
+reconcile, health, state writer); one :class:`~edge_agent.simulate.network.NetworkLoop` thread
+drives every MQTT connection instead of one paho thread per connection.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.daemon import Agent
 from edge_agent.reconcile import Repository
 from edge_agent.runtime import ModelRuntime
+from edge_agent.simulate.network import NetworkLoop
 from edge_agent.simulate.repository import InProcessRepository
 from edge_agent.simulate.runtimes import SharedRuntimes
 from edge_agent.sources import parse_source
@@ -89,8 +91,9 @@ class SimulatedAgent(Agent):
     """
 
     def __init__(self, config: AgentConfig, *, runtimes: SharedRuntimes, passes: threading.Semaphore,
-                 on_pass: threading.Condition) -> None:
+                 on_pass: threading.Condition, network: NetworkLoop) -> None:
         super().__init__(config)
+        self._network = network
         self._runtimes = runtimes
         self._passes = passes
         self._on_pass = on_pass
@@ -100,8 +103,19 @@ class SimulatedAgent(Agent):
         c = self.config
         return InProcessRepository(
             metadata, c.state_dir / "targets", c.state_dir / "chunks", broker=c.broker,
-            client_id=f"{c.agent_id}.fetch", topics=self.topics, passes=self._passes, timeout=15,
+            client_id=f"{c.agent_id}.fetch", topics=self.topics, passes=self._passes,
+            network=self._network, timeout=15,
         )
+
+    def start_connections(self) -> None:
+        """Connect in the background, driven by the fleet's network loop (not a paho thread)."""
+        assert self._session is not None
+        self._network.add(self._session, self.config.broker.url)
+
+    def shutdown(self) -> None:
+        if self._session is not None:
+            self._network.forget(self._session)  # the clean disconnect is not reconnected
+        super().shutdown()
 
     def _open_model(self, spec: BundleSpec, model: bytes, *, threads: int) -> ModelRuntime:
         return self._runtimes.open(spec, model, threads=threads)
@@ -144,6 +158,7 @@ class SimulatedFleet:
         self.runtimes = SharedRuntimes()
         self._passes = threading.BoundedSemaphore(concurrency)
         self._on_pass = threading.Condition()
+        self.network = NetworkLoop()
         self.agents: list[SimulatedAgent] = []
         self._threads: list[threading.Thread] = []
         self.exit_codes: dict[str, int] = {}
@@ -155,9 +170,10 @@ class SimulatedFleet:
     def start(self) -> None:
         """Start every agent in its own thread; returns at once (connections are made in the
         background, as a real agent's)."""
+        self.network.start()
         for config in self.configs:
             agent = SimulatedAgent(config, runtimes=self.runtimes, passes=self._passes,
-                                   on_pass=self._on_pass)
+                                   on_pass=self._on_pass, network=self.network)
             thread = threading.Thread(target=self._run, args=(agent,), name=f"agent {config.agent_id}",
                                       daemon=True)
             self.agents.append(agent)
@@ -208,6 +224,7 @@ class SimulatedFleet:
         stopped = self.wait_stopped(timeout)
         if stopped:
             self.runtimes.close()
+            self.network.close()
         return stopped
 
     def exit_code(self) -> int:

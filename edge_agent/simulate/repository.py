@@ -7,7 +7,7 @@ hundred such children at once (≈ 30 MB each) would not fit a test machine. A s
 runs the same :class:`~edge_agent.trust.TrustedRepository` (python-tuf's ``Updater``) over the
 same :class:`~edge_agent.trust.MqttFetcher`, on its own trusted metadata, targets and chunk
 cache in its own state directory, and over its own broker connection (``{agent}.fetch``, as the
-real agent's child): the verification is the same, only the process is shared. Nothing of the
+real agent's child, driven by the fleet's :class:`~edge_agent.simulate.network.NetworkLoop`): the verification is the same, only the process is shared. Nothing of the
 trust state is shared between agents. A semaphore shared by the fleet bounds how many passes
 run at once, and so how many fetch connections are open.
 """
@@ -20,7 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edge_agent.mqtt import BrokerError, BrokerSettings, connect
+from edge_agent.mqtt import BrokerError, BrokerSettings
+from edge_agent.simulate.network import NetworkLoop
 from edge_agent.trust import TrustError
 from shared.topics import Topics
 
@@ -43,6 +44,7 @@ class InProcessRepository:
         client_id: the MQTT client id of the fetch connection.
         topics: topic names.
         passes: shared by the fleet: how many passes may run at once.
+        network: drives the fetch connection.
         timeout: seconds to wait for CONNACK and for one batch of retained messages.
 
     Raises:
@@ -62,6 +64,7 @@ class InProcessRepository:
         client_id: str,
         topics: Topics,
         passes: threading.Semaphore,
+        network: NetworkLoop,
         timeout: float = 15.0,
     ) -> None:
         from edge_agent.trust.updater import check_trust_anchor
@@ -73,6 +76,7 @@ class InProcessRepository:
         self._client_id = client_id
         self._topics = topics
         self._passes = passes
+        self._network = network
         self._timeout = timeout
         self._client: Any = None
         self._repo: Any = None
@@ -88,13 +92,8 @@ class InProcessRepository:
         if not self._holding:
             self._passes.acquire()
             self._holding = True
-        b = self._broker
         try:
-            self._client = connect(
-                b.url, client_id=self._client_id, username=b.username, password=b.password,
-                ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file,
-                timeout=self._timeout,
-            )
+            self._client = self._network.connect(self._broker, self._client_id, self._timeout)
         except BrokerError as e:
             self.close()
             raise TrustError("unavailable", f"broker: {e}") from e
@@ -124,8 +123,8 @@ class InProcessRepository:
         client, self._client, self._repo = self._client, None, None
         try:
             if client is not None:
+                self._network.forget(client)
                 client.disconnect()
-                client.loop_stop()
         finally:
             if self._holding:
                 self._holding = False

@@ -1,0 +1,281 @@
+"""One thread driving the MQTT connections of every simulated agent: :class:`NetworkLoop`.
+
+A real agent runs paho's network thread (``loop_start``), which waits on its socket with
+``select()``. ``select()`` cannot watch a file descriptor numbered 1024 or above, and five
+hundred agents in one process hold several thousand (MQTT sockets, outbox databases): paho's
+thread then loses its connection at every attempt. So the simulated agents' clients are
+driven by paho's external-loop interface instead (``on_socket_open`` /
+``on_socket_register_write`` … with ``loop_read`` / ``loop_write`` / ``loop_misc``) from a
+single thread waiting on ``epoll``, which has no such limit. It also saves a thread per
+connection.
+
+paho only reconnects inside its own loop; here :class:`NetworkLoop` reconnects a client that
+lost its connection, after a jittered backoff, until :meth:`NetworkLoop.forget` is called for
+it (before a clean ``disconnect()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+
+from edge_agent.daemon import Backoff
+from edge_agent.mqtt import (
+    BrokerAuthError,
+    BrokerError,
+    BrokerSettings,
+    new_client,
+    parse_broker_url,
+)
+
+__all__ = ["NetworkLoop"]
+
+log = logging.getLogger(__name__)
+
+_MISC_PERIOD = 1.0  # seconds between loop_misc() calls (keepalive pings, timeouts)
+_AUTH_FAILURES = {134, 135}
+
+
+@dataclass
+class _Managed:
+    client: mqtt.Client
+    host: str
+    port: int
+    keepalive: int
+    reconnect: bool = True
+    retry_at: float | None = 0.0  # when to (re)connect; None while connected or connecting
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=30.0))
+
+
+class NetworkLoop:
+    """Drives many paho clients from one thread (epoll). Thread safe: clients are added and
+    used (publish, subscribe, disconnect) from any thread.
+
+    Start with :meth:`start`, end with :meth:`close` (after the clients disconnected).
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._lock = threading.Lock()
+        self._by_fd: dict[int, _Managed] = {}
+        self._managed: dict[int, _Managed] = {}  # id(client) -> state
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = _pipe()
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="mqtt network loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def add(self, client: mqtt.Client, url: str, *, keepalive: int = 30) -> None:
+        """Connect ``client`` in the background and keep it connected (like
+        :func:`edge_agent.mqtt.connect_in_background`).
+
+        Raises:
+            BrokerError: bad URL.
+        """
+        _scheme, host, port = parse_broker_url(url)
+        client.suppress_exceptions = True
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        client.connect_async(host, port, keepalive)
+        with self._lock:
+            self._managed[id(client)] = _Managed(client, host, port, keepalive)
+        self._wake()
+
+    def forget(self, client: mqtt.Client) -> None:
+        """Stop reconnecting ``client``; its I/O is still driven until its socket closes (call
+        this before ``disconnect()``)."""
+        with self._lock:
+            managed = self._managed.get(id(client))
+            if managed is not None:
+                managed.reconnect = False
+                managed.retry_at = None
+                if client.socket() is None:  # no socket to close: nothing more to drive
+                    del self._managed[id(client)]
+
+    def connect(self, settings: BrokerSettings, client_id: str, timeout: float) -> mqtt.Client:
+        """A connected client driven by this loop (like :func:`edge_agent.mqtt.connect`); it
+        is not reconnected: :meth:`forget` and ``disconnect()`` it when done.
+
+        Raises:
+            BrokerAuthError: bad credentials.
+            BrokerError: no CONNACK within ``timeout``, or the broker refused.
+        """
+        client = new_client(settings.url, client_id=client_id, username=settings.username,
+                            password=settings.password, ca_file=settings.ca_file,
+                            cert_file=settings.cert_file, key_file=settings.key_file)
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def on_connect(_c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+            outcome.setdefault("reason", reason)
+            done.set()
+
+        client.on_connect = on_connect
+        self.add(client, settings.url)
+        if not done.wait(timeout):
+            self._drop(client)
+            raise BrokerError(f"no CONNACK from {settings.url} within {timeout:g} s")
+        reason = outcome["reason"]
+        if getattr(reason, "is_failure", False):
+            self._drop(client)
+            if getattr(reason, "value", None) in _AUTH_FAILURES:
+                raise BrokerAuthError(f"broker {settings.url} refused the credentials: {reason}")
+            raise BrokerError(f"broker {settings.url} refused the connection: {reason}")
+        self.forget(client)  # a pass's connection: not reconnected
+        return client
+
+    def _drop(self, client: mqtt.Client) -> None:
+        self.forget(client)
+        client.disconnect()
+
+    # -- paho's socket callbacks (any thread) --------------------------------------------------
+
+    def _on_socket_open(self, client: mqtt.Client, _u: object, sock: Any) -> None:
+        fd = sock.fileno()
+        with self._lock:
+            managed = self._managed.get(id(client))
+            if managed is None:
+                return
+            self._by_fd[fd] = managed
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _on_socket_close(self, client: mqtt.Client, _u: object, sock: Any) -> None:
+        fd = sock.fileno()
+        with self._lock:
+            self._by_fd.pop(fd, None)
+            managed = self._managed.get(id(client))
+            if managed is not None:
+                if managed.reconnect:
+                    managed.retry_at = time.monotonic() + managed.backoff.next()
+                else:
+                    del self._managed[id(client)]
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def _on_register_write(self, _client: mqtt.Client, _u: object, sock: Any) -> None:
+        try:
+            self._epoll.modify(sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        except (OSError, ValueError):
+            pass  # not registered yet (connecting) or closed: open/close handle it
+
+    def _on_unregister_write(self, _client: mqtt.Client, _u: object, sock: Any) -> None:
+        try:
+            self._epoll.modify(sock.fileno(), select.EPOLLIN)
+        except (OSError, ValueError):
+            pass
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            import os
+
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        import os
+
+        next_misc = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                due = [m for m in self._managed.values() if m.retry_at is not None and m.retry_at <= now]
+                for m in due:
+                    m.retry_at = None
+                pending = [m.retry_at for m in self._managed.values() if m.retry_at is not None]
+            for m in due:
+                self._reconnect(m)
+            timeout = max(0.0, min([next_misc - time.monotonic(), *(t - time.monotonic() for t in pending)]))
+            try:
+                events = self._epoll.poll(timeout)
+            except InterruptedError:
+                continue
+            for fd, mask in events:
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except OSError:
+                        pass
+                    continue
+                with self._lock:
+                    managed = self._by_fd.get(fd)
+                if managed is None:
+                    continue
+                client = managed.client
+                try:
+                    if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                        client.loop_read()
+                        sock = client.socket()
+                        while sock is not None and getattr(sock, "pending", lambda: 0)():  # TLS
+                            client.loop_read()
+                            sock = client.socket()
+                    if mask & select.EPOLLOUT and client.socket() is not None:
+                        client.loop_write()
+                except Exception:
+                    log.exception("MQTT client %s: network loop error", client._client_id)
+            if time.monotonic() >= next_misc:
+                next_misc = time.monotonic() + _MISC_PERIOD
+                with self._lock:
+                    clients = list(self._managed.values())
+                for m in clients:
+                    if m.client.socket() is not None:
+                        m.client.loop_misc()
+                        if m.client.is_connected():
+                            m.backoff.reset()
+
+    def _reconnect(self, managed: _Managed) -> None:
+        client = managed.client
+        try:
+            rc = client.reconnect()
+        except OSError as e:
+            log.debug("connect to %s:%d failed: %s", managed.host, managed.port, e)
+            rc = MQTTErrorCode.MQTT_ERR_NO_CONN
+            on_fail = client.on_connect_fail
+            if on_fail is not None:
+                try:
+                    on_fail(client, None)
+                except Exception:
+                    log.exception("on_connect_fail failed")
+        with self._lock:
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and managed.reconnect:
+                managed.retry_at = time.monotonic() + managed.backoff.next()
+            elif rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                managed.retry_at = None  # the old socket's close (in reconnect) set one
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread (clients still connected are left as they are)."""
+        import os
+
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._epoll.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
+def _pipe() -> tuple[int, int]:
+    import os
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w

@@ -1,0 +1,148 @@
+"""``edgefleet-agent simulate``: many agents in one process, each its own agent on the wire and
+on disk.
+
+The fleet is the real CLI in a subprocess against the ``broker`` fixture's Mosquitto; the
+deployment is ``edgefleet deploy`` of a trained model through the TUF repository. What is
+asserted is what a subscriber received and what each agent wrote in its own state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import parse_config
+from edge_agent.simulate import FleetError, fleet_configs
+from helpers_delivery import REPO_ROOT, Agents, Watch, bundle_sha, cli
+from trainer.fleet.deploy import repository_path
+
+COUNT = 5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A synthetic host-metrics CSV and a registry with host@1 and a TUF repository."""
+    base = tmp_path_factory.mktemp("simulate")
+    csv = base / "host.csv"
+    cli("data", "synth", "--out", str(csv), "--rows", "3000", "--seed", "1")
+    registry = base / "registry"
+    cli("train", "--data", str(csv), "--profile", "x86-64-v3", "--name", "host", "--registry", str(registry),
+        "--epochs", "3", "--train-fraction", "0.3", "--json", "-q")
+    cli("repo", "init", "--registry", str(registry), "--json")
+    return csv, registry
+
+
+class Fleet:
+    """``edgefleet-agent simulate`` as a subprocess; its stdout lines arrive on a queue."""
+
+    def __init__(self, config: Path, count: int, log: Path) -> None:
+        self.log = log
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_agent.cli", "simulate", "--count", str(count),
+                 "--config", str(config), "--json"],
+                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def next_line(self, timeout: float) -> dict:
+        try:
+            return json.loads(self.lines.get(timeout=timeout))
+        except queue.Empty:
+            raise AssertionError(f"no line from simulate within {timeout:g} s\n{self.tail()}") from None
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+def test_five_simulated_agents_each_verify_activate_and_stop(trained, broker, tmp_path: Path) -> None:
+    csv, registry = trained
+    registry = Path(cli("repo", "publish", "--registry", str(registry), "--broker", broker.url) and registry)
+    agents = Agents(tmp_path / "agents", broker.url)
+    template = agents.config("sim", trust=repository_path(registry) / "metadata" / "root.json",
+                             source=f"csv:{csv}?rate=20")
+    state = template.parent / "state"
+    ids = [f"sim-{i:04d}" for i in range(COUNT)]
+    watch = Watch(broker.url, lambda: fleet.tail())
+    fleet = Fleet(template, COUNT, tmp_path / "simulate.log")
+    try:
+        ready = fleet.next_line(120)
+        assert ready == {"agents": COUNT, "first": ids[0], "last": ids[-1], "state_dirs": str(state),
+                         "ready": True}
+        watch.wait_for(lambda: {s.agent for s in watch.of("state") if s.status == "online"} >= set(ids),
+                       60, "every simulated agent online")
+        cli("deploy", "host@1", "--group", "lab", "--registry", str(registry), "--broker", broker.url)
+        sha = bundle_sha(registry, "host", 1)
+        watch.wait_for(
+            lambda: {d.agent for d in watch.of("deployments") if (d.model, d.version, d.state) == ("host", 1, "active")}
+            >= set(ids), 120, f"{COUNT} agents reporting host@1 active")
+        births = {}
+        for agent_id in ids:
+            home = state / agent_id
+            record = json.loads((home / "state.json").read_text())["slots"]["default"]["current"]
+            assert record["sha256"] == sha
+            assert (home / "bundles" / f"{sha}.zip").is_file()
+            assert (home / "metadata" / "targets.json").is_file()  # its own trusted TUF metadata
+            assert (home / "outbox.sqlite").is_file()
+            online = [s for s in watch.of("state") if s.agent == agent_id and s.status == "online"]
+            assert [a.sha256 for a in online[-1].active] == [sha]
+            births[agent_id] = online[-1].bdseq
+        fleet.proc.send_signal(signal.SIGTERM)
+        assert fleet.proc.wait(120) == 0, fleet.tail()
+        assert fleet.next_line(10) == {"stopped": COUNT, "exit_code": 0}
+        stopped = watch.wait_for(
+            lambda: {s.agent: s for s in watch.of("state") if s.status == "stopped"}.keys() >= set(ids) and
+            {s.agent: s for s in watch.of("state") if s.status == "stopped"}, 30, "every agent's 'stopped' state")
+        for agent_id in ids:
+            assert stopped[agent_id].bdseq == births[agent_id]  # each its own session's sequence
+            assert [a.sha256 for a in stopped[agent_id].active] == [sha]
+    finally:
+        fleet.kill()
+        watch.close()
+
+
+def _template(tmp_path: Path, source: str = "host", federated: bool = False) -> str:
+    (tmp_path / "root.json").write_text("{}")
+    return (f'[agent]\nid = "edge"\ngroup = "g"\nprofile = "x86-64-v3"\nstate_dir = "{tmp_path}/st"\n'
+            f'[broker]\nurl = "mqtt://127.0.0.1:1"\n[trust]\nroot = "{tmp_path}/root.json"\n'
+            f'[source]\nspec = "{source}"\n' + ("[federated]\nenabled = true\n" if federated else ""))
+
+
+def test_fleet_configs_derive_ids_and_state_dirs(tmp_path: Path) -> None:
+    template = parse_config(_template(tmp_path))
+    configs = fleet_configs(template, 3)
+    assert [c.agent_id for c in configs] == ["edge-0000", "edge-0001", "edge-0002"]
+    assert [c.state_dir for c in configs] == [tmp_path / "st" / c.agent_id for c in configs]
+    assert {(c.broker, c.group, c.profile.name, c.source, c.trust_root) for c in configs} == {
+        (template.broker, "g", "x86-64-v3", "host", template.trust_root)}
+    assert [c.agent_id for c in fleet_configs(template, 2, "lab")] == ["lab-0000", "lab-0001"]
+
+
+@pytest.mark.parametrize(("source", "federated", "count", "prefix", "needle"), [
+    ("stdin", False, 2, None, "stdin cannot feed"),
+    ("host", True, 2, None, "[federated] enabled"),
+    ("host", False, 0, None, "--count must be between"),
+    ("host", False, 2, "a/b", "--prefix"),
+])
+def test_fleet_configs_refuse(tmp_path: Path, source: str, federated: bool, count: int,
+                              prefix: str | None, needle: str) -> None:
+    with pytest.raises(FleetError, match=None) as e:
+        fleet_configs(parse_config(_template(tmp_path, source, federated)), count, prefix)
+    assert needle in str(e.value)

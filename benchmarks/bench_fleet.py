@@ -125,7 +125,7 @@ class Watch:
                         status = decode_deployment_status(msg.payload)
                         if status.state == "active":
                             self.active.setdefault(agent, now)
-                        elif status.state == "failed":
+                        elif status.state == "failed":  # "unavailable: …" is retried by the agent
                             self.failed[agent] = status.reason or "?"
                     elif kind == "state":
                         self.states[agent] = decode_agent_state(msg.payload).status
@@ -185,7 +185,7 @@ def template(work: Path, broker: Broker, registry: Path, group: str, state: Path
 
 
 def one_rollout(work: Path, broker: Broker, registry: Path, ref: str, size: int, count: int,
-                concurrency: int, repeat: int) -> dict:
+                concurrency: int, repeat: int, logs: Path | None = None) -> dict:
     import paho.mqtt.client as mqtt  # noqa: F401  (loaded before timing)
 
     from edge_agent.mqtt import connect
@@ -221,9 +221,11 @@ def one_rollout(work: Path, broker: Broker, registry: Path, ref: str, size: int,
         published = time.monotonic() - t0
         client.disconnect()
         client.loop_stop()
-        watch.wait(lambda: len(mine()) >= count or watch.failed, 600, f"{count} activations")
-        if watch.failed:
-            raise SystemExit(f"activations failed: {dict(list(watch.failed.items())[:5])}")
+        permanent = lambda: {a: r for a, r in watch.failed.items() if not r.startswith("unavailable")}  # noqa: E731
+        watch.wait(lambda: len(mine()) >= count or permanent(), 600, f"{count} activations")
+        if permanent():
+            raise SystemExit(f"activations failed: {dict(list(permanent().items())[:5])}")
+        retried = len(watch.failed)  # agents that reported a transient failure and retried
         last = max(mine().values())
         wall = last - t0
         cpu = cpu_seconds(proc.pid) - cpu0
@@ -234,10 +236,11 @@ def one_rollout(work: Path, broker: Broker, registry: Path, ref: str, size: int,
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(300)
         stop_s = time.monotonic() - t_stop
-        stopped = watch.wait(
-            lambda: sum(1 for a, s in watch.states.items() if a.startswith(prefix + "-") and s == "stopped")
-            >= count, 60, "every agent's 'stopped' state")
-        del stopped
+        n_stopped = lambda: sum(1 for a, s in watch.states.items() if a.startswith(prefix + "-") and s == "stopped")  # noqa: E731
+        try:
+            watch.wait(lambda: n_stopped() >= count, 60, "every agent's 'stopped' state")
+        except SystemExit:
+            raise SystemExit(f"{n_stopped()} of {count} agents announced 'stopped'; simulate exited {code}") from None
         if code != 0:
             raise SystemExit(f"simulate exited {code}:\n{log.read_text(errors='replace')[-3000:]}")
         return {
@@ -245,7 +248,7 @@ def one_rollout(work: Path, broker: Broker, registry: Path, ref: str, size: int,
             "bytes": after - before, "ratio": (after - before) / (count * size), "ready_s": ready_s,
             "threads": active["Threads"], "rss_ready_mb": ready["VmRSS"] / 1024,
             "hwm_mb": active["VmHWM"] / 1024, "cpu_s": cpu, "bundles_on_disk": on_disk,
-            "stop_s": stop_s, "published_bytes": report.publish.bytes,
+            "stop_s": stop_s, "published_bytes": report.publish.bytes, "retried": retried,
         }
     finally:
         if proc.poll() is None:
@@ -253,6 +256,9 @@ def one_rollout(work: Path, broker: Broker, registry: Path, ref: str, size: int,
             proc.wait()
         watch.close()
         shutil.rmtree(state, ignore_errors=True)
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, logs / log.name)
 
 
 def main() -> int:
@@ -261,6 +267,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
+    parser.add_argument("--logs", type=Path, help="keep the simulate logs in this directory")
     args = parser.parse_args()
     if not NAB.exists():
         print(f"skipped: NAB data not found at {NAB}")
@@ -275,7 +282,8 @@ def main() -> int:
             run("-m", "trainer.cli", "repo", "publish", "--registry", str(registry), "--broker", broker.url)
             runs = []
             for repeat in range(args.repeats):
-                r = one_rollout(work, broker, registry, ref, size, args.count, args.concurrency, repeat)
+                r = one_rollout(work, broker, registry, ref, size, args.count, args.concurrency, repeat,
+                                args.logs)
                 print(json.dumps(r), flush=True)
                 runs.append(r)
         finally:

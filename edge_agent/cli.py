@@ -126,7 +126,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     fleet.stop()
     code = fleet.exit_code()
     if args.json:
-        print(json.dumps({"stopped": len(fleet.agents), "exit_code": code}), flush=True)
+        try:
+            print(json.dumps({"stopped": len(fleet.agents), "exit_code": code}), flush=True)
+        except BrokenPipeError:  # whoever read the ready line is gone; the exit code still says it
+            pass
     return code
 
 

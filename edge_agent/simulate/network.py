@@ -7,7 +7,7 @@ thread then loses its connection at every attempt. So the simulated agents' clie
 driven by paho's external-loop interface instead (``on_socket_open`` /
 ``on_socket_register_write`` … with ``loop_read`` / ``loop_write`` / ``loop_misc``) from a
 single thread waiting on ``epoll``, which has no such limit. It also saves a thread per
-connection.
+connection. Its sockets disable Nagle's algorithm (``TCP_NODELAY``), see ``_on_socket_open``.
 
 paho only reconnects inside its own loop; here :class:`NetworkLoop` reconnects a client that
 lost its connection, after a jittered backoff, until :meth:`NetworkLoop.forget` is called for
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -145,6 +146,13 @@ class NetworkLoop:
 
     def _on_socket_open(self, client: mqtt.Client, _u: object, sock: Any) -> None:
         fd = sock.fileno()
+        # Neither paho nor Mosquitto's default disable Nagle's algorithm: a small packet (the
+        # retained-read marker, a SUBSCRIBE) then waits for the delayed ACK of the previous
+        # one, ~90 ms per retained read on loopback; a reconcile pass makes a dozen of them.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass  # not a TCP socket (a proxy or a test double): only latency is lost
         with self._lock:
             managed = self._managed.get(id(client))
             if managed is None:

@@ -236,6 +236,7 @@ class NetworkLoop:
                             sock = client.socket()
                     if mask & select.EPOLLOUT and client.socket() is not None:
                         client.loop_write()
+                        self._rearm_write(fd, client)
                 except Exception:
                     log.exception("MQTT client %s: network loop error", client._client_id)
             if time.monotonic() >= next_misc:
@@ -244,9 +245,26 @@ class NetworkLoop:
                     clients = list(self._managed.values())
                 for m in clients:
                     if m.client.socket() is not None:
+                        if m.client.want_write():  # safety net: see _rearm_write
+                            m.client.loop_write()
                         m.client.loop_misc()
                         if m.client.is_connected():
                             m.backoff.reset()
+
+    def _rearm_write(self, fd: int, client: mqtt.Client) -> None:
+        """Watch ``fd`` for writing again if a packet was queued while ``loop_write`` ended.
+
+        paho's ``loop_write`` ends by calling ``on_socket_unregister_write`` when its queue
+        looked empty; a packet queued by another thread just before that call sees the write
+        interest still registered and does not register it again, and would then wait until
+        some other traffic flushed it (a retained read timing out). Checking the queue after
+        the unregister closes that window.
+        """
+        if client.want_write() and client.socket() is not None:
+            try:
+                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+            except (OSError, ValueError):
+                pass
 
     def _reconnect(self, managed: _Managed) -> None:
         client = managed.client

@@ -215,6 +215,7 @@ def one_rollout(work: Path, broker: Broker, registry: Path, ref: str, size: int,
         client = connect(broker.url, client_id=f"bench-deploy-{repeat}")
         with watch.cond:
             watch.failed.clear()
+        load = os.getloadavg()[0]  # the machine may be shared: say how busy it was
         cpu0 = cpu_seconds(proc.pid)
         t0 = time.monotonic()
         report = deploy(registry, ref, group=group, client=client, topics=Topics())
@@ -248,7 +249,7 @@ def one_rollout(work: Path, broker: Broker, registry: Path, ref: str, size: int,
             "bytes": after - before, "ratio": (after - before) / (count * size), "ready_s": ready_s,
             "threads": active["Threads"], "rss_ready_mb": ready["VmRSS"] / 1024,
             "hwm_mb": active["VmHWM"] / 1024, "cpu_s": cpu, "bundles_on_disk": on_disk,
-            "stop_s": stop_s, "published_bytes": report.publish.bytes, "retried": retried,
+            "stop_s": stop_s, "published_bytes": report.publish.bytes, "retried": retried, "load": load,
         }
     finally:
         if proc.poll() is None:
@@ -289,13 +290,14 @@ def main() -> int:
         finally:
             broker.close()
     header = ["repeat", "agents", "deploy → last active s", "broker bytes sent", "÷ (N × size)",
-              "simulate CPU s", "threads", "RSS MiB ready", "VmHWM MiB"]
+              "simulate CPU s", "threads", "RSS MiB ready", "VmHWM MiB", "retried", "load avg"]
     rows = [[str(i + 1), str(r["count"]), f"{r['wall_s']:.1f}", f"{r['bytes']:,}", f"{r['ratio']:.3f}",
-             f"{r['cpu_s']:.1f}", str(r["threads"]), f"{r['rss_ready_mb']:.0f}", f"{r['hwm_mb']:.0f}"]
+             f"{r['cpu_s']:.1f}", str(r["threads"]), f"{r['rss_ready_mb']:.0f}", f"{r['hwm_mb']:.0f}",
+             str(r["retried"]), f"{r['load']:.1f}"]
             for i, r in enumerate(runs)]
     wall, ratio = median(r["wall_s"] for r in runs), median(r["ratio"] for r in runs)
     rows.append(["**median**", str(args.count), f"**{wall:.1f}**", f"{median(r['bytes'] for r in runs):,.0f}",
-                 f"**{ratio:.3f}**", f"{median(r['cpu_s'] for r in runs):.1f}", "", "", ""])
+                 f"**{ratio:.3f}**", f"{median(r['cpu_s'] for r in runs):.1f}", "", "", "", "", ""])
     print_table(header, rows)
     goals = (f"Goals: ≤ {GOAL_S:g} s — {'met' if wall <= GOAL_S else '**not met**'} ({wall:.1f} s); "
              f"wire bytes ≤ {GOAL_WIRE} × N × size — {'met' if ratio <= GOAL_WIRE else '**not met**'} "
@@ -316,7 +318,11 @@ def main() -> int:
         "*Broker bytes sent*: Mosquitto's `$SYS/broker/bytes/sent` (private broker, "
         "`sys_interval 1`) after the last activation minus before the deployment: everything the "
         "broker sent to every client, metadata, statuses and this benchmark's own subscription "
-        f"included. State directories on the machine's disk. {len(runs)} repeats, each a new fleet "
+        "included. *Threads*: of the simulate process (an agent's own thread and its four workers; "
+        "one thread drives every MQTT connection). *Retried*: agents that reported a transient "
+        "failure (`unavailable: …`) and retried. *Load avg*: the machine's 1-minute load average "
+        "just before the deployment (other work on the machine slows the figures). "
+        f"State directories on the machine's disk. {len(runs)} repeats, each a new fleet "
         f"on a new group; medians in bold. Machine: {machine_line()}, Python "
         f"{platform.python_version()}.\n\n"
         + markdown_table(header, rows) + "\n\n" + goals + "\n"

@@ -283,6 +283,14 @@ CASES = [
     agent("run --config fl-file.toml --exit-at-end", "federated.state_dir"),
     agent("check-config --config drift-window.toml", "drift.window must be at least 100 samples"),
     agent("run --config drift-clear.toml --exit-at-end", "drift.psi_clear must be positive and at most drift.psi_threshold"),
+    agent("simulate --count 0 --config plain.toml", "--count: must be a positive integer"),
+    agent("simulate --count many --config plain.toml", "--count: must be a positive integer"),
+    agent("simulate --count 3 --config nope.toml", "cannot read config nope.toml"),
+    agent("simulate --count 3 --config both-passwords.toml", "both set"),
+    agent("simulate --count 3 --config plain.toml --prefix a/b", "--prefix 'a/b'"),
+    agent("simulate --count 3 --config plain.toml --concurrency 0", "--concurrency: must be a positive integer"),
+    agent("simulate --count 3 --config stdin.toml", "stdin cannot feed many simulated agents"),
+    agent("simulate --count 99999 --config plain.toml", "--count must be between 1 and"),
 ]
 
 
@@ -350,6 +358,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     for name, broker in configs.items():
         (w / f"{name}.toml").write_text(_config(**broker))
+    (w / "plain.toml").write_text(_config(url=NO_BROKER))
+    (w / "stdin.toml").write_text(_config(url=NO_BROKER).replace('spec = "csv:ok.csv"', 'spec = "stdin"'))
     federated = {"fl-backslash": "fl\\\\x", "fl-file": "pw.txt"}  # pw.txt: a file, not a directory
     for name, state_dir in federated.items():
         (w / f"{name}.toml").write_text(_config(url="mqtt://127.0.0.1:1883") +

@@ -101,8 +101,10 @@ def test_five_simulated_agents_each_verify_activate_and_stop(trained, broker, tm
             assert (home / "bundles" / f"{sha}.zip").is_file()
             assert (home / "metadata" / "targets.json").is_file()  # its own trusted TUF metadata
             assert (home / "outbox.sqlite").is_file()
-            online = [s for s in watch.of("state") if s.agent == agent_id and s.status == "online"]
-            assert [a.sha256 for a in online[-1].active] == [sha]
+            online = watch.wait_for(  # announced right after the deployment status
+                lambda a=agent_id: [s for s in watch.of("state") if s.agent == a and s.status == "online"
+                                    and [m.sha256 for m in s.active] == [sha]],
+                30, f"{agent_id} announcing host@1 in its state")
             births[agent_id] = online[-1].bdseq
         fleet.proc.send_signal(signal.SIGTERM)
         assert fleet.proc.wait(120) == 0, fleet.tail()

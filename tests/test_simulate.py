@@ -17,10 +17,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers_delivery import REPO_ROOT, Agents, Watch, bundle_sha, cli
 
 from edge_agent.config import parse_config
 from edge_agent.simulate import FleetError, fleet_configs
-from helpers_delivery import REPO_ROOT, Agents, Watch, bundle_sha, cli
 from trainer.fleet.deploy import repository_path
 
 COUNT = 5

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -323,8 +322,7 @@ def main() -> int:
         "failure (`unavailable: …`) and retried. *Load avg*: the machine's 1-minute load average "
         "just before the deployment (other work on the machine slows the figures). "
         f"State directories on the machine's disk. {len(runs)} repeats, each a new fleet "
-        f"on a new group; medians in bold. Machine: {machine_line()}, Python "
-        f"{platform.python_version()}.\n\n"
+        f"on a new group; medians in bold. Machine: {machine_line()}.\n\n"
         + markdown_table(header, rows) + "\n\n" + goals + "\n"
     )
     update_benchmarks_doc("fleet", md, command=COMMAND, path=REPO / "docs" / "benchmarks.md")

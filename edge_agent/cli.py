@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"edgefleet-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
-    agent = Agent(config)
+    agent = Agent(config, environ=os.environ)
     agent.install_signal_handlers()
     return agent.run(exit_at_end=args.exit_at_end)
 

@@ -27,7 +27,7 @@ from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import TopicError, validate_agent_id
 
 __all__ = [
-    "AgentConfig", "ConfigError", "DriftSettings", "FederatedConfig", "load_config", "parse_config",
+    "AgentConfig", "ApiConfig", "ConfigError", "DriftSettings", "FederatedConfig", "load_config", "parse_config",
     "render_config",
 ]
 
@@ -57,6 +57,36 @@ class FederatedConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """``[api]``: the local HTTP API (predict, health check, Prometheus metrics), off by default.
+
+    ``listen`` is ``HOST:PORT`` on a loopback address (``127.0.0.1``, ``[::1]``, ``localhost``;
+    the API has no authentication, so it never listens on a network) or ``unix:PATH`` (a Unix
+    socket, created mode 0660; relative paths resolve like the other paths of the file).
+    ``max_body_bytes`` bounds a request body (larger ones get 413 without being read),
+    ``max_windows`` the windows of one predict request; ``/healthz`` answers 503 when no sample
+    came from the source for ``stale_after_seconds``.
+    """
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:9464"
+    max_body_bytes: int = 1024 * 1024
+    max_windows: int = 256
+    stale_after_seconds: float = 60.0
+
+    @property
+    def unix_path(self) -> Path | None:
+        """The socket path of a ``unix:PATH`` listen address, else ``None``."""
+        return Path(self.listen[5:]) if self.listen.startswith("unix:") else None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """``(host, port)`` of a TCP listen address (already validated)."""
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """A validated agent configuration."""
 
@@ -74,6 +104,7 @@ class AgentConfig:
     emulated: bool = False
     federated: FederatedConfig = FederatedConfig()
     drift: DriftSettings = DriftSettings()
+    api: ApiConfig = ApiConfig()
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -107,6 +138,13 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "psi_threshold": (int, float),
         "psi_clear": (int, float),
         "ks_alpha": float,
+    },
+    "api": {
+        "enabled": bool,
+        "listen": str,
+        "max_body_bytes": int,
+        "max_windows": int,
+        "stale_after_seconds": (int, float),
     },
 }
 _REQUIRED = {
@@ -210,6 +248,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
                           "or a control character while [federated] is enabled (the federated "
                           "state goes beneath it): set federated.state_dir")
     drift = _drift(raw.get("drift", {}), source)
+    api = _api(raw.get("api", {}), path, source)
     import platform
 
     return AgentConfig(
@@ -227,6 +266,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         emulated=platform.machine().lower() not in _ARCH_ALIASES[profile.arch],
         federated=federated,
         drift=drift,
+        api=api,
     )
 
 
@@ -277,6 +317,41 @@ def _federated(table: dict[str, Any], path: Callable[[str], Path], source: str) 
     if c.state_dir is not None and not _node_config_safe(str(c.state_dir)):
         raise ConfigError(f"{source}: federated.state_dir may not contain a double quote, a "
                           "backslash or a control character (line break, tab …)")
+    return c
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _api(table: dict[str, Any], path: Callable[[str], Path], source: str) -> ApiConfig:
+    """The ``[api]`` section (types already checked); a unix socket path is made absolute."""
+    import math
+
+    listen = table.get("listen", ApiConfig.listen)
+    if listen.startswith("unix:"):
+        if not listen[5:]:
+            raise ConfigError(f"{source}: api.listen unix: needs a socket path (unix:/run/edgefleet/api.sock)")
+        listen = f"unix:{path(listen[5:])}"
+    else:
+        host, sep, port = listen.rpartition(":")
+        if not sep or host.strip("[]") not in _LOOPBACK or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"{source}: api.listen must be HOST:PORT on a loopback address (127.0.0.1, [::1], "
+                f"localhost) or unix:PATH, got {listen!r}: the API has no authentication"
+            )
+    c = ApiConfig(
+        enabled=table.get("enabled", False),
+        listen=listen,
+        max_body_bytes=table.get("max_body_bytes", ApiConfig.max_body_bytes),
+        max_windows=table.get("max_windows", ApiConfig.max_windows),
+        stale_after_seconds=float(table.get("stale_after_seconds", ApiConfig.stale_after_seconds)),
+    )
+    if c.max_body_bytes < 1024:
+        raise ConfigError(f"{source}: api.max_body_bytes must be at least 1024")
+    if c.max_windows < 1:
+        raise ConfigError(f"{source}: api.max_windows must be at least 1")
+    if not (math.isfinite(c.stale_after_seconds) and c.stale_after_seconds > 0):
+        raise ConfigError(f"{source}: api.stale_after_seconds must be positive")
     return c
 
 
@@ -389,4 +464,11 @@ window = 1000                # samples in the rolling window (span at least one 
 psi_threshold = 0.25         # PSI of a significant shift: a series drifts at or above it (and when KS rejects)
 psi_clear = 0.1              # drift clears once every PSI is below this (no significant change)
 ks_alpha = 0.05              # significance level of the two-sample Kolmogorov-Smirnov test
+
+[api]
+enabled = false              # local HTTP API: POST /v1/slots/SLOT/predict, GET /healthz, GET /metrics
+# listen = "127.0.0.1:9464"  # loopback HOST:PORT only (no authentication), or "unix:/run/edgefleet/api.sock"
+# max_body_bytes = 1048576   # larger request bodies get 413
+# max_windows = 256          # windows in one predict request
+# stale_after_seconds = 60   # /healthz is 503 when no sample came for this long
 """

@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.activation import ActivationStore
+from edge_agent.activation import ActivationStore, ActiveRecord
 from edge_agent.config import AgentConfig
 from edge_agent.detector import Detection, Detector
 from edge_agent.drift import DriftMonitor, DriftReport, DriftUnavailable, monitor_for
@@ -53,6 +53,7 @@ from edge_agent.recent import RECENT_SAMPLES, discontinuity, load_recent, save_r
 from edge_agent.reconcile import LoadedModel, Reconciler, Repository, load_active
 from edge_agent.runtime import ModelRuntime, available_runtimes, open_runtime
 from edge_agent.sources import Sample, open_source, parse_source
+from edge_agent.systemd import Notifier, Watchdog
 from edge_agent.throttle import ThrottledLog
 from edge_agent.trust import IsolatedRepository, TrustError
 from edge_agent.usage import ProcessUsage
@@ -72,6 +73,7 @@ from shared.messages import (
 from shared.topics import Topics
 
 if TYPE_CHECKING:
+    from edge_agent.api import AgentMetrics, LocalApi
     from edge_agent.federated.participation import FederatedParticipation
 
 __all__ = ["Agent", "Backoff", "EXIT_AUTH", "EXIT_OK"]
@@ -79,6 +81,7 @@ __all__ = ["Agent", "Backoff", "EXIT_AUTH", "EXIT_OK"]
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
+EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_AUTH = 3
 AUTH_FAILURES = {134, 135}  # MQTT 5 reason codes bad user name or password, not authorized
@@ -92,6 +95,16 @@ def _event_payload(detection: Detection, agent: str, seq: int) -> bytes:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _waiting_on(samples: Iterator[Sample], watchdog: Watchdog) -> Iterator[Sample]:
+    """``samples``, telling ``watchdog`` each time the loop blocks waiting for the next one."""
+    while True:
+        watchdog.waiting()
+        sample = next(samples, None)
+        if sample is None:
+            return
+        yield sample
 
 
 def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
@@ -129,7 +142,9 @@ class Backoff:
 class Agent:
     """One edge agent. ``run()`` blocks until the source ends or :meth:`stop` is called."""
 
-    def __init__(self, config: AgentConfig, *, stdin=None) -> None:
+    def __init__(self, config: AgentConfig, *, stdin=None, environ: Mapping[str, str] | None = None) -> None:
+        """``environ`` (``os.environ`` in ``main()``) carries systemd's ``NOTIFY_SOCKET`` and
+        ``WATCHDOG_USEC``; without it nothing is sent to systemd."""
         self.config = config
         self.topics = Topics(config.topic_root)
         self.stop_event = threading.Event()
@@ -159,6 +174,13 @@ class Agent:
         self._backoff = Backoff()
         self._usage = ProcessUsage()
         self.federation: FederatedParticipation | None = None
+        self._records: dict[str, ActiveRecord] = {}  # what each slot's detector serves (under _lock)
+        self._deployments: dict[str, DeploymentStatus] = {}  # the last status reported per slot
+        self._last_sample: float | None = None  # time.monotonic() of the source's last sample
+        self.metrics: AgentMetrics | None = None
+        self.api: LocalApi | None = None
+        self.notifier = Notifier.from_environ(environ or {})
+        self.watchdog = Watchdog.from_environ(self.notifier, environ or {})
         formats = {"onnx": "onnxruntime", "tflite": "litert"}
         self.runtimes = available_runtimes({formats[f] for f in config.profile.formats})
 
@@ -247,6 +269,23 @@ class Agent:
         except OSError as e:
             log.error("cannot write the trusted metadata in %s (%s): deployments wait until it can",
                       self.config.state_dir, e)
+
+    def init_api(self) -> None:
+        """With ``[api] enabled``, the per-agent metrics registry and the local HTTP API,
+        listening before the first sample. Without it neither ``http.server`` nor
+        ``prometheus_client`` is imported.
+
+        Raises:
+            OSError: the API's address cannot be bound.
+        """
+        if not self.config.api.enabled:
+            return
+        from edge_agent.api import AgentMetrics, LocalApi
+
+        self.metrics = AgentMetrics(self)
+        api = LocalApi(self.config.api, self, self.metrics)
+        api.start()
+        self.api = api
 
     def _open_trust(self) -> None:
         c = self.config
@@ -403,6 +442,7 @@ class Agent:
         status = DeploymentStatus(agent=self.config.agent_id, slot=slot if slot != "*" else "default",
                                   model=model or "-", version=version, state=state, reason=reason,
                                   serial=serial, ts=_now())
+        self._deployments[status.slot] = status
         # Retained so `edgefleet fleet status` shows the last deployment of an agent.
         self._publish(self.topics.agent_deployments(self.config.agent_id),
                       encode_deployment_status(status), retain=True)
@@ -452,6 +492,22 @@ class Agent:
                 self._store_drift_event(report)
             out[slot] = report.to_json()
         return out
+
+    # -- the local API's view (edge_agent.api.AgentView) ----------------------------------------
+
+    def serving(self) -> dict[str, tuple[Detector, ActiveRecord]]:
+        """The detector and record of every slot that serves a model (a snapshot)."""
+        with self._lock:
+            return {slot: (d, self._records[slot]) for slot, d in self._detectors.items()}
+
+    def deployments(self) -> list[DeploymentStatus]:
+        """The last deployment status reported for each slot since the agent started."""
+        return [self._deployments[slot] for slot in sorted(self._deployments)]
+
+    def last_sample_age(self) -> float | None:
+        """Seconds since the source's last sample; ``None`` before the first."""
+        last = self._last_sample
+        return None if last is None else time.monotonic() - last
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -523,7 +579,9 @@ class Agent:
     def _install(self, slot: str, loaded: LoadedModel) -> None:
         """Swap the slot's detector; the new one is pre-filled with the last ``window - 1``
         recent samples (one short of a full window: the pre-fill scores nothing)."""
-        detector = Detector(loaded.runtime, loaded.spec, model_version=loaded.record.version, slot=slot)
+        observe = self.metrics.inference_seconds.observe if self.metrics is not None else None
+        detector = Detector(loaded.runtime, loaded.spec, model_version=loaded.record.version, slot=slot,
+                            observe_latency=observe)
         drift = monitor_for(loaded.spec, self.config.drift, slot=slot, model=loaded.record.model,
                             model_version=loaded.record.version)
         features = loaded.spec.features
@@ -535,6 +593,7 @@ class Agent:
             old = self._detectors.get(slot)
             self._detectors[slot] = detector
             self._drift = {**self._drift, slot: drift}
+            self._records[slot] = loaded.record
         self.model_ready.set()
         if old is not None:
             s = old.stats()
@@ -546,7 +605,10 @@ class Agent:
     def _serve(self, samples: Iterator[Sample]) -> None:
         topic = self.topics.agent_events(self.config.agent_id)
         federation = self.federation
-        for sample in samples:
+        watchdog = self.watchdog
+        for sample in _waiting_on(samples, watchdog):
+            watchdog.beat()
+            self._last_sample = time.monotonic()
             with self._lock:
                 if self._resumed:
                     self._judge_resumed(sample)
@@ -683,26 +745,47 @@ class Agent:
             log.error("trust root %s: %s", self.config.trust_root, e)
             self.shutdown()
             return EXIT_CONFIG
+        try:
+            self.init_api()
+        except OSError as e:
+            log.error("cannot serve the local API on %s: %s", self.config.api.listen, e.strerror or e)
+            self.shutdown()
+            return EXIT_FAILURE
         self.start_workers()
         self.start_connections()
         try:
             source = parse_source(self.config.source)
+            self._ready()
             if source.kind != "host":
                 self._wait_for_model()  # a replay must not stream past before a model serves
             self._serve(open_source(source, self.stop_event, self._stdin))
             log.info("stop requested" if self.stop_event.is_set() else "source ended")
             if not exit_at_end:
+                self.watchdog.waiting()
                 self.stop_event.wait()
         finally:
             self.shutdown()
         return self.exit_code
+
+    def _ready(self) -> None:
+        """Tell systemd the agent is up (``READY=1``) and start its watchdog.
+
+        Ready means: the state is loaded, the local API (if enabled) listens, and the serving
+        loop starts — serving a model, or waiting for the first one. It waits neither for the
+        broker (the agent serves offline by design, and a boot during a network outage must
+        not fail the unit) nor for a model (the first one arrives by a deployment).
+        """
+        if self.notifier.notify("READY=1"):
+            log.info("notified systemd: ready%s", "" if self.watchdog.interval is None else
+                     f" (watchdog every {self.watchdog.interval:g} s)")
+        self.watchdog.start()
 
     def _wait_for_model(self) -> None:
         if not self.model_ready.is_set():
             log.info("waiting for a deployment before reading the source")
         # Wake on either event: a model arrives, or the agent is told to stop.
         while not self.stop_event.is_set() and not self.model_ready.wait(0.5):
-            pass
+            self.watchdog.beat()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -717,6 +800,8 @@ class Agent:
 
         When the broker is unreachable nothing is waited for: the events stay in the outbox.
         """
+        self.notifier.notify("STOPPING=1")
+        self.watchdog.stop()
         self.stop_event.set()
         self.model_ready.set()
         self._reserve_wanted.set()  # wakes the state writer, which sees the stop
@@ -749,4 +834,6 @@ class Agent:
             self._session.loop_stop()
         if self.outbox is not None:
             self.outbox.close()
+        if self.api is not None:  # last: the health check answers while the agent stops
+            self.api.close()
         log.info("agent %s stopped", self.config.agent_id)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -84,7 +85,8 @@ class Detector:
     sample; while a feature has never had a finite value, samples are skipped (not buffered).
 
     Not thread safe: one thread pushes (the stats may be read from anywhere; they are a
-    snapshot of plain counters).
+    snapshot of plain counters). :meth:`score_windows` may be called from any thread: the
+    runtime is shared under a lock with :meth:`push`, and the streaming state is not touched.
     """
 
     def __init__(
@@ -95,8 +97,11 @@ class Detector:
         model_version: int,
         slot: str = "default",
         latency_samples: int = DEFAULT_LATENCY_SAMPLES,
+        observe_latency: Callable[[float], None] | None = None,
     ) -> None:
         self._runtime = runtime
+        self._runtime_lock = threading.Lock()  # runtimes are not safe for concurrent calls
+        self._observe_latency = observe_latency  # seconds of each inference (e.g. a histogram)
         self._spec = spec
         self._scorer = spec.score.scorer()
         self._threshold = float(spec.score.threshold)
@@ -144,13 +149,17 @@ class Detector:
             if self._count < w:
                 return None
         window = self._ring[self._pos:self._pos + w]
-        t0 = time.perf_counter_ns()
-        try:
-            score = self._runtime.score_one(window)
-        except Exception:
-            self._errors += 1
-            raise
-        self._latency_ns.append(time.perf_counter_ns() - t0)
+        with self._runtime_lock:
+            t0 = time.perf_counter_ns()
+            try:
+                score = self._runtime.score_one(window)
+            except Exception:
+                self._errors += 1
+                raise
+            elapsed = time.perf_counter_ns() - t0
+        self._latency_ns.append(elapsed)
+        if self._observe_latency is not None:
+            self._observe_latency(elapsed / 1e9)
         self._inferences += 1
         step = self._scorer.push(score)
         if step.is_anomaly:
@@ -166,6 +175,16 @@ class Detector:
             slot=self.slot,
             tail_probability=step.tail_probability,
         )
+
+    def score_windows(self, windows: np.ndarray) -> np.ndarray:
+        """Raw scores of ad-hoc ``(n, window, features)`` windows in one runtime call.
+
+        Thread safe. Touches neither the ring buffer, the score pipeline's state nor the
+        counters: the streaming detections are exactly what they would have been without it.
+        Raises :class:`ModelRuntimeError` on a wrong shape or a failed inference.
+        """
+        with self._runtime_lock:
+            return self._runtime.score(windows)
 
     def last_window(self) -> np.ndarray:
         """A copy of the newest full window, ``(window, features)`` float32: right after

@@ -94,6 +94,7 @@ __all__ = [
     "ScoreStep",
     "Scorer",
     "pipeline_from_json",
+    "reference_steps",
 ]
 
 FIXED_THRESHOLD = "edgefleet.fixed-threshold/1"
@@ -489,3 +490,42 @@ class LikelihoodScorer:
 
 
 Scorer = LikelihoodScorer | FixedThresholdScorer
+
+
+def reference_steps(
+    pipeline: ScorePipeline, scores: Sequence[float], *, threshold: float, center: float, width: float,
+) -> tuple[str, list[ScoreStep]]:
+    """Judge raw scores one by one, each on its own, against the bundle's calibrated reference:
+    no stream, no state, nothing remembered between scores (the agent's local predict API).
+
+    Returns ``(reference, steps)``. With a likelihood pipeline whose ``prior`` holds at least
+    ``min_history`` values, ``reference`` is ``"prior"``: steps 2, 3 and 6 of the module's
+    description with the prior as the whole history and the score itself as ``m`` — the tail
+    probability of this error given the model's validation errors, an alarm at or below
+    ``false_alarm_rate``, ``anomaly_score`` mapped as in the stream. There is no smoothing (one
+    score is its own mean; a single error spreads wider than the prior's smoothed ones, so it
+    alarms more readily than the stream would), no hysteresis, no recurrence and no seasonal
+    repeat: they describe a stream. Otherwise ``reference`` is ``"threshold"``: the
+    :data:`FIXED_THRESHOLD` decision ``score > threshold`` and its logistic, which is also
+    what a fixed-threshold bundle's stream decides.
+    """
+    if isinstance(pipeline, LikelihoodPipeline) and len(pipeline.prior) >= pipeline.min_history:
+        prior = np.asarray(pipeline.prior, np.float64)
+        mu = float(prior.mean())
+        sigma = float(prior.std())
+        floor = _REL_SIGMA_FLOOR * abs(mu)
+        if sigma < floor or sigma < _ABS_SIGMA_FLOOR:
+            sigma = floor if floor > _ABS_SIGMA_FLOOR else _ABS_SIGMA_FLOOR
+        far = pipeline.false_alarm_rate
+        log_far2 = 2.0 * math.log(far)
+        steps = []
+        for score in scores:
+            if not math.isfinite(score):
+                steps.append(ScoreStep(1.0, 0.0, False))
+                continue
+            tail = 0.5 * math.erfc((score - mu) / (sigma * _SQRT2))
+            a = 1.0 if tail <= 0 else min(1.0, max(0.0, math.log(tail) / log_far2))
+            steps.append(ScoreStep(tail, a, tail <= far))
+        return "prior", steps
+    fixed = FixedThresholdScorer(threshold, center, width)
+    return "threshold", [fixed.push(float(s)) for s in scores]

@@ -1,0 +1,121 @@
+"""``GET /metrics``: the agent's health report in Prometheus exposition format.
+
+A :class:`~prometheus_client.CollectorRegistry` per agent (never the library's global
+default registry): the figures come from :meth:`AgentView.health` at each scrape — the very
+numbers the MQTT health message carries — plus two instruments observed as things happen: the
+per-inference duration histogram and the count of windows scored through the API.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edge_agent.api._base import AgentView
+
+__all__ = ["AgentMetrics"]
+
+PREFIX = "edgefleet_agent"
+# Inference takes tens of microseconds to a few milliseconds on the profiles' models.
+LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+
+
+def _flatten(value: Any, key: str = "") -> Iterator[tuple[str, float]]:
+    """The numeric leaves (booleans as 0/1) of a JSON-like value, keyed by dotted path."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _flatten(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _flatten(v, f"{key}.{i}" if key else str(i))
+    elif isinstance(value, bool | int | float) and math.isfinite(float(value)):
+        yield key, float(value)
+
+
+class _HealthCollector(Collector):
+    """Reads the agent's health (and its models and deployments) at each scrape."""
+
+    def __init__(self, agent: AgentView) -> None:
+        self._agent = agent
+
+    def collect(self) -> Iterator[Any]:
+        agent = self._agent
+        h = agent.health()
+        for name, value, doc in (
+            ("inferences", h.inferences, "Windows scored by the streaming detectors."),
+            ("anomalies", h.anomalies, "Anomalies the streaming detectors reported."),
+            ("errors", h.errors, "Failed inferences."),
+            ("outbox_dropped", h.outbox_dropped, "Anomaly events dropped (outbox full) or never stored."),
+        ):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        latency = GaugeMetricFamily(
+            f"{PREFIX}_inference_latency_milliseconds",
+            "Inference latency percentiles over the last inferences (as in the health report).",
+            labels=["quantile"])
+        for key, quantile in (("p50", "0.5"), ("p99", "0.99")):
+            v = h.latency_ms.get(key)
+            if isinstance(v, int | float):
+                latency.add_metric([quantile], float(v))
+        yield latency
+        yield GaugeMetricFamily(f"{PREFIX}_outbox_depth", "Anomaly events waiting for delivery.",
+                                value=h.outbox_depth)
+        if h.rss_mb is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_resident_memory_bytes", "Resident memory of the agent.",
+                                    value=h.rss_mb * 1e6)
+        if h.cpu_percent is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_cpu_percent", "CPU share of the agent since the last report.",
+                                    value=h.cpu_percent)
+        age = agent.last_sample_age()
+        if age is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_last_sample_age_seconds",
+                                    "Seconds since the source's last sample.", value=age)
+        models = GaugeMetricFamily(f"{PREFIX}_model_info", "The model each slot serves (value 1).",
+                                   labels=["slot", "model", "version", "format", "quantization"])
+        for slot, (_detector, r) in sorted(agent.serving().items()):
+            models.add_metric([slot, r.model, str(r.version), r.format, r.quantization], 1)
+        yield models
+        deployments = GaugeMetricFamily(
+            f"{PREFIX}_deployment_state", "The last deployment state reported per slot (value 1).",
+            labels=["slot", "model", "version", "state"])
+        for d in agent.deployments():
+            deployments.add_metric([d.slot, d.model, str(d.version), d.state], 1)
+        yield deployments
+        if h.federated is not None and isinstance(h.federated.get("can_join"), bool):
+            yield GaugeMetricFamily(f"{PREFIX}_federated_can_join",
+                                    "Whether the agent can take part in federated training.",
+                                    value=float(h.federated["can_join"]))
+        drift = getattr(h, "drift", None)
+        if drift is None:
+            drift = h.extra.get("drift")
+        if drift is not None:  # a mapping of figures; read whatever numbers it carries
+            family = GaugeMetricFamily(f"{PREFIX}_drift", "Drift figures of the health report.",
+                                       labels=["key"])
+            source = drift.to_json() if hasattr(drift, "to_json") else drift
+            for key, figure in _flatten(source):
+                family.add_metric([key or "value"], figure)
+            yield family
+
+
+class AgentMetrics:
+    """The per-agent registry and its instruments. Thread safe (prometheus_client's own locks)."""
+
+    def __init__(self, agent: AgentView) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_HealthCollector(agent))
+        self.inference_seconds = Histogram(
+            f"{PREFIX}_inference_duration_seconds", "Duration of each streaming inference.",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.api_windows = Counter(
+            f"{PREFIX}_api_predicted_windows", "Windows scored through the local API.",
+            registry=self.registry)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """``(body, content type)`` of the text exposition format."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,7 +92,7 @@ class AgentProcess:
     """
 
     def __init__(self, config: Path, state_dir: Path, log: Path, *, exit_at_end: bool,
-                 stdin: bool = False) -> None:
+                 stdin: bool = False, env: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.state_dir = state_dir
         self.log = log
@@ -101,7 +101,8 @@ class AgentProcess:
             cmd.append("--exit-at-end")
         with open(log, "ab") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                                         stdin=subprocess.PIPE if stdin else None)
+                                         stdin=subprocess.PIPE if stdin else None,
+                                         env={**os.environ, **env} if env else None)
 
     def feed(self, lines: Iterable[str]) -> None:
         """Write lines to the agent's stdin pipe (blocks while the agent does not read)."""
@@ -183,9 +184,11 @@ class Agents:
         path.write_text(text)
         return path
 
-    def start(self, config: Path, *, exit_at_end: bool = False, stdin: bool = False) -> AgentProcess:
+    def start(self, config: Path, *, exit_at_end: bool = False, stdin: bool = False,
+              env: Mapping[str, str] | None = None) -> AgentProcess:
+        """Start an agent; ``env`` adds to (or overrides) this process's environment."""
         agent = AgentProcess(config, config.parent / "state", config.parent / "stderr.log",
-                             exit_at_end=exit_at_end, stdin=stdin)
+                             exit_at_end=exit_at_end, stdin=stdin, env=env)
         self.started.append(agent)
         return agent
 

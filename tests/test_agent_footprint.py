@@ -76,7 +76,8 @@ def test_importing_the_agent_loads_no_runtime_no_tuf_and_no_psutil() -> None:
         "from edge_agent.runtime import available_runtimes\n"
         "found = available_runtimes()\n"
         "print(json.dumps({'found': found, 'modules': sorted({m.split('.')[0] for m in sys.modules}),\n"
-        "                  'federated': 'edge_agent.federated' in sys.modules}))\n"
+        "                  'federated': 'edge_agent.federated' in sys.modules,\n"
+        "                  'api': sorted(m for m in ('edge_agent.api', 'http.server') if m in sys.modules)}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -84,8 +85,10 @@ def test_importing_the_agent_loads_no_runtime_no_tuf_and_no_psutil() -> None:
     out = json.loads(proc.stdout)
     assert out["found"] == ["onnxruntime", "litert"]  # both installed here, found without import
     loaded = set(out["modules"])
-    assert not loaded & {*RUNTIMES.values(), "tflite_runtime", *TUF_STACK, "psutil", *FEDERATED}
+    assert not loaded & {*RUNTIMES.values(), "tflite_runtime", *TUF_STACK, "psutil", *FEDERATED,
+                         "prometheus_client"}
     assert not out["federated"]
+    assert out["api"] == []  # the local API (and its HTTP server) loads only when enabled
 
 
 # -- IsolatedRepository -----------------------------------------------------------------------

@@ -29,7 +29,7 @@ def _names(requirements: list[str]) -> set[str]:
 
 def test_extras_declare_what_each_side_needs() -> None:
     edge, trainer = _names(EXTRAS["edge"]), _names(EXTRAS["trainer"])
-    assert {"numpy", "onnxruntime", "ai-edge-litert", "paho-mqtt", "tuf", "psutil"} <= edge
+    assert {"numpy", "onnxruntime", "ai-edge-litert", "paho-mqtt", "tuf", "psutil", "prometheus-client"} <= edge
     assert not {"torch", "optuna", "onnx", "onnxscript", "litert-torch", "scikit-learn", "skl2onnx"} & edge
     assert {"torch", "onnx", "onnxscript", "onnxruntime", "optuna", "scipy", "cmaes", "sqlite-utils",
             "litert-torch", "scikit-learn", "skl2onnx"} <= trainer
@@ -102,6 +102,14 @@ def test_systemd_unit_is_hardened_and_restarts_on_failure() -> None:
     assert service["Restart"] == ["on-failure"]
     assert "run --config" in service["ExecStart"][0] and "edgefleet-agent" in service["ExecStart"][0]
     assert set(service["RestartPreventExitStatus"][0].split()) == {"2", "3"}  # config / credentials
+
+
+def test_systemd_unit_waits_for_readiness_and_watches_the_serving_loop() -> None:
+    service = _unit()["Service"]
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+    assert timedelta(seconds=5) <= _timespan(service["WatchdogSec"][0]) <= timedelta(minutes=5)
+    assert service["RuntimeDirectory"] == ["edgefleet"]  # for the API's Unix socket
+    assert "AF_UNIX" in service["RestrictAddressFamilies"][0].split()  # sd_notify's datagram
 
 
 # Sandboxing settings of the agent's unit that the repository refresh must share.

@@ -120,12 +120,39 @@ def _valid(root: Path, **over: str) -> str:
         ("psi_threshold = 0.25", "psi_threshold = -1", "drift.psi_threshold must be a positive"),
         ("ks_alpha = 0.05", "ks_alpha = 1.0", "drift.ks_alpha must be in (0, 1)"),
         ("[drift]", "[drift]\nbins = 10", "unknown key 'drift.bins'"),
+        ("[api]", "[api]\nbogus = 1", "unknown key 'api.bogus'"),
+        ("[api]\nenabled = false", '[api]\nenabled = "yes"', "'api.enabled' must be a bool"),
+        ("[api]", '[api]\nlisten = "0.0.0.0:9464"', "api.listen must be HOST:PORT on a loopback"),
+        ("[api]", '[api]\nlisten = "192.168.1.5:80"', "api.listen must be HOST:PORT on a loopback"),
+        ("[api]", '[api]\nlisten = "127.0.0.1"', "api.listen must be HOST:PORT"),
+        ("[api]", '[api]\nlisten = "127.0.0.1:0"', "api.listen must be HOST:PORT"),
+        ("[api]", '[api]\nlisten = "127.0.0.1:70000"', "api.listen must be HOST:PORT"),
+        ("[api]", '[api]\nlisten = "unix:"', "api.listen unix: needs a socket path"),
+        ("[api]", "[api]\nmax_body_bytes = 10", "api.max_body_bytes must be at least 1024"),
+        ("[api]", "[api]\nmax_windows = 0", "api.max_windows must be at least 1"),
+        ("[api]", "[api]\nstale_after_seconds = 0", "api.stale_after_seconds must be positive"),
+        ("[api]", "[api]\nstale_after_seconds = nan", "api.stale_after_seconds must be positive"),
     ],
 )
 def test_bad_configs_name_the_key(root_json: Path, old: str, new: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(_valid(root_json).replace(old, new, 1), base=root_json.parent)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_api_is_off_by_default_and_listens_on_loopback_or_a_unix_socket(root_json: Path) -> None:
+    text = _valid(root_json)
+    assert "\n[api]\nenabled = false" in text  # init-config shows it, disabled
+    config = parse_config(text, base=root_json.parent)
+    assert not config.api.enabled and config.api.unix_path is None
+    for listen, host_port in (("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:8080", ("::1", 8080)),
+                              ("localhost:1234", ("localhost", 1234))):
+        on = parse_config(text.replace("[api]\nenabled = false", f'[api]\nenabled = true\nlisten = "{listen}"'),
+                          base=root_json.parent)
+        assert on.api.enabled and on.api.host_port == host_port and on.api.unix_path is None
+    unix = parse_config(text.replace("[api]\nenabled = false", '[api]\nenabled = true\nlisten = "unix:run/api.sock"'),
+                        base=root_json.parent)
+    assert unix.api.unix_path == root_json.parent / "run" / "api.sock"  # beside the config
 
 
 def test_missing_trust_root(tmp_path: Path) -> None:

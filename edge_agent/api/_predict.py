@@ -82,7 +82,7 @@ def parse_windows(body: bytes, *, window: int, features: int, max_windows: int) 
                     raise PredictError(400, f"window {i} row {j} holds {json.dumps(v)}: "
                                             "windows hold finite numbers only")
     arr = np.asarray(windows, np.float64)
-    if not np.isfinite(arr.astype(np.float32)).all():
+    if (np.abs(arr) > np.finfo(np.float32).max).any():
         raise PredictError(400, "a value is beyond the float32 range the model takes")
     return arr.astype(np.float32)
 

@@ -272,7 +272,8 @@ class Agent:
 
     def init_api(self) -> None:
         """With ``[api] enabled``, the per-agent metrics registry and the local HTTP API,
-        listening before the first sample. Without it neither ``http.server`` nor
+        listening before the state is loaded (``/healthz`` says 503 until a model serves and
+        samples flow). Without it neither ``http.server`` nor
         ``prometheus_client`` is imported.
 
         Raises:
@@ -502,7 +503,8 @@ class Agent:
 
     def deployments(self) -> list[DeploymentStatus]:
         """The last deployment status reported for each slot since the agent started."""
-        return [self._deployments[slot] for slot in sorted(self._deployments)]
+        deployments = dict(self._deployments)  # a copy: the reconcile worker may add a slot
+        return [deployments[slot] for slot in sorted(deployments)]
 
     def last_sample_age(self) -> float | None:
         """Seconds since the source's last sample; ``None`` before the first."""
@@ -734,6 +736,13 @@ class Agent:
             log.error("federated.state_dir %s cannot be used: %s", where, detail)
             return EXIT_CONFIG
         try:
+            # Before the models are installed: their detectors observe the metrics' histogram.
+            self.init_api()
+        except OSError as e:
+            log.error("cannot serve the local API on %s: %s", self.config.api.listen, e.strerror or e)
+            self.shutdown()
+            return EXIT_FAILURE
+        try:
             self.init_state()
             self.init_session()
             self.init_trust()
@@ -745,12 +754,6 @@ class Agent:
             log.error("trust root %s: %s", self.config.trust_root, e)
             self.shutdown()
             return EXIT_CONFIG
-        try:
-            self.init_api()
-        except OSError as e:
-            log.error("cannot serve the local API on %s: %s", self.config.api.listen, e.strerror or e)
-            self.shutdown()
-            return EXIT_FAILURE
         self.start_workers()
         self.start_connections()
         try:

@@ -8,7 +8,8 @@ What each test proves:
    (inferences > 0 once samples were scored, the active model, the deployment state, the
    inference histogram, memory); ``predict`` scores a batch of windows exactly as the bundle's
    model does in onnxruntime directly; bad requests get a 4xx JSON error, never a 500;
-2. the same API on a Unix socket (``curl --unix-socket``);
+2. the same API on a Unix socket (``curl --unix-socket``), removed at a clean stop; after a
+   restart the model loaded from the state dir feeds the inference histogram;
 3. under systemd's protocol (a real datagram socket as ``$NOTIFY_SOCKET``): ``READY=1``, then
    ``WATCHDOG=1`` with ``$WATCHDOG_USEC`` set, and ``STOPPING=1`` on SIGTERM;
 4. an address that cannot be bound stops the agent with one error line and exit 1.
@@ -277,10 +278,23 @@ def test_api_on_a_unix_socket(env: Env) -> None:
     assert reply.status == 200, reply
     scores = [r["score"] for r in reply.json()["results"]]
     assert len(scores) == 2 and scores[0] == scores[1]
-    assert value(metrics(base), "edgefleet_agent_inferences", "edgefleet_agent_inferences_total") >= 0
     agent.signal(signal.SIGTERM)
     assert agent.wait(30) == 0
     assert not sock.exists()  # removed at a clean stop
+
+    # restarted, the agent serves the model from its state dir: metrics observe it from the start
+    again = env.agents.start(env.agents.started[0].config)
+    wait_listening(again, base, env.agents)
+    wait_healthy(again, base, env.agents)
+
+    def histogram_count() -> float:
+        return value(metrics(base), "edgefleet_agent_inference_duration_seconds",
+                     "edgefleet_agent_inference_duration_seconds_count")
+
+    poll_until(lambda: histogram_count() > 0, 60, "the restarted agent's inference histogram",
+               env.agents.tail, interval=0.2)
+    again.signal(signal.SIGTERM)
+    assert again.wait(30) == 0
 
 
 # -- 3. systemd notices --------------------------------------------------------------------------

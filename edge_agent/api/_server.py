@@ -28,10 +28,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from edge_agent.activation import ActiveRecord
 from edge_agent.api._base import AgentView
 from edge_agent.api._metrics import AgentMetrics
 from edge_agent.api._predict import PredictError, model_description, predict
 from edge_agent.config import ApiConfig
+from edge_agent.detector import Detector
 
 __all__ = ["LocalApi", "health_check"]
 
@@ -222,7 +224,7 @@ class LocalApi:
     def address(self) -> str:
         return self.config.listen
 
-    def slot(self, slot: str) -> tuple[Any, Any]:
+    def slot(self, slot: str) -> tuple[Detector, ActiveRecord]:
         """The slot's ``(detector, record)``; raises :class:`PredictError` 404 if it serves none."""
         serving = self.agent.serving()
         if slot not in serving:

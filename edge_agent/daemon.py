@@ -451,9 +451,12 @@ class Agent:
             self._publish(self.topics.agent_state(self.config.agent_id),
                           encode_agent_state(self._state("online")), retain=True)
 
-    def health(self) -> AgentHealth:
+    def health(self, *, cpu_share: bool = True) -> AgentHealth:
         """Counters and gauges; ``outbox_dropped`` also counts the events that could not be
-        stored at all (disk full) since the agent started."""
+        stored at all (disk full) since the agent started.
+
+        ``cpu_percent`` is the CPU share since the previous report; ``cpu_share=False`` (a
+        metrics scrape) leaves it ``None`` and that window alone for the health reporter."""
         with self._lock:
             stats = [d.stats() for d in self._detectors.values()]
         p50 = max((s.latency_p50_ms for s in stats if s.latency_p50_ms is not None), default=None)
@@ -467,7 +470,7 @@ class Agent:
             latency_ms={"p50": p50, "p99": p99},
             outbox_depth=outbox.depth() if outbox is not None else 0,
             outbox_dropped=(outbox.dropped() if outbox is not None else 0) + self._unstored.total,
-            rss_mb=self._usage.rss_bytes() / 1e6, cpu_percent=self._usage.cpu_percent(),
+            rss_mb=self._usage.rss_bytes() / 1e6, cpu_percent=self._usage.cpu_percent() if cpu_share else None,
             federated=(self.federation.health() if self.federation is not None else
                        {"can_join": False, "reason": "federated learning is not enabled in the "
                                                      "agent config ([federated] enabled)"}),

@@ -7,7 +7,8 @@ What each test proves:
    200; ``/metrics`` parses as Prometheus exposition and carries the health report's figures
    (inferences > 0 once samples were scored, the active model, the deployment state, the
    inference histogram, memory); ``predict`` scores a batch of windows exactly as the bundle's
-   model does in onnxruntime directly; bad requests get a 4xx JSON error, never a 500;
+   model does in onnxruntime directly; bad requests get a 4xx JSON error, never a 500; once the
+   replay has ended, ``/metrics`` and the MQTT health report carry the same counters;
 2. the same API on a Unix socket (``curl --unix-socket``), removed at a clean stop; after a
    restart the model loaded from the state dir feeds the inference histogram;
 3. under systemd's protocol (a real datagram socket as ``$NOTIFY_SOCKET``): ``READY=1``, then
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers_delivery import AgentProcess, Agents, bundle_bytes, bundle_sha, cli, poll_until
+from helpers_delivery import AgentProcess, Agents, Watch, bundle_bytes, bundle_sha, cli, poll_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.bundle import read_bundle
@@ -177,7 +178,8 @@ def wait_listening(agent: AgentProcess, base: list[str], agents: Agents) -> Repl
 def test_api_over_tcp_healthz_metrics_predict_and_bad_requests(env: Env) -> None:
     port = _free_port()
     base = [f"http://127.0.0.1:{port}"]
-    agent = env.agents.start(env.config("api-1", f"127.0.0.1:{port}"))
+    watch = Watch(env.broker_url, env.agents.tail)
+    agent = env.agents.start(env.config("api-1", f"127.0.0.1:{port}", rate=300))
 
     first = wait_listening(agent, base, env.agents)
     assert first.status == 503 and "no model is active" in first.json()["reason"]
@@ -254,8 +256,24 @@ def test_api_over_tcp_healthz_metrics_predict_and_bad_requests(env: Env) -> None
         reply = curl(base, path, **kwargs)
         assert reply.status == status, (path, reply)
         assert reply.json()["error"], path
-    assert curl(base, "/healthz").status == 200 and agent.alive()
-    assert "Traceback" not in agent.log.read_text()
+    assert agent.alive() and "Traceback" not in agent.log.read_text()
+
+    # once the replay has ended the counters stand still: /metrics and the MQTT health report
+    # carry the same figures
+    try:
+        poll_until(lambda: "source ended" in agent.log.read_text(), 60, "the replay to end",
+                   env.agents.tail, interval=0.2)
+        final = metrics(base)
+        inferences = value(final, "edgefleet_agent_inferences", "edgefleet_agent_inferences_total")
+        anomalies = value(final, "edgefleet_agent_anomalies", "edgefleet_agent_anomalies_total")
+        assert inferences > 0
+        mark = watch.mark()
+        report = watch.wait_for(lambda: next(iter(watch.of("health", mark)), None), 10, "a health report")
+        assert (report.inferences, report.anomalies, report.errors) == (inferences, anomalies, 0)
+        assert value(final, "edgefleet_agent_inference_duration_seconds",
+                     "edgefleet_agent_inference_duration_seconds_count") == inferences
+    finally:
+        watch.close()
 
     agent.signal(signal.SIGTERM)
     assert agent.wait(30) == 0

@@ -14,8 +14,9 @@ __all__ = ["AgentView"]
 class AgentView(Protocol):
     """The agent as the API sees it. Every method is safe to call from any thread."""
 
-    def health(self) -> AgentHealth:
-        """The counters and gauges of the MQTT health report, computed now."""
+    def health(self, *, cpu_share: bool = True) -> AgentHealth:
+        """The counters and gauges of the MQTT health report, computed now; the API passes
+        ``cpu_share=False``: the CPU share is measured between health reports only."""
         ...
 
     def serving(self) -> dict[str, tuple[Detector, ActiveRecord]]:

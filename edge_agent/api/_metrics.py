@@ -9,6 +9,7 @@ per-inference duration histogram and the count of windows scored through the API
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ class _HealthCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         agent = self._agent
-        h = agent.health()
+        h = agent.health(cpu_share=False)
         for name, value, doc in (
             ("inferences", h.inferences, "Windows scored by the streaming detectors."),
             ("anomalies", h.anomalies, "Anomalies the streaming detectors reported."),
@@ -67,9 +68,11 @@ class _HealthCollector(Collector):
         if h.rss_mb is not None:
             yield GaugeMetricFamily(f"{PREFIX}_resident_memory_bytes", "Resident memory of the agent.",
                                     value=h.rss_mb * 1e6)
-        if h.cpu_percent is not None:
-            yield GaugeMetricFamily(f"{PREFIX}_cpu_percent", "CPU share of the agent since the last report.",
-                                    value=h.cpu_percent)
+        # A counter rather than the health report's share since its previous report: a
+        # scrape must not reset that window, and Prometheus computes the rate itself.
+        times = os.times()
+        yield CounterMetricFamily(f"{PREFIX}_cpu_seconds", "CPU time (user and system) of the agent.",
+                                  value=times.user + times.system)
         age = agent.last_sample_age()
         if age is not None:
             yield GaugeMetricFamily(f"{PREFIX}_last_sample_age_seconds",

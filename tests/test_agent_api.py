@@ -66,9 +66,11 @@ class Env:
     def root(self) -> Path:
         return repository_path(self.registry) / "metadata" / "root.json"
 
-    def config(self, agent_id: str, listen: str | None, rate: float = 100) -> Path:
+    def config(self, agent_id: str, listen: str | None, rate: float = 100,
+               drift_window: int | None = None) -> Path:
         """An ``init-config`` config with ``[api]`` enabled on ``listen`` (``None``: left off)."""
-        path = self.agents.config(agent_id, trust=self.root, source=f"csv:{self.csv}?rate={rate:g}")
+        path = self.agents.config(agent_id, trust=self.root, source=f"csv:{self.csv}?rate={rate:g}",
+                                  drift_window=drift_window)
         if listen is not None:
             text, n = re.subn(r"(?m)^\[api\]\nenabled = false",
                               f'[api]\nenabled = true\nlisten = "{listen}"', path.read_text())
@@ -179,7 +181,7 @@ def test_api_over_tcp_healthz_metrics_predict_and_bad_requests(env: Env) -> None
     port = _free_port()
     base = [f"http://127.0.0.1:{port}"]
     watch = Watch(env.broker_url, env.agents.tail)
-    agent = env.agents.start(env.config("api-1", f"127.0.0.1:{port}", rate=300))
+    agent = env.agents.start(env.config("api-1", f"127.0.0.1:{port}", rate=300, drift_window=100))
 
     first = wait_listening(agent, base, env.agents)
     assert first.status == 503 and "no model is active" in first.json()["reason"]
@@ -202,6 +204,10 @@ def test_api_over_tcp_healthz_metrics_predict_and_bad_requests(env: Env) -> None
     assert value(fams, "edgefleet_agent_errors", "edgefleet_agent_errors_total") == 0
     assert value(fams, "edgefleet_agent_inference_latency_milliseconds", quantile="0.5") > 0
     assert "edgefleet_agent_outbox_depth" in fams and "edgefleet_agent_outbox_dropped" in fams
+    # the health report's drift figures, per slot and per series
+    assert value(fams, "edgefleet_agent_drift_available", slot="default") == 1
+    assert 0 < value(fams, "edgefleet_agent_drift_fill", slot="default") <= 100
+    assert value(fams, "edgefleet_agent_drift_series_psi", slot="default", kind="score", series="score") >= 0
 
     # predict: a batch of windows from the CSV, scored as onnxruntime scores them
     model = curl(base, "/v1/slots/default").json()
@@ -270,6 +276,8 @@ def test_api_over_tcp_healthz_metrics_predict_and_bad_requests(env: Env) -> None
         mark = watch.mark()
         report = watch.wait_for(lambda: next(iter(watch.of("health", mark)), None), 10, "a health report")
         assert (report.inferences, report.anomalies, report.errors) == (inferences, anomalies, 0)
+        assert value(final, "edgefleet_agent_drift_drifted", slot="default") == \
+            report.drift["default"]["drifted"]
         assert value(final, "edgefleet_agent_inference_duration_seconds",
                      "edgefleet_agent_inference_duration_seconds_count") == inferences
     finally:

@@ -26,18 +26,6 @@ PREFIX = "edgefleet_agent"
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
 
 
-def _flatten(value: Any, key: str = "") -> Iterator[tuple[str, float]]:
-    """The numeric leaves (booleans as 0/1) of a JSON-like value, keyed by dotted path."""
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            yield from _flatten(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            yield from _flatten(v, f"{key}.{i}" if key else str(i))
-    elif isinstance(value, bool | int | float) and math.isfinite(float(value)):
-        yield key, float(value)
-
-
 class _HealthCollector(Collector):
     """Reads the agent's health (and its models and deployments) at each scrape."""
 
@@ -93,15 +81,52 @@ class _HealthCollector(Collector):
                                     "Whether the agent can take part in federated training.",
                                     value=float(h.federated["can_join"]))
         drift = getattr(h, "drift", None)
-        if drift is None:
-            drift = h.extra.get("drift")
-        if drift is not None:  # a mapping of figures; read whatever numbers it carries
-            family = GaugeMetricFamily(f"{PREFIX}_drift", "Drift figures of the health report.",
-                                       labels=["key"])
-            source = drift.to_json() if hasattr(drift, "to_json") else drift
-            for key, figure in _flatten(source):
-                family.add_metric([key or "value"], figure)
-            yield family
+        if isinstance(drift, Mapping):
+            yield from _drift_families(drift)
+
+
+def _number(value: Any) -> float | None:
+    """A finite JSON number (booleans as 0/1), else ``None``."""
+    if isinstance(value, bool | int | float) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+def _drift_families(drift: Mapping[str, Any]) -> Iterator[GaugeMetricFamily]:
+    """Health ``drift`` (slot → the drift monitor's figures) as gauges per slot and per series
+    (``kind="feature"`` for each input, ``kind="score"`` for the model's score). Keys it does
+    not know, or that are missing, are skipped."""
+    per_slot = {
+        key: GaugeMetricFamily(f"{PREFIX}_drift_{key}", doc, labels=["slot"])
+        for key, doc in (("available", "Whether the slot's model has a drift monitor."),
+                         ("drifted", "Whether the slot's inputs drifted (with hysteresis)."),
+                         ("fill", "Samples in the slot's rolling drift window."))
+    }
+    per_series = {
+        key: GaugeMetricFamily(f"{PREFIX}_drift_series_{key}", doc, labels=["slot", "kind", "series"])
+        for key, doc in (("psi", "Population stability index of a series against its training reference."),
+                         ("ks", "Kolmogorov-Smirnov statistic of a series against its training reference."),
+                         ("ks_pvalue", "p-value of that Kolmogorov-Smirnov statistic."),
+                         ("drifted", "Whether the series drifted."))
+    }
+    for slot, entry in sorted(drift.items()):
+        if not isinstance(entry, Mapping):
+            continue
+        for key, family in per_slot.items():
+            if (v := _number(entry.get(key))) is not None:
+                family.add_metric([str(slot)], v)
+        features = entry.get("features")
+        series = [("feature", name, figures) for name, figures in sorted(features.items())] \
+            if isinstance(features, Mapping) else []
+        series.append(("score", "score", entry.get("score")))
+        for kind, name, figures in series:
+            if not isinstance(figures, Mapping):
+                continue
+            for key, family in per_series.items():
+                if (v := _number(figures.get(key))) is not None:
+                    family.add_metric([str(slot), kind, str(name)], v)
+    yield from per_slot.values()
+    yield from per_series.values()
 
 
 class AgentMetrics:

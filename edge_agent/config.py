@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.drift import MIN_WINDOW, DriftSettings
+from edge_agent.drift import MAX_WINDOW, MIN_WINDOW, DriftSettings
 from edge_agent.mqtt import (
     BrokerError,
     BrokerSettings,
@@ -280,8 +280,8 @@ def _drift(table: dict[str, Any], source: str) -> DriftSettings:
         psi_clear=float(table.get("psi_clear", d.psi_clear)),
         ks_alpha=table.get("ks_alpha", d.ks_alpha),
     )
-    if c.window < MIN_WINDOW:
-        raise ConfigError(f"{source}: drift.window must be at least {MIN_WINDOW} samples")
+    if not MIN_WINDOW <= c.window <= MAX_WINDOW:
+        raise ConfigError(f"{source}: drift.window must be between {MIN_WINDOW} and {MAX_WINDOW} samples")
     if not 0.0 < c.psi_threshold < float("inf"):
         raise ConfigError(f"{source}: drift.psi_threshold must be a positive number")
     if not 0.0 < c.psi_clear <= c.psi_threshold:
@@ -460,7 +460,7 @@ enabled = false              # take part in federated training (needs the fl ext
 
 [drift]
 enabled = true               # compare live inputs and scores with the model's training reference
-window = 1000                # samples in the rolling window (span at least one cycle of the metrics' seasonality)
+window = 1000                # samples in the rolling window, 100 to 100000 (rounded up to whole seasons of a seasonal model)
 psi_threshold = 0.25         # PSI of a significant shift: a series drifts at or above it (and when KS rejects)
 psi_clear = 0.1              # drift clears once every PSI is below this (no significant change)
 ks_alpha = 0.05              # significance level of the two-sample Kolmogorov-Smirnov test

@@ -166,6 +166,7 @@ class Agent:
         self.outbox: Outbox | None = None
         self.publisher: OutboxPublisher | None = None
         self._outbox_retry_at = 0.0
+        self._outbox_lock = threading.Lock()  # serving and health threads both may open it
         self._unstored = ThrottledLog(log, 60.0)  # anomaly events that could not be stored
         self.trusted: Repository | None = None
         self.reconciler: Reconciler | None = None
@@ -341,23 +342,30 @@ class Agent:
         return True
 
     def _open_outbox(self) -> Outbox | None:
-        """The outbox, opened now if it is not open yet (at most every few seconds).
+        """The outbox, opened now if it is not open yet (at most every few seconds). Thread safe:
+        the serving thread (anomaly events) and the health thread (drift events) both call it,
+        and only one of them opens the outbox and starts its publisher.
 
         Raises:
             OutboxError: it cannot be opened (e.g. the disk is full).
         """
-        if self.outbox is not None:
-            return self.outbox
-        now = time.monotonic()
-        if now < self._outbox_retry_at:
-            return None
-        self._outbox_retry_at = now + OUTBOX_REOPEN_INTERVAL
-        c = self.config
-        self.outbox = Outbox(c.state_dir / "outbox.sqlite", max_bytes=c.outbox_max_bytes)
-        if self._session is not None:  # opened late: the workers are running already
-            log.info("outbox %s open: anomaly events are stored again", self.outbox.path)
-            self._start_publisher()
-        return self.outbox
+        outbox = self.outbox
+        if outbox is not None:  # the common case, without the lock
+            return outbox
+        with self._outbox_lock:
+            if self.outbox is not None:
+                return self.outbox
+            now = time.monotonic()
+            if now < self._outbox_retry_at:
+                return None
+            self._outbox_retry_at = now + OUTBOX_REOPEN_INTERVAL
+            c = self.config
+            outbox = Outbox(c.state_dir / "outbox.sqlite", max_bytes=c.outbox_max_bytes)
+            self.outbox = outbox
+            if self._session is not None:  # opened late: the workers are running already
+                log.info("outbox %s open: events are stored again", outbox.path)
+                self._start_publisher()
+            return outbox
 
     # -- MQTT callbacks (network thread: no disk I/O, never block, never raise) ---------------
 
@@ -490,7 +498,7 @@ class Agent:
             report = monitor.assess()
             if report.raised:
                 drifted = [f for f, v in report.features.items() if v["drifted"]]
-                drifted += ["score"] if report.score["drifted"] else []
+                drifted += ["(score)"] if report.score["drifted"] else []
                 log.warning("slot %s: %s@%s inputs drifted from its training reference (%s)",
                             slot, report.model, report.model_version, ", ".join(drifted))
                 self._store_drift_event(report)
@@ -624,15 +632,16 @@ class Agent:
                 try:
                     values = [sample.values.get(f) for f in detector.spec.features]
                     detection = detector.push(sample.timestamp, values)
+                    if detection is not None:
+                        monitor = monitors.get(detector.slot)
+                        if isinstance(monitor, DriftMonitor):
+                            monitor.observe(detection.timestamp, detection.values, detection.score)
                 except Exception:
                     self._errors += 1
                     log.exception("inference failed")
                     continue
                 if detection is None:
                     continue
-                monitor = monitors.get(detector.slot)
-                if isinstance(monitor, DriftMonitor):
-                    monitor.observe(detection.timestamp, detection.values, detection.score)
                 if detection.is_anomaly:
                     self._store_event(topic, detection)
                 elif federation is not None:
@@ -689,7 +698,7 @@ class Agent:
         except OutboxError as e:
             self._unstored.warning("%s not stored (%s); detection goes on", what, e)
             return
-        self._unstored.resolved("anomaly events are stored again")
+        self._unstored.resolved("events are stored again")
         if self.publisher is not None:
             self.publisher.wake()
 

@@ -1,16 +1,20 @@
 """Drift detection on the device: live inputs and scores against the bundle's training reference.
 
-A :class:`DriftMonitor` per slot keeps the last ``window`` scored samples (every feature and
-the raw score) in a preallocated ring, and the count of them in each reference bin, updated as
-a sample enters and the oldest leaves: :meth:`DriftMonitor.observe` is O(features) with no
-allocation beyond the ring write. :meth:`DriftMonitor.assess` (when health is built, not per
-sample) computes per series
+A :class:`DriftMonitor` per slot keeps the last ``window`` scored samples (every feature value
+and the raw score) in a preallocated ring. :meth:`DriftMonitor.observe`, on the serving path,
+only stores the sample there: one list store and a counter bump, no lock, no numpy, no binning.
+:meth:`DriftMonitor.assess` (when health is built, not per sample) bins and sorts the whole
+window with numpy and computes per series
 
 * the population stability index, ``PSI = sum((a - e) * ln(a / e))`` over the reference's
   decile bins (``e``: reference share, ``a``: window share, both floored at
   :data:`PSI_FLOOR` so an empty bin counts as a large, finite shift);
 * the two-sample Kolmogorov-Smirnov statistic ``D`` between the window and the reference's
-  quantile sample, and its asymptotic p-value.
+  quantile sample, and its asymptotic p-value at the window's *effective* sample size.
+
+An assessment is recomputed once at least a tenth of a window of new samples arrived since the
+last one (:data:`ASSESS_EVERY_FRACTION`); in between, the last report is returned again, so a
+health period shorter than that costs nothing.
 
 Thresholds follow the published conventions. PSI: below 0.1 no significant change, 0.1-0.25
 a moderate shift, above 0.25 a significant one (N. Siddiqi, *Credit Risk Scorecards*, Wiley
@@ -19,11 +23,28 @@ KS: reject "same distribution" at level ``alpha`` (0.05 by convention) from the 
 Kolmogorov distribution with Stephens' small-sample correction (M. A. Stephens, JRSS B 32,
 1970; as in Press et al., *Numerical Recipes*, 3rd ed., §14.3.3).
 
+Both statistics' textbook noise figures assume independent samples; host metrics are
+autocorrelated (a busy minute is followed by a busy minute), which makes a window carry less
+information than its length. The KS p-value therefore uses the window's effective size
+``n_eff = n (1 - r1) / (1 + r1)`` (``r1``: the window's lag-1 autocorrelation, per series;
+``n_eff`` clipped to ``[1, n]``), the variance-inflation factor of an AR(1) process (H. E.
+Bayley and J. M. Hammersley, JRSS Suppl. 8, 1946; D. S. Wilks, *Statistical Methods in the
+Atmospheric Sciences*, 3rd ed., 2011, §5.2.4). The reference side counts as the reference's row
+count when the bundle ships it (``rows``; its quantile sample is a grid standing for all those
+rows, not a sample of independent draws), else as the grid's size. The PSI is not corrected:
+its noise grows by about the same factor ``n / n_eff``, which is why the raise bound is the
+"significant" 0.25, not the "moderate" 0.1.
+
 A series drifts when both agree: ``PSI >= psi_threshold`` (a significant shift) *and* the KS
 test rejects at ``ks_alpha``. The slot's ``drifted`` state has hysteresis: it is raised when a
 series drifts over a full window, and clears only once every series' PSI is back below
 ``psi_clear`` (the "no significant change" bound), after which it can be raised again. Each
 raise is reported once (:attr:`DriftReport.raised`), for a ``drift`` event.
+
+The window is rounded up to a whole number of seasons when the bundle's model has one (its
+architecture's or score pipeline's ``season``, in samples): a window of 3.47 days would
+otherwise weigh some hours of the day more than others (:func:`window_for`). Drift state lives
+in memory only: a restart or a new model starts from an empty window.
 
 Hand-written rather than scipy (``scipy.stats.ks_2samp``) or river: the agent installs
 neither (scipy alone is ~100 MB; river ~130 MB), and both statistics are a few lines of numpy.
@@ -32,9 +53,9 @@ Tests check them against scipy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
-from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +66,7 @@ from shared.bundle import BundleSpec
 from shared.drift import DriftReference, DriftReferenceError
 
 __all__ = [
+    "ASSESS_EVERY_FRACTION",
     "DEFAULT_WINDOW",
     "KS_ALPHA",
     "PSI_FLOOR",
@@ -54,11 +76,14 @@ __all__ = [
     "DriftReport",
     "DriftSettings",
     "DriftUnavailable",
+    "effective_sizes",
     "ks_critical_value",
     "ks_pvalue",
     "ks_statistic",
     "monitor_for",
     "psi",
+    "season_of",
+    "window_for",
 ]
 
 #: PSI bound of a moderate shift: below it, no significant change (Siddiqi 2006).
@@ -70,11 +95,17 @@ KS_ALPHA = 0.05
 #: Floor on a bin's share in the PSI, so an empty bin gives a large but finite term.
 PSI_FLOOR = 1e-4
 #: Samples in the rolling window. Two samples of one distribution give a PSI of about
-#: chi2(B - 1) / N over B bins (Yurdakul 2018): for 10 bins and 1000 samples, 0.009 on
-#: average and 0.022 at the 99th percentile, well below :data:`PSI_MODERATE`.
+#: chi2(B - 1) / N over B bins (Yurdakul 2018): for 10 bins and 1000 *independent* samples,
+#: 0.009 on average and 0.022 at the 99th percentile, well below :data:`PSI_MODERATE`. For an
+#: autocorrelated series read N as the effective size (see the module docstring): with a lag-1
+#: autocorrelation of 0.8, 1000 samples count as about 110, and the 99th percentile is near 0.2.
 DEFAULT_WINDOW = 1000
 #: Fewest samples a window may be configured with (about 10 per decile bin).
 MIN_WINDOW = 100
+#: Most samples a window may be configured with (the ring and each assessment grow with it).
+MAX_WINDOW = 100_000
+#: An assessment is recomputed after ``window // ASSESS_EVERY_FRACTION`` new samples.
+ASSESS_EVERY_FRACTION = 10
 
 
 @dataclass(frozen=True)
@@ -106,9 +137,9 @@ def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(cdf_a - cdf_b)))
 
 
-def ks_pvalue(d: float, n: int, m: int) -> float:
+def ks_pvalue(d: float, n: float, m: float) -> float:
     """Asymptotic two-sided p-value of a two-sample KS statistic ``d`` for samples of ``n`` and
-    ``m`` values: the Kolmogorov survival function at ``(sqrt(en) + 0.12 + 0.11 / sqrt(en)) d``
+    ``m`` values (effective sizes may be fractional): the Kolmogorov survival function at ``(sqrt(en) + 0.12 + 0.11 / sqrt(en)) d``
     with ``en = n m / (n + m)`` (Stephens 1970)."""
     en = math.sqrt(n * m / (n + m))
     lam = (en + 0.12 + 0.11 / en) * d
@@ -125,6 +156,38 @@ def ks_critical_value(alpha: float, n: int, m: int) -> float:
     """The ``D`` above which the two-sample KS test rejects at level ``alpha`` (asymptotic):
     ``sqrt(-ln(alpha / 2) / 2) * sqrt((n + m) / (n m))``."""
     return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
+
+
+def effective_sizes(x: np.ndarray) -> np.ndarray:
+    """Per column of ``x`` (rows in time order), the effective number of independent samples
+    ``n (1 - r1) / (1 + r1)``, with ``r1`` the column's lag-1 autocorrelation, clipped to
+    ``[1, n]`` (a constant column counts as ``n``)."""
+    n = x.shape[0]
+    if n < 3:
+        return np.full(x.shape[1], float(n))
+    xc = x - x.mean(axis=0)
+    den = np.einsum("ij,ij->j", xc, xc)
+    num = np.einsum("ij,ij->j", xc[:-1], xc[1:])
+    rho = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    rho = np.clip(rho, -0.999, 0.999)
+    return np.clip(n * (1.0 - rho) / (1.0 + rho), 1.0, float(n))
+
+
+def season_of(spec: BundleSpec) -> int:
+    """Samples per season of a bundle's model (its architecture's ``season``, else its score
+    pipeline's), 0 when it has none."""
+    for season in (spec.architecture.get("season"), getattr(spec.score.pipeline, "season", 0)):
+        if isinstance(season, int) and not isinstance(season, bool) and season > 1:
+            return season
+    return 0
+
+
+def window_for(window: int, season: int) -> int:
+    """``window`` rounded up to a whole number of seasons (unchanged without a season), so that
+    every phase of the season (every hour of the day) weighs the same in the window."""
+    if season <= 1:
+        return window
+    return -(-window // season) * season
 
 
 def _figures(value: float | None, d: float | None, p: float | None, drifted: bool) -> dict[str, Any]:
@@ -165,86 +228,118 @@ class DriftReport:
 class DriftMonitor:
     """The rolling drift window of one slot (see the module docstring).
 
-    Thread safe: one thread observes while another assesses; :meth:`assess` copies the window
-    under a short lock and computes outside it.
+    Threading: one thread observes (the serve loop: a single writer) while others assess.
+    :meth:`observe` takes no lock: it stores one tuple in a preallocated ring and then bumps a
+    sample counter. :meth:`assess` reads the counter, then copies the ring (a list copy is atomic
+    under the GIL). The race is benign: a sample the writer stored between those two reads
+    replaces the oldest one of the copy (or lies beyond the fill, and is ignored), so the window
+    assessed may hold a sample newer than the counter says, never a torn or missing one.
+    Assessments are serialised by a lock of their own, so concurrent readers (health, a metrics
+    endpoint) raise a drift once.
     """
 
     def __init__(self, reference: DriftReference, settings: DriftSettings, *, slot: str, model: str,
-                 model_version: int) -> None:
+                 model_version: int, season: int = 0) -> None:
         self.settings = settings
         self.slot = slot
         self.model = model
         self.model_version = model_version
+        self.window = window_for(settings.window, season)
         self._names = tuple(name for name, _ in reference.features)
         refs = [r for _, r in reference.features] + [reference.score]
-        self._k = k = len(refs)
-        self._edges = [list(r.edges) for r in refs]
+        self._k = len(refs)
+        self._edges = [np.asarray(r.edges, dtype=np.float64) for r in refs]
+        sizes = [len(r.edges) + 1 for r in refs]
+        self._offsets = np.cumsum([0, *sizes[:-1]])
+        self._nbins = sum(sizes)
         self._expected = [np.asarray(r.proportions, dtype=np.float64) for r in refs]
         self._samples = [np.asarray(r.sample, dtype=np.float64) for r in refs]
-        n = settings.window
-        self._values = np.zeros((n, k), dtype=np.float64)
-        self._bins = [[0] * k for _ in range(n)]  # bin of each ring value: leaves in O(1)
-        self._counts = [[0] * (len(r.edges) + 1) for r in refs]
-        self._pos = 0
-        self._fill = 0
-        self._timestamp: str | None = None
-        self._lock = threading.Lock()
+        # The KS sample is a quantile grid standing for the whole reference: its size is the
+        # reference's row count when the bundle ships it, else the grid's own size.
+        self._reference_rows = [r.rows if r.rows else len(r.sample) for r in refs]
+        self._ring: list[tuple[str, Sequence[float], float] | None] = [None] * self.window
+        self._count = 0  # samples observed; written by the observing thread only
+        self._every = max(1, self.window // ASSESS_EVERY_FRACTION)
+        self._assessing = threading.Lock()
+        self._cached: DriftReport | None = None
+        self._cached_at = -1
         self._drifted = False
 
     def observe(self, timestamp: str, values: Sequence[float], score: float) -> None:
         """Add one scored sample (its feature values, in the bundle's order, and raw score).
-        A sample with a non-finite score is ignored."""
+        A sample with a non-finite score is ignored. Call from one thread only (see the class
+        docstring); O(1), no lock, no numpy."""
         if not math.isfinite(score):
             return
-        last = self._k - 1
-        with self._lock:
-            pos, full = self._pos, self._fill == self.settings.window
-            row, ring = self._bins[pos], self._values
-            for j in range(self._k):
-                x = score if j == last else values[j]
-                counts = self._counts[j]
-                if full:
-                    counts[row[j]] -= 1
-                b = bisect_right(self._edges[j], x)
-                row[j] = b
-                counts[b] += 1
-                ring[pos, j] = x
-            self._pos = pos + 1 if pos + 1 < self.settings.window else 0
-            if not full:
-                self._fill += 1
-            self._timestamp = timestamp
+        c = self._count
+        self._ring[c % self.window] = (timestamp, values, score)
+        self._count = c + 1
+
+    def _snapshot(self) -> tuple[int, list[tuple[str, Sequence[float], float]]]:
+        """The samples of the window, oldest first, and the number observed."""
+        count = self._count
+        ring = self._ring.copy()
+        n = self.window
+        if count < n:
+            return count, ring[:count]  # type: ignore[return-value]
+        start = count % n
+        return count, ring[start:] + ring[:start]  # type: ignore[operator]
 
     def assess(self) -> DriftReport:
-        """PSI and KS of every series over the current window, and the slot's drift state."""
+        """PSI and KS of every series over the current window, and the slot's drift state.
+
+        Recomputed once at least ``window / 10`` samples arrived since the last computation;
+        otherwise the last report is returned again (with ``raised`` false: a raise is reported
+        once). Thread safe."""
+        with self._assessing:
+            cached = self._cached
+            if cached is not None and self._count - self._cached_at < self._every:
+                return dataclasses.replace(cached, raised=False) if cached.raised else cached
+            count, rows = self._snapshot()
+            report = self._compute(rows)
+            self._cached, self._cached_at = report, count
+            return report
+
+    def _compute(self, rows: list[tuple[str, Sequence[float], float]]) -> DriftReport:
         s = self.settings
-        with self._lock:
-            fill, timestamp = self._fill, self._timestamp
-            window = self._values[:fill].copy()
-            counts = [list(c) for c in self._counts]
-        full = fill == s.window
+        fill = len(rows)
+        full = fill == self.window
+        timestamp = rows[-1][0] if rows else None
+        if fill == 0:
+            figures = [_figures(None, None, None, False)] * self._k
+            return self._report(fill, timestamp, figures, drifting=False, psis=[], full=False)
+        x = np.empty((fill, self._k), dtype=np.float64)
+        x[:, :-1] = [r[1] for r in rows]
+        x[:, -1] = [r[2] for r in rows]
+        # All series' bins at once: each column's bin index, offset into one shared range.
+        bins = np.concatenate([np.searchsorted(self._edges[j], x[:, j], side="right") + self._offsets[j]
+                               for j in range(self._k)])
+        counts = np.bincount(bins, minlength=self._nbins) / fill
+        n_eff = effective_sizes(x)
+        ordered = np.sort(x, axis=0)  # every column's sort in one call
         figures, psis, drifting = [], [], False
         for j in range(self._k):
-            if fill == 0:
-                figures.append(_figures(None, None, None, False))
-                continue
-            value = psi(self._expected[j], np.asarray(counts[j], dtype=np.float64) / fill)
-            ref = self._samples[j]
-            d = ks_statistic(np.sort(window[:, j]), ref)
-            p = ks_pvalue(d, fill, len(ref))
+            lo = self._offsets[j]
+            value = psi(self._expected[j], counts[lo: lo + len(self._expected[j])])
+            d = ks_statistic(ordered[:, j], self._samples[j])
+            p = ks_pvalue(d, int(n_eff[j]), self._reference_rows[j])
             drifted = full and value >= s.psi_threshold and p < s.ks_alpha
             drifting = drifting or drifted
             psis.append(value)
             figures.append(_figures(value, d, p, drifted))
-        with self._lock:  # check-and-set: two concurrent assessments raise once
-            raised = not self._drifted and drifting
-            if raised:
-                self._drifted = True
-            elif self._drifted and full and max(psis) < s.psi_clear:
-                self._drifted = False
-            state = self._drifted
+        return self._report(fill, timestamp, figures, drifting=drifting, psis=psis, full=full)
+
+    def _report(self, fill: int, timestamp: str | None, figures: list[dict[str, Any]], *, drifting: bool,
+                psis: list[float], full: bool) -> DriftReport:
+        s = self.settings
+        raised = not self._drifted and drifting  # under self._assessing: raised once
+        if raised:
+            self._drifted = True
+        elif self._drifted and full and max(psis) < s.psi_clear:
+            self._drifted = False
         return DriftReport(
-            slot=self.slot, model=self.model, model_version=self.model_version, window=s.window,
-            fill=fill, timestamp=timestamp, drifted=state, raised=raised,
+            slot=self.slot, model=self.model, model_version=self.model_version, window=self.window,
+            fill=fill, timestamp=timestamp, drifted=self._drifted, raised=raised,
             features=dict(zip(self._names, figures[:-1], strict=True)), score=figures[-1],
             psi_threshold=s.psi_threshold, ks_alpha=s.ks_alpha,
         )
@@ -277,4 +372,5 @@ def monitor_for(spec: BundleSpec, settings: DriftSettings, *, slot: str, model: 
     if reference is None:
         return DriftUnavailable(model, model_version,
                                 "the bundle has no binned drift reference (trained by an older edgefleet)")
-    return DriftMonitor(reference, settings, slot=slot, model=model, model_version=model_version)
+    return DriftMonitor(reference, settings, slot=slot, model=model, model_version=model_version,
+                        season=season_of(spec))

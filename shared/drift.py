@@ -8,6 +8,7 @@ version have them) and, from this version on, what the agent compares live data 
     "edges":       [e1, ..., ek]      # inner bin edges: the reference deciles, deduplicated
     "proportions": [p0, ..., pk]      # share of reference values in each of the k + 1 bins
     "sample":      [q1, ..., qm]      # sorted quantile sample, m <= 256 (for the KS statistic)
+    "rows":        n                  # reference values the above summarise (newer bundles)
 
 Binning rule, the same on both sides: a value ``x`` falls in bin ``bisect_right(edges, x)``
 (``numpy.searchsorted(edges, x, side="right")``): bin 0 is ``x < e1``, bin ``k`` is
@@ -20,6 +21,15 @@ build stays byte-reproducible) and, for a given size, a closer stand-in for the 
 distribution than a random draw. A column with at most ``m`` values ships them all, sorted.
 Numbers are rounded to 7 significant digits (the agent's values are float32) before the
 proportions are counted, so edges and proportions agree exactly.
+
+The sample is a quantile grid of the reference, not a draw of ``m`` independent values: the
+agent's KS test counts the reference as ``rows`` values (the grid's size when ``rows`` is absent,
+as in bundles built before it was added).
+
+The feature references pool the training rows of every training file, so they describe the
+fleet's level: a host whose normal level differs from the fleet's shows as drifted. The score
+reference of each artifact comes from that artifact's own scores (an int8 model's scores differ
+slightly from the fp32 model's), on the validation windows its parity was checked on.
 
 A bundle whose reference lacks these keys (an older trainer) has no drift monitoring: the
 agent reports it as unavailable. numpy and the standard library only.
@@ -41,6 +51,7 @@ __all__ = [
     "DriftReferenceError",
     "ReferenceDistribution",
     "reference_distribution",
+    "score_reference",
 ]
 
 #: Quantile bins per series: deciles, the usual choice for a population stability index.
@@ -60,16 +71,18 @@ def _rounded(values: np.ndarray) -> list[float]:
 @dataclass(frozen=True)
 class ReferenceDistribution:
     """One series' reference: inner bin ``edges`` (strictly increasing), the reference
-    ``proportions`` of its ``len(edges) + 1`` bins (summing to 1) and a sorted ``sample``."""
+    ``proportions`` of its ``len(edges) + 1`` bins (summing to 1), a sorted ``sample`` and the
+    number of reference values ``rows`` (``None`` in bundles built before it was shipped)."""
 
     edges: tuple[float, ...]
     proportions: tuple[float, ...]
     sample: tuple[float, ...]
+    rows: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The keys this adds to a series' entry of ``drift_reference``."""
         return {"edges": list(self.edges), "proportions": list(self.proportions),
-                "sample": list(self.sample)}
+                "sample": list(self.sample), **({"rows": self.rows} if self.rows is not None else {})}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], what: str) -> ReferenceDistribution | None:
@@ -97,7 +110,10 @@ class ReferenceDistribution:
             raise DriftReferenceError(f"drift reference of {what}: edges or sample not sorted")
         if any(p < 0 for p in proportions) or abs(sum(proportions) - 1.0) > 1e-6:
             raise DriftReferenceError(f"drift reference of {what}: proportions must sum to 1")
-        return cls(edges, proportions, sample)
+        rows = obj.get("rows")
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise DriftReferenceError(f"drift reference of {what}: rows must be a positive integer")
+        return cls(edges, proportions, sample, rows)
 
 
 def reference_distribution(values: np.ndarray, *, bins: int = REFERENCE_BINS,
@@ -119,7 +135,23 @@ def reference_distribution(values: np.ndarray, *, bins: int = REFERENCE_BINS,
         points = np.sort(col)
     else:
         points = np.quantile(col, (np.arange(sample) + 0.5) / sample)
-    return ReferenceDistribution(tuple(edges), tuple(proportions), tuple(_rounded(points)))
+    return ReferenceDistribution(tuple(edges), tuple(proportions), tuple(_rounded(points)), int(col.size))
+
+
+def score_reference(scores: np.ndarray) -> dict[str, Any]:
+    """The ``score`` entry of ``drift_reference`` for a model's raw ``scores`` on validation
+    windows (non-finite ones dropped): quantiles and the binned reference. Deterministic.
+
+    Raises:
+        ValueError: no score is finite.
+    """
+    col = np.asarray(scores, dtype=np.float64).ravel()
+    col = col[np.isfinite(col)]
+    if col.size == 0:
+        raise ValueError("a score reference needs at least one finite score")
+    quantiles = np.quantile(col, [0.01, 0.5, 0.99])
+    return {**dict(zip(("p01", "p50", "p99"), map(float, quantiles))),
+            **reference_distribution(col).to_json()}
 
 
 @dataclass(frozen=True)

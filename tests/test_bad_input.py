@@ -281,7 +281,8 @@ CASES = [
     agent("check-config --config fl-backslash.toml", "federated.state_dir may not contain a double quote, a backslash"),
     agent("run --config fl-backslash.toml --exit-at-end", "federated.state_dir may not contain"),
     agent("run --config fl-file.toml --exit-at-end", "federated.state_dir"),
-    agent("check-config --config drift-window.toml", "drift.window must be at least 100 samples"),
+    agent("check-config --config drift-window.toml", "drift.window must be between 100 and 100000 samples"),
+    agent("check-config --config drift-window-huge.toml", "drift.window must be between 100 and 100000 samples"),
     agent("run --config drift-clear.toml --exit-at-end", "drift.psi_clear must be positive and at most drift.psi_threshold"),
     agent("simulate --count 0 --config plain.toml", "--count: must be a positive integer"),
     agent("simulate --count many --config plain.toml", "--count: must be a positive integer"),
@@ -366,7 +367,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, state_dir in federated.items():
         (w / f"{name}.toml").write_text(_config(url="mqtt://127.0.0.1:1883") +
                                         f'[federated]\nenabled = true\nstate_dir = "{state_dir}"\n')
-    drift = {"drift-window": "window = 10", "drift-clear": "psi_threshold = 0.2\npsi_clear = 0.3"}
+    drift = {"drift-window": "window = 10", "drift-window-huge": "window = 10000000", "drift-clear": "psi_threshold = 0.2\npsi_clear = 0.3"}
     for name, lines in drift.items():
         (w / f"{name}.toml").write_text(_config(url="mqtt://127.0.0.1:1883") + f"[drift]\n{lines}\n")
     (w / "api-public.toml").write_text(_config(url="mqtt://127.0.0.1:1883") +

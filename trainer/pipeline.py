@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from shared.drift import reference_distribution
+from shared.drift import reference_distribution, score_reference
 from shared.profiles import FirmwareProfile, load_profiles
 from shared.score_pipeline import LikelihoodPipeline, ScorePipeline
 from shared.series import (
@@ -367,7 +367,8 @@ def _variants(profiles: Sequence[FirmwareProfile], family: str) -> list[tuple[st
 
 def _drift_reference(rows: np.ndarray, features: Sequence[str], val_scores: np.ndarray) -> dict:
     """``spec.json``'s ``drift_reference``: summary statistics of the rows trained on and of
-    the validation scores, with the bins and quantile sample the agent's drift monitor
+    the validation scores (each artifact's bundle carries its own score entry instead:
+    :func:`trainer.export.bundles.build_artifact`), with the bins and quantile sample the agent's drift monitor
     compares live data with (:mod:`shared.drift`). Deterministic: same input, same dict."""
     q = [0.01, 0.5, 0.99]
     ref: dict[str, Any] = {"features": {}, "score": {}}
@@ -382,12 +383,8 @@ def _drift_reference(rows: np.ndarray, features: Sequence[str], val_scores: np.n
             "quantiles": dict(zip(("p01", "p50", "p99"), map(float, np.quantile(col, q)))),
             **reference_distribution(col).to_json(),
         }
-    scores = np.asarray(val_scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
-    ref["score"] = {
-        **dict(zip(("p01", "p50", "p99"), map(float, np.quantile(scores, q)))),
-        **reference_distribution(scores).to_json(),
-    }
+    # The trained model's; each exported artifact replaces it with its own (build_artifact).
+    ref["score"] = score_reference(val_scores)
     return ref
 
 

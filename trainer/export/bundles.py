@@ -21,6 +21,7 @@ from shared.bundle import (
     read_bundle,
     write_bundle,
 )
+from shared.drift import score_reference
 from trainer.export._onnx import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -94,6 +95,14 @@ def artifact_scores(spec: BundleSpec, model_bytes: bytes, windows: np.ndarray) -
         runtime.close()
 
 
+def _with_score_reference(drift_reference: dict[str, Any], scores: np.ndarray) -> dict[str, Any]:
+    """``drift_reference`` with its ``score`` entry rebuilt from an artifact's ``scores``
+    (unchanged when it has no score entry or no score is finite)."""
+    if not isinstance(drift_reference.get("score"), dict) or not np.isfinite(scores).any():
+        return drift_reference
+    return {**drift_reference, "score": score_reference(scores)}
+
+
 def _golden_indices(reference: np.ndarray) -> list[int]:
     # Low, typical and high-scoring windows, so the smoke test exercises the whole range.
     order = np.argsort(reference, kind="stable")
@@ -163,6 +172,10 @@ def build_artifact(fmt: str, quantization: str, inputs: ExportInputs, scheme: st
     golden_idx = _golden_indices(inputs.reference_scores)
     spec = dataclasses.replace(
         spec,
+        # The agent compares live scores of *this* artifact with its reference: an int8 model's
+        # scores differ from the trained model's (parity allows it), so the score reference is
+        # built from the artifact's own scores on the holdout validation windows.
+        drift_reference=_with_score_reference(inputs.drift_reference, scores),
         golden=GoldenVectors(
             inputs=[inputs.holdout[i].tolist() for i in golden_idx],
             outputs=[float(scores[i]) for i in golden_idx],

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.drift import DriftReport
 from shared.deployment import decode_deployment
 from shared.messages import (
     ActiveModel,
@@ -23,6 +24,7 @@ from shared.messages import (
     encode_agent_health,
     encode_agent_state,
     encode_deployment_status,
+    encode_drift_event,
 )
 from shared.topics import Topics
 from trainer.fleet.deploy import deploy, init_repository, open_repository
@@ -91,6 +93,15 @@ class PlayedAgents:
             latency_ms={"p50": p99 / 2, "p99": p99}, outbox_depth=0, outbox_dropped=0,
             rss_mb=50.0, cpu_percent=5.0,
         )))
+
+    def drift(self, agent: str, version: int, seq: int, slot: str = "default") -> None:
+        """A ``drift`` event, as the agent's outbox delivers it (not retained)."""
+        figures = {"psi": 0.6, "ks": 0.4, "ks_pvalue": 0.0, "drifted": True}
+        report = DriftReport(slot=slot, model="host", model_version=version, window=1000, fill=1000,
+                             timestamp=_now(), drifted=True, raised=True, features={"cpu": figures},
+                             score={**figures, "drifted": False}, psi_threshold=0.25, ks_alpha=0.05)
+        info = self.client.publish(TOPICS.agent_events(agent), encode_drift_event(report, agent, seq), qos=1)
+        info.wait_for_publish(10)
 
 
 def _register(registry: Path) -> None:
@@ -228,6 +239,31 @@ def test_a_breach_rolls_the_canary_back_with_a_new_metadata_version(
     assert record.state == "rolled_back" and record.message.startswith(f"{gate} on a1")
     assert _documents(registry) == {"deployments/groups/lab.json": 1}
     assert open_repository(registry).versions()["targets"] > targets_before
+
+
+def test_only_the_candidates_drift_event_rolls_the_canary_back(world: Any) -> None:
+    registry, _, played, start = world
+    rid, observer = start()
+    clock = Clock()
+    ctrl = _controller(world, rid, observer, clock)
+    record = ctrl.step()
+    _activate(played, observer, "a1", record.progress["serial"])
+    assert ctrl.step().progress["phase"] == "soaking"
+
+    # The previous version's drift event (raised around the swap, delivered late from the
+    # outbox) and one of another slot say nothing of the candidate.
+    played.drift("a1", 1, seq=7)
+    played.drift("a1", 2, seq=8, slot="other")
+    _until(observer, lambda s: s.drift_count("a1", "other", "host", 2) == 1, "the late drift events")
+    assert observer.snapshot().drift_count("a1", "default", "host", 1) == 1
+    record = ctrl.step()
+    assert (record.state, record.progress["phase"]) == ("running", "soaking")
+
+    played.drift("a1", 2, seq=9)  # the candidate's own
+    _until(observer, lambda s: s.drift_count("a1", "default", "host", 2) == 1, "the candidate's drift event")
+    record = ctrl.step()
+    assert record.state == "rolled_back" and record.message.startswith("drift on a1")
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}
 
 
 def test_abort_before_anything_was_deployed_changes_no_document(world: Any) -> None:

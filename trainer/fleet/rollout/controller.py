@@ -249,7 +249,7 @@ class RolloutController:
             if counts is not None:
                 start[agent] = counts.to_json()
         p.update(phase="soaking", soak_started_at=self.clock(), start=start,
-                 drift_start={a: fleet.drift_events.get(a, 0) for a in r.agents})
+                 drift_start={a: fleet.drift_count(a, r.slot, r.model, r.version) for a in r.agents})
         return store.update(r.id, progress=p, event=("soak-started", {
             "agents": judged, "soak_s": r.soak_s,
         }))
@@ -302,7 +302,9 @@ class RolloutController:
             health = fleet.health.get(agent)
             p99 = None if health is None else health.latency_ms.get("p99")
             drifted = drift_flag(None if health is None else health.to_json(), r.slot, r.version)
-            if fleet.drift_events.get(agent, 0) > p.get("drift_start", {}).get(agent, 0):
+            # A drift event counts only if raised for the candidate in the rolled-out slot: the
+            # previous version's (raised around the swap, or delivered late) says nothing of it.
+            if fleet.drift_count(agent, r.slot, r.model, r.version) > p.get("drift_start", {}).get(agent, 0):
                 drifted = True
             canaries.append(CanaryEvidence(
                 agent=agent,

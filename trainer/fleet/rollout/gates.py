@@ -342,11 +342,3 @@ def drift_flag(health: Mapping[str, Any] | None, slot: str, version: int | None 
     if version is not None and d.get("version") != version:
         return None
     return bool(d["drifted"])
-    drift = health["drift"]
-    if isinstance(drift, bool):
-        return drift
-    if isinstance(drift, Mapping):
-        for key in ("drifted", "alarm"):
-            if isinstance(drift.get(key), bool):
-                return bool(drift[key])
-    return None

@@ -27,6 +27,7 @@ from shared.messages import (
     decode_agent_health,
     decode_agent_state,
     decode_deployment_status,
+    decode_drift_event,
 )
 from shared.topics import Topics
 
@@ -44,8 +45,8 @@ class FleetSnapshot:
     states: dict[str, AgentState] = field(default_factory=dict)
     health: dict[str, AgentHealth] = field(default_factory=dict)
     deployments: dict[str, tuple[DeploymentStatus, ...]] = field(default_factory=dict)
-    #: per agent, the events that say drift (a ``drift`` event, or an event naming drift)
-    drift_events: dict[str, int] = field(default_factory=dict)
+    #: ``drift`` events received, per ``(agent, slot, model, model_version)`` they were raised for
+    drift_events: dict[tuple[str, str, str, int], int] = field(default_factory=dict)
     #: arrival numbers: of each agent's latest health report, and of each deployment report
     health_seq: dict[str, int] = field(default_factory=dict)
     deployment_seqs: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -64,6 +65,12 @@ class FleetSnapshot:
             if (d.model, d.version, d.state) == (model, version, state)
         ]
         return not seqs or self.health_seq.get(agent, 0) > seqs[-1]
+
+    def drift_count(self, agent: str, slot: str, model: str, version: int) -> int:
+        """How many ``drift`` events ``agent`` raised for ``model@version`` in ``slot`` (events
+        of another slot or version, e.g. the previous model's around a swap or delivered late
+        from the agent's outbox, do not count)."""
+        return self.drift_events.get((agent, slot, model, version), 0)
 
     def runs(self, agent: str, slot: str, model: str, version: int) -> bool:
         """Whether the agent's latest state says it runs ``model@version`` in ``slot``."""
@@ -84,7 +91,7 @@ class FleetObserver:
         self._states: dict[str, AgentState] = {}
         self._health: dict[str, AgentHealth] = {}
         self._deployments: dict[str, list[DeploymentStatus]] = {}
-        self._drift: dict[str, int] = {}
+        self._drift: dict[tuple[str, str, str, int], int] = {}
         self._health_seq: dict[str, int] = {}
         self._deployment_seqs: dict[str, list[int]] = {}
         self._subscribed = threading.Event()
@@ -135,7 +142,9 @@ class FleetObserver:
                 self._deployments.setdefault(agent, []).append(decode_deployment_status(payload))
                 self._deployment_seqs.setdefault(agent, []).append(seq)
             elif kind == "events" and _is_drift_event(payload):
-                self._drift[agent] = self._drift.get(agent, 0) + 1
+                event = decode_drift_event(payload)
+                key = (agent, event["slot"], event["model"], event["model_version"])
+                self._drift[key] = self._drift.get(key, 0) + 1
             self._seq = seq
             self._cond.notify_all()
 

@@ -168,7 +168,10 @@ def effective_sizes(x: np.ndarray) -> np.ndarray:
     xc = x - x.mean(axis=0)
     den = np.einsum("ij,ij->j", xc, xc)
     num = np.einsum("ij,ij->j", xc[:-1], xc[1:])
-    rho = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    # A constant column (a stuck metric) has no autocorrelation to speak of: its rounding
+    # residue would otherwise read as a correlation of 1.
+    varies = np.ptp(x, axis=0) > 0
+    rho = np.divide(num, den, out=np.zeros_like(num), where=varies & (den > 0))
     rho = np.clip(rho, -0.999, 0.999)
     return np.clip(n * (1.0 - rho) / (1.0 + rho), 1.0, float(n))
 

@@ -901,7 +901,7 @@ def test_a_level_shift_raises_one_drift_event_and_health_and_fleet_status_show_i
     assert health.drift["default"]["features"]["cpu"]["drifted"] is True
 
     [view] = json.loads(_fleet_status(env, "--json").stdout)
-    assert view["drift"]["default"]["drifted"] is True and "cpu" in view["drift"]["default"]["drifted_series"]
+    assert view["drift"]["default"]["drifted"] is True and "cpu" in view["drift"]["default"]["drifted_features"]
     [line] = _fleet_status(env).stdout.splitlines()[1:]
     assert "DRIFTED cpu" in line
     # raised once: the drift lasts, the event is not repeated; every event, of both kinds, is delivered

@@ -17,11 +17,13 @@ from edge_agent.drift import (
     DriftMonitor,
     DriftSettings,
     DriftUnavailable,
+    effective_sizes,
     ks_critical_value,
     ks_pvalue,
     ks_statistic,
     monitor_for,
     psi,
+    window_for,
 )
 from shared.bundle import BundleSpec
 from shared.drift import (
@@ -203,6 +205,126 @@ def test_drift_on_a_shifted_input_is_raised_once_and_clears_with_hysteresis() ->
     assert report.drifted and report.raised and report.score["drifted"]
 
 
+def test_an_assessment_is_reused_until_a_tenth_of_a_window_arrived() -> None:
+    rng = np.random.default_rng(14)
+    monitor = _monitor(rng)  # window 500: recomputed every 50 samples
+    _feed(monitor, rng, 500)
+    first = monitor.assess()
+    assert first.fill == 500 and first.timestamp == "t499"
+    _feed(monitor, rng, 49, cpu_shift=4.0)
+    assert monitor.assess() is first  # the cached report, nothing recomputed
+    _feed(monitor, rng, 1, cpu_shift=4.0)
+    again = monitor.assess()
+    assert again is not first and again.timestamp == "t0"  # the newest of the 50 fed last
+    assert again.features["cpu"]["psi"] > first.features["cpu"]["psi"]
+
+
+def test_a_raise_is_reported_once_even_from_the_cache() -> None:
+    rng = np.random.default_rng(15)
+    monitor = _monitor(rng, window=200)
+    _feed(monitor, rng, 200, cpu_shift=5.0)
+    assert monitor.assess().raised
+    cached = monitor.assess()
+    assert cached.drifted and not cached.raised
+
+
+def test_the_window_is_in_arrival_order_once_the_ring_wraps() -> None:
+    rng = np.random.default_rng(16)
+    monitor = _monitor(rng, window=100)
+    for i in range(250):
+        monitor.observe(f"t{i}", (10.0 + 0.01 * i, 50.0), 0.2)
+    report = monitor.assess()
+    assert (report.fill, report.timestamp) == (100, "t249")
+    monitor.observe("late", (10.0, 50.0), float("nan"))  # a non-finite score is ignored
+    assert monitor._count == 250
+
+
+def test_observing_while_assessing_from_another_thread_is_safe() -> None:
+    import threading
+
+    rng = np.random.default_rng(17)
+    monitor = _monitor(rng, window=100)
+    values = [(float(c), float(m)) for c, m in rng.normal([10.0, 50.0], [2.0, 5.0], size=(20_000, 2))]
+    done = threading.Event()
+    reports = []
+
+    def read() -> None:
+        while not done.is_set():
+            reports.append(monitor.assess())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i, v in enumerate(values):
+        monitor.observe(f"t{i}", v, 0.2)
+    done.set()
+    reader.join(timeout=60)
+    assert not reader.is_alive() and reports
+    assert all(0 <= r.fill <= 100 for r in reports)
+    seen = [int(r.timestamp[1:]) for r in reports if r.timestamp is not None]
+    assert seen == sorted(seen)  # never an older window after a newer one
+    assert monitor.assess().timestamp == f"t{len(values) - 1}"
+
+
+def test_effective_size_shrinks_with_autocorrelation() -> None:
+    rng = np.random.default_rng(18)
+    n, phi = 5000, 0.9
+    noise = rng.normal(size=n)
+    ar = np.empty(n)
+    ar[0] = noise[0]
+    for t in range(1, n):
+        ar[t] = phi * ar[t - 1] + noise[t]
+    x = np.column_stack([rng.normal(size=n), ar, np.full(n, 3.0), np.tile([1.0, -1.0], n // 2)])
+    iid, correlated, constant, alternating = effective_sizes(x)
+    assert iid == pytest.approx(n, rel=0.1)
+    assert correlated == pytest.approx(n * (1 - phi) / (1 + phi), rel=0.25)
+    assert (constant, alternating) == (n, n)  # no autocorrelation; clipped to [1, n]
+    assert effective_sizes(np.full((100, 1), 0.2)).tolist() == [100.0]  # rounding is no correlation
+    assert effective_sizes(x[:2]).tolist() == [2.0] * 4
+
+
+def test_an_autocorrelated_window_gets_a_larger_ks_pvalue_than_independent_samples_would() -> None:
+    rng = np.random.default_rng(19)
+    monitor = _monitor(rng)
+    cpu = 10.0
+    for i in range(500):  # a slowly wandering cpu around its usual level: strongly autocorrelated
+        cpu = 10.0 + 0.95 * (cpu - 10.0) + rng.normal(0.0, 2.0 * math.sqrt(1 - 0.95**2))
+        monitor.observe(f"t{i}", (cpu, float(rng.normal(50.0, 5.0))), 0.2)
+    figures = monitor.assess().features["cpu"]
+    rows = 20_000  # the reference's training rows, shipped in the bundle
+    assert figures["ks_pvalue"] > ks_pvalue(figures["ks"], 500, rows)
+
+
+def test_a_stuck_metric_away_from_its_reference_drifts() -> None:
+    rng = np.random.default_rng(21)
+    monitor = _monitor(rng, window=200)
+    for i in range(200):
+        monitor.observe(f"t{i}", (20.0, float(rng.normal(50.0, 5.0))), float(rng.gamma(2.0, 0.1)))
+    report = monitor.assess()
+    assert report.raised and report.features["cpu"]["drifted"]
+
+
+def test_the_window_is_rounded_up_to_whole_seasons() -> None:
+    assert (window_for(1000, 0), window_for(1000, 288), window_for(1152, 288), window_for(100, 288)) == (
+        1000, 1152, 1152, 288)
+    rng = np.random.default_rng(20)
+    rows = rng.normal([10.0, 50.0], [2.0, 5.0], size=(2000, 2))
+    spec = BundleSpec.from_json({
+        "schema": "edgefleet.bundle/1", "name": "host", "format": "onnx", "quantization": "fp32",
+        "model_file": "model.onnx", "window": 4, "features": ["cpu", "memory"],
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4, 2], "quantization": None}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [1], "quantization": None}],
+        "score": {"kind": "forecast_mae", "threshold": 1.0, "scale": {"center": 0.0, "width": 1.0}},
+        "golden": {"inputs": [[[[0.0, 0.0]] * 4]], "outputs": [0.0], "atol": 1e-4, "rtol": 1e-3},
+        "drift_reference": _drift_reference(rows, ("cpu", "memory"), rng.gamma(2.0, 0.1, 500)),
+        "architecture": {"family": "mlp", "season": 288},
+    })
+    monitor = monitor_for(spec, DriftSettings(window=1000), slot="default", model="host", model_version=1)
+    assert isinstance(monitor, DriftMonitor) and monitor.assess().window == 1152
+    plain = BundleSpec.from_json({**spec.to_json(), "architecture": {"family": "mlp"}})
+    monitor = monitor_for(plain, DriftSettings(window=1000), slot="default", model="host", model_version=1)
+    assert isinstance(monitor, DriftMonitor) and monitor.assess().window == 1000
+
+
 def test_a_bundle_without_bins_has_no_monitor_and_says_why() -> None:
     spec = BundleSpec.from_json({
         "schema": "edgefleet.bundle/1", "name": "host", "format": "onnx", "quantization": "fp32",
@@ -280,7 +402,7 @@ def test_fleet_view_summarises_drift_per_slot() -> None:
     report = _drifted_report()
     summary = drift_summary({"default": report.to_json(),
                              "old": DriftUnavailable("m", 1, "no bins").to_json()})
-    assert summary["default"]["drifted"] is True and summary["default"]["drifted_series"] == ["cpu"]
+    assert summary["default"]["drifted"] is True and summary["default"]["drifted_features"] == ["cpu"]
     assert summary["default"]["psi_max"] >= 0.25 and summary["default"]["fill"] == 200
     assert summary["old"] == {"available": False, "model": "m", "version": 1, "reason": "no bins"}
     cell = _drift_cell(summary)
@@ -289,8 +411,25 @@ def test_fleet_view_summarises_drift_per_slot() -> None:
     assert _drift_cell({"default": {**summary["default"], "drifted": False, "fill": 20}}) == "filling 20/200"
 
 
+def test_a_feature_named_score_is_not_mistaken_for_the_raw_score() -> None:
+    def health(feature_drifted: bool, score_drifted: bool) -> dict:
+        return {"default": {
+            "available": True, "model": "m", "version": 1, "window": 200, "fill": 200, "drifted": True,
+            "features": {"score": {"psi": 0.5, "ks": 0.3, "ks_pvalue": 0.0, "drifted": feature_drifted}},
+            "score": {"psi": 0.4, "ks": 0.3, "ks_pvalue": 0.0, "drifted": score_drifted},
+        }}
+
+    feature = drift_summary(health(True, False))["default"]
+    assert (feature["drifted_features"], feature["score_drifted"], feature["psi_max"]) == (["score"], False, 0.5)
+    assert _drift_cell({"default": feature}) == "DRIFTED score (psi 0.50)"
+    raw = drift_summary(health(False, True))["default"]
+    assert (raw["drifted_features"], raw["score_drifted"]) == ([], True)
+    assert _drift_cell({"default": raw}) == "DRIFTED (score) (psi 0.50)"
+
+
 def test_reference_distribution_json_round_trip() -> None:
     ref = reference_distribution(np.linspace(0, 1, 1000))
+    assert ref.rows == 1000  # the KS test counts the reference as its rows, not its sample
     assert ReferenceDistribution.from_json(json.loads(json.dumps(ref.to_json())), "x") == ref
 
 

@@ -18,10 +18,12 @@ import torch
 from helpers_cli import edgefleet
 
 from shared.bundle import read_bundle
+from shared.drift import score_reference
 from shared.score_pipeline import LikelihoodPipeline
 from trainer.cli_common import FAMILY_CHOICES
 from trainer.data import generate_host_metrics, make_windows, write_host_metrics
 from trainer.export import ExportInputs, build_artifact
+from trainer.export.bundles import artifact_scores
 from trainer.export._onnx import export_onnx_fp32, quantize_onnx_int8
 from trainer.export._tflite import export_tflite_int8
 from trainer.export.parity import TOLERANCES, check_parity
@@ -272,8 +274,11 @@ def test_bundles_pass_parity_in_the_agent_runtime(trained: Trained) -> None:
     for fmt in ("onnx", "tflite"):
         art = build_artifact(fmt, "int8", inputs)
         assert art.parity.passed, (fmt, art.parity.failures)
-        spec, _ = read_bundle(art.bundle)
+        spec, model = read_bundle(art.bundle)
         assert spec.window == trained.spec.input_rows
+        # the score reference is this artifact's own scores on the holdout, not the trained model's
+        own = artifact_scores(spec, model, trained.holdout)
+        assert spec.drift_reference["score"] == score_reference(own)
 
 
 # -- search space -----------------------------------------------------------------------------------

@@ -539,7 +539,8 @@ def _status_row(v: Any) -> tuple[str, ...]:
 
 def _drift_cell(drift: dict[str, dict[str, Any]] | None) -> str:
     """``-`` (not reported), ``n/a``, ``filling 120/1000``, ``ok (psi 0.03)`` or
-    ``DRIFTED cpu,score (psi 0.61)`` (the series drifting now; none named while the state
+    ``DRIFTED cpu,(score) (psi 0.61)`` (the series drifting now, ``(score)`` for the raw score,
+    which no feature name can be mistaken for; none named while the state
     waits, with hysteresis, for the PSI to fall below the clear bound); prefixed by the slot when an agent serves several."""
     if not drift:
         return "-"
@@ -549,7 +550,7 @@ def _drift_cell(drift: dict[str, dict[str, Any]] | None) -> str:
         if not d["available"]:
             cell = "n/a"
         elif d.get("drifted"):
-            names = ",".join(d.get("drifted_series") or [])
+            names = ",".join([*(d.get("drifted_features") or []), *(["(score)"] if d.get("score_drifted") else [])])
             cell = f"DRIFTED{' ' + names if names else ''}{psi}"
         elif d.get("fill") is not None and d.get("window") and d["fill"] < d["window"]:
             cell = f"filling {d['fill']}/{d['window']}"

@@ -160,9 +160,10 @@ class AgentView:
 
 def drift_summary(drift: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per slot, the gist of a health report's ``drift``: ``available``, ``drifted``, the
-    window's ``fill`` and size, the largest PSI (``psi_max``) and the series that drift
-    (``drifted_series``: feature names, and ``score`` for the raw score); ``reason`` when
-    unavailable. Fields a newer agent leaves out come out as ``None``."""
+    window's ``fill`` and size, the largest PSI (``psi_max``), the features that drift
+    (``drifted_features``) and whether the raw score does (``score_drifted``: a separate field,
+    so that a feature named ``score`` is not mistaken for it), as in the ``drift`` event;
+    ``reason`` when unavailable. Fields a newer agent leaves out come out as ``None``."""
     out: dict[str, dict[str, Any]] = {}
     for slot, d in sorted(drift.items()):
         if not isinstance(d, Mapping):
@@ -173,15 +174,17 @@ def drift_summary(drift: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         features = d.get("features")
         features = features if isinstance(features, Mapping) else {}
-        series = {**features, "score": d.get("score")}
-        psis = [v.get("psi") for v in series.values() if isinstance(v, Mapping)]
+        score = d.get("score")
+        series = [*features.values(), score]
+        psis = [v.get("psi") for v in series if isinstance(v, Mapping)]
         out[slot] = {
             **base,
             "drifted": d.get("drifted"),
             "fill": d.get("fill"),
             "window": d.get("window"),
             "psi_max": max((p for p in psis if isinstance(p, int | float)), default=None),
-            "drifted_series": [k for k, v in series.items() if isinstance(v, Mapping) and v.get("drifted")],
+            "drifted_features": [k for k, v in features.items() if isinstance(v, Mapping) and v.get("drifted")],
+            "score_drifted": bool(isinstance(score, Mapping) and score.get("drifted")),
         }
     return out
 

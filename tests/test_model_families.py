@@ -23,9 +23,9 @@ from shared.score_pipeline import LikelihoodPipeline
 from trainer.cli_common import FAMILY_CHOICES
 from trainer.data import generate_host_metrics, make_windows, write_host_metrics
 from trainer.export import ExportInputs, build_artifact
-from trainer.export.bundles import artifact_scores
 from trainer.export._onnx import export_onnx_fp32, quantize_onnx_int8
 from trainer.export._tflite import export_tflite_int8
+from trainer.export.bundles import artifact_scores
 from trainer.export.parity import TOLERANCES, check_parity
 from trainer.models import (
     FAMILIES,

@@ -58,7 +58,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -228,6 +228,10 @@ class DriftReport:
         }
 
 
+#: One observed sample in the ring: its timestamp, feature values and raw score.
+_Sample = tuple[str, Sequence[float], float]
+
+
 class DriftMonitor:
     """The rolling drift window of one slot (see the module docstring).
 
@@ -260,7 +264,7 @@ class DriftMonitor:
         # The KS sample is a quantile grid standing for the whole reference: its size is the
         # reference's row count when the bundle ships it, else the grid's own size.
         self._reference_rows = [r.rows if r.rows else len(r.sample) for r in refs]
-        self._ring: list[tuple[str, Sequence[float], float] | None] = [None] * self.window
+        self._ring: list[_Sample | None] = [None] * self.window
         self._count = 0  # samples observed; written by the observing thread only
         self._every = max(1, self.window // ASSESS_EVERY_FRACTION)
         self._assessing = threading.Lock()
@@ -271,22 +275,22 @@ class DriftMonitor:
     def observe(self, timestamp: str, values: Sequence[float], score: float) -> None:
         """Add one scored sample (its feature values, in the bundle's order, and raw score).
         A sample with a non-finite score is ignored. Call from one thread only (see the class
-        docstring); O(1), no lock, no numpy."""
+        docstring); O(1), no lock, no numpy. The ring keeps ``values`` itself, not a copy: pass
+        an immutable sequence (:attr:`Detection.values` is a tuple)."""
         if not math.isfinite(score):
             return
         c = self._count
         self._ring[c % self.window] = (timestamp, values, score)
         self._count = c + 1
 
-    def _snapshot(self) -> tuple[int, list[tuple[str, Sequence[float], float]]]:
+    def _snapshot(self) -> tuple[int, list[_Sample]]:
         """The samples of the window, oldest first, and the number observed."""
         count = self._count
-        ring = self._ring.copy()
+        ring = self._ring.copy()  # after reading the count: every slot below it is written
         n = self.window
-        if count < n:
-            return count, ring[:count]  # type: ignore[return-value]
         start = count % n
-        return count, ring[start:] + ring[:start]  # type: ignore[operator]
+        rows = ring[:count] if count < n else ring[start:] + ring[:start]
+        return count, cast("list[_Sample]", rows)
 
     def assess(self) -> DriftReport:
         """PSI and KS of every series over the current window, and the slot's drift state.
@@ -303,7 +307,7 @@ class DriftMonitor:
             self._cached, self._cached_at = report, count
             return report
 
-    def _compute(self, rows: list[tuple[str, Sequence[float], float]]) -> DriftReport:
+    def _compute(self, rows: list[_Sample]) -> DriftReport:
         s = self.settings
         fill = len(rows)
         full = fill == self.window

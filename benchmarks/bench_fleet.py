@@ -1,7 +1,16 @@
-"""Fleet rollout benchmark: N simulated agents receive one ~1 MB artifact through TUF over MQTT.
+"""Fleet benchmark: a rollout to N simulated agents, a rollback, and the agent's local API.
 
-Run with ``make bench`` (or ``.venv/bin/python benchmarks/bench_fleet.py [--count N]``). Writes
-the ``fleet`` section of docs/benchmarks.md (only for the default N).
+Run with ``make bench`` (or ``.venv/bin/python benchmarks/bench_fleet.py [--parts LIST]``). Three
+parts, each writing its own section of docs/benchmarks.md, so one can run alone and leave the
+others' figures as they are:
+
+- ``rollout`` (section ``fleet``, only for the default N; described below);
+- ``rollback`` (section ``fleet-rollback``): a candidate that floods false alarms, rolled back
+  by the rollout controller at its defaults (:mod:`_fleet_rollback`);
+- ``api`` (section ``fleet-api``): ``POST /v1/slots/SLOT/predict`` of one real agent against
+  the bare onnxruntime session, at batch 1 and 32 (:mod:`_fleet_api`).
+
+The rollout part.
 
 Setup, as an operator would: a trained model (a random forest of 250 trees, ONNX fp32: its
 only variant, 1.03 MB, so every agent fetches exactly that bundle), ``edgefleet repo init``, a
@@ -25,7 +34,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _broker import Broker  # noqa: E402
 from _report import machine_line, markdown_table, median, print_table, update_benchmarks_doc  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,32 +74,6 @@ def train(registry: Path) -> tuple[str, int]:
     outcome = train_model(prepare(request), registry, lambda _stage, _info: None)
     (artifact,) = outcome.version.artifacts
     return outcome.version.ref, artifact.size_bytes
-
-
-class Broker:
-    """A private Mosquitto on a free loopback port, publishing ``$SYS`` every second."""
-
-    def __init__(self, work: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        conf = work / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nsys_interval 1\n"
-                        + ("user root\n" if os.geteuid() == 0 else ""))
-        self.proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
-                return
-            except OSError:
-                time.sleep(0.05)  # polling a port
-        raise SystemExit("mosquitto did not start listening within 10 s")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Watch:
@@ -261,14 +244,76 @@ def one_rollout(work: Path, broker: Broker, registry: Path, ref: str, size: int,
             shutil.copy(log, logs / log.name)
 
 
+PARTS = ("rollout", "rollback", "api")
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(","))
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(PARTS)}")
+    return parts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=COUNT)
-    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--parts", type=_parts, default=PARTS, metavar="LIST",
+                        help="comma-separated parts to run, each writing its own section: rollout "
+                        "(`fleet`), rollback (`fleet-rollback`), api (`fleet-api`); default: all")
+    parser.add_argument("--count", type=int, default=COUNT, help="agents of the rollout part")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="repeats of the rollout and rollback parts")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
     parser.add_argument("--logs", type=Path, help="keep the simulate logs in this directory")
     args = parser.parse_args()
+    if "rollout" in args.parts and rollout_part(args) != 0:
+        return 1
+    if "rollback" in args.parts or "api" in args.parts:
+        host_parts(args)
+    return 0
+
+
+def host_parts(args: argparse.Namespace) -> None:
+    """The rollback and API parts: one registry of host models and one broker for both."""
+    from _fleet_api import api_markdown, api_rounds
+    from _fleet_rollback import COUNT as ROLLBACK_COUNT
+    from _fleet_rollback import rollback_markdown, rollback_repeat
+    from _host_model import host_models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        csv, registry = host_models(work, rows=20000)
+        broker = Broker(work)
+        try:
+            rollback_runs, api = [], None
+            if "rollback" in args.parts:
+                for repeat in range(args.repeats):
+                    r = rollback_repeat(work, broker, registry, csv, repeat, ROLLBACK_COUNT)
+                    print(json.dumps(r), flush=True)
+                    rollback_runs.append(r)
+            if "api" in args.parts:
+                api = api_rounds(work, broker, registry, csv)
+                print(json.dumps(api), flush=True)
+        finally:
+            broker.close()
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in work.glob("*.log"):
+                    shutil.copy(log, args.logs / log.name)
+    machine = machine_line()
+    doc = REPO / "docs" / "benchmarks.md"
+    if rollback_runs:
+        md = rollback_markdown(rollback_runs, machine)
+        if not args.no_doc:
+            update_benchmarks_doc("fleet-rollback", md, command=f"{COMMAND} --parts rollback", path=doc)
+    if api is not None:
+        md = api_markdown(api, machine)
+        if not args.no_doc:
+            update_benchmarks_doc("fleet-api", md, command=f"{COMMAND} --parts api", path=doc)
+
+
+def rollout_part(args: argparse.Namespace) -> int:
+    """The 500-agent rollout (section ``fleet``)."""
     if not NAB.exists():
         print(f"skipped: NAB data not found at {NAB}")
         return 0
@@ -325,7 +370,7 @@ def main() -> int:
         f"on a new group; medians in bold. Machine: {machine_line()}.\n\n"
         + markdown_table(header, rows) + "\n\n" + goals + "\n"
     )
-    update_benchmarks_doc("fleet", md, command=COMMAND, path=REPO / "docs" / "benchmarks.md")
+    update_benchmarks_doc("fleet", md, command=f"{COMMAND} --parts rollout", path=REPO / "docs" / "benchmarks.md")
     return 0
 
 

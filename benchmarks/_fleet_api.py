@@ -97,6 +97,19 @@ def _api_round(conn: http.client.HTTPConnection, bodies: list[bytes], batch: int
     return _figures(latencies, (time.perf_counter_ns() - t0) / 1e9, batch), connects
 
 
+def _floor_ms(conn: http.client.HTTPConnection, n: int) -> float:
+    """Median latency of ``GET /v1/slots/default`` (no model run, a small JSON answer): what
+    the HTTP exchange alone costs this client."""
+    latencies = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        conn.request("GET", "/v1/slots/default")
+        resp = conn.getresponse()
+        json.loads(resp.read())
+        latencies.append(time.perf_counter_ns() - start)
+    return float(np.median(latencies)) / 1e6
+
+
 def _bare_round(sess: Any, batches: list[np.ndarray], batch: int) -> dict[str, float]:
     name = sess.get_inputs()[0].name
     latencies: list[int] = []
@@ -172,6 +185,7 @@ def api_rounds(work: Path, broker: Broker, registry: Path, csv_path: Path) -> di
                 **{f"api_{k}": pick(api_runs, k) for k in api_runs[0]},
                 **{f"bare_{k}": pick(bare_runs, k) for k in bare_runs[0]},
             }
+        out["floor_ms"] = _floor_ms(conn, REQUESTS[1])
         conn.close()
         out["load_after"] = os.getloadavg()[0]
         agent.send_signal(signal.SIGTERM)
@@ -201,7 +215,8 @@ def api_markdown(r: dict[str, Any], machine: str) -> str:
     reuse = ("kept the connection open between requests" if r["keep_alive"] and conns < 0.5 else
              f"answers HTTP/1.0 and closes the connection after every answer, so the client "
              f"opened {conns:.2f} TCP connections per request: each request's time includes a "
-             f"loopback connect")
+             f"loopback connect. The HTTP exchange alone (`GET /v1/slots/default`, no model run, "
+             f"same client) takes {r['floor_ms']:.2f} ms (median)")
     return (
         f"The agent's local API (`[api]`, `POST /v1/slots/default/predict`) against the bare "
         f"runtime, on the same model: {r['model']} (the artifact the agent chose for its "

@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -255,8 +256,15 @@ def _parts(text: str) -> tuple[str, ...]:
     return parts
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", type=_parts, default=PARTS, metavar="LIST",
                         help="comma-separated parts to run, each writing its own section: rollout "
                         "(`fleet`), rollback (`fleet-rollback`), api (`fleet-api`); default: all")

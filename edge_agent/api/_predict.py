@@ -69,6 +69,34 @@ def parse_windows(body: bytes, *, window: int, features: int, max_windows: int) 
         raise PredictError(400, '"windows" must be a non-empty list of windows')
     if len(windows) > max_windows:
         raise PredictError(400, f"{len(windows)} windows in one request; at most {max_windows}")
+    arr = _all_numbers(body, windows, window=window, features=features)
+    if arr is None:  # something is wrong: find it, and say where
+        arr = _checked(windows, window=window, features=features)
+    if (np.abs(arr) > np.finfo(np.float32).max).any():
+        raise PredictError(400, "a value is beyond the float32 range the model takes")
+    return arr.astype(np.float32)
+
+
+def _all_numbers(body: bytes, windows: list, *, window: int, features: int) -> np.ndarray | None:
+    """The windows as float64 when the request is well formed, checked in numpy; ``None`` when
+    anything may be wrong (then :func:`_checked` walks it value by value for the error).
+
+    numpy converts JSON booleans and numeric strings to numbers without complaint, so this fast
+    path is taken only when the body holds no ``true``/``false``/``null`` literal and exactly
+    one string (the ``"windows"`` key): every leaf is then a JSON number.
+    """
+    if body.count(b'"') != 2 or b"true" in body or b"false" in body or b"null" in body:
+        return None
+    try:
+        arr = np.asarray(windows, np.float64)
+    except (ValueError, TypeError, OverflowError):  # ragged, or too deep / too large
+        return None
+    if arr.shape != (len(windows), window, features) or not np.isfinite(arr).all():
+        return None
+    return arr
+
+
+def _checked(windows: list, *, window: int, features: int) -> np.ndarray:
     for i, w in enumerate(windows):
         if not isinstance(w, list) or len(w) != window:
             raise PredictError(400, f"window {i} must be a list of {window} rows (the model's window)")
@@ -81,10 +109,10 @@ def parse_windows(body: bytes, *, window: int, features: int, max_windows: int) 
                 if (type(v) is not float and type(v) is not int) or not math.isfinite(v):
                     raise PredictError(400, f"window {i} row {j} holds {json.dumps(v)}: "
                                             "windows hold finite numbers only")
-    arr = np.asarray(windows, np.float64)
-    if (np.abs(arr) > np.finfo(np.float32).max).any():
-        raise PredictError(400, "a value is beyond the float32 range the model takes")
-    return arr.astype(np.float32)
+    try:
+        return np.asarray(windows, np.float64)
+    except OverflowError:  # an integer beyond float64
+        raise PredictError(400, "a value is beyond the float32 range the model takes") from None
 
 
 def model_description(slot: str, detector: Detector, record: ActiveRecord) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def health_check(agent: AgentView, stale_after: float) -> tuple[bool, dict[str, 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "edgefleet-agent"
+    protocol_version = "HTTP/1.1"  # keep-alive: every reply has a Content-Length
     sys_version = ""
     timeout = READ_TIMEOUT
 
@@ -88,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        if self.close_connection:  # the rest of the request was not read: say so to a keep-alive client
+            self.send_header("Connection", "close")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()

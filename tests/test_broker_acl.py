@@ -19,10 +19,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.mqtt import RetainedReader, connect
+from edge_agent.outbox import Outbox, OutboxPublisher
 from shared.topics import Topics
 from tests.conftest import REPO_ROOT
 from tests.helpers_delivery import poll_until
 from tests.helpers_security import SecureBroker, agent_config
+from trainer.fleet.tuf_repository import TufRepository
 
 AGENTS = ("agent-a", "agent-b")
 TOPICS = Topics()
@@ -249,3 +251,49 @@ def test_the_acl_names_only_the_rules_of_protocol_v1(tmp_path: Path) -> None:
     assert (acl.stat().st_mode & 0o777) == 0o644
     help_text = " ".join(_edgefleet("broker", "acl", "--help").stdout.split())
     assert "--any-agent" in help_text and "%u" in help_text
+
+
+@pytest.mark.parametrize("mistake", ["another-user-name", "another-topic-root"])
+def test_an_agent_the_acl_does_not_authorize_stops_with_one_line_and_exit_3(
+        acl_broker: AclBroker, tmp_path: Path, mistake: str) -> None:
+    """Mosquitto accepts the connection (and the Last Will) of a user whose rights do not cover
+    the agent's topics; the agent's birth is then refused (PUBACK 0x87 under MQTT 5), and the
+    agent stops instead of taking its refused events for delivered."""
+    root = TufRepository.init(tmp_path / "tuf").root_json_path
+    user, extra = ("agent-b", {}) if mistake == "another-user-name" else ("agent-a", {"topic_root": "plant/v1"})
+    cfg = agent_config(tmp_path / "agent-a", "agent-a", acl_broker.broker.url, root, username=user,
+                       password_file=str(acl_broker.credentials[user]), **extra)
+    proc = subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(cfg)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"does not authorize user {user!r}" in errors[0] and "/agents/agent-a/state" in errors[0]
+    assert "Traceback" not in proc.stderr and acl_broker.password(user) not in proc.stderr
+
+
+def test_an_event_the_acl_refuses_stays_in_the_outbox(acl_broker: AclBroker, tmp_path: Path) -> None:
+    """Under MQTT 5 a refused event is not taken for delivered: it stays pending while the
+    allowed one after it is delivered and deleted."""
+    trainer = Recorder(acl_broker, "trainer")
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    client = connect(acl_broker.broker.url, client_id="agent-a", username="agent-a",
+                     password=acl_broker.password("agent-a"), timeout=10)
+    publisher = OutboxPublisher(outbox, client)
+    try:
+        assert trainer.subscribe(f"{TOPICS.root}/agents/#") == [1]
+        outbox.append(TOPICS.agent_events("agent-b"), b'{"seq": 1}')  # another agent's topic
+        outbox.append(TOPICS.agent_events("agent-a"), b'{"seq": 2}')
+        publisher.start()
+        publisher.wake()
+        trainer.wait(lambda: trainer.messages, "agent-a's own event")
+        poll_until(lambda: publisher.refused == 1 and outbox.depth() == 1, 10, "the refusal",
+                   lambda: f"refused={publisher.refused} depth={outbox.depth()}")
+        assert [(i.seq, i.topic) for i in outbox.pending(10)] == [(1, TOPICS.agent_events("agent-b"))]
+        assert [(t, p) for t, p, _ in trainer.messages] == [(TOPICS.agent_events("agent-a"), b'{"seq": 2}')]
+    finally:
+        publisher.stop()
+        client.disconnect()
+        client.loop_stop()
+        outbox.close()
+        trainer.close()

@@ -378,10 +378,20 @@ def _stop(client: mqtt.Client) -> None:
         client.loop_stop()
 
 
+def _client_id(client: mqtt.Client) -> str:
+    # paho 2.x has no public accessor for the client id it was built with.
+    raw = getattr(client, "_client_id", b"")
+    client_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if not client_id:
+        raise BrokerError("a retained read needs a client with an explicit client id")
+    return client_id
+
+
 class RetainedReader:
     """Reads the current retained messages under topic filters, on demand.
 
-    ``read()`` subscribes to the filters and to a private marker topic, publishes a unique
+    ``read()`` subscribes to the filters and to a private marker topic (``probe/{client id}/…``:
+    the broker's ACL lets a client use only its own), publishes a unique
     marker, and returns when the marker comes back: the broker handles one client's packets in
     order, so every retained message matched by the subscription has been delivered by then.
     It then unsubscribes. A topic with no retained message is simply absent from the result.
@@ -392,11 +402,15 @@ class RetainedReader:
     """
 
     def __init__(self, client: mqtt.Client, topics: Topics, *, timeout: float = 10.0) -> None:
+        """Raises:
+            BrokerError: ``client`` has no client id of its own (the broker would assign one).
+            TopicError: the client id cannot be a topic level.
+        """
         self._client = client
         self._topics = topics
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._probe = topics.probe(uuid.uuid4().hex)
+        self._probe = topics.probe(_client_id(client), uuid.uuid4().hex)
 
     def read(
         self,

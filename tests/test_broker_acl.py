@@ -79,7 +79,8 @@ class Recorder:
         self.subacks: dict[int, list[int]] = {}
         self.connected = threading.Event()
         self.changed = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-test", protocol=protocol)
+        self.client_id = f"{user}-test"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
         self.client.username_pw_set(user, acl.password(user))
         self.client.on_connect = lambda _c, _u, _f, reason, _p: not reason.is_failure and self.connected.set()
         self.client.on_message = self._on_message
@@ -197,7 +198,8 @@ def test_the_agent_process_works_under_the_generated_acl(acl_broker: AclBroker, 
         # The TUF fetch (as agent-a.fetch, same user) read repo/: the trusted timestamp is on disk.
         poll_until(lambda: (tmp_path / "agent-a" / "state" / "metadata" / "timestamp.json").exists(), 60,
                    "agent-a's TUF refresh", lambda: log.read_text(errors="replace")[-3000:])
-        # The Last Will goes to agent-a's own state topic: the broker accepted it at connect.
+        # The Last Will goes to agent-a's own state topic, which the ACL lets it write (Mosquitto
+        # checks a Will against the ACL only when it sends it, not at connect).
         os.kill(agent_proc.pid, signal.SIGKILL)
         agent_proc.wait(10)
         trainer.wait(lambda: "offline" in statuses(), "agent-a's Last Will")
@@ -234,11 +236,11 @@ def test_the_acl_names_only_the_rules_of_protocol_v1(tmp_path: Path) -> None:
                "--trainer-user", "ops")
     rules = [line for line in acl.read_text().splitlines() if line and not line.startswith("#")]
     assert rules == [
+        "pattern readwrite plant/v1/probe/%c/#",
         "user ops",
         "topic readwrite plant/v1/repo/#",
         "topic write plant/v1/agents/+/commands",
         "topic read plant/v1/agents/#",
-        "topic readwrite plant/v1/probe/#",
         "user edge-1",
         "topic write plant/v1/agents/edge-1/state",
         "topic write plant/v1/agents/edge-1/health",
@@ -246,7 +248,6 @@ def test_the_acl_names_only_the_rules_of_protocol_v1(tmp_path: Path) -> None:
         "topic write plant/v1/agents/edge-1/deployments",
         "topic read plant/v1/agents/edge-1/commands",
         "topic read plant/v1/repo/#",
-        "topic readwrite plant/v1/probe/#",
     ]
     assert (acl.stat().st_mode & 0o777) == 0o644
     help_text = " ".join(_edgefleet("broker", "acl", "--help").stdout.split())
@@ -296,4 +297,30 @@ def test_an_event_the_acl_refuses_stays_in_the_outbox(acl_broker: AclBroker, tmp
         client.disconnect()
         client.loop_stop()
         outbox.close()
+        trainer.close()
+
+
+def test_an_agent_reads_neither_another_agents_reports_nor_its_probe_topics(acl_broker: AclBroker) -> None:
+    trainer = Recorder(acl_broker, "trainer")
+    spy = Recorder(acl_broker, "agent-a", protocol=mqtt.MQTTv5)
+    other = Recorder(acl_broker, "agent-b", protocol=mqtt.MQTTv5)
+    try:
+        spy.subscribe(TOPICS.agent_events("agent-b"), TOPICS.agent_health("agent-b"),
+                      TOPICS.agent_state("agent-b"), f"{TOPICS.root}/probe/#",
+                      f"{TOPICS.root}/probe/{other.client_id}/#", TOPICS.agent_commands("agent-a"))
+        assert other.subscribe(TOPICS.probe(other.client_id, "t")) == [1]
+        for topic in (TOPICS.agent_events("agent-b"), TOPICS.agent_health("agent-b"), TOPICS.agent_state("agent-b")):
+            assert other.publish(topic, b'{"from": "b"}') < 0x80
+        assert other.publish(TOPICS.probe(other.client_id, "t"), b"marker") < 0x80
+        other.wait(lambda: other.messages, "agent-b's own marker")
+        # Another client's marker topic is not agent-b's to write.
+        assert other.publish(TOPICS.probe(spy.client_id, "t"), b"junk") == NOT_AUTHORIZED
+        # Mosquitto routes each publish before acknowledging it, and delivers to one client in
+        # order: once the trainer's command has reached agent-a, anything routed to it earlier has.
+        assert trainer.publish(TOPICS.agent_commands("agent-a"), b'{"for": "a"}') == 0
+        spy.wait(lambda: spy.messages, "agent-a's own command")
+        assert [t for t, _, _ in spy.messages] == [TOPICS.agent_commands("agent-a")]
+    finally:
+        other.close()
+        spy.close()
         trainer.close()

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.topics import Topics
-from trainer.fleet.broker import BrokerSetupError, read_agent_ids, render_acl
+from trainer.fleet.broker import AGENT_WRITES, BrokerSetupError, read_agent_ids, render_acl
 
 agent_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
 
@@ -28,18 +28,21 @@ def test_an_agents_file_reads_back_its_ids(ids: list[str], noise: list[str]) -> 
 @given(st.lists(agent_ids.filter(lambda a: a != "trainer"), min_size=1, max_size=6, unique=True))
 def test_agents_write_only_their_own_topics(ids: list[str]) -> None:
     topics = Topics()
-    user, writes = None, {}
+    user, writes, patterns = None, {}, []
     for line in render_acl(topics, "trainer", ids).splitlines():
         if line.startswith("user "):
             user = line.split()[1]
             writes[user] = []
         elif line.startswith("topic ") and "write" in line.split()[1]:
             writes[user].append(line.split()[2])
+        elif line.startswith("pattern "):
+            patterns.append(line)
     for agent in ids:
-        own = f"{topics.root}/agents/{agent}/"
-        assert all(t.startswith(own) and t.count("/") == own.count("/") or t == f"{topics.root}/probe/#"
-                   for t in writes[agent]), writes[agent]
-        assert f"{own}commands" not in writes[agent]
+        # Exactly its own report topics: never a wildcard, never its commands.
+        own = f"{topics.root}/agents/{agent}"
+        assert writes[agent] == [f"{own}/{kind}" for kind in AGENT_WRITES], writes[agent]
+    # The only rule for every client: its own marker topics, named by its client id.
+    assert patterns == [f"pattern readwrite {topics.root}/probe/%c/#"]
 
 
 def test_a_bad_agents_file_line_is_named(tmp_path: Path) -> None:

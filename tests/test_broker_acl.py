@@ -324,3 +324,18 @@ def test_an_agent_reads_neither_another_agents_reports_nor_its_probe_topics(acl_
         other.close()
         spy.close()
         trainer.close()
+
+
+def test_passwd_keeps_the_owner_and_mode_of_the_password_file_it_replaces(tmp_path: Path) -> None:
+    made = json.loads(_edgefleet("broker", "passwd", "--out-dir", str(tmp_path), "--agent", "agent-a",
+                                 "--json").stdout)
+    passwd = Path(made["password_file"])
+    passwd.chmod(0o640)  # as deployed: readable by Mosquitto's group
+    if os.geteuid() == 0:
+        os.chown(passwd, 4242, 4243)  # as deployed: `chown mosquitto`
+    before = passwd.stat()
+    _edgefleet("broker", "passwd", "--out-dir", str(tmp_path), "--agent", "agent-a", "--agent", "agent-b")
+    after = passwd.stat()
+    assert after.st_ino != before.st_ino  # replaced, not edited in place
+    assert (after.st_mode & 0o7777, after.st_uid, after.st_gid) == (0o640, before.st_uid, before.st_gid)
+    assert [line.split(":", 1)[0] for line in passwd.read_text().splitlines()] == ["trainer", "agent-a", "agent-b"]

@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.topics import Topics
-from trainer.fleet.broker import AGENT_WRITES, BrokerSetupError, read_agent_ids, render_acl
+from trainer.fleet.broker import (
+    AGENT_WRITES,
+    BrokerSetupError,
+    create_passwords,
+    read_agent_ids,
+    render_acl,
+)
 
 agent_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
 
@@ -50,3 +56,15 @@ def test_a_bad_agents_file_line_is_named(tmp_path: Path) -> None:
     path.write_text("edge-1\nedge 2\n")
     with pytest.raises(BrokerSetupError, match=r"agents.txt:2: invalid agent id 'edge 2'"):
         read_agent_ids(path)
+
+
+def test_a_hanging_mosquitto_passwd_is_one_error_and_leaves_nothing(tmp_path: Path) -> None:
+    hangs = tmp_path / "bin" / "mosquitto_passwd"
+    hangs.parent.mkdir()
+    hangs.write_text("#!/bin/sh\nexec sleep 30\n")
+    hangs.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(BrokerSetupError, match=r"-U did not finish within 0.5 s"):
+        create_passwords(out, ["trainer", "edge-1"], mosquitto_passwd=str(hangs), timeout=0.5)
+    assert list(out.iterdir()) == []

@@ -200,12 +200,12 @@ def _passwords(store: Path, names: Sequence[str]) -> tuple[dict[str, str], list[
     return passwords, created
 
 
-def _hash_in_place(tool: str, plain: str) -> None:
+def _hash_in_place(tool: str, plain: str, timeout: float) -> None:
     """Run ``mosquitto_passwd -U`` on the plain-text file ``plain``."""
     try:
-        proc = subprocess.run([tool, "-U", plain], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([tool, "-U", plain], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise BrokerSetupError(f"{tool} -U did not finish within 60 s") from None
+        raise BrokerSetupError(f"{tool} -U did not finish within {timeout:g} s") from None
     except OSError as e:
         raise BrokerSetupError(f"cannot run {tool}: {e.strerror or e}") from e
     if proc.returncode != 0:
@@ -251,7 +251,7 @@ class PasswordFiles:
 
 
 def create_passwords(
-    out_dir: Path, users: Iterable[str], *, mosquitto_passwd: str | None = None
+    out_dir: Path, users: Iterable[str], *, mosquitto_passwd: str | None = None, timeout: float = 60.0
 ) -> PasswordFiles:
     """Give every user a password and write the Mosquitto password file ``out_dir/passwd``.
 
@@ -259,6 +259,8 @@ def create_passwords(
     exactly ``users`` and is replaced atomically, keeping the owner, group and mode of the file
     it replaces (a new one is 0600, owned by this user); nothing is written when an input is
     bad or ``mosquitto_passwd`` fails.
+
+    ``timeout``: seconds ``mosquitto_passwd`` may take.
 
     Raises:
         BrokerSetupError: invalid or duplicated user names, ``mosquitto_passwd`` missing or
@@ -291,7 +293,7 @@ def create_passwords(
                 f.writelines(f"{user}:{passwords[user]}\n" for user in names)
         except OSError as e:
             raise BrokerSetupError(f"cannot write in {out_dir}: {e.strerror or e}") from e
-        _hash_in_place(tool, plain)
+        _hash_in_place(tool, plain, timeout)
         _keep_owner_and_mode(final, Path(plain))
         try:
             # Only now, once the password file is ready: a failure before leaves nothing behind.

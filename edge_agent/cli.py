@@ -1,7 +1,8 @@
 """``edgefleet-agent``: init-config, check-config, run, simulate.
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error, 3 the broker
-refused the credentials or its TLS certificate failed verification (retrying would not help),
+refused the credentials, its ACL does not let this user publish the agent's state, or its TLS
+certificate failed verification before the agent's first connection (retrying would not help),
 130 interrupted before start.
 """
 

@@ -85,6 +85,7 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_AUTH = 3
 AUTH_FAILURES = {134, 135}  # MQTT 5 reason codes bad user name or password, not authorized
+NOT_AUTHORIZED = 135  # MQTT 5 PUBACK reason code of a publish the broker's ACL refuses
 OUTBOX_REOPEN_INTERVAL = 5.0  # seconds between attempts to open an outbox that would not open
 HISTORY = 4096  # recent samples kept to pre-fill a newly activated model (windows up to this)
 
@@ -172,6 +173,9 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self._storage_failure: str | None = None  # the last one reported while provisioning
         self._session: mqtt.Client | None = None
+        self._connected_once = False  # a CONNACK was accepted since the process started
+        self._birth_mid: int | None = None  # the 'online' publish of the current connection
+        self._tls_rejected: dict[str, Any] | None = None  # the last broker certificate refused
         self._backoff = Backoff()
         self._usage = ProcessUsage()
         self.federation: FederatedParticipation | None = None
@@ -256,6 +260,7 @@ class Agent:
         session.on_connect = self._on_connect
         session.on_disconnect = self._on_disconnect
         session.on_connect_fail = self._on_connect_fail
+        session.on_publish = self._on_publish
         session.message_callback_add(self.topics.repo_metadata("timestamp.json"), self._on_timestamp)
 
     def init_trust(self) -> None:
@@ -381,11 +386,17 @@ class Agent:
             return
         self._backoff.reset()
         client.reconnect_delay_set(self._backoff.base, self._backoff.base)
-        log.info("connected to %s", self.config.broker.url)
+        self._connected_once = True
+        if self._tls_rejected is not None and self._tls_rejected.get("ongoing"):
+            self._tls_rejected["ongoing"] = False
+            log.info("connected to %s again: its certificate verifies", self.config.broker.url)
+        else:
+            log.info("connected to %s", self.config.broker.url)
         # Resubscribe and re-announce on every connect (clean sessions keep nothing).
         client.subscribe(self.topics.repo_metadata("timestamp.json"), qos=1)
-        client.publish(self.topics.agent_state(self.config.agent_id),
-                       encode_agent_state(self._state("online")), qos=1, retain=True)
+        info = client.publish(self.topics.agent_state(self.config.agent_id),
+                              encode_agent_state(self._state("online")), qos=1, retain=True)
+        self._birth_mid = info.mid  # its PUBACK is handled on this thread, after this returns
         self.reconcile_event.set()  # converge now: a deployment may have come while away
 
     @_guarded
@@ -403,27 +414,60 @@ class Agent:
         self._set_reconnect_delay(client, "disconnected from broker (%s)", reason)
 
     @_guarded
-    def _on_tls_reject(self, reason: str) -> None:
-        # A broker whose certificate the configured CA does not vouch for is a configuration
-        # error (or an impostor): stop, as for refused credentials, instead of retrying forever.
+    def _on_publish(self, _client, _userdata, mid, reason, _props) -> None:
+        # The broker refused the birth message on the agent's own state topic: its ACL gives
+        # this user no right to this agent's topics (broker.username not the agent id, another
+        # topic root, an ACL not regenerated for this agent). Every event would be refused too.
+        if mid != self._birth_mid or getattr(reason, "value", None) != NOT_AUTHORIZED:
+            return
         if self.stop_event.is_set():
             return
-        log.error("broker %s: %s (broker.ca_file: %s): stopping", self.config.broker.url, reason,
-                  self.config.broker.ca_file or "the system CA store")
+        b = self.config.broker
+        log.error("broker %s does not authorize user %r to publish to %s: its ACL must give the "
+                  "agent's user name (broker.username, normally the agent id) the topics under %s; "
+                  "stopping", b.url, b.username, self.topics.agent_state(self.config.agent_id),
+                  self.config.topic_root)
         self.exit_code = EXIT_AUTH
         self.stop_event.set()
+
+    @_guarded
+    def _on_tls_reject(self, reason: str) -> None:
+        # Before the first connection, a broker whose certificate the configured CA does not
+        # vouch for is a configuration error: stop, as for refused credentials. Once connected,
+        # it is an impostor on the path or a broker certificate that expired or was rotated: a
+        # stop would end detection on every host, so keep retrying with backoff (the outbox keeps
+        # the events), say it once, and report it in health.
+        if self.stop_event.is_set():
+            return
+        b = self.config.broker
+        where = b.ca_file or "the system CA store"
+        if not self._connected_once:
+            log.error("broker %s: %s (broker.ca_file: %s): stopping", b.url, reason, where)
+            self.exit_code = EXIT_AUTH
+            self.stop_event.set()
+            return
+        previous = self._tls_rejected
+        if previous is None or not previous.get("ongoing"):
+            log.error("broker %s: %s (broker.ca_file: %s): not connecting to it; detection goes "
+                      "on, events stay in the outbox, retrying with backoff", b.url, reason, where)
+        count = previous["count"] + 1 if previous is not None else 1
+        self._tls_rejected = {"reason": reason, "at": _now(), "count": count, "ongoing": True}
 
     @_guarded
     def _on_connect_fail(self, client, _userdata) -> None:
         if self.stop_event.is_set():
             return
-        self._set_reconnect_delay(client, "cannot reach the broker at %s", self.config.broker.url)
+        rejected = self._tls_rejected is not None and self._tls_rejected.get("ongoing")
+        # A refused certificate was logged once (ERROR) by _on_tls_reject; its retries are not news.
+        self._set_reconnect_delay(client, "cannot reach the broker at %s", self.config.broker.url,
+                                  level=logging.DEBUG if rejected else logging.WARNING)
 
-    def _set_reconnect_delay(self, client: mqtt.Client, what: str, arg: object) -> None:
+    def _set_reconnect_delay(self, client: mqtt.Client, what: str, arg: object, *,
+                             level: int = logging.WARNING) -> None:
         delay = self._backoff.next()
         # paho waits min(delay·2, max) between attempts; min == max pins it to our jittered delay.
         client.reconnect_delay_set(max(1, round(delay)), max(1, round(delay)))
-        log.warning(what + "; reconnecting in ~%.0f s", arg, max(1, round(delay)))
+        log.log(level, what + "; reconnecting in ~%.0f s", arg, max(1, round(delay)))
 
     @_guarded
     def _on_timestamp(self, _client, _userdata, _msg) -> None:
@@ -470,6 +514,9 @@ class Agent:
         p50 = max((s.latency_p50_ms for s in stats if s.latency_p50_ms is not None), default=None)
         p99 = max((s.latency_p99_ms for s in stats if s.latency_p99_ms is not None), default=None)
         outbox = self.outbox
+        rejected = self._tls_rejected
+        extra = {} if rejected is None else {"broker_tls_rejected": {
+            k: rejected[k] for k in ("reason", "at", "count")}}
         return AgentHealth(
             agent=self.config.agent_id, ts=_now(),
             inferences=sum(s.inferences for s in stats) + self._retired["inferences"],
@@ -483,6 +530,7 @@ class Agent:
                        {"can_join": False, "reason": "federated learning is not enabled in the "
                                                      "agent config ([federated] enabled)"}),
             drift=self._assess_drift(),
+            extra=extra,
         )
 
     def _assess_drift(self) -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""Broker connections shared by the agent and the trainer (paho-mqtt 2.x, callback API v2).
+"""Broker connections shared by the agent and the trainer (paho-mqtt 2.x, callback API v2, MQTT 5).
+
+MQTT 5 and not 3.1.1: a broker's ACL refusing a publish answers it with PUBACK reason code
+0x87 (Not authorized), which paho passes to ``on_publish``; under 3.1.1 the broker acknowledges
+and drops it, so a misconfigured client (wrong user name, wrong topic root) would take every
+refused message for delivered. Sessions are clean (``clean_start`` on every connect, no session
+expiry): callers resubscribe in their ``on_connect``.
 
 - :func:`parse_broker_url` / :class:`BrokerSettings`: ``mqtt://host[:port]`` (1883) and
   ``mqtts://host[:port]`` (8883, TLS).
@@ -52,7 +58,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-# CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 codes 4 and 5 onto these).
+# CONNACK reason codes: bad user name or password, not authorized.
 _AUTH_FAILURES = {134, 135}
 
 
@@ -196,10 +202,9 @@ def new_client(
     cert_file: str | None = None,
     key_file: str | None = None,
     will: Will | None = None,
-    clean_session: bool = True,
     on_tls_reject: Callable[[str], None] | None = None,
 ) -> mqtt.Client:
-    """A configured client that is not connected yet: credentials, TLS, Last Will.
+    """A configured MQTT 5 client that is not connected yet: credentials, TLS, Last Will.
 
     ``mqtts://`` enables TLS (``ca_file`` or the system store; ``cert_file``/``key_file`` for a
     client certificate); the broker's certificate must chain to that CA and name the URL's host.
@@ -214,8 +219,7 @@ def new_client(
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        clean_session=clean_session,
-        protocol=mqtt.MQTTv311,
+        protocol=mqtt.MQTTv5,
     )
     if username is not None:
         client.username_pw_set(username, password)
@@ -277,7 +281,8 @@ def connect_in_background(client: mqtt.Client, broker_url: str, *, keepalive: in
 
     Nothing here waits for the broker: a failed attempt calls ``on_connect_fail`` and is
     retried after paho's reconnect delay (``reconnect_delay_set``); a CONNACK, good or bad,
-    arrives in ``on_connect``. Stop with ``disconnect()`` then ``loop_stop()``.
+    arrives in ``on_connect``. Every connect starts a clean session. Stop with
+    ``disconnect()`` then ``loop_stop()``.
 
     ``suppress_exceptions`` is turned on: an exception escaping a callback is logged by paho
     instead of ending its network thread (callbacks should still catch their own).
@@ -288,7 +293,7 @@ def connect_in_background(client: mqtt.Client, broker_url: str, *, keepalive: in
     _scheme, host, port = parse_broker_url(broker_url)
     client.suppress_exceptions = True
     client.on_log = _paho_log
-    client.connect_async(host, port, keepalive)
+    client.connect_async(host, port, keepalive, clean_start=True)
     client.loop_start()
 
 
@@ -313,14 +318,13 @@ def connect(
     will: Will | None = None,
     timeout: float = 10.0,
     keepalive: int = 30,
-    clean_session: bool = True,
 ) -> mqtt.Client:
     """Connect to ``broker_url`` and return a client whose network thread is running.
 
     ``mqtts://`` enables TLS (``ca_file`` or the system store; ``cert_file``/``key_file`` for a
     client certificate). The caller owns the client: stop it with ``disconnect()`` then
-    ``loop_stop()``. After the first CONNACK paho reconnects by itself; callers that keep
-    subscriptions must resubscribe in their own ``on_connect``.
+    ``loop_stop()``. After the first CONNACK paho reconnects by itself (each time with a clean
+    session); callers that keep subscriptions must resubscribe in their own ``on_connect``.
 
     Raises:
         BrokerTlsError: the broker's certificate failed verification.
@@ -331,7 +335,7 @@ def connect(
     scheme, host, port = parse_broker_url(broker_url)
     client = new_client(
         broker_url, client_id=client_id, username=username, password=password, ca_file=ca_file,
-        cert_file=cert_file, key_file=key_file, will=will, clean_session=clean_session,
+        cert_file=cert_file, key_file=key_file, will=will,
     )
 
     done = threading.Event()
@@ -344,7 +348,7 @@ def connect(
 
     client.on_connect = on_connect
     try:
-        client.connect(host, port, keepalive)
+        client.connect(host, port, keepalive, clean_start=True)
     except ssl.SSLCertVerificationError as e:
         raise BrokerTlsError(
             f"cannot connect to {scheme}://{host}:{port}: {tls_reject_reason(e)}: check the CA "
@@ -374,10 +378,20 @@ def _stop(client: mqtt.Client) -> None:
         client.loop_stop()
 
 
+def _client_id(client: mqtt.Client) -> str:
+    # paho 2.x has no public accessor for the client id it was built with.
+    raw = getattr(client, "_client_id", b"")
+    client_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if not client_id:
+        raise BrokerError("a retained read needs a client with an explicit client id")
+    return client_id
+
+
 class RetainedReader:
     """Reads the current retained messages under topic filters, on demand.
 
-    ``read()`` subscribes to the filters and to a private marker topic, publishes a unique
+    ``read()`` subscribes to the filters and to a private marker topic (``probe/{client id}/…``:
+    the broker's ACL lets a client use only its own), publishes a unique
     marker, and returns when the marker comes back: the broker handles one client's packets in
     order, so every retained message matched by the subscription has been delivered by then.
     It then unsubscribes. A topic with no retained message is simply absent from the result.
@@ -388,11 +402,15 @@ class RetainedReader:
     """
 
     def __init__(self, client: mqtt.Client, topics: Topics, *, timeout: float = 10.0) -> None:
+        """Raises:
+            BrokerError: ``client`` has no client id of its own (the broker would assign one).
+            TopicError: the client id cannot be a topic level.
+        """
         self._client = client
         self._topics = topics
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._probe = topics.probe(uuid.uuid4().hex)
+        self._probe = topics.probe(_client_id(client), uuid.uuid4().hex)
 
     def read(
         self,

@@ -260,6 +260,9 @@ class OutboxPublisher:
       callback only records the message id and wakes the publisher thread, which matches ids to
       events and deletes them in one transaction — so ids can never be matched before they are
       known, and the network thread never waits on SQLite;
+    * an event the broker refuses (an MQTT 5 PUBACK with a failure reason code, e.g. 0x87 Not
+      authorized by its ACL) is not deleted: it is counted in :attr:`refused`, logged (at most
+      once a minute) and published again on the next connection;
     * on every (re)connect, everything still pending is published again (paho's outgoing queue
       lives in memory and the previous connection's fate is unknown): receivers see duplicates
       and de-duplicate by ``seq``; nothing is lost.
@@ -293,6 +296,7 @@ class OutboxPublisher:
         self._connected = False
         self._generation = 0  # bumped on every connect
         self._acked_mids: deque[int] = deque()
+        self._refused_mids: deque[tuple[int, str]] = deque()  # (mid, reason) of negative PUBACKs
         self._idle = threading.Condition()
         self._is_idle = False
         self._saved: dict[str, Any] = {}
@@ -300,10 +304,12 @@ class OutboxPublisher:
         self._inflight: dict[int, int] = {}
         self._delivered: list[int] = []  # acknowledged seqs not deleted yet (delete failed)
         self._storage_errors = ThrottledLog(logger, 60.0)
+        self._refusals = ThrottledLog(logger, 60.0)
         self._sent_up_to = 0
         self._seen_generation = -1
         self.published = 0  # publishes handed to paho (including re-publishes)
         self.acked = 0  # events deleted after PUBACK
+        self.refused = 0  # negative PUBACKs of events (each event stays in the outbox)
 
     # -- paho callbacks (network thread): record and wake, never raise ------------------------
 
@@ -328,12 +334,13 @@ class OutboxPublisher:
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         try:
-            if getattr(reason_code, "is_failure", False):
-                # MQTT 5 negative PUBACK: the broker refused it; keep it pending, retry later.
-                logger.warning("outbox publisher: broker refused mid %d: %s", mid, reason_code)
-                return
             with self._lock:
-                self._acked_mids.append(mid)
+                if getattr(reason_code, "is_failure", False):
+                    # MQTT 5 negative PUBACK (e.g. 0x87 Not authorized by the broker's ACL): not
+                    # delivered. The publisher thread keeps the event if the mid is one of its own.
+                    self._refused_mids.append((mid, str(reason_code)))
+                else:
+                    self._acked_mids.append(mid)
             self._wake.set()
         except Exception:  # pragma: no cover
             logger.exception("outbox publisher: on_publish failed")
@@ -414,6 +421,8 @@ class OutboxPublisher:
             connected, generation = self._connected, self._generation
             mids = list(self._acked_mids)
             self._acked_mids.clear()
+            refused = list(self._refused_mids)
+            self._refused_mids.clear()
         if generation != self._seen_generation:
             # A new connection: forget the old one's in-flight ids and start again from the
             # oldest pending event. PUBACKs for old ids (paho re-sends its own queue) no longer
@@ -422,6 +431,16 @@ class OutboxPublisher:
             self._inflight.clear()
             self._sent_up_to = 0
         self._delivered += [self._inflight.pop(mid) for mid in mids if mid in self._inflight]
+        for mid, reason in refused:
+            seq = self._inflight.pop(mid, None)
+            if seq is None:
+                continue  # another publisher's message, or an earlier connection's
+            # Kept: no longer in flight, and published again from the oldest pending event on
+            # the next connection (the broker would refuse it again on this one).
+            self.refused += 1
+            self._refusals.warning("outbox publisher: the broker refused event seq %d (%s); it "
+                                   "stays in the outbox (check the broker's ACL for this agent)",
+                                   seq, reason)
         if self._delivered:
             self.acked += self._outbox.ack_many(self._delivered)  # raises: kept for the next step
             self._delivered.clear()

@@ -7,7 +7,7 @@ Layout (``root`` defaults to ``edgefleet/v1``)::
     {root}/repo/metadata/{filename}                TUF metadata (consistent snapshots)
     {root}/repo/targets/{path}/index               chunk index of a target file
     {root}/repo/targets/{path}/chunks/{i}          chunk ``i`` of a target file
-    {root}/probe/{token}                           private marker topic of one reader
+    {root}/probe/{client_id}/{token}               private marker topic of one reader
 
 Nothing outside this module slices topic strings by hand. Standard library only; importing it
 has no side effects.
@@ -229,6 +229,11 @@ class Topics:
 
     # -- private markers -----------------------------------------------------------------
 
-    def probe(self, token: str) -> str:
-        """A reader's private marker topic (see ``edge_agent.mqtt.RetainedReader``)."""
-        return f"{self.root}/probe/{_validate_level(token, what='probe token')}"
+    def probe(self, client_id: str, token: str) -> str:
+        """A reader's private marker topic (see ``edge_agent.mqtt.RetainedReader``), under its
+        MQTT client id: the broker's ACL lets each client use only its own ``probe/{client_id}/``
+        (``trainer.fleet.broker``)."""
+        client_id = _validate_level(client_id, what="probe client id")
+        if "%" in client_id:  # a substitution in a Mosquitto ACL pattern, never matched literally
+            raise TopicError(f"invalid probe client id {client_id!r}: no '%'")
+        return f"{self.root}/probe/{client_id}/{_validate_level(token, what='probe token')}"

@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
-import time
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
@@ -77,11 +77,12 @@ class CertificateAuthority:
     def ca_file(self) -> Path:
         return self.directory / "ca.pem"
 
-    def issue(self, name: str, *, server: bool) -> tuple[Path, Path]:
-        """A certificate for ``name`` (a server's for 127.0.0.1/localhost, or a client's) and
-        its key: ``(cert_file, key_file)``."""
+    def issue(self, name: str, *, server: bool, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+              expired: bool = False) -> tuple[Path, Path]:
+        """A certificate for ``name`` (a server's for ``hosts``, or a client's) and its key:
+        ``(cert_file, key_file)``. ``expired``: valid until yesterday."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
+        now = datetime.now(UTC) - (timedelta(days=2) if expired else timedelta(0))
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -95,14 +96,24 @@ class CertificateAuthority:
                                                   else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
         if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                             x509.IPAddress(IPv4Address("127.0.0.1"))]),
-                critical=False)
+            names = [x509.IPAddress(IPv4Address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         cert_file = self.directory / f"{name}.pem"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_file, _write_key(key, self.directory / f"{name}.key")
+
+
+def _follow(proc: subprocess.Popen[bytes], running: threading.Event, ended: threading.Event) -> None:
+    """Read Mosquitto's stderr to its end (so that it never blocks on a full pipe); set
+    ``running`` at its "… running" line and ``ended`` (and ``running``, to wake a waiter) at
+    the end of its output."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if b" running" in line and b"mosquitto version" in line:
+            running.set()
+    ended.set()
+    running.set()
 
 
 @dataclass
@@ -143,23 +154,24 @@ class SecureBroker:
             lines.append("allow_anonymous true")
         if self.acl_file is not None:
             lines.append(f"acl_file {self.acl_file}")
-        lines += [f"log_dest file {self.workdir}/mosquitto.log", "log_type all"]
+        # The log goes to stderr too: its "running" line, written once the listener is open,
+        # is what start() waits for.
+        lines += [f"log_dest file {self.workdir}/mosquitto.log", "log_dest stderr", "log_type all"]
         if os.geteuid() == 0:  # as root, Mosquitto would drop to a user that cannot read tmp files
             lines.append("user root")
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {self.log}") from None
-                time.sleep(0.02)  # polling a port, not waiting for correctness
-        raise RuntimeError("mosquitto did not start listening within 10 s")
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        running, ended = threading.Event(), threading.Event()
+        threading.Thread(target=_follow, args=(self.proc, running, ended), daemon=True).start()
+        if not running.wait(10):
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start within 10 s:\n{self.log[-2000:]}")
+        if ended.is_set():
+            self.stop()
+            raise RuntimeError(f"mosquitto exited: {self.log[-2000:]}")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -247,6 +247,10 @@ CASES = [
     ef("broker passwd --out-dir pw.txt --agent a1", "--out-dir: pw.txt is not a directory"),
     ef("broker passwd --out-dir somedir --agent a1 --mosquitto-passwd nowhere/mosquitto_passwd",
        "nowhere/mosquitto_passwd not found"),
+    ef("broker passwd --out-dir somedir --agent a1 --mosquitto-passwd notpem.txt",
+       "notpem.txt is not an executable program"),
+    ef("broker passwd --out-dir somedir --agent a1 --mosquitto-passwd /bin/false", "/bin/false -U failed"),
+    ef("broker acl --out acl.txt --agent a1 --topic-root 'plant%u/v1'", "'%' would be a substitution"),
     # edgefleet rollout (everything is checked before the broker is reached)
     ef(f"rollout start m@9 --group g --registry reg --broker {NO_BROKER}", "no version m@9"),
     ef(f"rollout start m --group g --registry reg --broker {NO_BROKER}", "name the version to roll out: m@N"),

@@ -19,10 +19,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.mqtt import RetainedReader, connect
+from edge_agent.outbox import Outbox, OutboxPublisher
 from shared.topics import Topics
 from tests.conftest import REPO_ROOT
 from tests.helpers_delivery import poll_until
 from tests.helpers_security import SecureBroker, agent_config
+from trainer.fleet.tuf_repository import TufRepository
 
 AGENTS = ("agent-a", "agent-b")
 TOPICS = Topics()
@@ -77,7 +79,8 @@ class Recorder:
         self.subacks: dict[int, list[int]] = {}
         self.connected = threading.Event()
         self.changed = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-test", protocol=protocol)
+        self.client_id = f"{user}-test"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
         self.client.username_pw_set(user, acl.password(user))
         self.client.on_connect = lambda _c, _u, _f, reason, _p: not reason.is_failure and self.connected.set()
         self.client.on_message = self._on_message
@@ -195,7 +198,8 @@ def test_the_agent_process_works_under_the_generated_acl(acl_broker: AclBroker, 
         # The TUF fetch (as agent-a.fetch, same user) read repo/: the trusted timestamp is on disk.
         poll_until(lambda: (tmp_path / "agent-a" / "state" / "metadata" / "timestamp.json").exists(), 60,
                    "agent-a's TUF refresh", lambda: log.read_text(errors="replace")[-3000:])
-        # The Last Will goes to agent-a's own state topic: the broker accepted it at connect.
+        # The Last Will goes to agent-a's own state topic, which the ACL lets it write (Mosquitto
+        # checks a Will against the ACL only when it sends it, not at connect).
         os.kill(agent_proc.pid, signal.SIGKILL)
         agent_proc.wait(10)
         trainer.wait(lambda: "offline" in statuses(), "agent-a's Last Will")
@@ -232,11 +236,11 @@ def test_the_acl_names_only_the_rules_of_protocol_v1(tmp_path: Path) -> None:
                "--trainer-user", "ops")
     rules = [line for line in acl.read_text().splitlines() if line and not line.startswith("#")]
     assert rules == [
+        "pattern readwrite plant/v1/probe/%c/#",
         "user ops",
         "topic readwrite plant/v1/repo/#",
         "topic write plant/v1/agents/+/commands",
         "topic read plant/v1/agents/#",
-        "topic readwrite plant/v1/probe/#",
         "user edge-1",
         "topic write plant/v1/agents/edge-1/state",
         "topic write plant/v1/agents/edge-1/health",
@@ -244,8 +248,94 @@ def test_the_acl_names_only_the_rules_of_protocol_v1(tmp_path: Path) -> None:
         "topic write plant/v1/agents/edge-1/deployments",
         "topic read plant/v1/agents/edge-1/commands",
         "topic read plant/v1/repo/#",
-        "topic readwrite plant/v1/probe/#",
     ]
     assert (acl.stat().st_mode & 0o777) == 0o644
     help_text = " ".join(_edgefleet("broker", "acl", "--help").stdout.split())
     assert "--any-agent" in help_text and "%u" in help_text
+
+
+@pytest.mark.parametrize("mistake", ["another-user-name", "another-topic-root"])
+def test_an_agent_the_acl_does_not_authorize_stops_with_one_line_and_exit_3(
+        acl_broker: AclBroker, tmp_path: Path, mistake: str) -> None:
+    """Mosquitto accepts the connection (and the Last Will) of a user whose rights do not cover
+    the agent's topics; the agent's birth is then refused (PUBACK 0x87 under MQTT 5), and the
+    agent stops instead of taking its refused events for delivered."""
+    root = TufRepository.init(tmp_path / "tuf").root_json_path
+    user, extra = ("agent-b", {}) if mistake == "another-user-name" else ("agent-a", {"topic_root": "plant/v1"})
+    cfg = agent_config(tmp_path / "agent-a", "agent-a", acl_broker.broker.url, root, username=user,
+                       password_file=str(acl_broker.credentials[user]), **extra)
+    proc = subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(cfg)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"does not authorize user {user!r}" in errors[0] and "/agents/agent-a/state" in errors[0]
+    assert "Traceback" not in proc.stderr and acl_broker.password(user) not in proc.stderr
+
+
+def test_an_event_the_acl_refuses_stays_in_the_outbox(acl_broker: AclBroker, tmp_path: Path) -> None:
+    """Under MQTT 5 a refused event is not taken for delivered: it stays pending while the
+    allowed one after it is delivered and deleted."""
+    trainer = Recorder(acl_broker, "trainer")
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    client = connect(acl_broker.broker.url, client_id="agent-a", username="agent-a",
+                     password=acl_broker.password("agent-a"), timeout=10)
+    publisher = OutboxPublisher(outbox, client)
+    try:
+        assert trainer.subscribe(f"{TOPICS.root}/agents/#") == [1]
+        outbox.append(TOPICS.agent_events("agent-b"), b'{"seq": 1}')  # another agent's topic
+        outbox.append(TOPICS.agent_events("agent-a"), b'{"seq": 2}')
+        publisher.start()
+        publisher.wake()
+        trainer.wait(lambda: trainer.messages, "agent-a's own event")
+        poll_until(lambda: publisher.refused == 1 and outbox.depth() == 1, 10, "the refusal",
+                   lambda: f"refused={publisher.refused} depth={outbox.depth()}")
+        assert [(i.seq, i.topic) for i in outbox.pending(10)] == [(1, TOPICS.agent_events("agent-b"))]
+        assert [(t, p) for t, p, _ in trainer.messages] == [(TOPICS.agent_events("agent-a"), b'{"seq": 2}')]
+    finally:
+        publisher.stop()
+        client.disconnect()
+        client.loop_stop()
+        outbox.close()
+        trainer.close()
+
+
+def test_an_agent_reads_neither_another_agents_reports_nor_its_probe_topics(acl_broker: AclBroker) -> None:
+    trainer = Recorder(acl_broker, "trainer")
+    spy = Recorder(acl_broker, "agent-a", protocol=mqtt.MQTTv5)
+    other = Recorder(acl_broker, "agent-b", protocol=mqtt.MQTTv5)
+    try:
+        spy.subscribe(TOPICS.agent_events("agent-b"), TOPICS.agent_health("agent-b"),
+                      TOPICS.agent_state("agent-b"), f"{TOPICS.root}/probe/#",
+                      f"{TOPICS.root}/probe/{other.client_id}/#", TOPICS.agent_commands("agent-a"))
+        assert other.subscribe(TOPICS.probe(other.client_id, "t")) == [1]
+        for topic in (TOPICS.agent_events("agent-b"), TOPICS.agent_health("agent-b"), TOPICS.agent_state("agent-b")):
+            assert other.publish(topic, b'{"from": "b"}') < 0x80
+        assert other.publish(TOPICS.probe(other.client_id, "t"), b"marker") < 0x80
+        other.wait(lambda: other.messages, "agent-b's own marker")
+        # Another client's marker topic is not agent-b's to write.
+        assert other.publish(TOPICS.probe(spy.client_id, "t"), b"junk") == NOT_AUTHORIZED
+        # Mosquitto routes each publish before acknowledging it, and delivers to one client in
+        # order: once the trainer's command has reached agent-a, anything routed to it earlier has.
+        assert trainer.publish(TOPICS.agent_commands("agent-a"), b'{"for": "a"}') == 0
+        spy.wait(lambda: spy.messages, "agent-a's own command")
+        assert [t for t, _, _ in spy.messages] == [TOPICS.agent_commands("agent-a")]
+    finally:
+        other.close()
+        spy.close()
+        trainer.close()
+
+
+def test_passwd_keeps_the_owner_and_mode_of_the_password_file_it_replaces(tmp_path: Path) -> None:
+    made = json.loads(_edgefleet("broker", "passwd", "--out-dir", str(tmp_path), "--agent", "agent-a",
+                                 "--json").stdout)
+    passwd = Path(made["password_file"])
+    passwd.chmod(0o640)  # as deployed: readable by Mosquitto's group
+    if os.geteuid() == 0:
+        os.chown(passwd, 4242, 4243)  # as deployed: `chown mosquitto`
+    before = passwd.stat()
+    _edgefleet("broker", "passwd", "--out-dir", str(tmp_path), "--agent", "agent-a", "--agent", "agent-b")
+    after = passwd.stat()
+    assert after.st_ino != before.st_ino  # replaced, not edited in place
+    assert (after.st_mode & 0o7777, after.st_uid, after.st_gid) == (0o640, before.st_uid, before.st_gid)
+    assert [line.split(":", 1)[0] for line in passwd.read_text().splitlines()] == ["trainer", "agent-a", "agent-b"]

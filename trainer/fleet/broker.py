@@ -4,15 +4,22 @@ The rules follow the MQTT protocol v1 (``shared.topics``): each agent logs in wi
 id as user name and may
 
 - write only its own ``agents/{id}/state|health|events|deployments`` (its Last Will goes to its
-  state topic, and Mosquitto checks the Will against the ACL when the agent connects),
-- read the repository (``repo/#``) and its own ``agents/{id}/commands``,
-- use the private marker topics ``probe/#`` that retained reads publish to and read back;
+  state topic),
+- read the repository (``repo/#``) and its own ``agents/{id}/commands``;
 
-the trainer's user may write (and read back) ``repo/#`` and every agent's ``commands``, read every
-agent's topics, and use ``probe/#``. Nobody else may do anything: Mosquitto denies what no rule
-allows once an ACL file is set.
+the trainer's user may write (and read back) ``repo/#`` and every agent's ``commands``, and read
+every agent's topics. Every client may use its own ``probe/{client id}/#`` (a ``pattern`` line
+with ``%c``, which applies to every user), the private marker topics that retained reads publish
+to and read back. Nobody else may do anything: Mosquitto denies what no rule allows once an ACL
+file is set.
 
-Two forms: one ``user`` block per listed agent (only those agents get any right), or ``pattern``
+Mosquitto (2.0) does *not* check a client's Last Will against the ACL at connect: a Will on a
+topic the user may not write is accepted and dropped when it is sent. Nor does an MQTT 3.1.1
+client learn of a refused publish (the broker acknowledges and drops it); the agent connects
+with MQTT 5, where the PUBACK carries 0x87 (Not authorized), and stops when its birth message is
+refused (``edge_agent.daemon``).
+
+Two forms: one ``user`` block per listed agent (only those agents get agent rights), or ``pattern``
 lines with ``%u`` that give the agent rights to any authenticated user, for topics named after
 that user (the password file then decides who is an agent). ``%u`` and not ``%c``: an agent
 connects twice, as ``{id}`` and as ``{id}.fetch`` (its TUF fetch), with the same user name.
@@ -28,6 +35,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -43,6 +51,7 @@ __all__ = [
     "PasswordFiles",
     "agent_rules",
     "create_passwords",
+    "probe_rule",
     "read_agent_ids",
     "render_acl",
     "trainer_rules",
@@ -84,7 +93,6 @@ def agent_rules(topics: Topics, agent: str) -> list[AclRule]:
         *(AclRule("write", f"{base}/{kind}") for kind in AGENT_WRITES),
         AclRule("read", f"{base}/commands"),
         AclRule("read", f"{topics.root}/repo/#"),
-        AclRule("readwrite", f"{topics.root}/probe/#"),
     ]
 
 
@@ -94,8 +102,12 @@ def trainer_rules(topics: Topics) -> list[AclRule]:
         AclRule("readwrite", f"{topics.root}/repo/#"),
         AclRule("write", f"{topics.root}/agents/+/commands"),
         AclRule("read", f"{topics.root}/agents/#"),
-        AclRule("readwrite", f"{topics.root}/probe/#"),
     ]
+
+
+def probe_rule(topics: Topics) -> AclRule:
+    """Every client's own marker topics (a ``pattern`` line: ``%c`` is its client id)."""
+    return AclRule("readwrite", f"{topics.root}/probe/%c/#")
 
 
 def render_acl(topics: Topics, trainer: str, agents: Sequence[str] | None) -> str:
@@ -106,10 +118,16 @@ def render_acl(topics: Topics, trainer: str, agents: Sequence[str] | None) -> st
             the agents.
     """
     trainer = _validate_user(trainer, "trainer user")
+    if "%" in topics.root:
+        raise BrokerSetupError(f"topic root {topics.root!r}: '%' would be a substitution in the ACL")
+    probe = probe_rule(topics)
     lines = [
         f"# Mosquitto ACL for the edgefleet topic root {topics.root}.",
         "# Written by `edgefleet broker acl`; regenerate it rather than editing it.",
         "# Anything not allowed here is denied.",
+        "",
+        "# Every client: its own marker topics of retained reads (%c: its client id).",
+        f"pattern {probe.access} {probe.topic}",
         "",
         f"user {trainer}",
         *(f"topic {r.access} {r.topic}" for r in trainer_rules(topics)),
@@ -165,6 +183,62 @@ def write_private(path: Path, text: str, *, mode: int = 0o600) -> None:
         raise
 
 
+def _passwords(store: Path, names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Each user's password: the one in ``store/{user}.password`` if it exists, else a new
+    random one (returned in the second item, not written yet)."""
+    passwords: dict[str, str] = {}
+    created = []
+    for user in names:
+        path = store / f"{user}.password"
+        if path.exists():
+            passwords[user] = path.read_text(encoding="utf-8").strip()
+            if not passwords[user]:
+                raise BrokerSetupError(f"{path} is empty: delete it to make a new password")
+        else:
+            passwords[user] = secrets.token_urlsafe(PASSWORD_BYTES)
+            created.append(user)
+    return passwords, created
+
+
+def _hash_in_place(tool: str, plain: str, timeout: float) -> None:
+    """Run ``mosquitto_passwd -U`` on the plain-text file ``plain``."""
+    try:
+        proc = subprocess.run([tool, "-U", plain], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BrokerSetupError(f"{tool} -U did not finish within {timeout:g} s") from None
+    except OSError as e:
+        raise BrokerSetupError(f"cannot run {tool}: {e.strerror or e}") from e
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise BrokerSetupError(f"{tool} -U failed: {detail[-1] if detail else proc.returncode}")
+
+
+def _keep_owner_and_mode(old: Path, new: Path) -> None:
+    """Give ``new`` the owner, group and mode of ``old`` if it exists, so that replacing a
+    password file Mosquitto reads (``chown mosquitto``) keeps it readable by Mosquitto.
+
+    Raises:
+        BrokerSetupError: this user may not give ``new`` that owner or group.
+    """
+    try:
+        st = old.stat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise BrokerSetupError(f"cannot read the owner of {old}: {e.strerror or e}") from e
+    try:
+        current = new.stat()
+        if (current.st_uid, current.st_gid) != (st.st_uid, st.st_gid):
+            os.chown(new, st.st_uid, st.st_gid)
+        os.chmod(new, stat.S_IMODE(st.st_mode))
+    except PermissionError:
+        raise BrokerSetupError(
+            f"cannot keep the owner of {old} (uid {st.st_uid}, gid {st.st_gid}) on its new version: "
+            "run as root or as that user") from None
+    except OSError as e:
+        raise BrokerSetupError(f"cannot write in {new.parent}: {e.strerror or e}") from e
+
+
 @dataclass(frozen=True)
 class PasswordFiles:
     """What :func:`create_passwords` wrote: the broker's hashed ``password_file`` and one
@@ -177,16 +251,21 @@ class PasswordFiles:
 
 
 def create_passwords(
-    out_dir: Path, users: Iterable[str], *, mosquitto_passwd: str | None = None
+    out_dir: Path, users: Iterable[str], *, mosquitto_passwd: str | None = None, timeout: float = 60.0
 ) -> PasswordFiles:
     """Give every user a password and write the Mosquitto password file ``out_dir/passwd``.
 
     A user whose ``credentials/{user}.password`` exists keeps it. The password file lists
-    exactly ``users`` and is replaced atomically; nothing is written when an input is bad.
+    exactly ``users`` and is replaced atomically, keeping the owner, group and mode of the file
+    it replaces (a new one is 0600, owned by this user); nothing is written when an input is
+    bad or ``mosquitto_passwd`` fails.
+
+    ``timeout``: seconds ``mosquitto_passwd`` may take.
 
     Raises:
         BrokerSetupError: invalid or duplicated user names, ``mosquitto_passwd`` missing or
-            failing, or ``out_dir`` not writable.
+            failing, ``out_dir`` not writable, or the old password file's owner cannot be
+            kept.
     """
     names: list[str] = []
     for user in users:
@@ -199,34 +278,31 @@ def create_passwords(
     tool = mosquitto_passwd or shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     if not Path(tool).exists() and shutil.which(tool) is None:
         raise BrokerSetupError(f"{tool} not found: install mosquitto (it ships mosquitto_passwd)")
+    if Path(tool).exists() and not (Path(tool).is_file() and os.access(tool, os.X_OK)):
+        raise BrokerSetupError(f"{tool} is not an executable program")
     store = out_dir / "credentials"
+    final = out_dir / "passwd"
     try:
-        store.mkdir(parents=True, exist_ok=True, mode=0o700)
-        passwords: dict[str, str] = {}
-        created = []
-        for user in names:
-            path = store / f"{user}.password"
-            if path.exists():
-                passwords[user] = path.read_text(encoding="utf-8").strip()
-                if not passwords[user]:
-                    raise BrokerSetupError(f"{path} is empty: delete it to make a new password")
-            else:
-                passwords[user] = secrets.token_urlsafe(PASSWORD_BYTES)
-                created.append(user)
-        final = out_dir / "passwd"
+        passwords, created = _passwords(store, names)
         fd, plain = tempfile.mkstemp(dir=out_dir, prefix=".passwd.")  # 0600 from mkstemp
+    except OSError as e:
+        raise BrokerSetupError(f"cannot write in {out_dir}: {e.strerror or e}") from e
+    try:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.writelines(f"{user}:{passwords[user]}\n" for user in names)
-            proc = subprocess.run([tool, "-U", plain], capture_output=True, text=True, timeout=60)
-            if proc.returncode != 0:
-                detail = (proc.stderr or proc.stdout).strip().splitlines()
-                raise BrokerSetupError(f"{tool} -U failed: {detail[-1] if detail else proc.returncode}")
+        except OSError as e:
+            raise BrokerSetupError(f"cannot write in {out_dir}: {e.strerror or e}") from e
+        _hash_in_place(tool, plain, timeout)
+        _keep_owner_and_mode(final, Path(plain))
+        try:
+            # Only now, once the password file is ready: a failure before leaves nothing behind.
+            store.mkdir(exist_ok=True, mode=0o700)
             for user in created:
                 write_private(store / f"{user}.password", passwords[user] + "\n")
             os.replace(plain, final)
-        finally:
-            Path(plain).unlink(missing_ok=True)
-    except OSError as e:
-        raise BrokerSetupError(f"cannot write in {out_dir}: {e.strerror or e}") from e
+        except OSError as e:
+            raise BrokerSetupError(f"cannot write in {out_dir}: {e.strerror or e}") from e
+    finally:
+        Path(plain).unlink(missing_ok=True)
     return PasswordFiles(final, {u: store / f"{u}.password" for u in names}, tuple(created))

@@ -295,12 +295,14 @@ class DriftMonitor:
     def assess(self) -> DriftReport:
         """PSI and KS of every series over the current window, and the slot's drift state.
 
-        Recomputed once at least ``window / 10`` samples arrived since the last computation;
-        otherwise the last report is returned again (with ``raised`` false: a raise is reported
-        once). Thread safe."""
+        Recomputed on every new sample while the window fills (nothing is decided then, and
+        health shows how full it is), then once at least ``window / 10`` samples arrived since
+        the last computation; otherwise the last report is returned again (with ``raised``
+        false: a raise is reported once). Thread safe."""
         with self._assessing:
             cached = self._cached
-            if cached is not None and self._count - self._cached_at < self._every:
+            new = self._count - self._cached_at
+            if cached is not None and (new == 0 or (cached.fill == self.window and new < self._every)):
                 return dataclasses.replace(cached, raised=False) if cached.raised else cached
             count, rows = self._snapshot()
             report = self._compute(rows)

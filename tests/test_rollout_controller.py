@@ -78,6 +78,14 @@ class PlayedAgents:
             ts=_now(), health_period_s=1.0,
         )))
 
+    def offline(self, agent: str) -> None:
+        """What the broker publishes for an agent that went away (its will)."""
+        self._put(TOPICS.agent_state(agent), encode_agent_state(AgentState(
+            agent=agent, status="offline", bdseq=1, group="lab", profile="x86-64-v3",
+            arch="x86_64", runtimes=("onnxruntime",), active=(), emulated=False,
+            ts=_now(), health_period_s=1.0,
+        )))
+
     def report(self, agent: str, version: int, state: str, serial: int, reason: str | None = None) -> None:
         self._put(TOPICS.agent_deployments(agent), encode_deployment_status(DeploymentStatus(
             agent=agent, slot="default", model="host", version=version, state=state,
@@ -210,8 +218,8 @@ def test_a_restarted_controller_keeps_the_soak_it_was_in_and_promotes(world: Any
     assert record.state == "completed"
     with Registry.open(registry) as reg:
         kinds = [e["kind"] for e in RolloutStore(reg).events(rid)]
-    assert kinds == ["started", "deployed", "soak-started", "promoted", "deployed",
-                     "soak-started", "completed"]
+    assert kinds == ["started", "deploying", "deployed", "soak-started", "promoted", "deploying",
+                     "deployed", "soak-started", "completed"]
 
 
 @pytest.mark.parametrize(("gates", "act", "gate"), [
@@ -300,5 +308,111 @@ def test_a_breach_in_the_last_stage_points_the_group_back_at_the_previous_versio
     assert record.state == "rolled_back" and record.message.startswith("anomaly-rate on a3")
     repo = open_repository(registry)
     group = decode_deployment(repo.target_bytes("deployments/groups/lab.json"))
-    assert (group.slots["default"].version, group.serial) == (1, 3)  # newer serial, older artifact
+    assert (group.slots["default"].version, group.serial) == (1, 4)  # newer serial, older artifact
     assert _documents(registry) == {"deployments/groups/lab.json": 1}
+
+
+def _soak_first_stage(world: Any, ctrl: RolloutController, observer: FleetObserver,
+                      clock: Clock) -> None:
+    """Stage 1 (a1) activates, soaks cleanly and is promoted."""
+    _, _, played, _ = world
+    record = ctrl.step()
+    _activate(played, observer, "a1", record.progress["serial"])
+    assert ctrl.step().progress["phase"] == "soaking"
+    played.health("a1", inferences=100)
+    _until(observer, lambda s: s.health["a1"].inferences == 1100, "a1's soak counters")
+    clock.t += SOAK
+    assert ctrl.step().stage == 1
+
+
+def test_an_agent_offline_in_the_last_stage_is_not_judged_and_the_group_completes(world: Any) -> None:
+    registry, _, played, start = world
+    rid, observer = start()
+    clock = Clock()
+    ctrl = _controller(world, rid, observer, clock)
+    _soak_first_stage(world, ctrl, observer, clock)
+    played.offline("a3")
+    _until(observer, lambda s: not s.online("a3"), "a3 offline")
+
+    record = ctrl.step()  # the group's document: a3 gets it when it is back
+    assert _documents(registry) == {"deployments/groups/lab.json": 2}
+    assert record.progress["expect"] == ["a2"] and record.progress["not_judged"] == ["a3"]
+    _activate(played, observer, "a2", record.progress["serial"])
+    assert ctrl.step().progress["phase"] == "soaking"
+    for agent in ("a1", "a2"):
+        played.health(agent, inferences=100)
+    _until(observer, lambda s: s.health["a2"].inferences == 1100, "a2's soak counters")
+    clock.t += SOAK + 120.0 + 1  # past the soak and the data wait: a3 would be judged "data"
+    record = ctrl.step()
+    assert record.state == "completed", record.message
+    with Registry.open(registry) as reg:
+        events = RolloutStore(reg).events(rid)
+    completed = events[-1]["detail"]
+    assert sorted(completed["agents"]) == ["a1", "a2"] and completed["not_judged"] == ["a3"]
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAfterPublishing(RolloutController):
+    """A controller that dies right after publishing, before recording it."""
+
+    def _retrying(self, what: str, action: Callable[[], Any]) -> Any:
+        action()
+        raise _Crash(what)
+
+
+def test_a_crash_after_publishing_resumes_the_same_canaries(world: Any) -> None:
+    registry, trainer, played, start = world
+    rid, observer = start()
+    clock = Clock()
+    crashing = _CrashAfterPublishing(registry, rid, client=trainer, topics=TOPICS,
+                                     observer=observer, clock=clock, activation_timeout=120.0)
+    with pytest.raises(_Crash):
+        crashing.step()
+    assert _documents(registry) == {"deployments/groups/lab.json": 1, "deployments/agents/a1.json": 2}
+    # a1 restarts onto the candidate (its counters are the candidate's now) and is briefly away
+    played.offline("a1")
+    _until(observer, lambda s: not s.online("a1"), "a1 offline")
+
+    ctrl = _controller(world, rid, observer, clock)
+    record = ctrl.step()  # the recorded stage is published again, not a new choice
+    assert record.progress["phase"] == "activating" and record.progress["new"] == ["a1"]
+    assert record.progress["baselines"]["a1"] == {"inferences": 1000, "anomalies": 10, "errors": 0}
+    assert _documents(registry) == {"deployments/groups/lab.json": 1, "deployments/agents/a1.json": 2}
+    with Registry.open(registry) as reg:
+        RolloutStore(reg).update(rid, abort_requested=True)
+    assert ctrl.step().state == "aborted"
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}
+
+
+def test_a_rollback_keeps_an_agent_document_someone_else_wrote_since(world: Any) -> None:
+    registry, trainer, played, start = world
+    rid, observer = start()
+    ctrl = _controller(world, rid, observer, Clock())
+    ctrl.step()
+    deploy(registry, "host@1", agent="a1", client=trainer, topics=TOPICS)  # an operator's pin
+    with Registry.open(registry) as reg:
+        RolloutStore(reg).update(rid, abort_requested=True)
+    assert ctrl.step().state == "aborted"
+    assert _documents(registry) == {"deployments/groups/lab.json": 1, "deployments/agents/a1.json": 1}
+
+
+def test_a_retry_is_not_failed_by_the_retained_report_of_the_attempt_before(world: Any) -> None:
+    registry, _, played, start = world
+    rid, observer = start()
+    ctrl = _controller(world, rid, observer, Clock())
+    first = ctrl.step()
+    played.report("a1", 2, "failed", first.progress["serial"], "smoke test: output 0 differs")
+    _until(observer, lambda s: any(d.state == "failed" for d in s.deployments.get("a1", ())),
+           "a1's failure")
+    assert ctrl.step().state == "rolled_back"
+
+    rid2, observer2 = start()  # the same version again; a1's `failed` is still retained
+    again = _controller(world, rid2, observer2, Clock())
+    record = again.step()
+    assert record.progress["new"] == ["a1"] and record.progress["serial"] > first.progress["serial"]
+    assert observer2.snapshot().deployments["a1"][-1].state == "failed"
+    record = again.step()
+    assert record.state == "running" and record.progress["phase"] == "activating"

@@ -273,7 +273,7 @@ def _print_record(args: argparse.Namespace, r: RolloutRecord,
         return
     from trainer.fleet.rollout.plan import stage_sizes
 
-    sizes = stage_sizes(r.stages, len(r.agents))
+    sizes = stage_sizes(r.stages, len(r.agents), r.progress.get("members"))
     print(f"rollout {r.id}: {r.ref} to group {r.group} (slot {r.slot}), replacing "
           f"{r.model}@{r.previous_version}")
     print(f"  state: {_state(r)}" + (f" - {r.message}" if r.message else ""))

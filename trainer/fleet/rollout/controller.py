@@ -38,7 +38,14 @@ import paho.mqtt.client as mqtt
 
 from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import Topics
-from trainer.fleet.rollout.documents import promote_group, restore_previous, write_canaries
+from trainer.fleet.deploy import open_repository
+from trainer.fleet.rollout.documents import (
+    DocumentChange,
+    next_serial,
+    promote_group,
+    restore_previous,
+    write_canaries,
+)
 from trainer.fleet.rollout.gates import (
     Breach,
     CanaryEvidence,
@@ -160,6 +167,10 @@ class RolloutController:
                 if phase == "deploy":
                     if not record.paused:
                         record = self._deploy(store, record, fleet)
+                    if record.progress.get("phase") == "deploying":
+                        record = self._deploying(store, record)
+                elif phase == "deploying":
+                    record = self._deploying(store, record)
                 elif phase == "activating":
                     record = self._activating(store, record, fleet)
                 elif phase == "soaking":
@@ -174,7 +185,7 @@ class RolloutController:
         left = None if started is None else max(0.0, started + record.soak_s - self.clock())
         return StageView(
             stage=record.stage,
-            stages=len(stage_sizes(record.stages, len(record.agents))),
+            stages=len(self._sizes(record)),
             phase=p.get("phase", "deploy"),
             canaries=len(p.get("participants", [])) + len(p.get("new", [])),
             soak_left_s=left,
@@ -184,7 +195,8 @@ class RolloutController:
     # -- phases ----------------------------------------------------------------------------
 
     def _deploy(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
-        sizes = stage_sizes(r.stages, len(r.agents))
+        """Choose the stage's agents and record them (phase ``deploying``) before publishing."""
+        sizes = self._sizes(r)
         final = r.stage == len(sizes) - 1
         p = dict(r.progress)
         participants: list[str] = list(p.get("participants", []))
@@ -192,7 +204,8 @@ class RolloutController:
         if final:
             new = others
         else:
-            new = [a for a in others if fleet.online(a)][: sizes[r.stage] - len(participants)]
+            new = [a for a in _shuffled(others, r.id) if fleet.online(a)][
+                : sizes[r.stage] - len(participants)]
             if not new:
                 logger.info("stage %d: no online agent to add; waiting", r.stage + 1)
                 return r
@@ -201,28 +214,55 @@ class RolloutController:
             counts = _counts(fleet, agent)
             if counts is not None:
                 baselines[agent] = counts.to_json()
-        if final:
-            change = promote_group(
-                self.registry_dir, r.ref, r.group, r.slot, participants,
-                client=self.client, topics=self.topics, timeout=self.publish_timeout,
-            )
-        else:
-            change = write_canaries(
-                self.registry_dir, r.ref, r.group, r.slot, new,
-                client=self.client, topics=self.topics, timeout=self.publish_timeout,
-            )
         # Offline agents of the last stage get the group's document when they come back;
-        # only those online now are waited for.
+        # only those online now are waited for and judged.
         expect = [a for a in new if fleet.online(a)] if final else new
+        serial = self._next_serial(store, r)
+        documents = list(p.get("documents", []))
+        if not final:
+            documents += [a for a in new if a not in documents]
         p.update(
-            phase="activating", participants=participants, new=new, expect=expect,
-            serial=change.serial, deployed_at=self.clock(), baselines=baselines,
+            phase="deploying", participants=participants, new=new, expect=expect,
+            serial=serial, baselines=baselines, documents=documents,
             soak_started_at=None, start={}, drift_start={},
         )
+        detail: dict[str, Any] = {"agents": new, "serial": serial, "group": final}
+        absent = [a for a in new if a not in expect]
+        if absent:
+            p["not_judged"] = absent
+            detail["not_judged"] = absent
+        return store.update(r.id, progress=p, event=("deploying", detail))
+
+    def _deploying(self, store: RolloutStore, r: RolloutRecord) -> RolloutRecord:
+        """Publish exactly what ``_deploy`` recorded (again, after a crash: idempotent)."""
+        p = dict(r.progress)
+        final = r.stage == len(self._sizes(r)) - 1
+        new, serial = list(p["new"]), int(p["serial"])
+        if final:
+            change = self._retrying("publish the group document", lambda: promote_group(
+                self.registry_dir, r.ref, r.group, r.slot, p.get("documents", []),
+                client=self.client, topics=self.topics, timeout=self.publish_timeout,
+                serial=serial,
+            ))
+        else:
+            change = self._retrying("publish the canaries' documents", lambda: write_canaries(
+                self.registry_dir, r.ref, r.group, r.slot, new,
+                client=self.client, topics=self.topics, timeout=self.publish_timeout,
+                serial=serial,
+            ))
+        p.update(phase="activating", deployed_at=self.clock())
         return store.update(r.id, progress=p, event=("deployed", {
             "agents": new, "documents": list(change.written), "removed": list(change.removed),
             "serial": change.serial, "group": final,
         }))
+
+    def _next_serial(self, store: RolloutStore, r: RolloutRecord) -> int:
+        used = [int(x.progress["serial"]) for x in store.all()
+                if x.group == r.group and isinstance(x.progress.get("serial"), int)]
+        return next_serial(open_repository(self.registry_dir), r.group, used)
+
+    def _sizes(self, r: RolloutRecord) -> list[int]:
+        return stage_sizes(r.stages, len(r.agents), r.progress.get("members", len(r.agents)))
 
     def _activating(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
         p = dict(r.progress)
@@ -242,7 +282,7 @@ class RolloutController:
                     for a in pending
                 ])
             return r
-        judged = p["participants"] + p["new"]
+        judged = _judged(p)
         start = {}
         for agent in r.agents:  # canaries and the agents still on the previous version
             counts = _counts(fleet, agent)
@@ -272,14 +312,14 @@ class RolloutController:
             return r
         if r.paused:
             return r
-        sizes = stage_sizes(r.stages, len(r.agents))
+        sizes = self._sizes(r)
         summary = self._summary(r, fleet)
         if r.stage == len(sizes) - 1:
             return store.update(
                 r.id, state="completed", finished_at=_iso_now(),
                 message=f"{r.ref} runs on group {r.group}",
                 progress={**p, "phase": "done"},
-                event=("completed", {"agents": summary}),
+                event=("completed", {"agents": summary, "not_judged": p.get("not_judged", [])}),
             )
         p.update(phase="deploy", participants=p["participants"] + p["new"], new=[], expect=[])
         return store.update(r.id, stage=r.stage + 1, progress=p, event=("promoted", {
@@ -291,7 +331,7 @@ class RolloutController:
     def evidence(self, r: RolloutRecord, fleet: FleetSnapshot) -> StageEvidence:
         """The soaking stage's evidence from the stored counters and the latest reports."""
         p = r.progress
-        judged = p.get("participants", []) + p.get("new", [])
+        judged = _judged(p)
         start = {a: Counts.from_json(c) for a, c in p.get("start", {}).items()}
         baselines = {a: Counts.from_json(c) for a, c in p.get("baselines", {}).items()}
         failures = {b.agent: b.detail for b in self._failures(r, fleet, p)}
@@ -330,7 +370,7 @@ class RolloutController:
     def _failures(self, r: RolloutRecord, fleet: FleetSnapshot, p: dict[str, Any]) -> list[Breach]:
         serial = p.get("serial", 0)
         out = []
-        for agent in p.get("new", []) + p.get("participants", []):
+        for agent in _judged(p):
             for status in fleet.deployments.get(agent, ()):
                 if (status.state == "failed" and status.model == r.model
                         and status.version == r.version and status.serial >= serial):
@@ -364,6 +404,9 @@ class RolloutController:
             for c in ev.canaries
         }
 
+    def _retrying(self, what: str, action: Callable[[], DocumentChange]) -> DocumentChange:
+        return action()
+
     # -- the outcome -------------------------------------------------------------------------
 
     def _breach(self, store: RolloutStore, r: RolloutRecord, breaches: list[Breach]) -> RolloutRecord:
@@ -381,16 +424,33 @@ class RolloutController:
             r = store.update(r.id, progress=p, event=("breach" if state == "rolled_back" else "abort",
                                                       {"message": message, "breaches": breaches}))
         canaries = list(dict.fromkeys(p.get("participants", []) + p.get("new", [])))
-        change = restore_previous(
+        # Every agent document this rollout wrote (recorded before it was published), not
+        # only the current stage's: those still naming the candidate are removed.
+        documents = list(dict.fromkeys(p.get("documents", []) + canaries))
+        serial = self._next_serial(store, r)
+        change = self._retrying("roll back", lambda: restore_previous(
             self.registry_dir, f"{r.model}@{r.previous_version}", r.group, r.slot, r.version,
-            canaries, client=self.client, topics=self.topics, timeout=self.publish_timeout,
-        )
+            documents, client=self.client, topics=self.topics, timeout=self.publish_timeout,
+            new_serial=serial,
+        ))
         return store.update(r.id, state=state, message=message, finished_at=_iso_now(),
                             progress={**p, "phase": "done"}, event=("rolled-back", {
                                 "to": f"{r.model}@{r.previous_version}", "agents": canaries,
                                 "removed": list(change.removed),
                                 "documents": list(change.written),
                             }))
+
+
+def _judged(p: dict[str, Any]) -> list[str]:
+    """The agents a stage judges: the earlier stages' and those expected to activate now (an
+    agent offline when the last stage began follows the group's document when it is back,
+    but is not judged: see ``not_judged``)."""
+    return list(dict.fromkeys(p.get("participants", []) + p.get("expect", p.get("new", []))))
+
+
+def _shuffled(agents: list[str], seed: str) -> list[str]:
+    """The order canaries are chosen in."""
+    return list(agents)
 
 
 def _counts(fleet: FleetSnapshot, agent: str) -> Counts | None:

@@ -63,11 +63,14 @@ def parse_stages(text: str) -> tuple[str, ...]:
     return items
 
 
-def stage_sizes(stages: Sequence[str], eligible: int) -> list[int]:
+def stage_sizes(stages: Sequence[str], eligible: int, members: int | None = None) -> list[int]:
     """How many agents each stage covers (cumulative) when ``eligible`` agents take part.
 
     Percentages round up (10 % of 4 agents is 1 agent); counts are capped at ``eligible``;
     a stage that adds no agent to the one before it is left out, except the last (100 %).
+    A group of more than one agent (``members``, default ``eligible``) always gets a canary
+    stage of one agent before the last stage (which writes the group's document), even when
+    the stages would resolve to the last one alone.
     """
     sizes: list[int] = []
     for i, item in enumerate(stages):
@@ -84,4 +87,6 @@ def stage_sizes(stages: Sequence[str], eligible: int) -> list[int]:
                 sizes[-1] = n
             continue
         sizes.append(n)
+    if len(sizes) == 1 and max(members or 0, eligible) > 1:
+        sizes.insert(0, 1)  # [1, 1]: one canary, then the group's document for the others
     return sizes

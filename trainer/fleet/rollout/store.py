@@ -152,6 +152,21 @@ class RolloutStore:
             raise RegistryError(f"no rollout {rollout_id!r} (see `edgefleet rollout status`)")
         return _record(rows[0])
 
+    def holding(self, *, group: str | None = None, agent: str | None = None) -> RolloutRecord | None:
+        """The unfinished rollout that holds ``group``, or the group ``agent`` was found in when
+        the rollout started (taking part or skipped), if any."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        rows = _dicts(self.registry.db.execute(
+            f"SELECT * FROM rollouts WHERE state IN ({marks}) ORDER BY created_at, id", ACTIVE_STATES
+        ))
+        for record in map(_record, rows):
+            if group is not None and record.group == group:
+                return record
+            members = set(record.agents) | set(record.progress.get("skipped", {}))
+            if agent is not None and agent in members:
+                return record
+        return None
+
     def all(self) -> list[RolloutRecord]:
         cursor = self.registry.db.execute("SELECT * FROM rollouts ORDER BY created_at, id")
         return [_record(r) for r in _dicts(cursor)]

@@ -27,7 +27,7 @@ from shared.messages import (
     encode_drift_event,
 )
 from shared.topics import Topics
-from trainer.fleet.deploy import deploy, init_repository, open_repository
+from trainer.fleet.deploy import DeployError, deploy, init_repository, open_repository
 from trainer.fleet.rollout import (
     FleetObserver,
     RolloutController,
@@ -70,10 +70,10 @@ class PlayedAgents:
         info = self.client.publish(topic, payload, qos=1, retain=True)
         info.wait_for_publish(10)
 
-    def state(self, agent: str, version: int) -> None:
+    def state(self, agent: str, version: int, profile: str = "x86-64-v3") -> None:
         active = (ActiveModel("default", "host", version, "onnx", "int8", "0" * 64),)
         self._put(TOPICS.agent_state(agent), encode_agent_state(AgentState(
-            agent=agent, status="online", bdseq=1, group="lab", profile="x86-64-v3",
+            agent=agent, status="online", bdseq=1, group="lab", profile=profile,
             arch="x86_64", runtimes=("onnxruntime",), active=active, emulated=False,
             ts=_now(), health_period_s=1.0,
         )))
@@ -416,3 +416,28 @@ def test_a_retry_is_not_failed_by_the_retained_report_of_the_attempt_before(worl
     assert observer2.snapshot().deployments["a1"][-1].state == "failed"
     record = again.step()
     assert record.state == "running" and record.progress["phase"] == "activating"
+
+
+def test_a_group_with_an_agent_the_version_was_not_built_for_is_refused_unless_forced(
+    world: Any,
+) -> None:
+    registry, trainer, played, _ = world
+    played.state("pi", 1, profile="rpi4-arm64")
+    views = read_fleet(trainer, TOPICS)
+    request = check_request(registry, "host@2", "lab", "default", ("100%",), SOAK, parse_gates(""
+                            "latency-p99=2ms"))
+    with pytest.raises(DeployError, match="no artifact for profile.*rpi4-arm64 of pi in group 'lab'"):
+        create_rollout(registry, request, views)
+    with Registry.open(registry) as reg:
+        assert RolloutStore(reg).all() == []
+    record, skipped = create_rollout(registry, request, views, force=True)
+    assert skipped == {"pi": "profile rpi4-arm64 not built"}
+    assert record.progress["members"] == 4
+
+    observer = FleetObserver(trainer, TOPICS)
+    observer.start()
+    _until(observer, lambda s: all(a in s.health for a in AGENTS), "every agent's health")
+    first = _controller(world, record.id, observer, Clock()).step()
+    # "100%" alone still begins with one canary of its own document
+    assert first.progress["new"] == ["a1"]
+    assert _documents(registry) == {"deployments/groups/lab.json": 1, "deployments/agents/a1.json": 2}

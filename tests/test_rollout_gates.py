@@ -209,16 +209,18 @@ def test_parse_gates_only_ever_raises_gate_error(text: str) -> None:
         pass
 
 
-@pytest.mark.parametrize(("stages", "eligible", "sizes"), [
-    ("1,10%,50%,100%", 4, [1, 2, 4]),  # 10 % of 4 is 1 agent: that stage adds nobody
-    ("1,10%,50%,100%", 40, [1, 4, 20, 40]),
-    ("1,100%", 1, [1]),
-    ("2,100%", 3, [2, 3]),
-    ("100%", 7, [7]),
-    ("5,100%", 3, [3]),
+@pytest.mark.parametrize(("stages", "eligible", "members", "sizes"), [
+    ("1,10%,50%,100%", 4, 4, [1, 2, 4]),  # 10 % of 4 is 1 agent: that stage adds nobody
+    ("1,10%,50%,100%", 40, 40, [1, 4, 20, 40]),
+    ("1,100%", 1, 1, [1]),
+    ("2,100%", 3, 3, [2, 3]),
+    # a group of several agents always has a canary stage before its document is written
+    ("100%", 7, 7, [1, 7]),
+    ("5,100%", 3, 3, [1, 3]),
+    ("1,100%", 1, 3, [1, 1]),  # one eligible agent, two offline: a canary, then the group
 ])
-def test_stage_sizes(stages: str, eligible: int, sizes: list[int]) -> None:
-    assert stage_sizes(parse_stages(stages), eligible) == sizes
+def test_stage_sizes(stages: str, eligible: int, members: int, sizes: list[int]) -> None:
+    assert stage_sizes(parse_stages(stages), eligible, members) == sizes
 
 
 @pytest.mark.parametrize(("text", "words"), [

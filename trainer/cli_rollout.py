@@ -163,7 +163,7 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
                             args.soak, args.gates or DEFAULT_GATES)
     with _connected(args) as client:
         views = read_fleet(client, topics, timeout=args.broker_timeout)
-        record, skipped = create_rollout(args.registry, request, views)
+        record, skipped = create_rollout(args.registry, request, views, force=args.force)
         if not args.quiet:
             print(f"rollout {record.id}: {record.ref} to group {record.group} "
                   f"({len(record.agents)} agent(s), replacing version {record.previous_version})",
@@ -340,6 +340,9 @@ def add_rollout_commands(
                    f"(default: {','.join(DEFAULT_STAGES).replace('%', '%%')})")
     p.add_argument("--soak", type=_duration, default=600.0, metavar="DURATION",
                    help="how long each stage is watched before the next (default: 10m)")
+    p.add_argument("--force", action="store_true",
+                   help="start even though agents of the group have a profile the version was "
+                   "not built for (the group's document reaches them at the last stage)")
     p.add_argument("--gates", type=_gates, default=None, metavar="LIST",
                    help="change gates, e.g. anomaly-rate=3x,latency-p99=budget,errors=0,drift=off "
                    "(see docs/operations.md)")

@@ -36,6 +36,7 @@ from trainer.fleet.rollout import (
     create_rollout,
     parse_gates,
 )
+from trainer.fleet.rollout.gates import Counts
 from trainer.fleet.status import read_fleet
 from trainer.registry import NewArtifact, Registry
 
@@ -65,6 +66,12 @@ class PlayedAgents:
     def __init__(self, client: Any) -> None:
         self.client = client
         self.counts = {a: [0, 0] for a in AGENTS}  # inferences, anomalies
+        self.started = {a: "2026-01-01T00:00:00.000+00:00" for a in AGENTS}
+
+    def restart(self, agent: str, started_at: str) -> None:
+        """The agent process starts again: its counters from zero, a new start time."""
+        self.counts[agent] = [0, 0]
+        self.started[agent] = started_at
 
     def _put(self, topic: str, payload: bytes) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=True)
@@ -99,7 +106,7 @@ class PlayedAgents:
         self._put(TOPICS.agent_health(agent), encode_agent_health(AgentHealth(
             agent=agent, ts=_now(), inferences=n, anomalies=k, errors=0,
             latency_ms={"p50": p99 / 2, "p99": p99}, outbox_depth=0, outbox_dropped=0,
-            rss_mb=50.0, cpu_percent=5.0,
+            rss_mb=50.0, cpu_percent=5.0, started_at=self.started.get(agent),
         )))
 
     def drift(self, agent: str, version: int, seq: int, slot: str = "default") -> None:
@@ -441,3 +448,20 @@ def test_a_group_with_an_agent_the_version_was_not_built_for_is_refused_unless_f
     # "100%" alone still begins with one canary of its own document
     assert first.progress["new"] == ["a1"]
     assert _documents(registry) == {"deployments/groups/lab.json": 1, "deployments/agents/a1.json": 2}
+
+
+def test_a_canary_that_restarted_counts_its_window_from_the_restart(world: Any) -> None:
+    _, _, played, start = world
+    rid, observer = start()
+    ctrl = _controller(world, rid, observer, Clock())
+    record = ctrl.step()
+    _activate(played, observer, "a1", record.progress["serial"])
+    record = ctrl.step()
+    assert record.progress["start"]["a1"]["inferences"] == 1000
+    # Restarted, it has already counted more than at the soak's start: its counters did not
+    # go down, yet all of them are the new process's.
+    played.restart("a1", "2026-01-02T00:00:00.000+00:00")
+    played.health("a1", inferences=1100, anomalies=11)
+    _until(observer, lambda s: s.health["a1"].started_at.startswith("2026-01-02"), "the restart")
+    window = ctrl.evidence(record, observer.snapshot()).canaries[0].window
+    assert window == Counts(1100, 11, 0)

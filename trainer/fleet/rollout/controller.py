@@ -36,6 +36,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from shared.messages import AgentHealth
 from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import Topics
 from trainer.fleet.deploy import open_repository
@@ -287,7 +288,7 @@ class RolloutController:
         for agent in r.agents:  # canaries and the agents still on the previous version
             counts = _counts(fleet, agent)
             if counts is not None:
-                start[agent] = counts.to_json()
+                start[agent] = {**counts.to_json(), "started_at": fleet.health[agent].started_at}
         p.update(phase="soaking", soak_started_at=self.clock(), start=start,
                  drift_start={a: fleet.drift_count(a, r.slot, r.model, r.version) for a in r.agents})
         return store.update(r.id, progress=p, event=("soak-started", {
@@ -332,14 +333,16 @@ class RolloutController:
         """The soaking stage's evidence from the stored counters and the latest reports."""
         p = r.progress
         judged = _judged(p)
-        start = {a: Counts.from_json(c) for a, c in p.get("start", {}).items()}
+        stored = p.get("start", {})
+        start = {a: Counts.from_json(c) for a, c in stored.items()}
         baselines = {a: Counts.from_json(c) for a, c in p.get("baselines", {}).items()}
         failures = {b.agent: b.detail for b in self._failures(r, fleet, p)}
         canaries = []
         for agent in judged:
             now = _counts(fleet, agent)
-            window = Counts() if now is None or agent not in start else now.since(start[agent])
             health = fleet.health.get(agent)
+            window = (Counts() if now is None or agent not in start
+                      else now.since(start[agent], restarted=_restarted(health, stored[agent])))
             p99 = None if health is None else health.latency_ms.get("p99")
             drifted = drift_flag(None if health is None else health.to_json(), r.slot, r.version)
             # A drift event counts only if raised for the candidate in the rolled-out slot: the
@@ -361,7 +364,8 @@ class RolloutController:
                 continue
             now = _counts(fleet, agent)
             if now is not None:
-                peers = (peers or Counts()) + now.since(start[agent])
+                restarted = _restarted(fleet.health.get(agent), stored[agent])
+                peers = (peers or Counts()) + now.since(start[agent], restarted=restarted)
         return StageEvidence(tuple(canaries), peers)
 
     def evaluate(self, r: RolloutRecord, fleet: FleetSnapshot) -> Verdict:
@@ -446,6 +450,14 @@ def _judged(p: dict[str, Any]) -> list[str]:
     agent offline when the last stage began follows the group's document when it is back,
     but is not judged: see ``not_judged``)."""
     return list(dict.fromkeys(p.get("participants", []) + p.get("expect", p.get("new", []))))
+
+
+def _restarted(health: AgentHealth | None, start: dict[str, Any]) -> bool:
+    """Whether the agent process started again since ``start`` was read (both reports carry
+    ``started_at``: agents that do not send it are judged by their counters going down)."""
+    before = start.get("started_at")
+    now = None if health is None else health.started_at
+    return before is not None and now is not None and now != before
 
 
 def _shuffled(agents: list[str], seed: str) -> list[str]:

@@ -465,3 +465,30 @@ def test_a_canary_that_restarted_counts_its_window_from_the_restart(world: Any) 
     _until(observer, lambda s: s.health["a1"].started_at.startswith("2026-01-02"), "the restart")
     window = ctrl.evidence(record, observer.snapshot()).canaries[0].window
     assert window == Counts(1100, 11, 0)
+
+
+def test_a_rollback_the_broker_cannot_take_is_retried_until_it_is_back(world: Any, broker) -> None:
+    registry, trainer, played, start = world
+    rid, observer = start()
+    retries: list[str] = []
+
+    def broker_back(_delay: float) -> None:  # the controller's wait between two attempts
+        if broker.proc is None:
+            broker.start()
+        for _ in range(200):
+            if trainer.is_connected():
+                return
+            observer.wait(0.1)
+
+    ctrl = RolloutController(registry, rid, client=trainer, topics=TOPICS, observer=observer,
+                             clock=Clock(), activation_timeout=120.0, publish_timeout=5.0,
+                             on_retry=retries.append, sleep=broker_back)
+    record = ctrl.step()
+    assert _documents(registry) == {"deployments/groups/lab.json": 1, "deployments/agents/a1.json": 2}
+    with Registry.open(registry) as reg:
+        RolloutStore(reg).update(rid, abort_requested=True)
+    broker.stop()
+    record = ctrl.step()
+    assert record.state == "aborted"
+    assert retries and retries[0].startswith("cannot roll back (attempt 1)")
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}

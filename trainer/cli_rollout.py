@@ -129,6 +129,7 @@ def _drive(args: argparse.Namespace, rollout_id: str, client: Any, observer: Any
         args.registry, rollout_id, client=client, topics=_topics(args), observer=observer,
         activation_timeout=args.activation_timeout, publish_timeout=args.broker_timeout,
         on_progress=progress,
+        on_retry=lambda line: print(f"rollout {rollout_id}: {line}", file=sys.stderr),
     )
     record = controller.run()
     if bar is not None:

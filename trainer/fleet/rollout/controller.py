@@ -40,6 +40,7 @@ from shared.messages import AgentHealth
 from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import Topics
 from trainer.fleet.deploy import open_repository
+from trainer.fleet.publisher import PublishError
 from trainer.fleet.rollout.documents import (
     DocumentChange,
     next_serial,
@@ -111,6 +112,10 @@ class RolloutController:
         publish_timeout: float = 30.0,
         on_progress: Callable[[StageView], None] | None = None,
         profile_loader: Callable[[str], FirmwareProfile] = load_profile,
+        on_retry: Callable[[str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 60.0,
     ) -> None:
         self.registry_dir = registry_dir
         self.rollout_id = rollout_id
@@ -122,6 +127,10 @@ class RolloutController:
         self.publish_timeout = publish_timeout
         self.on_progress = on_progress
         self._profile_loader = profile_loader
+        self.on_retry = on_retry
+        self._sleep = sleep
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
         self._budgets: dict[str, float | None] = {}
 
     # -- the loop --------------------------------------------------------------------------
@@ -409,7 +418,24 @@ class RolloutController:
         }
 
     def _retrying(self, what: str, action: Callable[[], DocumentChange]) -> DocumentChange:
-        return action()
+        """Run a write-and-publish until the broker acknowledges it, waiting twice as long after
+        each failure (from ``retry_initial_s`` up to ``retry_max_s``): a rollout must not end
+        with its canaries on a candidate the broker never heard was rolled back. Each retry is
+        reported to ``on_retry`` (one line). The writes are idempotent, so a retry that finds
+        the repository already changed only publishes."""
+        delay = self.retry_initial_s
+        attempt = 1
+        while True:
+            try:
+                return action()
+            except PublishError as e:
+                line = f"cannot {what} (attempt {attempt}): {e}; retrying in {delay:g}s"
+                logger.warning("rollout %s: %s", self.rollout_id, line)
+                if self.on_retry is not None:
+                    self.on_retry(line)
+                self._sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                attempt += 1
 
     # -- the outcome -------------------------------------------------------------------------
 

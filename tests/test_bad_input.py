@@ -273,6 +273,11 @@ CASES = [
     ef("rollout pause ro-00000000 --registry reg", "no rollout 'ro-00000000'"),
     ef(f"rollout resume ro-00000000 --registry reg --broker {NO_BROKER}", "no rollout 'ro-00000000'"),
     ef(f"rollout abort ro-00000000 --registry reg --broker {NO_BROKER}", "no rollout 'ro-00000000'"),
+    ef(f"rollout abort ro-0000dead --registry held --broker {NO_BROKER}",
+       "rollout ro-0000dead is rolled_back: nothing to abort"),
+    ef(f"rollout resume ro-0000dead --registry held --broker {NO_BROKER} --json",
+       "rollout ro-0000dead is rolled_back: nothing to resume"),
+    ef("rollout pause ro-0000dead --registry held", "rollout ro-0000dead is rolled_back: nothing to pause"),
     # edgefleet-agent
     agent("init-config --agent-id a/b --group g --profile x86-64-v3 --broker mqtt://h:1 --trust t --state-dir s --source host", "invalid agent id 'a/b'"),
     agent("init-config --agent-id a --group g --profile x86-64-v3 --broker http://h --trust t --state-dir s --source host", "bad broker URL"),
@@ -351,6 +356,12 @@ def _hold_group(held: Path, reg: Path) -> None:
             previous_version=1, group="g", slot="default", stages=("1", "100%"), soak_s=60.0,
             gates=DEFAULT_GATES, agents=("a1",), state="running", stage=0, paused=True,
             abort_requested=False, progress={"phase": "deploy", "skipped": {"a2": "offline"}},
+        ))
+        RolloutStore(registry).create(RolloutRecord(
+            id="ro-0000dead", created_at=now, updated_at=now, model="m", version=1,
+            previous_version=1, group="h", slot="default", stages=("1", "100%"), soak_s=60.0,
+            gates=DEFAULT_GATES, agents=("h1",), state="rolled_back", stage=0, paused=False,
+            abort_requested=False, progress={"phase": "done"}, finished_at=now,
         ))
 
 

@@ -492,3 +492,26 @@ def test_a_rollback_the_broker_cannot_take_is_retried_until_it_is_back(world: An
     assert record.state == "aborted"
     assert retries and retries[0].startswith("cannot roll back (attempt 1)")
     assert _documents(registry) == {"deployments/groups/lab.json": 1}
+
+
+def test_abort_and_resume_with_a_live_controller_answer_in_json(world: Any, broker) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from trainer.cli_rollout import _controller_lock
+
+    registry, _, _, start = world
+    rid, _ = start()
+    with _controller_lock(str(registry), rid) as mine:  # this process is the live controller
+        assert mine
+        for command in ("resume", "abort"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "trainer.cli", "rollout", command, rid, "--registry",
+                 str(registry), "--broker", broker.url, "--json"],
+                capture_output=True, text=True, timeout=120,
+            )
+            assert proc.returncode == 0, proc.stderr
+            shown = json.loads(proc.stdout)
+            assert shown["id"] == rid and shown["state"] == "running"
+    assert shown["abort_requested"] is True

@@ -26,6 +26,7 @@ from trainer.cli_fleet import (
     _check_broker,
     _command,
     _connected,
+    _failed,
     _topics,
     _usage,
 )
@@ -131,7 +132,14 @@ def _drive(args: argparse.Namespace, rollout_id: str, client: Any, observer: Any
         on_progress=progress,
         on_retry=lambda line: print(f"rollout {rollout_id}: {line}", file=sys.stderr),
     )
-    record = controller.run()
+    from trainer.fleet.deploy import DeployError
+    from trainer.registry import RegistryError
+
+    try:
+        record = controller.run()
+    except (DeployError, RegistryError) as e:  # the work failed, not the user's input
+        raise _failed(f"{e} (rollout {rollout_id} stays as it was: fix it, then "
+                      f"`edgefleet rollout resume {rollout_id}`)") from e
     if bar is not None:
         bar.finish()
     _print_record(args, record)
@@ -145,7 +153,11 @@ def _run_controller(args: argparse.Namespace, rollout_id: str, client: Any) -> i
         if not mine:
             raise _usage(f"rollout {rollout_id} already has a running controller")
         observer = FleetObserver(client, _topics(args))
-        observer.start(args.broker_timeout)
+        try:
+            observer.start(args.broker_timeout)
+        except TimeoutError as e:
+            raise _failed(f"{e} (rollout {rollout_id} stays as it was: "
+                          f"`edgefleet rollout resume {rollout_id}` when the broker answers)") from e
         return _drive(args, rollout_id, client, observer)
 
 
@@ -182,14 +194,12 @@ def cmd_rollout_resume(args: argparse.Namespace) -> int:
 
     _check_broker(args)
     with Registry.open(args.registry) as reg:
-        store = RolloutStore(reg)
-        record = store.get(args.id)
-        if record.finished:
-            raise _usage(f"rollout {args.id} is {record.state}: nothing to resume")
-        if record.paused:
-            store.update(args.id, paused=False, event=("resumed", {}))
+        record = RolloutStore(reg).request(args.id, "resume")
     if _controller_alive(args.registry, args.id):
-        print(f"rollout {args.id} resumed (its controller is running)")
+        if args.json:
+            print_json(record.to_json())
+        else:
+            print(f"rollout {args.id} resumed (its controller is running)")
         return 0
     with _connected(args) as client:
         return _run_controller(args, args.id, client)
@@ -202,12 +212,7 @@ def cmd_rollout_pause(args: argparse.Namespace) -> int:
     from trainer.registry import Registry
 
     with Registry.open(args.registry) as reg:
-        store = RolloutStore(reg)
-        record = store.get(args.id)
-        if record.finished:
-            raise _usage(f"rollout {args.id} is {record.state}: nothing to pause")
-        if not record.paused:
-            record = store.update(args.id, paused=True, event=("paused", {}))
+        record = RolloutStore(reg).request(args.id, "pause")
     _print_record(args, record)
     return 0
 
@@ -220,13 +225,12 @@ def cmd_rollout_abort(args: argparse.Namespace) -> int:
 
     _check_broker(args)
     with Registry.open(args.registry) as reg:
-        store = RolloutStore(reg)
-        record = store.get(args.id)
-        if record.finished:
-            raise _usage(f"rollout {args.id} is {record.state}: nothing to abort")
-        store.update(args.id, abort_requested=True)
+        record = RolloutStore(reg).request(args.id, "abort")
     if _controller_alive(args.registry, args.id):
-        print(f"rollout {args.id}: abort requested; its controller rolls it back")
+        if args.json:
+            print_json(record.to_json())
+        else:
+            print(f"rollout {args.id}: abort requested; its controller rolls it back")
         return 0
     with _connected(args) as client:
         code = _run_controller(args, args.id, client)

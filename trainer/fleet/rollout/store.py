@@ -197,6 +197,33 @@ class RolloutStore:
                 self._log(conn, rollout_id, stage, event[0], event[1])
         return self.get(rollout_id)
 
+    def request(self, rollout_id: str, what: str) -> RolloutRecord:
+        """Record an operator's ``abort``, ``pause`` or ``resume`` in one transaction that also
+        checks the rollout is not finished (a controller may finish it at the same moment).
+
+        Raises:
+            RegistryError: unknown id, or the rollout is already finished.
+        """
+        column, value, kind = {
+            "abort": ("abort_requested", 1, "abort-requested"),
+            "pause": ("paused", 1, "paused"),
+            "resume": ("paused", 0, "resumed"),
+        }[what]
+        with self.registry.transaction() as conn:
+            row = conn.execute(
+                f"SELECT state, stage, {column} FROM rollouts WHERE id = ?", (rollout_id,)
+            ).fetchone()
+            if row is None:
+                raise RegistryError(f"no rollout {rollout_id!r} (see `edgefleet rollout status`)")
+            state, stage, current = row
+            if state in TERMINAL_STATES:
+                raise RegistryError(f"rollout {rollout_id} is {state}: nothing to {what}")
+            if current != value:
+                conn.execute(f"UPDATE rollouts SET {column} = ?, updated_at = ? WHERE id = ?",
+                             (value, _now(), rollout_id))
+                self._log(conn, rollout_id, stage, kind, {})
+        return self.get(rollout_id)
+
     def log(self, rollout_id: str, stage: int, kind: str, detail: dict[str, Any]) -> None:
         with self.registry.transaction() as conn:
             self._log(conn, rollout_id, stage, kind, detail)

@@ -515,3 +515,13 @@ def test_abort_and_resume_with_a_live_controller_answer_in_json(world: Any, brok
             shown = json.loads(proc.stdout)
             assert shown["id"] == rid and shown["state"] == "running"
     assert shown["abort_requested"] is True
+
+
+def test_stages_that_shrink_for_this_group_are_refused_before_anything_is_recorded(world: Any) -> None:
+    registry, trainer, _, _ = world
+    request = check_request(registry, "host@2", "lab", "default", ("3", "34%", "100%"), SOAK,
+                            parse_gates("latency-p99=2ms"))
+    with pytest.raises(DeployError, match="--stages must grow: 34% is 2 of 3 agent"):
+        create_rollout(registry, request, read_fleet(trainer, TOPICS))
+    with Registry.open(registry) as reg:
+        assert RolloutStore(reg).all() == []

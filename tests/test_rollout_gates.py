@@ -28,7 +28,13 @@ from trainer.fleet.rollout.gates import (
     evaluate_gates,
     parse_gates,
 )
-from trainer.fleet.rollout.plan import PlanError, parse_duration, parse_stages, stage_sizes
+from trainer.fleet.rollout.plan import (
+    PlanError,
+    check_stage_counts,
+    parse_duration,
+    parse_stages,
+    stage_sizes,
+)
 from trainer.fleet.rollout.store import RolloutRecord, RolloutStore
 from trainer.registry import SCHEMA_VERSION, Registry, RegistryError
 
@@ -221,6 +227,20 @@ def test_parse_gates_only_ever_raises_gate_error(text: str) -> None:
 ])
 def test_stage_sizes(stages: str, eligible: int, members: int, sizes: list[int]) -> None:
     assert stage_sizes(parse_stages(stages), eligible, members) == sizes
+
+
+@pytest.mark.parametrize(("stages", "eligible", "ok"), [
+    ("10,5%,100%", 100, False),  # 10 agents, then 5
+    ("10,5%,100%", 400, True),   # 10, then 20
+    ("1,10%,50%,100%", 4, True),  # 1, 1 (rounding: left out), 2, 4
+    ("5,50%,100%", 3, False),     # 5, then 2
+])
+def test_mixed_stages_must_grow_once_resolved(stages: str, eligible: int, ok: bool) -> None:
+    if ok:
+        check_stage_counts(parse_stages(stages), eligible)
+    else:
+        with pytest.raises(PlanError, match="--stages must grow"):
+            check_stage_counts(parse_stages(stages), eligible)
 
 
 @pytest.mark.parametrize(("text", "words"), [

@@ -14,6 +14,7 @@ from shared.deployment import DeploymentError, Scope
 from trainer.fleet.deploy import DeployError, open_repository
 from trainer.fleet.rollout.documents import agent_documents, group_document
 from trainer.fleet.rollout.gates import Gates
+from trainer.fleet.rollout.plan import PlanError, check_stage_counts
 from trainer.fleet.rollout.store import RolloutRecord, RolloutStore, new_rollout_id
 from trainer.fleet.status import AgentView
 from trainer.registry import Registry, RegistryError, parse_model_ref
@@ -142,6 +143,10 @@ def create_rollout(
     if not agents:
         why = ", ".join(f"{a}: {w}" for a, w in sorted(skipped.items())) or "no agent reports it"
         raise DeployError(f"no agent of group {request.group!r} can take part ({why})")
+    try:
+        check_stage_counts(request.stages, len(agents))
+    except PlanError as e:
+        raise DeployError(str(e)) from e
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     record = RolloutRecord(
         id=new_rollout_id(), created_at=now, updated_at=now, model=request.model,

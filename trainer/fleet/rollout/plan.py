@@ -7,7 +7,14 @@ import math
 import re
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_STAGES", "PlanError", "parse_duration", "parse_stages", "stage_sizes"]
+__all__ = [
+    "DEFAULT_STAGES",
+    "PlanError",
+    "check_stage_counts",
+    "parse_duration",
+    "parse_stages",
+    "stage_sizes",
+]
 
 DEFAULT_STAGES = ("1", "10%", "50%", "100%")
 
@@ -63,6 +70,33 @@ def parse_stages(text: str) -> tuple[str, ...]:
     return items
 
 
+def _resolve(item: str, eligible: int) -> int:
+    if item.endswith("%"):
+        return math.ceil(float(item[:-1]) * eligible / 100 - 1e-9)
+    return int(item)
+
+
+def check_stage_counts(stages: Sequence[str], eligible: int) -> None:
+    """Check that stages mixing counts and percentages (``10,5%,100%``) still grow once
+    resolved against ``eligible`` agents (:func:`parse_stages` can only check each kind on
+    its own). A stage resolving to as many agents as the one before (rounding: 10 % of 4 is
+    1) is allowed and left out by :func:`stage_sizes`; one resolving to fewer is refused.
+
+    Raises:
+        PlanError: a stage covers fewer agents than an earlier one.
+    """
+    biggest, after = 0, ""
+    for item in stages:
+        n = _resolve(item, eligible)
+        if n < biggest:
+            raise PlanError(
+                f"--stages must grow: {item} is {n} of {eligible} agent(s), after {after} "
+                f"({biggest})"
+            )
+        if n > biggest:
+            biggest, after = n, item
+
+
 def stage_sizes(stages: Sequence[str], eligible: int, members: int | None = None) -> list[int]:
     """How many agents each stage covers (cumulative) when ``eligible`` agents take part.
 
@@ -74,11 +108,7 @@ def stage_sizes(stages: Sequence[str], eligible: int, members: int | None = None
     """
     sizes: list[int] = []
     for i, item in enumerate(stages):
-        if item.endswith("%"):
-            n = math.ceil(float(item[:-1]) * eligible / 100 - 1e-9)
-        else:
-            n = int(item)
-        n = max(1, min(n, eligible))
+        n = max(1, min(_resolve(item, eligible), eligible))
         last = i == len(stages) - 1
         if last:
             n = eligible

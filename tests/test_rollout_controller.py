@@ -148,8 +148,9 @@ def world(tmp_path: Path, clients) -> Any:
     views = read_fleet(trainer, TOPICS)
     assert [v.agent for v in views] == list(AGENTS)
 
-    def start(gates: str = "latency-p99=2ms") -> tuple[str, FleetObserver]:
-        request = check_request(registry, "host@2", "lab", "default", ("1", "100%"), SOAK,
+    def start(gates: str = "latency-p99=2ms",
+              stages: tuple[str, ...] = ("1", "100%")) -> tuple[str, FleetObserver]:
+        request = check_request(registry, "host@2", "lab", "default", stages, SOAK,
                                 parse_gates(gates))
         record, skipped = create_rollout(registry, request, views)
         assert skipped == {} and record.agents == AGENTS
@@ -525,3 +526,24 @@ def test_stages_that_shrink_for_this_group_are_refused_before_anything_is_record
         create_rollout(registry, request, read_fleet(trainer, TOPICS))
     with Registry.open(registry) as reg:
         assert RolloutStore(reg).all() == []
+
+
+def test_a_stage_without_an_online_agent_to_add_pauses_after_the_activation_timeout(
+    world: Any,
+) -> None:
+    registry, _, played, start = world
+    rid, observer = start(stages=("1", "2", "100%"))
+    clock = Clock()
+    ctrl = _controller(world, rid, observer, clock)
+    _soak_first_stage(world, ctrl, observer, clock)
+    for agent in ("a2", "a3"):
+        played.offline(agent)
+    _until(observer, lambda s: not s.online("a2") and not s.online("a3"), "a2 and a3 offline")
+    assert ctrl.step().progress["phase"] == "deploy"  # waiting for one to come back
+    clock.t += 120.0
+    assert not ctrl.step().paused
+    clock.t += 1.0
+    record = ctrl.step()
+    assert record.paused and record.state == "running"
+    assert record.message == "stage 2: no online agent to add for 120s; paused"
+    assert _documents(registry) == {"deployments/groups/lab.json": 1, "deployments/agents/a1.json": 2}

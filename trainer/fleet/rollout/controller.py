@@ -217,8 +217,7 @@ class RolloutController:
             new = [a for a in _shuffled(others, r.id) if fleet.online(a)][
                 : sizes[r.stage] - len(participants)]
             if not new:
-                logger.info("stage %d: no online agent to add; waiting", r.stage + 1)
-                return r
+                return self._no_agent_to_add(store, r)
         baselines = dict(p.get("baselines", {}))
         for agent in new:
             counts = _counts(fleet, agent)
@@ -231,6 +230,7 @@ class RolloutController:
         documents = list(p.get("documents", []))
         if not final:
             documents += [a for a in new if a not in documents]
+        p.pop("waiting_since", None)
         p.update(
             phase="deploying", participants=participants, new=new, expect=expect,
             serial=serial, baselines=baselines, documents=documents,
@@ -242,6 +242,24 @@ class RolloutController:
             p["not_judged"] = absent
             detail["not_judged"] = absent
         return store.update(r.id, progress=p, event=("deploying", detail))
+
+    def _no_agent_to_add(self, store: RolloutStore, r: RolloutRecord) -> RolloutRecord:
+        """A stage whose remaining agents are all offline waits for one to come back, for
+        ``activation_timeout`` at most; then the rollout is paused with the reason (nothing
+        says the candidate is bad, so it is not rolled back): ``rollout resume`` waits again."""
+        p = dict(r.progress)
+        since = p.get("waiting_since")
+        if since is None:
+            logger.info("stage %d: no online agent to add; waiting", r.stage + 1)
+            return store.update(r.id, progress={**p, "waiting_since": self.clock()})
+        if self.clock() - since <= self.activation_timeout:
+            return r
+        reason = (f"stage {r.stage + 1}: no online agent to add for "
+                  f"{self.activation_timeout:g}s; paused")
+        logger.warning("rollout %s: %s", r.id, reason)
+        p.pop("waiting_since")
+        return store.update(r.id, paused=True, message=reason, progress=p,
+                            event=("paused", {"message": reason}))
 
     def _deploying(self, store: RolloutStore, r: RolloutRecord) -> RolloutRecord:
         """Publish exactly what ``_deploy`` recorded (again, after a crash: idempotent)."""

@@ -182,6 +182,12 @@ def _activate(played: PlayedAgents, observer: FleetObserver, agent: str, serial:
            and s.runs(agent, "default", "host", 2), f"{agent} running host@2")
 
 
+def _back(played: PlayedAgents, observer: FleetObserver, agent: str) -> None:
+    played.report(agent, 1, "rolled_back", 99)
+    played.state(agent, 1)
+    _until(observer, lambda s: s.runs(agent, "default", "host", 1), f"{agent} back on host@1")
+
+
 def test_a_restarted_controller_keeps_the_soak_it_was_in_and_promotes(world: Any) -> None:
     registry, _, played, start = world
     rid, observer = start()
@@ -251,10 +257,14 @@ def test_a_breach_rolls_the_canary_back_with_a_new_metadata_version(
     mark = observer.snapshot()
     act(played)
     _until(observer, lambda s: s != mark, "the canary's report")
-    record = ctrl.step()
-    assert record.state == "rolled_back" and record.message.startswith(f"{gate} on a1")
+    record = ctrl.step()  # rolled back, waiting for a1 to say it is back on host@1
+    assert record.state == "running"
+    assert record.progress["rolling_back"]["message"].startswith(f"{gate} on a1")
     assert _documents(registry) == {"deployments/groups/lab.json": 1}
     assert open_repository(registry).versions()["targets"] > targets_before
+    _back(played, observer, "a1")
+    record = ctrl.step()
+    assert record.state == "rolled_back" and record.message.startswith(f"{gate} on a1")
 
 
 def test_only_the_candidates_drift_event_rolls_the_canary_back(world: Any) -> None:
@@ -313,7 +323,15 @@ def test_a_breach_in_the_last_stage_points_the_group_back_at_the_previous_versio
     played.health("a3", inferences=100, anomalies=90)
     _until(observer, lambda s: s.health["a3"].anomalies == 100, "a3 flooding")
     record = ctrl.step()
+    assert record.state == "running" and record.progress["rolling_back"] is not None
+    for agent in ("a1", "a2"):
+        _back(played, observer, agent)
+    assert ctrl.step().state == "running"  # a3 is online and has not confirmed yet
+    clock.t += 121.0
+    record = ctrl.step()
     assert record.state == "rolled_back" and record.message.startswith("anomaly-rate on a3")
+    with Registry.open(registry) as reg:
+        assert RolloutStore(reg).events(rid)[-1]["detail"]["unconfirmed"] == ["a3"]
     repo = open_repository(registry)
     group = decode_deployment(repo.target_bytes("deployments/groups/lab.json"))
     assert (group.slots["default"].version, group.serial) == (1, 4)  # newer serial, older artifact

@@ -132,6 +132,7 @@ class RolloutController:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self._budgets: dict[str, float | None] = {}
+        self._fleet = FleetSnapshot()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class RolloutController:
             record = store.get(self.rollout_id)
             if record.finished:
                 return record
-            fleet = self.observer.snapshot()
+            fleet = self._fleet = self.observer.snapshot()
             progress = dict(record.progress)
             if progress.get("rolling_back") is not None or record.abort_requested:
                 reason = progress.get("rolling_back") or {"state": "aborted",
@@ -472,21 +473,48 @@ class RolloutController:
             r = store.update(r.id, progress=p, event=("breach" if state == "rolled_back" else "abort",
                                                       {"message": message, "breaches": breaches}))
         canaries = list(dict.fromkeys(p.get("participants", []) + p.get("new", [])))
-        # Every agent document this rollout wrote (recorded before it was published), not
-        # only the current stage's: those still naming the candidate are removed.
-        documents = list(dict.fromkeys(p.get("documents", []) + canaries))
-        serial = self._next_serial(store, r)
-        change = self._retrying("roll back", lambda: restore_previous(
-            self.registry_dir, f"{r.model}@{r.previous_version}", r.group, r.slot, r.version,
-            documents, client=self.client, topics=self.topics, timeout=self.publish_timeout,
-            new_serial=serial,
-        ))
+        if p.get("restored") is None:
+            # Every agent document this rollout wrote (recorded before it was published), not
+            # only the current stage's: those still naming the candidate are removed.
+            documents = list(dict.fromkeys(p.get("documents", []) + canaries))
+            serial = self._next_serial(store, r)
+            change = self._retrying("roll back", lambda: restore_previous(
+                self.registry_dir, f"{r.model}@{r.previous_version}", r.group, r.slot, r.version,
+                documents, client=self.client, topics=self.topics, timeout=self.publish_timeout,
+                new_serial=serial,
+            ))
+            p["restored"] = {"at": self.clock(), "removed": list(change.removed),
+                             "documents": list(change.written)}
+            r = store.update(r.id, progress=p)
+        # Wait (at most activation_timeout) until the online canaries say they run the
+        # previous version again; those that do not are named in the log.
+        fleet = self._fleet
+        unconfirmed = [a for a in canaries if not self._back(r, fleet, a)]
+        waiting = [a for a in unconfirmed if fleet.online(a)]
+        if waiting and self.clock() - p["restored"]["at"] <= self.activation_timeout:
+            return r
+        if unconfirmed:
+            logger.warning("rollout %s: not confirmed back on version %d: %s", r.id,
+                           r.previous_version, ", ".join(unconfirmed))
         return store.update(r.id, state=state, message=message, finished_at=_iso_now(),
                             progress={**p, "phase": "done"}, event=("rolled-back", {
                                 "to": f"{r.model}@{r.previous_version}", "agents": canaries,
-                                "removed": list(change.removed),
-                                "documents": list(change.written),
+                                "removed": p["restored"]["removed"],
+                                "documents": p["restored"]["documents"],
+                                "unconfirmed": unconfirmed,
                             }))
+
+    @staticmethod
+    def _back(r: RolloutRecord, fleet: FleetSnapshot, agent: str) -> bool:
+        """Whether ``agent`` says it runs the previous version: its latest state, or a
+        ``rolled_back`` report to it after its last report of the candidate."""
+        if fleet.runs(agent, r.slot, r.model, r.previous_version):
+            return True
+        reports = fleet.deployments.get(agent, ())
+        last_candidate = max((i for i, d in enumerate(reports)
+                              if (d.model, d.version) == (r.model, r.version)), default=-1)
+        return any(d.state == "rolled_back" and (d.model, d.version) == (r.model, r.previous_version)
+                   for d in reports[last_candidate + 1:])
 
 
 def _judged(p: dict[str, Any]) -> list[str]:

@@ -218,8 +218,11 @@ def test_a_restarted_controller_keeps_the_soak_it_was_in_and_promotes(world: Any
     record = again.step()
     assert (record.stage, record.progress["phase"]) == (1, "deploy")
 
+    targets_before = open_repository(registry).versions()["targets"]
     record = again.step()  # the last stage: the group's document, no override left
     assert _documents(registry) == {"deployments/groups/lab.json": 2}
+    # written and a1's document removed in one signed targets version
+    assert open_repository(registry).versions()["targets"] == targets_before + 1
     assert record.progress["expect"] == ["a2", "a3"]
     for agent in ("a2", "a3"):
         _activate(played, observer, agent, record.progress["serial"])

@@ -230,12 +230,8 @@ def _commit(
     *,
     removed: tuple[str, ...],
 ) -> None:
-    # Two signed versions at most (add, then remove); agents only ever see the published end
-    # state, since the publisher sends timestamp.json last.
+    # One signed targets version for the additions and the removals together.
     try:
-        if files:
-            repo.add_targets(files, custom=custom)
-        if removed:
-            repo.remove_targets(removed)
+        repo.add_targets(files, custom=custom, remove=removed)
     except RepositoryError as e:
         raise DeployError(f"cannot write the rollout's documents: {e}") from e

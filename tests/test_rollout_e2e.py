@@ -181,9 +181,9 @@ def test_a_good_candidate_is_promoted_to_the_whole_group(fleet: Fleet) -> None:
 
     status = fleet.status(result["id"])
     kinds = [e["kind"] for e in status["events"]]
-    assert kinds == ["started", "deployed", "soak-started", "promoted", "deployed",
-                     "soak-started", "completed"], kinds
-    first_stage = status["events"][1]["detail"]
+    assert kinds == ["started", "deploying", "deployed", "soak-started", "promoted", "deploying",
+                     "deployed", "soak-started", "completed"], kinds
+    first_stage = status["events"][2]["detail"]
     assert first_stage["agents"] == ["edge-a"] and first_stage["group"] is False
     assert first_stage["documents"] == ["deployments/agents/edge-a.json"]
 
@@ -257,8 +257,8 @@ def test_a_killed_controller_is_resumed_from_the_registry_and_completes(fleet: F
     assert status["state"] == "completed"
     kinds = [e["kind"] for e in status["events"]]
     # The stage that was soaking was not deployed again: the soak went on where it was.
-    assert kinds == ["started", "deployed", "soak-started", "promoted", "deployed",
-                     "soak-started", "completed"], kinds
+    assert kinds == ["started", "deploying", "deployed", "soak-started", "promoted", "deploying",
+                     "deployed", "soak-started", "completed"], kinds
     fleet.watch.wait_for(lambda: all(fleet.reported(a, 2, "active") for a in AGENTS), 30,
                          "host@2 active on every agent")
 
@@ -299,7 +299,8 @@ def test_pause_holds_a_rollout_and_abort_rolls_the_canary_back(fleet: Fleet) -> 
     assert status["state"] == "aborted" and status["message"] == "aborted by the operator"
     kinds = [e["kind"] for e in status["events"]]
     # Paused, the rollout never went on to the group stage, although its soak was over.
-    assert kinds == ["started", "deployed", "soak-started", "paused", "abort", "rolled-back"], kinds
+    assert kinds == ["started", "deploying", "deployed", "soak-started", "paused", "abort-requested",
+                     "abort", "rolled-back"], kinds
     fleet.watch.wait_for(lambda: fleet.reported("edge-a", 1, "rolled_back"), 30,
                          "the canary rolled back to host@1")
     assert set(fleet.documents()) == {"deployments/groups/lab.json"}

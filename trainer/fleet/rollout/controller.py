@@ -2,13 +2,16 @@
 
 A rollout of ``MODEL@V`` to group ``G`` walks its stages; each stage goes through phases::
 
-    deploy ──► activating ──► soaking ──► (next stage: deploy) … ──► completed
-                   │              │
-                   └── breach ────┴──► rolled_back   (abort: aborted)
+    deploy ──► deploying ──► activating ──► soaking ──► (next stage: deploy) … ──► completed
+                                  │              │
+                                  └── breach ────┴──► rolled_back   (abort: aborted)
 
-- **deploy**: choose the stage's new canaries (eligible agents that are online, in id order),
-  read their counters (the baseline under the previous version), write their per-agent
-  documents (the last stage: the group's document) and publish.
+- **deploy**: choose the stage's new canaries (eligible agents that are online, in an order
+  shuffled by the rollout's id),
+  read their counters (the baseline under the previous version) and choose the documents'
+  serial; record all of it.
+- **deploying**: write their per-agent documents (the last stage: the group's document) and
+  publish; a controller that died here publishes the same documents again.
 - **activating**: wait until every new canary reports the candidate active (a ``failed``
   report, or no activation within ``activation_timeout``, is a breach).
 - **soaking**: for ``soak`` seconds, judge the canaries' reports with the gates
@@ -18,7 +21,8 @@ A rollout of ``MODEL@V`` to group ``G`` walks its stages; each stage goes throug
 Every transition is written to the registry before the controller acts on the next one, so a
 controller killed at any point resumes where it was: in the same phase, with the soak's
 original start (the remaining soak is what is left of it) and the counters it read. Writing
-documents is idempotent, so a step interrupted between publishing and recording is redone.
+documents is idempotent, so a step interrupted between publishing and recording is redone
+with the same agents and serial.
 
 A paused rollout keeps watching (a breach still rolls back) but does not start a new stage.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -533,8 +538,12 @@ def _restarted(health: AgentHealth | None, start: dict[str, Any]) -> bool:
 
 
 def _shuffled(agents: list[str], seed: str) -> list[str]:
-    """The order canaries are chosen in."""
-    return list(agents)
+    """The order canaries are chosen in: shuffled, so that the same few agents (the first
+    ids) are not the canaries of every rollout, and seeded by the rollout's id, so that a
+    resumed controller walks the same order. Not a security measure: :mod:`random` is fine."""
+    order = sorted(agents)
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def _counts(fleet: FleetSnapshot, agent: str) -> Counts | None:

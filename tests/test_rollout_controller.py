@@ -284,26 +284,30 @@ def test_a_breach_rolls_the_canary_back_with_a_new_metadata_version(
 def test_only_the_candidates_drift_event_rolls_the_canary_back(world: Any) -> None:
     registry, _, played, start = world
     rid, observer = start()
+    A1 = _roles(rid)[0]
     clock = Clock()
     ctrl = _controller(world, rid, observer, clock)
     record = ctrl.step()
-    _activate(played, observer, "a1", record.progress["serial"])
+    _activate(played, observer, A1, record.progress["serial"])
     assert ctrl.step().progress["phase"] == "soaking"
 
     # The previous version's drift event (raised around the swap, delivered late from the
     # outbox) and one of another slot say nothing of the candidate.
-    played.drift("a1", 1, seq=7)
-    played.drift("a1", 2, seq=8, slot="other")
-    _until(observer, lambda s: s.drift_count("a1", "other", "host", 2) == 1, "the late drift events")
-    assert observer.snapshot().drift_count("a1", "default", "host", 1) == 1
+    played.drift(A1, 1, seq=7)
+    played.drift(A1, 2, seq=8, slot="other")
+    _until(observer, lambda s: s.drift_count(A1, "other", "host", 2) == 1, "the late drift events")
+    assert observer.snapshot().drift_count(A1, "default", "host", 1) == 1
     record = ctrl.step()
     assert (record.state, record.progress["phase"]) == ("running", "soaking")
 
-    played.drift("a1", 2, seq=9)  # the candidate's own
-    _until(observer, lambda s: s.drift_count("a1", "default", "host", 2) == 1, "the candidate's drift event")
+    played.drift(A1, 2, seq=9)  # the candidate's own
+    _until(observer, lambda s: s.drift_count(A1, "default", "host", 2) == 1, "the candidate's drift event")
     record = ctrl.step()
-    assert record.state == "rolled_back" and record.message.startswith("drift on a1")
+    assert record.progress["rolling_back"]["message"].startswith(f"drift on {A1}")
     assert _documents(registry) == {"deployments/groups/lab.json": 1}
+    _back(played, observer, A1)
+    record = ctrl.step()
+    assert record.state == "rolled_back" and record.message.startswith(f"drift on {A1}")
 
 
 def test_abort_before_anything_was_deployed_changes_no_document(world: Any) -> None:

@@ -152,6 +152,7 @@ class Agent:
         self.reconcile_event = threading.Event()
         self.model_ready = threading.Event()  # set once any slot serves a model
         self.exit_code = EXIT_OK
+        self.started_at = _now()  # health ``started_at``: counters count from here
         self._stdin = stdin
         self._lock = threading.Lock()  # guards self._detectors, self._drift and self._history
         self._detectors: dict[str, Detector] = {}
@@ -531,6 +532,7 @@ class Agent:
                                                      "agent config ([federated] enabled)"}),
             drift=self._assess_drift(),
             extra=extra,
+            started_at=self.started_at,
         )
 
     def _assess_drift(self) -> dict[str, Any]:

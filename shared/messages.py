@@ -356,6 +356,9 @@ class AgentHealth:
     ``window`` and ``fill`` (samples), ``drifted`` (bool, the state with hysteresis),
     ``features`` (name → ``{"psi", "ks", "ks_pvalue", "drifted"}``) and ``score`` (the same for
     the raw score). Other keys are kept.
+
+    ``started_at`` (optional; older agents omit it): when the agent process started (ISO
+    time); a new value means the counters restarted from zero.
     """
 
     agent: str
@@ -371,10 +374,11 @@ class AgentHealth:
     federated: Mapping[str, Any] | None = None
     drift: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    started_at: str | None = None
 
     _COUNTS = ("inferences", "anomalies", "errors", "outbox_depth", "outbox_dropped")
     _KNOWN = ("schema", "agent", "ts", "latency_ms", "rss_mb", "cpu_percent", "federated", "drift",
-              *_COUNTS)
+              "started_at", *_COUNTS)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (unknown fields first, known ones win)."""
@@ -394,6 +398,7 @@ class AgentHealth:
                 k: (_opt_num(v) if isinstance(v, float) else v) for k, v in self.federated.items()
             }}),
             **({} if self.drift is None else {"drift": _finite(self.drift)}),
+            **({} if self.started_at is None else {"started_at": self.started_at}),
         }
 
 
@@ -435,6 +440,8 @@ def decode_agent_health(data: bytes) -> AgentHealth:
             _field(slot, "available", bool)
             if slot["available"]:
                 _field(slot, "drifted", bool)
+    if "started_at" in obj:
+        _field(obj, "started_at", str, nullable=True)
     return AgentHealth(
         agent=obj["agent"],
         ts=obj["ts"],
@@ -445,6 +452,7 @@ def decode_agent_health(data: bytes) -> AgentHealth:
         federated=None if federated is None else dict(federated),
         drift=None if drift is None else dict(drift),
         extra=_rest(obj, AgentHealth._KNOWN),
+        started_at=obj.get("started_at"),
     )
 
 

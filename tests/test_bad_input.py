@@ -219,6 +219,10 @@ CASES = [
     ef(f"deploy m@1 --group g --registry bare --broker {NO_BROKER}", "edgefleet repo init --registry bare"),
     ef(f"deploy m@1 --group g --registry corrupt --broker {NO_BROKER}", "not a database"),
     ef("deploy m@1 --group g --registry reg --broker mqtt://u:p@127.0.0.1:1", "credentials in the settings"),
+    ef(f"deploy m@1 --group g --registry held --broker {NO_BROKER}",
+       "rollout ro-0000abcd of m@1 holds group g: let it finish, or `edgefleet rollout abort ro-0000abcd`"),
+    ef(f"deploy m@1 --agent a1 --registry held --broker {NO_BROKER}", "holds agent a1 (group g)"),
+    ef(f"deploy m@1 --agent a2 --registry held --broker {NO_BROKER}", "holds agent a2 (group g)"),
     ef(f"deploy m@1 --group g --registry reg --broker {NO_BROKER} --password-file pw.txt", "--password-file is given but --username is not"),
     ef(f"deploy m@1 --group g --registry reg --broker {NO_BROKER} --chunk-size 0", "--chunk-size: must be at least 1"),
     ef("deploy m@1 --group g --registry reg --broker mqtts://127.0.0.1:1 --ca-file notpem.txt", "notpem.txt is not a PEM file"),
@@ -269,6 +273,11 @@ CASES = [
     ef("rollout pause ro-00000000 --registry reg", "no rollout 'ro-00000000'"),
     ef(f"rollout resume ro-00000000 --registry reg --broker {NO_BROKER}", "no rollout 'ro-00000000'"),
     ef(f"rollout abort ro-00000000 --registry reg --broker {NO_BROKER}", "no rollout 'ro-00000000'"),
+    ef(f"rollout abort ro-0000dead --registry held --broker {NO_BROKER}",
+       "rollout ro-0000dead is rolled_back: nothing to abort"),
+    ef(f"rollout resume ro-0000dead --registry held --broker {NO_BROKER} --json",
+       "rollout ro-0000dead is rolled_back: nothing to resume"),
+    ef("rollout pause ro-0000dead --registry held", "rollout ro-0000dead is rolled_back: nothing to pause"),
     # edgefleet-agent
     agent("init-config --agent-id a/b --group g --profile x86-64-v3 --broker mqtt://h:1 --trust t --state-dir s --source host", "invalid agent id 'a/b'"),
     agent("init-config --agent-id a --group g --profile x86-64-v3 --broker http://h --trust t --state-dir s --source host", "bad broker URL"),
@@ -331,6 +340,31 @@ def _cli(workdir: Path, cli: str, argv: list[str], env: dict[str, str] | None = 
     )
 
 
+HELD_ROLLOUT = "ro-0000abcd"
+
+
+def _hold_group(held: Path, reg: Path) -> None:
+    """``held``: ``reg`` with a running rollout of m@1 on group g (a1 taking part, a2 skipped)."""
+    from trainer.fleet.rollout import DEFAULT_GATES, RolloutRecord, RolloutStore
+    from trainer.registry import Registry
+
+    shutil.copytree(reg, held)
+    now = "2026-01-01T00:00:00.000+00:00"
+    with Registry.open(held) as registry:
+        RolloutStore(registry).create(RolloutRecord(
+            id=HELD_ROLLOUT, created_at=now, updated_at=now, model="m", version=1,
+            previous_version=1, group="g", slot="default", stages=("1", "100%"), soak_s=60.0,
+            gates=DEFAULT_GATES, agents=("a1",), state="running", stage=0, paused=True,
+            abort_requested=False, progress={"phase": "deploy", "skipped": {"a2": "offline"}},
+        ))
+        RolloutStore(registry).create(RolloutRecord(
+            id="ro-0000dead", created_at=now, updated_at=now, model="m", version=1,
+            previous_version=1, group="h", slot="default", stages=("1", "100%"), soak_s=60.0,
+            gates=DEFAULT_GATES, agents=("h1",), state="rolled_back", stage=0, paused=False,
+            abort_requested=False, progress={"phase": "done"}, finished_at=now,
+        ))
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A work directory: ``reg`` (m@1 + TUF repository), ``bare`` (no TUF), data, configs."""
@@ -354,6 +388,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
         proc = _cli(w, "edgefleet", argv, timeout=600)
         assert proc.returncode == 0, proc.stderr
     shutil.copytree(w / "reg", w / "bare", ignore=shutil.ignore_patterns("tuf"))
+    _hold_group(w / "held", w / "reg")
     (w / "not-toml.toml").write_text("[agent\n")
     configs = {
         "ca-typo": {"url": "mqtts://127.0.0.1:8883", "ca_file": "ca.pme"},

@@ -253,6 +253,32 @@ def test_agent_document_is_a_separate_target_with_its_own_serial(registry, broke
 
 
 @pytest.mark.slow  # trains two versions once per module
+def test_deploy_refuses_a_group_a_rollout_holds_unless_forced(registry, broker):
+    from trainer.fleet.rollout import DEFAULT_GATES, RolloutRecord, RolloutStore
+
+    init(registry)
+    deploy(registry, broker, "m@1", "--group", "lab")
+    now = "2026-01-01T00:00:00.000+00:00"
+    with Registry.open(registry) as reg:
+        RolloutStore(reg).create(RolloutRecord(
+            id="ro-00000001", created_at=now, updated_at=now, model="m", version=2,
+            previous_version=1, group="lab", slot="default", stages=("1", "100%"), soak_s=60.0,
+            gates=DEFAULT_GATES, agents=("pi-7", "pi-8"), state="running", stage=0, paused=False,
+            abort_requested=False, progress={"phase": "deploy", "skipped": {}},
+        ))
+    before = tree(registry / "tuf")
+    for scope in (("--group", "lab"), ("--agent", "pi-8")):
+        proc = run("deploy", "m@2", *scope, "--registry", str(registry), "--broker", broker.url,
+                   ok=False)
+        assert proc.returncode == 2 and "edgefleet rollout abort ro-00000001" in proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert tree(registry / "tuf") == before
+    assert deploy(registry, broker, "m@2", "--agent", "pi-9")["serial"] == 1  # not in the group
+    forced = deploy(registry, broker, "m@2", "--group", "lab", "--force")
+    assert forced["serial"] == 2
+
+
+@pytest.mark.slow  # trains two versions once per module
 def test_repo_publish_is_idempotent_and_refresh_republishes(registry, broker, clients):
     init(registry)
     deploy(registry, broker, "m@2", "--group", "lab")

@@ -28,7 +28,13 @@ from trainer.fleet.rollout.gates import (
     evaluate_gates,
     parse_gates,
 )
-from trainer.fleet.rollout.plan import PlanError, parse_duration, parse_stages, stage_sizes
+from trainer.fleet.rollout.plan import (
+    PlanError,
+    check_stage_counts,
+    parse_duration,
+    parse_stages,
+    stage_sizes,
+)
 from trainer.fleet.rollout.store import RolloutRecord, RolloutStore
 from trainer.registry import SCHEMA_VERSION, Registry, RegistryError
 
@@ -209,16 +215,32 @@ def test_parse_gates_only_ever_raises_gate_error(text: str) -> None:
         pass
 
 
-@pytest.mark.parametrize(("stages", "eligible", "sizes"), [
-    ("1,10%,50%,100%", 4, [1, 2, 4]),  # 10 % of 4 is 1 agent: that stage adds nobody
-    ("1,10%,50%,100%", 40, [1, 4, 20, 40]),
-    ("1,100%", 1, [1]),
-    ("2,100%", 3, [2, 3]),
-    ("100%", 7, [7]),
-    ("5,100%", 3, [3]),
+@pytest.mark.parametrize(("stages", "eligible", "members", "sizes"), [
+    ("1,10%,50%,100%", 4, 4, [1, 2, 4]),  # 10 % of 4 is 1 agent: that stage adds nobody
+    ("1,10%,50%,100%", 40, 40, [1, 4, 20, 40]),
+    ("1,100%", 1, 1, [1]),
+    ("2,100%", 3, 3, [2, 3]),
+    # a group of several agents always has a canary stage before its document is written
+    ("100%", 7, 7, [1, 7]),
+    ("5,100%", 3, 3, [1, 3]),
+    ("1,100%", 1, 3, [1, 1]),  # one eligible agent, two offline: a canary, then the group
 ])
-def test_stage_sizes(stages: str, eligible: int, sizes: list[int]) -> None:
-    assert stage_sizes(parse_stages(stages), eligible) == sizes
+def test_stage_sizes(stages: str, eligible: int, members: int, sizes: list[int]) -> None:
+    assert stage_sizes(parse_stages(stages), eligible, members) == sizes
+
+
+@pytest.mark.parametrize(("stages", "eligible", "ok"), [
+    ("10,5%,100%", 100, False),  # 10 agents, then 5
+    ("10,5%,100%", 400, True),   # 10, then 20
+    ("1,10%,50%,100%", 4, True),  # 1, 1 (rounding: left out), 2, 4
+    ("5,50%,100%", 3, False),     # 5, then 2
+])
+def test_mixed_stages_must_grow_once_resolved(stages: str, eligible: int, ok: bool) -> None:
+    if ok:
+        check_stage_counts(parse_stages(stages), eligible)
+    else:
+        with pytest.raises(PlanError, match="--stages must grow"):
+            check_stage_counts(parse_stages(stages), eligible)
 
 
 @pytest.mark.parametrize(("text", "words"), [

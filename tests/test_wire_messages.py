@@ -167,7 +167,7 @@ statuses = st.builds(
 _KNOWN_BY_DECODER = {
     "decode_deployment": {"scope", "serial", "slots"},
     "decode_agent_state": set(AgentState._KNOWN) - {"schema", "health_period_s"},  # optional
-    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema", "federated", "drift"},  # optional
+    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema", "federated", "drift", "started_at"},  # optional
     "decode_deployment_status": set(DeploymentStatus._KNOWN) - {"schema"},
 }
 

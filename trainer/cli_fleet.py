@@ -459,6 +459,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     name, version = parse_model_ref(args.ref)
     with Registry.open(args.registry) as reg:
         reg.get(name, version)
+        if not args.force:
+            _refuse_during_rollout(reg, group=args.group, agent=args.agent)
     open_repository(args.registry)
     with _connected(args) as client:
         report = deploy(
@@ -484,6 +486,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             print(f"  {target}")
         _print_publish(report.publish)
     return 0
+
+
+def _refuse_during_rollout(reg: Any, *, group: str | None, agent: str | None) -> None:
+    """A deploy to a group (or an agent of a group) that a running rollout holds would be
+    undone by the rollout's promotion or rollback: refuse it."""
+    from trainer.fleet.rollout.store import RolloutStore
+
+    held = RolloutStore(reg).holding(group=group, agent=agent)
+    if held is not None:
+        what = f"group {group}" if group is not None else f"agent {agent} (group {held.group})"
+        raise _usage(
+            f"rollout {held.id} of {held.ref} holds {what}: let it finish, or "
+            f"`edgefleet rollout abort {held.id}` (or deploy with --force)"
+        )
 
 
 # -- fleet ------------------------------------------------------------------------------------
@@ -657,6 +673,9 @@ def add_fleet_commands(
     scope.add_argument("--group", metavar="G", help="every agent of group G")
     scope.add_argument("--agent", metavar="ID", help="one agent (overrides its group's document)")
     p.add_argument("--slot", default="default", help="model slot (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="deploy even while a rollout holds the group (the rollout's promotion "
+                   "or rollback may overwrite it)")
     registry_arg(p)
     _broker_args(p, required=True)
     _chunk_size_arg(p)

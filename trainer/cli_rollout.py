@@ -26,6 +26,7 @@ from trainer.cli_fleet import (
     _check_broker,
     _command,
     _connected,
+    _failed,
     _topics,
     _usage,
 )
@@ -129,8 +130,16 @@ def _drive(args: argparse.Namespace, rollout_id: str, client: Any, observer: Any
         args.registry, rollout_id, client=client, topics=_topics(args), observer=observer,
         activation_timeout=args.activation_timeout, publish_timeout=args.broker_timeout,
         on_progress=progress,
+        on_retry=lambda line: print(f"rollout {rollout_id}: {line}", file=sys.stderr),
     )
-    record = controller.run()
+    from trainer.fleet.deploy import DeployError
+    from trainer.registry import RegistryError
+
+    try:
+        record = controller.run()
+    except (DeployError, RegistryError) as e:  # the work failed, not the user's input
+        raise _failed(f"{e} (rollout {rollout_id} stays as it was: fix it, then "
+                      f"`edgefleet rollout resume {rollout_id}`)") from e
     if bar is not None:
         bar.finish()
     _print_record(args, record)
@@ -144,7 +153,11 @@ def _run_controller(args: argparse.Namespace, rollout_id: str, client: Any) -> i
         if not mine:
             raise _usage(f"rollout {rollout_id} already has a running controller")
         observer = FleetObserver(client, _topics(args))
-        observer.start(args.broker_timeout)
+        try:
+            observer.start(args.broker_timeout)
+        except TimeoutError as e:
+            raise _failed(f"{e} (rollout {rollout_id} stays as it was: "
+                          f"`edgefleet rollout resume {rollout_id}` when the broker answers)") from e
         return _drive(args, rollout_id, client, observer)
 
 
@@ -163,7 +176,7 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
                             args.soak, args.gates or DEFAULT_GATES)
     with _connected(args) as client:
         views = read_fleet(client, topics, timeout=args.broker_timeout)
-        record, skipped = create_rollout(args.registry, request, views)
+        record, skipped = create_rollout(args.registry, request, views, force=args.force)
         if not args.quiet:
             print(f"rollout {record.id}: {record.ref} to group {record.group} "
                   f"({len(record.agents)} agent(s), replacing version {record.previous_version})",
@@ -181,14 +194,12 @@ def cmd_rollout_resume(args: argparse.Namespace) -> int:
 
     _check_broker(args)
     with Registry.open(args.registry) as reg:
-        store = RolloutStore(reg)
-        record = store.get(args.id)
-        if record.finished:
-            raise _usage(f"rollout {args.id} is {record.state}: nothing to resume")
-        if record.paused:
-            store.update(args.id, paused=False, event=("resumed", {}))
+        record = RolloutStore(reg).request(args.id, "resume")
     if _controller_alive(args.registry, args.id):
-        print(f"rollout {args.id} resumed (its controller is running)")
+        if args.json:
+            print_json(record.to_json())
+        else:
+            print(f"rollout {args.id} resumed (its controller is running)")
         return 0
     with _connected(args) as client:
         return _run_controller(args, args.id, client)
@@ -201,12 +212,7 @@ def cmd_rollout_pause(args: argparse.Namespace) -> int:
     from trainer.registry import Registry
 
     with Registry.open(args.registry) as reg:
-        store = RolloutStore(reg)
-        record = store.get(args.id)
-        if record.finished:
-            raise _usage(f"rollout {args.id} is {record.state}: nothing to pause")
-        if not record.paused:
-            record = store.update(args.id, paused=True, event=("paused", {}))
+        record = RolloutStore(reg).request(args.id, "pause")
     _print_record(args, record)
     return 0
 
@@ -219,13 +225,12 @@ def cmd_rollout_abort(args: argparse.Namespace) -> int:
 
     _check_broker(args)
     with Registry.open(args.registry) as reg:
-        store = RolloutStore(reg)
-        record = store.get(args.id)
-        if record.finished:
-            raise _usage(f"rollout {args.id} is {record.state}: nothing to abort")
-        store.update(args.id, abort_requested=True)
+        record = RolloutStore(reg).request(args.id, "abort")
     if _controller_alive(args.registry, args.id):
-        print(f"rollout {args.id}: abort requested; its controller rolls it back")
+        if args.json:
+            print_json(record.to_json())
+        else:
+            print(f"rollout {args.id}: abort requested; its controller rolls it back")
         return 0
     with _connected(args) as client:
         code = _run_controller(args, args.id, client)
@@ -273,7 +278,7 @@ def _print_record(args: argparse.Namespace, r: RolloutRecord,
         return
     from trainer.fleet.rollout.plan import stage_sizes
 
-    sizes = stage_sizes(r.stages, len(r.agents))
+    sizes = stage_sizes(r.stages, len(r.agents), r.progress.get("members"))
     print(f"rollout {r.id}: {r.ref} to group {r.group} (slot {r.slot}), replacing "
           f"{r.model}@{r.previous_version}")
     print(f"  state: {_state(r)}" + (f" - {r.message}" if r.message else ""))
@@ -340,6 +345,9 @@ def add_rollout_commands(
                    f"(default: {','.join(DEFAULT_STAGES).replace('%', '%%')})")
     p.add_argument("--soak", type=_duration, default=600.0, metavar="DURATION",
                    help="how long each stage is watched before the next (default: 10m)")
+    p.add_argument("--force", action="store_true",
+                   help="start even though agents of the group have a profile the version was "
+                   "not built for (the group's document reaches them at the last stage)")
     p.add_argument("--gates", type=_gates, default=None, metavar="LIST",
                    help="change gates, e.g. anomaly-rate=3x,latency-p99=budget,errors=0,drift=off "
                    "(see docs/operations.md)")

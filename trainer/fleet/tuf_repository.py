@@ -338,25 +338,36 @@ class TufRepository:
     # -- operations ----------------------------------------------------------------------
 
     def add_targets(
-        self, files: Mapping[str, bytes], custom: Mapping[str, dict[str, Any]] | None = None
+        self,
+        files: Mapping[str, bytes],
+        custom: Mapping[str, dict[str, Any]] | None = None,
+        *,
+        remove: Iterable[str] = (),
     ) -> dict[str, TargetFile]:
         """Add or replace targets, then sign new targets, snapshot and timestamp versions.
 
         ``files`` maps target paths (``deployments/groups/g.json``) to their bytes; ``custom``
         optionally maps some of them to the ``custom`` object stored in targets metadata.
+        ``remove``: current targets to remove in the same signed version (as
+        :meth:`remove_targets`; their files stay on disk until :meth:`collect_files`).
 
         Returns:
             The new ``TargetFile`` entries by target path.
 
         Raises:
-            RepositoryError: an invalid target path, or ``custom`` for a path not in ``files``.
+            RepositoryError: an invalid target path, ``custom`` for a path not in ``files``,
+                or a path to remove that is not a current target (or is also added).
         """
         custom = dict(custom or {})
+        remove = list(remove)
         unknown = set(custom) - set(files)
         if unknown:
             raise RepositoryError(f"custom given for paths not added: {sorted(unknown)}")
-        if not files:
+        if not files and not remove:
             raise RepositoryError("add_targets() needs at least one file")
+        missing = [p for p in remove if p not in self._md_targets.signed.targets or p in files]
+        if missing:
+            raise RepositoryError(f"not current targets (or also added): {missing}")
         added: dict[str, TargetFile] = {}
         for target_path, data in files.items():
             try:
@@ -375,6 +386,8 @@ class TufRepository:
         now = self._clock()
         targets = self._md_targets.signed
         targets.targets.update(added)
+        for p in remove:
+            del targets.targets[p]
         self._commit_targets(now)
         logger.info("added %d target(s); targets v%d", len(added), targets.version)
         return added

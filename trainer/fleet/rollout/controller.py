@@ -2,13 +2,16 @@
 
 A rollout of ``MODEL@V`` to group ``G`` walks its stages; each stage goes through phases::
 
-    deploy ──► activating ──► soaking ──► (next stage: deploy) … ──► completed
-                   │              │
-                   └── breach ────┴──► rolled_back   (abort: aborted)
+    deploy ──► deploying ──► activating ──► soaking ──► (next stage: deploy) … ──► completed
+                                  │              │
+                                  └── breach ────┴──► rolled_back   (abort: aborted)
 
-- **deploy**: choose the stage's new canaries (eligible agents that are online, in id order),
-  read their counters (the baseline under the previous version), write their per-agent
-  documents (the last stage: the group's document) and publish.
+- **deploy**: choose the stage's new canaries (eligible agents that are online, in an order
+  shuffled by the rollout's id),
+  read their counters (the baseline under the previous version) and choose the documents'
+  serial; record all of it.
+- **deploying**: write their per-agent documents (the last stage: the group's document) and
+  publish; a controller that died here publishes the same documents again.
 - **activating**: wait until every new canary reports the candidate active (a ``failed``
   report, or no activation within ``activation_timeout``, is a breach).
 - **soaking**: for ``soak`` seconds, judge the canaries' reports with the gates
@@ -18,7 +21,8 @@ A rollout of ``MODEL@V`` to group ``G`` walks its stages; each stage goes throug
 Every transition is written to the registry before the controller acts on the next one, so a
 controller killed at any point resumes where it was: in the same phase, with the soak's
 original start (the remaining soak is what is left of it) and the counters it read. Writing
-documents is idempotent, so a step interrupted between publishing and recording is redone.
+documents is idempotent, so a step interrupted between publishing and recording is redone
+with the same agents and serial.
 
 A paused rollout keeps watching (a breach still rolls back) but does not start a new stage.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,9 +41,18 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from shared.messages import AgentHealth
 from shared.profiles import FirmwareProfile, ProfileError, load_profile
 from shared.topics import Topics
-from trainer.fleet.rollout.documents import promote_group, restore_previous, write_canaries
+from trainer.fleet.deploy import open_repository
+from trainer.fleet.publisher import PublishError
+from trainer.fleet.rollout.documents import (
+    DocumentChange,
+    next_serial,
+    promote_group,
+    restore_previous,
+    write_canaries,
+)
 from trainer.fleet.rollout.gates import (
     Breach,
     CanaryEvidence,
@@ -103,6 +117,10 @@ class RolloutController:
         publish_timeout: float = 30.0,
         on_progress: Callable[[StageView], None] | None = None,
         profile_loader: Callable[[str], FirmwareProfile] = load_profile,
+        on_retry: Callable[[str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 60.0,
     ) -> None:
         self.registry_dir = registry_dir
         self.rollout_id = rollout_id
@@ -114,7 +132,12 @@ class RolloutController:
         self.publish_timeout = publish_timeout
         self.on_progress = on_progress
         self._profile_loader = profile_loader
+        self.on_retry = on_retry
+        self._sleep = sleep
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
         self._budgets: dict[str, float | None] = {}
+        self._fleet = FleetSnapshot()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -148,7 +171,7 @@ class RolloutController:
             record = store.get(self.rollout_id)
             if record.finished:
                 return record
-            fleet = self.observer.snapshot()
+            fleet = self._fleet = self.observer.snapshot()
             progress = dict(record.progress)
             if progress.get("rolling_back") is not None or record.abort_requested:
                 reason = progress.get("rolling_back") or {"state": "aborted",
@@ -160,6 +183,10 @@ class RolloutController:
                 if phase == "deploy":
                     if not record.paused:
                         record = self._deploy(store, record, fleet)
+                    if record.progress.get("phase") == "deploying":
+                        record = self._deploying(store, record)
+                elif phase == "deploying":
+                    record = self._deploying(store, record)
                 elif phase == "activating":
                     record = self._activating(store, record, fleet)
                 elif phase == "soaking":
@@ -174,7 +201,7 @@ class RolloutController:
         left = None if started is None else max(0.0, started + record.soak_s - self.clock())
         return StageView(
             stage=record.stage,
-            stages=len(stage_sizes(record.stages, len(record.agents))),
+            stages=len(self._sizes(record)),
             phase=p.get("phase", "deploy"),
             canaries=len(p.get("participants", [])) + len(p.get("new", [])),
             soak_left_s=left,
@@ -184,7 +211,8 @@ class RolloutController:
     # -- phases ----------------------------------------------------------------------------
 
     def _deploy(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
-        sizes = stage_sizes(r.stages, len(r.agents))
+        """Choose the stage's agents and record them (phase ``deploying``) before publishing."""
+        sizes = self._sizes(r)
         final = r.stage == len(sizes) - 1
         p = dict(r.progress)
         participants: list[str] = list(p.get("participants", []))
@@ -192,37 +220,83 @@ class RolloutController:
         if final:
             new = others
         else:
-            new = [a for a in others if fleet.online(a)][: sizes[r.stage] - len(participants)]
+            new = [a for a in _shuffled(others, r.id) if fleet.online(a)][
+                : sizes[r.stage] - len(participants)]
             if not new:
-                logger.info("stage %d: no online agent to add; waiting", r.stage + 1)
-                return r
+                return self._no_agent_to_add(store, r)
         baselines = dict(p.get("baselines", {}))
         for agent in new:
             counts = _counts(fleet, agent)
             if counts is not None:
                 baselines[agent] = counts.to_json()
-        if final:
-            change = promote_group(
-                self.registry_dir, r.ref, r.group, r.slot, participants,
-                client=self.client, topics=self.topics, timeout=self.publish_timeout,
-            )
-        else:
-            change = write_canaries(
-                self.registry_dir, r.ref, r.group, r.slot, new,
-                client=self.client, topics=self.topics, timeout=self.publish_timeout,
-            )
         # Offline agents of the last stage get the group's document when they come back;
-        # only those online now are waited for.
+        # only those online now are waited for and judged.
         expect = [a for a in new if fleet.online(a)] if final else new
+        serial = self._next_serial(store, r)
+        documents = list(p.get("documents", []))
+        if not final:
+            documents += [a for a in new if a not in documents]
+        p.pop("waiting_since", None)
         p.update(
-            phase="activating", participants=participants, new=new, expect=expect,
-            serial=change.serial, deployed_at=self.clock(), baselines=baselines,
+            phase="deploying", participants=participants, new=new, expect=expect,
+            serial=serial, baselines=baselines, documents=documents,
             soak_started_at=None, start={}, drift_start={},
         )
+        detail: dict[str, Any] = {"agents": new, "serial": serial, "group": final}
+        absent = [a for a in new if a not in expect]
+        if absent:
+            p["not_judged"] = absent
+            detail["not_judged"] = absent
+        return store.update(r.id, progress=p, event=("deploying", detail))
+
+    def _no_agent_to_add(self, store: RolloutStore, r: RolloutRecord) -> RolloutRecord:
+        """A stage whose remaining agents are all offline waits for one to come back, for
+        ``activation_timeout`` at most; then the rollout is paused with the reason (nothing
+        says the candidate is bad, so it is not rolled back): ``rollout resume`` waits again."""
+        p = dict(r.progress)
+        since = p.get("waiting_since")
+        if since is None:
+            logger.info("stage %d: no online agent to add; waiting", r.stage + 1)
+            return store.update(r.id, progress={**p, "waiting_since": self.clock()})
+        if self.clock() - since <= self.activation_timeout:
+            return r
+        reason = (f"stage {r.stage + 1}: no online agent to add for "
+                  f"{self.activation_timeout:g}s; paused")
+        logger.warning("rollout %s: %s", r.id, reason)
+        p.pop("waiting_since")
+        return store.update(r.id, paused=True, message=reason, progress=p,
+                            event=("paused", {"message": reason}))
+
+    def _deploying(self, store: RolloutStore, r: RolloutRecord) -> RolloutRecord:
+        """Publish exactly what ``_deploy`` recorded (again, after a crash: idempotent)."""
+        p = dict(r.progress)
+        final = r.stage == len(self._sizes(r)) - 1
+        new, serial = list(p["new"]), int(p["serial"])
+        if final:
+            change = self._retrying("publish the group document", lambda: promote_group(
+                self.registry_dir, r.ref, r.group, r.slot, p.get("documents", []),
+                client=self.client, topics=self.topics, timeout=self.publish_timeout,
+                serial=serial,
+            ))
+        else:
+            change = self._retrying("publish the canaries' documents", lambda: write_canaries(
+                self.registry_dir, r.ref, r.group, r.slot, new,
+                client=self.client, topics=self.topics, timeout=self.publish_timeout,
+                serial=serial,
+            ))
+        p.update(phase="activating", deployed_at=self.clock())
         return store.update(r.id, progress=p, event=("deployed", {
             "agents": new, "documents": list(change.written), "removed": list(change.removed),
             "serial": change.serial, "group": final,
         }))
+
+    def _next_serial(self, store: RolloutStore, r: RolloutRecord) -> int:
+        used = [int(x.progress["serial"]) for x in store.all()
+                if x.group == r.group and isinstance(x.progress.get("serial"), int)]
+        return next_serial(open_repository(self.registry_dir), r.group, used)
+
+    def _sizes(self, r: RolloutRecord) -> list[int]:
+        return stage_sizes(r.stages, len(r.agents), r.progress.get("members", len(r.agents)))
 
     def _activating(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
         p = dict(r.progress)
@@ -242,12 +316,12 @@ class RolloutController:
                     for a in pending
                 ])
             return r
-        judged = p["participants"] + p["new"]
+        judged = _judged(p)
         start = {}
         for agent in r.agents:  # canaries and the agents still on the previous version
             counts = _counts(fleet, agent)
             if counts is not None:
-                start[agent] = counts.to_json()
+                start[agent] = {**counts.to_json(), "started_at": fleet.health[agent].started_at}
         p.update(phase="soaking", soak_started_at=self.clock(), start=start,
                  drift_start={a: fleet.drift_count(a, r.slot, r.model, r.version) for a in r.agents})
         return store.update(r.id, progress=p, event=("soak-started", {
@@ -272,14 +346,14 @@ class RolloutController:
             return r
         if r.paused:
             return r
-        sizes = stage_sizes(r.stages, len(r.agents))
+        sizes = self._sizes(r)
         summary = self._summary(r, fleet)
         if r.stage == len(sizes) - 1:
             return store.update(
                 r.id, state="completed", finished_at=_iso_now(),
                 message=f"{r.ref} runs on group {r.group}",
                 progress={**p, "phase": "done"},
-                event=("completed", {"agents": summary}),
+                event=("completed", {"agents": summary, "not_judged": p.get("not_judged", [])}),
             )
         p.update(phase="deploy", participants=p["participants"] + p["new"], new=[], expect=[])
         return store.update(r.id, stage=r.stage + 1, progress=p, event=("promoted", {
@@ -291,15 +365,17 @@ class RolloutController:
     def evidence(self, r: RolloutRecord, fleet: FleetSnapshot) -> StageEvidence:
         """The soaking stage's evidence from the stored counters and the latest reports."""
         p = r.progress
-        judged = p.get("participants", []) + p.get("new", [])
-        start = {a: Counts.from_json(c) for a, c in p.get("start", {}).items()}
+        judged = _judged(p)
+        stored = p.get("start", {})
+        start = {a: Counts.from_json(c) for a, c in stored.items()}
         baselines = {a: Counts.from_json(c) for a, c in p.get("baselines", {}).items()}
         failures = {b.agent: b.detail for b in self._failures(r, fleet, p)}
         canaries = []
         for agent in judged:
             now = _counts(fleet, agent)
-            window = Counts() if now is None or agent not in start else now.since(start[agent])
             health = fleet.health.get(agent)
+            window = (Counts() if now is None or agent not in start
+                      else now.since(start[agent], restarted=_restarted(health, stored[agent])))
             p99 = None if health is None else health.latency_ms.get("p99")
             drifted = drift_flag(None if health is None else health.to_json(), r.slot, r.version)
             # A drift event counts only if raised for the candidate in the rolled-out slot: the
@@ -321,7 +397,8 @@ class RolloutController:
                 continue
             now = _counts(fleet, agent)
             if now is not None:
-                peers = (peers or Counts()) + now.since(start[agent])
+                restarted = _restarted(fleet.health.get(agent), stored[agent])
+                peers = (peers or Counts()) + now.since(start[agent], restarted=restarted)
         return StageEvidence(tuple(canaries), peers)
 
     def evaluate(self, r: RolloutRecord, fleet: FleetSnapshot) -> Verdict:
@@ -330,7 +407,7 @@ class RolloutController:
     def _failures(self, r: RolloutRecord, fleet: FleetSnapshot, p: dict[str, Any]) -> list[Breach]:
         serial = p.get("serial", 0)
         out = []
-        for agent in p.get("new", []) + p.get("participants", []):
+        for agent in _judged(p):
             for status in fleet.deployments.get(agent, ()):
                 if (status.state == "failed" and status.model == r.model
                         and status.version == r.version and status.serial >= serial):
@@ -364,6 +441,26 @@ class RolloutController:
             for c in ev.canaries
         }
 
+    def _retrying(self, what: str, action: Callable[[], DocumentChange]) -> DocumentChange:
+        """Run a write-and-publish until the broker acknowledges it, waiting twice as long after
+        each failure (from ``retry_initial_s`` up to ``retry_max_s``): a rollout must not end
+        with its canaries on a candidate the broker never heard was rolled back. Each retry is
+        reported to ``on_retry`` (one line). The writes are idempotent, so a retry that finds
+        the repository already changed only publishes."""
+        delay = self.retry_initial_s
+        attempt = 1
+        while True:
+            try:
+                return action()
+            except PublishError as e:
+                line = f"cannot {what} (attempt {attempt}): {e}; retrying in {delay:g}s"
+                logger.warning("rollout %s: %s", self.rollout_id, line)
+                if self.on_retry is not None:
+                    self.on_retry(line)
+                self._sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                attempt += 1
+
     # -- the outcome -------------------------------------------------------------------------
 
     def _breach(self, store: RolloutStore, r: RolloutRecord, breaches: list[Breach]) -> RolloutRecord:
@@ -381,16 +478,72 @@ class RolloutController:
             r = store.update(r.id, progress=p, event=("breach" if state == "rolled_back" else "abort",
                                                       {"message": message, "breaches": breaches}))
         canaries = list(dict.fromkeys(p.get("participants", []) + p.get("new", [])))
-        change = restore_previous(
-            self.registry_dir, f"{r.model}@{r.previous_version}", r.group, r.slot, r.version,
-            canaries, client=self.client, topics=self.topics, timeout=self.publish_timeout,
-        )
+        if p.get("restored") is None:
+            # Every agent document this rollout wrote (recorded before it was published), not
+            # only the current stage's: those still naming the candidate are removed.
+            documents = list(dict.fromkeys(p.get("documents", []) + canaries))
+            serial = self._next_serial(store, r)
+            change = self._retrying("roll back", lambda: restore_previous(
+                self.registry_dir, f"{r.model}@{r.previous_version}", r.group, r.slot, r.version,
+                documents, client=self.client, topics=self.topics, timeout=self.publish_timeout,
+                new_serial=serial,
+            ))
+            p["restored"] = {"at": self.clock(), "removed": list(change.removed),
+                             "documents": list(change.written)}
+            r = store.update(r.id, progress=p)
+        # Wait (at most activation_timeout) until the online canaries say they run the
+        # previous version again; those that do not are named in the log.
+        fleet = self._fleet
+        unconfirmed = [a for a in canaries if not self._back(r, fleet, a)]
+        waiting = [a for a in unconfirmed if fleet.online(a)]
+        if waiting and self.clock() - p["restored"]["at"] <= self.activation_timeout:
+            return r
+        if unconfirmed:
+            logger.warning("rollout %s: not confirmed back on version %d: %s", r.id,
+                           r.previous_version, ", ".join(unconfirmed))
         return store.update(r.id, state=state, message=message, finished_at=_iso_now(),
                             progress={**p, "phase": "done"}, event=("rolled-back", {
                                 "to": f"{r.model}@{r.previous_version}", "agents": canaries,
-                                "removed": list(change.removed),
-                                "documents": list(change.written),
+                                "removed": p["restored"]["removed"],
+                                "documents": p["restored"]["documents"],
+                                "unconfirmed": unconfirmed,
                             }))
+
+    @staticmethod
+    def _back(r: RolloutRecord, fleet: FleetSnapshot, agent: str) -> bool:
+        """Whether ``agent`` says it runs the previous version: its latest state, or a
+        ``rolled_back`` report to it after its last report of the candidate."""
+        if fleet.runs(agent, r.slot, r.model, r.previous_version):
+            return True
+        reports = fleet.deployments.get(agent, ())
+        last_candidate = max((i for i, d in enumerate(reports)
+                              if (d.model, d.version) == (r.model, r.version)), default=-1)
+        return any(d.state == "rolled_back" and (d.model, d.version) == (r.model, r.previous_version)
+                   for d in reports[last_candidate + 1:])
+
+
+def _judged(p: dict[str, Any]) -> list[str]:
+    """The agents a stage judges: the earlier stages' and those expected to activate now (an
+    agent offline when the last stage began follows the group's document when it is back,
+    but is not judged: see ``not_judged``)."""
+    return list(dict.fromkeys(p.get("participants", []) + p.get("expect", p.get("new", []))))
+
+
+def _restarted(health: AgentHealth | None, start: dict[str, Any]) -> bool:
+    """Whether the agent process started again since ``start`` was read (both reports carry
+    ``started_at``: agents that do not send it are judged by their counters going down)."""
+    before = start.get("started_at")
+    now = None if health is None else health.started_at
+    return before is not None and now is not None and now != before
+
+
+def _shuffled(agents: list[str], seed: str) -> list[str]:
+    """The order canaries are chosen in: shuffled, so that the same few agents (the first
+    ids) are not the canaries of every rollout, and seeded by the rollout's id, so that a
+    resumed controller walks the same order. Not a security measure: :mod:`random` is fine."""
+    order = sorted(agents)
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def _counts(fleet: FleetSnapshot, agent: str) -> Counts | None:

@@ -40,8 +40,10 @@ __all__ = [
     "DocumentChange",
     "agent_documents",
     "group_document",
+    "next_serial",
     "promote_group",
     "restore_previous",
+    "rollout_documents",
     "write_canaries",
 ]
 
@@ -78,6 +80,36 @@ def agent_documents(repo: TufRepository, agents: Iterable[str]) -> set[str]:
     return {a for a in agents if Scope("agent", a).target in targets}
 
 
+def rollout_documents(
+    repo: TufRepository, agents: Iterable[str], model: str, version: int, slot: str
+) -> set[str]:
+    """Those of ``agents`` whose own document runs ``model@version`` in ``slot`` (a document a
+    rollout wrote; one naming another version was written since by someone else and is kept).
+
+    Raises:
+        DeployError: such a document is unreadable.
+    """
+    out = set()
+    for agent in agent_documents(repo, agents):
+        target = Scope("agent", agent).target
+        try:
+            doc = decode_deployment(repo.target_bytes(target))
+        except (RepositoryError, DeploymentError) as e:
+            raise DeployError(f"the current {target} is unreadable: {e}") from e
+        s = doc.slots.get(slot)
+        if s is not None and (s.model, s.version) == (model, version):
+            out.add(agent)
+    return out
+
+
+def next_serial(repo: TufRepository, group: str, used: Iterable[int] = ()) -> int:
+    """A serial for a rollout's next documents: above the group document's and above every
+    serial in ``used`` (those of earlier stages and attempts), so that an agent's report of
+    the new documents can never be mistaken for a retained report of older ones."""
+    current = group_document(repo, group)
+    return max([current.serial if current is not None else 0, *used]) + 1
+
+
 def write_canaries(
     registry_dir: str | os.PathLike[str],
     ref: str,
@@ -88,9 +120,11 @@ def write_canaries(
     client: mqtt.Client,
     topics: Topics,
     timeout: float,
+    serial: int | None = None,
 ) -> DocumentChange:
     """Give each of ``agents`` its own document running ``ref`` in ``slot`` (the group's other
-    slots kept), in one targets version; publish it.
+    slots kept), in one targets version; publish it. ``serial``: the documents' serial
+    (default: the group's + 1). Writing the same documents again is harmless (idempotent).
 
     Raises:
         DeployError, RegistryError, PublishError: as :func:`trainer.fleet.deploy.deploy`.
@@ -99,16 +133,17 @@ def write_canaries(
     with Registry.open(Path(registry_dir)) as registry, repository_lock(registry_dir):
         repo = open_repository(registry_dir)
         plan = plan_deployment(registry, repo, ref, Scope("group", group), slot)
+        serial = plan.document.serial if serial is None else serial
         files = {t: b for t, b in plan.files.items() if t in plan.custom}  # the bundles
         for agent in agents:
-            doc = Deployment(Scope("agent", agent), plan.document.serial, plan.document.slots,
+            doc = Deployment(Scope("agent", agent), serial, plan.document.slots,
                              plan.document.extra)
             files[doc.target] = encode_deployment(doc)
         _commit(repo, files, plan.custom, removed=())
         publish_repository(repo, client, topics, timeout=timeout)
     logger.info("%s in slot %s for %d canar(ies) of %s (serial %d)", ref, slot, len(agents), group,
-                plan.document.serial)
-    return DocumentChange(plan.document.serial, tuple(Scope("agent", a).target for a in agents), ())
+                serial)
+    return DocumentChange(serial, tuple(Scope("agent", a).target for a in agents), ())
 
 
 def promote_group(
@@ -121,16 +156,26 @@ def promote_group(
     client: mqtt.Client,
     topics: Topics,
     timeout: float,
+    serial: int | None = None,
 ) -> DocumentChange:
-    """Write the group's document with ``ref`` in ``slot`` and remove the canaries' own
-    documents; one publish. Raises as :func:`write_canaries`."""
+    """Write the group's document with ``ref`` in ``slot`` and remove the own documents of
+    ``canaries`` that still run ``ref`` in ``slot`` (those the rollout wrote); one publish.
+    ``serial``: the group document's serial (default: its current + 1). Raises as
+    :func:`write_canaries`."""
     with Registry.open(Path(registry_dir)) as registry, repository_lock(registry_dir):
         repo = open_repository(registry_dir)
         plan = plan_deployment(registry, repo, ref, Scope("group", group), slot)
-        removed = tuple(sorted(Scope("agent", a).target for a in agent_documents(repo, canaries)))
-        _commit(repo, plan.files, plan.custom, removed=removed)
+        files = dict(plan.files)
+        document = plan.document
+        if serial is not None:
+            document = Deployment(document.scope, serial, document.slots, document.extra)
+            files[document.target] = encode_deployment(document)
+        model, version = document.slots[slot].model, document.slots[slot].version
+        removed = tuple(sorted(Scope("agent", a).target
+                               for a in rollout_documents(repo, canaries, model, version, slot)))
+        _commit(repo, files, plan.custom, removed=removed)
         publish_repository(repo, client, topics, timeout=timeout)
-    return DocumentChange(plan.document.serial, (plan.document.target,), removed)
+    return DocumentChange(document.serial, (document.target,), removed)
 
 
 def restore_previous(
@@ -144,22 +189,34 @@ def restore_previous(
     client: mqtt.Client,
     topics: Topics,
     timeout: float,
+    new_serial: int | None = None,
 ) -> DocumentChange:
-    """Roll back: remove the canaries' own documents and, if the group's document names the
-    candidate (the last stage had begun), point it at ``previous_ref`` again; one publish.
+    """Roll back: remove the own documents of ``canaries`` that still run the candidate in
+    ``slot`` (those the rollout wrote: a pin another deploy made since is kept) and, if the
+    group's document names the candidate (the last stage had begun), point it at
+    ``previous_ref`` again; one publish. ``serial``: the group document's new serial.
 
     Idempotent: a second call after a crash finds nothing left to change and only publishes.
     """
+    model = previous_ref.partition("@")[0]
     with Registry.open(Path(registry_dir)) as registry, repository_lock(registry_dir):
         repo = open_repository(registry_dir)
-        removed = tuple(sorted(Scope("agent", a).target for a in agent_documents(repo, canaries)))
+        removed = tuple(sorted(
+            Scope("agent", a).target
+            for a in rollout_documents(repo, canaries, model, candidate_version, slot)
+        ))
         current = group_document(repo, group)
         files: dict[str, bytes] = {}
         custom: dict[str, dict] = {}
         serial = current.serial if current is not None else 0
         if current is not None and slot in current.slots and current.slots[slot].version == candidate_version:
             plan = plan_deployment(registry, repo, previous_ref, Scope("group", group), slot)
-            files, custom, serial = plan.files, plan.custom, plan.document.serial
+            files, custom, serial = dict(plan.files), plan.custom, plan.document.serial
+            if new_serial is not None and new_serial > serial:
+                doc = plan.document
+                serial = new_serial
+                files[doc.target] = encode_deployment(Deployment(doc.scope, serial, doc.slots,
+                                                                 doc.extra))
         if files or removed:
             _commit(repo, files, custom, removed=removed)
         publish_repository(repo, client, topics, timeout=timeout)
@@ -173,12 +230,8 @@ def _commit(
     *,
     removed: tuple[str, ...],
 ) -> None:
-    # Two signed versions at most (add, then remove); agents only ever see the published end
-    # state, since the publisher sends timestamp.json last.
+    # One signed targets version for the additions and the removals together.
     try:
-        if files:
-            repo.add_targets(files, custom=custom)
-        if removed:
-            repo.remove_targets(removed)
+        repo.add_targets(files, custom=custom, remove=removed)
     except RepositoryError as e:
         raise DeployError(f"cannot write the rollout's documents: {e}") from e

@@ -53,10 +53,11 @@ class Counts:
     anomalies: int = 0
     errors: int = 0
 
-    def since(self, start: Counts) -> Counts:
-        """The counts between ``start`` and ``self``; an agent that restarted (counters went
-        down) counts from zero."""
-        if self.inferences < start.inferences or self.anomalies < start.anomalies:
+    def since(self, start: Counts, *, restarted: bool = False) -> Counts:
+        """The counts between ``start`` and ``self``; an agent that restarted since ``start``
+        (``restarted``: its health's ``started_at`` changed; for agents that do not report it,
+        counters that went down) counts from zero."""
+        if restarted or self.inferences < start.inferences or self.anomalies < start.anomalies:
             return self
         return Counts(
             self.inferences - start.inferences,

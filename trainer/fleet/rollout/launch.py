@@ -14,6 +14,7 @@ from shared.deployment import DeploymentError, Scope
 from trainer.fleet.deploy import DeployError, open_repository
 from trainer.fleet.rollout.documents import agent_documents, group_document
 from trainer.fleet.rollout.gates import Gates
+from trainer.fleet.rollout.plan import PlanError, check_stage_counts
 from trainer.fleet.rollout.store import RolloutRecord, RolloutStore, new_rollout_id
 from trainer.fleet.status import AgentView
 from trainer.registry import Registry, RegistryError, parse_model_ref
@@ -108,27 +109,51 @@ def eligible_agents(
 
 
 def create_rollout(
-    registry_dir: str | os.PathLike[str], request: RolloutRequest, views: Sequence[AgentView]
+    registry_dir: str | os.PathLike[str],
+    request: RolloutRequest,
+    views: Sequence[AgentView],
+    *,
+    force: bool = False,
 ) -> tuple[RolloutRecord, dict[str, str]]:
     """Record a new rollout of ``request`` over the eligible agents of ``views``.
 
+    The last stage writes the group's document, which every agent of the group follows: one
+    whose profile the candidate was not built for would be sent a version it cannot run, so
+    such a group is refused unless ``force``. Offline agents are no obstacle: they take no
+    part in the stages and get the group's document when they are back.
+
     Raises:
-        DeployError: no agent of the group is eligible.
+        DeployError: no agent of the group is eligible; an agent of the group has a profile
+            the candidate has no artifact for (and not ``force``).
         RegistryError: another rollout of the group is still running.
     """
     group_agents = [v.agent for v in views if v.group == request.group]
     pinned = agent_documents(open_repository(registry_dir), group_agents)
     agents, skipped = eligible_agents(views, request, pinned)
+    unbuilt = sorted(v.agent for v in views
+                     if v.group == request.group and v.profile not in request.profiles
+                     and v.agent not in pinned)
+    if unbuilt and not force:
+        profiles = sorted({v.profile for v in views if v.agent in unbuilt})
+        raise DeployError(
+            f"{request.model}@{request.version} has no artifact for profile(s) "
+            f"{', '.join(profiles)} of {', '.join(unbuilt)} in group {request.group!r}: they "
+            f"would get a version they cannot run (build it for them, or --force)"
+        )
     if not agents:
         why = ", ".join(f"{a}: {w}" for a, w in sorted(skipped.items())) or "no agent reports it"
         raise DeployError(f"no agent of group {request.group!r} can take part ({why})")
+    try:
+        check_stage_counts(request.stages, len(agents))
+    except PlanError as e:
+        raise DeployError(str(e)) from e
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     record = RolloutRecord(
         id=new_rollout_id(), created_at=now, updated_at=now, model=request.model,
         version=request.version, previous_version=request.previous_version, group=request.group,
         slot=request.slot, stages=request.stages, soak_s=request.soak_s, gates=request.gates,
         agents=tuple(agents), state="running", stage=0, paused=False, abort_requested=False,
-        progress={"phase": "deploy", "skipped": skipped},
+        progress={"phase": "deploy", "skipped": skipped, "members": len(group_agents)},
     )
     with Registry.open(Path(registry_dir)) as registry:
         RolloutStore(registry).create(record)

@@ -7,7 +7,14 @@ import math
 import re
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_STAGES", "PlanError", "parse_duration", "parse_stages", "stage_sizes"]
+__all__ = [
+    "DEFAULT_STAGES",
+    "PlanError",
+    "check_stage_counts",
+    "parse_duration",
+    "parse_stages",
+    "stage_sizes",
+]
 
 DEFAULT_STAGES = ("1", "10%", "50%", "100%")
 
@@ -63,19 +70,45 @@ def parse_stages(text: str) -> tuple[str, ...]:
     return items
 
 
-def stage_sizes(stages: Sequence[str], eligible: int) -> list[int]:
+def _resolve(item: str, eligible: int) -> int:
+    if item.endswith("%"):
+        return math.ceil(float(item[:-1]) * eligible / 100 - 1e-9)
+    return int(item)
+
+
+def check_stage_counts(stages: Sequence[str], eligible: int) -> None:
+    """Check that stages mixing counts and percentages (``10,5%,100%``) still grow once
+    resolved against ``eligible`` agents (:func:`parse_stages` can only check each kind on
+    its own). A stage resolving to as many agents as the one before (rounding: 10 % of 4 is
+    1) is allowed and left out by :func:`stage_sizes`; one resolving to fewer is refused.
+
+    Raises:
+        PlanError: a stage covers fewer agents than an earlier one.
+    """
+    biggest, after = 0, ""
+    for item in stages:
+        n = _resolve(item, eligible)
+        if n < biggest:
+            raise PlanError(
+                f"--stages must grow: {item} is {n} of {eligible} agent(s), after {after} "
+                f"({biggest})"
+            )
+        if n > biggest:
+            biggest, after = n, item
+
+
+def stage_sizes(stages: Sequence[str], eligible: int, members: int | None = None) -> list[int]:
     """How many agents each stage covers (cumulative) when ``eligible`` agents take part.
 
     Percentages round up (10 % of 4 agents is 1 agent); counts are capped at ``eligible``;
     a stage that adds no agent to the one before it is left out, except the last (100 %).
+    A group of more than one agent (``members``, default ``eligible``) always gets a canary
+    stage of one agent before the last stage (which writes the group's document), even when
+    the stages would resolve to the last one alone.
     """
     sizes: list[int] = []
     for i, item in enumerate(stages):
-        if item.endswith("%"):
-            n = math.ceil(float(item[:-1]) * eligible / 100 - 1e-9)
-        else:
-            n = int(item)
-        n = max(1, min(n, eligible))
+        n = max(1, min(_resolve(item, eligible), eligible))
         last = i == len(stages) - 1
         if last:
             n = eligible
@@ -84,4 +117,6 @@ def stage_sizes(stages: Sequence[str], eligible: int) -> list[int]:
                 sizes[-1] = n
             continue
         sizes.append(n)
+    if len(sizes) == 1 and max(members or 0, eligible) > 1:
+        sizes.insert(0, 1)  # [1, 1]: one canary, then the group's document for the others
     return sizes

@@ -152,6 +152,21 @@ class RolloutStore:
             raise RegistryError(f"no rollout {rollout_id!r} (see `edgefleet rollout status`)")
         return _record(rows[0])
 
+    def holding(self, *, group: str | None = None, agent: str | None = None) -> RolloutRecord | None:
+        """The unfinished rollout that holds ``group``, or the group ``agent`` was found in when
+        the rollout started (taking part or skipped), if any."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        rows = _dicts(self.registry.db.execute(
+            f"SELECT * FROM rollouts WHERE state IN ({marks}) ORDER BY created_at, id", ACTIVE_STATES
+        ))
+        for record in map(_record, rows):
+            if group is not None and record.group == group:
+                return record
+            members = set(record.agents) | set(record.progress.get("skipped", {}))
+            if agent is not None and agent in members:
+                return record
+        return None
+
     def all(self) -> list[RolloutRecord]:
         cursor = self.registry.db.execute("SELECT * FROM rollouts ORDER BY created_at, id")
         return [_record(r) for r in _dicts(cursor)]
@@ -180,6 +195,33 @@ class RolloutStore:
             if event is not None:
                 stage = changes.get("stage", row[0])
                 self._log(conn, rollout_id, stage, event[0], event[1])
+        return self.get(rollout_id)
+
+    def request(self, rollout_id: str, what: str) -> RolloutRecord:
+        """Record an operator's ``abort``, ``pause`` or ``resume`` in one transaction that also
+        checks the rollout is not finished (a controller may finish it at the same moment).
+
+        Raises:
+            RegistryError: unknown id, or the rollout is already finished.
+        """
+        column, value, kind = {
+            "abort": ("abort_requested", 1, "abort-requested"),
+            "pause": ("paused", 1, "paused"),
+            "resume": ("paused", 0, "resumed"),
+        }[what]
+        with self.registry.transaction() as conn:
+            row = conn.execute(
+                f"SELECT state, stage, {column} FROM rollouts WHERE id = ?", (rollout_id,)
+            ).fetchone()
+            if row is None:
+                raise RegistryError(f"no rollout {rollout_id!r} (see `edgefleet rollout status`)")
+            state, stage, current = row
+            if state in TERMINAL_STATES:
+                raise RegistryError(f"rollout {rollout_id} is {state}: nothing to {what}")
+            if current != value:
+                conn.execute(f"UPDATE rollouts SET {column} = ?, updated_at = ? WHERE id = ?",
+                             (value, _now(), rollout_id))
+                self._log(conn, rollout_id, stage, kind, {})
         return self.get(rollout_id)
 
     def log(self, rollout_id: str, stage: int, kind: str, detail: dict[str, Any]) -> None:

@@ -129,7 +129,7 @@ def add_broker_commands(sub: Any, json_arg: Any) -> None:
         description="Write a Mosquitto ACL file (acl_file): each agent, logged in with its agent id as user "
         "name, may write only its own agents/ID/state|health|events|deployments and read repo/# and its own "
         "commands; the trainer's user may write repo/# and commands and read every agent's topics. "
-        "--any-agent writes `pattern` lines with %%u instead of one block per agent (docs/security.md).")
+        "--any-agent writes `pattern` lines with %u instead of one block per agent (docs/security.md).")
     p.add_argument("--out", required=True, metavar="FILE", help="the ACL file to write (replaced atomically)")
     p.add_argument("--topic-root", default="edgefleet/v1", help="topic prefix (default: %(default)s)")
     p.add_argument("--any-agent", action="store_true",

@@ -3,7 +3,9 @@
 Layout under the state dir::
 
     bundles/{sha256}.zip     bundles that are or were active (current + previous per slot)
-    state.json               {"bdseq": N, "slots": {slot: {"current": {...}, "previous": {...}}}}
+                             and each slot's shadow candidate
+    state.json               {"bdseq": N, "slots": {slot: {"current": {...}, "previous": {...},
+                                                          "shadow": {...}}}}
 
 Every write is temp file + fsync + ``os.replace``: a crash leaves either the old or the new
 state, never a mix. :meth:`ActivationStore.recover` removes what a crash left behind (temp
@@ -148,6 +150,43 @@ class ActivationStore:
             entries = [(s, v["current"]) for s, v in sorted(self._state["slots"].items()) if v.get("current")]
         return [(s, ActiveRecord.from_json(e)) for s, e in entries]
 
+    def shadow(self, slot: str) -> ActiveRecord | None:
+        """The shadow candidate installed beside the slot's model, if any."""
+        with self._lock:
+            entry = self._state["slots"].get(slot, {}).get("shadow")
+        return ActiveRecord.from_json(entry) if entry else None
+
+    def shadows(self) -> list[tuple[str, ActiveRecord]]:
+        """``(slot, shadow record)`` of every slot that has one, as one consistent snapshot."""
+        with self._lock:
+            entries = [(s, v["shadow"]) for s, v in sorted(self._state["slots"].items()) if v.get("shadow")]
+        return [(s, ActiveRecord.from_json(e)) for s, e in entries]
+
+    def set_shadow(self, slot: str, record: ActiveRecord | None) -> None:
+        """Install ``record`` (its bundle must be staged) as the slot's shadow, or with ``None``
+        remove the shadow (its bundle goes unless something else uses it).
+
+        Raises:
+            FileNotFoundError: the bundle is not staged.
+            OSError: ``state.json`` cannot be written (nothing changed).
+        """
+        if record is not None and not self.bundle_path(record.sha256).exists():
+            raise FileNotFoundError(f"bundle {record.sha256} is not staged")
+        with self._lock:
+            entry = self._state["slots"].setdefault(slot, {})
+            before = dict(entry)
+            if record is None:
+                entry.pop("shadow", None)
+            else:
+                entry["shadow"] = asdict(record)
+        try:
+            self._save()
+        except OSError:
+            with self._lock:
+                self._state["slots"][slot] = before
+            raise
+        self._prune()
+
     def bundle_path(self, sha256: str) -> Path:
         return self.bundles / f"{sha256}.zip"
 
@@ -191,6 +230,11 @@ class ActivationStore:
                     log.error("slot %s: active bundle %s is missing; slot cleared", slot, current.sha256)
                     self._state["slots"][slot] = {}
                     cleared = True
+                shadow = self.shadow(slot)
+                if shadow and not self.bundle_path(shadow.sha256).exists():
+                    log.error("slot %s: shadow bundle %s is missing; shadow removed", slot, shadow.sha256)
+                    self._state["slots"][slot].pop("shadow", None)
+                    cleared = True
         if cleared:
             self._save()
         removed += self._prune()
@@ -200,7 +244,7 @@ class ActivationStore:
         keep = set()
         with self._lock:
             for slot in self._state["slots"]:
-                for rec in (self.current(slot), self.previous(slot)):
+                for rec in (self.current(slot), self.previous(slot), self.shadow(slot)):
                     if rec:
                         keep.add(f"{rec.sha256}.zip")
         removed = []

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from itertools import islice
@@ -50,8 +50,9 @@ from edge_agent.drift import DriftMonitor, DriftReport, DriftUnavailable, monito
 from edge_agent.mqtt import BrokerError, Will, connect_in_background, new_client
 from edge_agent.outbox import Outbox, OutboxError, OutboxPublisher
 from edge_agent.recent import RECENT_SAMPLES, discontinuity, load_recent, save_recent
-from edge_agent.reconcile import LoadedModel, Reconciler, Repository, load_active
+from edge_agent.reconcile import LoadedModel, Reconciler, Repository, load_active, load_shadow
 from edge_agent.runtime import ModelRuntime, available_runtimes, open_runtime
+from edge_agent.shadow import ShadowComparison, ShadowModel
 from edge_agent.sources import Sample, open_source, parse_source
 from edge_agent.systemd import Notifier, Watchdog
 from edge_agent.throttle import ThrottledLog
@@ -154,8 +155,13 @@ class Agent:
         self.exit_code = EXIT_OK
         self.started_at = _now()  # health ``started_at``: counters count from here
         self._stdin = stdin
-        self._lock = threading.Lock()  # guards self._detectors, self._drift and self._history
+        self._lock = threading.Lock()  # guards self._detectors, _drift, _shadows and _history
         self._detectors: dict[str, Detector] = {}
+        # per slot, the shadow candidate run beside its model; replaced, never changed in
+        # place (like _drift): an empty dict keeps shadow mode off the serving path
+        self._shadows: dict[str, ShadowModel] = {}
+        self._shadow_failures: dict[str, DeploymentStatus] = {}  # the last failed shadow per slot
+        self._shadow_errors = ThrottledLog(log, 60.0)  # failed shadow inferences
         # per slot; replaced, never changed in place, so that a reader may keep a reference
         self._drift: dict[str, DriftMonitor | DriftUnavailable] = {}
         self._history: deque[Sample] = deque(maxlen=HISTORY)
@@ -217,6 +223,10 @@ class Agent:
             loaded = load_active(self.store, slot, c.threads, open_model=self._open_model)
             if loaded:
                 self._install(slot, loaded)
+        for slot, _record in self.store.shadows():
+            shadow = load_shadow(self.store, slot, c.threads, open_model=self._open_model)
+            if shadow:
+                self._install_shadow(slot, shadow)
         if c.emulated:
             log.warning(
                 "profile %s (%s) is emulated on this %s host: figures are this host's",
@@ -316,6 +326,7 @@ class Agent:
             after_pass=self.federation.on_pass if self.federation is not None else None,
             untrusted=self.federation.on_untrusted if self.federation is not None else None,
             open_model=self._open_model,
+            shadow=self._install_shadow, report_shadow=self._report_shadow,
         )
         self.trusted = trusted
 
@@ -504,6 +515,32 @@ class Agent:
             self._publish(self.topics.agent_state(self.config.agent_id),
                           encode_agent_state(self._state("online")), retain=True)
 
+    def _report_shadow(self, slot: str, state: str, model: str, version: int, serial: int,
+                       reason: str | None) -> None:
+        """A state change of a slot's shadow candidate: a deployment status with role
+        ``shadow``, unretained (the retained status stays the serving model's); a ``failed``
+        one also shows in health ``shadow`` until the shadow changes."""
+        status = DeploymentStatus(agent=self.config.agent_id, slot=slot, model=model or "-",
+                                  version=version, state=state, reason=reason, serial=serial,
+                                  ts=_now(), role="shadow")
+        failures = {s: f for s, f in self._shadow_failures.items() if s != slot}
+        if state == "failed":
+            failures[slot] = status
+        self._shadow_failures = failures  # replaced, never changed in place: health reads it
+        self._publish(self.topics.agent_deployments(self.config.agent_id),
+                      encode_deployment_status(status), retain=False)
+
+    def shadow_health(self) -> dict[str, Any] | None:
+        """Health ``shadow``: per slot, the shadow's comparison with the slot's model, or its
+        failure; ``None`` when no slot has a shadow."""
+        with self._lock:
+            shadows = self._shadows
+        out: dict[str, Any] = {slot: m.to_json() for slot, m in sorted(shadows.items())}
+        for slot, status in self._shadow_failures.items():
+            out[slot] = {"model": status.model, "version": status.version, "state": "failed",
+                         "reason": status.reason}
+        return out or None
+
     def health(self, *, cpu_share: bool = True) -> AgentHealth:
         """Counters and gauges; ``outbox_dropped`` also counts the events that could not be
         stored at all (disk full) since the agent started.
@@ -533,6 +570,7 @@ class Agent:
             drift=self._assess_drift(),
             extra=extra,
             started_at=self.started_at,
+            shadow=self.shadow_health(),
         )
 
     def _assess_drift(self) -> dict[str, Any]:
@@ -657,6 +695,9 @@ class Agent:
             self._detectors[slot] = detector
             self._drift = {**self._drift, slot: drift}
             self._records[slot] = loaded.record
+            shadow = self._shadows.get(slot)
+            if shadow is not None:  # compared with another model from now on: start over
+                self._shadows = {**self._shadows, slot: replace(shadow, comparison=ShadowComparison())}
         self.model_ready.set()
         if old is not None:
             s = old.stats()
@@ -664,6 +705,38 @@ class Agent:
             self._retired["anomalies"] += s.anomalies
         log.info("slot %s now serves %s@%s (%s/%s)", slot, loaded.record.model,
                  loaded.record.version, loaded.record.format, loaded.record.quantization)
+
+    def _install_shadow(self, slot: str, loaded: LoadedModel | None) -> None:
+        """Run ``loaded`` beside the slot's model (pre-filled like :meth:`_install`, with a
+        fresh comparison), or with ``None`` unload the slot's shadow. A shadow's detections
+        never become events, outbox entries, drift observations or federated windows."""
+        if loaded is None:
+            with self._lock:
+                self._shadows = {s: m for s, m in self._shadows.items() if s != slot}
+            log.info("slot %s: shadow removed", slot)
+            return
+        detector = Detector(loaded.runtime, loaded.spec, model_version=loaded.record.version, slot=slot)
+        features = loaded.spec.features
+        with self._lock:
+            start = max(0, len(self._history) - (loaded.spec.window - 1))
+            for sample in islice(self._history, start, None):
+                detector.push(sample.timestamp, [sample.values.get(f) for f in features])
+            shadow = ShadowModel(loaded.record, detector, ShadowComparison())
+            self._shadows = {**self._shadows, slot: shadow}
+        log.info("slot %s now shadows its model with %s@%s (%s/%s)", slot, loaded.record.model,
+                 loaded.record.version, loaded.record.format, loaded.record.quantization)
+
+    def _shadow_push(self, shadow: ShadowModel, sample: Sample, active: Detection | None) -> None:
+        """Score ``sample`` with the slot's shadow and compare it with the serving model's
+        ``active`` detection of the same sample (when both scored it). Never raises."""
+        try:
+            detector = shadow.detector
+            seen = detector.push(sample.timestamp, [sample.values.get(f) for f in detector.spec.features])
+        except Exception as e:  # counted in the shadow's errors; the serving model carries on
+            self._shadow_errors.warning("slot %s: shadow inference failed: %s", detector.slot, e)
+            return
+        if seen is not None and active is not None:
+            shadow.comparison.add(active, seen)
 
     def _serve(self, samples: Iterator[Sample]) -> None:
         topic = self.topics.agent_events(self.config.agent_id)
@@ -678,7 +751,9 @@ class Agent:
                 self._history.append(sample)
                 detectors = list(self._detectors.values())
                 monitors = self._drift  # copy-on-write: no copy per sample
+                shadows = self._shadows  # copy-on-write; empty unless a slot runs a shadow
             for detector in detectors:
+                detection: Detection | None = None
                 try:
                     values = [sample.values.get(f) for f in detector.spec.features]
                     detection = detector.push(sample.timestamp, values)
@@ -689,8 +764,13 @@ class Agent:
                 except Exception:
                     self._errors += 1
                     log.exception("inference failed")
-                    continue
-                if detection is None:
+                    detection = None
+                    failed = True
+                else:
+                    failed = False
+                if shadows and (shadow := shadows.get(detector.slot)) is not None:
+                    self._shadow_push(shadow, sample, detection)  # same sample, same window
+                if failed or detection is None:
                     continue
                 if detection.is_anomaly:
                     self._store_event(topic, detection)
@@ -711,6 +791,8 @@ class Agent:
         self._history.clear()
         for detector in self._detectors.values():
             detector.restart_window()
+        for shadow in self._shadows.values():
+            shadow.detector.restart_window()
 
     def _save_recent(self) -> None:
         """Save the history for the next start (see :mod:`edge_agent.recent`); a failure is

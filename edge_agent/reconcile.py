@@ -3,7 +3,9 @@
 One :meth:`Reconciler.reconcile` pass: TUF refresh → the agent's own deployment document,
 else its group's → per slot, the variant for this profile and runtimes → download (verified
 by TUF) → read the bundle → open it in its runtime and smoke-test the golden vectors →
-activate atomically. Any failure keeps the previous model serving and is reported as
+activate atomically; then each slot's optional shadow candidate, through the very same steps,
+handed to the serving loop to run beside the slot's model (a slot without one has its shadow
+removed). Any failure keeps the previous model serving and is reported as
 ``failed`` with a reason; every state change goes to ``report``. Slots are independent: a slot
 that fails (for example because a newer trainer offers it only variants this agent cannot
 run) does not stop the others from converging.
@@ -35,6 +37,7 @@ from shared.deployment import (
     Deployment,
     DeploymentError,
     Slot,
+    Variant,
     agent_target,
     choose_variant,
     decode_deployment,
@@ -43,7 +46,7 @@ from shared.deployment import (
 )
 from shared.profiles import FirmwareProfile
 
-__all__ = ["LoadedModel", "OpenModel", "Reconciler", "Repository", "load_active"]
+__all__ = ["LoadedModel", "OpenModel", "Reconciler", "Repository", "load_active", "load_shadow"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,34 @@ def load_active(store: ActivationStore, slot: str, threads: int, *,
     return LoadedModel(record, spec, runtime)
 
 
+def load_shadow(store: ActivationStore, slot: str, threads: int, *,
+                open_model: OpenModel = open_runtime) -> LoadedModel | None:
+    """Open the slot's stored shadow candidate (at start-up); ``None`` if none or it fails."""
+    record = store.shadow(slot)
+    if record is None:
+        return None
+    try:
+        spec, model = read_bundle(store.bundle_path(record.sha256).read_bytes())
+        runtime = open_model(spec, model, threads=threads)
+        smoke_test(runtime, spec)
+    except (OSError, BundleError, ModelRuntimeError) as e:
+        log.error("slot %s: stored shadow %s@%s does not load: %s", slot, record.model, record.version, e)
+        return None
+    return LoadedModel(record, spec, runtime)
+
+
+def _record(slot: Slot, variant: Variant, serial: int) -> ActiveRecord:
+    return ActiveRecord(
+        model=slot.model,
+        version=slot.version,
+        format=variant.format,
+        quantization=variant.quantization,
+        sha256=variant.sha256,
+        target=variant.target,
+        serial=serial,
+    )
+
+
 class Reconciler:
     """Runs reconcile passes; ``activate(slot, loaded)`` hands a new model to the serving loop."""
 
@@ -111,6 +142,8 @@ class Reconciler:
         after_pass: Callable[[Repository], bool] | None = None,
         untrusted: Callable[[TrustError], None] | None = None,
         open_model: OpenModel = open_runtime,
+        shadow: Callable[[str, LoadedModel | None], None] | None = None,
+        report_shadow: Report | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.group = group
@@ -131,6 +164,11 @@ class Reconciler:
         # federated run) must stop; the deployed models keep serving.
         self.untrusted = untrusted
         self.open_model = open_model
+        # Shadow candidates (optional: without ``shadow`` a document's shadow entries are
+        # ignored): ``shadow(slot, loaded)`` installs one beside the slot's model, ``None``
+        # unloads it; ``report_shadow`` reports its states (role ``shadow``).
+        self.shadow = shadow
+        self.report_shadow = report_shadow if report_shadow is not None else report
         self._last_failure: dict[str, str] = {}  # slot → the failure last reported for it
 
     def _desired(self) -> Deployment | None:
@@ -187,18 +225,19 @@ class Reconciler:
         if desired is not None:
             for slot_name, slot in sorted(desired.slots.items()):
                 done = self._reconcile_slot(slot_name, slot, desired.serial) and done
+            if self.shadow is not None:
+                # After the serving models: a shadow never delays them. A slot the document
+                # no longer names, or names without a shadow, has its shadow removed.
+                for slot_name in sorted(set(desired.slots) | {s for s, _ in self.store.shadows()}):
+                    slot_or_none = desired.slots.get(slot_name)
+                    entry = slot_or_none.shadow if slot_or_none is not None else None
+                    done = self._reconcile_shadow(slot_name, entry, desired.serial) and done
         if self.after_pass is not None:
             done = self.after_pass(self.trusted) and done
         return done
 
     def _reconcile_slot(self, slot_name: str, slot: Slot, serial: int) -> bool:
-        variant = choose_variant(
-            slot,
-            self.profile.name,
-            self.profile.preferred_format,
-            self.profile.preferred_quantization,
-            self.available,
-        )
+        variant = self._choose(slot)
         if variant is None:
             self._fail(slot_name, slot.model, slot.version, serial, self._no_variant_reason(slot))
             return True
@@ -208,11 +247,112 @@ class Reconciler:
         report = lambda state, reason=None: self.report(  # noqa: E731
             slot_name, state, slot.model, slot.version, serial, reason
         )
+        fail = lambda reason: self._fail(  # noqa: E731
+            slot_name, slot.model, slot.version, serial, reason
+        )
+        opened = self._open_variant(slot_name, variant, report, fail)
+        if opened is None:  # that runtime does not load: choose among the other formats
+            return self._reconcile_slot(slot_name, slot, serial)
+        if isinstance(opened, bool):
+            return opened
+        data, spec, runtime = opened
+        record = _record(slot, variant, serial)
+        try:
+            self.store.stage(variant.sha256, data)
+            self.store.activate(slot_name, record)
+        except OSError as e:  # a full disk: the previous model keeps serving; retried later
+            fail(f"storage: {e}")
+            return False
+        self.activate(slot_name, LoadedModel(record, spec, runtime))
+        older = current is not None and current.model == slot.model and slot.version < current.version
+        report("rolled_back" if older else "active")
+        self._last_failure.pop(slot_name, None)
+        self._last_failure.pop("*", None)
+        return True
+
+    def _reconcile_shadow(self, slot_name: str, shadow: Slot | None, serial: int) -> bool:
+        """Converge the slot's shadow candidate exactly as a serving model (same TUF
+        verification, same smoke test), but hand it to :attr:`shadow`; a shadow that fails is
+        reported ``failed`` with role ``shadow`` and the serving model is not touched."""
+        assert self.shadow is not None and self.report_shadow is not None
+        key = f"{slot_name}#shadow"
+        current = self.store.shadow(slot_name)
+        if shadow is None:
+            self._last_failure.pop(key, None)
+            if current is None:
+                return True
+            try:
+                self.store.set_shadow(slot_name, None)
+            except OSError as e:  # retried later; the shadow keeps running meanwhile
+                log.warning("slot %s: cannot remove shadow %s@%s: %s", slot_name, current.model,
+                            current.version, e)
+                return False
+            self.shadow(slot_name, None)
+            self.report_shadow(slot_name, "removed", current.model, current.version, serial, None)
+            return True
+        report = lambda state, reason=None: self.report_shadow(  # noqa: E731
+            slot_name, state, shadow.model, shadow.version, serial, reason
+        )
+
+        def fail(reason: str) -> None:
+            key_value = f"{shadow.model}|{shadow.version}|{serial}|{reason}"
+            if self._last_failure.get(key) != key_value:  # once, not every refresh
+                self._last_failure[key] = key_value
+                log.warning("slot %s: shadow %s@%s failed: %s", slot_name, shadow.model,
+                            shadow.version, reason)
+                report("failed", reason)
+
+        variant = self._choose(shadow)
+        if variant is None:
+            fail(self._no_variant_reason(shadow))
+            return True
+        if current is not None and current.sha256 == variant.sha256:
+            return True
+        opened = self._open_variant(slot_name, variant, report, fail)
+        if opened is None:
+            return self._reconcile_shadow(slot_name, shadow, serial)
+        if isinstance(opened, bool):
+            return opened
+        data, spec, runtime = opened
+        record = _record(shadow, variant, serial)
+        try:
+            self.store.stage(variant.sha256, data)
+            self.store.set_shadow(slot_name, record)
+        except OSError as e:
+            fail(f"storage: {e}")
+            return False
+        self.shadow(slot_name, LoadedModel(record, spec, runtime))
+        report("active")
+        self._last_failure.pop(key, None)
+        return True
+
+    def _choose(self, slot: Slot) -> Variant | None:
+        return choose_variant(
+            slot,
+            self.profile.name,
+            self.profile.preferred_format,
+            self.profile.preferred_quantization,
+            self.available,
+        )
+
+    def _open_variant(
+        self,
+        slot_name: str,
+        variant: Variant,
+        report: Callable[..., None],
+        fail: Callable[[str], None],
+    ) -> tuple[bytes, BundleSpec, ModelRuntime] | bool | None:
+        """Download (verified by TUF), read and smoke-test ``variant``, reporting each step.
+
+        Returns the bundle bytes, spec and opened runtime; or ``None`` when the variant's
+        runtime turned out not to load (the caller chooses again among the other formats);
+        or, after a failure already reported through ``fail``, whether the pass is done
+        (``False``: retry it later)."""
         report("downloading")
         try:
             data = self.trusted.fetch_target(variant.target)
         except TrustError as e:
-            self._fail(slot_name, slot.model, slot.version, serial, str(e))
+            fail(str(e))
             return e.kind != "unavailable"
         report("verifying")
         try:
@@ -223,7 +363,7 @@ class Reconciler:
                     f"{variant.format}/{variant.quantization}"
                 )
         except BundleError as e:
-            self._fail(slot_name, slot.model, slot.version, serial, f"bad bundle: {e}")
+            fail(f"bad bundle: {e}")
             return True
         report("staging")
         try:
@@ -234,31 +374,11 @@ class Reconciler:
             # load is found here. Stop offering its format and choose among the others.
             log.warning("slot %s: %s; choosing among the other formats", slot_name, e)
             self.available = [f for f in self.available if f != variant.format]
-            return self._reconcile_slot(slot_name, slot, serial)
+            return None
         except ModelRuntimeError as e:
-            self._fail(slot_name, slot.model, slot.version, serial, f"smoke test: {e}")
+            fail(f"smoke test: {e}")
             return True
-        record = ActiveRecord(
-            model=slot.model,
-            version=slot.version,
-            format=variant.format,
-            quantization=variant.quantization,
-            sha256=variant.sha256,
-            target=variant.target,
-            serial=serial,
-        )
-        try:
-            self.store.stage(variant.sha256, data)
-            self.store.activate(slot_name, record)
-        except OSError as e:  # a full disk: the previous model keeps serving; retried later
-            self._fail(slot_name, slot.model, slot.version, serial, f"storage: {e}")
-            return False
-        self.activate(slot_name, LoadedModel(record, spec, runtime))
-        older = current is not None and current.model == slot.model and slot.version < current.version
-        report("rolled_back" if older else "active")
-        self._last_failure.pop(slot_name, None)
-        self._last_failure.pop("*", None)
-        return True
+        return data, spec, runtime
 
     def _no_variant_reason(self, slot: Slot) -> str:
         """``no runnable variant for profile P (runtimes …): onnx/int4: unknown quantization; …``."""

@@ -7,7 +7,14 @@ Schema ``edgefleet.deployment/1``::
      "serial": 3,                       # increases with every document of that scope
      "slots": {"default": {"model": "m", "version": 2, "variants": [
          {"target": "artifacts/m-2-onnx-int8.zip", "format": "onnx", "quantization": "int8",
-          "profiles": ["rpi4-arm64", "x86-64-v3"], "sha256": "…", "size_bytes": 75184}]}}}
+          "profiles": ["rpi4-arm64", "x86-64-v3"], "sha256": "…", "size_bytes": 75184}],
+         "shadow": {"model": "m", "version": 3, "variants": [ … ]}}}}   # optional
+
+A slot's optional ``shadow`` names a candidate the agent runs next to the slot's model on the
+same samples, emitting nothing, to compare the two (shadow mode); it has the shape of a slot
+(model, version, variants; a ``shadow`` inside a shadow is kept as an unknown field, never
+run). Agents that predate shadow mode keep it as an unknown slot field and ignore it: such
+an agent keeps serving the slot's model and simply reports no shadow figures.
 
 Target paths: ``deployments/groups/{group}.json`` and ``deployments/agents/{agent}.json``; an
 agent document overrides its group's (canary, pinning). A rollback is simply a newer document
@@ -153,12 +160,15 @@ class Variant:
 
 @dataclass(frozen=True)
 class Slot:
-    """What one model slot should run: ``model@version`` in one of several variants."""
+    """What one model slot should run: ``model@version`` in one of several variants, and
+    optionally a ``shadow`` candidate (a :class:`Slot` without a shadow of its own) that runs
+    beside it without emitting anything."""
 
     model: str
     version: int
     variants: tuple[Variant, ...]
     extra: Mapping[str, Any] = field(default_factory=dict)
+    shadow: Slot | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (unknown fields first, known ones win)."""
@@ -167,6 +177,7 @@ class Slot:
             "model": self.model,
             "version": self.version,
             "variants": [v.to_json() for v in self.variants],
+            **({} if self.shadow is None else {"shadow": self.shadow.to_json()}),
         }
 
 
@@ -268,8 +279,8 @@ def _scope(obj: dict[str, Any]) -> Scope:
     return Scope(kind, _check_name(obj[kind], f"{kind} name"), extra)
 
 
-def _slot(obj: Any, name: str) -> Slot:
-    where = f"slot {name!r}"
+def _slot(obj: Any, name: str, *, shadow_of: str | None = None) -> Slot:
+    where = f"slot {name!r}" if shadow_of is None else f"the shadow of slot {shadow_of!r}"
     if not isinstance(obj, dict):
         raise DeploymentError(f"{where} is not a JSON object")
     model = _get(obj, "model", str, where)
@@ -279,8 +290,14 @@ def _slot(obj: Any, name: str) -> Slot:
     if version < 1:
         raise DeploymentError(f"{where} version must be >= 1, got {version}")
     variants = tuple(_variant(v, where) for v in _get(obj, "variants", list, where))
-    extra = {k: v for k, v in obj.items() if k not in ("model", "version", "variants")}
-    return Slot(model=model, version=version, variants=variants, extra=extra)
+    shadow = None
+    known: tuple[str, ...] = ("model", "version", "variants")
+    if shadow_of is None:  # a shadow's own "shadow" is an unknown field: kept, never run
+        known += ("shadow",)
+        if obj.get("shadow") is not None:
+            shadow = _slot(obj["shadow"], name, shadow_of=name)
+    extra = {k: v for k, v in obj.items() if k not in known}
+    return Slot(model=model, version=version, variants=variants, extra=extra, shadow=shadow)
 
 
 def _variant(obj: Any, slot_where: str) -> Variant:

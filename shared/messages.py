@@ -156,7 +156,7 @@ AGENT_STATUSES: tuple[str, ...] = ("online", "offline", "stopped")
 #: ``state`` values this version writes, in the order a successful deployment passes them
 #: (readers accept others).
 DEPLOYMENT_STATES: tuple[str, ...] = (
-    "downloading", "verifying", "staging", "active", "failed", "rolled_back",
+    "downloading", "verifying", "staging", "active", "failed", "rolled_back", "removed",
 )
 
 __all__ += [
@@ -359,6 +359,16 @@ class AgentHealth:
 
     ``started_at`` (optional; older agents omit it): when the agent process started (ISO
     time); a new value means the counters restarted from zero.
+
+    ``shadow`` (optional; omitted when no slot runs a shadow, and by agents before shadow mode)
+    maps each slot that runs a shadow candidate beside its model to the comparison since the
+    shadow was installed: ``model``, ``version``, ``state`` (``active``, or ``failed`` with a
+    ``reason`` when the candidate did not pass its smoke test), ``samples`` (samples both
+    models scored), ``agreement`` (fraction of those where both decisions agree; ``null``
+    before the first), ``active_only`` and ``shadow_only`` (alarms raised by one model only),
+    ``correlation`` (Pearson correlation of the two raw scores; ``null`` while undefined),
+    ``errors`` (failed shadow inferences) and ``latency_ms`` (``p50``/``p99`` of the shadow's
+    inferences). Other keys are kept.
     """
 
     agent: str
@@ -375,10 +385,11 @@ class AgentHealth:
     drift: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     started_at: str | None = None
+    shadow: Mapping[str, Any] | None = None
 
     _COUNTS = ("inferences", "anomalies", "errors", "outbox_depth", "outbox_dropped")
     _KNOWN = ("schema", "agent", "ts", "latency_ms", "rss_mb", "cpu_percent", "federated", "drift",
-              "started_at", *_COUNTS)
+              "started_at", "shadow", *_COUNTS)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (unknown fields first, known ones win)."""
@@ -399,6 +410,7 @@ class AgentHealth:
             }}),
             **({} if self.drift is None else {"drift": _finite(self.drift)}),
             **({} if self.started_at is None else {"started_at": self.started_at}),
+            **({} if self.shadow is None else {"shadow": _finite(self.shadow)}),
         }
 
 
@@ -442,6 +454,19 @@ def decode_agent_health(data: bytes) -> AgentHealth:
                 _field(slot, "drifted", bool)
     if "started_at" in obj:
         _field(obj, "started_at", str, nullable=True)
+    shadow = obj.get("shadow")
+    if shadow is not None:
+        _field(obj, "shadow", dict)
+        for slot in shadow.values():
+            if not isinstance(slot, dict):
+                raise MessageError("field 'shadow' must map slots to JSON objects")
+            _field(slot, "model", str)
+            _field(slot, "version", int)
+            if "samples" in slot:
+                _count(slot, "samples")
+            for name in ("agreement", "correlation"):
+                if name in slot:
+                    _field(slot, name, (int, float), nullable=True)
     return AgentHealth(
         agent=obj["agent"],
         ts=obj["ts"],
@@ -453,6 +478,7 @@ def decode_agent_health(data: bytes) -> AgentHealth:
         drift=None if drift is None else dict(drift),
         extra=_rest(obj, AgentHealth._KNOWN),
         started_at=obj.get("started_at"),
+        shadow=None if shadow is None else dict(shadow),
     )
 
 
@@ -463,6 +489,12 @@ class DeploymentStatus:
     ``serial`` is the serial of the deployment document being applied; ``reason`` explains a
     ``failed`` or ``rolled_back`` state (``None`` otherwise). ``state`` is any non-empty
     string (this version writes :data:`DEPLOYMENT_STATES`).
+
+    ``role`` says which model of the slot the status is about: ``active`` (the model that
+    serves; the field is omitted for it, as agents before shadow mode wrote no role) or
+    ``shadow`` (a candidate run beside it for comparison, see
+    :class:`~shared.deployment.Slot`), which also reports ``removed`` when it is unloaded.
+    Agents publish shadow statuses unretained: the retained status stays the serving model's.
     """
 
     agent: str
@@ -474,15 +506,18 @@ class DeploymentStatus:
     serial: int
     ts: str
     extra: Mapping[str, Any] = field(default_factory=dict)
+    role: str = "active"
 
-    _KNOWN = ("schema", "agent", "slot", "model", "version", "state", "reason", "serial", "ts")
+    _KNOWN = ("schema", "agent", "slot", "model", "version", "state", "reason", "serial", "ts",
+              "role")
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (unknown fields first, known ones win)."""
         return {
             **self.extra,
             "schema": SCHEMA_DEPLOYMENT_STATUS,
-            **{k: getattr(self, k) for k in self._KNOWN[1:]},
+            **{k: getattr(self, k) for k in self._KNOWN[1:-1]},
+            **({} if self.role == "active" else {"role": self.role}),
         }
 
 
@@ -508,9 +543,13 @@ def decode_deployment_status(data: bytes) -> DeploymentStatus:
     _field(obj, "version", int)
     _count(obj, "serial")
     _field(obj, "reason", str, nullable=True)
+    role = obj.get("role", "active")
+    if not isinstance(role, str) or not role:
+        raise MessageError("field 'role' must be a non-empty string")
     return DeploymentStatus(
-        **{k: obj[k] for k in DeploymentStatus._KNOWN[1:]},
+        **{k: obj[k] for k in DeploymentStatus._KNOWN[1:-1]},
         extra=_rest(obj, DeploymentStatus._KNOWN),
+        role=role,
     )
 
 

@@ -444,42 +444,57 @@ def cmd_repo_rotate_root(args: argparse.Namespace) -> int:
 
 @_command
 def cmd_deploy(args: argparse.Namespace) -> int:
-    """Deploy MODEL@VERSION to a group or one agent and publish it."""
+    """Deploy MODEL@VERSION to a group or one agent and publish it (``--shadow``: as the
+    slot's shadow candidate; ``--clear-shadow``: remove the slot's shadow candidate)."""
     from shared.deployment import DeploymentError, scope_target
-    from trainer.fleet.deploy import deploy, open_repository
+    from trainer.fleet.deploy import (
+        clear_shadow,
+        deploy,
+        open_repository,
+        plan_shadow_removal,
+    )
     from trainer.registry import Registry, parse_model_ref
 
     _check_broker(args)
     topics = _topics(args)
+    if args.clear_shadow and args.ref is not None:
+        raise _usage("--clear-shadow takes no MODEL@VERSION: it removes the slot's shadow")
+    if not args.clear_shadow and args.ref is None:
+        raise _usage("give MODEL@VERSION to deploy (or --clear-shadow to remove a shadow)")
     try:
-        scope_target(group=args.group, agent=args.agent)
+        scope = scope_target(group=args.group, agent=args.agent)
     except DeploymentError as e:
         raise _usage(str(e)) from e
     # Everything that is the user's input is checked before connecting.
-    name, version = parse_model_ref(args.ref)
-    with Registry.open(args.registry) as reg:
-        reg.get(name, version)
-        if not args.force:
-            _refuse_during_rollout(reg, group=args.group, agent=args.agent)
-    open_repository(args.registry)
+    if args.clear_shadow:
+        with Registry.open(args.registry) as reg:
+            if not args.force:
+                _refuse_during_rollout(reg, group=args.group, agent=args.agent)
+        plan_shadow_removal(open_repository(args.registry), scope, args.slot)
+    else:
+        name, version = parse_model_ref(args.ref)
+        with Registry.open(args.registry) as reg:
+            reg.get(name, version)
+            if not args.force:
+                _refuse_during_rollout(reg, group=args.group, agent=args.agent)
+        open_repository(args.registry)
     with _connected(args) as client:
-        report = deploy(
-            args.registry,
-            args.ref,
-            group=args.group,
-            agent=args.agent,
-            slot=args.slot,
-            client=client,
-            topics=topics,
-            chunk_size=args.chunk_size,
-            timeout=args.broker_timeout,
-        )
+        common: dict[str, Any] = dict(group=args.group, agent=args.agent, slot=args.slot, client=client,
+                                      topics=topics, chunk_size=args.chunk_size,
+                                      timeout=args.broker_timeout)
+        if args.clear_shadow:
+            report = clear_shadow(args.registry, **common)
+        else:
+            report = deploy(args.registry, args.ref, shadow=args.shadow, **common)
     if args.json:
         print_json(report.to_json())
     else:
         scope = report.scope
+        what = {"active": "deployed", "shadow": "deployed as shadow",
+                "shadow-cleared": "cleared the shadow"}[report.role]
         print(
-            f"deployed {report.model}@{report.version} to {scope.kind} {scope.name} "
+            f"{what} {report.model}@{report.version} {'of' if report.role == 'shadow-cleared' else 'to'} "
+            f"{scope.kind} {scope.name} "
             f"(slot {report.slot}, serial {report.serial}) as {report.document_target}"
         )
         for target in report.bundle_targets:
@@ -668,7 +683,8 @@ def add_fleet_commands(
     p.set_defaults(func=cmd_repo_rotate_root)
 
     p = sub.add_parser("deploy", help="deploy MODEL@VERSION to a group or an agent")
-    p.add_argument("ref", metavar="MODEL@VERSION", help="what to deploy (MODEL alone: latest)")
+    p.add_argument("ref", metavar="MODEL@VERSION", nargs="?",
+                   help="what to deploy (MODEL alone: latest); omitted with --clear-shadow")
     scope = p.add_mutually_exclusive_group(required=True)
     scope.add_argument("--group", metavar="G", help="every agent of group G")
     scope.add_argument("--agent", metavar="ID", help="one agent (overrides its group's document)")
@@ -676,6 +692,14 @@ def add_fleet_commands(
     p.add_argument("--force", action="store_true",
                    help="deploy even while a rollout holds the group (the rollout's promotion "
                    "or rollback may overwrite it)")
+    role = p.add_mutually_exclusive_group()
+    role.add_argument(
+        "--shadow", action="store_true",
+        help="run it as the slot's shadow candidate: beside the slot's model on the same "
+             "samples, emitting no events; agents report decision agreement and score "
+             "correlation (fleet status)")
+    role.add_argument("--clear-shadow", action="store_true",
+                      help="remove the slot's shadow candidate (no MODEL@VERSION)")
     registry_arg(p)
     _broker_args(p, required=True)
     _chunk_size_arg(p)

@@ -83,6 +83,9 @@ class _HealthCollector(Collector):
         drift = getattr(h, "drift", None)
         if isinstance(drift, Mapping):
             yield from _drift_families(drift)
+        shadow = getattr(h, "shadow", None)
+        if isinstance(shadow, Mapping):
+            yield from _shadow_families(shadow)
 
 
 def _number(value: Any) -> float | None:
@@ -127,6 +130,45 @@ def _drift_families(drift: Mapping[str, Any]) -> Iterator[GaugeMetricFamily]:
                     family.add_metric([str(slot), kind, str(name)], v)
     yield from per_slot.values()
     yield from per_series.values()
+
+
+def _shadow_families(shadow: Mapping[str, Any]) -> Iterator[GaugeMetricFamily]:
+    """Health ``shadow`` (slot → the comparison of its shadow candidate with its model) as
+    gauges labelled with the slot and the candidate; a figure that is ``null`` (no sample yet,
+    an undefined correlation) or missing is skipped. A failed shadow has only ``_info``."""
+    labels = ["slot", "model", "version"]
+    info = GaugeMetricFamily(f"{PREFIX}_shadow_info",
+                             "The shadow candidate each slot runs, by state (value 1).",
+                             labels=[*labels, "state"])
+    figures = {
+        key: GaugeMetricFamily(f"{PREFIX}_shadow_{key}", doc, labels=labels)
+        for key, doc in (
+            ("samples", "Samples both the slot's model and its shadow scored."),
+            ("agreement", "Fraction of those samples where both decisions agree."),
+            ("active_only", "Alarms only the slot's serving model raised."),
+            ("shadow_only", "Alarms only the shadow candidate raised."),
+            ("correlation", "Pearson correlation of the two models' raw scores."),
+            ("errors", "Failed shadow inferences."))
+    }
+    latency = GaugeMetricFamily(f"{PREFIX}_shadow_latency_milliseconds",
+                                "Shadow inference latency percentiles over its last inferences.",
+                                labels=[*labels, "quantile"])
+    for slot, entry in sorted(shadow.items()):
+        if not isinstance(entry, Mapping):
+            continue
+        key = [str(slot), str(entry.get("model")), str(entry.get("version"))]
+        info.add_metric([*key, str(entry.get("state", "active"))], 1)
+        for name, family in figures.items():
+            if (v := _number(entry.get(name))) is not None:
+                family.add_metric(key, v)
+        lat = entry.get("latency_ms")
+        if isinstance(lat, Mapping):
+            for q, quantile in (("p50", "0.5"), ("p99", "0.99")):
+                if (v := _number(lat.get(q))) is not None:
+                    latency.add_metric([*key, quantile], v)
+    yield info
+    yield from figures.values()
+    yield latency
 
 
 class AgentMetrics:

@@ -10,6 +10,12 @@ both, and publishes the repository to the broker's retained ``repo/`` topics.
 A rollback is the same operation with an older version: a newer document (higher serial)
 pointing at older artifacts.
 
+Shadow mode: ``shadow=True`` writes ``MODEL@VERSION`` as the slot's ``shadow`` entry instead
+of its model (the slot must serve a model already); agents run it beside the slot's model on
+the same samples, emit nothing from it, and report how the two compare.
+:func:`clear_shadow` removes the entry. A plain deployment of the slot replaces the whole slot
+and so ends its shadow too.
+
 The TUF repository lives in ``{registry}/tuf`` (``edgefleet repo init``). Writers of the
 repository (deploy, publish, refresh, prune, rotate-root) take an exclusive lock on
 ``{registry}/tuf/.lock`` so that two concurrent commands never sign conflicting versions.
@@ -22,7 +28,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +55,12 @@ __all__ = [
     "DeployError",
     "DeployReport",
     "DeploymentPlan",
+    "clear_shadow",
     "deploy",
     "init_repository",
     "open_repository",
     "plan_deployment",
+    "plan_shadow_removal",
     "repository_lock",
     "repository_path",
 ]
@@ -79,10 +87,14 @@ class DeployReport:
     bundle_targets: tuple[str, ...]
     document: Deployment
     publish: PublishReport
+    #: ``active`` (the slot's model), ``shadow`` (its shadow candidate was set) or
+    #: ``shadow-cleared`` (its shadow candidate, ``model@version``, was removed).
+    role: str = "active"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able summary (what ``edgefleet deploy --json`` prints)."""
         return {
+            "role": self.role,
             "model": self.model,
             "version": self.version,
             "scope": self.scope.to_json(),
@@ -184,15 +196,19 @@ def plan_deployment(
     model_ref: str,
     scope: Scope,
     slot: str = "default",
+    *,
+    shadow: bool = False,
 ) -> DeploymentPlan:
     """Work out the target files and the new document of a deployment, without writing.
 
-    ``model_ref`` is ``MODEL@VERSION`` (``MODEL`` alone means its latest version).
+    ``model_ref`` is ``MODEL@VERSION`` (``MODEL`` alone means its latest version). With
+    ``shadow`` it becomes the slot's shadow candidate; the slot's model stays.
 
     Raises:
         RegistryError: unknown model or version, or a malformed reference.
         DeployError: the version has no artifacts, a bundle does not match its recorded hash,
-            or the scope's current document is unreadable.
+            the scope's current document is unreadable, or (``shadow``) the scope's document
+            has no such slot to shadow.
     """
     name, version = parse_model_ref(model_ref)
     record = registry.get(name, version)
@@ -228,7 +244,40 @@ def plan_deployment(
 
     previous = _current_document(repo, scope)
     slots = dict(previous.slots) if previous else {}
-    slots[slot] = Slot(model=record.model, version=record.version, variants=tuple(variants))
+    entry = Slot(model=record.model, version=record.version, variants=tuple(variants))
+    if shadow:
+        if slot not in slots:
+            raise DeployError(
+                f"{scope.kind} {scope.name} has no model in slot {slot!r} to shadow: "
+                f"deploy one first"
+            )
+        slots[slot] = replace(slots[slot], shadow=entry)
+    else:
+        slots[slot] = entry
+    return _plan(scope, previous, slots, files, custom)
+
+
+def plan_shadow_removal(repo: TufRepository, scope: Scope, slot: str = "default") -> DeploymentPlan:
+    """The new document of the scope without the slot's shadow candidate, without writing.
+
+    Raises:
+        DeployError: the scope's document is unreadable or its slot has no shadow.
+    """
+    previous = _current_document(repo, scope)
+    current = previous.slots.get(slot) if previous else None
+    if previous is None or current is None or current.shadow is None:
+        raise DeployError(f"{scope.kind} {scope.name} has no shadow in slot {slot!r} to clear")
+    slots = {**previous.slots, slot: replace(current, shadow=None)}
+    return _plan(scope, previous, slots, {}, {})
+
+
+def _plan(
+    scope: Scope,
+    previous: Deployment | None,
+    slots: dict[str, Slot],
+    files: dict[str, bytes],
+    custom: dict[str, dict[str, Any]],
+) -> DeploymentPlan:
     try:
         document = Deployment(
             scope=scope,
@@ -266,11 +315,14 @@ def deploy(
     slot: str = "default",
     client: mqtt.Client,
     topics: Topics,
+    shadow: bool = False,
     root_key_dir: str | os.PathLike[str] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     timeout: float = 30.0,
 ) -> DeployReport:
     """Deploy ``model_ref`` (``MODEL@VERSION``) to exactly one of ``group`` / ``agent``.
+
+    With ``shadow`` the version becomes the slot's shadow candidate instead of its model.
 
     ``client`` must be connected (``edge_agent.mqtt.connect``). ``root_key_dir`` is accepted
     for symmetry with ``repo init``; the online keys in ``{registry}/tuf/keys`` sign deployments.
@@ -286,20 +338,69 @@ def deploy(
         trainer.fleet.publisher.PublishError: the broker did not acknowledge in time.
     """
     del root_key_dir  # the root key is only needed to (re)sign root.json
-    try:
-        scope = scope_target(group=group, agent=agent)
-    except DeploymentError as e:
-        raise DeployError(str(e)) from e
+    scope = _scope(group, agent)
     with Registry.open(Path(registry_dir)) as registry:
         open_repository(registry_dir)  # a clear error before taking the lock
         with repository_lock(registry_dir):
-            report, plan = _deploy_locked(
-                registry, registry_dir, model_ref, scope, slot, client, topics, chunk_size, timeout
+            repo = open_repository(registry_dir)  # re-read under the lock: another writer may have run
+            plan = plan_deployment(registry, repo, model_ref, scope, slot, shadow=shadow)
+            doc_slot = plan.document.slots[slot]
+            entry = doc_slot.shadow if shadow else doc_slot
+            assert entry is not None
+            logger.info(
+                "deploying %s@%d to %s %s (slot %s%s, serial %d)", entry.model, entry.version,
+                scope.kind, scope.name, slot, ", shadow" if shadow else "", plan.document.serial,
             )
-    doc_slot = plan.document.slots[slot]
+            report = _publish_locked(repo, plan, client, topics, chunk_size, timeout)
+    return _report(plan, scope, slot, entry, "shadow" if shadow else "active", report)
+
+
+def clear_shadow(
+    registry_dir: str | os.PathLike[str],
+    *,
+    group: str | None = None,
+    agent: str | None = None,
+    slot: str = "default",
+    client: mqtt.Client,
+    topics: Topics,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    timeout: float = 30.0,
+) -> DeployReport:
+    """Remove the shadow candidate of ``slot`` from one scope's document and publish it;
+    agents unload it. The report names the removed candidate (role ``shadow-cleared``).
+
+    Same guarantees as :func:`deploy`.
+
+    Raises:
+        DeployError: bad scope, no TUF repository, no shadow in that slot.
+        trainer.fleet.publisher.PublishError: the broker did not acknowledge in time.
+    """
+    scope = _scope(group, agent)
+    open_repository(registry_dir)
+    with repository_lock(registry_dir):
+        repo = open_repository(registry_dir)
+        previous = _current_document(repo, scope)
+        removed = previous.slots[slot].shadow if previous and slot in previous.slots else None
+        plan = plan_shadow_removal(repo, scope, slot)
+        assert removed is not None
+        logger.info("clearing the shadow %s@%d of %s %s (slot %s, serial %d)", removed.model,
+                    removed.version, scope.kind, scope.name, slot, plan.document.serial)
+        report = _publish_locked(repo, plan, client, topics, chunk_size, timeout)
+    return _report(plan, scope, slot, removed, "shadow-cleared", report)
+
+
+def _scope(group: str | None, agent: str | None) -> Scope:
+    try:
+        return scope_target(group=group, agent=agent)
+    except DeploymentError as e:
+        raise DeployError(str(e)) from e
+
+
+def _report(plan: DeploymentPlan, scope: Scope, slot: str, entry: Slot, role: str,
+            report: PublishReport) -> DeployReport:
     return DeployReport(
-        model=doc_slot.model,
-        version=doc_slot.version,
+        model=entry.model,
+        version=entry.version,
         scope=scope,
         slot=slot,
         serial=plan.document.serial,
@@ -307,30 +408,21 @@ def deploy(
         bundle_targets=plan.bundle_targets,
         document=plan.document,
         publish=report,
+        role=role,
     )
 
 
-def _deploy_locked(
-    registry: Registry,
-    registry_dir: str | os.PathLike[str],
-    model_ref: str,
-    scope: Scope,
-    slot: str,
+def _publish_locked(
+    repo: TufRepository,
+    plan: DeploymentPlan,
     client: mqtt.Client,
     topics: Topics,
     chunk_size: int,
     timeout: float,
-) -> tuple[PublishReport, DeploymentPlan]:
-    repo = open_repository(registry_dir)  # re-read under the lock: another writer may have run
-    plan = plan_deployment(registry, repo, model_ref, scope, slot)
+) -> PublishReport:
+    """Add the plan's files in one signed targets version and publish (the lock is held)."""
     try:
         repo.add_targets(plan.files, custom=plan.custom)
     except RepositoryError as e:
         raise DeployError(f"cannot add targets: {e}") from e
-    doc_slot = plan.document.slots[slot]
-    logger.info(
-        "deploying %s@%d to %s %s (slot %s, serial %d)",
-        doc_slot.model, doc_slot.version, scope.kind, scope.name, slot, plan.document.serial,
-    )
-    report = publish_repository(repo, client, topics, chunk_size=chunk_size, timeout=timeout)
-    return report, plan
+    return publish_repository(repo, client, topics, chunk_size=chunk_size, timeout=timeout)

@@ -89,8 +89,10 @@ def plan_prune(
     used_targets: set[str] = set()
     for doc in documents:
         for slot in doc.slots.values():
-            used_versions.add((slot.model, slot.version))
-            used_targets.update(v.target for v in slot.variants)
+            for entry in (slot, slot.shadow):  # a shadow candidate is in use too
+                if entry is not None:
+                    used_versions.add((entry.model, entry.version))
+                    used_targets.update(v.target for v in entry.variants)
 
     versions: dict[str, set[int]] = {}
     for tf in targets.values():

@@ -23,7 +23,10 @@ What each test proves:
    agent recovers by itself, applying the deployment it could not store; an agent first
    started on a full disk leaves no partial trust anchor and provisions once space returns;
 10. inputs that shift away from the training reference raise one ``drift`` event, and health and
-    ``edgefleet fleet status`` show the drift.
+    ``edgefleet fleet status`` show the drift;
+11. a shadow candidate (``edgefleet deploy --shadow``) is verified and stored like a model, scores
+    the same samples beside the serving model without emitting anything, and health and
+    ``edgefleet fleet status`` show how the two compare; ``--clear-shadow`` unloads it.
 """
 
 from __future__ import annotations
@@ -914,3 +917,89 @@ def test_a_level_shift_raises_one_drift_event_and_health_and_fleet_status_show_i
     watch.wait_for(lambda: watch.event_seqs() >= set(range(1, last_seq + 1)), 20, "every event")
     assert [e["schema"] for e in watch.of("events")].count("edgefleet.drift/1") == 1
     assert not watch.undecodable
+
+
+# -- 11. shadow mode --------------------------------------------------------------------------
+
+
+def test_a_shadow_candidate_is_compared_with_the_serving_model_emits_nothing_and_is_removed(
+    env: Env,
+) -> None:
+    watch = env.subscribe()
+    config = env.agents.config("edge-shadow", trust=env.root, source="stdin")
+    agent = env.agents.start(config, stdin=True)
+    born(watch)
+    env.deploy("host@1")
+    wait_active(watch, 1)
+    windows = {v: read_bundle(bundle_bytes(env.registry, bundle_sha(env.registry, "host", v)))[0].window
+               for v in (1, 2)}
+    assert windows[1] == windows[2], "both versions are trained alike: the same window"
+    window = windows[1]
+    flagged = flagged_rows(env.registry, "host@1", env.csv, env.tmp / "v1.csv")
+    rows = len(csv_timestamps(env.csv))
+    before = 500
+    agent.feed(json_lines(env.csv, 0, before))
+    watch.wait_for(lambda: first(h for h in watch.of("health") if h.inferences == before - window + 1), 60,
+                   "health after the first samples")
+
+    mark = watch.mark()
+    report = env.deploy("host@2", "--shadow")
+    assert (report["role"], report["model"], report["version"], report["serial"]) == ("shadow", "host", 2, 2)
+    watch.wait_for(
+        lambda: first(d for d in watch.of("deployments", mark) if d.role == "shadow" and d.state == "active"),
+        40, "the shadow host@2 to become active")
+    shadow_states = [d.state for d in watch.of("deployments", mark) if d.role == "shadow"]
+    assert shadow_states == ["downloading", "verifying", "staging", "active"]
+    assert all((d.model, d.version) == ("host", 2) for d in watch.of("deployments", mark) if d.role == "shadow")
+    # Verified and stored like a model; the serving model and its retained status are untouched.
+    sha2 = bundle_sha(env.registry, "host", 2)
+    assert sha256_file(agent.state_dir / "bundles" / f"{sha2}.zip") == sha2
+    stored = json.loads((agent.state_dir / "state.json").read_text())["slots"]["default"]
+    assert (stored["current"]["version"], stored["shadow"]["version"], stored["shadow"]["sha256"]) == (1, 2, sha2)
+    _, retained = env.retained_agent("edge-shadow")
+    assert (retained.model, retained.version, retained.state, retained.role) == ("host", 1, "active", "active")
+
+    agent.feed(json_lines(env.csv, before))
+    scored = rows - window + 1
+    health = watch.wait_for(
+        lambda: first(h for h in watch.of("health", mark) if h.inferences == scored and h.shadow
+                      and h.shadow["default"]["samples"] == rows - before), 60,
+        "health comparing the shadow over every later sample")
+    shadow = health.shadow["default"]
+    assert (shadow["model"], shadow["version"], shadow["state"]) == ("host", 2, "active")
+    assert 0.0 <= shadow["agreement"] <= 1.0
+    disagree = shadow["active_only"] + shadow["shadow_only"]
+    assert shadow["agreement"] == pytest.approx(1 - disagree / shadow["samples"])
+    assert math.isfinite(shadow["correlation"]) and -1.0 <= shadow["correlation"] <= 1.0
+    assert shadow["latency_ms"]["p50"] is not None and shadow["latency_ms"]["p99"] is not None
+    assert shadow["errors"] == 0
+    # Only the serving model's alarms are events: exactly what `edgefleet detect` flags for v1.
+    watch.wait_for(lambda: watch.event_seqs() == set(range(1, len(flagged) + 1)), 30,
+                   f"the {len(flagged)} events of host@1")
+    assert {e["model_version"] for e in watch.of("events")} == {1}
+    assert outbox_counts(agent.state_dir)[1] == len(flagged)
+    assert health.anomalies == len(flagged)
+
+    [view] = json.loads(_fleet_status(env, "--json").stdout)
+    assert (view["shadow"]["default"]["model"], view["shadow"]["default"]["version"]) == ("host", 2)
+    assert view["shadow"]["default"]["samples"] == rows - before
+    [line] = _fleet_status(env).stdout.splitlines()[1:]
+    assert "host@2 agree" in line
+
+    # Cleared: the agent unloads it, health no longer has it and its bundle goes.
+    mark = watch.mark()
+    cleared = json.loads(cli("deploy", "--clear-shadow", "--group", "lab", "--registry", str(env.registry),
+                             "--broker", env.broker.url, "--json").stdout)
+    assert (cleared["role"], cleared["model"], cleared["version"]) == ("shadow-cleared", "host", 2)
+    watch.wait_for(
+        lambda: first(d for d in watch.of("deployments", mark) if d.role == "shadow" and d.state == "removed"),
+        40, "the shadow to be removed")
+    mark = watch.mark()
+    watch.wait_for(lambda: first(h for h in watch.of("health", mark) if h.shadow is None), 20,
+                   "health without a shadow")
+    assert not (agent.state_dir / "bundles" / f"{sha2}.zip").exists()
+    assert "shadow" not in json.loads((agent.state_dir / "state.json").read_text())["slots"]["default"]
+    assert env.retained_agent("edge-shadow")[1].version == 1
+    assert not watch.undecodable
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(20) == 0, agent.tail()

@@ -536,7 +536,8 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         print("no agents have reported")
         return 0
     rows = [_status_row(v) for v in views]
-    header = ("AGENT", "STATUS", "GROUP", "PROFILE", "ACTIVE", "LAST DEPLOYMENT", "HEALTH", "DRIFT", "SINCE")
+    header = ("AGENT", "STATUS", "GROUP", "PROFILE", "ACTIVE", "LAST DEPLOYMENT", "HEALTH", "DRIFT",
+              "SHADOW", "SINCE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -565,7 +566,28 @@ def _status_row(v: Any) -> tuple[str, ...]:
         )
     notes = [n for n, on in (("stale", v.stale), ("emulated", v.emulated)) if on]
     status = v.status + (f" ({', '.join(notes)})" if notes else "")
-    return (v.agent, status, v.group or "-", v.profile, active, last, health, _drift_cell(v.drift), v.ts)
+    return (v.agent, status, v.group or "-", v.profile, active, last, health, _drift_cell(v.drift),
+            _shadow_cell(v.shadow), v.ts)
+
+
+def _shadow_cell(shadow: dict[str, dict[str, Any]] | None) -> str:
+    """``-`` (no shadow), ``host@2 FAILED (reason)`` or ``host@2 agree 97.1% r 0.93 (1200 samples,
+    3 active-only, 5 shadow-only, p99 0.41 ms)``; prefixed by the slot when several run one."""
+    if not shadow:
+        return "-"
+    cells = []
+    for slot, d in shadow.items():
+        name = f"{d['model']}@{d['version']}"
+        if d["state"] == "failed":
+            cell = f"{name} FAILED ({d.get('reason') or 'no reason given'})"
+        else:
+            agreement = "-" if d["agreement"] is None else f"{100 * d['agreement']:.1f}%"
+            r = "-" if d["correlation"] is None else f"{d['correlation']:.2f}"
+            p99 = "-" if d["latency_p99_ms"] is None else f"{d['latency_p99_ms']:.2f}"
+            cell = (f"{name} agree {agreement} r {r} ({d['samples']} samples, "
+                    f"{d['active_only']} active-only, {d['shadow_only']} shadow-only, p99 {p99} ms)")
+        cells.append(cell if len(shadow) == 1 else f"{slot}: {cell}")
+    return "; ".join(cells)
 
 
 def _drift_cell(drift: dict[str, dict[str, Any]] | None) -> str:

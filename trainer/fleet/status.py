@@ -42,7 +42,8 @@ from shared.messages import (
 )
 from shared.topics import Topics
 
-__all__ = ["DEFAULT_HEALTH_PERIOD_S", "STALE_AFTER_PERIODS", "AgentView", "drift_summary", "read_fleet"]
+__all__ = ["DEFAULT_HEALTH_PERIOD_S", "STALE_AFTER_PERIODS", "AgentView", "drift_summary", "read_fleet",
+           "shadow_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class AgentView:
     health_age_s: float | None = None
     stale: bool = False
     drift: dict[str, dict[str, Any]] | None = None
+    #: Per slot, the shadow candidate it runs and how it compares (health ``shadow``).
+    shadow: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def build(
@@ -134,6 +137,7 @@ class AgentView:
             health_age_s=None if health_age is None else round(health_age, 1),
             stale=stale,
             drift=None if health is None or health.drift is None else drift_summary(health.drift),
+            shadow=None if health is None or not health.shadow else shadow_summary(health.shadow),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -155,6 +159,7 @@ class AgentView:
             "health_age_s": self.health_age_s,
             "stale": self.stale,
             "drift": self.drift,
+            "shadow": self.shadow,
         }
 
 
@@ -185,6 +190,26 @@ def drift_summary(drift: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             "psi_max": max((p for p in psis if isinstance(p, int | float)), default=None),
             "drifted_features": [k for k, v in features.items() if isinstance(v, Mapping) and v.get("drifted")],
             "score_drifted": bool(isinstance(score, Mapping) and score.get("drifted")),
+        }
+    return out
+
+
+def shadow_summary(shadow: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per slot, a health report's ``shadow`` entry: ``model``, ``version``, ``state``
+    (``active`` or ``failed``), ``reason``, ``samples``, ``agreement``, ``active_only``,
+    ``shadow_only``, ``correlation`` and the shadow's ``latency_p50_ms`` / ``latency_p99_ms``
+    (``None`` for what the agent did not report). Entries that are not objects are skipped."""
+    out: dict[str, dict[str, Any]] = {}
+    for slot, d in sorted(shadow.items()):
+        if not isinstance(d, Mapping):
+            continue
+        latency = d.get("latency_ms") if isinstance(d.get("latency_ms"), Mapping) else {}
+        out[str(slot)] = {
+            **{k: d.get(k) for k in ("model", "version", "reason", "samples", "agreement",
+                                     "active_only", "shadow_only", "correlation")},
+            "state": d.get("state", "active"),
+            "latency_p50_ms": latency.get("p50"),
+            "latency_p99_ms": latency.get("p99"),
         }
     return out
 

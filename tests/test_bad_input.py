@@ -225,6 +225,11 @@ CASES = [
     ef(f"deploy m@1 --agent a2 --registry held --broker {NO_BROKER}", "holds agent a2 (group g)"),
     ef(f"deploy m@1 --group g --registry reg --broker {NO_BROKER} --password-file pw.txt", "--password-file is given but --username is not"),
     ef(f"deploy m@1 --group g --registry reg --broker {NO_BROKER} --chunk-size 0", "--chunk-size: must be at least 1"),
+    ef(f"deploy m@1 --group g --registry reg --broker {NO_BROKER} --shadow", "group g has no model in slot 'default' to shadow"),
+    ef(f"deploy --clear-shadow --group g --registry reg --broker {NO_BROKER}", "group g has no shadow in slot 'default' to clear"),
+    ef(f"deploy m@1 --clear-shadow --group g --registry reg --broker {NO_BROKER}", "--clear-shadow takes no MODEL@VERSION"),
+    ef(f"deploy --group g --registry reg --broker {NO_BROKER}", "give MODEL@VERSION to deploy"),
+    ef(f"deploy m@1 --shadow --clear-shadow --group g --registry reg --broker {NO_BROKER}", "not allowed with argument"),
     ef("deploy m@1 --group g --registry reg --broker mqtts://127.0.0.1:1 --ca-file notpem.txt", "notpem.txt is not a PEM file"),
     # edgefleet fleet status
     ef("fleet status --broker tcp://127.0.0.1:1", "bad broker URL"),

@@ -82,12 +82,21 @@ variants = st.builds(
     size_bytes=counts,
     extra=extras({"target", "format", "quantization", "profiles", "sha256", "size_bytes"}),
 )
+# A shadow candidate: a slot without a shadow of its own (a "shadow" inside it is an unknown field).
+shadow_slots = st.builds(
+    Slot,
+    model=st.text(min_size=1, max_size=20),
+    version=st.integers(min_value=1, max_value=2**31),
+    variants=st.lists(variants, max_size=2).map(tuple),
+    extra=extras({"model", "version", "variants"}),
+)
 slots = st.builds(
     Slot,
     model=st.text(min_size=1, max_size=20),
     version=st.integers(min_value=1, max_value=2**31),
     variants=st.lists(variants, max_size=4).map(tuple),
-    extra=extras({"model", "version", "variants"}),
+    extra=extras({"model", "version", "variants", "shadow"}),
+    shadow=st.none() | shadow_slots,
 )
 scopes = st.builds(
     Scope,
@@ -149,6 +158,13 @@ healths = st.builds(
         optional={"fill": counts, "score": st.fixed_dictionaries({"psi": st.none() | numbers})},
     ) | st.fixed_dictionaries({"available": st.just(False), "reason": text})),
     extra=extras(set(AgentHealth._KNOWN)),
+    shadow=st.none() | st.dictionaries(names, st.fixed_dictionaries(
+        {"model": text, "version": st.integers(1, 2**31), "state": st.just("active"),
+         "samples": counts, "agreement": st.none() | st.floats(0, 1),
+         "correlation": st.none() | st.floats(-1, 1), "active_only": counts, "shadow_only": counts,
+         "latency_ms": st.fixed_dictionaries({"p50": st.none() | numbers, "p99": st.none() | numbers})},
+    ) | st.fixed_dictionaries({"model": text, "version": st.integers(1, 2**31),
+                               "state": st.just("failed"), "reason": text}), min_size=1),
 )
 statuses = st.builds(
     DeploymentStatus,
@@ -161,14 +177,16 @@ statuses = st.builds(
     serial=counts,
     ts=text,
     extra=extras(set(DeploymentStatus._KNOWN)),
+    role=st.sampled_from(["active", "shadow"]) | new_words,
 )
 
 # The fields each decoder requires (besides "schema"): dropping or mistyping one is an error.
 _KNOWN_BY_DECODER = {
     "decode_deployment": {"scope", "serial", "slots"},
     "decode_agent_state": set(AgentState._KNOWN) - {"schema", "health_period_s"},  # optional
-    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema", "federated", "drift", "started_at"},  # optional
-    "decode_deployment_status": set(DeploymentStatus._KNOWN) - {"schema"},
+    "decode_agent_health": set(AgentHealth._KNOWN) - {"schema", "federated", "drift", "started_at",
+                                                      "shadow"},  # optional
+    "decode_deployment_status": set(DeploymentStatus._KNOWN) - {"schema", "role"},  # role: optional
 }
 
 CODECS = [
@@ -450,3 +468,40 @@ def test_variants_of_unknown_format_or_quantization_never_change_the_choice(
     got = choose_variant(mixed, "p", pf, pq, available)
     assert got == choose_variant(Slot("m", 1, ALL), "p", pf, pq, available)
     assert choose_variant(Slot("m", 1, tuple(unknown)), "p", pf, pq, available) is None
+
+
+def test_a_shadow_entry_round_trips_and_an_old_reader_keeps_it_as_an_unknown_field():
+    """A slot's ``shadow`` (shadow mode) decodes to :attr:`Slot.shadow`; a reader that does not
+    know the field (modelled by dropping it from the known ones) keeps it in ``extra`` and
+    writes it back unchanged, so an older agent serves the slot's model and ignores the rest."""
+    variant = {"target": "artifacts/m-2-onnx-int8.zip", "format": "onnx", "quantization": "int8",
+               "profiles": ["x86-64-v3"], "sha256": "d" * 64, "size_bytes": 10}
+    shadow = {"model": "m", "version": 3, "variants": [{**variant, "sha256": "e" * 64}],
+              "shadow": {"nested": True}}
+    wire = {"schema": SCHEMA_DEPLOYMENT, "scope": {"group": "lab"}, "serial": 4,
+            "slots": {"default": {"model": "m", "version": 2, "variants": [variant], "shadow": shadow}}}
+    doc = decode_deployment(json.dumps(wire).encode())
+    slot = doc.slots["default"]
+    assert (slot.version, slot.shadow.version) == (2, 3)  # type: ignore[union-attr]
+    assert slot.shadow.shadow is None and slot.shadow.extra == {"shadow": {"nested": True}}  # type: ignore[union-attr]
+    assert encode_deployment(doc) == _canonical(wire)
+    # An old reader: the same slot with the shadow as an unknown field serves version 2.
+    old = Slot(model="m", version=2, variants=slot.variants, extra={"shadow": shadow})
+    assert json.loads(encode_deployment(Deployment(doc.scope, 4, {"default": old}))) == wire
+    assert choose_variant(old, "x86-64-v3", "onnx", "int8", {"onnx"}).sha256 == "d" * 64  # type: ignore[union-attr]
+    # No shadow, no field: documents of trainers before shadow mode are unchanged.
+    plain = {**wire, "slots": {"default": {"model": "m", "version": 2, "variants": [variant]}}}
+    assert encode_deployment(decode_deployment(json.dumps(plain).encode())) == _canonical(plain)
+    bad = {**wire, "slots": {"default": {**wire["slots"]["default"], "shadow": {"model": "m"}}}}
+    with pytest.raises(DeploymentError, match="the shadow of slot 'default'"):
+        decode_deployment(json.dumps(bad).encode())
+
+
+def test_a_shadow_status_says_its_role_and_an_active_one_writes_none():
+    base = dict(agent="pi-1", slot="default", model="m", version=2, state="failed",
+                reason="smoke test: golden vectors differ", serial=3, ts="t")
+    shadow = json.loads(encode_deployment_status(DeploymentStatus(**base, role="shadow")))
+    assert shadow["role"] == "shadow"
+    active = json.loads(encode_deployment_status(DeploymentStatus(**base)))
+    assert "role" not in active  # as agents before shadow mode wrote it
+    assert decode_deployment_status(json.dumps(active).encode()).role == "active"

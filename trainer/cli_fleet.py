@@ -451,6 +451,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         clear_shadow,
         deploy,
         open_repository,
+        plan_deployment,
         plan_shadow_removal,
     )
     from trainer.registry import Registry, parse_model_ref
@@ -477,7 +478,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             reg.get(name, version)
             if not args.force:
                 _refuse_during_rollout(reg, group=args.group, agent=args.agent)
-        open_repository(args.registry)
+            repo = open_repository(args.registry)
+            if args.shadow:  # the slot must serve a model to shadow (a dry run, nothing written)
+                plan_deployment(reg, repo, args.ref, scope, args.slot, shadow=True)
     with _connected(args) as client:
         common: dict[str, Any] = dict(group=args.group, agent=args.agent, slot=args.slot, client=client,
                                       topics=topics, chunk_size=args.chunk_size,

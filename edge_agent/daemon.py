@@ -519,14 +519,16 @@ class Agent:
                        reason: str | None) -> None:
         """A state change of a slot's shadow candidate: a deployment status with role
         ``shadow``, unretained (the retained status stays the serving model's); a ``failed``
-        one also shows in health ``shadow`` until the shadow changes."""
+        one also shows in health ``shadow`` until a shadow of the slot is active or removed
+        (a retry of the same candidate, which fails again, keeps showing it)."""
         status = DeploymentStatus(agent=self.config.agent_id, slot=slot, model=model or "-",
                                   version=version, state=state, reason=reason, serial=serial,
                                   ts=_now(), role="shadow")
-        failures = {s: f for s, f in self._shadow_failures.items() if s != slot}
-        if state == "failed":
-            failures[slot] = status
-        self._shadow_failures = failures  # replaced, never changed in place: health reads it
+        if state in ("failed", "active", "removed"):
+            failures = {s: f for s, f in self._shadow_failures.items() if s != slot}
+            if state == "failed":
+                failures[slot] = status
+            self._shadow_failures = failures  # replaced, never changed in place: health reads it
         self._publish(self.topics.agent_deployments(self.config.agent_id),
                       encode_deployment_status(status), retain=False)
 

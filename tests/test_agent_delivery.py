@@ -31,6 +31,7 @@ What each test proves:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -70,7 +71,7 @@ from tuf.api.metadata import Metadata
 
 from edge_agent.drift import season_of, window_for
 from edge_agent.mqtt import connect
-from shared.bundle import bundle_target_name, read_bundle
+from shared.bundle import bundle_target_name, read_bundle, write_bundle
 from shared.chunking import ChunkIndex, split
 from shared.deployment import Deployment, Scope, Slot, Variant, encode_deployment
 from shared.messages import decode_agent_state, decode_deployment_status
@@ -1003,3 +1004,56 @@ def test_a_shadow_candidate_is_compared_with_the_serving_model_emits_nothing_and
     assert not watch.undecodable
     agent.signal(signal.SIGTERM)
     assert agent.wait(20) == 0, agent.tail()
+
+
+def _deploy_a_shadow_that_fails_its_smoke_test(env: Env) -> str:
+    """host@1 serves; host@2 is offered as its shadow in a bundle whose golden outputs are off
+    by 10 (its model cannot reproduce them). Signed and published for real; returns the
+    bundle's sha256."""
+    spec, model = read_bundle(bundle_bytes(env.registry, bundle_sha(env.registry, "host", 2)))
+    golden = dataclasses.replace(spec.golden, outputs=[v + 10.0 for v in spec.golden.outputs])
+    broken = write_bundle(dataclasses.replace(spec, golden=golden), model)
+    sha = hashlib.sha256(broken).hexdigest()
+    target = bundle_target_name("host", 2, "onnx", "int8")
+    scope = Scope("group", "lab")
+    with Registry.open(env.registry) as registry, repository_lock(env.registry):
+        repo = TufRepository.open(repository_path(env.registry))
+        plan = plan_deployment(registry, repo, "host@1", scope)
+        shadow = Slot("host", 2, (Variant(target, "onnx", "int8", ("x86-64-v3",), sha, len(broken)),))
+        slots = {"default": dataclasses.replace(plan.document.slots["default"], shadow=shadow)}
+        document = Deployment(scope, plan.document.serial, slots)
+        files = {**plan.files, target: broken, scope.target: encode_deployment(document)}
+        repo.add_targets(files, custom=plan.custom)
+        client = connect(env.broker.url, client_id="shadow-trainer", timeout=10)
+        try:
+            publish_repository(repo, client, TOPICS)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+    return sha
+
+
+def test_a_shadow_that_fails_its_smoke_test_is_reported_and_the_model_keeps_serving(env: Env) -> None:
+    watch = env.subscribe()
+    agent = env.agents.start(env.agent_config("edge-shadow-bad", rate=200))
+    born(watch)
+    sha = _deploy_a_shadow_that_fails_its_smoke_test(env)
+    wait_active(watch, 1)
+    failed = watch.wait_for(
+        lambda: first(d for d in watch.of("deployments") if d.role == "shadow" and d.state == "failed"), 40,
+        "the shadow to fail its smoke test")
+    assert (failed.model, failed.version) == ("host", 2) and failed.reason.startswith("smoke test: ")
+    # (a later pass may try the same candidate again: it fails again, reported once)
+    assert [d.state for d in watch.of("deployments") if d.role == "shadow"][:4] == [
+        "downloading", "verifying", "staging", "failed"]
+    health = watch.wait_for(lambda: first(h for h in watch.of("health") if h.shadow and h.inferences), 20,
+                            "health reporting the failed shadow while v1 serves")
+    assert health.shadow["default"] == {"model": "host", "version": 2, "state": "failed",
+                                        "reason": failed.reason}
+    state, dep = env.retained_agent("edge-shadow-bad")
+    assert [(a.model, a.version) for a in state.active] == [("host", 1)]
+    assert (dep.version, dep.state, dep.role) == (1, "active", "active")
+    assert not (agent.state_dir / "bundles" / f"{sha}.zip").exists()
+    watch.wait_for(lambda: watch.of("events"), 30, "v1's events")
+    assert {e["model_version"] for e in watch.of("events")} == {1}
+    assert "Traceback" not in agent.log.read_text(), agent.tail()

@@ -13,7 +13,10 @@ What each test proves:
    restart the model loaded from the state dir feeds the inference histogram;
 3. under systemd's protocol (a real datagram socket as ``$NOTIFY_SOCKET``): ``READY=1``, then
    ``WATCHDOG=1`` with ``$WATCHDOG_USEC`` set, and ``STOPPING=1`` on SIGTERM;
-4. an address that cannot be bound stops the agent with one error line and exit 1.
+4. an address that cannot be bound stops the agent with one error line and exit 1;
+5. a shadow candidate's comparison is in ``/metrics``: the serving model as its own shadow
+   scores with a correlation of 1 (both score the very same windows); after a
+   restart the shadow is loaded from the state dir, not downloaded again.
 """
 
 from __future__ import annotations
@@ -364,3 +367,54 @@ def test_an_address_in_use_stops_the_agent_with_one_line(env: Env) -> None:
         assert agent.wait(60) == 1
     log = agent.log.read_text()
     assert f"cannot serve the local API on 127.0.0.1:{port}" in log and "Traceback" not in log
+
+
+# -- 5. shadow figures ---------------------------------------------------------------------------
+
+
+def test_shadow_figures_in_metrics_and_a_restarted_agent_keeps_its_shadow(env: Env) -> None:
+    port = _free_port()
+    base = [f"http://127.0.0.1:{port}"]
+    watch = Watch(env.broker_url, env.agents.tail)
+    try:
+        agent = env.agents.start(env.config("api-shadow", f"127.0.0.1:{port}", rate=300))
+        wait_listening(agent, base, env.agents)
+        env.deploy("host@1")
+        wait_healthy(agent, base, env.agents)
+        cli("deploy", "host@1", "--shadow", "--group", "lab", "--registry", str(env.registry),
+            "--broker", env.broker_url, "--json")
+        labels = dict(slot="default", model="host", version="1")
+        fams = poll_until(
+            lambda: (m := metrics(base)) and "edgefleet_agent_shadow_samples" in m
+            and m["edgefleet_agent_shadow_samples"] and value(m, "edgefleet_agent_shadow_samples", **labels) > 1 and m,
+            60, "shadow samples in /metrics", env.agents.tail, interval=0.2)
+        assert value(fams, "edgefleet_agent_shadow_info", **labels, state="active") == 1
+        assert value(fams, "edgefleet_agent_shadow_latency_milliseconds", **labels, quantile="0.99") > 0
+        # the same model on the very same windows: the raw scores correlate fully. (Decisions
+        # may still differ while the shadow's streaming score pipeline, which starts at its
+        # install, warms up: the agreement is what the counts say.)
+        poll_until(lambda: "source ended" in agent.log.read_text(), 60, "the replay to end",
+                   env.agents.tail, interval=0.2)
+        final = metrics(base)
+        assert value(final, "edgefleet_agent_shadow_correlation", **labels) == pytest.approx(1.0, abs=1e-9)
+        samples = value(final, "edgefleet_agent_shadow_samples", **labels)
+        one_sided = sum(value(final, f"edgefleet_agent_shadow_{k}", **labels) for k in ("active_only", "shadow_only"))
+        assert value(final, "edgefleet_agent_shadow_agreement", **labels) == pytest.approx(1 - one_sided / samples)
+        assert value(final, "edgefleet_agent_shadow_errors", **labels) == 0
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+
+        mark = watch.mark()
+        again = env.agents.start(agent.config)
+        wait_listening(again, base, env.agents)
+        poll_until(lambda: (m := metrics(base)) and "edgefleet_agent_shadow_info" in m
+                   and m["edgefleet_agent_shadow_info"] and m, 60, "the shadow after the restart",
+                   env.agents.tail, interval=0.2)
+        health = watch.wait_for(lambda: next((h for h in watch.of("health", mark) if h.shadow), None), 30,
+                                "health with the shadow after the restart")
+        assert (health.shadow["default"]["model"], health.shadow["default"]["version"]) == ("host", 1)
+        assert [d for d in watch.of("deployments", mark) if d.role == "shadow"] == []  # not downloaded
+        again.signal(signal.SIGTERM)
+        assert again.wait(30) == 0
+    finally:
+        watch.close()

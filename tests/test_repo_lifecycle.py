@@ -12,6 +12,7 @@ Real Mosquitto with its default queue limits, the agent and the trainer CLI as s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -90,6 +91,16 @@ def test_keep_rule_keeps_versions_in_use_and_the_newest_others_per_model():
     assert plan_prune(targets, [], keep=10).remove == ()  # nothing is ever removed past keep
     with pytest.raises(ValueError):
         plan_prune(targets, docs, keep=-1)
+
+
+def test_keep_rule_keeps_a_shadow_candidate_in_use():
+    targets = dict(_bundle("a", v) for v in range(1, 5))
+    [doc] = [_doc("lab", default=("a", 1))]
+    shadowed = dataclasses.replace(doc, slots={"default": dataclasses.replace(
+        doc.slots["default"], shadow=_doc("x", default=("a", 3)).slots["default"])})
+    plan = plan_prune(targets, [shadowed], keep=0)
+    assert plan.in_use == {"a": (3, 1)}
+    assert set(plan.remove) == {"artifacts/a-2-onnx-int8.zip", "artifacts/a-4-onnx-int8.zip"}
 
 
 # -- with a running agent ---------------------------------------------------------------------

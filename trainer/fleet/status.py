@@ -203,7 +203,8 @@ def shadow_summary(shadow: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for slot, d in sorted(shadow.items()):
         if not isinstance(d, Mapping):
             continue
-        latency = d.get("latency_ms") if isinstance(d.get("latency_ms"), Mapping) else {}
+        raw = d.get("latency_ms")
+        latency: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
         out[str(slot)] = {
             **{k: d.get(k) for k in ("model", "version", "reason", "samples", "agreement",
                                      "active_only", "shadow_only", "correlation")},

@@ -7,6 +7,8 @@ controller's observer receiving a message.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,7 +102,8 @@ class PlayedAgents:
             reason=reason, serial=serial, ts=_now(),
         )))
 
-    def health(self, agent: str, inferences: int = 0, anomalies: int = 0, p99: float = 1.0) -> None:
+    def health(self, agent: str, inferences: int = 0, anomalies: int = 0, p99: float = 1.0,
+               shadow: dict[str, Any] | None = None) -> None:
         self.counts[agent][0] += inferences
         self.counts[agent][1] += anomalies
         n, k = self.counts[agent]
@@ -108,6 +111,7 @@ class PlayedAgents:
             agent=agent, ts=_now(), inferences=n, anomalies=k, errors=0,
             latency_ms={"p50": p99 / 2, "p99": p99}, outbox_depth=0, outbox_dropped=0,
             rss_mb=50.0, cpu_percent=5.0, started_at=self.started.get(agent),
+            shadow=None if shadow is None else {"default": shadow},
         )))
 
     def drift(self, agent: str, version: int, seq: int, slot: str = "default") -> None:
@@ -150,9 +154,9 @@ def world(tmp_path: Path, clients) -> Any:
     assert [v.agent for v in views] == list(AGENTS)
 
     def start(gates: str = "latency-p99=2ms",
-              stages: tuple[str, ...] = ("1", "100%")) -> tuple[str, FleetObserver]:
+              stages: tuple[str, ...] = ("1", "100%"), shadow: bool = False) -> tuple[str, FleetObserver]:
         request = check_request(registry, "host@2", "lab", "default", stages, SOAK,
-                                parse_gates(gates))
+                                parse_gates(gates), shadow=shadow)
         record, skipped = create_rollout(registry, request, views)
         assert skipped == {} and record.agents == AGENTS
         observer = FleetObserver(clients(), TOPICS)
@@ -605,3 +609,102 @@ def test_canaries_are_chosen_in_an_order_shuffled_by_the_rollout_id() -> None:
     assert _shuffled(agents, "ro-0000abcd") == _shuffled(list(reversed(agents)), "ro-0000abcd")
     firsts = {_shuffled(agents, f"ro-{i:08x}")[0] for i in range(20)}
     assert len(firsts) > 1  # not always the first id
+
+
+# -- the shadow stage (rollout start --shadow) -------------------------------------------------
+
+
+def _shadow_figures(samples: int, state: str = "active") -> dict[str, Any]:
+    if state == "failed":
+        return {"model": "host", "version": 2, "state": "failed", "reason": "smoke test: output 0 differs"}
+    return {"model": "host", "version": 2, "state": "active", "samples": samples, "agreement": 0.97,
+            "active_only": samples // 50, "shadow_only": samples // 100, "correlation": 0.91,
+            "errors": 0, "latency_ms": {"p50": 0.3, "p99": 0.8}}
+
+
+def _slot_of(registry: Path, target: str) -> Any:
+    return decode_deployment(open_repository(registry).target_bytes(target)).slots["default"]
+
+
+def _shadow_results_ready(world: Any, rid: str, observer: FleetObserver, clock: Clock) -> tuple[RolloutController, str]:
+    """Drive a ``--shadow`` rollout through its shadow stage to the pause; returns the
+    controller and the canary."""
+    registry, _, played, _ = world
+    A1 = _roles(rid)[0]
+    ctrl = _controller(world, rid, observer, clock)
+    record = ctrl.step()
+    assert record.progress["phase"] == "shadow-activating" and record.progress["shadow_agents"] == [A1]
+    shadowed = _slot_of(registry, f"deployments/agents/{A1}.json")
+    assert (shadowed.version, shadowed.shadow.version) == (1, 2)  # the model stays, the candidate beside it
+    assert _slot_of(registry, "deployments/groups/lab.json").shadow is None
+    assert ctrl.step().progress["phase"] == "shadow-activating"  # nothing reported yet
+
+    played.health(A1, inferences=100, shadow=_shadow_figures(10))
+    _until(observer, lambda s: s.health[A1].shadow is not None, "the canary's shadow figures")
+    record = ctrl.step()
+    assert record.progress["phase"] == "shadow-soaking" and record.progress["soak_started_at"] == clock.t
+    clock.t += SOAK - 1
+    assert ctrl.step().progress["phase"] == "shadow-soaking"
+    played.health(A1, inferences=500, shadow=_shadow_figures(600))
+    _until(observer, lambda s: s.health[A1].shadow["default"]["samples"] == 600, "the soak's figures")
+    clock.t += 1
+    record = ctrl.step()
+    assert record.paused and record.message == "shadow results ready" and record.state == "running"
+    assert record.progress["phase"] == "deploy" and record.stage == 0
+    result = record.progress["shadow_results"][A1]
+    assert (result["samples"], result["agreement"], result["correlation"], result["latency_p99_ms"]) == (
+        600, 0.97, 0.91, 0.8)
+    assert ctrl.step().progress["phase"] == "deploy"  # paused: the first stage waits for the operator
+    return ctrl, A1
+
+
+def test_a_shadow_stage_pauses_with_the_comparison_and_resume_switches_the_same_canary(
+    world: Any, clients
+) -> None:
+    registry, _, played, start = world
+    rid, observer = start(shadow=True)
+    clock = Clock()
+    ctrl, A1 = _shadow_results_ready(world, rid, observer, clock)
+    status = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "rollout", "status", rid, "--registry", str(registry)],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert status.returncode == 0, status.stderr
+    assert "shadow results ready" in status.stdout
+    assert f"shadow on {A1}: host@2 agree 97.0% r 0.91 (600 samples, 12 active-only, 6 shadow-only, p99 0.80 ms)" \
+        in status.stdout
+
+    with Registry.open(registry) as reg:
+        RolloutStore(reg).request(rid, "resume")
+    record = ctrl.step()  # the first real stage: the same canary, its document without the shadow
+    assert record.progress["phase"] == "activating" and record.progress["new"] == [A1]
+    switched = _slot_of(registry, f"deployments/agents/{A1}.json")
+    assert (switched.version, switched.shadow) == (2, None)
+    with Registry.open(registry) as reg:
+        kinds = [e["kind"] for e in RolloutStore(reg).events(rid)]
+    assert kinds == ["started", "shadow-deploying", "shadow-deployed", "shadow-soak-started",
+                     "shadow-results", "resumed", "deploying", "deployed"]
+
+
+def test_abort_after_the_shadow_stage_removes_the_shadow_documents(world: Any) -> None:
+    registry, _, _, start = world
+    rid, observer = start(shadow=True)
+    ctrl, A1 = _shadow_results_ready(world, rid, observer, Clock())
+    with Registry.open(registry) as reg:
+        RolloutStore(reg).request(rid, "abort")
+    record = ctrl.step()
+    assert record.state == "aborted"
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}
+
+
+def test_a_shadow_that_fails_on_a_canary_rolls_the_rollout_back(world: Any) -> None:
+    registry, _, played, start = world
+    rid, observer = start(shadow=True)
+    A1 = _roles(rid)[0]
+    ctrl = _controller(world, rid, observer, Clock())
+    assert ctrl.step().progress["phase"] == "shadow-activating"
+    played.health(A1, inferences=100, shadow=_shadow_figures(0, "failed"))
+    _until(observer, lambda s: s.health[A1].shadow is not None, "the failed shadow")
+    record = ctrl.step()
+    assert record.state == "rolled_back"
+    assert record.message == f"failures on {A1}: shadow: smoke test: output 0 differs"
+    assert _documents(registry) == {"deployments/groups/lab.json": 1}

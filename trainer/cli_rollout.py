@@ -173,14 +173,14 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
     _check_broker(args)
     topics = _topics(args)
     request = check_request(args.registry, args.ref, args.group, args.slot, args.stages,
-                            args.soak, args.gates or DEFAULT_GATES)
+                            args.soak, args.gates or DEFAULT_GATES, shadow=args.shadow)
     with _connected(args) as client:
         views = read_fleet(client, topics, timeout=args.broker_timeout)
         record, skipped = create_rollout(args.registry, request, views, force=args.force)
         if not args.quiet:
             print(f"rollout {record.id}: {record.ref} to group {record.group} "
-                  f"({len(record.agents)} agent(s), replacing version {record.previous_version})",
-                  file=sys.stderr)
+                  f"({len(record.agents)} agent(s), replacing version {record.previous_version})"
+                  + (", shadow stage first" if request.shadow else ""), file=sys.stderr)
             for agent, why in sorted(skipped.items()):
                 print(f"  skipped {agent}: {why}", file=sys.stderr)
         return _run_controller(args, record.id, client)
@@ -289,11 +289,25 @@ def _print_record(args: argparse.Namespace, r: RolloutRecord,
     canaries = p.get("participants", []) + p.get("new", [])
     if canaries:
         print(f"  canaries: {', '.join(canaries)}")
+    elif p.get("shadow_agents"):
+        print(f"  shadow canaries: {', '.join(p['shadow_agents'])}")
+    for agent, result in sorted((p.get("shadow_results") or {}).items()):
+        print(f"  shadow on {agent}: {_shadow_result(result)}")
     for e in events or []:
         print(f"  {e['ts']}  stage {e['stage'] + 1}  {e['kind']:<13} {_describe_event(e['detail'])}")
 
 
+def _shadow_result(result: dict[str, Any] | None) -> str:
+    """One canary's shadow comparison (``fleet status``'s shadow cell), or why there is none."""
+    from trainer.cli_fleet import _shadow_cell
+
+    return "not reported" if result is None else _shadow_cell({"-": result})
+
+
 def _describe_event(detail: dict[str, Any]) -> str:
+    if isinstance(detail.get("shadow"), dict):  # shadow-results: each canary's comparison
+        return f"{detail.get('message', '')}: " + "; ".join(
+            f"{a} {_shadow_result(r)}" for a, r in sorted(detail["shadow"].items()))
     if detail.get("message"):
         return str(detail["message"])
     agents = detail.get("agents")
@@ -348,6 +362,11 @@ def add_rollout_commands(
     p.add_argument("--force", action="store_true",
                    help="start even though agents of the group have a profile the version was "
                    "not built for (the group's document reaches them at the last stage)")
+    p.add_argument("--shadow", action="store_true",
+                   help="a shadow stage first: the first stage's canaries run the version beside "
+                   "their model for the soak, emitting nothing; then the rollout pauses with "
+                   "each canary's decision agreement, score correlation and latency (`rollout "
+                   "status`) until `rollout resume` switches or `rollout abort` ends it")
     p.add_argument("--gates", type=_gates, default=None, metavar="LIST",
                    help="change gates, e.g. anomaly-rate=3x,latency-p99=budget,errors=0,drift=off "
                    "(see docs/operations.md)")

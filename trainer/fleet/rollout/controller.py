@@ -25,6 +25,18 @@ documents is idempotent, so a step interrupted between publishing and recording 
 with the same agents and serial.
 
 A paused rollout keeps watching (a breach still rolls back) but does not start a new stage.
+
+A rollout started with ``--shadow`` begins with a shadow stage, before the first stage::
+
+    shadow-deploy ──► shadow-deploying ──► shadow-activating ──► shadow-soaking ──► deploy (paused)
+
+The first stage's canaries get their own documents with the candidate as the slot's shadow
+(their model unchanged); once each reports the shadow running (health ``shadow``) the soak
+runs; after it, the per-canary comparison is recorded (``shadow_results``, and a
+``shadow-results`` log entry) and the rollout pauses with "shadow results ready". ``rollout
+resume`` starts the first stage, whose documents replace the shadow ones (on the same
+canaries while they are online); ``rollout abort`` removes them. A shadow that fails on a
+canary is a ``failures`` breach.
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ from trainer.fleet.rollout.gates import (
 )
 from trainer.fleet.rollout.observer import FleetObserver, FleetSnapshot
 from trainer.fleet.rollout.plan import stage_sizes
+from trainer.fleet.rollout.shadow import shadow_entry, shadow_failure
 from trainer.fleet.rollout.store import RolloutRecord, RolloutStore
 from trainer.registry import Registry
 
@@ -191,6 +204,17 @@ class RolloutController:
                     record = self._activating(store, record, fleet)
                 elif phase == "soaking":
                     record = self._soaking(store, record, fleet)
+                elif phase == "shadow-deploy":
+                    if not record.paused:
+                        record = self._shadow_deploy(store, record, fleet)
+                    if record.progress.get("phase") == "shadow-deploying":
+                        record = self._shadow_deploying(store, record)
+                elif phase == "shadow-deploying":
+                    record = self._shadow_deploying(store, record)
+                elif phase == "shadow-activating":
+                    record = self._shadow_activating(store, record, fleet)
+                elif phase == "shadow-soaking":
+                    record = self._shadow_soaking(store, record, fleet)
             if self.on_progress is not None and not record.finished:
                 self.on_progress(self.view(record))
             return record
@@ -203,7 +227,8 @@ class RolloutController:
             stage=record.stage,
             stages=len(self._sizes(record)),
             phase=p.get("phase", "deploy"),
-            canaries=len(p.get("participants", [])) + len(p.get("new", [])),
+            canaries=(len(p.get("shadow_agents", [])) if str(p.get("phase", "")).startswith("shadow")
+                      else len(p.get("participants", [])) + len(p.get("new", []))),
             soak_left_s=left,
             paused=record.paused,
         )
@@ -220,8 +245,10 @@ class RolloutController:
         if final:
             new = others
         else:
-            new = [a for a in _shuffled(others, r.id) if fleet.online(a)][
-                : sizes[r.stage] - len(participants)]
+            order = _shuffled(others, r.id)
+            shadowed = [a for a in p.get("shadow_agents", []) if a in order]  # compared first
+            order = shadowed + [a for a in order if a not in shadowed]
+            new = [a for a in order if fleet.online(a)][: sizes[r.stage] - len(participants)]
             if not new:
                 return self._no_agent_to_add(store, r)
         baselines = dict(p.get("baselines", {}))
@@ -289,6 +316,78 @@ class RolloutController:
             "agents": new, "documents": list(change.written), "removed": list(change.removed),
             "serial": change.serial, "group": final,
         }))
+
+    # -- the shadow stage ---------------------------------------------------------------------
+
+    def _shadow_deploy(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
+        """Choose the first stage's canaries and record them (phase ``shadow-deploying``)."""
+        p = dict(r.progress)
+        new = [a for a in _shuffled(list(r.agents), r.id) if fleet.online(a)][: self._sizes(r)[0]]
+        if not new:
+            return self._no_agent_to_add(store, r)
+        serial = self._next_serial(store, r)
+        p.pop("waiting_since", None)
+        p.update(phase="shadow-deploying", shadow_agents=new, serial=serial,
+                 documents=list(dict.fromkeys(p.get("documents", []) + new)))
+        return store.update(r.id, progress=p, event=("shadow-deploying", {"agents": new, "serial": serial}))
+
+    def _shadow_deploying(self, store: RolloutStore, r: RolloutRecord) -> RolloutRecord:
+        """Publish the shadow documents ``_shadow_deploy`` recorded (idempotent)."""
+        p = dict(r.progress)
+        agents, serial = list(p["shadow_agents"]), int(p["serial"])
+        change = self._retrying("publish the canaries' shadow documents", lambda: write_canaries(
+            self.registry_dir, r.ref, r.group, r.slot, agents, client=self.client,
+            topics=self.topics, timeout=self.publish_timeout, serial=serial, shadow=True,
+        ))
+        p.update(phase="shadow-activating", deployed_at=self.clock())
+        return store.update(r.id, progress=p, event=("shadow-deployed", {
+            "agents": agents, "documents": list(change.written), "serial": change.serial,
+        }))
+
+    def _shadow_failures(self, r: RolloutRecord, fleet: FleetSnapshot, p: dict[str, Any]) -> list[Breach]:
+        out = []
+        for agent in p.get("shadow_agents", []):
+            why = shadow_failure(fleet.health.get(agent), fleet.deployments.get(agent, ()),
+                                 r.slot, r.model, r.version, int(p.get("serial", 0)))
+            if why is not None:
+                out.append(Breach("failures", agent, why))
+        return out
+
+    def _shadow_activating(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
+        p = dict(r.progress)
+        failures = self._shadow_failures(r, fleet, p)
+        if failures and r.gates.failures:
+            return self._breach(store, r, failures)
+        pending = [a for a in p["shadow_agents"]
+                   if (shadow_entry(fleet.health.get(a), r.slot, r.model, r.version) or {}).get("state") != "active"]
+        if pending:
+            if self.clock() - p["deployed_at"] > self.activation_timeout:
+                return self._breach(store, r, [
+                    Breach("activation", a, f"shadow not running within {self.activation_timeout:g}s")
+                    for a in pending
+                ])
+            return r
+        p.update(phase="shadow-soaking", soak_started_at=self.clock())
+        return store.update(r.id, progress=p, event=("shadow-soak-started", {
+            "agents": p["shadow_agents"], "soak_s": r.soak_s,
+        }))
+
+    def _shadow_soaking(self, store: RolloutStore, r: RolloutRecord, fleet: FleetSnapshot) -> RolloutRecord:
+        """After the soak: record each canary's comparison and pause for the operator."""
+        p = dict(r.progress)
+        failures = self._shadow_failures(r, fleet, p)
+        if failures and r.gates.failures:
+            return self._breach(store, r, failures)
+        if self.clock() < p["soak_started_at"] + r.soak_s:
+            return r
+        results = {a: shadow_entry(fleet.health.get(a), r.slot, r.model, r.version)
+                   for a in p["shadow_agents"]}
+        message = "shadow results ready"
+        p.update(phase="deploy", soak_started_at=None, shadow_results=results)
+        logger.info("rollout %s: %s; `edgefleet rollout resume %s` switches, `abort` ends it",
+                    r.id, message, r.id)
+        return store.update(r.id, paused=True, message=message, progress=p,
+                            event=("shadow-results", {"message": message, "shadow": results}))
 
     def _next_serial(self, store: RolloutStore, r: RolloutRecord) -> int:
         used = [int(x.progress["serial"]) for x in store.all()
@@ -409,7 +508,7 @@ class RolloutController:
         out = []
         for agent in _judged(p):
             for status in fleet.deployments.get(agent, ()):
-                if (status.state == "failed" and status.model == r.model
+                if (status.state == "failed" and status.role == "active" and status.model == r.model
                         and status.version == r.version and status.serial >= serial):
                     out.append(Breach("failures", agent, status.reason or "failed"))
                     break
@@ -418,8 +517,8 @@ class RolloutController:
     @staticmethod
     def _reported_active(r: RolloutRecord, fleet: FleetSnapshot, agent: str, serial: int) -> bool:
         return any(
-            s.state == "active" and s.model == r.model and s.version == r.version
-            and s.slot == r.slot and s.serial >= serial
+            s.state == "active" and s.role == "active" and s.model == r.model
+            and s.version == r.version and s.slot == r.slot and s.serial >= serial
             for s in fleet.deployments.get(agent, ())
         )
 

@@ -6,6 +6,9 @@ and the rollback. Each operation is one new signed targets version, published at
   whole document, so the other slots are copied).
 - Promotion to the whole group writes ``deployments/groups/{group}.json`` with the candidate
   and removes the canaries' own documents in the same publish: they now follow the group again.
+- A shadow stage (``rollout start --shadow``) gives each canary its own document with the
+  candidate as the slot's *shadow* (the slot's model unchanged): it runs beside the model and
+  emits nothing. The first real stage's documents replace those (a plain slot: no shadow).
 - A rollback removes the canaries' own documents (and, if the group's document already named
   the candidate, writes it again pointing at the previous version): a new metadata version
   after which every agent's document points at the older artifact.
@@ -83,8 +86,9 @@ def agent_documents(repo: TufRepository, agents: Iterable[str]) -> set[str]:
 def rollout_documents(
     repo: TufRepository, agents: Iterable[str], model: str, version: int, slot: str
 ) -> set[str]:
-    """Those of ``agents`` whose own document runs ``model@version`` in ``slot`` (a document a
-    rollout wrote; one naming another version was written since by someone else and is kept).
+    """Those of ``agents`` whose own document runs ``model@version`` in ``slot``, or runs it as
+    the slot's shadow (a document a rollout wrote; one naming another version was written
+    since by someone else and is kept).
 
     Raises:
         DeployError: such a document is unreadable.
@@ -97,7 +101,10 @@ def rollout_documents(
         except (RepositoryError, DeploymentError) as e:
             raise DeployError(f"the current {target} is unreadable: {e}") from e
         s = doc.slots.get(slot)
-        if s is not None and (s.model, s.version) == (model, version):
+        if s is None:
+            continue
+        if (s.model, s.version) == (model, version) or (
+                s.shadow is not None and (s.shadow.model, s.shadow.version) == (model, version)):
             out.add(agent)
     return out
 
@@ -121,10 +128,13 @@ def write_canaries(
     topics: Topics,
     timeout: float,
     serial: int | None = None,
+    shadow: bool = False,
 ) -> DocumentChange:
     """Give each of ``agents`` its own document running ``ref`` in ``slot`` (the group's other
     slots kept), in one targets version; publish it. ``serial``: the documents' serial
-    (default: the group's + 1). Writing the same documents again is harmless (idempotent).
+    (default: the group's + 1). With ``shadow``, ``ref`` is the slot's shadow candidate and
+    the group's model of the slot stays. Writing the same documents again is harmless
+    (idempotent).
 
     Raises:
         DeployError, RegistryError, PublishError: as :func:`trainer.fleet.deploy.deploy`.
@@ -132,7 +142,7 @@ def write_canaries(
     agents = sorted(agents)
     with Registry.open(Path(registry_dir)) as registry, repository_lock(registry_dir):
         repo = open_repository(registry_dir)
-        plan = plan_deployment(registry, repo, ref, Scope("group", group), slot)
+        plan = plan_deployment(registry, repo, ref, Scope("group", group), slot, shadow=shadow)
         serial = plan.document.serial if serial is None else serial
         files = {t: b for t, b in plan.files.items() if t in plan.custom}  # the bundles
         for agent in agents:
@@ -141,8 +151,8 @@ def write_canaries(
             files[doc.target] = encode_deployment(doc)
         _commit(repo, files, plan.custom, removed=())
         publish_repository(repo, client, topics, timeout=timeout)
-    logger.info("%s in slot %s for %d canar(ies) of %s (serial %d)", ref, slot, len(agents), group,
-                serial)
+    logger.info("%s in slot %s%s for %d canar(ies) of %s (serial %d)", ref, slot,
+                " as shadow" if shadow else "", len(agents), group, serial)
     return DocumentChange(serial, tuple(Scope("agent", a).target for a in agents), ())
 
 

@@ -35,6 +35,9 @@ class RolloutRequest:
     stages: tuple[str, ...]
     soak_s: float
     gates: Gates
+    #: a shadow stage first: the candidate runs beside the first stage's canaries' model for
+    #: the soak, then the rollout pauses with the comparison (``rollout resume`` switches)
+    shadow: bool = False
 
 
 def check_request(
@@ -45,6 +48,8 @@ def check_request(
     stages: Sequence[str],
     soak_s: float,
     gates: Gates,
+    *,
+    shadow: bool = False,
 ) -> RolloutRequest:
     """Check a rollout against the registry and the repository, changing nothing.
 
@@ -81,7 +86,7 @@ def check_request(
         raise DeployError(f"group {group!r} already runs {record.ref}")
     profiles = frozenset(p for a in record.artifacts for p in a.profiles)
     return RolloutRequest(name, version, previous.version, profiles, group, slot,
-                          tuple(stages), soak_s, gates)
+                          tuple(stages), soak_s, gates, shadow)
 
 
 def eligible_agents(
@@ -153,7 +158,8 @@ def create_rollout(
         version=request.version, previous_version=request.previous_version, group=request.group,
         slot=request.slot, stages=request.stages, soak_s=request.soak_s, gates=request.gates,
         agents=tuple(agents), state="running", stage=0, paused=False, abort_requested=False,
-        progress={"phase": "deploy", "skipped": skipped, "members": len(group_agents)},
+        progress={"phase": "shadow-deploy" if request.shadow else "deploy", "skipped": skipped,
+                  "members": len(group_agents), **({"shadow": True} if request.shadow else {})},
     )
     with Registry.open(Path(registry_dir)) as registry:
         RolloutStore(registry).create(record)

@@ -90,7 +90,9 @@ class NetworkLoop:
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
-        client.connect_async(host, port, keepalive)
+        # Every connect starts a clean session, as edge_agent.mqtt does: paho's default
+        # starts clean on the first connect only, and a reconnect would resume a session.
+        client.connect_async(host, port, keepalive, clean_start=True)
         with self._lock:
             self._managed[id(client)] = _Managed(client, host, port, keepalive)
         self._wake()

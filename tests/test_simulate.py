@@ -8,6 +8,7 @@ asserted is what a subscriber received and what each agent wrote in its own stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import signal
@@ -16,11 +17,14 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers_delivery import REPO_ROOT, Agents, Watch, bundle_sha, cli
+from helpers_delivery import REPO_ROOT, Agents, Watch, bundle_bytes, bundle_sha, cli
 
 from edge_agent.config import parse_config
 from edge_agent.simulate import FleetError, fleet_configs
+from edge_agent.simulate.runtimes import SharedRuntimes
+from shared.bundle import read_bundle
 from trainer.fleet.deploy import repository_path
 
 COUNT = 5
@@ -148,3 +152,22 @@ def test_fleet_configs_refuse(tmp_path: Path, source: str, federated: bool, coun
     with pytest.raises(FleetError, match=None) as e:
         fleet_configs(parse_config(_template(tmp_path, source, federated)), count, prefix)
     assert needle in str(e.value)
+
+
+def test_shared_runtimes_key_on_model_spec_and_threads(trained) -> None:
+    """One session per (model, spec, threads): agents asking for the same get the same one;
+    a different spec or thread count is its own session (a session is built from both)."""
+    _csv, registry = trained
+    spec, model = read_bundle(bundle_bytes(registry, bundle_sha(registry, "host", 1)))
+    runtimes = SharedRuntimes()
+    try:
+        window = np.zeros((spec.window, len(spec.features)), dtype=np.float32)
+        first = runtimes.open(spec, model, threads=1)
+        again = runtimes.open(spec, model, threads=1)
+        assert len(runtimes) == 1 and first.score_one(window) == again.score_one(window)
+        runtimes.open(spec, model, threads=2)
+        assert len(runtimes) == 2
+        runtimes.open(dataclasses.replace(spec, lineage={**spec.lineage, "variant": "b"}), model, threads=1)
+        assert len(runtimes) == 3
+    finally:
+        runtimes.close()

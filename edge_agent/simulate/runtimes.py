@@ -2,9 +2,10 @@
 
 A real agent opens its own session for each model it activates. Five hundred simulated agents
 activating the same artifact would hold five hundred copies of it in onnxruntime or LiteRT;
-:class:`SharedRuntimes` opens a model once per distinct model (keyed by the sha256 of the
-model bytes inside the verified bundle: identical artifacts, identical key) and hands every
-agent the same session. Runtimes are not safe for concurrent calls
+:class:`SharedRuntimes` opens a model once per distinct session (keyed by the sha256 of the
+model bytes inside the verified bundle, a digest of its spec, which shapes the session's
+windows and fallbacks, and the thread count: identical artifacts, identical key) and hands
+every agent the same session. Runtimes are not safe for concurrent calls
 (:class:`~edge_agent.runtime.ModelRuntime`), so each agent gets a :class:`SerializedRuntime`
 view whose calls take the session's lock.
 """
@@ -12,6 +13,7 @@ view whose calls take the session's lock.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 
 import numpy as np
@@ -45,8 +47,16 @@ class SerializedRuntime:
         """Nothing: other agents still use the session."""
 
 
+def _session_key(spec: BundleSpec, model: bytes, threads: int) -> str:
+    """What a session is built from: the format, the model bytes, the spec (window shape,
+    fallback quantization …, canonical JSON) and the thread count."""
+    spec_json = json.dumps(spec.to_json(), sort_keys=True, separators=(",", ":"), default=str)
+    return ":".join((spec.format, hashlib.sha256(model).hexdigest(),
+                     hashlib.sha256(spec_json.encode()).hexdigest(), str(threads)))
+
+
 class SharedRuntimes:
-    """Runtime sessions keyed by model sha256. Thread safe: agents activate concurrently, and
+    """Runtime sessions keyed by model, spec and thread count (:func:`_session_key`). Thread safe: agents activate concurrently, and
     the first one to ask for a model opens it while the others wait for it."""
 
     def __init__(self) -> None:
@@ -61,7 +71,7 @@ class SharedRuntimes:
             ModelRuntimeError: as :func:`~edge_agent.runtime.open_runtime` (nothing is kept;
                 the next request tries again).
         """
-        key = f"{spec.format}:{hashlib.sha256(model).hexdigest()}"
+        key = _session_key(spec, model, threads)
         with self._lock:
             opening = self._opening.setdefault(key, threading.Lock())
         with opening:

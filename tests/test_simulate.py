@@ -18,11 +18,15 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 from helpers_delivery import REPO_ROOT, Agents, Watch, bundle_bytes, bundle_sha, cli
+from paho.mqtt.enums import MQTTErrorCode
 
 from edge_agent.config import parse_config
+from edge_agent.mqtt import new_client
 from edge_agent.simulate import FleetError, fleet_configs
+from edge_agent.simulate.network import NetworkLoop
 from edge_agent.simulate.runtimes import SharedRuntimes
 from shared.bundle import read_bundle
 from trainer.fleet.deploy import repository_path
@@ -171,3 +175,80 @@ def test_shared_runtimes_key_on_model_spec_and_threads(trained) -> None:
         assert len(runtimes) == 3
     finally:
         runtimes.close()
+
+
+class Inbox:
+    """A real subscriber's received payloads on one topic filter."""
+
+    def __init__(self, client: mqtt.Client, topic: str) -> None:
+        self.cond = threading.Condition()
+        self.payloads: list[bytes] = []
+        subscribed = threading.Event()
+        client.on_message = self._on_message
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.subscribe(topic, qos=1)
+        assert subscribed.wait(10), f"not subscribed to {topic} within 10 s"
+
+    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.payloads.append(msg.payload)
+            self.cond.notify_all()
+
+    def wait_for(self, expected: set[bytes], timeout: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: expected <= set(self.payloads), timeout):
+                raise AssertionError(f"received {sorted(self.payloads)}, missing {sorted(expected - set(self.payloads))}")
+
+
+def _loop_client(network: NetworkLoop, url: str, client_id: str) -> mqtt.Client:
+    client = new_client(url, client_id=client_id)
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
+    network.add(client, url)
+    assert connected.wait(10), f"{client_id} not connected within 10 s"
+    return client
+
+
+def test_network_loop_watches_writes_only_while_a_client_has_data(broker, clients) -> None:
+    """A packet queued by another thread while ``loop_write`` ends (after paho found its queue
+    empty, before it withdrew the write interest) is sent, and once everything is sent no
+    socket is left watched for writing (a writable socket would wake the loop on every poll).
+
+    The other thread's publish is made to land in that window every time: the client's
+    ``want_write`` publishes right after answering "nothing to write" inside ``loop_write``."""
+    inbox = Inbox(clients(), "race/#")
+    network = NetworkLoop()
+    network.start()
+    try:
+        client = _loop_client(network, broker.url, "race-client")
+        injected: list[mqtt.MQTTMessageInfo] = []
+        inside = threading.local()
+        want_write, loop_write = client.want_write, client.loop_write
+
+        def racing_want_write() -> bool:
+            wants = want_write()
+            if not wants and getattr(inside, "loop_write", False) and len(injected) < 5:
+                injected.append(client.publish(f"race/late/{len(injected)}", b"late%d" % len(injected), qos=1))
+            return wants
+
+        def tracked_loop_write() -> MQTTErrorCode:
+            inside.loop_write = True
+            try:
+                return loop_write()
+            finally:
+                inside.loop_write = False
+
+        client.want_write = racing_want_write  # type: ignore[method-assign]
+        client.loop_write = tracked_loop_write  # type: ignore[method-assign]
+        first = client.publish("race/first", b"first", qos=1)
+        first.wait_for_publish(10)
+        inbox.wait_for({b"first"} | {b"late%d" % i for i in range(5)}, 10)
+        for info in injected:
+            info.wait_for_publish(10)
+        assert len(injected) == 5
+        interest = network.write_interest()
+        assert interest == {"race-client": (False, False)}, interest
+        network.forget(client)
+        client.disconnect()
+    finally:
+        network.close()

@@ -21,8 +21,10 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
@@ -40,6 +42,8 @@ __all__ = ["NetworkLoop"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _MISC_PERIOD = 1.0  # seconds between loop_misc() calls (keepalive pings, timeouts)
 _AUTH_FAILURES = {134, 135}
 
@@ -52,6 +56,8 @@ class _Managed:
     keepalive: int
     reconnect: bool = True
     retry_at: float | None = 0.0  # when to (re)connect; None while connected or connecting
+    fd: int | None = None  # the socket registered with epoll
+    watch_write: bool = False  # whether epoll watches ``fd`` for writing (see _sync_write)
     backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=30.0))
 
 
@@ -68,6 +74,7 @@ class NetworkLoop:
         self._by_fd: dict[int, _Managed] = {}
         self._managed: dict[int, _Managed] = {}  # id(client) -> state
         self._stop = threading.Event()
+        self._calls: list[Callable[[], None]] = []  # to run on the loop thread (_on_loop)
         self._wake_r, self._wake_w = _pipe()
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="mqtt network loop", daemon=True)
@@ -160,7 +167,9 @@ class NetworkLoop:
             if managed is None:
                 return
             self._by_fd[fd] = managed
-        self._epoll.register(fd, select.EPOLLIN)
+            managed.fd = fd
+            managed.watch_write = False
+            self._epoll.register(fd, select.EPOLLIN)
 
     def _on_socket_close(self, client: mqtt.Client, _u: object, sock: Any) -> None:
         fd = sock.fileno()
@@ -168,6 +177,8 @@ class NetworkLoop:
             self._by_fd.pop(fd, None)
             managed = self._managed.get(id(client))
             if managed is not None:
+                managed.fd = None
+                managed.watch_write = False
                 if managed.reconnect:
                     managed.retry_at = time.monotonic() + managed.backoff.next()
                 else:
@@ -177,17 +188,57 @@ class NetworkLoop:
         except (OSError, ValueError):
             pass
 
-    def _on_register_write(self, _client: mqtt.Client, _u: object, sock: Any) -> None:
-        try:
-            self._epoll.modify(sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
-        except (OSError, ValueError):
-            pass  # not registered yet (connecting) or closed: open/close handle it
+    def _on_register_write(self, client: mqtt.Client, _u: object, _sock: Any) -> None:
+        """A hint: a packet was queued (from any thread). Whether to watch for writing is
+        decided from the queue itself (:meth:`_sync_write`), not from paho's bookkeeping."""
+        with self._lock:
+            managed = self._managed.get(id(client))
+            if managed is not None:
+                self._sync_write(managed)
 
-    def _on_unregister_write(self, _client: mqtt.Client, _u: object, sock: Any) -> None:
-        try:
-            self._epoll.modify(sock.fileno(), select.EPOLLIN)
-        except (OSError, ValueError):
-            pass
+    def _on_unregister_write(self, _client: mqtt.Client, _u: object, _sock: Any) -> None:
+        """Ignored: paho calls it when its queue looked empty, which a packet queued by another
+        thread at that moment makes untrue; the loop decides after each write
+        (:meth:`_sync_write`)."""
+
+    def _sync_write(self, managed: _Managed) -> None:
+        """Watch ``managed``'s socket for writing iff its client has something to write.
+
+        paho's own register/unregister-write callbacks track a flag that a packet queued by
+        another thread while ``loop_write`` ends can leave wrong: the write interest then
+        stays off with a packet waiting, or on with nothing to write (the writable socket
+        wakes the loop on every poll). So the queue decides, checked again after every
+        change (a packet queued meanwhile is seen). Called with ``self._lock`` held.
+        """
+        client = managed.client
+        while managed.fd is not None:
+            want = client.want_write()
+            if want == managed.watch_write:
+                return
+            try:
+                self._epoll.modify(managed.fd, select.EPOLLIN | (select.EPOLLOUT if want else 0))
+            except (OSError, ValueError):
+                return  # closed meanwhile: the socket's close forgets it
+            managed.watch_write = want
+
+    def write_interest(self) -> dict[str, tuple[bool, bool]]:
+        """For each client with an open socket: ``(watched for writing, has data to
+        write)``, checked on the loop thread between two polls. Once traffic has settled the
+        two agree for every client (the loop never spins on a writable socket)."""
+        def check() -> dict[str, tuple[bool, bool]]:
+            with self._lock:
+                return {m.client._client_id.decode(): (m.watch_write, m.client.want_write())
+                        for m in self._managed.values() if m.fd is not None}
+
+        return self._on_loop(check).result(10)
+
+    def _on_loop(self, call: Callable[[], T]) -> Future[T]:
+        """Run ``call`` on the loop thread, between two polls."""
+        future: Future[T] = Future()
+        with self._lock:
+            self._calls.append(lambda: _settle(future, call))
+        self._wake()
+        return future
 
     # -- the thread ----------------------------------------------------------------------------
 
@@ -210,6 +261,9 @@ class NetworkLoop:
                 for m in due:
                     m.retry_at = None
                 pending = [m.retry_at for m in self._managed.values() if m.retry_at is not None]
+                calls, self._calls = self._calls, []
+            for call in calls:
+                call()
             for m in due:
                 self._reconnect(m)
             timeout = max(0.0, min([next_misc - time.monotonic(), *(t - time.monotonic() for t in pending)]))
@@ -238,35 +292,21 @@ class NetworkLoop:
                             sock = client.socket()
                     if mask & select.EPOLLOUT and client.socket() is not None:
                         client.loop_write()
-                        self._rearm_write(fd, client)
                 except Exception:
                     log.exception("MQTT client %s: network loop error", client._client_id)
+                with self._lock:
+                    self._sync_write(managed)
             if time.monotonic() >= next_misc:
                 next_misc = time.monotonic() + _MISC_PERIOD
                 with self._lock:
                     clients = list(self._managed.values())
                 for m in clients:
                     if m.client.socket() is not None:
-                        if m.client.want_write():  # safety net: see _rearm_write
-                            m.client.loop_write()
-                        m.client.loop_misc()
+                        m.client.loop_misc()  # may queue a PINGREQ
                         if m.client.is_connected():
                             m.backoff.reset()
-
-    def _rearm_write(self, fd: int, client: mqtt.Client) -> None:
-        """Watch ``fd`` for writing again if a packet was queued while ``loop_write`` ended.
-
-        paho's ``loop_write`` ends by calling ``on_socket_unregister_write`` when its queue
-        looked empty; a packet queued by another thread just before that call sees the write
-        interest still registered and does not register it again, and would then wait until
-        some other traffic flushed it (a retained read timing out). Checking the queue after
-        the unregister closes that window.
-        """
-        if client.want_write() and client.socket() is not None:
-            try:
-                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLOUT)
-            except (OSError, ValueError):
-                pass
+                    with self._lock:
+                        self._sync_write(m)
 
     def _reconnect(self, managed: _Managed) -> None:
         client = managed.client
@@ -298,6 +338,13 @@ class NetworkLoop:
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+
+
+def _settle(future: Future[T], call: Callable[[], T]) -> None:
+    try:
+        future.set_result(call())
+    except Exception as e:  # handed to the caller
+        future.set_exception(e)
 
 
 def _pipe() -> tuple[int, int]:

@@ -252,3 +252,35 @@ def test_network_loop_watches_writes_only_while_a_client_has_data(broker, client
         client.disconnect()
     finally:
         network.close()
+
+
+
+def test_simulated_fleet_reconnects_after_a_broker_restart(trained, broker, tmp_path: Path) -> None:
+    """The broker goes away under a running fleet and comes back on the same port: every agent
+    connects again (its connects run beside the others', off the network loop) and announces
+    a new session."""
+    csv, registry = trained
+    cli("repo", "publish", "--registry", str(registry), "--broker", broker.url)
+    agents = Agents(tmp_path / "agents", broker.url)
+    template = agents.config("sim", trust=repository_path(registry) / "metadata" / "root.json",
+                             source=f"csv:{csv}?rate=20")
+    ids = [f"sim-{i:04d}" for i in range(COUNT)]
+    fleet = Fleet(template, COUNT, tmp_path / "simulate.log")
+    watch = Watch(broker.url, lambda: fleet.tail())
+    try:
+        assert fleet.next_line(120)["ready"] is True
+        online = watch.wait_for(
+            lambda: {s.agent: s.bdseq for s in watch.of("state") if s.status == "online"}.keys() >= set(ids)
+            and {s.agent: s.bdseq for s in watch.of("state") if s.status == "online"},
+            60, "every simulated agent online")
+        broker.stop()  # the subscriber reconnects by itself (paho's loop)
+        mark = watch.mark()
+        broker.start()
+        watch.wait_for(
+            lambda: {s.agent for s in watch.of("state", mark) if s.status == "online" and s.bdseq != online[s.agent]}
+            >= set(ids), 90, "every agent online again in a new session")
+        fleet.proc.send_signal(signal.SIGTERM)
+        assert fleet.proc.wait(120) == 0, fleet.tail()
+    finally:
+        fleet.kill()
+        watch.close()

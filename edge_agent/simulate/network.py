@@ -11,7 +11,9 @@ connection. Its sockets disable Nagle's algorithm (``TCP_NODELAY``), see ``_on_s
 
 paho only reconnects inside its own loop; here :class:`NetworkLoop` reconnects a client that
 lost its connection, after a jittered backoff, until :meth:`NetworkLoop.forget` is called for
-it (before a clean ``disconnect()``).
+it (before a clean ``disconnect()``). paho's ``reconnect()`` blocks (TCP connect, TLS
+handshake), so connects run on a small thread pool, never on the loop thread: a broker restart
+under hundreds of agents does not stall the traffic of those already connected.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MISC_PERIOD = 1.0  # seconds between loop_misc() calls (keepalive pings, timeouts)
+_CONNECT_WORKERS = 4  # connects (TCP + TLS handshake, blocking) running at once
 _AUTH_FAILURES = {134, 135}
 
 
@@ -56,6 +59,7 @@ class _Managed:
     keepalive: int
     reconnect: bool = True
     retry_at: float | None = 0.0  # when to (re)connect; None while connected or connecting
+    connecting: bool = False  # a connect attempt is running on the connect pool
     fd: int | None = None  # the socket registered with epoll
     watch_write: bool = False  # whether epoll watches ``fd`` for writing (see _sync_write)
     backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=30.0))
@@ -78,6 +82,7 @@ class NetworkLoop:
         self._wake_r, self._wake_w = _pipe()
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="mqtt network loop", daemon=True)
+        self._connects = ThreadPoolExecutor(_CONNECT_WORKERS, thread_name_prefix="mqtt connect")
 
     def start(self) -> None:
         self._thread.start()
@@ -164,12 +169,15 @@ class NetworkLoop:
             pass  # not a TCP socket (a proxy or a test double): only latency is lost
         with self._lock:
             managed = self._managed.get(id(client))
-            if managed is None:
-                return
-            self._by_fd[fd] = managed
-            managed.fd = fd
-            managed.watch_write = False
-            self._epoll.register(fd, select.EPOLLIN)
+            if managed is not None:
+                try:
+                    self._epoll.register(fd, select.EPOLLIN)
+                except (OSError, ValueError):  # the loop is closed
+                    managed = None
+                else:
+                    self._by_fd[fd] = managed
+                    managed.fd = fd
+                    managed.watch_write = False
 
     def _on_socket_close(self, client: mqtt.Client, _u: object, sock: Any) -> None:
         fd = sock.fileno()
@@ -179,7 +187,9 @@ class NetworkLoop:
             if managed is not None:
                 managed.fd = None
                 managed.watch_write = False
-                if managed.reconnect:
+                if managed.connecting:
+                    pass  # reconnect() closes the old socket first; _reconnect decides
+                elif managed.reconnect:
                     managed.retry_at = time.monotonic() + managed.backoff.next()
                 else:
                     del self._managed[id(client)]
@@ -257,15 +267,20 @@ class NetworkLoop:
         while not self._stop.is_set():
             now = time.monotonic()
             with self._lock:
-                due = [m for m in self._managed.values() if m.retry_at is not None and m.retry_at <= now]
+                due = [m for m in self._managed.values()
+                       if m.retry_at is not None and m.retry_at <= now and not m.connecting]
                 for m in due:
                     m.retry_at = None
+                    m.connecting = True
                 pending = [m.retry_at for m in self._managed.values() if m.retry_at is not None]
                 calls, self._calls = self._calls, []
             for call in calls:
                 call()
             for m in due:
-                self._reconnect(m)
+                try:
+                    self._connects.submit(self._reconnect, m)
+                except RuntimeError:  # closing: the pool takes no more work
+                    return
             timeout = max(0.0, min([next_misc - time.monotonic(), *(t - time.monotonic() for t in pending)]))
             try:
                 events = self._epoll.poll(timeout)
@@ -298,34 +313,51 @@ class NetworkLoop:
                     self._sync_write(managed)
             if time.monotonic() >= next_misc:
                 next_misc = time.monotonic() + _MISC_PERIOD
+                self._housekeeping()
+
+    def _housekeeping(self) -> None:
+        """Keepalive pings and timeouts of every client, once a second. One client's error is
+        logged and the others carry on."""
+        with self._lock:
+            clients = list(self._managed.values())
+        for m in clients:
+            try:
+                if m.client.socket() is not None:
+                    m.client.loop_misc()  # may queue a PINGREQ
+                    if m.client.is_connected():
+                        m.backoff.reset()
                 with self._lock:
-                    clients = list(self._managed.values())
-                for m in clients:
-                    if m.client.socket() is not None:
-                        m.client.loop_misc()  # may queue a PINGREQ
-                        if m.client.is_connected():
-                            m.backoff.reset()
-                    with self._lock:
-                        self._sync_write(m)
+                    self._sync_write(m)
+            except Exception:
+                log.exception("MQTT client %s: keepalive error", m.client._client_id)
 
     def _reconnect(self, managed: _Managed) -> None:
+        """One connect attempt (on the connect pool); schedules the next one if it failed.
+        Never raises: an error is logged and retried after the backoff."""
         client = managed.client
+        rc = MQTTErrorCode.MQTT_ERR_NO_CONN
         try:
             rc = client.reconnect()
         except OSError as e:
             log.debug("connect to %s:%d failed: %s", managed.host, managed.port, e)
-            rc = MQTTErrorCode.MQTT_ERR_NO_CONN
             on_fail = client.on_connect_fail
             if on_fail is not None:
                 try:
                     on_fail(client, None)
                 except Exception:
                     log.exception("on_connect_fail failed")
+        except Exception:
+            log.exception("MQTT client %s: connect to %s:%d failed", client._client_id, managed.host,
+                          managed.port)
         with self._lock:
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and managed.reconnect:
+            managed.connecting = False
+            # Retry unless connecting (a socket is open and driven): a socket already closed
+            # again (the broker hung up during the attempt) is retried too.
+            if managed.reconnect and (rc != MQTTErrorCode.MQTT_ERR_SUCCESS or managed.fd is None):
                 managed.retry_at = time.monotonic() + managed.backoff.next()
-            elif rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                managed.retry_at = None  # the old socket's close (in reconnect) set one
+            else:
+                managed.retry_at = None
+        self._wake()  # the loop's poll timeout takes the new retry time into account
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread (clients still connected are left as they are)."""
@@ -335,6 +367,7 @@ class NetworkLoop:
         self._wake()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self._connects.shutdown(wait=True, cancel_futures=True)  # a connect ends within its timeout
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)

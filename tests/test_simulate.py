@@ -284,3 +284,34 @@ def test_simulated_fleet_reconnects_after_a_broker_restart(trained, broker, tmp_
     finally:
         fleet.kill()
         watch.close()
+
+
+def test_network_loop_closes_the_socket_of_a_client_forgotten_while_connecting(broker) -> None:
+    """``forget()`` while the connect runs (on the connect pool): the socket it opens is
+    closed at once, not left open and undriven."""
+    network = NetworkLoop()
+    network.start()
+    try:
+        client = new_client(broker.url, client_id="forgotten")
+        opened = threading.Event()
+
+        def forget_now(_c: object, _u: object) -> None:  # inside reconnect(), before the socket
+            network.forget(client)
+            on_open = client.on_socket_open
+            assert on_open is not None
+
+            def then_signal(c: mqtt.Client, u: object, sock: object) -> None:
+                on_open(c, u, sock)  # the loop's handler first
+                opened.set()
+
+            client.on_socket_open = then_signal
+
+        client.on_pre_connect = forget_now
+        network.add(client, broker.url)
+        assert opened.wait(10), "no socket opened within 10 s"
+        sock = client.socket()
+        assert sock is not None and sock.fileno() == -1  # closed by the loop
+        assert network.write_interest() == {}
+        assert not client.is_connected()
+    finally:
+        network.close()

@@ -178,6 +178,10 @@ class NetworkLoop:
                     self._by_fd[fd] = managed
                     managed.fd = fd
                     managed.watch_write = False
+        if managed is None:
+            # Forgotten while this connect ran (or the loop closed): nothing would drive or
+            # close the socket. paho queues its CONNECT for it, which nothing sends.
+            sock.close()
 
     def _on_socket_close(self, client: mqtt.Client, _u: object, sock: Any) -> None:
         fd = sock.fileno()

@@ -24,7 +24,7 @@ from helpers_delivery import REPO_ROOT, Agents, Watch, bundle_bytes, bundle_sha,
 from paho.mqtt.enums import MQTTErrorCode
 
 from edge_agent.config import parse_config
-from edge_agent.mqtt import new_client
+from edge_agent.mqtt import Will, new_client
 from edge_agent.simulate import FleetError, fleet_configs
 from edge_agent.simulate.network import NetworkLoop
 from edge_agent.simulate.runtimes import SharedRuntimes
@@ -123,6 +123,17 @@ def test_five_simulated_agents_each_verify_activate_and_stop(trained, broker, tm
         for agent_id in ids:
             assert stopped[agent_id].bdseq == births[agent_id]  # each its own session's sequence
             assert [a.sha256 for a in stopped[agent_id].active] == [sha]
+        # Each agent disconnected cleanly before the process ended: no Last Will replaced the
+        # retained 'stopped' (a subscriber arriving now reads it for every agent).
+        after = Watch(broker.url, lambda: fleet.tail())
+        try:
+            retained = after.wait_for(
+                lambda: {s.agent: s for s in after.of("state")}.keys() >= set(ids)
+                and {s.agent: s for s in after.of("state")}, 30, "every agent's retained state")
+        finally:
+            after.close()
+        assert {a: (s.status, s.bdseq) for a, s in retained.items() if a in ids} == {
+            a: ("stopped", births[a]) for a in ids}
     finally:
         fleet.kill()
         watch.close()
@@ -315,3 +326,26 @@ def test_network_loop_closes_the_socket_of_a_client_forgotten_while_connecting(b
         assert not client.is_connected()
     finally:
         network.close()
+
+
+def test_network_loop_close_lets_disconnecting_clients_finish(broker, clients) -> None:
+    """``close()`` returns once a client that was forgotten and told to disconnect has sent
+    everything, its DISCONNECT last: the broker keeps its last retained message, not its
+    Last Will."""
+    network = NetworkLoop()
+    network.start()
+    client = new_client(broker.url, client_id="leaving", will=Will("leave/state", b"gone", qos=1, retain=True))
+    try:
+        connected = threading.Event()
+        client.on_connect = lambda *_: connected.set()
+        network.add(client, broker.url)
+        assert connected.wait(10)
+        client.publish("leave/state", b"stopped", qos=1, retain=True)  # not waited for
+        network.forget(client)
+        client.disconnect()
+    finally:
+        network.close()
+    assert client.socket() is None  # DISCONNECT sent, socket closed
+    inbox = Inbox(clients(), "leave/state")
+    inbox.wait_for({b"stopped"}, 10)
+    assert inbox.payloads == [b"stopped"]

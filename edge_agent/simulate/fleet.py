@@ -224,7 +224,9 @@ class SimulatedFleet:
         stopped = self.wait_stopped(timeout)
         if stopped:
             self.runtimes.close()
-            self.network.close()
+        # Waits (bounded) for the stopped agents' DISCONNECTs to go out: ending the process
+        # with them queued would have the broker publish their Last Will over ``stopped``.
+        self.network.close()
         return stopped
 
     def exit_code(self) -> int:

@@ -75,6 +75,7 @@ class NetworkLoop:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._lock = threading.Lock()
+        self._socket_closed = threading.Condition(self._lock)  # notified when a socket closes
         self._by_fd: dict[int, _Managed] = {}
         self._managed: dict[int, _Managed] = {}  # id(client) -> state
         self._stop = threading.Event()
@@ -197,6 +198,7 @@ class NetworkLoop:
                     managed.retry_at = time.monotonic() + managed.backoff.next()
                 else:
                     del self._managed[id(client)]
+            self._socket_closed.notify_all()
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
@@ -335,6 +337,10 @@ class NetworkLoop:
             except Exception:
                 log.exception("MQTT client %s: keepalive error", m.client._client_id)
 
+    def _flushed(self) -> bool:
+        """No forgotten client has a socket any more (called with ``self._lock`` held)."""
+        return not any(not m.reconnect and m.fd is not None for m in self._managed.values())
+
     def _reconnect(self, managed: _Managed) -> None:
         """One connect attempt (on the connect pool); schedules the next one if it failed.
         Never raises: an error is logged and retried after the backoff."""
@@ -363,10 +369,20 @@ class NetworkLoop:
                 managed.retry_at = None
         self._wake()  # the loop's poll timeout takes the new retry time into account
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread (clients still connected are left as they are)."""
+    def close(self, timeout: float = 10.0, *, flush: float = 5.0) -> None:
+        """Stop the thread, after waiting up to ``flush`` seconds for the clients that were
+        forgotten (disconnecting) to send what they queued, their ``DISCONNECT`` last, and
+        close their socket: the process ending first would drop their connections, and the
+        broker would publish their Last Will over the ``stopped`` state they had just
+        announced. Clients still connected are left as they are."""
         import os
 
+        with self._socket_closed:
+            if not self._socket_closed.wait_for(self._flushed, flush):
+                left = sorted(m.client._client_id.decode() for m in self._managed.values()
+                              if not m.reconnect and m.fd is not None)
+                log.warning("%d MQTT client(s) still disconnecting after %g s: %s", len(left), flush,
+                            ", ".join(left[:5]))
         self._stop.set()
         self._wake()
         if self._thread.is_alive():

@@ -367,6 +367,8 @@ class NetworkLoop:
                 managed.retry_at = time.monotonic() + managed.backoff.next()
             else:
                 managed.retry_at = None
+                if not managed.reconnect and managed.fd is None:  # forgotten, nothing to drive
+                    self._managed.pop(id(client), None)
         self._wake()  # the loop's poll timeout takes the new retry time into account
 
     def close(self, timeout: float = 10.0, *, flush: float = 5.0) -> None:

@@ -63,9 +63,11 @@ class ApiConfig:
     ``listen`` is ``HOST:PORT`` on a loopback address (``127.0.0.1``, ``[::1]``, ``localhost``;
     the API has no authentication, so it never listens on a network) or ``unix:PATH`` (a Unix
     socket, created mode 0660; relative paths resolve like the other paths of the file).
-    ``max_body_bytes`` bounds a request body (larger ones get 413 without being read),
+    ``max_body_bytes`` bounds a request body (a larger one gets 413; up to 64 MiB of it is read
+    and dropped so the client receives the answer, then the connection closes),
     ``max_windows`` the windows of one predict request; ``/healthz`` answers 503 when no sample
-    came from the source for ``stale_after_seconds``.
+    came from the source for ``stale_after_seconds``. At most ``max_connections`` connections
+    are served at once (1 to 1024): one more is answered 503 and closed.
     """
 
     enabled: bool = False
@@ -73,6 +75,7 @@ class ApiConfig:
     max_body_bytes: int = 1024 * 1024
     max_windows: int = 256
     stale_after_seconds: float = 60.0
+    max_connections: int = 16
 
     @property
     def unix_path(self) -> Path | None:
@@ -145,6 +148,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_body_bytes": int,
         "max_windows": int,
         "stale_after_seconds": (int, float),
+        "max_connections": int,
     },
 }
 _REQUIRED = {
@@ -345,6 +349,7 @@ def _api(table: dict[str, Any], path: Callable[[str], Path], source: str) -> Api
         max_body_bytes=table.get("max_body_bytes", ApiConfig.max_body_bytes),
         max_windows=table.get("max_windows", ApiConfig.max_windows),
         stale_after_seconds=float(table.get("stale_after_seconds", ApiConfig.stale_after_seconds)),
+        max_connections=table.get("max_connections", ApiConfig.max_connections),
     )
     if c.max_body_bytes < 1024:
         raise ConfigError(f"{source}: api.max_body_bytes must be at least 1024")
@@ -352,6 +357,8 @@ def _api(table: dict[str, Any], path: Callable[[str], Path], source: str) -> Api
         raise ConfigError(f"{source}: api.max_windows must be at least 1")
     if not (math.isfinite(c.stale_after_seconds) and c.stale_after_seconds > 0):
         raise ConfigError(f"{source}: api.stale_after_seconds must be positive")
+    if not 1 <= c.max_connections <= 1024:
+        raise ConfigError(f"{source}: api.max_connections must be 1 to 1024, got {c.max_connections}")
     return c
 
 
@@ -469,6 +476,7 @@ ks_alpha = 0.05              # significance level of the two-sample Kolmogorov-S
 enabled = false              # local HTTP API: POST /v1/slots/SLOT/predict, GET /healthz, GET /metrics
 # listen = "127.0.0.1:9464"  # loopback HOST:PORT only (no authentication), or "unix:/run/edgefleet/api.sock"
 # max_body_bytes = 1048576   # larger request bodies get 413
+# max_connections = 16       # connections served at once; one more gets 503
 # max_windows = 256          # windows in one predict request
 # stale_after_seconds = 60   # /healthz is 503 when no sample came for this long
 """

@@ -167,7 +167,7 @@ class Agent:
         self._history: deque[Sample] = deque(maxlen=HISTORY)
         self._resumed = 0  # samples loaded from the last stop, not yet judged by a live one
         self._errors = 0
-        self._retired = {"inferences": 0, "anomalies": 0}  # counters of replaced detectors
+        self._retired = {"inferences": 0, "anomalies": 0, "errors": 0}  # of replaced detectors (under _lock)
         self.store: ActivationStore | None = None
         self.bdseq = 0
         self._reserve_wanted = threading.Event()  # a bdseq was handed out: persist a reservation
@@ -549,8 +549,9 @@ class Agent:
 
         ``cpu_percent`` is the CPU share since the previous report; ``cpu_share=False`` (a
         metrics scrape) leaves it ``None`` and that window alone for the health reporter."""
-        with self._lock:
+        with self._lock:  # the detectors and the retired counters of one instant
             stats = [d.stats() for d in self._detectors.values()]
+            retired = dict(self._retired)
         p50 = max((s.latency_p50_ms for s in stats if s.latency_p50_ms is not None), default=None)
         p99 = max((s.latency_p99_ms for s in stats if s.latency_p99_ms is not None), default=None)
         outbox = self.outbox
@@ -559,9 +560,9 @@ class Agent:
             k: rejected[k] for k in ("reason", "at", "count")}}
         return AgentHealth(
             agent=self.config.agent_id, ts=_now(),
-            inferences=sum(s.inferences for s in stats) + self._retired["inferences"],
-            anomalies=sum(s.anomalies for s in stats) + self._retired["anomalies"],
-            errors=sum(s.errors for s in stats) + self._errors,
+            inferences=sum(s.inferences for s in stats) + retired["inferences"],
+            anomalies=sum(s.anomalies for s in stats) + retired["anomalies"],
+            errors=sum(s.errors for s in stats) + retired["errors"] + self._errors,
             latency_ms={"p50": p50, "p99": p99},
             outbox_depth=outbox.depth() if outbox is not None else 0,
             outbox_dropped=(outbox.dropped() if outbox is not None else 0) + self._unstored.total,
@@ -700,11 +701,12 @@ class Agent:
             shadow = self._shadows.get(slot)
             if shadow is not None:  # compared with another model from now on: start over
                 self._shadows = {**self._shadows, slot: replace(shadow, comparison=ShadowComparison())}
+            if old is not None:  # in the same critical section: a health read never sees totals drop
+                s = old.stats()
+                self._retired["inferences"] += s.inferences
+                self._retired["anomalies"] += s.anomalies
+                self._retired["errors"] += s.errors
         self.model_ready.set()
-        if old is not None:
-            s = old.stats()
-            self._retired["inferences"] += s.inferences
-            self._retired["anomalies"] += s.anomalies
         log.info("slot %s now serves %s@%s (%s/%s)", slot, loaded.record.model,
                  loaded.record.version, loaded.record.format, loaded.record.quantization)
 

@@ -430,7 +430,10 @@ class Agent:
         # The broker refused the birth message on the agent's own state topic: its ACL gives
         # this user no right to this agent's topics (broker.username not the agent id, another
         # topic root, an ACL not regenerated for this agent). Every event would be refused too.
-        if mid != self._birth_mid or getattr(reason, "value", None) != NOT_AUTHORIZED:
+        if mid != self._birth_mid:
+            return
+        self._birth_mid = None  # its one PUBACK: a later publish reusing the mid is not the birth
+        if getattr(reason, "value", None) != NOT_AUTHORIZED:
             return
         if self.stop_event.is_set():
             return

@@ -761,6 +761,7 @@ class Agent:
                 shadows = self._shadows  # copy-on-write; empty unless a slot runs a shadow
             for detector in detectors:
                 detection: Detection | None = None
+                counted = detector.errors
                 try:
                     values = [sample.values.get(f) for f in detector.spec.features]
                     detection = detector.push(sample.timestamp, values)
@@ -769,7 +770,8 @@ class Agent:
                         if isinstance(monitor, DriftMonitor):
                             monitor.observe(detection.timestamp, detection.values, detection.score)
                 except Exception:
-                    self._errors += 1
+                    if detector.errors == counted:  # a failed inference is the detector's to count
+                        self._errors += 1
                     log.exception("inference failed")
                     detection = None
                     failed = True

@@ -202,6 +202,11 @@ class Detector:
         self._count = 0
         self._last.fill(np.nan)
 
+    @property
+    def errors(self) -> int:
+        """Failed inferences so far (as in :meth:`stats`, without computing percentiles)."""
+        return self._errors
+
     def stats(self) -> DetectorStats:
         """A snapshot of the counters and latency percentiles."""
         lat = sorted(self._latency_ns)

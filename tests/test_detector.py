@@ -138,3 +138,26 @@ def test_runtime_errors_are_counted_and_raised() -> None:
     with pytest.raises(RuntimeError):
         det.push("x", [1.0])
     assert det.stats().errors == 1
+
+
+def test_a_failed_inference_is_one_error_in_the_agent_health(tmp_path) -> None:
+    """The serving loop and the detector do not both count the same failed inference."""
+    from edge_agent.config import parse_config, render_config
+    from edge_agent.daemon import Agent
+    from edge_agent.sources import Sample
+
+    root = tmp_path / "root.json"
+    root.write_text("{}")
+    config = parse_config(render_config(agent_id="a1", group="lab", profile="x86-64-v3",
+                                        broker="mqtt://127.0.0.1:1883", trust=str(root),
+                                        state_dir=str(tmp_path / "state"), source="stdin"),
+                          base=tmp_path)
+    agent = Agent(config)
+    rt, spec = _setup()
+    agent._detectors["main"] = Detector(rt, spec, model_version=1, slot="main")
+    samples = [Sample(str(i), {"f0": 1.0}) for i in range(W)]
+    agent._serve(iter(samples[:-1]))
+    rt.close()
+    agent._serve(iter(samples[-1:]))
+    health = agent.health(cpu_share=False)
+    assert (health.inferences, health.errors) == (0, 1)

@@ -577,6 +577,7 @@ class Agent:
             extra=extra,
             started_at=self.started_at,
             shadow=self.shadow_health(),
+            outbox_refused=self.publisher.refused if self.publisher is not None else 0,
         )
 
     def _assess_drift(self) -> dict[str, Any]:

@@ -189,6 +189,14 @@ class Outbox:
 
     def ack_many(self, seqs: Iterable[int]) -> int:
         """Delete delivered events in one transaction; returns how many were pending."""
+        return self._delete(seqs, dropped=False)
+
+    def drop(self, seqs: Iterable[int]) -> int:
+        """Delete events that can never be delivered, counting them in :meth:`dropped` (in the
+        same transaction); returns how many were pending."""
+        return self._delete(seqs, dropped=True)
+
+    def _delete(self, seqs: Iterable[int], *, dropped: bool) -> int:
         seqs = list(seqs)
         if not seqs:
             return 0
@@ -201,8 +209,10 @@ class Outbox:
                         if row is not None:
                             freed += row[0]
                             removed += 1
+                    if dropped and removed:
+                        c.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (removed,))
             except sqlite3.Error as e:
-                raise OutboxError(f"cannot ack in outbox {self.path}: {e}") from e
+                raise OutboxError(f"cannot {'drop' if dropped else 'ack'} in outbox {self.path}: {e}") from e
             self._bytes -= freed
         return removed
 
@@ -216,7 +226,8 @@ class Outbox:
             return self._bytes
 
     def dropped(self) -> int:
-        """Events dropped to respect ``max_bytes`` over the life of this file (persisted)."""
+        """Events dropped to respect ``max_bytes``, or by :meth:`drop`, over the life of this
+        file (persisted)."""
         return self._scalar("SELECT value FROM meta WHERE key='dropped'")
 
     def next_seq(self) -> int:
@@ -242,6 +253,15 @@ class Outbox:
         self.close()
 
 
+# MQTT 5 PUBACK reason codes no re-send can change: Topic Name invalid, Packet too large,
+# Payload format invalid. (Not authorized, quota exceeded and the like may be fixed meanwhile.)
+# Caveat: Mosquitto 2.0 answers a publish over its message_size_limit with PUBACK 0x95, a code
+# MQTT 5 does not allow in a PUBACK; paho-mqtt 2.2 takes that PUBACK for a malformed packet and
+# closes the connection, so such a refusal never reaches on_publish (the event is re-sent at
+# every reconnect). Keep events well under the broker's limits.
+PERMANENT_REFUSALS = frozenset({0x90, 0x95, 0x99})
+
+
 class OutboxPublisher:
     """Drains an :class:`Outbox` through a paho-mqtt 2.x client with QoS 1, in its own thread.
 
@@ -262,7 +282,10 @@ class OutboxPublisher:
       known, and the network thread never waits on SQLite;
     * an event the broker refuses (an MQTT 5 PUBACK with a failure reason code, e.g. 0x87 Not
       authorized by its ACL) is not deleted: it is counted in :attr:`refused`, logged (at most
-      once a minute) and published again on the next connection;
+      once a minute) and published again on the next connection — the ACL may be fixed; but
+      an event refused ``max_refusals`` times for a reason that no retry can change
+      (:data:`PERMANENT_REFUSALS`: topic name invalid, packet too large, payload format
+      invalid) is dropped from the outbox and counted in :meth:`Outbox.dropped`;
     * on every (re)connect, everything still pending is published again (paho's outgoing queue
       lives in memory and the previous connection's fate is unknown): receivers see duplicates
       and de-duplicate by ``seq``; nothing is lost.
@@ -281,9 +304,14 @@ class OutboxPublisher:
         max_inflight: int = 100,
         qos: int = 1,
         retry_interval: float = 1.0,
+        max_refusals: int = 3,
     ) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
+        if max_refusals < 1:
+            raise ValueError("max_refusals must be >= 1")
+        self._max_refusals = max_refusals
+        self._permanent: dict[int, int] = {}  # seq -> permanent refusals so far (this process)
         self._outbox = outbox
         self._client = client
         self._max_inflight = max_inflight
@@ -296,7 +324,7 @@ class OutboxPublisher:
         self._connected = False
         self._generation = 0  # bumped on every connect
         self._acked_mids: deque[int] = deque()
-        self._refused_mids: deque[tuple[int, str]] = deque()  # (mid, reason) of negative PUBACKs
+        self._refused_mids: deque[tuple[int, int, str]] = deque()  # (mid, code, reason) of negative PUBACKs
         self._idle = threading.Condition()
         self._is_idle = False
         self._saved: dict[str, Any] = {}
@@ -309,7 +337,7 @@ class OutboxPublisher:
         self._seen_generation = -1
         self.published = 0  # publishes handed to paho (including re-publishes)
         self.acked = 0  # events deleted after PUBACK
-        self.refused = 0  # negative PUBACKs of events (each event stays in the outbox)
+        self.refused = 0  # negative PUBACKs of events (each refusal counted)
 
     # -- paho callbacks (network thread): record and wake, never raise ------------------------
 
@@ -338,7 +366,7 @@ class OutboxPublisher:
                 if getattr(reason_code, "is_failure", False):
                     # MQTT 5 negative PUBACK (e.g. 0x87 Not authorized by the broker's ACL): not
                     # delivered. The publisher thread keeps the event if the mid is one of its own.
-                    self._refused_mids.append((mid, str(reason_code)))
+                    self._refused_mids.append((mid, int(getattr(reason_code, "value", 0x80)), str(reason_code)))
                 else:
                     self._acked_mids.append(mid)
             self._wake.set()
@@ -431,13 +459,25 @@ class OutboxPublisher:
             self._inflight.clear()
             self._sent_up_to = 0
         self._delivered += [self._inflight.pop(mid) for mid in mids if mid in self._inflight]
-        for mid, reason in refused:
+        for mid, code, reason in refused:
             seq = self._inflight.pop(mid, None)
             if seq is None:
                 continue  # another publisher's message, or an earlier connection's
+            self.refused += 1
+            if code in PERMANENT_REFUSALS:
+                tries = self._permanent[seq] = self._permanent.get(seq, 0) + 1
+                if tries >= self._max_refusals:
+                    try:
+                        self._outbox.drop([seq])
+                    except OutboxError as e:  # kept: dropped at its next refusal
+                        self._storage_errors.warning("outbox publisher: %s", e)
+                        continue
+                    del self._permanent[seq]
+                    logger.warning("outbox publisher: the broker refused event seq %d %d times (%s); "
+                                   "dropped it: sending it again cannot succeed", seq, tries, reason)
+                    continue
             # Kept: no longer in flight, and published again from the oldest pending event on
             # the next connection (the broker would refuse it again on this one).
-            self.refused += 1
             self._refusals.warning("outbox publisher: the broker refused event seq %d (%s); it "
                                    "stays in the outbox (check the broker's ACL for this agent)",
                                    seq, reason)

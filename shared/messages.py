@@ -369,6 +369,9 @@ class AgentHealth:
     ``correlation`` (Pearson correlation of the two raw scores; ``null`` while undefined),
     ``errors`` (failed shadow inferences) and ``latency_ms`` (``p50``/``p99`` of the shadow's
     inferences). Other keys are kept.
+
+    ``outbox_refused`` (optional; older agents omit it): anomaly events the broker refused (a
+    PUBACK with a failure reason code) since the agent started, each refusal counted.
     """
 
     agent: str
@@ -386,10 +389,11 @@ class AgentHealth:
     extra: Mapping[str, Any] = field(default_factory=dict)
     started_at: str | None = None
     shadow: Mapping[str, Any] | None = None
+    outbox_refused: int | None = None
 
     _COUNTS = ("inferences", "anomalies", "errors", "outbox_depth", "outbox_dropped")
     _KNOWN = ("schema", "agent", "ts", "latency_ms", "rss_mb", "cpu_percent", "federated", "drift",
-              "started_at", "shadow", *_COUNTS)
+              "started_at", "shadow", "outbox_refused", *_COUNTS)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (unknown fields first, known ones win)."""
@@ -411,6 +415,7 @@ class AgentHealth:
             **({} if self.drift is None else {"drift": _finite(self.drift)}),
             **({} if self.started_at is None else {"started_at": self.started_at}),
             **({} if self.shadow is None else {"shadow": _finite(self.shadow)}),
+            **({} if self.outbox_refused is None else {"outbox_refused": self.outbox_refused}),
         }
 
 
@@ -467,6 +472,8 @@ def decode_agent_health(data: bytes) -> AgentHealth:
             for name in ("agreement", "correlation"):
                 if name in slot:
                     _field(slot, name, (int, float), nullable=True)
+    if obj.get("outbox_refused") is not None:
+        _count(obj, "outbox_refused")
     return AgentHealth(
         agent=obj["agent"],
         ts=obj["ts"],
@@ -479,6 +486,7 @@ def decode_agent_health(data: bytes) -> AgentHealth:
         extra=_rest(obj, AgentHealth._KNOWN),
         started_at=obj.get("started_at"),
         shadow=None if shadow is None else dict(shadow),
+        outbox_refused=obj.get("outbox_refused"),
     )
 
 

@@ -289,3 +289,4 @@ def test_event_codec_round_trip_keeps_unknown_fields() -> None:
                 json.dumps({**ev, "seq": True}).encode(), json.dumps({k: v for k, v in ev.items() if k != "agent"}).encode()):
         with pytest.raises(MessageError):
             decode_event(bad)
+

@@ -146,6 +146,7 @@ healths = st.builds(
     ),
     outbox_depth=counts,
     outbox_dropped=counts,
+    outbox_refused=st.none() | counts,
     rss_mb=st.none() | numbers,
     cpu_percent=st.none() | numbers,
     federated=st.none() | st.fixed_dictionaries(
@@ -185,7 +186,7 @@ _KNOWN_BY_DECODER = {
     "decode_deployment": {"scope", "serial", "slots"},
     "decode_agent_state": set(AgentState._KNOWN) - {"schema", "health_period_s"},  # optional
     "decode_agent_health": set(AgentHealth._KNOWN) - {"schema", "federated", "drift", "started_at",
-                                                      "shadow"},  # optional
+                                                      "shadow", "outbox_refused"},  # optional
     "decode_deployment_status": set(DeploymentStatus._KNOWN) - {"schema", "role"},  # role: optional
 }
 

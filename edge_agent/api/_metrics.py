@@ -39,7 +39,9 @@ class _HealthCollector(Collector):
             ("inferences", h.inferences, "Windows scored by the streaming detectors."),
             ("anomalies", h.anomalies, "Anomalies the streaming detectors reported."),
             ("errors", h.errors, "Failed inferences."),
-            ("outbox_dropped", h.outbox_dropped, "Anomaly events dropped (outbox full) or never stored."),
+            ("outbox_dropped", h.outbox_dropped,
+             "Anomaly events dropped (outbox full, refused for good by the broker) or never stored."),
+            ("outbox_refused", h.outbox_refused or 0, "Publishes of anomaly events the broker refused."),
         ):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         latency = GaugeMetricFamily(

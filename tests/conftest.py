@@ -32,6 +32,7 @@ class Broker:
     port: int
     workdir: Path
     proc: subprocess.Popen | None = None
+    extra_config: str = ""  # more mosquitto.conf lines (e.g. "max_packet_size 4096\n")
 
     @property
     def url(self) -> str:
@@ -53,6 +54,7 @@ class Broker:
             + ("user root\n" if os.geteuid() == 0 else "")
             +
             f"log_dest file {self.workdir}/mosquitto.log\n"
+            + self.extra_config
         )
         self.proc = subprocess.Popen(
             [_mosquitto(), "-c", str(conf)],

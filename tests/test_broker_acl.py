@@ -339,3 +339,52 @@ def test_passwd_keeps_the_owner_and_mode_of_the_password_file_it_replaces(tmp_pa
     assert after.st_ino != before.st_ino  # replaced, not edited in place
     assert (after.st_mode & 0o7777, after.st_uid, after.st_gid) == (0o640, before.st_uid, before.st_gid)
     assert [line.split(":", 1)[0] for line in passwd.read_text().splitlines()] == ["trainer", "agent-a", "agent-b"]
+
+
+def test_a_trainer_user_without_write_on_repo_gets_one_clear_publish_error(
+        acl_broker: AclBroker, tmp_path: Path) -> None:
+    """Under MQTT 5 the broker's PUBACK 0x87 fails the publish, naming the code and the topic,
+    and nothing after the refused phase is published (never timestamp.json)."""
+    from trainer.fleet.publisher import PublishError, publish_repository
+
+    repo = TufRepository.init(tmp_path / "tuf")
+    client = connect(acl_broker.broker.url, client_id="agent-a-publisher", username="agent-a",
+                     password=acl_broker.password("agent-a"), timeout=10)
+    try:
+        with pytest.raises(PublishError, match=r"refused the publish to .*/repo/.*[Nn]ot authorized.*0x87"):
+            publish_repository(repo, client, TOPICS, timeout=10, collect=False)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    reader = connect(acl_broker.broker.url, client_id="trainer-reader", username="trainer",
+                     password=acl_broker.password("trainer"), timeout=10)
+    try:
+        kept = RetainedReader(reader, TOPICS).read([f"{TOPICS.root}/repo/#"])
+    finally:
+        reader.disconnect()
+        reader.loop_stop()
+    assert kept == {}
+
+
+@pytest.mark.parametrize("limit", ["max_packet_size", "message_size_limit"])
+def test_a_publish_over_the_brokers_size_limit_is_one_clear_error(tmp_path: Path, limit: str) -> None:
+    """Mosquitto closes the connection over a too-large publish (``max_packet_size``) or
+    answers PUBACK 0x95, which paho takes for a malformed packet and disconnects
+    (``message_size_limit``): the trainer gets one PublishError saying so, at once."""
+    from tests.conftest import Broker
+    from tests.helpers_security import free_port
+    from trainer.fleet.publisher import PublishError, publish_repository
+
+    broker = Broker(port=free_port(), workdir=tmp_path / "mosquitto", extra_config=f"{limit} 512\n")
+    broker.workdir.mkdir()
+    broker.start()
+    repo = TufRepository.init(tmp_path / "tuf")
+    client = connect(broker.url, client_id="trainer-big", timeout=10)
+    try:
+        with pytest.raises(PublishError, match=r"connection to the broker was lost.*message size limit") as e:
+            publish_repository(repo, client, TOPICS, chunk_size=64 * 1024, timeout=60, collect=False)
+        assert "within" not in str(e.value)  # not a PUBACK timeout
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        broker.stop()

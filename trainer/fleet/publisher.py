@@ -26,14 +26,16 @@ agents verify everything with TUF.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from edge_agent.mqtt import BrokerError, RetainedReader
 from shared.chunking import DEFAULT_CHUNK_SIZE, ChunkError, ChunkIndex, RepoIndex, split
 from shared.topics import Topics
-from trainer.fleet.tuf_repository import TufRepository
+from trainer.fleet.tuf_repository import RepoFiles, TufRepository
 
 __all__ = ["PublishError", "PublishReport", "publish_repository"]
 
@@ -61,31 +63,87 @@ class PublishReport:
 
 
 class _Batch:
-    """Publishes QoS 1 retained messages and waits for all their PUBACKs."""
+    """Publishes QoS 1 retained messages and waits for all their PUBACKs.
+
+    Hooks the client's ``on_publish`` (the PUBACK reason code of each mid) and
+    ``on_disconnect`` (a connection lost under a batch fails it: paho would re-send on the
+    next connection, but a broker that drops the connection over a message, e.g. one over
+    its size limit, drops it again at every re-send) until :meth:`close`; callbacks already
+    set keep being called.
+    """
 
     def __init__(self, client: mqtt.Client, timeout: float, report: PublishReport) -> None:
         self._client = client
         self._timeout = timeout
         self._report = report
-        self._pending: list[tuple[str, mqtt.MQTTMessageInfo]] = []
+        self._pending: list[tuple[str, mqtt.MQTTMessageInfo, int]] = []
+        self._done = threading.Condition()
+        self._codes: dict[int, Any] = {}  # mid → PUBACK reason code (under _done)
+        self._lost: Any = None  # the disconnect reason while a batch waited (under _done)
+        self._saved = (client.on_publish, client.on_disconnect)
+        client.on_publish = self._on_publish
+        client.on_disconnect = self._on_disconnect
+
+    def close(self) -> None:
+        """Give the client its own callbacks back."""
+        self._client.on_publish, self._client.on_disconnect = self._saved
+
+    def _on_publish(self, *args: Any) -> None:
+        _client, _userdata, mid, reason, _props = args
+        with self._done:
+            self._codes[mid] = reason
+            self._done.notify_all()
+        if self._saved[0] is not None:
+            self._saved[0](*args)
+
+    def _on_disconnect(self, *args: Any) -> None:
+        with self._done:
+            self._lost = args[3]
+            self._done.notify_all()
+        if self._saved[1] is not None:
+            self._saved[1](*args)
 
     def publish(self, topic: str, payload: bytes) -> None:
         info = self._client.publish(topic, payload, qos=1, retain=True)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise PublishError(f"paho's outgoing queue is full publishing {topic}")
-        self._pending.append((topic, info))
+        self._pending.append((topic, info, len(payload)))
         self._report.messages += 1
         self._report.bytes += len(payload)
 
     def wait(self) -> None:
-        for topic, info in self._pending:
-            try:
-                info.wait_for_publish(self._timeout)
-            except (RuntimeError, ValueError) as e:
-                raise PublishError(f"publish to {topic} failed: {e}") from e
-            if not info.is_published():
-                raise PublishError(f"no PUBACK for {topic} within {self._timeout:g} s")
-        self._pending.clear()
+        """Every PUBACK of the batch, each with a success reason code.
+
+        Raises:
+            PublishError: a PUBACK with a failure reason code (named with its topic), the
+                connection lost meanwhile, or no PUBACK within the timeout.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        mids = {info.mid for _t, info, _n in pending}
+        with self._done:
+            self._done.wait_for(lambda: self._lost is not None or mids <= self._codes.keys(),
+                                self._timeout)
+            codes = {mid: self._codes.pop(mid) for mid in mids if mid in self._codes}
+            lost, self._lost = self._lost, None
+        for topic, info, _n in pending:
+            code = codes.get(info.mid)
+            if code is not None and getattr(code, "is_failure", False):
+                raise PublishError(f"the broker refused the publish to {topic}: {code} "
+                                   f"(reason code 0x{int(code.value):02X})")
+        missing = [(topic, n) for topic, info, n in pending if info.mid not in codes]
+        if not missing:
+            return
+        topic, _n = missing[0]
+        if lost is not None:
+            largest = max(n for _t, n in missing)
+            raise PublishError(
+                f"the connection to the broker was lost ({lost}) before the PUBACK of {topic} "
+                f"and {len(missing) - 1} more; if it happens again, a message may exceed the "
+                f"broker's message size limit (max_packet_size, message_size_limit; the largest "
+                f"unacknowledged one here is {largest} bytes)")
+        raise PublishError(f"no PUBACK for {topic} within {self._timeout:g} s")
 
 
 @dataclass
@@ -142,9 +200,14 @@ def publish_repository(
     """Make the broker's retained ``{root}/repo/`` topics mirror ``repo``'s current files.
 
     ``client`` must be connected with its network thread running (``edge_agent.mqtt.connect``)
-    and must not itself subscribe to ``{root}/repo/``. ``chunk_size`` must stay below the
-    broker's ``message_size_limit`` (Mosquitto drops larger publishes silently). With
-    ``collect=False`` the broker is not read: everything is republished and nothing is
+    and must not itself subscribe to ``{root}/repo/``; its ``on_publish`` and
+    ``on_disconnect`` are chained during the call. ``chunk_size`` must stay below the broker's
+    ``max_packet_size`` / ``message_size_limit``: over MQTT 5 Mosquitto closes the connection
+    over a larger publish (``max_packet_size``), or answers it with PUBACK 0x95 (packet too
+    large), a code MQTT 5 does not allow in a PUBACK, which paho takes for a malformed packet
+    and drops the connection (``message_size_limit``); either way the call fails with a
+    :class:`PublishError` saying the connection was lost and that a message may be too large.
+    With ``collect=False`` the broker is not read: everything is republished and nothing is
     garbage-collected.
 
     Guarantees: ``timestamp.json`` is published only after every other message was
@@ -153,7 +216,10 @@ def publish_repository(
     names what is left.
 
     Raises:
-        PublishError: a PUBACK did not arrive within ``timeout`` or the broker read failed.
+        PublishError: a PUBACK did not arrive within ``timeout`` or carried a failure reason
+            code (e.g. 0x87 not authorized by the broker's ACL), the connection was lost
+            during a phase, or the broker read failed. Nothing after the failed phase is
+            published: never ``timestamp.json`` over missing chunks.
     """
     report = PublishReport()
     files = repo.current_files()
@@ -165,6 +231,26 @@ def publish_repository(
         )
 
     batch = _Batch(client, timeout, report)
+    try:
+        _publish_phases(repo, files, there, batch, topics, chunk_size, report)
+    finally:
+        batch.close()
+
+    logger.info(
+        "published %d target(s) (%d skipped), %d metadata file(s), cleared %d topic(s); "
+        "read %d retained message(s)",
+        len(report.published_targets),
+        len(report.skipped_targets),
+        len(report.published_metadata),
+        len(report.cleared_topics),
+        report.read_messages,
+    )
+    return report
+
+
+def _publish_phases(repo: TufRepository, files: RepoFiles, there: _Retained, batch: _Batch, topics: Topics,
+                    chunk_size: int, report: PublishReport) -> None:
+    """Phases 1 to 5 of the module docstring, each waiting for its PUBACKs."""
     stale_chunks: list[str] = []  # chunks a re-chunked target no longer has
 
     # 1. targets: chunks before their index, so an index always names chunks that exist.
@@ -222,14 +308,3 @@ def publish_repository(
         batch.publish(topic, b"")
         report.cleared_topics.append(topic)
     batch.wait()
-
-    logger.info(
-        "published %d target(s) (%d skipped), %d metadata file(s), cleared %d topic(s); "
-        "read %d retained message(s)",
-        len(report.published_targets),
-        len(report.skipped_targets),
-        len(report.published_metadata),
-        len(report.cleared_topics),
-        report.read_messages,
-    )
-    return report

@@ -309,6 +309,7 @@ CASES = [
     agent("simulate --count 3 --config plain.toml --prefix a/b", "--prefix 'a/b'"),
     agent("simulate --count 3 --config plain.toml --concurrency 0", "--concurrency: must be a positive integer"),
     agent("simulate --count 3 --config stdin.toml", "stdin cannot feed many simulated agents"),
+    agent("simulate --count 3 --config api-local.toml", "[api] enabled is not supported by simulate"),
     agent("simulate --count 99999 --config plain.toml", "--count must be between 1 and"),
     agent("check-config --config api-public.toml", "api.listen must be HOST:PORT on a loopback address"),
     agent("run --config api-public.toml --exit-at-end", "api.listen must be HOST:PORT on a loopback"),
@@ -414,6 +415,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     drift = {"drift-window": "window = 10", "drift-window-huge": "window = 10000000", "drift-clear": "psi_threshold = 0.2\npsi_clear = 0.3"}
     for name, lines in drift.items():
         (w / f"{name}.toml").write_text(_config(url="mqtt://127.0.0.1:1883") + f"[drift]\n{lines}\n")
+    (w / "api-local.toml").write_text(_config(url=NO_BROKER) + '[api]\nenabled = true\n')
     (w / "api-public.toml").write_text(_config(url="mqtt://127.0.0.1:1883") +
                                        '[api]\nenabled = true\nlisten = "0.0.0.0:9464"\n')
     return w

@@ -74,13 +74,17 @@ def fleet_configs(template: AgentConfig, count: int, prefix: str | None = None) 
 
     Raises:
         FleetError: bad count or prefix; a ``stdin`` source (one stream cannot feed many
-            agents); ``[federated] enabled`` (one SuperNode per agent is not simulated).
+            agents); ``[federated] enabled`` (one SuperNode per agent is not simulated);
+            ``[api] enabled`` (one listen address cannot serve many agents).
     """
     ids = agent_ids(template.agent_id if prefix is None else prefix, count)
     if parse_source(template.source).kind == "stdin":
         raise FleetError("source.spec: stdin cannot feed many simulated agents; use host or csv:")
     if template.federated.enabled:
         raise FleetError("[federated] enabled is not supported by simulate; set enabled = false")
+    if template.api.enabled:
+        raise FleetError("[api] enabled is not supported by simulate (the agents would share one "
+                         "listen address); set enabled = false")
     return [dataclasses.replace(template, agent_id=i, state_dir=template.state_dir / i) for i in ids]
 
 

@@ -290,3 +290,15 @@ def test_event_codec_round_trip_keeps_unknown_fields() -> None:
         with pytest.raises(MessageError):
             decode_event(bad)
 
+
+
+def test_drop_deletes_and_counts_persistently(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        a = ob.append(TOPIC, b'{"a": 1}')
+        b = ob.append(TOPIC, b'{"b": 2}')
+        assert ob.drop([a, 999]) == 1  # an unknown seq is no drop
+        assert ob.ack_many([b]) == 1  # delivered: not a drop
+        assert (ob.depth(), ob.dropped(), ob.pending_bytes()) == (0, 1, 0)
+    with Outbox(path) as ob:
+        assert ob.dropped() == 1

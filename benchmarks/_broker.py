@@ -1,4 +1,4 @@
-"""A private Mosquitto for the fleet benchmarks (``benchmarks/bench_fleet.py``)."""
+"""A private Mosquitto for the benchmarks that run agents (bench_agent, bench_fleet)."""
 
 from __future__ import annotations
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _broker import Broker  # noqa: E402
 from _report import markdown_table, median, percentile_us, print_table, update_benchmarks_doc  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,34 +211,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-class _Broker:
-    """A private Mosquitto on a free loopback port."""
-
-    def __init__(self, work: Path) -> None:
-        import os
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        conf = work / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                        + ("user root\n" if os.geteuid() == 0 else ""))
-        self.proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
-                return
-            except OSError:
-                time.sleep(0.05)  # polling a port
-        raise SystemExit("mosquitto did not start listening within 10 s")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 class _Activations:
     """Subscriber to the agents' retained deployment statuses: which agent has gone active."""
 
@@ -280,7 +251,7 @@ class _Activations:
         self.client.loop_stop()
 
 
-def measure_agent(registry: Path, work: Path, broker: _Broker, watch: _Activations, profile: str,
+def measure_agent(registry: Path, work: Path, broker: Broker, watch: _Activations, profile: str,
                   run_no: int) -> dict:
     """Start ``edgefleet-agent run`` as a user would and read its memory :data:`SETTLE_S` later.
 
@@ -357,7 +328,7 @@ def _rows(csv: Path) -> int:
 def memory(registry: Path, work: Path) -> list[dict]:
     """Each profile's agent :data:`RUNS` times, interleaved, against one broker and deployment."""
     run("-m", "trainer.cli", "repo", "init", "--registry", str(registry))
-    broker = _Broker(work)
+    broker = Broker(work)
     try:
         run("-m", "trainer.cli", "deploy", "cpu@1", "--group", "bench", "--registry", str(registry),
             "--broker", broker.url)

@@ -83,23 +83,17 @@ class LoadedModel:
 def load_active(store: ActivationStore, slot: str, threads: int, *,
                 open_model: OpenModel = open_runtime) -> LoadedModel | None:
     """Open the slot's current bundle (at start-up); ``None`` if there is none or it fails."""
-    record = store.current(slot)
-    if record is None:
-        return None
-    try:
-        spec, model = read_bundle(store.bundle_path(record.sha256).read_bytes())
-        runtime = open_model(spec, model, threads=threads)
-        smoke_test(runtime, spec)
-    except (OSError, BundleError, ModelRuntimeError) as e:
-        log.error("slot %s: stored model %s@%s does not load: %s", slot, record.model, record.version, e)
-        return None
-    return LoadedModel(record, spec, runtime)
+    return _load_stored(store, store.current(slot), slot, "model", threads, open_model)
 
 
 def load_shadow(store: ActivationStore, slot: str, threads: int, *,
                 open_model: OpenModel = open_runtime) -> LoadedModel | None:
     """Open the slot's stored shadow candidate (at start-up); ``None`` if none or it fails."""
-    record = store.shadow(slot)
+    return _load_stored(store, store.shadow(slot), slot, "shadow", threads, open_model)
+
+
+def _load_stored(store: ActivationStore, record: ActiveRecord | None, slot: str, role: str, threads: int,
+                 open_model: OpenModel) -> LoadedModel | None:
     if record is None:
         return None
     try:
@@ -107,7 +101,7 @@ def load_shadow(store: ActivationStore, slot: str, threads: int, *,
         runtime = open_model(spec, model, threads=threads)
         smoke_test(runtime, spec)
     except (OSError, BundleError, ModelRuntimeError) as e:
-        log.error("slot %s: stored shadow %s@%s does not load: %s", slot, record.model, record.version, e)
+        log.error("slot %s: stored %s %s@%s does not load: %s", slot, role, record.model, record.version, e)
         return None
     return LoadedModel(record, spec, runtime)
 

@@ -543,7 +543,7 @@ class Agent:
         out: dict[str, Any] = {slot: m.to_json() for slot, m in sorted(shadows.items())}
         for slot, status in self._shadow_failures.items():
             out[slot] = {"model": status.model, "version": status.version, "state": "failed",
-                         "reason": status.reason}
+                         "reason": status.reason, "serial": status.serial}
         return out or None
 
     def health(self, *, cpu_share: bool = True) -> AgentHealth:

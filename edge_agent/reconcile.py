@@ -164,6 +164,9 @@ class Reconciler:
         self.shadow = shadow
         self.report_shadow = report_shadow if report_shadow is not None else report
         self._last_failure: dict[str, str] = {}  # slot → the failure last reported for it
+        # slot → the shadow (model, version) whose failure is on record: withdrawn, it is
+        # reported ``removed`` even if nothing was ever installed (the agent's health drops it)
+        self._shadow_failed: dict[str, tuple[str, int]] = {}
 
     def _desired(self) -> Deployment | None:
         for target in (agent_target(self.agent_id), group_target(self.group)):
@@ -222,7 +225,9 @@ class Reconciler:
             if self.shadow is not None:
                 # After the serving models: a shadow never delays them. A slot the document
                 # no longer names, or names without a shadow, has its shadow removed.
-                for slot_name in sorted(set(desired.slots) | {s for s, _ in self.store.shadows()}):
+                # (and a slot with a failed shadow on record: withdrawn, the failure is cleared)
+                named = set(desired.slots) | {s for s, _ in self.store.shadows()} | set(self._shadow_failed)
+                for slot_name in sorted(named):
                     slot_or_none = desired.slots.get(slot_name)
                     entry = slot_or_none.shadow if slot_or_none is not None else None
                     done = self._reconcile_shadow(slot_name, entry, desired.serial) and done
@@ -273,7 +278,10 @@ class Reconciler:
         current = self.store.shadow(slot_name)
         if shadow is None:
             self._last_failure.pop(key, None)
+            failed = self._shadow_failed.pop(slot_name, None)
             if current is None:
+                if failed is not None:  # nothing installed, but a failure on record: clear it
+                    self.report_shadow(slot_name, "removed", failed[0], failed[1], serial, None)
                 return True
             try:
                 self.store.set_shadow(slot_name, None)
@@ -294,6 +302,7 @@ class Reconciler:
                 self._last_failure[key] = key_value
                 log.warning("slot %s: shadow %s@%s failed: %s", slot_name, shadow.model,
                             shadow.version, reason)
+                self._shadow_failed[slot_name] = (shadow.model, shadow.version)
                 report("failed", reason)
 
         variant = self._choose(shadow)
@@ -318,6 +327,7 @@ class Reconciler:
         self.shadow(slot_name, LoadedModel(record, spec, runtime))
         report("active")
         self._last_failure.pop(key, None)
+        self._shadow_failed.pop(slot_name, None)
         return True
 
     def _choose(self, slot: Slot) -> Variant | None:

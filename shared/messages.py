@@ -363,7 +363,8 @@ class AgentHealth:
     ``shadow`` (optional; omitted when no slot runs a shadow, and by agents before shadow mode)
     maps each slot that runs a shadow candidate beside its model to the comparison since the
     shadow was installed: ``model``, ``version``, ``state`` (``active``, or ``failed`` with a
-    ``reason`` when the candidate did not pass its smoke test), ``samples`` (samples both
+    ``reason`` when the candidate could not be installed or loaded, and the ``serial`` of the
+    deployment document it failed under), ``samples`` (samples both
     models scored), ``agreement`` (fraction of those where both decisions agree; ``null``
     before the first), ``active_only`` and ``shadow_only`` (alarms raised by one model only),
     ``correlation`` (Pearson correlation of the two raw scores; ``null`` while undefined),

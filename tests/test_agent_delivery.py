@@ -1049,11 +1049,23 @@ def test_a_shadow_that_fails_its_smoke_test_is_reported_and_the_model_keeps_serv
     health = watch.wait_for(lambda: first(h for h in watch.of("health") if h.shadow and h.inferences), 20,
                             "health reporting the failed shadow while v1 serves")
     assert health.shadow["default"] == {"model": "host", "version": 2, "state": "failed",
-                                        "reason": failed.reason}
+                                        "reason": failed.reason, "serial": failed.serial}
     state, dep = env.retained_agent("edge-shadow-bad")
     assert [(a.model, a.version) for a in state.active] == [("host", 1)]
     assert (dep.version, dep.state, dep.role) == (1, "active", "active")
     assert not (agent.state_dir / "bundles" / f"{sha}.zip").exists()
     watch.wait_for(lambda: watch.of("events"), 30, "v1's events")
     assert {e["model_version"] for e in watch.of("events")} == {1}
+
+    # Withdrawn, though nothing was ever installed: the failure goes from health too.
+    mark = watch.mark()
+    cli("deploy", "--clear-shadow", "--group", "lab", "--registry", str(env.registry),
+        "--broker", env.broker.url, "--json")
+    removed = watch.wait_for(
+        lambda: first(d for d in watch.of("deployments", mark) if d.role == "shadow" and d.state == "removed"),
+        40, "the failed shadow to be removed")
+    assert (removed.model, removed.version) == ("host", 2)
+    mark = watch.mark()
+    watch.wait_for(lambda: first(h for h in watch.of("health", mark) if h.shadow is None and h.inferences), 20,
+                   "health without the failed shadow")
     assert "Traceback" not in agent.log.read_text(), agent.tail()

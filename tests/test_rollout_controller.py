@@ -614,9 +614,10 @@ def test_canaries_are_chosen_in_an_order_shuffled_by_the_rollout_id() -> None:
 # -- the shadow stage (rollout start --shadow) -------------------------------------------------
 
 
-def _shadow_figures(samples: int, state: str = "active") -> dict[str, Any]:
+def _shadow_figures(samples: int, state: str = "active", serial: int = 0) -> dict[str, Any]:
     if state == "failed":
-        return {"model": "host", "version": 2, "state": "failed", "reason": "smoke test: output 0 differs"}
+        return {"model": "host", "version": 2, "state": "failed", "reason": "smoke test: output 0 differs",
+                "serial": serial}
     return {"model": "host", "version": 2, "state": "active", "samples": samples, "agreement": 0.97,
             "active_only": samples // 50, "shadow_only": samples // 100, "correlation": 0.91,
             "errors": 0, "latency_ms": {"p50": 0.3, "p99": 0.8}}
@@ -696,13 +697,29 @@ def test_abort_after_the_shadow_stage_removes_the_shadow_documents(world: Any) -
     assert _documents(registry) == {"deployments/groups/lab.json": 1}
 
 
+def test_a_failed_shadow_of_an_older_document_is_not_this_rollouts(world: Any) -> None:
+    """The canary still shows the same candidate failing under an earlier document (it has
+    not read the rollout's yet): that is no breach; the stage keeps waiting."""
+    _, _, played, start = world
+    rid, observer = start(shadow=True)
+    A1 = _roles(rid)[0]
+    ctrl = _controller(world, rid, observer, Clock())
+    progress = ctrl.step().progress
+    assert progress["phase"] == "shadow-activating"
+    played.health(A1, inferences=100, shadow=_shadow_figures(0, "failed", progress["serial"] - 1))
+    _until(observer, lambda s: s.health[A1].shadow is not None, "the old failed shadow")
+    record = ctrl.step()
+    assert (record.state, record.progress["phase"]) == ("running", "shadow-activating")
+
+
 def test_a_shadow_that_fails_on_a_canary_rolls_the_rollout_back(world: Any) -> None:
     registry, _, played, start = world
     rid, observer = start(shadow=True)
     A1 = _roles(rid)[0]
     ctrl = _controller(world, rid, observer, Clock())
-    assert ctrl.step().progress["phase"] == "shadow-activating"
-    played.health(A1, inferences=100, shadow=_shadow_figures(0, "failed"))
+    progress = ctrl.step().progress
+    assert progress["phase"] == "shadow-activating"
+    played.health(A1, inferences=100, shadow=_shadow_figures(0, "failed", progress["serial"]))
     _until(observer, lambda s: s.health[A1].shadow is not None, "the failed shadow")
     record = ctrl.step()
     assert record.state == "rolled_back"

@@ -196,7 +196,7 @@ def drift_summary(drift: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def shadow_summary(shadow: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per slot, a health report's ``shadow`` entry: ``model``, ``version``, ``state``
-    (``active`` or ``failed``), ``reason``, ``samples``, ``agreement``, ``active_only``,
+    (``active`` or ``failed``), ``reason``, ``serial`` (of a failure), ``samples``, ``agreement``, ``active_only``,
     ``shadow_only``, ``correlation`` and the shadow's ``latency_p50_ms`` / ``latency_p99_ms``
     (``None`` for what the agent did not report). Entries that are not objects are skipped."""
     out: dict[str, dict[str, Any]] = {}
@@ -206,7 +206,7 @@ def shadow_summary(shadow: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         raw = d.get("latency_ms")
         latency: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
         out[str(slot)] = {
-            **{k: d.get(k) for k in ("model", "version", "reason", "samples", "agreement",
+            **{k: d.get(k) for k in ("model", "version", "reason", "serial", "samples", "agreement",
                                      "active_only", "shadow_only", "correlation")},
             "state": d.get("state", "active"),
             "latency_p50_ms": latency.get("p50"),

@@ -33,10 +33,13 @@ def shadow_failure(
     serial: int,
 ) -> str | None:
     """Why the canary could not run ``model@version`` as its shadow (its health says
-    ``failed``, or it reported a ``failed`` shadow status for a document at least ``serial``),
-    or ``None``."""
+    ``failed`` for a document at least ``serial``, or it reported a ``failed`` shadow status
+    for one), or ``None``. A failure of an older document (or one whose serial the agent does
+    not report) is not this rollout's: the agent may not have read the new document yet."""
     entry = shadow_entry(health, slot, model, version)
-    if entry is not None and entry["state"] == "failed":
+    failed_serial = entry.get("serial") if entry is not None else None
+    if (entry is not None and entry["state"] == "failed" and isinstance(failed_serial, int)
+            and not isinstance(failed_serial, bool) and failed_serial >= serial):
         return f"shadow: {entry.get('reason') or 'failed'}"
     for status in reports:
         if (status.role == "shadow" and status.state == "failed" and status.slot == slot

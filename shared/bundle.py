@@ -40,6 +40,7 @@ import io
 import json
 import math
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -334,17 +335,26 @@ def read_bundle(data: bytes, *, max_model_bytes: int = 256 * 1024 * 1024) -> tup
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as e:
         raise BundleError(f"not a zip file: {e}") from e
+    # A damaged member (bad local header, CRC, deflate stream) only shows when it is read.
+    damaged = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
     with zf:
         infos = {i.filename: i for i in zf.infolist()}
         if len(infos) > MAX_BUNDLE_MEMBERS or SPEC_FILE not in infos:
             raise BundleError("bundle must hold spec.json and one model file")
-        spec = BundleSpec.from_bytes(zf.read(SPEC_FILE))
+        try:
+            raw_spec = zf.read(SPEC_FILE)
+        except damaged as e:
+            raise BundleError(f"damaged {SPEC_FILE}: {e}") from e
+        spec = BundleSpec.from_bytes(raw_spec)
         info = infos.get(spec.model_file)
         if info is None:
             raise BundleError(f"bundle lacks {spec.model_file}")
         if info.file_size > max_model_bytes:
             raise BundleError(f"{spec.model_file} is {info.file_size} bytes, over the cap")
-        model = zf.read(info)
+        try:
+            model = zf.read(info)
+        except damaged as e:
+            raise BundleError(f"damaged {spec.model_file}: {e}") from e
     return spec, model
 
 

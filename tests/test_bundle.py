@@ -79,6 +79,18 @@ def test_not_a_zip_and_missing_model() -> None:
         read_bundle(buf.getvalue())
 
 
+def test_a_damaged_member_is_a_bundle_error() -> None:
+    """A bundle whose first bytes were overwritten still lists its members (the central
+    directory is at the end); reading one fails, and that is a :class:`BundleError`."""
+    good = write_bundle(make_spec(), b"x" * 100)
+    with pytest.raises(BundleError, match="damaged spec.json"):
+        read_bundle(b"not a bundle" + good[12:])
+    model_at = good.index(b"model.onnx")  # the model's local header comes after spec.json's data
+    assert model_at > 30
+    with pytest.raises(BundleError, match="damaged model.onnx"):
+        read_bundle(good[:model_at - 30] + b"\0" * 4 + good[model_at - 26:])
+
+
 def test_model_size_cap() -> None:
     with pytest.raises(BundleError, match="over the cap"):
         read_bundle(write_bundle(make_spec(), b"x" * 100), max_model_bytes=10)

@@ -162,6 +162,8 @@ class Agent:
         self._shadows: dict[str, ShadowModel] = {}
         self._shadow_failures: dict[str, DeploymentStatus] = {}  # the last failed shadow per slot
         self._shadow_errors = ThrottledLog(log, 60.0)  # failed shadow inferences
+        # stored shadows that did not load at start-up, for the reconciler to report
+        self._failed_shadows: list[tuple[str, ActiveRecord, str]] = []
         # per slot; replaced, never changed in place, so that a reader may keep a reference
         self._drift: dict[str, DriftMonitor | DriftUnavailable] = {}
         self._history: deque[Sample] = deque(maxlen=HISTORY)
@@ -223,10 +225,16 @@ class Agent:
             loaded = load_active(self.store, slot, c.threads, open_model=self._open_model)
             if loaded:
                 self._install(slot, loaded)
-        for slot, _record in self.store.shadows():
+        for slot, record in self.store.shadows():
             shadow = load_shadow(self.store, slot, c.threads, open_model=self._open_model)
-            if shadow:
+            if isinstance(shadow, LoadedModel):
                 self._install_shadow(slot, shadow)
+            elif shadow is not None:  # out of the store, so that a reconcile pass fetches it again
+                self._failed_shadows.append((slot, record, shadow))
+                try:
+                    self.store.set_shadow(slot, None)
+                except OSError as e:
+                    log.warning("slot %s: cannot remove the stored shadow: %s", slot, e)
         if c.emulated:
             log.warning(
                 "profile %s (%s) is emulated on this %s host: figures are this host's",
@@ -328,6 +336,9 @@ class Agent:
             open_model=self._open_model,
             shadow=self._install_shadow, report_shadow=self._report_shadow,
         )
+        for slot, record, reason in self._failed_shadows:
+            self.reconciler.stored_shadow_failed(slot, record, reason)
+        self._failed_shadows = []
         self.trusted = trusted
 
     def _repository(self, metadata: Path) -> Repository:

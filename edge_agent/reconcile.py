@@ -83,17 +83,19 @@ class LoadedModel:
 def load_active(store: ActivationStore, slot: str, threads: int, *,
                 open_model: OpenModel = open_runtime) -> LoadedModel | None:
     """Open the slot's current bundle (at start-up); ``None`` if there is none or it fails."""
-    return _load_stored(store, store.current(slot), slot, "model", threads, open_model)
+    loaded = _load_stored(store, store.current(slot), slot, "model", threads, open_model)
+    return loaded if isinstance(loaded, LoadedModel) else None
 
 
 def load_shadow(store: ActivationStore, slot: str, threads: int, *,
-                open_model: OpenModel = open_runtime) -> LoadedModel | None:
-    """Open the slot's stored shadow candidate (at start-up); ``None`` if none or it fails."""
+                open_model: OpenModel = open_runtime) -> LoadedModel | str | None:
+    """Open the slot's stored shadow candidate (at start-up); ``None`` if there is none, the
+    reason (a string) if it does not load."""
     return _load_stored(store, store.shadow(slot), slot, "shadow", threads, open_model)
 
 
 def _load_stored(store: ActivationStore, record: ActiveRecord | None, slot: str, role: str, threads: int,
-                 open_model: OpenModel) -> LoadedModel | None:
+                 open_model: OpenModel) -> LoadedModel | str | None:
     if record is None:
         return None
     try:
@@ -102,7 +104,7 @@ def _load_stored(store: ActivationStore, record: ActiveRecord | None, slot: str,
         smoke_test(runtime, spec)
     except (OSError, BundleError, ModelRuntimeError) as e:
         log.error("slot %s: stored %s %s@%s does not load: %s", slot, role, record.model, record.version, e)
-        return None
+        return f"stored bundle does not load: {e}"
     return LoadedModel(record, spec, runtime)
 
 
@@ -167,6 +169,16 @@ class Reconciler:
         # slot → the shadow (model, version) whose failure is on record: withdrawn, it is
         # reported ``removed`` even if nothing was ever installed (the agent's health drops it)
         self._shadow_failed: dict[str, tuple[str, int]] = {}
+        # (slot, model, version, serial, reason) of stored shadows that did not load at
+        # start-up: reported at the start of the next pass (when the broker is connected)
+        self._unreported: list[tuple[str, str, int, int, str]] = []
+
+    def stored_shadow_failed(self, slot: str, record: ActiveRecord, reason: str) -> None:
+        """The slot's stored shadow ``record`` did not load at start-up (and was taken out of
+        the store): report it ``failed`` at the start of the next pass. That pass downloads it
+        again if the document still names it; a failure then is reported once per document
+        serial, like any other."""
+        self._unreported.append((slot, record.model, record.version, record.serial, reason))
 
     def _desired(self) -> Deployment | None:
         for target in (agent_target(self.agent_id), group_target(self.group)):
@@ -197,6 +209,10 @@ class Reconciler:
             self.trusted.close()
 
     def _pass(self) -> bool:
+        unreported, self._unreported = self._unreported, []
+        for failed_slot, model, version, serial, reason in unreported:
+            self._shadow_failed[failed_slot] = (model, version)
+            self.report_shadow(failed_slot, "failed", model, version, serial, reason)
         try:
             self.trusted.refresh()
         except TrustError as e:

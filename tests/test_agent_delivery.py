@@ -1006,6 +1006,59 @@ def test_a_shadow_candidate_is_compared_with_the_serving_model_emits_nothing_and
     assert agent.wait(20) == 0, agent.tail()
 
 
+def test_a_stored_shadow_that_no_longer_loads_is_reported_failed_and_fetched_again(env: Env) -> None:
+    """Between two runs the stored shadow bundle is damaged on disk: the restarted agent reports
+    it ``failed`` (health shows it), takes it out of its store, and fetches it again."""
+    watch = env.subscribe()
+    config = env.agent_config("edge-shadow-disk", rate=200)
+    agent = env.agents.start(config)
+    born(watch)
+    env.deploy("host@1")
+    wait_active(watch, 1)
+    env.deploy("host@2", "--shadow")
+    watch.wait_for(lambda: first(d for d in watch.of("deployments") if d.role == "shadow" and d.state == "active"),
+                   40, "the shadow host@2 to become active")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(20) == 0, agent.tail()
+    sha2 = bundle_sha(env.registry, "host", 2)
+    bundle = agent.state_dir / "bundles" / f"{sha2}.zip"
+    bundle.write_bytes(b"not a bundle" + bundle.read_bytes()[12:])
+    # Without a timestamp on the broker the restarted agent cannot refresh, so the start-up
+    # failure stays what it reports until the timestamp is back.
+    timestamp = TOPICS.repo_metadata("timestamp.json")
+    saved = env.attacker.read(TOPICS, [timestamp])[timestamp]
+    assert saved
+    env.attacker.put(timestamp, b"")
+
+    mark = watch.mark()
+    agent = env.agents.start(config)
+    born(watch, mark)
+    failed = watch.wait_for(
+        lambda: first(d for d in watch.of("deployments", mark) if d.role == "shadow" and d.state == "failed"),
+        40, "the stored shadow's failure")
+    assert (failed.model, failed.version, failed.serial, failed.slot) == ("host", 2, 2, "default")
+    assert failed.reason.startswith("stored bundle does not load: ")
+    health = watch.wait_for(lambda: first(h for h in watch.of("health", mark) if h.shadow), 20,
+                            "health reporting the failed shadow")
+    assert health.shadow["default"] == {"model": "host", "version": 2, "state": "failed",
+                                        "reason": failed.reason, "serial": 2}
+    assert "shadow" not in json.loads((agent.state_dir / "state.json").read_text())["slots"]["default"]
+    assert env.retained_agent("edge-shadow-disk")[0].active[0].version == 1
+
+    env.attacker.put(timestamp, saved)  # the next pass fetches the candidate again
+    watch.wait_for(
+        lambda: first(d for d in watch.of("deployments", mark) if d.role == "shadow" and d.state == "active"),
+        60, "the shadow host@2 to be fetched again")
+    assert [d.state for d in watch.of("deployments", mark) if d.role == "shadow"] == [
+        "failed", "downloading", "verifying", "staging", "active"]
+    assert sha256_file(bundle) == sha2
+    mark = watch.mark()
+    health = watch.wait_for(lambda: first(h for h in watch.of("health", mark) if h.shadow), 20,
+                            "health with the shadow running again")
+    assert health.shadow["default"]["state"] == "active"
+    assert "Traceback" not in agent.log.read_text(), agent.tail()
+
+
 def _deploy_a_shadow_that_fails_its_smoke_test(env: Env) -> str:
     """host@1 serves; host@2 is offered as its shadow in a bundle whose golden outputs are off
     by 10 (its model cannot reproduce them). Signed and published for real; returns the

@@ -747,15 +747,18 @@ class Agent:
 
     def _shadow_push(self, shadow: ShadowModel, sample: Sample, active: Detection | None) -> None:
         """Score ``sample`` with the slot's shadow and compare it with the serving model's
-        ``active`` detection of the same sample (when both scored it). Never raises."""
+        ``active`` detection of the same sample (when both scored it). Never raises: any
+        failure is one of the shadow's ``errors`` and the serving loop carries on."""
+        detector = shadow.detector
+        counted = detector.errors
         try:
-            detector = shadow.detector
             seen = detector.push(sample.timestamp, [sample.values.get(f) for f in detector.spec.features])
-        except Exception as e:  # counted in the shadow's errors; the serving model carries on
+            if seen is not None and active is not None:
+                shadow.comparison.add(active, seen)
+        except Exception as e:
+            if detector.errors == counted:  # a failed inference is already the detector's
+                detector.count_error()
             self._shadow_errors.warning("slot %s: shadow inference failed: %s", detector.slot, e)
-            return
-        if seen is not None and active is not None:
-            shadow.comparison.add(active, seen)
 
     def _serve(self, samples: Iterator[Sample]) -> None:
         topic = self.topics.agent_events(self.config.agent_id)
@@ -789,14 +792,14 @@ class Agent:
                     failed = True
                 else:
                     failed = False
+                if not failed and detection is not None:
+                    if detection.is_anomaly:
+                        self._store_event(topic, detection)
+                    elif federation is not None:
+                        federation.offer(detector, detection)
+                # After the serving model's event is stored: the shadow never delays it.
                 if shadows and (shadow := shadows.get(detector.slot)) is not None:
                     self._shadow_push(shadow, sample, detection)  # same sample, same window
-                if failed or detection is None:
-                    continue
-                if detection.is_anomaly:
-                    self._store_event(topic, detection)
-                elif federation is not None:
-                    federation.offer(detector, detection)
             if self.stop_event.is_set():
                 break
 

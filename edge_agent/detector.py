@@ -207,6 +207,11 @@ class Detector:
         """Failed inferences so far (as in :meth:`stats`, without computing percentiles)."""
         return self._errors
 
+    def count_error(self) -> None:
+        """Count a failure of this detector's inference path that :meth:`push` did not count
+        itself (it counts only the runtime's), so that ``errors`` has every failed sample."""
+        self._errors += 1
+
     def stats(self) -> DetectorStats:
         """A snapshot of the counters and latency percentiles."""
         lat = sorted(self._latency_ns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -161,3 +162,38 @@ def test_a_failed_inference_is_one_error_in_the_agent_health(tmp_path) -> None:
     agent._serve(iter(samples[-1:]))
     health = agent.health(cpu_share=False)
     assert (health.inferences, health.errors) == (0, 1)
+
+
+def test_a_failing_shadow_counts_its_errors_and_the_serving_model_carries_on(tmp_path) -> None:
+    """Whatever the shadow's inference raises stays in the shadow's ``errors``: the serving
+    model scores the sample and nothing reaches the serving loop."""
+    from edge_agent.activation import ActiveRecord
+    from edge_agent.config import parse_config, render_config
+    from edge_agent.daemon import Agent
+    from edge_agent.shadow import ShadowComparison, ShadowModel
+    from edge_agent.sources import Sample
+
+    root = tmp_path / "root.json"
+    root.write_text("{}")
+    config = parse_config(render_config(agent_id="a1", group="lab", profile="x86-64-v3",
+                                        broker="mqtt://127.0.0.1:1883", trust=str(root),
+                                        state_dir=str(tmp_path / "state"), source="stdin"),
+                          base=tmp_path)
+    agent = Agent(config)
+    rt, spec = _setup()
+    agent._detectors["main"] = Detector(rt, spec, model_version=1, slot="main")
+    shadow_rt, spec_f0 = _setup()
+    shadow_spec = dataclasses.replace(spec_f0, features=("g0",))
+    record = ActiveRecord(model="msq", version=2, format="onnx", quantization="fp32", sha256="0" * 64,
+                          target="msq-2.zip", serial=1)
+    shadow = ShadowModel(record, Detector(shadow_rt, shadow_spec, model_version=2, slot="main"),
+                         ShadowComparison())
+    agent._shadows = {"main": shadow}
+    samples = [Sample(str(i), {"f0": 1.0, "g0": 1.0}) for i in range(W)]
+    agent._serve(iter(samples[:W - 1]))
+    shadow_rt.close()  # the runtime fails: push counts it
+    agent._serve(iter(samples[W - 1:]))
+    agent._serve(iter([Sample("w", {"f0": 1.0, "g0": "bad"})]))  # fails before the runtime: counted here
+    health = agent.health(cpu_share=False)
+    assert (health.inferences, health.errors) == (2, 0)
+    assert health.shadow is not None and health.shadow["main"]["errors"] == 2

@@ -369,7 +369,8 @@ class AgentHealth:
     before the first), ``active_only`` and ``shadow_only`` (alarms raised by one model only),
     ``correlation`` (Pearson correlation of the two raw scores; ``null`` while undefined),
     ``errors`` (failed shadow inferences) and ``latency_ms`` (``p50``/``p99`` of the shadow's
-    inferences). Other keys are kept.
+    inferences). Other keys are kept; a malformed entry is dropped when decoding, the rest of
+    the report kept.
 
     ``outbox_refused`` (optional; older agents omit it): anomaly events the broker refused (a
     PUBACK with a failure reason code) since the agent started, each refusal counted.
@@ -463,16 +464,7 @@ def decode_agent_health(data: bytes) -> AgentHealth:
     shadow = obj.get("shadow")
     if shadow is not None:
         _field(obj, "shadow", dict)
-        for slot in shadow.values():
-            if not isinstance(slot, dict):
-                raise MessageError("field 'shadow' must map slots to JSON objects")
-            _field(slot, "model", str)
-            _field(slot, "version", int)
-            if "samples" in slot:
-                _count(slot, "samples")
-            for name in ("agreement", "correlation"):
-                if name in slot:
-                    _field(slot, name, (int, float), nullable=True)
+        shadow = {slot: entry for slot, entry in shadow.items() if _shadow_entry_ok(entry)}
     if obj.get("outbox_refused") is not None:
         _count(obj, "outbox_refused")
     return AgentHealth(
@@ -486,9 +478,29 @@ def decode_agent_health(data: bytes) -> AgentHealth:
         drift=None if drift is None else dict(drift),
         extra=_rest(obj, AgentHealth._KNOWN),
         started_at=obj.get("started_at"),
-        shadow=None if shadow is None else dict(shadow),
+        shadow=shadow,
         outbox_refused=obj.get("outbox_refused"),
     )
+
+
+def _shadow_entry_ok(entry: Any) -> bool:
+    """Whether a health ``shadow`` entry is well-formed. A malformed one is dropped by
+    :func:`decode_agent_health`, not the whole report: the serving model's figures still count."""
+    try:
+        if not isinstance(entry, dict):
+            raise MessageError("a shadow entry must be a JSON object")
+        _field(entry, "model", str)
+        _field(entry, "version", int)
+        if "samples" in entry:
+            _count(entry, "samples")
+        if "serial" in entry:
+            _count(entry, "serial")
+        for name in ("agreement", "correlation"):
+            if name in entry:
+                _field(entry, name, (int, float), nullable=True)
+    except MessageError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,8 @@ healths = st.builds(
          "correlation": st.none() | st.floats(-1, 1), "active_only": counts, "shadow_only": counts,
          "latency_ms": st.fixed_dictionaries({"p50": st.none() | numbers, "p99": st.none() | numbers})},
     ) | st.fixed_dictionaries({"model": text, "version": st.integers(1, 2**31),
-                               "state": st.just("failed"), "reason": text}), min_size=1),
+                               "state": st.just("failed"), "reason": text},
+                              optional={"serial": counts}), min_size=1),
 )
 statuses = st.builds(
     DeploymentStatus,
@@ -506,3 +507,19 @@ def test_a_shadow_status_says_its_role_and_an_active_one_writes_none():
     active = json.loads(encode_deployment_status(DeploymentStatus(**base)))
     assert "role" not in active  # as agents before shadow mode wrote it
     assert decode_deployment_status(json.dumps(active).encode()).role == "active"
+
+
+def test_a_malformed_shadow_entry_is_dropped_and_the_rest_of_the_health_kept():
+    good = {"model": "m", "version": 2, "state": "failed", "reason": "smoke test: x", "serial": 4}
+    health = AgentHealth(agent="pi-1", ts="t", inferences=7, anomalies=0, errors=0, outbox_depth=0,
+                         outbox_dropped=0, latency_ms={"p50": None, "p99": None}, rss_mb=None,
+                         cpu_percent=None, shadow={"a": good})
+    wire = json.loads(encode_agent_health(health))
+    wire["shadow"].update({"b": {"model": "m"}, "c": "x", "d": {**good, "version": "2"},
+                           "e": {**good, "serial": -1}})
+    back = decode_agent_health(json.dumps(wire).encode())
+    assert back.shadow == {"a": good}
+    assert back.inferences == 7
+    wire["shadow"] = ["not", "a", "map"]  # the field itself still has to be a map
+    with pytest.raises(MessageError, match="'shadow'"):
+        decode_agent_health(json.dumps(wire).encode())

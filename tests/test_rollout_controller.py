@@ -96,10 +96,11 @@ class PlayedAgents:
             ts=_now(), health_period_s=1.0,
         )))
 
-    def report(self, agent: str, version: int, state: str, serial: int, reason: str | None = None) -> None:
+    def report(self, agent: str, version: int, state: str, serial: int, reason: str | None = None,
+               role: str = "active") -> None:
         self._put(TOPICS.agent_deployments(agent), encode_deployment_status(DeploymentStatus(
             agent=agent, slot="default", model="host", version=version, state=state,
-            reason=reason, serial=serial, ts=_now(),
+            reason=reason, serial=serial, ts=_now(), role=role,
         )))
 
     def health(self, agent: str, inferences: int = 0, anomalies: int = 0, p99: float = 1.0,
@@ -695,6 +696,25 @@ def test_abort_after_the_shadow_stage_removes_the_shadow_documents(world: Any) -
     record = ctrl.step()
     assert record.state == "aborted"
     assert _documents(registry) == {"deployments/groups/lab.json": 1}
+
+
+def test_a_shadows_reports_do_not_say_what_serves(world: Any) -> None:
+    """Shadow statuses of the candidate neither restart the wait for a health report after
+    the activation nor hide a canary's ``rolled_back`` report."""
+    _, _, played, start = world
+    rid, observer = start()
+    A1 = _roles(rid)[0]
+    ctrl = _controller(world, rid, observer, Clock())
+    record = ctrl.step()
+    _activate(played, observer, A1, record.progress["serial"])
+    played.report(A1, 2, "active", record.progress["serial"], role="shadow")
+    _until(observer, lambda s: s.deployments[A1][-1].role == "shadow", "the shadow's report")
+    assert observer.snapshot().health_after_report(A1, "host", 2, "active")
+
+    played.report(A1, 1, "rolled_back", 99)
+    played.report(A1, 2, "removed", 99, role="shadow")
+    _until(observer, lambda s: s.deployments[A1][-1].state == "removed", "the shadow's removal")
+    assert RolloutController._back(record, observer.snapshot(), A1)
 
 
 def test_a_failed_shadow_of_an_older_document_is_not_this_rollouts(world: Any) -> None:

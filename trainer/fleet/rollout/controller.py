@@ -611,10 +611,11 @@ class RolloutController:
     @staticmethod
     def _back(r: RolloutRecord, fleet: FleetSnapshot, agent: str) -> bool:
         """Whether ``agent`` says it runs the previous version: its latest state, or a
-        ``rolled_back`` report to it after its last report of the candidate."""
+        ``rolled_back`` report to it after its last report of the candidate (serving-model
+        reports only: a shadow's do not say what serves)."""
         if fleet.runs(agent, r.slot, r.model, r.previous_version):
             return True
-        reports = fleet.deployments.get(agent, ())
+        reports = tuple(d for d in fleet.deployments.get(agent, ()) if d.role == "active")
         last_candidate = max((i for i, d in enumerate(reports)
                               if (d.model, d.version) == (r.model, r.version)), default=-1)
         return any(d.state == "rolled_back" and (d.model, d.version) == (r.model, r.previous_version)

@@ -57,12 +57,13 @@ class FleetSnapshot:
 
     def health_after_report(self, agent: str, model: str, version: int, state: str) -> bool:
         """Whether a health report of ``agent`` arrived after its last ``state`` report of
-        ``model@version`` (its counters then include only inferences of that version); true
-        when no such report was seen (an agent found already running it)."""
+        ``model@version`` as its serving model (its counters then include only inferences of
+        that version; a shadow's reports do not count); true when no such report was seen (an
+        agent found already running it)."""
         seqs = [
             seq for seq, d in zip(self.deployment_seqs.get(agent, ()),
                                   self.deployments.get(agent, ()), strict=True)
-            if (d.model, d.version, d.state) == (model, version, state)
+            if (d.model, d.version, d.state, d.role) == (model, version, state, "active")
         ]
         return not seqs or self.health_seq.get(agent, 0) > seqs[-1]
 

@@ -646,7 +646,9 @@ def _shadow_results_ready(world: Any, rid: str, observer: FleetObserver, clock: 
     record = ctrl.step()
     assert record.progress["phase"] == "shadow-soaking" and record.progress["soak_started_at"] == clock.t
     clock.t += SOAK - 1
-    assert ctrl.step().progress["phase"] == "shadow-soaking"
+    soaking = ctrl.step()
+    assert soaking.progress["phase"] == "shadow-soaking"
+    assert ctrl.view(soaking).describe() == "stage 1/2 (1 agent(s)): shadow-soaking, 1s left"
     played.health(A1, inferences=500, shadow=_shadow_figures(600))
     _until(observer, lambda s: s.health[A1].shadow["default"]["samples"] == 600, "the soak's figures")
     clock.t += 1

@@ -102,7 +102,7 @@ class StageView:
 
     def describe(self) -> str:
         text = f"stage {self.stage + 1}/{self.stages} ({self.canaries} agent(s)): {self.phase}"
-        if self.phase == "soaking" and self.soak_left_s is not None:
+        if self.phase in ("soaking", "shadow-soaking") and self.soak_left_s is not None:
             text += f", {self.soak_left_s:.0f}s left"
         return text + (" [paused]" if self.paused else "")
 

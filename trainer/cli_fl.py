@@ -63,6 +63,8 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
         start,
     )
 
+    if args.name is not None and args.spec is None:
+        raise UsageError("--name names the result of a run from --spec; with --model the result is NAME@N")
     if args.mu is not None and args.strategy != "fedprox":
         raise UsageError(f"--mu is FedProx's proximal weight: it needs --strategy fedprox, not {args.strategy}")
     options = FederatedOptions(
@@ -73,7 +75,7 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
         round_timeout=args.round_timeout, node_wait=args.node_wait, seed=args.seed,
     )
     request = StartRequest(
-        ref=args.model, options=options, registry=Path(args.registry), profiles=args.profile or [],
+        ref=args.model, spec=_spec(args.spec), name=args.name, options=options, registry=Path(args.registry), profiles=args.profile or [],
         data=[Path(p) for p in args.data or []], superlink=args.superlink, port=args.port, timeout=args.timeout,
         run=args.run, profile_dirs=[Path(d) for d in args.profiles_dir], host=args.host, advertise=args.advertise,
         tls=_tls_files(args),
@@ -118,6 +120,31 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     _print_run(outcome.run)
     print(f"registered {outcome.version.ref} in {args.registry}")
     return 0
+
+
+def _spec(path: str | None) -> Any:
+    """The :class:`~trainer.models.ArchitectureSpec` in the JSON file ``path`` (``None``: none).
+
+    The file holds what ``ArchitectureSpec.to_json`` writes (a version's ``architecture`` in
+    ``edgefleet registry show --json``), read by ``ArchitectureSpec.from_json``."""
+    if path is None:
+        return None
+    import json
+
+    from trainer.models import ArchitectureSpec, SpecError
+
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read --spec {path}: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--spec {path}: not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise UsageError(f"--spec {path}: expected a JSON object, got {type(obj).__name__}")
+    try:
+        return ArchitectureSpec.from_json(obj)
+    except SpecError as e:
+        raise UsageError(f"--spec {path}: {e}") from e
 
 
 def _tls_files(args: argparse.Namespace) -> Any:
@@ -172,7 +199,10 @@ def _announcer(args: argparse.Namespace) -> Any:
 
 def _print_run(record: Any) -> None:
     budget = "none" if record.epsilon_budget is None else f"{record.epsilon_budget:g}"
-    print(f"{record.run}  {record.state}  {record.model}@{record.parent_version} group {record.group}  "
+    start = record.params.get("start")
+    origin = (f"{record.model} from spec {start['spec_sha256'][:12]}" if start
+              else f"{record.model}@{record.parent_version}")
+    print(f"{record.run}  {record.state}  {origin} group {record.group}  "
           f"{record.strategy}  dp {record.dp} σ={record.noise_multiplier:g} clip {record.clipping} "
           f"q={record.sampling_rate:g}")
     print(f"  ε spent {_eps(record.epsilon)} of budget {budget} at δ={record.delta:g} (RDP accountant)"
@@ -221,11 +251,16 @@ def add_fl_commands(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     parent = sub.add_parser("fl", help="federated training with differential privacy (Flower)")
     fl = parent.add_subparsers(dest="fl_command", required=True, parser_class=type(parent))
     p = fl.add_parser(
-        "start", help="run federated rounds from NAME@V and register the global model",
-        description="Train NAME@V on the group's hosts with Flower (their windows never leave them), with "
-        "central or local differential privacy and a privacy ledger, then export and register the global model "
-        "as NAME@N (docs/federated.md).")
-    p.add_argument("--model", required=True, metavar="NAME@V", help="the registered version to start from")
+        "start", help="run federated rounds from NAME@V or an architecture spec and register the global model",
+        description="Train NAME@V, or a fresh model built from --spec, on the group's hosts with Flower (their "
+        "windows never leave them), with central or local differential privacy and a privacy ledger, then export "
+        "and register the global model as NAME@N (docs/federated.md).")
+    origin = p.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--model", metavar="NAME@V", help="the registered version to start from")
+    origin.add_argument("--spec", metavar="SPEC.json",
+                        help="start from this architecture spec (a version's \"architecture\" JSON), freshly "
+                        "initialised with --seed and normalised on the --data rows; needs --name and --data")
+    p.add_argument("--name", metavar="NAME", help="with --spec: the model name the result registers as")
     p.add_argument("--group", required=True, help="the group of agents that takes part")
     p.add_argument("--rounds", type=positive_int, required=True, help="federated rounds")
     p.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="aggregation (default: %(default)s)")
@@ -256,8 +291,9 @@ def add_fl_commands(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--profiles-dir", action="append", default=[], metavar="DIR",
                    help="look for profiles here before the built-in ones; repeatable")
     p.add_argument("--data", action="append", metavar="CSV",
-                   help="reference data on this host for the threshold and int8 calibration; repeatable "
-                   "(default: the files NAME@V was trained on, found by name in this folder)")
+                   help="reference data on this host for the threshold and int8 calibration (and with --spec the "
+                   "input normalisation and feature names); repeatable (default with --model: the files NAME@V "
+                   "was trained on, found by name in this folder)")
     p.add_argument("--superlink", metavar="HOST:PORT", help="use this running SuperLink instead of starting one")
     p.add_argument("--port", type=at_least(1), default=9092, help="port of the SuperLink started (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1",
@@ -275,7 +311,7 @@ def add_fl_commands(sub: Any, registry_arg: Any, json_arg: Any) -> None:
                    "run document. Alone with --superlink: talk to that SuperLink over TLS")
     p.add_argument("--timeout", type=positive_float, default=3600.0, metavar="S", help="give up on the run after S s")
     p.add_argument("--run", help="name of the run (default: fl-DATE-TIME-RANDOM)")
-    p.add_argument("--seed", type=int, default=0, help="seed of node sampling and local training")
+    p.add_argument("--seed", type=int, default=0, help="seed of node sampling, local training and a --spec model's initial weights")
     from trainer.cli_fleet import _broker_args, _chunk_size_arg
 
     _broker_args(p, required=False)

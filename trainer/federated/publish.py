@@ -4,7 +4,7 @@ The trainer never sees the hosts' windows, so the global model's threshold, its 
 calibration ranges, its parity windows and its drift reference come from reference data on
 the trainer: the CSVs given to ``edgefleet fl start --data`` (by default the files the parent
 version was trained on, found by name in the current folder, as ``compress`` does). The score
-pipeline and threshold policy are the parent's. Export, parity in the agent's runtimes and the
+pipeline and threshold policy are the starting point's (:mod:`trainer.federated.origin`). Export, parity in the agent's runtimes and the
 flash budgets are :func:`trainer.export.build_artifact` and the profiles', as for ``train``.
 """
 
@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from shared.bundle import read_bundle
 from shared.profiles import FirmwareProfile
 from shared.score_pipeline import LikelihoodPipeline
 from trainer.export import ExportInputs, build_artifact
+from trainer.federated.origin import Origin
 from trainer.models import ArchitectureSpec, load_weights, parameter_count, score_windows
 from trainer.registry import Registry, VersionRecord
-from trainer.scoring import ThresholdPolicy, calibrate
+from trainer.scoring import calibrate
 
 __all__ = ["PublishError", "register_global_model"]
 
@@ -43,15 +43,16 @@ def _evenly(windows: np.ndarray, count: int) -> np.ndarray:
 
 def register_global_model(
     registry_dir: Path,
-    parent: VersionRecord,
+    origin: Origin,
     weights: bytes,
     profiles: Sequence[FirmwareProfile],
     series: Sequence[np.ndarray],
     federated: dict[str, Any],
     progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> VersionRecord:
-    """Export ``weights`` (of ``parent``'s architecture) and register them as
-    ``parent.model@N`` with ``federated`` in the lineage. Raises :class:`PublishError`."""
+    """Export ``weights`` (of ``origin``'s architecture) and register them as
+    ``origin.model@N`` with ``federated`` in the lineage (and ``parent_version`` ``None`` for
+    a run started from a spec). Raises :class:`PublishError`."""
     from trainer.pipeline import (
         _drift_reference,
         _variants,
@@ -61,28 +62,21 @@ def register_global_model(
     )
 
     notify = progress or (lambda stage, info: None)
-    spec = ArchitectureSpec.from_json(parent.architecture)
+    spec = ArchitectureSpec.from_json(origin.architecture)
     model = load_weights(spec, weights)
-    with Registry.open(registry_dir) as reg:
-        parent_spec, _ = read_bundle(reg.bundle(parent.artifacts[0].sha256))
-    features = tuple(parent_spec.features)
+    features = origin.features
     train_w, val_w, rows = training_windows(spec, list(series))
     val_scores = score_windows(model, val_w)
-    pipeline = parent_spec.score.pipeline
+    pipeline = origin.pipeline
     if isinstance(pipeline, LikelihoodPipeline):
         pipeline = pipeline.calibrated(val_scores)
-    policy = ThresholdPolicy(**parent.lineage.get("threshold_policy", {}))
-    score = calibrate(val_scores, spec.score_kind, policy, pipeline)
+    score = calibrate(val_scores, spec.score_kind, origin.threshold, pipeline)
     holdout = _evenly(val_w, HOLDOUT_WINDOWS)
-    lineage = {
-        **{k: v for k, v in parent.lineage.items()
-           if k not in ("parent_version", "software", "compression", "search", "federated")},
-        "parent_version": parent.version,
-        "federated": federated,
-        "software": _versions(),
-    }
+    lineage = {**origin.lineage, "parent_version": origin.version, "federated": federated, "software": _versions()}
+    if origin.version is None:  # a version inherits its parent's; a spec has none to inherit
+        lineage["score_pipeline"] = {k: v for k, v in pipeline.to_json().items() if k != "prior"}
     inputs = ExportInputs(
-        name=parent.model, module=model, window=spec.input_rows, features=features, score=score,
+        name=origin.model, module=model, window=spec.input_rows, features=features, score=score,
         calibration=_evenly(np.concatenate([train_w, val_w]), CALIBRATION_WINDOWS), holdout=holdout,
         reference_scores=score_windows(model, holdout), drift_reference=_drift_reference(rows, features, val_scores),
         lineage=lineage, architecture=spec.to_json(),
@@ -106,7 +100,7 @@ def register_global_model(
     }
     with Registry.open(registry_dir) as reg:
         return reg.register(
-            parent.model, metrics=metrics,
-            params={**parent.params, "federated_run": federated["run"], "federated_from": parent.ref,
+            origin.model, metrics=metrics,
+            params={**origin.params, "federated_run": federated["run"], "federated_from": origin.ref,
                     "profiles": [p.name for p in profiles]},
             lineage=dataclasses.replace(inputs).lineage, architecture=spec.to_json(), artifacts=new, weights=weights)

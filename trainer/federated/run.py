@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,8 +22,18 @@ from shared.federated import FederatedRun, FederatedRunError, encode_run, is_add
 from shared.profiles import FirmwareProfile, load_profiles
 from trainer.federated.ledger import FederatedRunRecord, PrivacyLedger
 from trainer.federated.options import FederatedOptions, OptionsError
+from trainer.federated.origin import SPEC_PARENT, Origin, origin_from_spec, origin_from_version
 from trainer.federated.tls import TlsFiles
-from trainer.registry import Registry, RegistryError, VersionRecord, parse_model_ref
+from trainer.registry import (
+    Registry,
+    RegistryError,
+    VersionRecord,
+    check_model_name,
+    parse_model_ref,
+)
+
+if TYPE_CHECKING:  # torch loads with trainer.models: only when a run starts
+    from trainer.models import ArchitectureSpec
 
 __all__ = ["FederatedError", "FederatedRunFailed", "Prepared", "StartOutcome", "StartRequest", "prepare", "start"]
 
@@ -42,7 +52,11 @@ class FederatedRunFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StartRequest:
-    ref: str
+    """What ``edgefleet fl start`` was asked for: start from the registered version ``ref``
+    (``NAME@V``), or from ``spec`` (then ``ref`` is ``None``, ``name`` names the result and
+    ``data`` is required)."""
+
+    ref: str | None
     options: FederatedOptions
     registry: Path
     profiles: Sequence[str] = ()
@@ -55,12 +69,14 @@ class StartRequest:
     timeout: float = 3600.0
     run: str | None = None
     profile_dirs: Sequence[Path] = ()
+    spec: ArchitectureSpec | None = None
+    name: str | None = None
 
 
 @dataclass
 class Prepared:
     request: StartRequest
-    parent: VersionRecord
+    origin: Origin
     profiles: list[FirmwareProfile]
     series: list[np.ndarray]
     datasets: list[dict[str, Any]] = field(default_factory=list)
@@ -97,11 +113,34 @@ def prepare(request: StartRequest) -> Prepared:
     """Validate ``request`` (see the module docstring); nothing is written."""
     try:
         request.options.check()
-        name, version = parse_model_ref(request.ref)
-    except (OptionsError, RegistryError) as e:
+    except OptionsError as e:
         raise FederatedError(str(e)) from e
-    if version is None:
-        raise FederatedError(f"name the version to start from: {name}@N")
+    if (request.ref is None) == (request.spec is None):
+        raise FederatedError("give one of --model NAME@V and --spec SPEC.json")
+    from trainer.models import ArchitectureSpec
+
+    parent: VersionRecord | None = None
+    if request.spec is not None:
+        spec = request.spec
+        if spec.tree_ensemble:
+            raise FederatedError(f"the spec is a {spec.family} model: federated averaging needs a torch family")
+        if not request.name:
+            raise FederatedError("give --name NAME: the model name the result of a run from --spec registers as")
+        if not request.data:
+            raise FederatedError("give --data CSV with --spec: the reference rows the starting model is "
+                                 "normalised on")
+        try:
+            check_model_name(request.name)
+        except (RegistryError, ValueError) as e:
+            raise FederatedError(str(e)) from e
+        what = "the spec"
+    else:
+        try:
+            name, version = parse_model_ref(str(request.ref))
+        except RegistryError as e:
+            raise FederatedError(str(e)) from e
+        if version is None:
+            raise FederatedError(f"name the version to start from: {name}@N")
     try:  # the run and group names as the agents' run document needs them
         encode_run(run_document(request.run or new_run_name(), request.options, "127.0.0.1:9092", "0" * 64, "active"))
     except FederatedRunError as e:
@@ -112,18 +151,21 @@ def prepare(request: StartRequest) -> Prepared:
     advertise, certificates = _transport(request)
     try:
         with Registry.open(request.registry) as reg:
-            parent = reg.get(name, version)
-            if parent.architecture.get("family") in ("trees", "isolation_forest"):
-                raise FederatedError(f"{parent.ref} is a {parent.architecture['family']} model: federated "
-                                     "averaging needs a torch family")
-            reg.weights(parent)
-            if not parent.artifacts:
-                raise FederatedError(f"{parent.ref} has no artifact")
+            if request.spec is None:
+                parent = reg.get(name, version)
+                if parent.architecture.get("family") in ("trees", "isolation_forest"):
+                    raise FederatedError(f"{parent.ref} is a {parent.architecture['family']} model: federated "
+                                         "averaging needs a torch family")
+                if not parent.artifacts:
+                    raise FederatedError(f"{parent.ref} has no artifact")
+                version_origin = origin_from_version(reg, parent)
+                spec = ArchitectureSpec.from_json(parent.architecture)
+                what = parent.ref
             if request.run is not None and any(r.run == request.run for r in PrivacyLedger(reg).runs()):
                 raise FederatedError(f"a federated run {request.run!r} exists already in {request.registry}")
     except RegistryError as e:
         raise FederatedError(str(e)) from e
-    names = list(request.profiles) or list(parent.params.get("profiles") or [])
+    names = list(request.profiles) or list((parent.params if parent else {}).get("profiles") or [])
     if not names:
         raise FederatedError("give at least one --profile")
     try:
@@ -132,11 +174,10 @@ def prepare(request: StartRequest) -> Prepared:
         raise FederatedError(str(e)) from e
     from shared.series import SeriesError, file_sha256, read_series
     from trainer.data import fill_missing, min_rows
-    from trainer.models import ArchitectureSpec
 
-    spec = ArchitectureSpec.from_json(parent.architecture)
     series, datasets = [], []
-    for path in _data_files(parent, request.data):
+    features: tuple[str, ...] | None = None
+    for path in request.data if parent is None else _data_files(parent, request.data):
         try:
             s = read_series(path)
         except SeriesError as e:
@@ -144,9 +185,12 @@ def prepare(request: StartRequest) -> Prepared:
         except OSError as e:
             raise FederatedError(f"cannot read {path}: {e.strerror or e}") from e
         if len(s.features) != spec.features:
-            raise FederatedError(f"{path}: {len(s.features)} column(s), {parent.ref} reads {spec.features}")
+            raise FederatedError(f"{path}: {len(s.features)} column(s), {what} reads {spec.features}")
+        if features is not None and tuple(s.features) != features:
+            raise FederatedError(f"{path}: columns {list(s.features)} differ from {list(features)} of the first file")
+        features = tuple(s.features)
         if len(s) < min_rows(spec.input_rows):
-            raise FederatedError(f"{path}: {len(s)} rows are too few for {parent.ref}'s {spec.input_rows}-row "
+            raise FederatedError(f"{path}: {len(s)} rows are too few for {what}'s {spec.input_rows}-row "
                                  f"input: need at least {min_rows(spec.input_rows)}")
         try:
             series.append(fill_missing(s.values))
@@ -157,7 +201,12 @@ def prepare(request: StartRequest) -> Prepared:
         Registry.check_writable(request.registry)
     except RegistryError as e:
         raise FederatedError(str(e)) from e
-    return Prepared(request, parent, profiles, series, datasets, advertise, certificates)
+    if parent is None:
+        assert features is not None and request.name is not None
+        origin = origin_from_spec(request.name, spec, features, series, datasets, request.options.seed)
+    else:
+        origin = version_origin
+    return Prepared(request, origin, profiles, series, datasets, advertise, certificates)
 
 
 def _check_address(address: str, what: str) -> None:
@@ -262,12 +311,18 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
     req, opts = prepared.request, prepared.request.options
     run = req.run or new_run_name()
     state_dir = Path(req.registry).absolute() / "federated"
+    origin = prepared.origin
+    params: dict[str, Any] = {}
+    if origin.version is None:  # the ServerApp starts from these weights (trainer.federated.server)
+        with Registry.open(req.registry) as reg:
+            params["start"] = {"spec": origin.architecture, "spec_sha256": origin.spec_sha256,
+                               "seed": opts.seed, "weights": reg.blobs.put(origin.weights)}
     record = FederatedRunRecord(
-        run=run, created_at=datetime.now(UTC).isoformat(timespec="seconds"), model=prepared.parent.model,
-        parent_version=prepared.parent.version, group=opts.group, strategy=opts.strategy, dp=opts.dp,
+        run=run, created_at=datetime.now(UTC).isoformat(timespec="seconds"), model=origin.model,
+        parent_version=SPEC_PARENT if origin.version is None else origin.version, group=opts.group, strategy=opts.strategy, dp=opts.dp,
         noise_multiplier=opts.effective_noise, clipping="adaptive" if opts.adaptive_clipping else f"{opts.clipping_norm:g}",
         sampling_rate=opts.fraction, rounds=opts.rounds, epsilon_budget=opts.epsilon_budget, delta=opts.delta,
-        params={"options": opts.to_json(), "profiles": [p.name for p in prepared.profiles],
+        params={**params, "options": opts.to_json(), "profiles": [p.name for p in prepared.profiles],
                 "data": prepared.datasets, "superlink": req.superlink,
                 "advertise": prepared.advertise, "tls": prepared.root_certificates is not None},
     )
@@ -331,7 +386,7 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
         "epsilon_accountant": "rdp", "epsilon_budget": opts.epsilon_budget, "group": opts.group,
         "reference_data": prepared.datasets, "app_sha256": app_hash,
     }
-    version = register_global_model(Path(req.registry), prepared.parent, weights, prepared.profiles,
+    version = register_global_model(Path(req.registry), origin, weights, prepared.profiles,
                                     prepared.series, federated, notify)
     with Registry.open(req.registry) as reg:
         ledger = PrivacyLedger(reg)

@@ -59,11 +59,15 @@ def serve(grid: Grid, context: Context) -> None:
         ledger = PrivacyLedger(reg)
         record = ledger.get(run)
         options = FederatedOptions.from_json(record.params["options"])
-        parent = reg.get(record.model, record.parent_version)
-        weights = reg.weights(parent)
+        start = record.params.get("start")
+        if start is not None:  # started from a spec: its freshly initialised weights
+            weights, architecture = reg.bundle(start["weights"]), start["spec"]
+        else:
+            parent = reg.get(record.model, record.parent_version)
+            weights, architecture = reg.weights(parent), parent.architecture
         ledger.claim_run(run)  # refuses a run that was started before (a resubmitted app)
         try:
-            outcome = run_rounds(grid, run, options, arrays_from_weights(weights), ledger, parent.architecture)
+            outcome = run_rounds(grid, run, options, arrays_from_weights(weights), ledger, architecture)
         except NodesUnavailable as e:
             ledger.update_run(run, state="failed", message=str(e))
             raise

@@ -9,7 +9,7 @@ from trainer.models.checkpoint import (
     parameter_count,
     weights_bytes,
 )
-from trainer.models.fit import FitResult, Recipe, fit, score_windows
+from trainer.models.fit import FitResult, Recipe, fit, initial_network, score_windows
 from trainer.models.spec import FAMILIES, TREE_FAMILIES, ArchitectureSpec, SpecError
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "build_network",
     "compressed_layers",
     "fit",
+    "initial_network",
     "load_weights",
     "parameter_count",
     "score_windows",

@@ -86,6 +86,20 @@ def _normal_statistics(normal_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return mean, _std_floor(np.nanstd(normal_rows, axis=0), mean).astype(np.float32)
 
 
+def initial_network(spec: ArchitectureSpec, normal_rows: np.ndarray, seed: int) -> Any:
+    """A fresh torch network for ``spec``, its weights initialised from ``seed`` (the same
+    network for the same spec, seed and machine) and its normalisation (per-feature mean and
+    std) taken from ``normal_rows``, as :func:`fit` starts one. Raises ``ValueError`` for a
+    tree family."""
+    torch.manual_seed(seed)
+    model = build_network(spec)
+    mean, std = _normal_statistics(normal_rows)
+    with torch.no_grad():
+        model.mean.copy_(torch.from_numpy(mean))
+        model.std.copy_(torch.from_numpy(std))
+    return model
+
+
 def _fit_trees(
     spec: ArchitectureSpec,
     train: np.ndarray,

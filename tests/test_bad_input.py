@@ -176,6 +176,17 @@ CASES = [
        "more than --epsilon-budget 0.5"),
     ef("fl start --model m@1 --group g --rounds 1 --registry reg --strategy fedadam",
        "fedadam cannot run with --dp central"),
+    ef("fl start --group g --rounds 1 --registry reg", "one of the arguments --model --spec is required"),
+    ef("fl start --model m@1 --spec spec2.json --group g --rounds 1 --registry reg", "not allowed with argument"),
+    ef("fl start --spec nope.json --name n --group g --rounds 1 --registry reg --data ok.csv", "cannot read --spec nope.json"),
+    ef("fl start --spec ok.csv --name n --group g --rounds 1 --registry reg --data ok.csv", "--spec ok.csv: not valid JSON"),
+    ef("fl start --spec spec-bad.json --name n --group g --rounds 1 --registry reg --data ok.csv", "unknown model family 'nope'"),
+    ef("fl start --spec spec-trees.json --name n --group g --rounds 1 --registry reg --data ok.csv", "federated averaging needs a torch family"),
+    ef("fl start --spec spec2.json --group g --rounds 1 --registry reg --data ok.csv", "give --name NAME"),
+    ef("fl start --spec spec2.json --name n --group g --rounds 1 --registry reg", "give --data CSV with --spec"),
+    ef("fl start --spec spec2.json --name 'a b' --group g --rounds 1 --registry reg --data ok.csv", "bad model name 'a b'"),
+    ef("fl start --spec spec2.json --name n --group g --rounds 1 --registry reg --data ok.csv --profile x86-64-v3", "ok.csv: 1 column(s), the spec reads 2"),
+    ef("fl start --model m@1 --name n --group g --rounds 1 --registry reg", "--name names the result of a run from --spec"),
     ef("fl status fl-nope --registry reg", "no federated run 'fl-nope'"),
     ef("fl status --registry nope", "no registry at nope"),
     ef("compress m@1 --recipe finetune:1 --registry reg --data ok.csv", "give at least one --profile"),
@@ -387,6 +398,11 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "corrupt" / "registry.sqlite").write_bytes(b"this is not an SQLite database\n" * 64)
     (w / "notpem.txt").write_text("not a certificate\n")
     (w / "pw.txt").write_text("s3cret\n")
+    specs = {"spec2": {"family": "linear", "window": 16, "features": 2, "hidden": []},
+             "spec-bad": {"family": "nope", "window": 16, "features": 1, "hidden": []},
+             "spec-trees": {"family": "trees", "window": 16, "features": 1, "hidden": []}}
+    for name, spec in specs.items():
+        (w / f"{name}.json").write_text(json.dumps(spec))
     for argv in (
         [*shlex.split(TRAIN), "--data", "ok.csv", "--registry", "reg", "-q"],
         ["repo", "init", "--registry", "reg"],

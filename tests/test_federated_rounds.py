@@ -293,3 +293,47 @@ def test_fl_start_runs_its_own_superlink_and_stops_it_without_dp(parent, tmp_pat
         for node in nodes:
             if node.proc is not None:
                 stop_process(node.proc)
+
+
+def test_fl_start_from_a_spec_registers_a_version_that_started_from_the_spec(fleet, tmp_path) -> None:
+    import onnxruntime
+
+    from shared.bundle import read_bundle
+    from trainer.federated.origin import spec_sha256
+
+    csv = tmp_path / "host.csv"
+    write_host_metrics(generate_host_metrics(1200, seed=7), csv, tmp_path / "host.labels.json")
+    series = read_series(csv)
+    spec = ArchitectureSpec("linear", 16, len(series.features), ())
+    (tmp_path / "spec.json").write_text(json.dumps(spec.to_json()))
+    registry = tmp_path / "reg"
+    windows = make_windows(series.values.astype(np.float32), spec.input_rows)
+    for i, part in enumerate(shares(windows, 2)):
+        fleet.add_node(f"host-{i}", part, budget=float("inf"))  # no DP: ε = inf on the hosts too
+    proc = edgefleet("fl", "start", "--spec", str(tmp_path / "spec.json"), "--name", "fresh", "--data", str(csv),
+                     "--profile", PROFILE, "--group", "lab", "--rounds", "1", "--min-nodes", "2", "--dp", "off",
+                     "--seed", "3", "--registry", str(registry), "--superlink", fleet.link.address, "--json",
+                     "--round-timeout", "120", "--node-wait", "120", "--timeout", "600", "--run", "fl-spec",
+                     check=False, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}\n{fleet.logs()}"
+    out = json.loads(proc.stdout)
+    assert out["run"]["state"] == "registered" and out["version"]["ref"] == "fresh@1"
+    with Registry.open(registry) as reg:
+        version = reg.get("fresh", 1)
+        bundles = [reg.bundle(a.sha256) for a in version.artifacts]
+    assert version.lineage["parent_version"] is None
+    assert version.lineage["started_from"]["spec_sha256"] == spec_sha256(spec)
+    assert version.lineage["started_from"]["spec"] == spec.to_json()
+    assert version.lineage["federated"]["run"] == "fl-spec" and version.lineage["federated"]["rounds_done"] == 1
+    assert ArchitectureSpec.from_json(version.architecture) == spec
+    assert bundles
+    for data in bundles:
+        bundle_spec, model = read_bundle(data)
+        assert tuple(bundle_spec.features) == tuple(series.features)
+        session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+        (inp,) = session.get_inputs()
+        if inp.type == "tensor(float)":  # int8 input tensors need the bundle's quantization: loading is enough
+            (scores,) = session.run(None, {inp.name: np.ascontiguousarray(windows[:1], dtype=np.float32)})
+            assert np.isfinite(scores).all()
+    status = edgefleet("fl", "status", "fl-spec", "--registry", str(registry))
+    assert "fresh from spec" in status.stdout and "registered" in status.stdout

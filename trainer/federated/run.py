@@ -31,6 +31,7 @@ from trainer.registry import (
     check_model_name,
     parse_model_ref,
 )
+from trainer.registry.store import DB_FILE
 
 if TYPE_CHECKING:  # torch loads with trainer.models: only when a run starts
     from trainer.models import ArchitectureSpec
@@ -149,22 +150,12 @@ def prepare(request: StartRequest) -> Prepared:
     if request.superlink is not None:
         _check_address(request.superlink, "--superlink")
     advertise, certificates = _transport(request)
-    try:
-        with Registry.open(request.registry) as reg:
-            if request.spec is None:
-                parent = reg.get(name, version)
-                if parent.architecture.get("family") in ("trees", "isolation_forest"):
-                    raise FederatedError(f"{parent.ref} is a {parent.architecture['family']} model: federated "
-                                         "averaging needs a torch family")
-                if not parent.artifacts:
-                    raise FederatedError(f"{parent.ref} has no artifact")
-                version_origin = origin_from_version(reg, parent)
-                spec = ArchitectureSpec.from_json(parent.architecture)
-                what = parent.ref
-            if request.run is not None and any(r.run == request.run for r in PrivacyLedger(reg).runs()):
-                raise FederatedError(f"a federated run {request.run!r} exists already in {request.registry}")
-    except RegistryError as e:
-        raise FederatedError(str(e)) from e
+    # From a spec the registry may not exist yet (fl start creates it, as train does)
+    if request.spec is None or (Path(request.registry) / DB_FILE).exists():
+        parent = _check_registry(request)
+    if parent is not None:
+        spec = ArchitectureSpec.from_json(parent.architecture)
+        what = parent.ref
     names = list(request.profiles) or list((parent.params if parent else {}).get("profiles") or [])
     if not names:
         raise FederatedError("give at least one --profile")
@@ -205,8 +196,34 @@ def prepare(request: StartRequest) -> Prepared:
         assert features is not None and request.name is not None
         origin = origin_from_spec(request.name, spec, features, series, datasets, request.options.seed)
     else:
-        origin = version_origin
+        try:
+            with Registry.open(request.registry) as reg:
+                origin = origin_from_version(reg, parent)
+        except RegistryError as e:
+            raise FederatedError(str(e)) from e
     return Prepared(request, origin, profiles, series, datasets, advertise, certificates)
+
+
+def _check_registry(request: StartRequest) -> VersionRecord | None:
+    """The version ``request`` starts from (``None`` for a spec), checked, and that the run's
+    name is new in the registry. Raises :class:`FederatedError`."""
+    parent = None
+    try:
+        with Registry.open(request.registry) as reg:
+            if request.spec is None:
+                name, version = parse_model_ref(str(request.ref))
+                parent = reg.get(name, version)
+                if parent.architecture.get("family") in ("trees", "isolation_forest"):
+                    raise FederatedError(f"{parent.ref} is a {parent.architecture['family']} model: federated "
+                                         "averaging needs a torch family")
+                if not parent.artifacts:
+                    raise FederatedError(f"{parent.ref} has no artifact")
+                reg.weights(parent)
+            if request.run is not None and any(r.run == request.run for r in PrivacyLedger(reg).runs()):
+                raise FederatedError(f"a federated run {request.run!r} exists already in {request.registry}")
+    except RegistryError as e:
+        raise FederatedError(str(e)) from e
+    return parent
 
 
 def _check_address(address: str, what: str) -> None:
@@ -314,7 +331,7 @@ def start(prepared: Prepared, progress: Progress | None = None, announce: Announ
     origin = prepared.origin
     params: dict[str, Any] = {}
     if origin.version is None:  # the ServerApp starts from these weights (trainer.federated.server)
-        with Registry.open(req.registry) as reg:
+        with Registry.open(req.registry, create=True) as reg:
             params["start"] = {"spec": origin.architecture, "spec_sha256": origin.spec_sha256,
                                "seed": opts.seed, "weights": reg.blobs.put(origin.weights)}
     record = FederatedRunRecord(

@@ -287,7 +287,7 @@ def add_fl_commands(sub: Any, registry_arg: Any, json_arg: Any) -> None:
     p.add_argument("--node-wait", type=positive_float, default=120.0, metavar="S",
                    help="seconds to wait for --min-nodes hosts to connect before a round")
     p.add_argument("--profile", action="append", metavar="NAME",
-                   help="firmware profile to build artifacts for; repeatable (default: NAME@V's)")
+                   help="firmware profile to build artifacts for; repeatable (default: NAME@V's; needed with --spec)")
     p.add_argument("--profiles-dir", action="append", default=[], metavar="DIR",
                    help="look for profiles here before the built-in ones; repeatable")
     p.add_argument("--data", action="append", metavar="CSV",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,19 +179,29 @@ def env(trained, broker, tmp_path: Path) -> Iterator[Env]:
         reader.close()
 
 
-def _retained_targets(env: Env) -> dict[str, dict[str, Any]]:
-    """What a fresh subscriber to ``repo/#`` finds, by target url path: index and chunks."""
-    got = env.reader.read(TOPICS, [TOPICS.repo_all()])
+def _retained_targets(env: Env, also: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """What a fresh subscriber finds, by target url path: index and chunks, for every target
+    with a retained index and for the url paths ``also`` (to see that nothing of them is left).
+
+    The chunks are read target by target: one subscription to all of ``repo/#`` would queue
+    more retained messages than a stock Mosquitto keeps for one client (1000), and drop the rest.
+    """
     out: dict[str, dict[str, Any]] = {}
-    for topic, payload in got.items():
-        parsed = TOPICS.parse_repo_topic(topic)
-        if parsed is None or not parsed.kind.startswith("target-"):
-            continue
-        entry = out.setdefault(parsed.name, {"index": None, "chunks": {}})
-        if parsed.kind == "target-index":
-            entry["index"] = ChunkIndex.from_bytes(payload)
-        else:
-            entry["chunks"][parsed.chunk] = payload
+
+    def collect(got: dict[str, bytes | None]) -> None:
+        for topic, payload in got.items():
+            parsed = TOPICS.parse_repo_topic(topic)
+            if parsed is None or not parsed.kind.startswith("target-"):
+                continue
+            entry = out.setdefault(parsed.name, {"index": None, "chunks": {}})
+            if parsed.kind == "target-index":
+                entry["index"] = ChunkIndex.from_bytes(payload)
+            else:
+                entry["chunks"][parsed.chunk] = payload
+
+    collect(env.reader.read(TOPICS, list(TOPICS.repo_target_indexes())))
+    for name in sorted({*out, *also}):
+        collect(env.reader.read(TOPICS, [TOPICS.repo_target_chunks(name)]))
     return out
 
 
@@ -219,7 +229,7 @@ def test_prune_within_stock_queue_limits_and_the_agent_still_activates(env: Env,
     targets = TufRepository.open(repository_path(env.registry)).targets()
     assert set(targets) == {group_target("lab"), *deployed[2], *deployed[3]}
     kept = {url_path(p, tf.hashes["sha256"]): p for p, tf in targets.items()}
-    there = _retained_targets(env)
+    there = _retained_targets(env, also=[url_path(p, before[p].hashes["sha256"]) for p in deployed[1]])
     assert set(there) == set(kept)
     for upath, entry in there.items():
         index = entry["index"]

@@ -186,23 +186,30 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
         return _run_controller(args, record.id, client)
 
 
-@_command
-def cmd_rollout_resume(args: argparse.Namespace) -> int:
-    """Clear a pause; run the controller again if none is running (after a crash)."""
+def _request_and_run(args: argparse.Namespace, action: str, running: str) -> int:
+    """Record ``action`` on the rollout; if its controller is running, that controller acts
+    on it: print ``running`` (or the record with --json) and return 0. Otherwise run the
+    controller here and return its exit code."""
     from trainer.fleet.rollout import RolloutStore
     from trainer.registry import Registry
 
     _check_broker(args)
     with Registry.open(args.registry) as reg:
-        record = RolloutStore(reg).request(args.id, "resume")
+        record = RolloutStore(reg).request(args.id, action)
     if _controller_alive(args.registry, args.id):
         if args.json:
             print_json(record.to_json())
         else:
-            print(f"rollout {args.id} resumed (its controller is running)")
+            print(running)
         return 0
     with _connected(args) as client:
         return _run_controller(args, args.id, client)
+
+
+@_command
+def cmd_rollout_resume(args: argparse.Namespace) -> int:
+    """Clear a pause; run the controller again if none is running (after a crash)."""
+    return _request_and_run(args, "resume", f"rollout {args.id} resumed (its controller is running)")
 
 
 @_command
@@ -220,20 +227,7 @@ def cmd_rollout_pause(args: argparse.Namespace) -> int:
 @_command
 def cmd_rollout_abort(args: argparse.Namespace) -> int:
     """Abort a rollout: roll its canaries back to the previous version."""
-    from trainer.fleet.rollout import RolloutStore
-    from trainer.registry import Registry
-
-    _check_broker(args)
-    with Registry.open(args.registry) as reg:
-        record = RolloutStore(reg).request(args.id, "abort")
-    if _controller_alive(args.registry, args.id):
-        if args.json:
-            print_json(record.to_json())
-        else:
-            print(f"rollout {args.id}: abort requested; its controller rolls it back")
-        return 0
-    with _connected(args) as client:
-        code = _run_controller(args, args.id, client)
+    code = _request_and_run(args, "abort", f"rollout {args.id}: abort requested; its controller rolls it back")
     return 0 if code == EXIT_FAILED else code  # aborted is what was asked
 
 

@@ -44,7 +44,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "default: forecaster w64, centred, season": {},
     "default without robust history": {"score_pipeline": LikelihoodPipeline()},
     "default without seasonal repeats": {"seasonal_repeats": False},
-    "default + recurrences 2": {"score_pipeline": LikelihoodPipeline(recurrences=2, robust_history=True)},
+    "default, history clipped only after the learning period": {
+        "score_pipeline": LikelihoodPipeline(robust_history=True)},
+    "default + recurrences 2": {
+        "score_pipeline": LikelihoodPipeline(recurrences=2, robust_history=True, robust_early=True)},
     "no season": {"season": 0},
     "no season, centred on training mean": {"season": 0, "centering": "train"},
     "forecaster w32": {"window": 32},

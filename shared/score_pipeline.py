@@ -19,6 +19,10 @@ Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming dete
    inflates ``sigma`` for the whole ``long_window`` and hides every smaller incident after
    it, while errors that are normal here stay below the boundary and enter unchanged. A
    lasting rise of the error still becomes the new normal, one boundary value at a time.
+   With kind :data:`LIKELIHOOD_ROBUST_EARLY` the clip applies from the history's first
+   values, during the learning period too (``min_history``, before any decision): kind
+   :data:`LIKELIHOOD_ROBUST` let the errors of that period in as they were, so a spike in a
+   newly deployed model's first day widened the spread it is judged against for a month.
 3. **Tail probability** — ``p_t = Q(z_t)``, the Gaussian upper tail: how unlikely an error this
    large is, given the recent past. After a level shift the larger errors enter the history and
    ``p`` recovers by itself: the new normal stops alarming.
@@ -82,6 +86,7 @@ __all__ = [
     "LIKELIHOOD",
     "LIKELIHOOD_RECURRENT",
     "LIKELIHOOD_ROBUST",
+    "LIKELIHOOD_ROBUST_EARLY",
     "LIKELIHOOD_SEASONAL",
     "MAX_PRIOR",
     "PIPELINE_KINDS",
@@ -102,8 +107,11 @@ LIKELIHOOD = "edgefleet.likelihood/1"
 LIKELIHOOD_RECURRENT = "edgefleet.likelihood/2"
 LIKELIHOOD_SEASONAL = "edgefleet.likelihood/3"
 LIKELIHOOD_ROBUST = "edgefleet.likelihood/4"
-PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST)
-_LIKELIHOOD_KINDS = (LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST)
+LIKELIHOOD_ROBUST_EARLY = "edgefleet.likelihood/5"
+PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST,
+                  LIKELIHOOD_ROBUST_EARLY)
+_LIKELIHOOD_KINDS = (LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST, LIKELIHOOD_ROBUST_EARLY)
+_ROBUST_KINDS = (LIKELIHOOD_ROBUST, LIKELIHOOD_ROBUST_EARLY)
 
 _SQRT2 = math.sqrt(2.0)
 # Below this, the history's spread is float noise (a constant error): treat it as this small
@@ -166,6 +174,9 @@ class LikelihoodPipeline:
     ``robust_history`` (kind :data:`LIKELIHOOD_ROBUST`, which may also carry ``recurrences``
     and ``season``): smoothed errors enter the history clipped at the decision boundary
     (step 2). Steps 4 and 5 still compare with the errors as they were.
+
+    ``robust_early`` (kind :data:`LIKELIHOOD_ROBUST_EARLY`, with ``robust_history``): the clip
+    applies during the learning period as well, from the history's second value on.
     """
 
     short_window: int = 10
@@ -177,8 +188,11 @@ class LikelihoodPipeline:
     season: int = 0
     season_halfwidth: int = 8
     robust_history: bool = False
+    robust_early: bool = False
 
     def __post_init__(self) -> None:
+        if self.robust_early and not self.robust_history:
+            raise ScorePipelineError("score pipeline robust_early needs robust_history")
         if not (1 <= self.short_window <= self.long_window and 2 <= self.min_history <= self.long_window):
             raise ScorePipelineError(
                 "score pipeline needs 1 <= short_window <= long_window and 2 <= min_history <= long_window"
@@ -219,7 +233,7 @@ class LikelihoodPipeline:
     @property
     def kind(self) -> str:
         if self.robust_history:
-            return LIKELIHOOD_ROBUST
+            return LIKELIHOOD_ROBUST_EARLY if self.robust_early else LIKELIHOOD_ROBUST
         if self.season:
             return LIKELIHOOD_SEASONAL
         return LIKELIHOOD_RECURRENT if self.recurrences else LIKELIHOOD
@@ -281,13 +295,13 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
         )
     params = {k: v for k, v in obj.items() if k != "kind"}
     known = {"short_window", "long_window", "min_history", "false_alarm_rate", "prior"}
-    if kind in (LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST):
+    if kind in (LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, *_ROBUST_KINDS):
         known.add("recurrences")
-    if kind == LIKELIHOOD_ROBUST:
+    if kind in _ROBUST_KINDS:
         known.add("robust_history")
         if params.get("robust_history") is not True:
             raise ScorePipelineError(f"score pipeline {kind} needs robust_history: true")
-    if kind == LIKELIHOOD_SEASONAL or (kind == LIKELIHOOD_ROBUST and "season" in params):
+    if kind == LIKELIHOOD_SEASONAL or (kind in _ROBUST_KINDS and "season" in params):
         known |= {"season", "season_halfwidth"}
         for name in ("season", "season_halfwidth"):
             value = params.get(name, 8 if name == "season_halfwidth" else None)
@@ -307,7 +321,8 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
                          else int(params.get("recurrences", 0))),
             season=int(params.get("season", 0)),
             season_halfwidth=int(params.get("season_halfwidth", 8)),
-            robust_history=kind == LIKELIHOOD_ROBUST,
+            robust_history=kind in _ROBUST_KINDS,
+            robust_early=kind == LIKELIHOOD_ROBUST_EARLY,
         )
     except (TypeError, ValueError) as e:
         raise ScorePipelineError(f"bad score pipeline parameters: {e}") from e
@@ -360,6 +375,7 @@ class LikelihoodScorer:
         # Step 2's robust history clips what enters _long; steps 4 and 5 read the errors as
         # they were, kept in _raw (the same list when nothing is clipped).
         self._clip_z = NormalDist().inv_cdf(1.0 - params.false_alarm_rate) if params.robust_history else 0.0
+        self._clip_early = params.robust_early
         self._raw = list(self._long) if params.robust_history else self._long
         # The same history as an array, for step 4's vectorized count (only when asked).
         self._recurrences = params.recurrences
@@ -419,6 +435,13 @@ class LikelihoodScorer:
         else:
             tail = excursion = 1.0
             kept = m
+            if self._clip_early and n >= 2 and self._short_n == self._short_cap:
+                # the learning period: no decision yet, but the history is kept robust already
+                mu = self._long_sum / n
+                var = self._long_sq / n - mu * mu
+                bound = mu + self._clip_z * (math.sqrt(var) if var > 0 else 0.0)
+                if kept > bound:
+                    kept = bound
         # remember m (clipped, with a robust history) in the long history
         long, j, cap = self._long, self._long_i, self._long_cap
         if n == cap:

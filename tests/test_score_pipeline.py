@@ -18,6 +18,7 @@ from shared.score_pipeline import (
     LIKELIHOOD,
     LIKELIHOOD_RECURRENT,
     LIKELIHOOD_ROBUST,
+    LIKELIHOOD_ROBUST_EARLY,
     LIKELIHOOD_SEASONAL,
     FixedThresholdPipeline,
     LikelihoodPipeline,
@@ -184,6 +185,11 @@ def test_pipeline_json_round_trip(short, long, min_hist, far, recurrences):
         obj = json.loads(json.dumps(robust.to_json()))
         assert obj["kind"] == LIKELIHOOD_ROBUST and obj["robust_history"] is True
         assert pipeline_from_json(obj) == robust
+        early = dataclasses.replace(robust, robust_early=True)
+        obj = json.loads(json.dumps(early.to_json()))
+        assert obj["kind"] == LIKELIHOOD_ROBUST_EARLY and obj["robust_history"] is True
+        assert "robust_early" not in obj  # the kind says it
+        assert pipeline_from_json(obj) == early
 
 
 def test_a_robust_history_does_not_let_one_spike_hide_later_incidents():
@@ -199,6 +205,32 @@ def test_a_robust_history_does_not_let_one_spike_hide_later_incidents():
     assert any(1000 <= i <= 1010 for i in robust) and any(3000 <= i <= 3010 for i in robust), robust
     assert len(robust) <= 4, robust
     assert all((s.anomaly_score >= 0.5) == s.is_anomaly for s in robust_steps)
+
+
+def test_a_spike_in_the_learning_period_does_not_hide_the_first_incident_after_it():
+    """A newly deployed model's first hours: a spike before ``min_history`` errors are known
+    (no decision is made yet) enters kind 4's history as it is and widens its spread for the
+    whole long window; kind 5 clips it as it clips every later one."""
+    errors = _errors(3000, seed=13)
+    errors[100:110] += 300.0  # in the learning period (min_history 288): no decision yet
+    errors[1500:1520] += 6.0  # an incident well after it
+    late = _run(LikelihoodPipeline(robust_history=True), errors)
+    early_steps = _run(LikelihoodPipeline(robust_history=True, robust_early=True), errors)
+    early = [i for i, s in enumerate(early_steps) if s.is_anomaly]
+    assert not any(s.is_anomaly for s in late[:288]) and not any(s.is_anomaly for s in early_steps[:288])
+    assert not any(late[i].is_anomaly for i in range(1500, 1530)), "kind 4 should miss it"
+    assert any(1500 <= i <= 1510 for i in early), early
+    assert len(early) <= 2, early
+    assert all((s.anomaly_score >= 0.5) == s.is_anomaly for s in early_steps)
+
+
+def test_robust_early_needs_a_robust_history():
+    with pytest.raises(ScorePipelineError, match="robust_early needs robust_history"):
+        LikelihoodPipeline(robust_early=True)
+    with pytest.raises(ScorePipelineError, match="needs robust_history: true"):
+        pipeline_from_json({"kind": LIKELIHOOD_ROBUST_EARLY})
+    with pytest.raises(ScorePipelineError, match=r"unknown parameter\(s\) \['robust_early'\]"):
+        pipeline_from_json({"kind": LIKELIHOOD_ROBUST_EARLY, "robust_history": True, "robust_early": True})
 
 
 def test_with_a_robust_history_a_lasting_change_still_becomes_the_new_normal():
@@ -243,7 +275,9 @@ def test_bundle_spec_declares_the_pipeline_and_refuses_an_unknown_kind():
     spec = make_spec()
     for pipeline, kind in ((LikelihoodPipeline(), LIKELIHOOD), (LikelihoodPipeline(recurrences=2), LIKELIHOOD_RECURRENT),
                            (LikelihoodPipeline(season=288), LIKELIHOOD_SEASONAL),
-                           (LikelihoodPipeline(season=288, robust_history=True), LIKELIHOOD_ROBUST)):
+                           (LikelihoodPipeline(season=288, robust_history=True), LIKELIHOOD_ROBUST),
+                           (LikelihoodPipeline(season=288, robust_history=True, robust_early=True),
+                            LIKELIHOOD_ROBUST_EARLY)):
         spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=pipeline))
         obj = json.loads(spec.to_bytes())
         assert obj["score"]["pipeline"]["kind"] == kind

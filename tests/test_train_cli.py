@@ -90,7 +90,7 @@ def test_nab_training_registers_int8_onnx_and_tflite_with_parity(nab_dir: Path, 
     # and its score pipeline judges errors against a robust history and does not report what
     # happened at the same time the day before
     pipeline = version["lineage"]["score_pipeline"]
-    assert pipeline["kind"] == "edgefleet.likelihood/4" and pipeline["robust_history"] is True
+    assert pipeline["kind"] == "edgefleet.likelihood/5" and pipeline["robust_history"] is True
     assert pipeline["season"] == 288
 
 

@@ -131,6 +131,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         **({"family": args.family} if args.family else {}),
         **({"activation": args.activation} if args.activation else {}),
         "season": args.season,
-        "score_pipeline": LikelihoodPipeline(recurrences=args.recurrences, robust_history=args.robust_history),
+        "score_pipeline": LikelihoodPipeline(recurrences=args.recurrences, robust_history=args.robust_history,
+                                             robust_early=args.robust_history),
         "seasonal_repeats": args.seasonal_repeats,
     }

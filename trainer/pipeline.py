@@ -100,8 +100,9 @@ DEFAULT_HIDDEN = {
     "isolation_forest": (),
 }
 # The score pipeline `train` declares unless told otherwise (shared.score_pipeline): the anomaly
-# likelihood over a robust (winsorized) history; the trainer adds the model's seasonal repeats.
-DEFAULT_SCORE_PIPELINE = LikelihoodPipeline(robust_history=True)
+# likelihood over a robust (winsorized) history, from its first values; the trainer adds the
+# model's seasonal repeats.
+DEFAULT_SCORE_PIPELINE = LikelihoodPipeline(robust_history=True, robust_early=True)
 VALIDATION_FRACTION = 0.2
 SEASON_SECONDS = 86_400  # one day: the cycle of most host and service metrics
 SEASON_HALFWIDTH = 8

@@ -164,6 +164,47 @@ def test_two_processes_writing_at_once_get_distinct_versions(tmp_path: Path) -> 
         assert reg.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def test_a_registry_being_created_is_never_seen_at_a_version_between(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one process writes a new registry's schema, another that opens it sees version 0
+    and waits for the write lock, then opens the finished registry; it never sees a step
+    between, which it would refuse as a registry that needs `registry migrate`."""
+    import threading
+
+    from trainer.registry import _schema
+
+    inside, release = threading.Event(), threading.Event()
+    last = _schema.MIGRATIONS[SCHEMA_VERSION]
+
+    def paused(conn: sqlite3.Connection) -> None:
+        inside.set()
+        assert release.wait(30)
+        last(conn)
+
+    monkeypatch.setitem(_schema.MIGRATIONS, SCHEMA_VERSION, paused)
+    creator = threading.Thread(target=lambda: Registry.open(tmp_path, create=True).close())
+    creator.start()
+    try:
+        assert inside.wait(30)
+        # every earlier step has run in the creator's transaction: none of it is visible yet
+        probe = sqlite3.connect(tmp_path / "registry.sqlite")
+        try:
+            assert _schema.current_version(probe) == 0
+        finally:
+            probe.close()
+        opened: list[int] = []
+        second = threading.Thread(target=lambda: opened.append(_register(str(tmp_path), "cpu", b"x")))
+        second.start()
+        release.set()
+        second.join(60)
+        assert opened == [1]
+    finally:
+        release.set()
+        creator.join(60)
+    with Registry.open(tmp_path) as reg:
+        assert [v.version for v in reg.versions("cpu")] == [1]
+
+
 def test_creating_over_a_registry_another_process_is_creating(tmp_path: Path) -> None:
     # What a second `train` sees when the first has created the file but not migrated it yet.
     sqlite3.connect(tmp_path / "registry.sqlite").close()

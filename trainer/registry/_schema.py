@@ -170,6 +170,14 @@ def current_version(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+def _set_version(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES('schema_version', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        (str(version),),
+    )
+
+
 def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> list[int]:
     """Apply the migrations from the file's version up to ``target``; returns those applied.
 
@@ -184,14 +192,34 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> list[int]
                 conn.execute("ROLLBACK")
                 continue
             MIGRATIONS[step](conn)
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES('schema_version', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (str(step),),
-            )
+            _set_version(conn, step)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         applied.append(step)
     return applied
+
+
+def create(conn: sqlite3.Connection) -> bool:
+    """Give an empty database the current schema in one transaction; False if another
+    process had already created it (then nothing is changed).
+
+    One transaction, not :func:`migrate`'s commit per step: a process opening the file while
+    another creates it must see version 0 (and wait for the write lock) or the current
+    version, never a step between, which it would take for a registry that needs
+    ``edgefleet registry migrate``.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if current_version(conn) != 0:
+            conn.execute("ROLLBACK")
+            return False
+        for step in range(1, SCHEMA_VERSION + 1):
+            MIGRATIONS[step](conn)
+        _set_version(conn, SCHEMA_VERSION)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True

@@ -28,6 +28,7 @@ from typing import Any
 import sqlite_utils
 
 from trainer.registry._schema import SCHEMA_VERSION, current_version, migrate
+from trainer.registry._schema import create as create_schema
 from trainer.registry.blobs import BlobStore
 
 __all__ = [
@@ -171,8 +172,9 @@ class Registry:
             version = current_version(conn)
             if version == 0 and create:
                 # A new (or still empty) registry. Another process may be creating it right
-                # now: migrate() takes the write lock and re-checks, so both end at the same schema.
-                migrate(conn)
+                # now: create() takes the write lock, re-checks and writes the whole schema in
+                # one transaction, so no process sees a version between 0 and the current one.
+                create_schema(conn)
                 version = current_version(conn)
         except sqlite3.Error as e:
             if conn is not None:

@@ -375,7 +375,9 @@ class LikelihoodScorer:
         # Step 2's robust history clips what enters _long; steps 4 and 5 read the errors as
         # they were, kept in _raw (the same list when nothing is clipped).
         self._clip_z = NormalDist().inv_cdf(1.0 - params.false_alarm_rate) if params.robust_history else 0.0
-        self._clip_early = params.robust_early
+        # the history's mean and spread are needed once decisions start, or for kind 5's clip
+        # from the history's second value on (the learning period too)
+        self._stats_from = 2 if params.robust_early else params.min_history
         self._raw = list(self._long) if params.robust_history else self._long
         # The same history as an array, for step 4's vectorized count (only when asked).
         self._recurrences = params.recurrences
@@ -414,34 +416,26 @@ class LikelihoodScorer:
         # 2-3. against the history before this sample
         n = self._long_n
         # a mean of fewer than short_window errors is not comparable with the history's
-        if n >= self._min_history and self._short_n == self._short_cap:
+        tail = excursion = 1.0
+        kept = m
+        if n >= self._stats_from and self._short_n == self._short_cap:
             mu = self._long_sum / n
             var = self._long_sq / n - mu * mu
             sigma = math.sqrt(var) if var > 0 else 0.0
             floor = _REL_SIGMA_FLOOR * abs(mu)
             if sigma < floor or sigma < _ABS_SIGMA_FLOOR:
                 sigma = floor if floor > _ABS_SIGMA_FLOOR else _ABS_SIGMA_FLOOR
-            tail = 0.5 * math.erfc((m - mu) / (sigma * _SQRT2))
-            kept = m
             if self._clip_z:
                 bound = mu + self._clip_z * sigma
                 if kept > bound:
                     kept = bound
-            if tail <= self._far and self._recurrences:
-                tail = max(tail, self._recurrence_rate(m, n))
-            excursion = tail  # before step 5: whether the error itself is still out of the ordinary
-            if tail <= self._far and self._season and self._seasonal_repeat(m, mu):
-                tail = max(tail, 1.0 / self._season)
-        else:
-            tail = excursion = 1.0
-            kept = m
-            if self._clip_early and n >= 2 and self._short_n == self._short_cap:
-                # the learning period: no decision yet, but the history is kept robust already
-                mu = self._long_sum / n
-                var = self._long_sq / n - mu * mu
-                bound = mu + self._clip_z * (math.sqrt(var) if var > 0 else 0.0)
-                if kept > bound:
-                    kept = bound
+            if n >= self._min_history:  # before it, the learning period: no decision yet
+                tail = 0.5 * math.erfc((m - mu) / (sigma * _SQRT2))
+                if tail <= self._far and self._recurrences:
+                    tail = max(tail, self._recurrence_rate(m, n))
+                excursion = tail  # before step 5: whether the error itself is still out of the ordinary
+                if tail <= self._far and self._season and self._seasonal_repeat(m, mu):
+                    tail = max(tail, 1.0 / self._season)
         # remember m (clipped, with a robust history) in the long history
         long, j, cap = self._long, self._long_i, self._long_cap
         if n == cap:

@@ -178,6 +178,25 @@ def _set_version(conn: sqlite3.Connection, version: int) -> None:
     )
 
 
+def _apply(conn: sqlite3.Connection, found: int, target: int) -> bool:
+    """Apply the steps after ``found`` up to ``target`` and the version bump in one
+    transaction, under SQLite's write lock; False (nothing changed) if the file is no longer
+    at ``found`` once the lock is held: another process moved it meanwhile."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if current_version(conn) != found:
+            conn.execute("ROLLBACK")
+            return False
+        for step in range(found + 1, target + 1):
+            MIGRATIONS[step](conn)
+        _set_version(conn, target)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True
+
+
 def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> list[int]:
     """Apply the migrations from the file's version up to ``target``; returns those applied.
 
@@ -185,19 +204,8 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> list[int]
     """
     applied = []
     while (version := current_version(conn)) < target:
-        step = version + 1
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if current_version(conn) != version:  # another process migrated meanwhile
-                conn.execute("ROLLBACK")
-                continue
-            MIGRATIONS[step](conn)
-            _set_version(conn, step)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        applied.append(step)
+        if _apply(conn, version, version + 1):
+            applied.append(version + 1)
     return applied
 
 
@@ -210,16 +218,4 @@ def create(conn: sqlite3.Connection) -> bool:
     version, never a step between, which it would take for a registry that needs
     ``edgefleet registry migrate``.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if current_version(conn) != 0:
-            conn.execute("ROLLBACK")
-            return False
-        for step in range(1, SCHEMA_VERSION + 1):
-            MIGRATIONS[step](conn)
-        _set_version(conn, SCHEMA_VERSION)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return True
+    return _apply(conn, 0, SCHEMA_VERSION)

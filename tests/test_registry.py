@@ -205,6 +205,47 @@ def test_a_registry_being_created_is_never_seen_at_a_version_between(
         assert [v.version for v in reg.versions("cpu")] == [1]
 
 
+def test_opening_a_new_registry_while_another_process_holds_its_write_lock_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new file is still in rollback-journal mode while its creator holds the write lock;
+    SQLite then refuses another connection's switch to WAL at once ("database is locked"),
+    without waiting in the busy handler. The opener retries instead of failing."""
+    import threading
+    import time
+
+    from trainer.registry import store
+
+    holder = sqlite3.connect(tmp_path / "registry.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a creator between its BEGIN and its COMMIT
+    retrying = threading.Event()
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        retrying.set()
+        real_sleep(seconds)
+
+    monkeypatch.setattr(store.time, "sleep", sleep)
+    opened: list[int] = []
+    failed: list[Exception] = []
+
+    def register() -> None:
+        try:
+            opened.append(_register(str(tmp_path), "cpu", b"x"))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            failed.append(e)
+
+    opener = threading.Thread(target=register)
+    opener.start()
+    try:
+        assert retrying.wait(30) or failed, "the opener neither retried nor failed"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        opener.join(60)
+    assert not failed, failed
+    assert opened == [1]
+
+
 def test_creating_over_a_registry_another_process_is_creating(tmp_path: Path) -> None:
     # What a second `train` sees when the first has created the file but not migrated it yet.
     sqlite3.connect(tmp_path / "registry.sqlite").close()

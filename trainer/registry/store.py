@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 DB_FILE = "registry.sqlite"
+# How long a registry operation waits for another process's write lock.
+_LOCK_TIMEOUT_S = 60.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -143,9 +146,23 @@ class Registry:
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout = 60000")
-        conn.execute("PRAGMA journal_mode = WAL")
+        conn = sqlite3.connect(path, timeout=_LOCK_TIMEOUT_S, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(_LOCK_TIMEOUT_S * 1000)}")
+        # Two processes switching a new file to WAL at once can deadlock on the lock upgrade;
+        # SQLite then answers one of them "database is locked" at once, without waiting in the
+        # busy handler. The switch is idempotent, so that one retries until the other is done.
+        deadline = time.monotonic() + _LOCK_TIMEOUT_S
+        delay = 0.01
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                    conn.close()
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 

@@ -161,12 +161,13 @@ class Detector:
         if self._observe_latency is not None:
             self._observe_latency(elapsed / 1e9)
         self._inferences += 1
-        step = self._scorer.push(score)
+        row = last.tolist()
+        step = self._scorer.push(score, row)
         if step.is_anomaly:
             self._anomalies += 1
         return Detection(
             timestamp=timestamp,
-            values=tuple(last.tolist()),
+            values=tuple(row),
             score=score,
             anomaly_score=step.anomaly_score,
             threshold=self._threshold,

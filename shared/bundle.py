@@ -290,6 +290,10 @@ class BundleSpec:
             raise BundleError(f"{spec.format} bundle must hold {MODEL_FILES[spec.format]}")
         if spec.window < 1 or not spec.features or len(spec.inputs) != 1 or not spec.outputs:
             raise BundleError("spec needs window >= 1, features, one input and an output")
+        bounds = getattr(spec.score.pipeline, "value_range", ())
+        if bounds and len(bounds) != len(spec.features):
+            raise BundleError(f"score pipeline value_range holds {len(bounds)} range(s) "
+                              f"for {len(spec.features)} feature(s)")
         return spec
 
     @classmethod

@@ -4,6 +4,20 @@ One implementation, numpy and the standard library only, runs wherever a decisio
 the agent (:class:`edge_agent.detector.Detector`), in ``edgefleet detect`` and ``evaluate``
 (which push recorded series through that same detector) and in the trainer's search objective.
 
+With kind :data:`LIKELIHOOD_RANGE` a step 0 comes first, on the sample's values rather than on
+the model's error:
+
+0. **Range** — a value beyond the range of every value seen so far, by more than
+   ``range_tolerance`` (5%) of that range, is an anomaly whatever the error says: the
+   *spatial anomaly* of Numenta's HTM detector in NAB, with its tolerance. A forecaster's
+   error cannot tell a new extreme from the series' usual spikes when both are one row long
+   and it predicts neither; the range can. The range starts from ``value_range``, each
+   feature's low and high on the rows the model was trained on (so an agent checks from its
+   first sample, and after a restart), and widens with every value the stream brings; a
+   feature whose range is still a single value is not checked. The error still enters the
+   history as in step 2, so a new level that persists is judged by the likelihood as before,
+   and the widened range stops alarming on it at once.
+
 Why it exists: a model's raw error is not the anomaly; a sudden change in the error's
 distribution is. A fixed threshold on the raw error, calibrated once on the rows a model was
 trained on, flags forever after any change of regime. Following the anomaly likelihood of
@@ -49,7 +63,7 @@ Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming dete
    are not one season before the live ones), so the step starts one season after the
    stream does. The first occurrence of a daily event still alarms; so does an incident at
    a time of day with nothing like it the day before.
-6. **Decision** — an alarm when ``p_t <= false_alarm_rate`` while armed: one alarm per
+6. **Decision** — (a sample out of range, step 0, has ``p_t = 0``) an alarm when ``p_t <= false_alarm_rate`` while armed: one alarm per
    excursion, not one per sample. An alarm disarms the decision until ``p`` recovers above
    ``sqrt(false_alarm_rate)`` (``anomaly_score`` below 0.25): hysteresis, so an excursion that
    hovers around the boundary is still one event.
@@ -64,7 +78,7 @@ The pipeline's kind and parameters are part of a bundle's ``spec.json`` (``score
 any other with :class:`ScorePipelineError`. Bundles without ``score.pipeline`` (older trainers)
 use :data:`FIXED_THRESHOLD`: ``is_anomaly = score > threshold``.
 
-Cost per sample is O(1): two ring buffers with running sums (recomputed exactly once per
+Cost per sample is O(1) (step 0: O(features)): two ring buffers with running sums (recomputed exactly once per
 ``long_window`` samples so float rounding cannot drift) and no allocation. Step 4 is a
 vectorized pass over the history, step 5 a look at ``2 * season_halfwidth + 1`` values of
 it, both only for samples that would otherwise alarm.
@@ -84,12 +98,14 @@ import numpy as np
 __all__ = [
     "FIXED_THRESHOLD",
     "LIKELIHOOD",
+    "LIKELIHOOD_RANGE",
     "LIKELIHOOD_RECURRENT",
     "LIKELIHOOD_ROBUST",
     "LIKELIHOOD_ROBUST_EARLY",
     "LIKELIHOOD_SEASONAL",
     "MAX_PRIOR",
     "PIPELINE_KINDS",
+    "RANGE_TOLERANCE",
     "FixedThresholdPipeline",
     "FixedThresholdScorer",
     "LikelihoodPipeline",
@@ -108,10 +124,14 @@ LIKELIHOOD_RECURRENT = "edgefleet.likelihood/2"
 LIKELIHOOD_SEASONAL = "edgefleet.likelihood/3"
 LIKELIHOOD_ROBUST = "edgefleet.likelihood/4"
 LIKELIHOOD_ROBUST_EARLY = "edgefleet.likelihood/5"
+LIKELIHOOD_RANGE = "edgefleet.likelihood/6"
 PIPELINE_KINDS = (FIXED_THRESHOLD, LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST,
-                  LIKELIHOOD_ROBUST_EARLY)
-_LIKELIHOOD_KINDS = (LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST, LIKELIHOOD_ROBUST_EARLY)
+                  LIKELIHOOD_ROBUST_EARLY, LIKELIHOOD_RANGE)
+_LIKELIHOOD_KINDS = (LIKELIHOOD, LIKELIHOOD_RECURRENT, LIKELIHOOD_SEASONAL, LIKELIHOOD_ROBUST, LIKELIHOOD_ROBUST_EARLY,
+                     LIKELIHOOD_RANGE)
 _ROBUST_KINDS = (LIKELIHOOD_ROBUST, LIKELIHOOD_ROBUST_EARLY)
+# Step 0's tolerance: the SPATIAL_TOLERANCE of Numenta's HTM detector in NAB (5% of the range).
+RANGE_TOLERANCE = 0.05
 
 _SQRT2 = math.sqrt(2.0)
 # Below this, the history's spread is float noise (a constant error): treat it as this small
@@ -177,6 +197,13 @@ class LikelihoodPipeline:
 
     ``robust_early`` (kind :data:`LIKELIHOOD_ROBUST_EARLY`, with ``robust_history``): the clip
     applies during the learning period as well, from the history's second value on.
+
+    ``range_tolerance`` (kind :data:`LIKELIHOOD_RANGE`, which may carry every option above):
+    step 0, a value beyond the range seen so far by more than this fraction of the range is an
+    anomaly (:data:`RANGE_TOLERANCE`; 0, the default, leaves the step out). ``value_range``
+    holds ``(low, high)`` per feature of the rows the model was trained on
+    (:meth:`with_value_range`), the range the check starts from; without it the range is
+    learned from the stream's own first values.
     """
 
     short_window: int = 10
@@ -189,6 +216,8 @@ class LikelihoodPipeline:
     season_halfwidth: int = 8
     robust_history: bool = False
     robust_early: bool = False
+    range_tolerance: float = 0.0
+    value_range: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.robust_early and not self.robust_history:
@@ -209,6 +238,14 @@ class LikelihoodPipeline:
             raise ScorePipelineError(
                 "score pipeline needs 0 <= season_halfwidth < season and season + season_halfwidth < long_window"
             )
+        if not (math.isfinite(self.range_tolerance) and 0 <= self.range_tolerance <= 100):
+            raise ScorePipelineError("score pipeline range_tolerance must be in [0, 100]")
+        if self.value_range and not self.range_tolerance:
+            raise ScorePipelineError("score pipeline value_range needs range_tolerance > 0")
+        for bounds in self.value_range:
+            if not (len(bounds) == 2 and all(map(math.isfinite, bounds)) and bounds[0] <= bounds[1]):
+                raise ScorePipelineError("score pipeline value_range holds one finite [low, high] "
+                                         "with low <= high per feature")
         if len(self.prior) > min(MAX_PRIOR, self.long_window) or not all(map(math.isfinite, self.prior)):
             raise ScorePipelineError(
                 f"score pipeline prior must hold at most {MAX_PRIOR} (and long_window) finite values"
@@ -230,8 +267,22 @@ class LikelihoodPipeline:
         keep = means[-min(MAX_PRIOR, self.long_window):]
         return dataclasses.replace(self, prior=tuple(float(f"{v:.6g}") for v in keep))
 
+    def with_value_range(self, rows: np.ndarray) -> LikelihoodPipeline:
+        """This pipeline with ``value_range`` = each feature's lowest and highest finite value of
+        ``rows`` (``(n, features)``, the rows the model was trained on); unchanged without
+        step 0. Raises :class:`ScorePipelineError` when a feature has no finite value."""
+        if not self.range_tolerance:
+            return self
+        x = np.asarray(rows, np.float64)
+        if x.ndim != 2 or not np.isfinite(x).any(axis=0).all():
+            raise ScorePipelineError("value_range needs (rows, features) with a finite value per feature")
+        return dataclasses.replace(self, value_range=tuple(
+            (float(lo), float(hi)) for lo, hi in zip(np.nanmin(x, axis=0), np.nanmax(x, axis=0), strict=True)))
+
     @property
     def kind(self) -> str:
+        if self.range_tolerance:
+            return LIKELIHOOD_RANGE
         if self.robust_history:
             return LIKELIHOOD_ROBUST_EARLY if self.robust_early else LIKELIHOOD_ROBUST
         if self.season:
@@ -248,6 +299,9 @@ class LikelihoodPipeline:
             **({"recurrences": self.recurrences} if self.recurrences else {}),
             **({"season": self.season, "season_halfwidth": self.season_halfwidth} if self.season else {}),
             **({"robust_history": True} if self.robust_history else {}),
+            **({"robust_early": True} if self.robust_early and self.range_tolerance else {}),
+            **({"range_tolerance": self.range_tolerance} if self.range_tolerance else {}),
+            **({"value_range": [list(b) for b in self.value_range]} if self.value_range else {}),
             **({"prior": list(self.prior)} if self.prior else {}),
         }
 
@@ -301,7 +355,20 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
         known.add("robust_history")
         if params.get("robust_history") is not True:
             raise ScorePipelineError(f"score pipeline {kind} needs robust_history: true")
-    if kind == LIKELIHOOD_SEASONAL or (kind in _ROBUST_KINDS and "season" in params):
+    if kind == LIKELIHOOD_RANGE:
+        known |= {"recurrences", "robust_history", "robust_early", "range_tolerance", "value_range"}
+        for name in ("robust_history", "robust_early"):
+            if not isinstance(params.get(name, False), bool):
+                raise ScorePipelineError(f"score pipeline {kind} needs {name} true or false")
+        tolerance = params.get("range_tolerance")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
+            raise ScorePipelineError(f"score pipeline {kind} needs a range_tolerance > 0")
+        bounds = params.get("value_range", [])
+        if not isinstance(bounds, list) or not all(
+            isinstance(b, list) and len(b) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                        for v in b) for b in bounds):
+            raise ScorePipelineError(f"score pipeline {kind} needs value_range as [[low, high], ...]")
+    if kind == LIKELIHOOD_SEASONAL or (kind in (*_ROBUST_KINDS, LIKELIHOOD_RANGE) and "season" in params):
         known |= {"season", "season_halfwidth"}
         for name in ("season", "season_halfwidth"):
             value = params.get(name, 8 if name == "season_halfwidth" else None)
@@ -321,8 +388,10 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
                          else int(params.get("recurrences", 0))),
             season=int(params.get("season", 0)),
             season_halfwidth=int(params.get("season_halfwidth", 8)),
-            robust_history=kind in _ROBUST_KINDS,
-            robust_early=kind == LIKELIHOOD_ROBUST_EARLY,
+            robust_history=kind in _ROBUST_KINDS or params.get("robust_history", False) is True,
+            robust_early=kind == LIKELIHOOD_ROBUST_EARLY or params.get("robust_early", False) is True,
+            range_tolerance=float(params.get("range_tolerance", 0.0)),
+            value_range=tuple((float(lo), float(hi)) for lo, hi in params.get("value_range", ())),
         )
     except (TypeError, ValueError) as e:
         raise ScorePipelineError(f"bad score pipeline parameters: {e}") from e
@@ -343,7 +412,8 @@ class FixedThresholdScorer:
         self._center = float(center)
         self._width = float(width)
 
-    def push(self, score: float) -> ScoreStep:
+    def push(self, score: float, values: Sequence[float] | None = None) -> ScoreStep:
+        """Judge one raw score (``values`` are not used: there is no step 0 here)."""
         if not score > 0:  # also NaN
             return ScoreStep(1.0, 0.0, False)
         z = (math.log(score) - self._center) / self._width
@@ -358,8 +428,9 @@ class FixedThresholdScorer:
 class LikelihoodScorer:
     """Streaming state of :data:`LIKELIHOOD` for one series. Not thread safe.
 
-    ``push`` takes each raw score in stream order. A non-finite score (a failed or degenerate
-    inference) changes no state and yields ``ScoreStep(1.0, 0.0, False)``.
+    ``push`` takes each raw score in stream order, with the newest row's values (one per
+    feature) for step 0. A non-finite score (a failed or degenerate inference) changes no
+    state and yields ``ScoreStep(1.0, 0.0, False)``.
     """
 
     def __init__(self, params: LikelihoodPipeline) -> None:
@@ -399,10 +470,22 @@ class LikelihoodScorer:
         self._season = params.season
         self._season_hw = params.season_halfwidth
         self._live = 0  # values pushed into the history by this stream (not the prior)
+        # Step 0: each feature's range so far (seeded by the training rows' range, or by the
+        # first values pushed when the pipeline has none).
+        self._range_tol = params.range_tolerance
+        self._low = [b[0] for b in params.value_range]
+        self._high = [b[1] for b in params.value_range]
 
-    def push(self, score: float) -> ScoreStep:
+    def push(self, score: float, values: Sequence[float] | None = None) -> ScoreStep:
+        """Judge one raw score. ``values`` (the sample's feature values, in the bundle's
+        feature order) feed step 0; without them, or without step 0, it is skipped.
+
+        Raises ``ValueError`` when ``values`` does not hold one value per feature of the
+        pipeline's ``value_range``.
+        """
         if not math.isfinite(score):
             return ScoreStep(1.0, 0.0, False)
+        out_of_range = self._out_of_range(values) if self._range_tol and values is not None else False
         # 1. short mean
         short, i = self._short, self._short_i
         if self._short_n == self._short_cap:
@@ -436,6 +519,8 @@ class LikelihoodScorer:
                 excursion = tail  # before step 5: whether the error itself is still out of the ordinary
                 if tail <= self._far and self._season and self._seasonal_repeat(m, mu):
                     tail = max(tail, 1.0 / self._season)
+        if out_of_range:  # step 0: nothing like this value has been seen
+            tail = excursion = 0.0
         # remember m (clipped, with a robust history) in the long history
         long, j, cap = self._long, self._long_i, self._long_cap
         if n == cap:
@@ -470,6 +555,30 @@ class LikelihoodScorer:
         if hit and not alarm and a > _RUN_CAP:
             a = _RUN_CAP
         return ScoreStep(tail, a, alarm)
+
+    def _out_of_range(self, values: Sequence[float]) -> bool:
+        """Step 0: is any value beyond its feature's range so far by more than the tolerance
+        of that range? Then widen the ranges to take the values in."""
+        low, high, tol = self._low, self._high, self._range_tol
+        if not low:  # no training range: the stream's first finite values start it
+            if all(map(math.isfinite, values)):
+                low.extend(values)
+                high.extend(values)
+            return False
+        if len(values) != len(low):
+            raise ValueError(f"score pipeline range holds {len(low)} feature(s), got {len(values)} value(s)")
+        out = False
+        for k, v in enumerate(values):
+            lo, hi = low[k], high[k]
+            if not lo <= v <= hi:  # also NaN, which changes nothing
+                span = hi - lo
+                if span > 0 and (v > hi + tol * span or v < lo - tol * span):
+                    out = True
+                if v > hi:
+                    high[k] = v
+                elif v < lo:
+                    low[k] = v
+        return out
 
     def _recurrence_rate(self, m: float, n: int) -> float:
         """Step 4: ``max(0, c - recurrences + 1) / n`` for the ``c`` separate excursions of
@@ -509,8 +618,21 @@ class LikelihoodScorer:
 Scorer = LikelihoodScorer | FixedThresholdScorer
 
 
+def _beyond(bounds: Sequence[tuple[float, float]], tolerance: float, row: Sequence[float]) -> bool:
+    """Is a value of ``row`` beyond its feature's ``(low, high)`` by more than ``tolerance`` of
+    the range (step 0 against a fixed range)?"""
+    if len(row) != len(bounds):
+        raise ValueError(f"score pipeline range holds {len(bounds)} feature(s), got {len(row)} value(s)")
+    for (lo, hi), v in zip(bounds, row, strict=True):
+        span = hi - lo
+        if span > 0 and (v > hi + tolerance * span or v < lo - tolerance * span):
+            return True
+    return False
+
+
 def reference_steps(
     pipeline: ScorePipeline, scores: Sequence[float], *, threshold: float, center: float, width: float,
+    rows: Sequence[Sequence[float]] | None = None,
 ) -> tuple[str, list[ScoreStep]]:
     """Judge raw scores one by one, each on its own, against the bundle's calibrated reference:
     no stream, no state, nothing remembered between scores (the agent's local predict API).
@@ -522,7 +644,10 @@ def reference_steps(
     ``false_alarm_rate``, ``anomaly_score`` mapped as in the stream. There is no smoothing (one
     score is its own mean; a single error spreads wider than the prior's smoothed ones, so it
     alarms more readily than the stream would), no hysteresis, no recurrence and no seasonal
-    repeat: they describe a stream. Otherwise ``reference`` is ``"threshold"``: the
+    repeat: they describe a stream. With step 0 and a ``value_range``, ``rows`` (each score's
+    newest row, one value per feature) is checked against that training range alone, widened
+    by nothing: a row beyond it by more than the tolerance has ``tail_probability`` 0 and
+    alarms. Otherwise ``reference`` is ``"threshold"``: the
     :data:`FIXED_THRESHOLD` decision ``score > threshold`` and its logistic, which is also
     what a fixed-threshold bundle's stream decides.
     """
@@ -535,12 +660,17 @@ def reference_steps(
             sigma = floor if floor > _ABS_SIGMA_FLOOR else _ABS_SIGMA_FLOOR
         far = pipeline.false_alarm_rate
         log_far2 = 2.0 * math.log(far)
+        bounds = pipeline.value_range if pipeline.range_tolerance and rows is not None else ()
+        if bounds and len(rows or ()) != len(scores):
+            raise ValueError(f"{len(scores)} scores but {len(rows or ())} rows")
         steps = []
-        for score in scores:
+        for i, score in enumerate(scores):
             if not math.isfinite(score):
                 steps.append(ScoreStep(1.0, 0.0, False))
                 continue
             tail = 0.5 * math.erfc((score - mu) / (sigma * _SQRT2))
+            if bounds and rows is not None and _beyond(bounds, pipeline.range_tolerance, rows[i]):
+                tail = 0.0
             a = 1.0 if tail <= 0 else min(1.0, max(0.0, math.log(tail) / log_far2))
             steps.append(ScoreStep(tail, a, tail <= far))
         return "prior", steps

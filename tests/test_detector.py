@@ -197,3 +197,16 @@ def test_a_failing_shadow_counts_its_errors_and_the_serving_model_carries_on(tmp
     health = agent.health(cpu_share=False)
     assert (health.inferences, health.errors) == (2, 0)
     assert health.shadow is not None and health.shadow["main"]["errors"] == 2
+
+
+def test_the_detector_hands_each_sample_to_the_range_check() -> None:
+    from shared.score_pipeline import LikelihoodPipeline
+
+    rt, spec = _setup()
+    pipeline = LikelihoodPipeline(range_tolerance=0.05, value_range=((0.0, 1.0),))
+    spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=pipeline))
+    det = Detector(rt, spec, model_version=1)
+    seen = [det.push(f"t{i}", [v]) for i, v in enumerate([0.5] * W + [1.02, 1.2, 0.5])]
+    # 1.02 is within 5% of the training range, 1.2 beyond it; the score stays small throughout
+    assert [d.is_anomaly for d in seen[W - 1:]] == [False, False, True, False]
+    assert seen[W + 1].tail_probability == 0.0 and seen[W + 1].values == (1.2,)

@@ -16,6 +16,7 @@ from shared.bundle import BundleError, BundleSpec
 from shared.score_pipeline import (
     FIXED_THRESHOLD,
     LIKELIHOOD,
+    LIKELIHOOD_RANGE,
     LIKELIHOOD_RECURRENT,
     LIKELIHOOD_ROBUST,
     LIKELIHOOD_ROBUST_EARLY,
@@ -24,6 +25,7 @@ from shared.score_pipeline import (
     LikelihoodPipeline,
     ScorePipelineError,
     pipeline_from_json,
+    reference_steps,
 )
 from tests.test_bundle import make_spec
 
@@ -288,7 +290,10 @@ def test_bundle_spec_declares_the_pipeline_and_refuses_an_unknown_kind():
                            (LikelihoodPipeline(season=288), LIKELIHOOD_SEASONAL),
                            (LikelihoodPipeline(season=288, robust_history=True), LIKELIHOOD_ROBUST),
                            (LikelihoodPipeline(season=288, robust_history=True, robust_early=True),
-                            LIKELIHOOD_ROBUST_EARLY)):
+                            LIKELIHOOD_ROBUST_EARLY),
+                           (LikelihoodPipeline(season=288, robust_history=True, robust_early=True,
+                                               range_tolerance=0.05, value_range=((0.0, 1.5),)),
+                            LIKELIHOOD_RANGE)):
         spec = dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=pipeline))
         obj = json.loads(spec.to_bytes())
         assert obj["score"]["pipeline"]["kind"] == kind
@@ -323,3 +328,111 @@ def test_prior_is_bounded_and_finite():
         LikelihoodPipeline(prior=(1.0, float("nan")))
     with pytest.raises(ScorePipelineError, match="prior"):
         LikelihoodPipeline(long_window=10, min_history=5, prior=(1.0,) * 11)
+
+
+# --- step 0: the range check (kind /6) ---------------------------------------------------------
+
+_RANGE = LikelihoodPipeline(robust_history=True, robust_early=True, range_tolerance=0.05)
+
+
+def _push_values(pipeline: LikelihoodPipeline, errors: np.ndarray, values: list[list[float]]) -> list:
+    scorer = pipeline.scorer(1.0, 0.0, 1.0)
+    return [scorer.push(float(e), v) for e, v in zip(errors, values, strict=True)]
+
+
+def test_a_value_beyond_the_training_range_alarms_though_its_error_is_usual():
+    errors = _errors(2000, seed=20)  # nothing in the model's error stands out
+    values = [[5.0]] * 2000
+    values[800] = [10.4]  # past the training high (10) but within 5% of the range (0.5): normal
+    values[1200] = [11.0]  # past it by more: never seen, whatever the error says
+    values[1500] = [11.5]  # within 5% of the widened range (0..11, so up to 11.55): seen now
+    values[1700] = [-0.6]  # below the low by more than 5% of 0..11.5
+    steps = _push_values(_RANGE.with_value_range(np.array([[0.0], [10.0], [3.0]])), errors, values)
+    alarms = [i for i, s in enumerate(steps) if s.is_anomaly]
+    assert alarms == [1200, 1700]
+    assert steps[1200].tail_probability == 0.0 and steps[1200].anomaly_score == 1.0
+    # and the same errors without the values decide as kind /5 does: nothing
+    assert not any(s.is_anomaly for s in _run(_RANGE, errors))
+
+
+def test_the_range_check_applies_from_the_first_sample_and_without_a_prior():
+    # an agent just activated (or restarted) knows its model's training range at once
+    steps = _push_values(_RANGE.with_value_range(np.array([[0.0], [1.0]])), np.ones(3), [[0.5], [2.0], [0.5]])
+    assert [s.is_anomaly for s in steps] == [False, True, False]
+
+
+def test_without_a_training_range_the_stream_starts_it_and_a_constant_feature_is_not_checked():
+    steps = _push_values(_RANGE, np.ones(6), [[3.0, 7.0], [3.0, 7.0], [3.0, 9.0], [3.0, 9.0], [3.0, 9.5], [4.0, 9.0]])
+    # feature 0 is constant until the last row: no range to be beyond; feature 1 starts at 7,
+    # spans 7..9 after its first change, and 9.5 is beyond 9 by 25% of that
+    assert [s.is_anomaly for s in steps] == [False, False, False, False, True, False]
+
+
+def test_values_beyond_the_range_in_a_row_are_one_alarm_and_scores_agree_with_decisions():
+    values = [[float(v)] for v in [1, 2, 1, 2] + [3, 4, 5, 6] + [1] * 4 + [9]]
+    steps = _push_values(_RANGE, np.ones(len(values)), values)
+    # a climb to new highs is one excursion; once a value is back in range the next one alarms
+    assert [i for i, s in enumerate(steps) if s.is_anomaly] == [4, 12]
+    assert all((s.anomaly_score >= 0.5) == s.is_anomaly for s in steps)
+    assert all(s.anomaly_score > 0.49 for s in steps[4:8])
+
+
+def test_a_row_of_the_wrong_width_is_refused():
+    scorer = _RANGE.with_value_range(np.array([[0.0, 1.0], [1.0, 2.0]])).scorer(1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="range holds 2 feature"):
+        scorer.push(1.0, [0.5])
+
+
+def test_the_training_range_ignores_missing_values_and_needs_one_per_feature():
+    rows = np.array([[1.0, np.nan], [np.nan, 5.0], [-2.0, 4.0]])
+    assert _RANGE.with_value_range(rows).value_range == ((-2.0, 1.0), (4.0, 5.0))
+    assert LikelihoodPipeline().with_value_range(rows) == LikelihoodPipeline()  # no step 0
+    with pytest.raises(ScorePipelineError, match="a finite value per feature"):
+        _RANGE.with_value_range(np.array([[1.0, np.nan], [2.0, np.nan]]))
+
+
+def test_range_pipeline_json_round_trip_and_refusals():
+    pipeline = dataclasses.replace(_RANGE.with_value_range(np.array([[0.0, -1.0], [2.5, 1.0]])), season=288)
+    obj = pipeline.to_json()
+    assert obj["kind"] == LIKELIHOOD_RANGE and obj["value_range"] == [[0.0, 2.5], [-1.0, 1.0]]
+    assert pipeline_from_json(json.loads(json.dumps(obj))) == pipeline
+    # the range step combines with any earlier option, and without the robust history too
+    plain = LikelihoodPipeline(range_tolerance=0.05)
+    assert plain.kind == LIKELIHOOD_RANGE and pipeline_from_json(plain.to_json()) == plain
+    bad = [
+        ({"range_tolerance": 0}, "range_tolerance > 0"),
+        ({"range_tolerance": True}, "range_tolerance > 0"),
+        ({"range_tolerance": "0.05"}, "range_tolerance > 0"),
+        ({"range_tolerance": 0.05, "value_range": [[1.0]]}, r"value_range as \[\[low, high\]"),
+        ({"range_tolerance": 0.05, "value_range": [[2.0, 1.0]]}, "low <= high"),
+        ({"range_tolerance": 0.05, "value_range": {"f0": [0, 1]}}, "value_range as"),
+        ({"range_tolerance": 0.05, "robust_early": True}, "robust_early needs robust_history"),
+        ({"range_tolerance": 0.05, "robust_history": "yes"}, "robust_history true or false"),
+        ({"range_tolerance": 0.05, "gain": 1}, r"unknown parameter\(s\) \['gain'\]"),
+    ]
+    for params, reason in bad:
+        with pytest.raises(ScorePipelineError, match=reason):
+            pipeline_from_json({"kind": LIKELIHOOD_RANGE, **params})
+    # kind /5 has no range step: an agent of this version refuses the parameter, not ignores it
+    with pytest.raises(ScorePipelineError, match=r"unknown parameter\(s\) \['range_tolerance'\]"):
+        pipeline_from_json({"kind": LIKELIHOOD_ROBUST_EARLY, "robust_history": True, "range_tolerance": 0.05})
+
+
+def test_a_bundle_whose_range_does_not_match_its_features_is_refused():
+    spec = make_spec()
+    pipeline = LikelihoodPipeline(range_tolerance=0.05, value_range=((0.0, 1.0),) * (len(spec.features) + 1))
+    obj = json.loads(dataclasses.replace(spec, score=dataclasses.replace(spec.score, pipeline=pipeline)).to_bytes())
+    with pytest.raises(BundleError, match=f"value_range holds {len(spec.features) + 1} range"):
+        BundleSpec.from_json(obj)
+
+
+def test_a_single_window_is_judged_against_the_training_range_alone():
+    pipeline = _RANGE.with_value_range(np.array([[0.0], [10.0]])).calibrated(_errors(400, seed=3))
+    usual = float(np.median(pipeline.prior))
+    reference, steps = reference_steps(pipeline, [usual] * 3, threshold=1.0, center=0.0, width=1.0,
+                                       rows=[[10.4], [11.0], [10.9]])
+    # nothing widens the range between windows: 10.9 is as far out as 11.0 was
+    assert reference == "prior" and [s.is_anomaly for s in steps] == [False, True, True]
+    assert steps[1].tail_probability == 0.0
+    _, steps = reference_steps(pipeline, [usual], threshold=1.0, center=0.0, width=1.0)
+    assert not steps[0].is_anomaly  # without rows there is no step 0

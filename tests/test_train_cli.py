@@ -87,10 +87,13 @@ def test_nab_training_registers_int8_onnx_and_tflite_with_parity(nab_dir: Path, 
     # 5-minute samples and enough rows: the default forecaster reads one day back
     assert version["architecture"]["season"] == 288 and version["architecture"]["centering"] == "window"
     assert 0 < version["metrics"]["threshold"]
-    # and its score pipeline judges errors against a robust history and does not report what
-    # happened at the same time the day before
+    # and its score pipeline judges errors against a robust history, does not report what
+    # happened at the same time the day before, and checks values against the training range
     pipeline = version["lineage"]["score_pipeline"]
-    assert pipeline["kind"] == "edgefleet.likelihood/5" and pipeline["robust_history"] is True
+    assert pipeline["kind"] == "edgefleet.likelihood/6" and pipeline["robust_history"] is True
+    assert pipeline["robust_early"] is True and pipeline["range_tolerance"] == 0.05
+    ((low, high),) = pipeline["value_range"]
+    assert 0 <= low < high
     assert pipeline["season"] == 288
 
 
@@ -98,7 +101,7 @@ def test_nab_training_registers_int8_onnx_and_tflite_with_parity(nab_dir: Path, 
 def test_seasonal_repeats_can_be_left_out(nab_dir: Path, tmp_path: Path) -> None:
     out = edgefleet("train", "--data", str(nab_dir / NAB_FILE), "--profile", "x86-64-v3", "--name", "cpu",
                     "--registry", str(tmp_path), "--epochs", "2", "--no-seasonal-repeats",
-                    "--no-robust-history", "--json")
+                    "--no-robust-history", "--no-range-check", "--json")
     version = json.loads(out.stdout)
     assert version["architecture"]["season"] == 288  # the model still reads a day back
     assert version["lineage"]["score_pipeline"]["kind"] == "edgefleet.likelihood/1"

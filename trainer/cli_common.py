@@ -117,6 +117,10 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="score pipeline: let every error enter the history it is judged against "
                    "as it is (by default errors past the decision boundary enter clipped to it, so one "
                    "large spike does not hide later incidents; see docs/model-choice.md)")
+    p.add_argument("--no-range-check", dest="range_check", action="store_false",
+                   help="score pipeline: do not report values beyond the range seen so far (by "
+                   "default a value past the training rows' range and every later value's, by more "
+                   "than 5%% of it, is an anomaly; see docs/model-choice.md)")
     p.add_argument("--no-seasonal-repeats", dest="seasonal_repeats", action="store_false",
                    help="score pipeline: report an error even when one as large came at the same time "
                    "the day before (by default such daily repeats raise no event; see docs/model-choice.md)")
@@ -124,7 +128,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """``TrainRequest`` keyword arguments from :func:`model_args`' options."""
-    from shared.score_pipeline import LikelihoodPipeline
+    from shared.score_pipeline import RANGE_TOLERANCE, LikelihoodPipeline
 
     return {
         **({"window": args.window} if args.window else {}),
@@ -132,6 +136,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         **({"activation": args.activation} if args.activation else {}),
         "season": args.season,
         "score_pipeline": LikelihoodPipeline(recurrences=args.recurrences, robust_history=args.robust_history,
-                                             robust_early=args.robust_history),
+                                             robust_early=args.robust_history,
+                                             range_tolerance=RANGE_TOLERANCE if args.range_check else 0.0),
         "seasonal_repeats": args.seasonal_repeats,
     }

@@ -20,7 +20,7 @@ import numpy as np
 
 from shared.drift import reference_distribution, score_reference
 from shared.profiles import FirmwareProfile, load_profiles
-from shared.score_pipeline import LikelihoodPipeline, ScorePipeline
+from shared.score_pipeline import RANGE_TOLERANCE, LikelihoodPipeline, ScorePipeline
 from shared.series import (
     Series,
     SeriesError,
@@ -100,9 +100,10 @@ DEFAULT_HIDDEN = {
     "isolation_forest": (),
 }
 # The score pipeline `train` declares unless told otherwise (shared.score_pipeline): the anomaly
-# likelihood over a robust (winsorized) history, from its first values; the trainer adds the
-# model's seasonal repeats.
-DEFAULT_SCORE_PIPELINE = LikelihoodPipeline(robust_history=True, robust_early=True)
+# likelihood over a robust (winsorized) history, from its first values, and the range check of
+# step 0; the trainer adds the training rows' range and the model's seasonal repeats.
+DEFAULT_SCORE_PIPELINE = LikelihoodPipeline(robust_history=True, robust_early=True,
+                                            range_tolerance=RANGE_TOLERANCE)
 VALIDATION_FRACTION = 0.2
 SEASON_SECONDS = 86_400  # one day: the cycle of most host and service metrics
 SEASON_HALFWIDTH = 8
@@ -481,7 +482,8 @@ def train(
     pipeline = req.score_pipeline
     if isinstance(pipeline, LikelihoodPipeline):
         # validation windows are consecutive per series: the errors an agent would have seen
-        pipeline = pipeline.calibrated(val_scores)
+        pipeline = pipeline.calibrated(val_scores).with_value_range(
+            np.concatenate([s.values for s in prepared.series]))
         if req.seasonal_repeats:
             pipeline = with_seasonal_repeats(pipeline, season)
     score = calibrate(val_scores, spec.score_kind, req.threshold, pipeline)

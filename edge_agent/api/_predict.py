@@ -15,7 +15,8 @@ The contract (also in docs/operations.md):
   calibrated reference (:func:`shared.score_pipeline.reference_steps`): ``tail_probability``,
   ``anomaly_score`` (0.5 at the boundary) and ``is_anomaly``, with ``reference`` saying which
   reference decided (``prior``: the model's validation errors; ``threshold``: the calibrated
-  raw-score threshold). It is *not* what the streaming detector would report for the same
+  raw-score threshold). With score kind ``edgefleet.likelihood/6`` a window whose newest row
+  lies beyond the model's training range by more than the tolerance alarms too. It is *not* what the streaming detector would report for the same
   window at this moment: that decision depends on the series' recent history, smoothing and
   hysteresis. Nothing of the streaming detector changes — its window, its score pipeline's
   history and its counters (health ``inferences`` counts streamed windows only).
@@ -141,7 +142,8 @@ def predict(slot: str, detector: Detector, record: ActiveRecord, body: bytes, *,
         raise PredictError(500, f"inference failed: {e}") from e
     s = spec.score
     reference, steps = reference_steps(s.pipeline, [float(x) for x in scores],
-                                       threshold=s.threshold, center=s.center, width=s.width)
+                                       threshold=s.threshold, center=s.center, width=s.width,
+                                       rows=windows[:, -1, :].astype(np.float64).tolist())
     return {
         **model_description(slot, detector, record),
         "reference": reference,

@@ -94,7 +94,7 @@ def origin_from_spec(name: str, spec: ArchitectureSpec, features: Sequence[str],
 
     _, _, rows = training_windows(spec, list(series))
     model = initial_network(spec, rows, seed)
-    pipeline: ScorePipeline = DEFAULT_SCORE_PIPELINE
+    pipeline: ScorePipeline = DEFAULT_SCORE_PIPELINE.with_value_range(np.concatenate(list(series)))
     if spec.season and isinstance(pipeline, LikelihoodPipeline):  # as `train` declares it
         pipeline = with_seasonal_repeats(pipeline, spec.season)
     threshold = ThresholdPolicy()

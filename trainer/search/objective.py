@@ -389,7 +389,8 @@ def train_candidate(candidate: Candidate, data: ObjectiveData, trial: Any = None
 
     result = fit(spec, train_w, val_w, rows, candidate.recipe, progress=progress)
     val_scores = score_windows(result.model, val_w)
-    pipeline = with_seasonal_repeats(DEFAULT_SCORE_PIPELINE.calibrated(val_scores), spec.season)
+    pipeline = with_seasonal_repeats(
+        DEFAULT_SCORE_PIPELINE.calibrated(val_scores).with_value_range(np.concatenate(data.train)), spec.season)
     score = calibrate(val_scores, spec.score_kind, ThresholdPolicy(), pipeline)
     return TrainedCandidate(candidate, result.model, train_w, val_w, rows, score, result.best_epoch,
                             len(result.history), result.best_val_loss)
@@ -415,8 +416,9 @@ def _decisions(trained: TrainedCandidate, ev: EvalSeries, score: ScoreFn) -> np.
     scores = score(windows)
     scorer = trained.score.scorer()
     decided = np.zeros(len(ev.values) - start, bool)
+    newest = ev.values[start + rows - 1:].astype(np.float64).tolist()  # each window's newest row
     for i, s in enumerate(scores):
-        decided[i + rows - 1] = scorer.push(float(s)).is_anomaly
+        decided[i + rows - 1] = scorer.push(float(s), newest[i]).is_anomaly
     return decided[ev.first - start:]
 
 

@@ -5,9 +5,9 @@ probationary rows: 15% of the file, at most 750; the NAB-compatible scorer of
 ``trainer.evaluation.nab``):
 
 - **default** — ``edgefleet train`` without flags: the window-centred forecaster with one day
-  of seasonal context where the rows allow it, its absolute errors through the streaming
-  anomaly-likelihood pipeline (``edgefleet.likelihood/1``), int8 ONNX through the agent's
-  detector;
+  of seasonal context where the rows allow it, its errors through the streaming
+  anomaly-likelihood pipeline (``edgefleet.likelihood/6``: a robust history, seasonal repeats
+  and the range check on the values), int8 ONNX through the agent's detector;
 - **previous model** — what ``edgefleet train`` built before: the forecaster centred on the
   training mean, no seasonal context, and the fixed-threshold decision of earlier bundles
   (``score > 1.5 × p99.5 of validation scores``);

@@ -13,7 +13,8 @@
 
 Candidates: the default (forecaster, window 64, centred on each window's mean, one day of
 seasonal context), the same with the score pipeline's recurrence step, and the default
-without each of its parts in turn (seasonal context; window centring), the forecaster at
+without each of its parts in turn (the score pipeline's range check, robust history and
+seasonal repeats; seasonal context; window centring), the forecaster at
 window 32 and the autoencoder, default hidden widths; the linear, conv (TCN: kernel 3,
 dilations 1, 2, 4, 8, 32 channels) and attention (two self-attention blocks of width 32, 4
 heads) forecasters with the default's window, centring and season. Writes the
@@ -35,19 +36,21 @@ from typing import Any
 from _report import markdown_table, print_table, update_benchmarks_doc
 from bench_detection import DOCS, fmt, nab_inputs, quality
 
-from shared.score_pipeline import LikelihoodPipeline
+from shared.score_pipeline import RANGE_TOLERANCE, LikelihoodPipeline
 from trainer.evaluation.harness import EvaluateRequest, evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 COMMAND = ".venv/bin/python benchmarks/bench_model_choice.py"
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default: forecaster w64, centred, season": {},
-    "default without robust history": {"score_pipeline": LikelihoodPipeline()},
+    "default without range check": {"score_pipeline": LikelihoodPipeline(robust_history=True, robust_early=True)},
+    "default without robust history": {"score_pipeline": LikelihoodPipeline(range_tolerance=RANGE_TOLERANCE)},
     "default without seasonal repeats": {"seasonal_repeats": False},
     "default, history clipped only after the learning period": {
-        "score_pipeline": LikelihoodPipeline(robust_history=True)},
+        "score_pipeline": LikelihoodPipeline(robust_history=True, range_tolerance=RANGE_TOLERANCE)},
     "default + recurrences 2": {
-        "score_pipeline": LikelihoodPipeline(recurrences=2, robust_history=True, robust_early=True)},
+        "score_pipeline": LikelihoodPipeline(recurrences=2, robust_history=True, robust_early=True,
+                                             range_tolerance=RANGE_TOLERANCE)},
     "no season": {"season": 0},
     "no season, centred on training mean": {"season": 0, "centering": "train"},
     "forecaster w32": {"window": 32},

@@ -63,8 +63,8 @@ Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming dete
    are not one season before the live ones), so the step starts one season after the
    stream does. The first occurrence of a daily event still alarms; so does an incident at
    a time of day with nothing like it the day before.
-6. **Decision** — (a sample out of range, step 0, has ``p_t = 0``) an alarm when ``p_t <= false_alarm_rate`` while armed: one alarm per
-   excursion, not one per sample. An alarm disarms the decision until ``p`` recovers above
+6. **Decision** — an alarm when ``p_t <= false_alarm_rate`` while armed (``p_t = 0`` for a
+   value out of range, step 0): one alarm per excursion, not one per sample. An alarm disarms the decision until ``p`` recovers above
    ``sqrt(false_alarm_rate)`` (``anomaly_score`` below 0.25): hysteresis, so an excursion that
    hovers around the boundary is still one event.
 
@@ -78,8 +78,8 @@ The pipeline's kind and parameters are part of a bundle's ``spec.json`` (``score
 any other with :class:`ScorePipelineError`. Bundles without ``score.pipeline`` (older trainers)
 use :data:`FIXED_THRESHOLD`: ``is_anomaly = score > threshold``.
 
-Cost per sample is O(1) (step 0: O(features)): two ring buffers with running sums (recomputed exactly once per
-``long_window`` samples so float rounding cannot drift) and no allocation. Step 4 is a
+Cost per sample is O(1) (step 0: O(features)): two ring buffers with running sums (recomputed
+exactly once per ``long_window`` samples so float rounding cannot drift) and no allocation. Step 4 is a
 vectorized pass over the history, step 5 a look at ``2 * season_halfwidth + 1`` values of
 it, both only for samples that would otherwise alarm.
 """

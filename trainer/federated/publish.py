@@ -69,7 +69,8 @@ def register_global_model(
     val_scores = score_windows(model, val_w)
     pipeline = origin.pipeline
     if isinstance(pipeline, LikelihoodPipeline):
-        pipeline = pipeline.calibrated(val_scores)
+        # calibrated on the reference rows, as the prior is: the rows the trainer knows
+        pipeline = pipeline.calibrated(val_scores).with_value_range(np.concatenate(list(series)))
     score = calibrate(val_scores, spec.score_kind, origin.threshold, pipeline)
     holdout = _evenly(val_w, HOLDOUT_WINDOWS)
     lineage = {**origin.lineage, "parent_version": origin.version, "federated": federated, "software": _versions()}

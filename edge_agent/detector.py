@@ -161,13 +161,14 @@ class Detector:
         if self._observe_latency is not None:
             self._observe_latency(elapsed / 1e9)
         self._inferences += 1
-        row = last.tolist()
-        step = self._scorer.push(score, row)
+        # the range check judges the values as the model reads them (float32, as the trainer
+        # measured the training range): a float64 source and a CSV backtest decide alike
+        step = self._scorer.push(score, self._ring[pos].tolist())
         if step.is_anomaly:
             self._anomalies += 1
         return Detection(
             timestamp=timestamp,
-            values=tuple(row),
+            values=tuple(last.tolist()),
             score=score,
             anomaly_score=step.anomaly_score,
             threshold=self._threshold,

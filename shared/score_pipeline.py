@@ -393,7 +393,7 @@ def pipeline_from_json(obj: Mapping[str, Any] | None) -> ScorePipeline:
             range_tolerance=float(params.get("range_tolerance", 0.0)),
             value_range=tuple((float(lo), float(hi)) for lo, hi in params.get("value_range", ())),
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ScorePipelineError(f"bad score pipeline parameters: {e}") from e
 
 
@@ -570,13 +570,12 @@ class LikelihoodScorer:
         out = False
         for k, v in enumerate(values):
             lo, hi = low[k], high[k]
-            if not lo <= v <= hi:  # also NaN, which changes nothing
-                span = hi - lo
-                if span > 0 and (v > hi + tol * span or v < lo - tol * span):
+            if not lo <= v <= hi and math.isfinite(v):  # NaN and ±inf change nothing
+                if _varies(lo, hi) and (v > hi + tol * (hi - lo) or v < lo - tol * (hi - lo)):
                     out = True
                 if v > hi:
                     high[k] = v
-                elif v < lo:
+                else:
                     low[k] = v
         return out
 
@@ -625,9 +624,15 @@ def _beyond(bounds: Sequence[tuple[float, float]], tolerance: float, row: Sequen
         raise ValueError(f"score pipeline range holds {len(bounds)} feature(s), got {len(row)} value(s)")
     for (lo, hi), v in zip(bounds, row, strict=True):
         span = hi - lo
-        if span > 0 and (v > hi + tolerance * span or v < lo - tolerance * span):
+        if _varies(lo, hi) and (v > hi + tolerance * span or v < lo - tolerance * span):
             return True
     return False
+
+
+def _varies(lo: float, hi: float) -> bool:
+    """Has a feature's range more than one value, beyond float noise (as the history's spread,
+    :data:`_REL_SIGMA_FLOOR` of its magnitude)? A constant feature has no range to be beyond."""
+    return hi - lo > _REL_SIGMA_FLOOR * max(abs(lo), abs(hi)) and hi - lo > _ABS_SIGMA_FLOOR
 
 
 def reference_steps(
@@ -644,12 +649,13 @@ def reference_steps(
     ``false_alarm_rate``, ``anomaly_score`` mapped as in the stream. There is no smoothing (one
     score is its own mean; a single error spreads wider than the prior's smoothed ones, so it
     alarms more readily than the stream would), no hysteresis, no recurrence and no seasonal
-    repeat: they describe a stream. With step 0 and a ``value_range``, ``rows`` (each score's
-    newest row, one value per feature) is checked against that training range alone, widened
-    by nothing: a row beyond it by more than the tolerance has ``tail_probability`` 0 and
-    alarms. Otherwise ``reference`` is ``"threshold"``: the
+    repeat: they describe a stream. Otherwise ``reference`` is ``"threshold"``: the
     :data:`FIXED_THRESHOLD` decision ``score > threshold`` and its logistic, which is also
     what a fixed-threshold bundle's stream decides.
+
+    With step 0 and a ``value_range``, under either reference, ``rows`` (each score's newest
+    row, one value per feature) is checked against that training range alone, widened by
+    nothing: a row beyond it by more than the tolerance has ``tail_probability`` 0 and alarms.
     """
     if isinstance(pipeline, LikelihoodPipeline) and len(pipeline.prior) >= pipeline.min_history:
         prior = np.asarray(pipeline.prior, np.float64)
@@ -675,4 +681,11 @@ def reference_steps(
             steps.append(ScoreStep(tail, a, tail <= far))
         return "prior", steps
     fixed = FixedThresholdScorer(threshold, center, width)
-    return "threshold", [fixed.push(float(s)) for s in scores]
+    steps = [fixed.push(float(s)) for s in scores]
+    if isinstance(pipeline, LikelihoodPipeline) and pipeline.value_range and rows is not None:
+        if len(rows) != len(scores):
+            raise ValueError(f"{len(scores)} scores but {len(rows)} rows")
+        steps = [ScoreStep(0.0, 1.0, True)
+                 if math.isfinite(s) and _beyond(pipeline.value_range, pipeline.range_tolerance, row) else step
+                 for s, step, row in zip(scores, steps, rows, strict=True)]
+    return "threshold", steps

@@ -436,3 +436,25 @@ def test_a_single_window_is_judged_against_the_training_range_alone():
     assert steps[1].tail_probability == 0.0
     _, steps = reference_steps(pipeline, [usual], threshold=1.0, center=0.0, width=1.0)
     assert not steps[0].is_anomaly  # without rows there is no step 0
+
+
+def test_float_noise_is_not_a_range_and_non_finite_values_change_nothing():
+    # a feature constant in training, measured in float32, then streamed as float64
+    pipeline = _RANGE.with_value_range(np.array([[np.float32(0.1)]], np.float64))
+    steps = _push_values(pipeline, np.ones(4), [[0.1], [0.2], [0.2], [0.3]])
+    assert [s.is_anomaly for s in steps] == [False, False, False, True]
+    steps = _push_values(_RANGE.with_value_range(np.array([[0.0], [1.0]])), np.ones(3),
+                         [[math.inf], [0.5], [-1.0]])
+    assert [s.is_anomaly for s in steps] == [False, False, True]
+
+
+def test_a_single_window_is_judged_against_the_training_range_under_the_threshold_reference_too():
+    pipeline = _RANGE.with_value_range(np.array([[0.0], [10.0]]))  # no prior: the threshold decides
+    reference, steps = reference_steps(pipeline, [0.5, 0.5, math.nan], threshold=1.0, center=0.0, width=1.0,
+                                       rows=[[5.0], [11.0], [11.0]])
+    assert reference == "threshold" and [s.is_anomaly for s in steps] == [False, True, False]
+
+
+def test_numbers_too_large_for_a_float_are_refused_with_a_reason():
+    with pytest.raises(ScorePipelineError, match="bad score pipeline parameters"):
+        pipeline_from_json({"kind": LIKELIHOOD_RANGE, "range_tolerance": 0.05, "value_range": [[0, 10**400]]})

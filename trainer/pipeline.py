@@ -506,7 +506,7 @@ def train(
             "validation_fraction": VALIDATION_FRACTION,
             "recipe": recipe.to_json(),
             "threshold_policy": req.threshold.to_json(),
-            "score_pipeline": {k: v for k, v in pipeline.to_json().items() if k != "prior"},
+            "score_pipeline": {k: v for k, v in pipeline.to_json().items() if k not in ("prior", "value_range")},
             "software": _versions(),
             **req.lineage,
         },

@@ -242,8 +242,8 @@ class _Exporter:
         val_scores = score_windows(self.model, val_w)
         self.val_scores = val_scores
         pipeline = prepared.parent_score.pipeline
-        if isinstance(pipeline, LikelihoodPipeline):  # as train calibrates it
-            pipeline = pipeline.calibrated(val_scores)
+        if isinstance(pipeline, LikelihoodPipeline):  # as train calibrates it, on the rows given
+            pipeline = pipeline.calibrated(val_scores).with_value_range(np.concatenate(prepared.series))
         policy = ThresholdPolicy(**prepared.parent.lineage.get("threshold_policy", {}))
         self.score = calibrate(val_scores, self.spec.score_kind, policy, pipeline)
         holdout = _evenly(val_w, HOLDOUT_WINDOWS)

@@ -75,7 +75,7 @@ def register_global_model(
     holdout = _evenly(val_w, HOLDOUT_WINDOWS)
     lineage = {**origin.lineage, "parent_version": origin.version, "federated": federated, "software": _versions()}
     if origin.version is None:  # a version inherits its parent's; a spec has none to inherit
-        lineage["score_pipeline"] = {k: v for k, v in pipeline.to_json().items() if k != "prior"}
+        lineage["score_pipeline"] = {k: v for k, v in pipeline.to_json().items() if k not in ("prior", "value_range")}
     inputs = ExportInputs(
         name=origin.model, module=model, window=spec.input_rows, features=features, score=score,
         calibration=_evenly(np.concatenate([train_w, val_w]), CALIBRATION_WINDOWS), holdout=holdout,

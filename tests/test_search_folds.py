@@ -206,3 +206,36 @@ def test_a_column_whose_first_value_comes_after_the_first_folds_rows_is_refused(
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"column {header.split(',')[1]!r} has no value in the first" in lines[0], proc.stderr
+
+
+def test_the_objective_judges_each_window_with_its_newest_row() -> None:
+    """The search objective decides as the agent's detector does: each window's score with the
+    values of that window's newest row (the range check of the score pipeline reads them)."""
+    import math
+    from types import SimpleNamespace
+
+    from edge_agent.detector import detect_series
+    from edge_agent.runtime import open_runtime
+    from shared.bundle import BundleSpec, GoldenVectors, ScoreSpec, TensorSpec
+    from shared.score_pipeline import RANGE_TOLERANCE, LikelihoodPipeline
+    from tests.test_detector import _model
+    from trainer.search.objective import EvalSeries, _decisions
+
+    rows = 4
+    values = np.full((60, 1), 0.5)
+    values[::7, 0] = 0.0
+    values[::5, 0] = 1.0  # training range 0..1
+    values[41, 0] = 1.2  # beyond it, with a score as ordinary as every other
+    pipeline = LikelihoodPipeline(range_tolerance=RANGE_TOLERANCE).with_value_range(values[:30])
+    score = ScoreSpec("msq", 4.0, math.log(4.0), 1.0, pipeline)
+    trained = SimpleNamespace(candidate=SimpleNamespace(architecture=SimpleNamespace(input_rows=rows)), score=score)
+    constant = lambda windows: np.ones(len(windows))  # noqa: E731 - the model's score does not matter here
+    decided = _decisions(trained, EvalSeries(values, 30, None), constant)  # type: ignore[arg-type]
+    assert np.flatnonzero(decided).tolist() == [41 - 30]
+    # and the agent's detector, on the same rows and pipeline, alarms on the same row
+    spec = BundleSpec(name="msq", format="onnx", quantization="fp32", model_file="model.onnx",
+                      inputs=(TensorSpec("x", "float32", (None, rows, 1)),),
+                      outputs=(TensorSpec("score", "float32", (None,)),), window=rows, features=("f0",),
+                      score=score, golden=GoldenVectors([[[0.0]] * rows], [0.0], 1e-6, 1e-6))
+    detections = detect_series(open_runtime(spec, _model(1)), spec, [str(i) for i in range(60)], values.tolist())
+    assert [d.timestamp for d in detections if d.is_anomaly] == ["41"]

@@ -16,9 +16,9 @@ The contract (also in docs/operations.md):
   ``anomaly_score`` (0.5 at the boundary) and ``is_anomaly``, with ``reference`` saying which
   reference decided (``prior``: the model's validation errors; ``threshold``: the calibrated
   raw-score threshold). With score kind ``edgefleet.likelihood/6`` a window whose newest row
-  lies beyond the model's training range by more than the tolerance alarms too. It is *not* what the streaming detector would report for the same
-  window at this moment: that decision depends on the series' recent history, smoothing and
-  hysteresis. Nothing of the streaming detector changes — its window, its score pipeline's
+  lies beyond the model's training range by more than the tolerance alarms too, under either
+  reference. It is *not* what the streaming detector would report for the same window at this
+  moment: that decision depends on the series' recent history, smoothing and hysteresis. Nothing of the streaming detector changes — its window, its score pipeline's
   history and its counters (health ``inferences`` counts streamed windows only).
 """
 

@@ -64,7 +64,8 @@ Ahmad et al. (Neurocomputing 2017), which is what lets NAB's best streaming dete
    stream does. The first occurrence of a daily event still alarms; so does an incident at
    a time of day with nothing like it the day before.
 6. **Decision** — an alarm when ``p_t <= false_alarm_rate`` while armed (``p_t = 0`` for a
-   value out of range, step 0): one alarm per excursion, not one per sample. An alarm disarms the decision until ``p`` recovers above
+   value out of range, step 0): one alarm per excursion, not one per sample. An alarm disarms
+   the decision until ``p`` recovers above
    ``sqrt(false_alarm_rate)`` (``anomaly_score`` below 0.25): hysteresis, so an excursion that
    hovers around the boundary is still one event.
 
@@ -79,8 +80,8 @@ any other with :class:`ScorePipelineError`. Bundles without ``score.pipeline`` (
 use :data:`FIXED_THRESHOLD`: ``is_anomaly = score > threshold``.
 
 Cost per sample is O(1) (step 0: O(features)): two ring buffers with running sums (recomputed
-exactly once per ``long_window`` samples so float rounding cannot drift) and no allocation. Step 4 is a
-vectorized pass over the history, step 5 a look at ``2 * season_halfwidth + 1`` values of
+exactly once per ``long_window`` samples so float rounding cannot drift) and no allocation.
+Step 4 is a vectorized pass over the history, step 5 a look at ``2 * season_halfwidth + 1`` values of
 it, both only for samples that would otherwise alarm.
 """
 
@@ -571,7 +572,7 @@ class LikelihoodScorer:
         for k, v in enumerate(values):
             lo, hi = low[k], high[k]
             if not lo <= v <= hi and math.isfinite(v):  # NaN and ±inf change nothing
-                if _varies(lo, hi) and (v > hi + tol * (hi - lo) or v < lo - tol * (hi - lo)):
+                if _past(lo, hi, tol, v):
                     out = True
                 if v > hi:
                     high[k] = v
@@ -622,17 +623,17 @@ def _beyond(bounds: Sequence[tuple[float, float]], tolerance: float, row: Sequen
     the range (step 0 against a fixed range)?"""
     if len(row) != len(bounds):
         raise ValueError(f"score pipeline range holds {len(bounds)} feature(s), got {len(row)} value(s)")
-    for (lo, hi), v in zip(bounds, row, strict=True):
-        span = hi - lo
-        if _varies(lo, hi) and (v > hi + tolerance * span or v < lo - tolerance * span):
-            return True
-    return False
+    return any(_past(lo, hi, tolerance, v) for (lo, hi), v in zip(bounds, row, strict=True))
 
 
-def _varies(lo: float, hi: float) -> bool:
-    """Has a feature's range more than one value, beyond float noise (as the history's spread,
-    :data:`_REL_SIGMA_FLOOR` of its magnitude)? A constant feature has no range to be beyond."""
-    return hi - lo > _REL_SIGMA_FLOOR * max(abs(lo), abs(hi)) and hi - lo > _ABS_SIGMA_FLOOR
+def _past(lo: float, hi: float, tolerance: float, v: float) -> bool:
+    """Is ``v`` beyond ``[lo, hi]`` by more than ``tolerance`` of its span? Never for a range
+    of one value, up to float noise (:data:`_REL_SIGMA_FLOOR` of its magnitude, as for the
+    history's spread): a constant feature has no range to be beyond."""
+    span = hi - lo
+    if span <= _REL_SIGMA_FLOOR * max(abs(lo), abs(hi)) or span <= _ABS_SIGMA_FLOOR:
+        return False
+    return v > hi + tolerance * span or v < lo - tolerance * span
 
 
 def reference_steps(
@@ -657,6 +658,11 @@ def reference_steps(
     row, one value per feature) is checked against that training range alone, widened by
     nothing: a row beyond it by more than the tolerance has ``tail_probability`` 0 and alarms.
     """
+    beyond = [False] * len(scores)
+    if isinstance(pipeline, LikelihoodPipeline) and pipeline.value_range and rows is not None:
+        if len(rows) != len(scores):
+            raise ValueError(f"{len(scores)} scores but {len(rows)} rows")
+        beyond = [_beyond(pipeline.value_range, pipeline.range_tolerance, row) for row in rows]
     if isinstance(pipeline, LikelihoodPipeline) and len(pipeline.prior) >= pipeline.min_history:
         prior = np.asarray(pipeline.prior, np.float64)
         mu = float(prior.mean())
@@ -666,26 +672,15 @@ def reference_steps(
             sigma = floor if floor > _ABS_SIGMA_FLOOR else _ABS_SIGMA_FLOOR
         far = pipeline.false_alarm_rate
         log_far2 = 2.0 * math.log(far)
-        bounds = pipeline.value_range if pipeline.range_tolerance and rows is not None else ()
-        if bounds and len(rows or ()) != len(scores):
-            raise ValueError(f"{len(scores)} scores but {len(rows or ())} rows")
         steps = []
-        for i, score in enumerate(scores):
+        for score, out in zip(scores, beyond, strict=True):
             if not math.isfinite(score):
                 steps.append(ScoreStep(1.0, 0.0, False))
                 continue
-            tail = 0.5 * math.erfc((score - mu) / (sigma * _SQRT2))
-            if bounds and rows is not None and _beyond(bounds, pipeline.range_tolerance, rows[i]):
-                tail = 0.0
+            tail = 0.0 if out else 0.5 * math.erfc((score - mu) / (sigma * _SQRT2))
             a = 1.0 if tail <= 0 else min(1.0, max(0.0, math.log(tail) / log_far2))
             steps.append(ScoreStep(tail, a, tail <= far))
         return "prior", steps
     fixed = FixedThresholdScorer(threshold, center, width)
-    steps = [fixed.push(float(s)) for s in scores]
-    if isinstance(pipeline, LikelihoodPipeline) and pipeline.value_range and rows is not None:
-        if len(rows) != len(scores):
-            raise ValueError(f"{len(scores)} scores but {len(rows)} rows")
-        steps = [ScoreStep(0.0, 1.0, True)
-                 if math.isfinite(s) and _beyond(pipeline.value_range, pipeline.range_tolerance, row) else step
-                 for s, step, row in zip(scores, steps, rows, strict=True)]
-    return "threshold", steps
+    return "threshold", [ScoreStep(0.0, 1.0, True) if out and math.isfinite(s) else fixed.push(float(s))
+                         for s, out in zip(scores, beyond, strict=True)]
